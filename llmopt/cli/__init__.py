@@ -1,0 +1,1 @@
+"""The `llmopt` command: one module per subcommand, each thin (parse, call, render)."""

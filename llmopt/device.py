@@ -1,0 +1,36 @@
+"""Choosing the device and dtype from user options."""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.errors import UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UsageError(f"unknown device '{name}'; use auto, cpu or cuda")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 (half the bytes to read per token; fp32 only where bf16 is missing)."""
+    if name == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    key = ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise UsageError(
+            f"unknown dtype '{name}'; use auto, {', '.join(DTYPES)} (or bf16/fp16/fp32)"
+        )
+    return DTYPES[key]

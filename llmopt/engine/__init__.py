@@ -1,0 +1,1 @@
+"""Generation: sampling parameters, the sampler, detokenization and the engine."""

@@ -1,0 +1,47 @@
+"""What generation hands back to its clients: text deltas and per-request stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    ttft_s: float = 0.0  # request start to first generated token
+    total_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generation speed after the first token (the steady-state decode rate)."""
+        decode_time = sum(self.itl_s)
+        return len(self.itl_s) / decode_time if decode_time > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "ttft_ms": round(self.ttft_s * 1000, 2),
+            "total_ms": round(self.total_s * 1000, 2),
+            "mean_itl_ms": round(1000 * sum(self.itl_s) / len(self.itl_s), 2) if self.itl_s else 0,
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+        }
+
+
+@dataclass
+class Delta:
+    """A piece of streamed output. The last one has a finish_reason and the stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort"
+    stats: RequestStats | None = None

@@ -1,0 +1,72 @@
+"""Logits to a token: penalties, temperature, top-k, top-p, min-p, then a seeded draw.
+
+The order follows vLLM: penalties on the raw logits, then temperature, then the
+truncation filters on the tempered distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.engine.sampling_params import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # (V,) fp32, modified in place
+    params: SamplingParams,
+    prompt_ids: torch.Tensor,  # (P,) int64 on logits' device
+    output_ids: torch.Tensor,  # (N,) int64
+) -> None:
+    if params.repetition_penalty != 1.0:
+        seen = torch.cat([prompt_ids, output_ids]).unique()
+        picked = logits[seen]
+        # Positive logits shrink, negative ones grow more negative: both less likely.
+        logits[seen] = torch.where(
+            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        )
+    if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
+        counts = torch.bincount(output_ids, minlength=logits.shape[0]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Return tempered logits (V,) with tokens outside top-k/top-p/min-p set to -inf."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[0]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p; the top one stays.
+        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,  # (V,) fp32 logits of the next token
+    params: SamplingParams,
+    generator: torch.Generator,
+    prompt_ids: torch.Tensor,
+    output_ids: torch.Tensor,
+) -> int:
+    logits = logits.clone()
+    apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return int(logits.argmax())
+    probs = filter_logits(logits, params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,103 @@
+"""Rotary position embeddings (RoPE) and the frequency-scaling variants of the
+supported configs: default, linear, dynamic (NTK), llama3 and yarn."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from llmopt.errors import ModelFormatError
+
+SUPPORTED_SCALING = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def inv_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """Return (inv_freq of shape (head_dim/2,), attention scaling factor for cos/sin)."""
+    # fp32 as in the reference implementations, so that fp32 logits agree closely.
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv.float(), 1.0
+    assert scaling is not None
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return (inv / factor).float(), 1.0
+    if kind == "dynamic":
+        # NTK-aware scaling at the full context: the base grows so that the
+        # longest position still lands inside the trained range.
+        orig = int(scaling.get("original_max_position_embeddings", max_positions))
+        seq = max(max_positions, orig)
+        base = theta * ((factor * seq / orig) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        return inv, 1.0
+    if kind == "llama3":
+        return _llama3(inv, scaling, factor).float(), 1.0
+    if kind == "yarn":
+        return _yarn(inv, head_dim, theta, scaling, factor, max_positions)
+    raise ModelFormatError(
+        f"rope scaling '{kind}' is not supported; supported: {', '.join(SUPPORTED_SCALING)}"
+    )
+
+
+def _llama3(inv: torch.Tensor, s: dict[str, Any], factor: float) -> torch.Tensor:
+    low = float(s.get("low_freq_factor", 1.0))
+    high = float(s.get("high_freq_factor", 4.0))
+    orig = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    smooth = (orig / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > orig / low, inv / factor, inv)
+    mid = (wavelen <= orig / low) & (wavelen >= orig / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def _yarn(
+    inv: torch.Tensor, dim: int, theta: float, s: dict[str, Any], factor: float, max_pos: int
+) -> tuple[torch.Tensor, float]:
+    orig = int(s.get("original_max_position_embeddings", max_pos))
+    beta_fast = float(s.get("beta_fast", 32.0))
+    beta_slow = float(s.get("beta_slow", 1.0))
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+    extrapolation = 1 - ramp.clamp(0, 1)
+    inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+    mscale = float(s.get("attention_factor") or (0.1 * math.log(factor) + 1.0))
+    return inv.float(), mscale
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Precomputed cos/sin tables; `forward(positions)` gathers rows for a flat batch."""
+
+    def __init__(
+        self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
+    ) -> None:
+        super().__init__()
+        inv, mscale = inv_frequencies(head_dim, theta, scaling, max_positions)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv)  # (P, head_dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (P, head_dim): rotate-half layout
+        self.register_buffer("cos", emb.cos() * mscale, persistent=False)
+        self.register_buffer("sin", emb.sin() * mscale, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Gathered and cast once per forward pass, shared by every layer.
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # each (T, D)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D); cos/sin: (T, D) in x's dtype. Rotates pairs (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

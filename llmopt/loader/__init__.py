@@ -1,0 +1,1 @@
+"""Reading model files: Hugging Face folders and GGUF files."""

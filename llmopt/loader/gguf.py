@@ -1,0 +1,173 @@
+"""GGUF files: metadata to a Hugging Face config, tensors to HF names in fp32, and a
+conversion to a Hugging Face folder so that later loads skip dequantization."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmopt.errors import ModelFormatError
+from llmopt.loader.atomic import atomic_dir
+from llmopt.loader.dequant import dequantize
+from llmopt.loader.gguf_tokenizer import build_tokenizer
+from llmopt.models.registry import hf_architecture_for_gguf
+
+# GGUF tensor name -> Hugging Face name; {i} is the block index.
+_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# llama.cpp stores Llama q/k rows interleaved per rotary pair; these architectures
+# need the permutation undone to get the rotate-half layout back.
+_PERMUTED_QK = ("llama", "mistral")
+
+
+def _hf_name(name: str) -> str | None:
+    m = _BLOCK.match(name)
+    key = _BLOCK.sub("blk.{i}.", name) if m else name
+    target = _NAMES.get(key)
+    return target.format(i=m.group(1)) if (target and m) else target
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # (heads * D, ...) with rows ordered [head, half, pair] -> [head, pair, half].
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+class GGUFFile:
+    """Metadata and tensors of one GGUF file."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+            self.meta: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()}
+        except Exception as e:  # the reader raises many kinds on a damaged file
+            raise ModelFormatError(
+                f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                "delete it and pull it again"
+            ) from e
+        self.arch = str(self.meta.get("general.architecture", ""))
+
+    def _get(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def hf_config(self) -> dict[str, Any]:
+        """A Hugging Face config.json dict for this file's architecture."""
+        architecture = hf_architecture_for_gguf(self.arch)
+        heads = int(self._get("attention.head_count"))
+        hidden = int(self._get("embedding_length"))
+        names = {t.name for t in self.reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise ModelFormatError(
+                f"{self.path.name} uses per-frequency rope factors (Llama 3.1 style), "
+                "which llmopt does not read from GGUF yet; use the Hugging Face folder"
+            )
+        eps = float(self._get("attention.layer_norm_rms_epsilon", 1e-6))
+        cfg: dict[str, Any] = {
+            "architectures": [architecture],
+            "model_type": architecture.removesuffix("ForCausalLM").lower(),
+            "vocab_size": len(self.meta["tokenizer.ggml.tokens"]),
+            "hidden_size": hidden,
+            "intermediate_size": int(self._get("feed_forward_length")),
+            "num_hidden_layers": int(self._get("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._get("attention.head_count_kv", heads)),
+            "head_dim": int(self._get("attention.key_length", hidden // heads)),
+            # The file keeps eps as float32 (1e-5 -> 9.99999974e-06); print it back short.
+            "rms_norm_eps": float(f"{eps:.7g}"),
+            "rope_theta": float(self._get("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self._get("context_length", 4096)),
+            "tie_word_embeddings": "output.weight" not in names,
+            "attention_bias": "blk.0.attn_q.bias" in names,
+            "bos_token_id": self.meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.meta.get("tokenizer.ggml.eos_token_id"),
+            "torch_dtype": "float32",
+        }
+        scaling = self._get("rope.scaling.type")
+        if scaling and scaling != "none":
+            cfg["rope_scaling"] = {
+                "rope_type": scaling,
+                "factor": float(self._get("rope.scaling.factor", 1.0)),
+                "original_max_position_embeddings": int(
+                    self._get(
+                        "rope.scaling.original_context_length", cfg["max_position_embeddings"]
+                    )
+                ),
+            }
+        window = self._get("attention.sliding_window")
+        if window:
+            cfg["sliding_window"] = int(window)
+        return cfg
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """All weights, dequantized to fp32, under Hugging Face names."""
+        cfg = self.hf_config()
+        heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+        out: dict[str, torch.Tensor] = {}
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                raise ModelFormatError(f"{self.path.name}: unexpected tensor '{t.name}'")
+            shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest-first
+            try:
+                w = dequantize(t.data, t.tensor_type, shape)
+            except (ValueError, RuntimeError) as e:
+                raise ModelFormatError(
+                    f"{self.path.name}: tensor '{t.name}' is damaged ({e}); pull the file again"
+                ) from e
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            if self.arch in _PERMUTED_QK and kind in heads:
+                w = _unpermute(w, heads[kind])
+            out[name] = w
+        return out
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        tokens = self.meta["tokenizer.ggml.tokens"]
+
+        def tok(key: str) -> str | None:
+            i = self.meta.get(f"tokenizer.ggml.{key}_token_id")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        return {
+            "bos_token": tok("bos"),
+            "eos_token": tok("eos"),
+            "unk_token": tok("unknown"),
+            "pad_token": tok("padding"),
+            "add_bos_token": bool(self.meta.get("tokenizer.ggml.add_bos_token", False)),
+            "chat_template": self.meta.get("tokenizer.chat_template"),
+        }
+
+    def convert(self, out_dir: Path) -> None:
+        """Write a Hugging Face folder (config, fp32 safetensors, tokenizer) atomically."""
+        from safetensors.torch import save_file
+
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
+            save_file(self.hf_tensors(), str(tmp / "model.safetensors"), {"format": "pt"})
+            build_tokenizer(self.meta, self.path, tmp).save(str(tmp / "tokenizer.json"))
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(self.tokenizer_config(), indent=2)
+            )

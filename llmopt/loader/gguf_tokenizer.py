@@ -1,0 +1,95 @@
+"""Build a `tokenizers` tokenizer from the vocabulary stored in a GGUF file.
+
+Byte-level BPE vocabularies (GGUF model "gpt2": GPT-2, SmolLM, Llama 3, Qwen2) are
+built here directly from tokens and merges, with the pre-tokenizer split that
+llama.cpp uses for the file's `tokenizer.ggml.pre`. Other kinds (SentencePiece
+"llama") go through transformers' GGUF converter, which is slower but general.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from llmopt.errors import ModelFormatError
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("default", "gpt2", "gpt-2"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        # Digits one at a time, then the GPT-2 split.
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    regex = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}.get(pre)
+    if regex is None:
+        raise _Unsupported(pre)
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(regex), behavior="isolated"), byte_level]
+    )
+
+
+class _Unsupported(Exception):
+    pass
+
+
+# GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def build_tokenizer(meta: dict[str, Any], gguf_path: Path, out_dir: Path) -> Tokenizer:
+    """Return a tokenizer for the GGUF vocabulary in `meta` (fields already decoded)."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        try:
+            return _byte_level_bpe(meta)
+        except _Unsupported:
+            pass
+    if kind is None:
+        raise ModelFormatError(f"{gguf_path.name} carries no tokenizer")
+    return _via_transformers(gguf_path, out_dir)
+
+
+def _byte_level_bpe(meta: dict[str, Any]) -> Tokenizer:
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    pre = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tk.pre_tokenizer = pre
+    tk.decoder = decoders.ByteLevel()
+    added = [
+        AddedToken(tok, special=t == _CONTROL, normalized=False)
+        for tok, t in zip(tokens, types, strict=True)
+        if t in (_CONTROL, _USER_DEFINED)
+    ]
+    tk.add_tokens(added)
+    return tk
+
+
+def _via_transformers(gguf_path: Path, out_dir: Path) -> Tokenizer:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ModelFormatError(
+            f"{gguf_path.name} has a SentencePiece-style vocabulary; converting it needs "
+            "transformers: pip install 'llmopt[transformers]'"
+        ) from None
+    hf = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    hf.save_pretrained(str(out_dir))
+    return Tokenizer.from_file(str(out_dir / "tokenizer.json"))

@@ -1,0 +1,1 @@
+"""Decoder definitions, built from llmopt.layers."""

@@ -1,0 +1,149 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks of grouped-query
+attention with rotary embeddings and a SwiGLU MLP.
+
+The forward pass takes a flat run of T new tokens of one sequence plus its KV cache,
+and returns hidden states; `logits` projects only the rows the caller needs (the
+last one when generating), which saves the (V, hidden) matmul for every prompt token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmopt.config import ModelConfig
+from llmopt.errors import ModelFormatError
+from llmopt.layers.attention import Attention
+from llmopt.layers.mlp import SwiGLU
+from llmopt.layers.norm import RMSNorm
+from llmopt.layers.rotary import RotaryEmbedding
+
+
+class KVCache:
+    """Contiguous keys and values of one sequence for every layer.
+
+    k, v: (layers, capacity, KV heads, head dim). Layer i reads and writes k[i].
+    """
+
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.attention_bias,
+            cfg.sliding_window,
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) token ids of one sequence
+        positions: torch.Tensor,  # (T,) their absolute positions
+        cache: KVCache,
+        start: int,  # tokens already cached; positions == start + arange(T)
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], start)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (N, hidden) -> (N, vocab) in fp32 for sampling."""
+        return self.lm_head(hidden).float()
+
+
+def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face Llama state dict onto this module's names.
+
+    q/k/v are concatenated into qkv_proj and gate/up into gate_up_proj, in the order
+    the forward pass splits them.
+    """
+    sd: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+    }
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = hf["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        sd[dst + "self_attn.qkv_proj.weight"] = torch.cat(
+            [hf[attn + f"{p}_proj.weight"] for p in "qkv"]
+        )
+        if cfg.attention_bias:
+            sd[dst + "self_attn.qkv_proj.bias"] = torch.cat(
+                [hf[attn + f"{p}_proj.bias"] for p in "qkv"]
+            )
+        sd[dst + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
+        sd[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
+        )
+        sd[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            sd[dst + f"{norm}.weight"] = hf[src + f"{norm}.weight"]
+    return sd
+
+
+def build_model(
+    cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    """Instantiate without random initialisation and take the given weights."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    try:
+        sd = fuse_hf_weights(cfg, hf)
+    except KeyError as e:
+        raise ModelFormatError(
+            f"the checkpoint has no tensor {e} that {cfg.architecture} needs"
+        ) from None
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Non-persistent buffers were created on the meta device: compute them for real.
+    model.rotary = RotaryEmbedding(
+        cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+    ).to(device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelFormatError(f"the checkpoint lacks weights for: {', '.join(missing[:5])}")
+    return model.eval()

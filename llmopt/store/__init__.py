@@ -1,0 +1,1 @@
+"""Model management: the models.toml registry, fetching, and the local store."""

@@ -1,0 +1,105 @@
+"""The models.toml registry: which models llmopt knows by name and where to get them."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmopt.errors import ModelNotFoundError, UsageError
+
+FORMATS = ("gguf", "hf")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "pypi" | "hf" | "path"
+    ref: str  # package spec, repo id, or filesystem path
+    member: str | None = None  # file inside a wheel, or a single file of a hub repo
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], model: str) -> Source:
+        kinds = [k for k in ("pypi", "hf", "path") if k in raw]
+        if len(kinds) != 1:
+            raise UsageError(f"models.toml: a source of '{model}' needs one of pypi, hf or path")
+        kind = kinds[0]
+        return cls(kind, str(raw[kind]), raw.get("member") or raw.get("file"))
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.ref}" + (f" ({self.member})" if self.member else "")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    format: str
+    sources: tuple[Source, ...]
+    file: str | None = None  # file name in the store, for single-file formats
+    sha256: str | None = None
+    size: int | None = None
+    quantization: str | None = None
+    license: str | None = None
+    description: str = ""
+
+    @classmethod
+    def parse(cls, name: str, raw: dict[str, Any]) -> ModelEntry:
+        fmt = raw.get("format")
+        if fmt not in FORMATS:
+            raise UsageError(f"models.toml: '{name}' has format {fmt!r}; use one of {FORMATS}")
+        if fmt == "gguf" and not raw.get("file"):
+            raise UsageError(f"models.toml: '{name}' is a GGUF model and needs a 'file' name")
+        return cls(
+            name=name,
+            format=fmt,
+            sources=tuple(Source.parse(s, name) for s in raw.get("sources", [])),
+            file=raw.get("file"),
+            sha256=raw.get("sha256"),
+            size=raw.get("size"),
+            quantization=raw.get("quantization"),
+            license=raw.get("license"),
+            description=raw.get("description", ""),
+        )
+
+
+def _registry_files(home: Path) -> list[Path]:
+    """The shipped registry, then the user's own ($LLMOPT_HOME/models.toml) on top."""
+    env = os.environ.get("LLMOPT_REGISTRY")
+    shipped = Path(env) if env else Path(__file__).resolve().parents[2] / "models.toml"
+    return [p for p in (shipped, home / "models.toml") if p.is_file()]
+
+
+@dataclass
+class Registry:
+    models: dict[str, ModelEntry]
+    default: str | None
+
+    @classmethod
+    def load(cls, home: Path) -> Registry:
+        models: dict[str, ModelEntry] = {}
+        default = None
+        for path in _registry_files(home):
+            try:
+                raw = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise UsageError(f"{path} is not valid TOML: {e}") from e
+            default = raw.get("default", default)
+            for name, entry in raw.get("models", {}).items():
+                models[name] = ModelEntry.parse(name, entry)
+        return cls(models, default)
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "(none: models.toml is missing)"
+            raise ModelNotFoundError(
+                f"unknown model '{name}'; known models: {known} (or give a path to a "
+                ".gguf file or a Hugging Face folder)"
+            ) from None
+
+    def default_name(self) -> str:
+        if not self.default:
+            raise UsageError("no default model in models.toml; name one: llmopt run NAME")
+        return self.default

@@ -1,0 +1,123 @@
+"""Tokenizer and chat template of a model folder, without importing transformers.
+
+Reads tokenizer.json (the `tokenizers` library) and the chat template from
+tokenizer_config.json or chat_template.jinja, and renders templates with a sandboxed
+jinja2 environment set up the way Hugging Face templates expect.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from llmopt.errors import ModelFormatError, UsageError
+
+# For models without a template (base models): a plain transcript.
+_PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json writes special tokens as a string or as {"content": ...}.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    def __init__(self, folder: Path) -> None:
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFormatError(f"{folder} has no tokenizer.json")
+        try:
+            self._tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelFormatError(f"{path} could not be read: {e}") from e
+        cfg_path = folder / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.chat_template = self._find_template(folder, cfg)
+
+    @staticmethod
+    def _find_template(folder: Path, cfg: dict[str, Any]) -> str | None:
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        tpl = cfg.get("chat_template")
+        if isinstance(tpl, list):  # named templates: take the default one
+            by_name = {t["name"]: t["template"] for t in tpl}
+            tpl = by_name.get("default") or next(iter(by_name.values()), None)
+        return tpl
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tk.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are recognised."""
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        bos = self.bos_id
+        want_bos = self.add_bos if add_bos is None else add_bos
+        if want_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tk.decode(ids, skip_special_tokens=True)
+
+    @cached_property
+    def _template(self) -> Any:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        def tojson(x: Any, indent: int | None = None, **_: Any) -> str:
+            return json.dumps(x, ensure_ascii=False, indent=indent)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template or _PLAIN_TEMPLATE)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        from jinja2.exceptions import TemplateError
+
+        for m in messages:
+            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise UsageError(
+                    f"bad chat message {m!r}: role must be one of {', '.join(ROLES)} "
+                    "and content a string"
+                )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as e:
+            raise UsageError(f"the model's chat template rejected the messages: {e}") from e
