@@ -6,7 +6,10 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -20,15 +23,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("run")(run.run)
-app.command("pull")(pull.pull_cmd)
-app.command("models")(models.list_models)
-app.command("rm")(models.remove)
+
+
+def _user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except LlmoptError as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+app.command("run")(_user_errors(run.run))
+app.command("pull")(_user_errors(pull.pull_cmd))
+app.command("models")(_user_errors(models.list_models))
+app.command("rm")(_user_errors(models.remove))
 
 
 def main() -> None:
-    try:
-        app()
-    except LlmoptError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    app()

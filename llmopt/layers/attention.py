@@ -52,7 +52,8 @@ class Attention(nn.Module):
         # arithmetic, where small bf16 matmuls are several times slower).
         k_cache[start:end] = k
         v_cache[start:end] = v
-        lo = 0 if self.window is None else max(0, end - self.window)
+        # The first new query (at `start`) sees back to start - window + 1.
+        lo = 0 if self.window is None else max(0, start + 1 - self.window)
         keys, values = k_cache[lo:end], v_cache[lo:end]  # views, no copy: (S, KV, D)
         q = q.to(k_cache.dtype)
         out = self._decode(q, keys, values) if t == 1 else self._prefill(q, keys, values, start, lo)
@@ -71,7 +72,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t, s = q.shape[0], keys.shape[0]
         qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
-        if start == 0 and lo == 0:
+        if start == 0 and (self.window is None or s <= self.window):
             mask, causal = None, True
         else:
             # Query i sits at absolute position start + i; key j at lo + j.

@@ -1,0 +1,89 @@
+"""Shared fixtures.
+
+Every test gets its own empty $LLMOPT_HOME. The real SmolLM2 model lives in the
+user's store (pulled once by `make test`, or here on first use) and is shared
+read-only through the session fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from llmopt.store.store import Store, llmopt_home
+
+REAL_HOME = llmopt_home()  # read before the autouse fixture points it elsewhere
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "llmopt-home"
+    monkeypatch.setenv("LLMOPT_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into the user's store once."""
+    from llmopt.store.fetch import pull
+
+    store = Store(REAL_HOME)
+    return pull(store, "smollm2-135m-instruct", Console(stderr=True))
+
+
+@pytest.fixture(scope="session")
+def smollm_folder(smollm_gguf: Path) -> Path:
+    """Its converted Hugging Face folder (config, fp32 safetensors, tokenizer)."""
+    from llmopt.loader.load import hf_folder_for
+
+    return hf_folder_for(smollm_gguf, Store(REAL_HOME), Console(stderr=True))
+
+
+def write_tiny_model(folder: Path, tokenizer_from: Path, **overrides) -> Path:
+    """A tiny random Hugging Face model folder, with SmolLM2's tokenizer files.
+
+    initializer_range 0.2 so that greedy decoding does not collapse to one token.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    arch = overrides.pop("arch", "llama")
+    base = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cfg = cfg_cls(**{**base, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tokenizer_from / name).read_bytes())
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path, smollm_folder: Path) -> Path:
+    return write_tiny_model(tmp_path / "tiny-llama", smollm_folder)
+
+
+def registry_with(home: Path, text: str) -> None:
+    """Add a user registry ($LLMOPT_HOME/models.toml) to the shipped one."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models.toml").write_text(text)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
