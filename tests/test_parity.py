@@ -123,8 +123,16 @@ def test_bf16_answers_the_capital_question(smollm_folder) -> None:
                 }
             },
         ),
-        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                                    "original_max_position_embeddings": 128}}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                }
+            },
+        ),
         ("mistral", {"sliding_window": 8}),
         ("qwen2", {}),
     ],
@@ -138,6 +146,7 @@ def test_architectures_match_transformers(tmp_path, smollm_folder, arch, overrid
     assert (full_logits(mine, ids) - expected).abs().max().item() < 1e-3
     # And generation through the cache (decode path, windowed reads) agrees too.
     with torch.inference_mode():
-        out = ref.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12,
-                           do_sample=False)
+        out = ref.generate(
+            torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )
     assert greedy_ids(mine, ids, 12) == out[0, len(ids) :].tolist()

@@ -1,0 +1,103 @@
+"""The interactive chat: history, slash commands, Ctrl-C handling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from rich.console import Console
+
+from llmopt.cli.chat import Chat
+from llmopt.engine.engine import Engine
+from llmopt.engine.runner import Runner
+from llmopt.engine.sampling_params import SamplingParams
+from llmopt.loader.load import load_model
+from llmopt.store.store import Store
+
+
+@pytest.fixture(scope="module")
+def engine(smollm_folder) -> Engine:
+    loaded = load_model(
+        smollm_folder, torch.bfloat16, torch.device("cpu"), Store(), Console(stderr=True)
+    )
+    return Engine(Runner(loaded.model, 2048), loaded.tokenizer, loaded.eos_ids)
+
+
+def scripted(monkeypatch, lines: list[str]) -> None:
+    it: Iterator[str] = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+
+
+def test_chat_session(engine, monkeypatch, capsys) -> None:
+    chat = Chat(engine, "smollm", SamplingParams(), None, Console(stderr=True))
+    scripted(
+        monkeypatch,
+        [
+            "/set temperature 0",
+            "/set max_tokens 24",
+            "What is the capital of France?",
+            "/stats",
+            '"""',
+            "Repeat the city's name,",
+            "once.",
+            '"""',
+            "/clear",
+            "/exit",
+            "never read",
+        ],
+    )
+    chat.repl()
+    out = capsys.readouterr()
+    assert "Paris" in out.out
+    assert "time to first token" in out.err
+    assert chat.params.temperature == 0 and chat.params.max_tokens == 24
+    assert chat.history == []  # /clear ran after two exchanges
+
+
+def test_history_is_sent_with_each_turn(engine, monkeypatch) -> None:
+    chat = Chat(
+        engine,
+        "smollm",
+        SamplingParams(temperature=0, max_tokens=8),
+        "Be brief.",
+        Console(stderr=True),
+    )
+    chat.ask("My name is Ada.")
+    assert [m["role"] for m in chat.history] == ["user", "assistant"]
+    text = engine.tokenizer.decode(chat.prompt_ids("What is my name?"))
+    assert "Be brief." in text and "My name is Ada." in text
+
+
+def test_bad_set_reports_and_keeps_chatting(engine, monkeypatch, capsys) -> None:
+    chat = Chat(engine, "smollm", SamplingParams(), None, Console(stderr=True))
+    scripted(monkeypatch, ["/set top_p 7", "/set temperature warm", "/set bogus 1", "/nope"])
+    chat.repl()
+    err = capsys.readouterr().err
+    assert "top_p must be in (0, 1]" in err and "takes a number" in err
+    assert "usage: /set" in err and "unknown command" in err
+
+
+def test_cancel_ends_the_answer_cleanly(engine) -> None:
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    deltas = list(
+        engine.generate(
+            engine.tokenizer.encode("Tell me a long story."),
+            SamplingParams(temperature=0, ignore_eos=True),
+            cancelled,
+        )
+    )
+    assert deltas[-1].finish_reason == "abort"
+    assert deltas[-1].stats is not None and deltas[-1].stats.completion_tokens == 3

@@ -1,0 +1,157 @@
+"""The command line, driven through Typer's runner: stdout and stderr checked apart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmopt.cli.main import app
+from tests.conftest import REAL_HOME, registry_with
+
+runner = CliRunner()
+QUESTION = "What is the capital of France?"
+
+
+def llmopt(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_default_model_answers_paris(monkeypatch) -> None:
+    monkeypatch.setenv("LLMOPT_HOME", str(REAL_HOME))  # where `make test` pulled it
+    r = llmopt("run", QUESTION, "--temperature", "0", "--max-tokens", "24")
+    assert r.exit_code == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "time to first token" in r.stderr and "Paris" not in r.stderr
+
+
+def test_json_output(smollm_folder) -> None:
+    r = llmopt(
+        "run", str(smollm_folder), QUESTION, "--temperature", "0", "--max-tokens", "3", "--json"
+    )
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["completion_tokens"] == 3 and out["finish_reason"] == "length"
+    assert out["prompt_tokens"] > 10 and out["ttft_ms"] > 0
+    assert isinstance(out["text"], str) and out["text"]
+
+
+def test_piped_stdin_is_the_prompt(smollm_folder) -> None:
+    r = llmopt(
+        "run", str(smollm_folder), "--temperature", "0", "--max-tokens", "24", input=QUESTION
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_same_seed_same_text(smollm_folder) -> None:
+    args = (
+        "run",
+        str(smollm_folder),
+        "Tell me a story.",
+        "--seed",
+        "11",
+        "--max-tokens",
+        "20",
+        "--temperature",
+        "1.0",
+        "--json",
+    )
+    a, b = llmopt(*args), llmopt(*args)
+    assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]
+
+
+def test_stop_string_is_not_shown(smollm_folder) -> None:
+    r = llmopt(
+        "run", str(smollm_folder), QUESTION, "--temperature", "0", "--stop", "Paris", "--json"
+    )
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop" and "Paris" not in out["text"]
+
+
+def test_prompt_longer_than_context_is_refused_with_numbers(smollm_folder) -> None:
+    r = llmopt("run", str(smollm_folder), "word " * 200, "--ctx-size", "64")
+    assert r.exit_code == 5
+    assert "context of 64 tokens" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_max_tokens_beyond_context_is_refused(smollm_folder) -> None:
+    r = llmopt("run", str(smollm_folder), "Hi", "--ctx-size", "64", "--max-tokens", "100")
+    assert r.exit_code == 5 and "max_tokens 100" in r.stderr
+
+
+def test_unknown_model_lists_known_ones() -> None:
+    r = llmopt("run", "no-such-model", "hello")
+    assert r.exit_code == 3
+    assert "smollm2-135m-instruct" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_corrupt_model_file_is_a_clear_error(tmp_path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    r = llmopt("run", str(bad), "hello")
+    assert r.exit_code == 4 and "broken.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_option_values_are_usage_errors(smollm_folder) -> None:
+    r = llmopt("run", str(smollm_folder), "hi", "--top-p", "0")
+    assert r.exit_code == 2 and "top_p" in r.stderr
+    r = llmopt("run", str(smollm_folder), "hi", "--dtype", "int3")
+    assert r.exit_code == 2 and "dtype" in r.stderr
+
+
+def _local_model(home: Path, tmp_path: Path, sha: str) -> Path:
+    src = tmp_path / "weights.gguf"
+    src.write_bytes(b"not really a model" * 1000)
+    registry_with(
+        home,
+        f"""
+[models.local-test]
+format = "gguf"
+file = "local.gguf"
+sha256 = "{sha}"
+sources = [{{ path = "{src}" }}]
+""",
+    )
+    return src
+
+
+def test_pull_models_rm_round_trip(isolated_home, tmp_path) -> None:
+    src = tmp_path / "weights.gguf"
+    src.write_bytes(b"x" * 5000)
+    _local_model(isolated_home, tmp_path, hashlib.sha256(b"not really a model" * 1000).hexdigest())
+    r = llmopt("models")
+    assert r.exit_code == 0 and "local-test" not in r.stdout
+    r = runner.invoke(app, ["models", "--all"])
+    assert "local-test" in r.stdout and "not pulled" in r.stdout
+    from rich.console import Console
+
+    from llmopt.store.fetch import pull
+    from llmopt.store.store import Store
+
+    path = pull(Store(), "local-test", Console(stderr=True))
+    assert path.read_bytes() == b"not really a model" * 1000
+    r = llmopt("models")
+    assert "local-test" in r.stdout and "18.0 KB" in r.stdout
+    r = llmopt("rm", "local-test")
+    assert r.exit_code == 0 and not path.exists()
+    assert llmopt("rm", "local-test").exit_code == 3
+
+
+def test_checksum_mismatch_saves_nothing(isolated_home, tmp_path) -> None:
+    _local_model(isolated_home, tmp_path, "0" * 64)
+    r = llmopt("pull", "local-test")
+    assert r.exit_code == 6 and "checksum mismatch" in r.stderr
+    folder = isolated_home / "models" / "local-test"
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("bad", ['[models.x]\nformat = "zip"\n', "not toml = = ="])
+def test_bad_registry_is_a_clear_error(isolated_home, bad) -> None:
+    registry_with(isolated_home, bad)
+    r = llmopt("models")
+    assert r.exit_code == 2 and "models.toml" in r.stderr

@@ -1,0 +1,187 @@
+"""GGUF reading: dequantization, the q/k permutation, metadata, and agreement with the
+Hugging Face folder the file was made from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+from gguf.quants import dequantize as reference_dequantize
+from gguf.quants import quantize
+from rich.console import Console
+
+from llmopt.errors import ModelFormatError
+from llmopt.loader.dequant import dequantize
+from llmopt.loader.gguf import GGUFFile, _unpermute
+from llmopt.loader.load import load_model
+from llmopt.store.store import Store
+from tests.conftest import write_tiny_model
+from tests.test_parity import full_logits
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_dequantize_matches_gguf_reference(qtype) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    raw = quantize(w, qtype)
+    expected = reference_dequantize(raw, qtype).reshape(64, 96)
+    got = dequantize(raw, qtype, (64, 96))
+    assert torch.equal(got, torch.from_numpy(expected.astype(np.float32)))
+
+
+def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # What llama.cpp's converter does to Llama q/k rows (pairs interleaved per head).
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def test_unpermute_inverts_llama_cpp_permutation() -> None:
+    w = torch.randn(4 * 16, 8)
+    assert torch.equal(_unpermute(_llama_cpp_permute(w, 4), 4), w)
+    b = torch.randn(4 * 16)
+    assert torch.equal(_unpermute(_llama_cpp_permute(b, 4), 4), b)
+
+
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gguf(folder: Path, out: Path, smollm_gguf: Path, qtype: Q = Q.F32) -> None:
+    """Write a Hugging Face folder as a llama GGUF the way llama.cpp's converter lays it out."""
+    from safetensors.torch import load_file
+
+    from llmopt.loader.hf import read_config
+
+    cfg = read_config(folder)
+    hf = load_file(str(folder / "model.safetensors"))
+    vocab = GGUFFile(smollm_gguf)
+    w = GGUFWriter(str(out), "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(vocab.meta["tokenizer.ggml.tokens"])
+    w.add_token_types(vocab.meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(vocab.meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(vocab.meta["tokenizer.chat_template"])
+    for name, t in hf.items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{i}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
+        if "attn_q" in gname:
+            t = _llama_cpp_permute(t, cfg.num_heads)
+        elif "attn_k" in gname:
+            t = _llama_cpp_permute(t, cfg.num_kv_heads)
+        data = t.float().numpy()
+        if data.ndim == 2 and qtype != Q.F32:
+            w.add_tensor(gname, quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) -> None:
+    folder = write_tiny_model(tmp_path / "tiny", smollm_folder)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(folder, gguf_path, smollm_gguf)
+    console, store = Console(stderr=True), Store()
+    from_hf = load_model(folder, torch.float32, torch.device("cpu"), store, console)
+    from_gguf = load_model(gguf_path, torch.float32, torch.device("cpu"), store, console)
+    assert from_gguf.config.num_kv_heads == from_hf.config.num_kv_heads
+    ids = list(range(500, 530))
+    diff = (full_logits(from_hf, ids) - full_logits(from_gguf, ids)).abs().max().item()
+    assert diff < 1e-4
+    # The converted copy is reused: a second load does not convert again.
+    converted = store.converted_dir(gguf_path)
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    load_model(gguf_path, torch.float32, torch.device("cpu"), store, console)
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_smollm_metadata(smollm_gguf) -> None:
+    g = GGUFFile(smollm_gguf)
+    cfg = g.hf_config()
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (
+        30,
+        576,
+        3,
+    )
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg["rms_norm_eps"] == 1e-5
+    tok = g.tokenizer_config()
+    assert (tok["bos_token"], tok["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+    assert "<|im_start|>" in tok["chat_template"]
+
+
+def test_tokenizer_splits_digits_like_llama_cpp(smollm_folder) -> None:
+    from llmopt.tokenizer import Tokenizer
+
+    tok = Tokenizer(smollm_folder)
+    # The "smollm" pre-tokenizer puts every digit in its own token.
+    ids = tok.encode("year 2024", add_bos=False)
+    assert [tok.decode([i]) for i in ids][-4:] == ["2", "0", "2", "4"]
+    text = "Hello, wörld! 🤖 <|im_start|>user\n  x = 12;"
+    assert tok.decode(tok.encode(text, add_bos=False)) == text.replace("<|im_start|>", "")
+    assert tok.token_id("<|im_start|>") in tok.encode(text, add_bos=False)
+
+
+def test_chat_template_matches_transformers(smollm_folder) -> None:
+    from transformers import AutoTokenizer
+
+    from llmopt.tokenizer import Tokenizer
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Why?"},
+    ]
+    ref = AutoTokenizer.from_pretrained(smollm_folder)
+    expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert Tokenizer(smollm_folder).apply_chat_template(messages) == expected
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty"])
+def test_damaged_gguf_is_a_clear_error(tmp_path, smollm_gguf, damage) -> None:
+    bad = tmp_path / "bad.gguf"
+    if damage == "random":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":
+        bad.write_bytes(smollm_gguf.read_bytes()[:40_000_000])
+    else:
+        bad.write_bytes(b"")
+    with pytest.raises(ModelFormatError, match="bad.gguf"):
+        load_model(bad, torch.float32, torch.device("cpu"), Store(), Console(stderr=True))
+    assert not list((Store().home / "converted").glob("bad-*")), "no half-written conversion"

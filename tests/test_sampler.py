@@ -1,0 +1,108 @@
+"""Sampling: masks, penalties, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.engine.sampler import apply_penalties, filter_logits, make_generator, sample
+from llmopt.engine.sampling_params import SamplingParams
+from llmopt.errors import UsageError
+
+CPU = torch.device("cpu")
+EMPTY = torch.tensor([], dtype=torch.long)
+
+
+def kept(logits: torch.Tensor, **kw) -> set[int]:
+    out = filter_logits(logits, SamplingParams(**kw))
+    return set(torch.nonzero(out > float("-inf")).flatten().tolist())
+
+
+def test_top_k_keeps_the_k_largest() -> None:
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    assert kept(logits, top_k=2) == {1, 3}
+    assert kept(logits, top_k=0) == {0, 1, 2, 3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    assert kept(logits, top_p=0.5) == {0}
+    assert kept(logits, top_p=0.6) == {0, 1}
+    assert kept(logits, top_p=0.81) == {0, 1, 2}
+    assert kept(logits, top_p=0.01) == {0}  # the top token always stays
+
+
+def test_min_p_drops_tokens_below_fraction_of_top() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert kept(logits, min_p=0.5) == {0, 1}
+    assert kept(logits, min_p=0.2) == {0, 1, 2}
+
+
+def test_temperature_scales_before_filters() -> None:
+    logits = torch.tensor([2.0, 1.0])
+    out = filter_logits(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(out, torch.tensor([4.0, 2.0]))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    apply_penalties(
+        logits, SamplingParams(repetition_penalty=2.0), torch.tensor([0]), torch.tensor([1])
+    )
+    assert torch.allclose(logits, torch.tensor([1.0, -4.0, 1.0]))
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens() -> None:
+    logits = torch.zeros(4)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, params, torch.tensor([3]), torch.tensor([1, 1, 2]))
+    assert torch.allclose(logits, torch.tensor([0.0, -1.0, -0.75, 0.0]))
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(100)
+    g = make_generator(0, CPU)
+    assert sample(logits, SamplingParams(temperature=0), g, EMPTY, EMPTY) == int(logits.argmax())
+
+
+def test_same_seed_same_draws_and_other_seed_differs() -> None:
+    logits = torch.zeros(1000)  # uniform: draws depend only on the generator
+    params = SamplingParams(temperature=1.0)
+
+    def draws(seed: int) -> list[int]:
+        g = make_generator(seed, CPU)
+        return [sample(logits, params, g, EMPTY, EMPTY) for _ in range(20)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_sampling_respects_the_mask() -> None:
+    logits = torch.tensor([0.0, 0.0, 10.0, 10.0, 0.0])
+    g = make_generator(0, CPU)
+    params = SamplingParams(temperature=1.0, top_k=2)
+    assert {sample(logits, params, g, EMPTY, EMPTY) for _ in range(50)} == {2, 3}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"min_p": 2},
+        {"top_k": -2},
+        {"max_tokens": 0},
+        {"repetition_penalty": 0},
+        {"presence_penalty": 3},
+        {"stop": ("",)},
+    ],
+)
+def test_invalid_params_are_rejected(kw) -> None:
+    with pytest.raises(UsageError):
+        SamplingParams(**kw)
+
+
+def test_stop_accepts_a_single_string() -> None:
+    assert SamplingParams(stop="END").stop == ("END",)
