@@ -182,6 +182,6 @@ def test_damaged_gguf_is_a_clear_error(tmp_path, smollm_gguf, damage) -> None:
         bad.write_bytes(smollm_gguf.read_bytes()[:40_000_000])
     else:
         bad.write_bytes(b"")
-    with pytest.raises(ModelFormatError, match="bad.gguf"):
+    with pytest.raises(ModelFormatError, match=r"bad\.gguf"):
         load_model(bad, torch.float32, torch.device("cpu"), Store(), Console(stderr=True))
     assert not list((Store().home / "converted").glob("bad-*")), "no half-written conversion"

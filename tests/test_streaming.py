@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +47,7 @@ def test_earliest_of_several_stops_wins() -> None:
 )
 def test_streamed_output_equals_text_before_first_stop(text, stop, cuts) -> None:
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     i = text.find(stop)
     expected = text if i < 0 else text[:i]
     assert stream(StopMatcher((stop,)), pieces) == expected
