@@ -13,12 +13,19 @@ from llmopt.errors import ModelFormatError
 SUPPORTED_SCALING = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
+def _exponents(head_dim: int) -> torch.Tensor:
+    # 2i / D for the D/2 rotary pairs; on the CPU even inside a meta-device context.
+    return torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+
+
 def inv_frequencies(
     head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
 ) -> tuple[torch.Tensor, float]:
     """Return (inv_freq of shape (head_dim/2,), attention scaling factor for cos/sin)."""
     # fp32 as in the reference implementations, so that fp32 logits agree closely.
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    )
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
         return inv.float(), 1.0
@@ -32,7 +39,9 @@ def inv_frequencies(
         orig = int(scaling.get("original_max_position_embeddings", max_positions))
         seq = max(max_positions, orig)
         base = theta * ((factor * seq / orig) - (factor - 1)) ** (head_dim / (head_dim - 2))
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv = 1.0 / (
+            base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+        )
         return inv, 1.0
     if kind == "llama3":
         return _llama3(inv, scaling, factor).float(), 1.0
@@ -68,7 +77,7 @@ def _yarn(
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)
     extrapolation = 1 - ramp.clamp(0, 1)
     inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
     mscale = float(s.get("attention_factor") or (0.1 * math.log(factor) + 1.0))
@@ -82,8 +91,10 @@ class RotaryEmbedding(torch.nn.Module):
         self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
     ) -> None:
         super().__init__()
+        # Tables are computed on the CPU even inside a meta-device context (the model
+        # is built on "meta" to skip weight init) and moved with the module.
         inv, mscale = inv_frequencies(head_dim, theta, scaling, max_positions)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv)  # (P, head_dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (P, head_dim): rotate-half layout
         self.register_buffer("cos", emb.cos() * mscale, persistent=False)

@@ -10,7 +10,6 @@ from rich.console import Console
 
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, ModelNotFoundError
-from llmopt.loader.gguf import GGUFFile
 from llmopt.loader.hf import read_config, read_tensors
 from llmopt.models.registry import builder_for
 from llmopt.store.store import Store
@@ -42,6 +41,8 @@ def hf_folder_for(path: Path, store: Store, console: Console) -> Path:
     folder = store.converted_dir(path)
     if not (folder / "model.safetensors").is_file():
         # Dequantizing takes seconds; the fp32 copy makes every later load instant.
+        from llmopt.loader.gguf import GGUFFile  # the gguf package is only needed here
+
         with console.status(f"Converting {path.name} (once; cached in {folder.parent})"):
             GGUFFile(path).convert(folder)
     return folder

@@ -14,6 +14,8 @@ from torch import nn
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.layers.attention import Attention
+from llmopt.layers.embedding import Embedding
+from llmopt.layers.linear import Linear
 from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
 from llmopt.layers.rotary import RotaryEmbedding
@@ -63,13 +65,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -139,10 +141,7 @@ def build_model(
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # Non-persistent buffers were created on the meta device: compute them for real.
-    model.rotary = RotaryEmbedding(
-        cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
-    ).to(device)
+    model.rotary.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelFormatError(f"the checkpoint lacks weights for: {', '.join(missing[:5])}")
