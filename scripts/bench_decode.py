@@ -44,8 +44,8 @@ def kv_bytes_per_step(loaded: LoadedModel, context: int, kv_elem: int) -> int:
     return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * kv_elem
 
 
-def bench_llmopt(loaded: LoadedModel, ids: list[int], n: int, compile: bool) -> float:
-    engine = Engine(Runner(loaded.model, 4096, compile=compile), loaded.tokenizer, loaded.eos_ids)
+def bench_llmopt(loaded: LoadedModel, ids: list[int], n: int) -> float:
+    engine = Engine(Runner(loaded.model, 4096), loaded.tokenizer, loaded.eos_ids)
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     *_, last = engine.generate(ids, params)
     assert last.stats is not None
@@ -129,7 +129,7 @@ def main() -> None:
         )
         avg_ctx = len(ids) + args.tokens // 2
         per_token = weight_bytes(loaded.model) + kv_bytes_per_step(loaded, avg_ctx, 4)
-        runs = [bench_llmopt(loaded, ids, args.tokens, False) for _ in range(args.repeats)]
+        runs = [bench_llmopt(loaded, ids, args.tokens) for _ in range(args.repeats)]
         record(f"llmopt {dtype_name}", runs, per_token)
         runs = [
             bench_transformers(loaded.folder, ids, args.tokens, dtype) for _ in range(args.repeats)

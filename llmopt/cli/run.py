@@ -16,7 +16,7 @@ from llmopt.cli.chat import Chat
 from llmopt.device import resolve_device, resolve_dtype
 from llmopt.engine.engine import Engine
 from llmopt.engine.outputs import RequestStats
-from llmopt.engine.runner import Runner, configure_compile_cache
+from llmopt.engine.runner import Runner
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.errors import UsageError
 from llmopt.loader.load import load_model
@@ -28,7 +28,6 @@ def open_engine(
     model: str | None,
     device: str,
     dtype: str,
-    compile: bool,
     ctx_size: int | None,
     console: Console,
 ) -> tuple[str, Engine]:
@@ -41,9 +40,7 @@ def open_engine(
         if ctx_size < 1:
             raise UsageError("--ctx-size must be positive")
         context = min(context, ctx_size)
-    if compile:
-        configure_compile_cache(store.home)
-    runner = Runner(loaded.model, context, compile=compile)
+    runner = Runner(loaded.model, context)
     return name, Engine(runner, loaded.tokenizer, loaded.eos_ids)
 
 
@@ -73,7 +70,6 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile decode."),
     ctx_size: int = typer.Option(None, "--ctx-size", help="Cap the context length."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
 ) -> None:
@@ -102,7 +98,7 @@ def run(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    name, engine = open_engine(model, device, dtype, compile, ctx_size, console)
+    name, engine = open_engine(model, device, dtype, ctx_size, console)
     chat = Chat(engine, name, params, system, console)
     if prompt is None:
         chat.repl()

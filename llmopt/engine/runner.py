@@ -1,13 +1,10 @@
 """Executes forward steps of one sequence: prefill in chunks, then one token at a time.
 
-The runner owns the KV cache and, optionally, a torch.compile'd decode step. It does
-not decide anything: the engine tells it which tokens to run.
+The runner owns the KV cache. It does not decide anything: the engine tells it which
+tokens to run.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 
@@ -16,15 +13,8 @@ from llmopt.models.llama import KVCache, LlamaForCausalLM
 PREFILL_CHUNK = 1024  # bounds activation memory for long prompts
 
 
-def configure_compile_cache(home: Path) -> None:
-    """Keep Inductor's compiled kernels and autotuning results across runs."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home / "inductor"))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-
-
 class Runner:
-    def __init__(self, model: LlamaForCausalLM, max_context: int, compile: bool = False) -> None:
+    def __init__(self, model: LlamaForCausalLM, max_context: int) -> None:
         self.model = model
         self.max_context = max_context
         p = next(model.parameters())
@@ -34,16 +24,6 @@ class Runner:
         # short context is small next to the weights.
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else p.dtype
         self.cache: KVCache | None = None
-        self._decode = self._decode_eager
-        if compile:
-            import torch._inductor.config as inductor
-
-            # Freezing folds weights into the graph as constants, which lets Inductor
-            # prepack them for the CPU GEMM kernels.
-            inductor.freezing = True
-            self._decode = torch.compile(
-                self._decode_eager, dynamic=True, mode="max-autotune-no-cudagraphs"
-            )
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` positions, keeping what is cached. Grows by doubling."""
@@ -76,8 +56,5 @@ class Runner:
         self.reserve(position + 1)
         ids = torch.tensor([token], device=self.device)
         pos = torch.tensor([position], device=self.device)
-        return self._decode(ids, pos, position)[0]
-
-    def _decode_eager(self, ids: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
         assert self.cache is not None
-        return self.model.logits(self.model(ids, pos, self.cache, start))
+        return self.model.logits(self.model(ids, pos, self.cache, position))[0]
