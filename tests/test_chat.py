@@ -101,3 +101,22 @@ def test_cancel_ends_the_answer_cleanly(engine) -> None:
     )
     assert deltas[-1].finish_reason == "abort"
     assert deltas[-1].stats is not None and deltas[-1].stats.completion_tokens == 3
+
+
+def test_next_turn_reuses_cached_prefix_and_answers_the_same(engine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=16)
+    chat = Chat(engine, "smollm", params, None, Console(stderr=True))
+    chat.ask("Name a color.")
+    first = chat.last_stats
+    chat.ask("Name another one.")
+    second = chat.last_stats
+    assert first is not None and second is not None
+    # The whole first exchange (prompt and answer) is already in the KV cache.
+    assert second.cached_prompt_tokens >= first.prompt_tokens + first.completion_tokens - 2
+    # Reusing the cache changes nothing in the answer: a fresh engine agrees.
+    fresh = Engine(Runner(engine.runner.model, 2048), engine.tokenizer, engine.eos_ids)
+    replay = Chat(fresh, "smollm", params, None, Console(stderr=True))
+    replay.history = chat.history[:2]
+    prompt = replay.prompt_ids("Name another one.")
+    expected = "".join(d.text for d in fresh.generate(prompt, params))
+    assert chat.history[-1]["content"] == expected

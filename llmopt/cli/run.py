@@ -46,7 +46,8 @@ def open_engine(
 
 def format_stats(s: RequestStats) -> str:
     return (
-        f"{s.prompt_tokens} prompt tokens, {s.completion_tokens} generated; "
+        f"{s.prompt_tokens} prompt tokens ({s.cached_prompt_tokens} reused from cache), "
+        f"{s.completion_tokens} generated; "
         f"time to first token {s.ttft_s * 1000:.0f} ms ({s.prefill_tokens_per_s:.0f} tok/s), "
         f"decode {s.decode_tokens_per_s:.1f} tok/s"
     )

@@ -61,7 +61,9 @@ class Engine:
         output: list[int] = []
         detok = Detokenizer(self.tokenizer)
         stop = StopMatcher(params.stop)
-        logits = self.runner.prefill(prompt_ids, 0)
+        reused = self.runner.reusable_prefix(prompt_ids)
+        stats.cached_prompt_tokens = reused
+        logits = self.runner.prefill(prompt_ids[reused:], reused)
         last = start
         reason: str | None = None
         while reason is None:

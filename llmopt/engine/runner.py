@@ -1,6 +1,8 @@
 """Executes forward steps of one sequence: prefill in chunks, then one token at a time.
 
-The runner owns the KV cache. It does not decide anything: the engine tells it which
+The runner owns the KV cache and remembers which tokens it holds, so that a prompt
+that starts like the previous sequence (the next turn of a chat) reuses that prefix
+instead of computing it again. It does not decide anything: the engine tells it which
 tokens to run.
 """
 
@@ -24,6 +26,7 @@ class Runner:
         # short context is small next to the weights.
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else p.dtype
         self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` positions, keeping what is cached. Grows by doubling."""
@@ -37,9 +40,23 @@ class Runner:
             new.v[:, :have] = self.cache.v
         self.cache = new
 
+    def reusable_prefix(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens are already cached. At least the last prompt
+        token is always recomputed: its logits pick the first output token."""
+        n = 0
+        for a, b in zip(self.cached_ids, prompt[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
     @torch.inference_mode()
     def prefill(self, ids: list[int], start: int) -> torch.Tensor:
-        """Run prompt tokens placed at positions start.. ; return next-token logits (V,)."""
+        """Run prompt tokens placed at positions start.. ; return next-token logits (V,).
+
+        Positions from `start` on are overwritten; what was cached before stays valid.
+        """
+        self.cached_ids = self.cached_ids[:start]
         self.reserve(start + len(ids))
         assert self.cache is not None
         hidden = None
@@ -47,14 +64,18 @@ class Runner:
             chunk = torch.tensor(ids[lo : lo + PREFILL_CHUNK], device=self.device)
             pos = torch.arange(start + lo, start + lo + len(chunk), device=self.device)
             hidden = self.model(chunk, pos, self.cache, start + lo)
+        self.cached_ids += ids
         assert hidden is not None
         return self.model.logits(hidden[-1:])[0]
 
     @torch.inference_mode()
     def decode(self, token: int, position: int) -> torch.Tensor:
         """Run one token at `position`; return next-token logits (V,)."""
+        del self.cached_ids[position:]
         self.reserve(position + 1)
         ids = torch.tensor([token], device=self.device)
         pos = torch.tensor([position], device=self.device)
         assert self.cache is not None
-        return self.model.logits(self.model(ids, pos, self.cache, position))[0]
+        logits = self.model.logits(self.model(ids, pos, self.cache, position))[0]
+        self.cached_ids.append(token)
+        return logits
