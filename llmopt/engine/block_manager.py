@@ -1,0 +1,177 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts, a global prefix
+cache, and copy-on-write. It sees token ids and block ids, never tensors.
+
+Prefix cache: a full block is identified by a hash chained over (parent block's hash,
+the block's token ids), so equal hashes mean equal whole prefixes. Any sequence whose
+prompt starts with a cached prefix shares those blocks. Blocks no sequence references
+stay cached until their space is needed, then are evicted least recently used first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from llmopt.engine.sequence import Sequence
+
+
+def block_hash(parent: int | None, tokens: list[int]) -> int:
+    # Hashes of tuples of ints do not depend on PYTHONHASHSEED.
+    return hash((parent, tuple(tokens)))
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full and registered in the cache
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))  # unreferenced, not cached
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached; LRU first
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free, or cached but unreferenced)."""
+        return len(self.free_ids) + len(self.evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- allocation -------------------------------------------------------------------
+
+    def _take(self) -> int:
+        if self.free_ids:
+            bid = self.free_ids.popleft()
+        else:
+            bid, _ = self.evictable.popitem(last=False)  # least recently used
+            block = self.blocks[bid]
+            del self.cached[block.hash]  # type: ignore[arg-type]
+            block.hash = None
+        self.blocks[bid].ref_count = 1
+        return bid
+
+    def _ref(self, bid: int) -> None:
+        self.evictable.pop(bid, None)
+        self.blocks[bid].ref_count += 1
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold the longest prefix of seq's tokens. The last token
+        is left out so that at least one token is computed (it yields the logits)."""
+        matched, parent = [], None
+        bs = self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            bid = self.cached.get(h)
+            if bid is None:
+                break
+            matched.append(bid)
+            parent = h
+        return matched
+
+    def allocate(self, seq: Sequence) -> bool:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
+        Returns False, changing nothing, when there is not enough free space."""
+        assert not seq.block_table, "sequence already holds blocks"
+        matched = self._match_prefix(seq)
+        new = self.blocks_for(seq.num_tokens) - len(matched)
+        # Matched blocks that sit in the evictable pool stop being available.
+        available = self.num_free_blocks - sum(1 for b in matched if b in self.evictable)
+        if new > available:
+            return False
+        for bid in matched:
+            self._ref(bid)
+        seq.block_hashes = [self.blocks[b].hash for b in matched]  # type: ignore[misc]
+        seq.block_table = matched + [self._take() for _ in range(new)]
+        seq.num_cached_tokens = seq.num_computed_tokens = len(matched) * self.block_size
+        self.hit_tokens += seq.num_cached_tokens
+        self.miss_tokens += seq.num_tokens - seq.num_cached_tokens
+        return True
+
+    def reserve(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """Make room for the next `num_new_tokens` tokens of a running sequence.
+
+        Returns the (source, destination) block copies the runner must make first (a
+        shared block about to be written is copied: copy-on-write), or None, changing
+        nothing, when there are not enough free blocks.
+        """
+        end = seq.num_computed_tokens + num_new_tokens
+        extra = max(0, self.blocks_for(end) - len(seq.block_table))
+        first = seq.num_computed_tokens // self.block_size
+        shared = [
+            i
+            for i in range(first, min(len(seq.block_table), self.blocks_for(end)))
+            if self.blocks[seq.block_table[i]].ref_count > 1
+        ]
+        if extra + len(shared) > self.num_free_blocks:
+            return None
+        copies = []
+        for i in shared:
+            src = seq.block_table[i]
+            self.blocks[src].ref_count -= 1
+            seq.block_table[i] = dst = self._take()
+            copies.append((src, dst))
+        seq.block_table += [self._take() for _ in range(extra)]
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let `child` share all of `parent`'s blocks (parallel samples of one prompt)."""
+        for bid in parent.block_table:
+            self._ref(bid)
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    # -- after a step -----------------------------------------------------------------
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Enter the sequence's newly completed blocks into the prefix cache."""
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        for i in range(len(seq.block_hashes), full):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if h not in self.cached and block.hash is None:
+                block.hash = h
+                self.cached[h] = block.id
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks at once (finished, aborted or preempted)."""
+        # Reverse order: a prefix's tail is evicted before its head, which more
+        # requests are likely to share.
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {bid} freed twice"
+            if block.ref_count == 0:
+                if block.hash is None:
+                    self.free_ids.append(bid)
+                else:
+                    self.evictable[bid] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hit_tokens + self.miss_tokens
+        return self.hit_tokens / total if total else 0.0

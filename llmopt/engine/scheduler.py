@@ -1,0 +1,134 @@
+"""Continuous batching: at every step, decide which sequences run and how many of
+their tokens, within a token budget. It sees sequences and the block manager, never
+tensors; the runner executes what it decides.
+
+Policy: first come, first served. Running sequences go first (each decode is one
+token; a prompt still being prefilled gets a chunk of what budget remains, so a long
+prompt never stalls the decodes), then waiting ones are admitted while the budget,
+the sequence limit and the KV blocks allow. When a running sequence cannot get a
+block, the most recently admitted one is preempted: its blocks are freed and it
+waits at the front of the queue to be recomputed (its full blocks are likely still
+in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmopt.engine.block_manager import BlockManager
+from llmopt.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass
+class Step:
+    """One step's work: for each sequence, how many of its uncomputed tokens to run."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(
+                f"request {seq.request_id} needs more KV blocks than the cache has "
+                f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Step:
+        step = Step()
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            copies = self._reserve_or_preempt(seq, n, step)
+            if copies is None:
+                continue
+            step.copies += copies
+            step.add(seq, n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.allocate(seq):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            step.add(seq, n)
+            budget -= n
+        return step
+
+    def _reserve_or_preempt(
+        self, seq: Sequence, n: int, step: Step
+    ) -> list[tuple[int, int]] | None:
+        while (copies := self.blocks.reserve(seq, n)) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            step.preempted.append(victim)
+            if victim is seq:
+                return None
+        return copies
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def computed(self, step: Step) -> None:
+        """Record that the runner ran the step's tokens."""
+        for seq, n in zip(step.seqs, step.num_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.blocks.register_full_blocks(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """A sequence is done (EOS, stop, length): free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def abort(self, request_id: str) -> bool:
+        for seq in [*self.running, *self.waiting]:
+            if seq.request_id == request_id:
+                self.finish(seq)
+                return True
+        return False
