@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from llmopt.engine.engine import Engine
-from llmopt.engine.runner import Runner
+from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.store.fetch import pull
@@ -45,7 +44,7 @@ def kv_bytes_per_step(loaded: LoadedModel, context: int, kv_elem: int) -> int:
 
 
 def bench_llmopt(loaded: LoadedModel, ids: list[int], n: int) -> float:
-    engine = Engine(Runner(loaded.model, 4096), loaded.tokenizer, loaded.eos_ids)
+    engine = build_engine(loaded, 4096, kv_cache_memory=0.5)
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     *_, last = engine.generate(ids, params)
     assert last.stats is not None

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from llmopt.cli.chat import Chat
 from llmopt.engine.engine import Engine
+from llmopt.engine.llm import build_engine
 from llmopt.engine.runner import Runner
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import load_model
@@ -21,7 +22,7 @@ def engine(smollm_folder) -> Engine:
     loaded = load_model(
         smollm_folder, torch.bfloat16, torch.device("cpu"), Store(), Console(stderr=True)
     )
-    return Engine(Runner(loaded.model, 2048), loaded.tokenizer, loaded.eos_ids)
+    return build_engine(loaded, 2048, kv_cache_memory=0.05)
 
 
 def scripted(monkeypatch, lines: list[str]) -> None:
@@ -100,7 +101,9 @@ def test_cancel_ends_the_answer_cleanly(engine) -> None:
         )
     )
     assert deltas[-1].finish_reason == "abort"
-    assert deltas[-1].stats is not None and deltas[-1].stats.completion_tokens == 3
+    # Polled before each step: two steps ran (two tokens), the third poll aborted.
+    assert deltas[-1].stats is not None and deltas[-1].stats.completion_tokens == 2
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # freed at once
 
 
 def test_next_turn_reuses_cached_prefix_and_answers_the_same(engine) -> None:
@@ -114,7 +117,7 @@ def test_next_turn_reuses_cached_prefix_and_answers_the_same(engine) -> None:
     # The whole first exchange (prompt and answer) is already in the KV cache.
     assert second.cached_prompt_tokens >= first.prompt_tokens + first.completion_tokens - 2
     # Reusing the cache changes nothing in the answer: a fresh engine agrees.
-    fresh = Engine(Runner(engine.runner.model, 2048), engine.tokenizer, engine.eos_ids)
+    fresh = Engine(Runner(engine.runner.model, 64, 16), engine.tokenizer, engine.eos_ids, 2048)
     replay = Chat(fresh, "smollm", params, None, Console(stderr=True))
     replay.history = chat.history[:2]
     prompt = replay.prompt_ids("Name another one.")

@@ -9,8 +9,10 @@ import torch
 from rich.console import Console
 
 from llmopt.engine.engine import Engine
-from llmopt.engine.runner import Runner
+from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.engine.scheduler import SchedulerConfig, Step
+from llmopt.engine.sequence import Sequence
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.store.store import Store
 from tests.conftest import write_tiny_model
@@ -28,20 +30,31 @@ def reference(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def engine_for(loaded: LoadedModel, **scheduler) -> Engine:
+    return build_engine(
+        loaded,
+        4096,
+        kv_cache_memory=0.05,
+        scheduler_config=SchedulerConfig(**scheduler) if scheduler else None,
+    )
+
+
 def full_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     """Logits at every position from our model in one prefill: (T, V)."""
-    runner = Runner(loaded.model, 4096)
-    runner.reserve(len(ids))
+    engine = engine_for(loaded)
+    seq = Sequence.from_prompt("x", ids, SamplingParams())
+    assert engine.blocks.allocate(seq)
+    step = Step()
+    step.add(seq, len(ids))
+    _, _, inputs = engine.runner.prepare(step)
     with torch.inference_mode():
-        t = torch.tensor(ids)
-        hidden = loaded.model(t, torch.arange(len(ids)), runner.cache, 0)
+        hidden = loaded.model(cache=engine.runner.cache, **inputs)
         return loaded.model.logits(hidden)
 
 
-def greedy_ids(loaded: LoadedModel, ids: list[int], n: int) -> list[int]:
-    engine = Engine(Runner(loaded.model, 4096), loaded.tokenizer, loaded.eos_ids)
+def greedy_ids(loaded: LoadedModel, ids: list[int], n: int, **scheduler) -> list[int]:
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    return [t for d in engine.generate(ids, params) for t in d.token_ids]
+    return [t for d in engine_for(loaded, **scheduler).generate(ids, params) for t in d.token_ids]
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +88,17 @@ def test_smollm_64_greedy_tokens_match_transformers(smollm) -> None:
     assert greedy_ids(mine, ids, 64) == expected
 
 
-def test_incremental_decode_matches_one_prefill(smollm) -> None:
-    # Decoding token by token through the KV cache gives the logits of one long prefill.
-    mine, _ = smollm
-    ids = chat_ids(mine, "Count to five.")
-    runner = Runner(mine.model, 4096)
-    steps = [runner.prefill(ids[:5], 0)]
-    steps += [runner.decode(tok, pos) for pos, tok in enumerate(ids[5:], start=5)]
-    full = full_logits(mine, ids)[4:]
-    assert (torch.stack(steps) - full).abs().max().item() < 1e-3
-
-
-def test_chunked_prefill_matches_one_prefill(smollm, monkeypatch) -> None:
-    import llmopt.engine.runner as runner_mod
-
+def test_chunked_prefill_and_decode_match_one_prefill(smollm) -> None:
+    # Prefill in chunks of 7 tokens through the paged cache, then decode: the same
+    # greedy tokens as one whole prefill.
     mine, _ = smollm
     ids = chat_ids(mine, "A longer question about the history of the printing press. " * 4)
-    whole = Runner(mine.model, 4096).prefill(ids, 0)
-    monkeypatch.setattr(runner_mod, "PREFILL_CHUNK", 7)
-    chunked = Runner(mine.model, 4096).prefill(ids, 0)
-    assert (whole - chunked).abs().max().item() < 1e-3
+    assert greedy_ids(mine, ids, 16, max_num_batched_tokens=7) == greedy_ids(mine, ids, 16)
 
 
 def test_bf16_answers_the_capital_question(smollm_folder) -> None:
     loaded = ours(smollm_folder, torch.bfloat16)
-    engine = Engine(Runner(loaded.model, 4096), loaded.tokenizer, loaded.eos_ids)
+    engine = engine_for(loaded)
     ids = chat_ids(loaded, "What is the capital of France?")
     text = "".join(d.text for d in engine.generate(ids, SamplingParams(temperature=0)))
     assert "Paris" in text

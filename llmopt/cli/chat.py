@@ -168,7 +168,9 @@ class Chat:
 
     def repl(self) -> None:
         self.console.print(
-            f"[bold]{self.name}[/bold] ready. /help for commands, Ctrl-D to leave.",
+            f"[bold]{self.name}[/bold] ready (context {self.engine.max_context} tokens, "
+            f"KV cache {self.engine.kv_capacity_tokens} tokens). /help for commands, "
+            "Ctrl-D to leave.",
             highlight=False,
         )
         with contextlib.suppress(ImportError):

@@ -15,8 +15,8 @@ from rich.console import Console
 from llmopt.cli.chat import Chat
 from llmopt.device import resolve_device, resolve_dtype
 from llmopt.engine.engine import Engine
+from llmopt.engine.llm import build_engine
 from llmopt.engine.outputs import RequestStats
-from llmopt.engine.runner import Runner
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.errors import UsageError
 from llmopt.loader.load import load_model
@@ -29,19 +29,18 @@ def open_engine(
     device: str,
     dtype: str,
     ctx_size: int | None,
+    kv_cache_memory: float | None,
     console: Console,
 ) -> tuple[str, Engine]:
     store = Store()
     name, path = resolve(model, store, console)
     dev = resolve_device(device)
     loaded = load_model(path, resolve_dtype(dtype, dev), dev, store, console)
-    context = loaded.config.max_position_embeddings
-    if ctx_size is not None:
-        if ctx_size < 1:
-            raise UsageError("--ctx-size must be positive")
-        context = min(context, ctx_size)
-    runner = Runner(loaded.model, context)
-    return name, Engine(runner, loaded.tokenizer, loaded.eos_ids)
+    if ctx_size is not None and ctx_size < 1:
+        raise UsageError("--ctx-size must be positive")
+    if kv_cache_memory is not None and kv_cache_memory <= 0:
+        raise UsageError("--kv-cache-memory must be a positive number of GB")
+    return name, build_engine(loaded, ctx_size, kv_cache_memory)
 
 
 def format_stats(s: RequestStats) -> str:
@@ -72,6 +71,9 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
     ctx_size: int = typer.Option(None, "--ctx-size", help="Cap the context length."),
+    kv_cache_memory: float = typer.Option(
+        None, "--kv-cache-memory", help="GB for the KV cache (default: 10% of free RAM)."
+    ),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
 ) -> None:
     """Chat with a model, or answer one prompt (argument or piped stdin) and exit."""
@@ -99,7 +101,7 @@ def run(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    name, engine = open_engine(model, device, dtype, ctx_size, console)
+    name, engine = open_engine(model, device, dtype, ctx_size, kv_cache_memory, console)
     chat = Chat(engine, name, params, system, console)
     if prompt is None:
         chat.repl()

@@ -1,43 +1,175 @@
-"""The generation loop shared by `run`, `serve` and `bench`: prompt ids in, a stream of
-text deltas out, with stop conditions and per-request timing."""
+"""The engine: continuous batching over one copy of the weights. `run`, `serve` and
+`bench` all generate through it.
+
+Each `step()` asks the scheduler who runs, has the runner execute it, samples the
+next token of every sequence that caught up, and turns tokens into text deltas
+(detokenization, stop strings, finish conditions). Requests finish with their KV
+blocks freed at once.
+"""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
+from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.detokenizer import Detokenizer
 from llmopt.engine.outputs import Delta, RequestStats
 from llmopt.engine.runner import Runner
 from llmopt.engine.sampler import make_generator, sample
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.engine.scheduler import Scheduler, SchedulerConfig
+from llmopt.engine.sequence import Sequence, SequenceStatus
 from llmopt.engine.stop import StopMatcher
 from llmopt.errors import ContextLengthError
 from llmopt.tokenizer import Tokenizer
 
 
+@dataclass
+class _Request:
+    seq: Sequence
+    limit: int  # most tokens it may generate
+    generator: torch.Generator
+    detok: Detokenizer
+    stop: StopMatcher
+    prompt_t: torch.Tensor
+    stats: RequestStats
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token_time: float = 0.0
+    pending: list[Delta] = field(default_factory=list)  # produced, not yet consumed
+    finished: bool = False
+
+
 class Engine:
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, eos_ids: set[int]) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        eos_ids: set[int],
+        max_context: int,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.max_context = max_context
+        self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size)
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.blocks)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
 
     @property
-    def max_context(self) -> int:
-        return self.runner.max_context
+    def kv_capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> None:
         """Refuse, with the numbers, a prompt that (with max_tokens) overflows the context."""
         need = prompt_tokens + (max_tokens or 1)
-        if need > self.max_context:
+        limit = min(self.max_context, self.kv_capacity_tokens)
+        if need > limit:
+            what = "context" if limit == self.max_context else "KV cache capacity"
             asked = f" + max_tokens {max_tokens}" if max_tokens else " (plus one generated token)"
             raise ContextLengthError(
                 f"the prompt has {prompt_tokens} tokens{asked} = {need}, more than the "
-                f"model's context of {self.max_context} tokens; shorten the prompt"
+                f"model's {what} of {limit} tokens; shorten the prompt"
                 + (" or lower max_tokens" if max_tokens else "")
             )
+
+    # -- requests ---------------------------------------------------------------------
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        self.check_fits(len(prompt_ids), params.max_tokens)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid} is already in use")
+        room = min(self.max_context, self.kv_capacity_tokens) - len(prompt_ids)
+        seq = Sequence.from_prompt(rid, prompt_ids, params)
+        device = self.runner.device
+        self.requests[rid] = _Request(
+            seq=seq,
+            limit=min(params.max_tokens or room, room),
+            generator=make_generator(params.seed, device),
+            detok=Detokenizer(self.tokenizer),
+            stop=StopMatcher(params.stop),
+            prompt_t=torch.tensor(prompt_ids, device=device),
+            stats=RequestStats(prompt_tokens=len(prompt_ids)),
+        )
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its blocks are freed and it ends with reason 'abort'."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        self.scheduler.abort(request_id)
+        self._finish(req, "abort", "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def step(self) -> list[str]:
+        """Run one scheduled step; return the ids of requests that produced output."""
+        step = self.scheduler.schedule()
+        seqs, logits = self.runner.execute(step)
+        self.scheduler.computed(step)
+        touched = []
+        for i, seq in enumerate(seqs):
+            req = self.requests[seq.request_id]
+            if req.seq.num_uncomputed_tokens != 0 or req.finished:
+                continue
+            self._advance(req, logits[i])  # type: ignore[index]
+            touched.append(seq.request_id)
+        return touched
+
+    def _advance(self, req: _Request, logits: torch.Tensor) -> None:
+        seq = req.seq
+        output_t = torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device)
+        token = sample(logits, seq.params, req.generator, req.prompt_t, output_t)
+        now = time.perf_counter()
+        if seq.num_output_tokens == 0:
+            req.stats.ttft_s = now - req.arrival
+            req.stats.cached_prompt_tokens = seq.num_cached_tokens
+        else:
+            req.stats.itl_s.append(now - req.last_token_time)
+        req.last_token_time = now
+        seq.append(token)
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            self._finish(req, "stop", req.stop.feed(req.detok.flush()) + req.stop.flush(), token)
+            return
+        text = req.stop.feed(req.detok.add(token))
+        if req.stop.stopped:
+            self._finish(req, "stop", text, token)
+        elif seq.num_output_tokens >= req.limit:
+            tail = req.stop.feed(req.detok.flush()) + req.stop.flush()
+            self._finish(req, "length", text + tail, token)
+        else:
+            req.pending.append(Delta(text, [token]))
+
+    def _finish(self, req: _Request, reason: str, text: str, token: int | None = None) -> None:
+        if req.seq.status is not SequenceStatus.FINISHED:
+            self.scheduler.finish(req.seq)
+        req.finished = True
+        req.stats.completion_tokens = req.seq.num_output_tokens
+        req.stats.total_s = time.perf_counter() - req.arrival
+        ids = [] if token is None else [token]
+        req.pending.append(Delta(text, ids, finish_reason=reason, stats=req.stats))
+
+    def take(self, request_id: str) -> list[Delta]:
+        """Deltas produced for a request since the last call; forgets it once finished."""
+        req = self.requests[request_id]
+        out, req.pending = req.pending, []
+        if req.finished:
+            del self.requests[request_id]
+        return out
 
     def generate(
         self,
@@ -45,49 +177,19 @@ class Engine:
         params: SamplingParams,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Iterator[Delta]:
-        """Yield text deltas as tokens are produced; the last delta carries the stats.
-
-        `cancelled` is polled between tokens; when it returns True generation ends
-        with finish_reason "abort".
-        """
-        self.check_fits(len(prompt_ids), params.max_tokens)
-        limit = params.max_tokens or self.max_context - len(prompt_ids)
-        limit = min(limit, self.max_context - len(prompt_ids))
-        stats = RequestStats(prompt_tokens=len(prompt_ids))
-        start = time.perf_counter()
-        device = self.runner.device
-        generator = make_generator(params.seed, device)
-        prompt_t = torch.tensor(prompt_ids, device=device)
-        output: list[int] = []
-        detok = Detokenizer(self.tokenizer)
-        stop = StopMatcher(params.stop)
-        reused = self.runner.reusable_prefix(prompt_ids)
-        stats.cached_prompt_tokens = reused
-        logits = self.runner.prefill(prompt_ids[reused:], reused)
-        last = start
-        reason: str | None = None
-        while reason is None:
-            token = sample(logits, params, generator, prompt_t, torch.tensor(output, device=device))
-            now = time.perf_counter()
-            if output:
-                stats.itl_s.append(now - last)
-            else:
-                stats.ttft_s = now - start
-            last = now
-            output.append(token)
-            if token in self.eos_ids and not params.ignore_eos:
-                reason, text = "stop", stop.feed(detok.flush()) + stop.flush()
-            else:
-                text = stop.feed(detok.add(token))
-                if stop.stopped:
-                    reason = "stop"
-                elif len(output) >= limit:
-                    reason, text = "length", text + stop.feed(detok.flush()) + stop.flush()
-                elif cancelled():
-                    reason = "abort"
-            if reason is None:
-                yield Delta(text, [token])
-                logits = self.runner.decode(token, len(prompt_ids) + len(output) - 1)
-        stats.completion_tokens = len(output)
-        stats.total_s = time.perf_counter() - start
-        yield Delta(text, [token], finish_reason=reason, stats=stats)
+        """One request, streamed: yield text deltas as tokens are produced; the last
+        carries the finish reason and stats. `cancelled` is polled between steps."""
+        rid = self.add_request(prompt_ids, params)
+        try:
+            while True:
+                if cancelled():
+                    self.abort(rid)
+                else:
+                    self.step()
+                for delta in self.take(rid):
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            self.abort(rid)  # a consumer that stops early frees the request's blocks
+            self.requests.pop(rid, None)

@@ -1,81 +1,122 @@
-"""Executes forward steps of one sequence: prefill in chunks, then one token at a time.
-
-The runner owns the KV cache and remembers which tokens it holds, so that a prompt
-that starts like the previous sequence (the next turn of a chat) reuses that prefix
-instead of computing it again. It does not decide anything: the engine tells it which
-tokens to run.
+"""Executes one scheduled step: lays the sequences' new tokens out as one flat batch,
+builds the attention metadata (slots to write, slots to read), runs the model and
+returns next-token logits for the sequences that caught up. It decides nothing.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llmopt.models.llama import KVCache, LlamaForCausalLM
+from llmopt.engine.scheduler import Step
+from llmopt.engine.sequence import Sequence
+from llmopt.layers.attention_backend import (
+    AttentionMetadata,
+    DecodeBatch,
+    PagedKVCache,
+    PrefillChunk,
+)
+from llmopt.models.llama import LlamaForCausalLM
 
-PREFILL_CHUNK = 1024  # bounds activation memory for long prompts
+
+def kv_dtype_for(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    # On the CPU, attention runs in fp32: small bf16/fp16 batched matmuls take a slow
+    # path there (4x slower for one decode step on AVX2).
+    return torch.float32 if device.type == "cpu" else model_dtype
 
 
 class Runner:
-    def __init__(self, model: LlamaForCausalLM, max_context: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
-        self.max_context = max_context
+        cfg = model.config
         p = next(model.parameters())
         self.device = p.device
-        # On the CPU, attention runs in fp32: small bf16/fp16 batched matmuls take a slow
-        # path there (4x slower for one decode step on AVX2), and the KV cache of a
-        # short context is small next to the weights.
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else p.dtype
-        self.cache: KVCache | None = None
-        self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self.block_size = block_size
+        self.window = cfg.sliding_window
+        self.cache = PagedKVCache(
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            kv_dtype_for(p.dtype, p.device),
+            p.device,
+        )
 
-    def reserve(self, tokens: int) -> None:
-        """Make room for `tokens` positions, keeping what is cached. Grows by doubling."""
-        have = self.cache.capacity if self.cache else 0
-        if tokens <= have:
-            return
-        size = min(self.max_context, max(tokens, 2 * have, 256))
-        new = KVCache(self.model.config, size, self.kv_dtype, self.device)
-        if self.cache is not None:
-            new.k[:, :have] = self.cache.k
-            new.v[:, :have] = self.cache.v
-        self.cache = new
+    def _slots(self, seq: Sequence, lo: int, hi: int) -> tuple[torch.Tensor, int | None]:
+        """Cache slots of positions lo..hi-1, and the first one if they are consecutive."""
+        bs = self.block_size
+        first, last = lo // bs, (hi - 1) // bs
+        table = seq.block_table[first : last + 1]
+        if table == list(range(table[0], table[0] + len(table))):
+            start = table[0] * bs + lo % bs
+            return torch.arange(start, start + hi - lo, device=self.device), start
+        bt = torch.tensor(seq.block_table, device=self.device)
+        pos = torch.arange(lo, hi, device=self.device)
+        return bt[pos // bs] * bs + pos % bs, None
 
-    def reusable_prefix(self, prompt: list[int]) -> int:
-        """How many leading prompt tokens are already cached. At least the last prompt
-        token is always recomputed: its logits pick the first output token."""
-        n = 0
-        for a, b in zip(self.cached_ids, prompt[:-1], strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+    def _lo(self, end: int) -> int:
+        """First key position visible from the query at end - 1 (sliding window)."""
+        return 0 if self.window is None else max(0, end - self.window)
+
+    def prepare(self, step: Step) -> tuple[list[Sequence], list[int], dict]:
+        """Order the step (decodes first) and build the model inputs."""
+        order = sorted(range(len(step.seqs)), key=lambda i: step.num_tokens[i] != 1)
+        ids, positions, writes = [], [], []
+        decode_slots: list[torch.Tensor] = []
+        decode_first: int | None = None
+        prefills: list[PrefillChunk] = []
+        sample_seqs, sample_rows = [], []
+        row = 0
+        for i in order:
+            seq, n = step.seqs[i], step.num_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            lo = self._lo(start + 1)
+            slots, first = self._slots(seq, lo, end)
+            writes.append(slots[start - lo :])
+            if n == 1:
+                decode_slots.append(slots)
+                decode_first = first
+            else:
+                prefills.append(PrefillChunk(row, n, start, lo, slots, first))
+            row += n
+            if end == seq.num_tokens:
+                sample_seqs.append(seq)
+                sample_rows.append(row - 1)
+        decode = None
+        if decode_slots:
+            decode = self._decode_batch(decode_slots, decode_first)
+        meta = AttentionMetadata(torch.cat(writes), decode, prefills)
+        inputs = {
+            "input_ids": torch.tensor(ids, device=self.device),
+            "positions": torch.tensor(positions, device=self.device),
+            "meta": meta,
+        }
+        return sample_seqs, sample_rows, inputs
+
+    def _decode_batch(self, slots: list[torch.Tensor], first: int | None) -> DecodeBatch:
+        if len(slots) == 1:
+            only = slots[0][None]
+            return DecodeBatch(only, torch.ones_like(only, dtype=torch.bool), first)
+        longest = max(len(s) for s in slots)
+        # Pad with each sequence's own first slot: a real key, so no garbage in the matmuls.
+        padded = torch.stack(
+            [torch.cat([s, s[:1].expand(longest - len(s))]) for s in slots]
+        )  # (B, L)
+        lengths = torch.tensor([len(s) for s in slots], device=self.device)
+        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        return DecodeBatch(padded, valid)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], start: int) -> torch.Tensor:
-        """Run prompt tokens placed at positions start.. ; return next-token logits (V,).
-
-        Positions from `start` on are overwritten; what was cached before stays valid.
-        """
-        self.cached_ids = self.cached_ids[:start]
-        self.reserve(start + len(ids))
-        assert self.cache is not None
-        hidden = None
-        for lo in range(0, len(ids), PREFILL_CHUNK):
-            chunk = torch.tensor(ids[lo : lo + PREFILL_CHUNK], device=self.device)
-            pos = torch.arange(start + lo, start + lo + len(chunk), device=self.device)
-            hidden = self.model(chunk, pos, self.cache, start + lo)
-        self.cached_ids += ids
-        assert hidden is not None
-        return self.model.logits(hidden[-1:])[0]
-
-    @torch.inference_mode()
-    def decode(self, token: int, position: int) -> torch.Tensor:
-        """Run one token at `position`; return next-token logits (V,)."""
-        del self.cached_ids[position:]
-        self.reserve(position + 1)
-        ids = torch.tensor([token], device=self.device)
-        pos = torch.tensor([position], device=self.device)
-        assert self.cache is not None
-        logits = self.model.logits(self.model(ids, pos, self.cache, position))[0]
-        self.cached_ids.append(token)
-        return logits
+    def execute(self, step: Step) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the step; return the sequences to sample and their logits (M, V) fp32."""
+        if step.copies:
+            self.cache.copy_blocks(step.copies)
+        if not step.seqs:
+            return [], None
+        seqs, rows, inputs = self.prepare(step)
+        hidden = self.model(cache=self.cache, **inputs)
+        if not seqs:
+            return [], None
+        return seqs, self.model.logits(hidden[rows])

@@ -1,9 +1,10 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks of grouped-query
 attention with rotary embeddings and a SwiGLU MLP.
 
-The forward pass takes a flat run of T new tokens of one sequence plus its KV cache,
-and returns hidden states; `logits` projects only the rows the caller needs (the
-last one when generating), which saves the (V, hidden) matmul for every prompt token.
+The forward pass takes a flat batch of new tokens from any number of sequences, the
+paged KV cache and the attention metadata, and returns hidden states; `logits`
+projects only the rows the caller samples from (each sequence's last), which saves
+the (V, hidden) matmul for every prompt token.
 """
 
 from __future__ import annotations
@@ -14,31 +15,12 @@ from torch import nn
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.layers.attention import Attention
+from llmopt.layers.attention_backend import AttentionMetadata, PagedKVCache
 from llmopt.layers.embedding import Embedding
 from llmopt.layers.linear import Linear
 from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
 from llmopt.layers.rotary import RotaryEmbedding
-
-
-class KVCache:
-    """Contiguous keys and values of one sequence for every layer.
-
-    k, v: (layers, capacity, KV heads, head dim). Layer i reads and writes k[i].
-    """
-
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
 
 class DecoderLayer(nn.Module):
@@ -56,8 +38,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -77,15 +59,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (T,) token ids of one sequence
-        positions: torch.Tensor,  # (T,) their absolute positions
-        cache: KVCache,
-        start: int,  # tokens already cached; positions == start + arange(T)
+        input_ids: torch.Tensor,  # (N,) the flat batch of new tokens of all sequences
+        positions: torch.Tensor,  # (N,) their positions within their own sequences
+        cache: PagedKVCache,
+        meta: AttentionMetadata,  # where keys go and which each query reads
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (T, hidden)
+        x = self.embed_tokens(input_ids)  # (N, hidden)
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], meta)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,190 @@
+"""Attention over a paged KV cache for a flat batch of sequences.
+
+The runner lays a step out as one flat run of N new tokens: first the sequences that
+decode (one query token each), then the chunks of sequences that prefill. Keys and
+values live in a cache of fixed-size blocks, addressed by slot = block * block_size +
+offset; `AttentionMetadata` says where each new token's key goes and which slots each
+query reads. A backend implements the two operations below; `TorchAttention` does it
+with plain torch ops on CPU and CUDA, and a faster kernel can replace it.
+
+Shapes: N new tokens, H query heads, KV key/value heads, G = H / KV, D head dim,
+S cache slots, B decoding sequences, L their longest key count.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of query tokens in the flat batch (prompt prefill or recompute)."""
+
+    q_start: int  # offset of its first query in the flat batch
+    q_len: int
+    start: int  # position of its first query (tokens already cached before it)
+    lo: int  # position of its first visible key (> 0 only with a sliding window)
+    slots: torch.Tensor  # (start + q_len - lo,) cache slots of keys lo .. start + q_len - 1
+    contiguous: int | None = None  # first slot, when the slots are one consecutive run
+
+
+@dataclass
+class DecodeBatch:
+    """The sequences with one query token each, at the head of the flat batch."""
+
+    slots: torch.Tensor  # (B, L) cache slots of each sequence's visible keys, padded
+    valid: torch.Tensor  # (B, L) bool, False on padding
+    contiguous: int | None = None  # B == 1 and one consecutive run: its first slot
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (N,) where each new token's key and value are written
+    decode: DecodeBatch | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode is None else self.decode.slots.shape[0]
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def write(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Store the new tokens' keys and values, k/v: (N, KV, D), into their slots of
+        k_cache/v_cache: (S, KV, D)."""
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Causal attention of the new queries q: (N, H, D) over each one's own
+        sequence in the cache (keys already written). Returns (N, H, D)."""
+
+
+class TorchAttention(AttentionBackend):
+    def write(self, k_cache, v_cache, k, v, meta) -> None:
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+
+    def attend(self, q, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
+        q = q.to(k_cache.dtype)
+        out = torch.empty_like(q)
+        if meta.decode is not None:
+            b = meta.num_decode
+            out[:b] = self._decode(q[:b], k_cache, v_cache, meta.decode, scale)
+        for c in meta.prefills:
+            rows = slice(c.q_start, c.q_start + c.q_len)
+            out[rows] = self._prefill(q[rows], k_cache, v_cache, c, scale, window)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
+        b, h, dim = q.shape
+        kv = k_cache.shape[1]
+        if d.contiguous is not None:
+            # A single sequence stored in consecutive slots: read views, copy nothing.
+            n = d.slots.shape[1]
+            keys = k_cache[d.contiguous : d.contiguous + n].unsqueeze(0)  # (1, L, KV, D)
+            values = v_cache[d.contiguous : d.contiguous + n].unsqueeze(0)
+        else:
+            keys, values = k_cache[d.slots], v_cache[d.slots]  # gathered: (B, L, KV, D)
+        qh = q.view(b, kv, h // kv, dim) * scale  # (B, KV, G, D)
+        scores = torch.matmul(qh, keys.permute(0, 2, 3, 1)).float()  # (B, KV, G, L)
+        scores = scores.masked_fill(~d.valid[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # (B, KV, G, D)
+        return out.reshape(b, h, dim)
+
+    @staticmethod
+    def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale, window) -> torch.Tensor:
+        if c.contiguous is not None:
+            n = c.slots.shape[0]
+            keys, values = (
+                k_cache[c.contiguous : c.contiguous + n],
+                v_cache[c.contiguous : c.contiguous + n],
+            )
+        else:
+            keys, values = k_cache[c.slots], v_cache[c.slots]  # (S, KV, D)
+        t, s = q.shape[0], keys.shape[0]
+        if c.start == 0 and c.lo == 0 and (window is None or s <= window):
+            mask, causal = None, True
+        else:
+            # Query i sits at position start + i; key j at lo + j.
+            qpos = torch.arange(c.start, c.start + t, device=q.device)[:, None]
+            kpos = torch.arange(c.lo, c.lo + s, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )  # (H, T, D)
+        return out.transpose(0, 1)
+
+
+class PagedKVCache:
+    """Keys and values of every layer in fixed-size blocks.
+
+    k, v: (layers, num_blocks * block_size, KV, D); slot s of layer i is k[i, s].
+    Which blocks belong to which sequence is the block manager's business.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1] // self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's contents into block dst, in every layer."""
+        bs = self.block_size
+        for src, dst in pairs:
+            self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
+            self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
