@@ -97,8 +97,7 @@ class Runner:
 
     def _decode_batch(self, slots: list[torch.Tensor], first: int | None) -> DecodeBatch:
         if len(slots) == 1:
-            only = slots[0][None]
-            return DecodeBatch(only, torch.ones_like(only, dtype=torch.bool), first)
+            return DecodeBatch(slots[0][None], None, first)
         longest = max(len(s) for s in slots)
         # Pad with each sequence's own first slot: a real key, so no garbage in the matmuls.
         padded = torch.stack(

@@ -37,7 +37,7 @@ class DecodeBatch:
     """The sequences with one query token each, at the head of the flat batch."""
 
     slots: torch.Tensor  # (B, L) cache slots of each sequence's visible keys, padded
-    valid: torch.Tensor  # (B, L) bool, False on padding
+    valid: torch.Tensor | None  # (B, L) bool, False on padding; None when nothing is padded
     contiguous: int | None = None  # B == 1 and one consecutive run: its first slot
 
 
@@ -86,6 +86,9 @@ class TorchAttention(AttentionBackend):
 
     def attend(self, q, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
         q = q.to(k_cache.dtype)
+        if not meta.prefills:  # all decodes (the steady state): no assembly copy
+            assert meta.decode is not None
+            return self._decode(q, k_cache, v_cache, meta.decode, scale)
         out = torch.empty_like(q)
         if meta.decode is not None:
             b = meta.num_decode
@@ -108,7 +111,8 @@ class TorchAttention(AttentionBackend):
             keys, values = k_cache[d.slots], v_cache[d.slots]  # gathered: (B, L, KV, D)
         qh = q.view(b, kv, h // kv, dim) * scale  # (B, KV, G, D)
         scores = torch.matmul(qh, keys.permute(0, 2, 3, 1)).float()  # (B, KV, G, L)
-        scores = scores.masked_fill(~d.valid[:, None, None, :], float("-inf"))
+        if d.valid is not None:
+            scores = scores.masked_fill(~d.valid[:, None, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(values.dtype)
         out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # (B, KV, G, D)
         return out.reshape(b, h, dim)
