@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import Scheduler, SchedulerConfig
+from llmopt.engine.scheduler import POLICIES, Scheduler, SchedulerConfig
 from llmopt.engine.sequence import Sequence, SequenceStatus
 
 
@@ -64,13 +64,15 @@ def run_step(sched: Scheduler, rng: random.Random, done: list[Sequence]) -> int:
     max_seqs=st.integers(1, 8),
     aborts=st.lists(st.integers(0, 11), max_size=4),
     seed=st.integers(0, 1000),
+    policy=st.sampled_from(POLICIES),
+    prefix_cache=st.booleans(),
 )
 def test_random_workloads_keep_invariants_and_leak_nothing(
-    lengths, outputs, num_blocks, block_size, budget, max_seqs, aborts, seed
+    lengths, outputs, num_blocks, block_size, budget, max_seqs, aborts, seed, policy, prefix_cache
 ) -> None:
     rng = random.Random(seed)
-    bm = BlockManager(num_blocks, block_size)
-    sched = Scheduler(SchedulerConfig(max_seqs, budget), bm)
+    bm = BlockManager(num_blocks, block_size, prefix_cache)
+    sched = Scheduler(SchedulerConfig(max_seqs, budget, policy, max_wait_s=0), bm)
     shared = [rng.randrange(50) for _ in range(30)]  # common prefix, to exercise the cache
     seqs, done = [], []
     for i, n in enumerate(lengths):
@@ -191,3 +193,32 @@ def test_fork_shares_blocks_and_copies_on_write() -> None:
     assert copies == [(parent.block_table[1], child.block_table[1])]
     assert child.block_table[0] == parent.block_table[0]
     assert bm.blocks[parent.block_table[1]].ref_count == 1
+
+
+def test_static_and_dynamic_batches_run_to_completion() -> None:
+    for policy in ("static", "dynamic"):
+        bm = BlockManager(64, 4)
+        sched = Scheduler(SchedulerConfig(2, 64, policy, max_wait_s=60), bm)
+        sched.add(seq("a", [1, 2, 3], max_tokens=3))
+        if policy == "static":
+            assert not sched.schedule().seqs  # waits for a full batch of two
+        sched.add(seq("b", [4, 5], max_tokens=3))
+        sched.add(seq("c", [6, 7], max_tokens=3))
+        first = sched.schedule()
+        assert {s.request_id for s in first.seqs} == {"a", "b"}
+        rng, done = random.Random(0), []
+        sched.computed(first)
+        for s in first.seqs:
+            s.append(0)
+        while len(done) < 2:
+            step = sched.schedule()
+            assert "c" not in {s.request_id for s in step.seqs}  # no admission mid-batch
+            sched.computed(step)
+            for s in step.seqs:
+                s.append(rng.randrange(9))
+                if s.num_output_tokens >= s.params.max_tokens:
+                    sched.finish(s)
+                    done.append(s)
+        # Dynamic takes the lone request now; static waits for a full batch (or max_wait_s).
+        expected = ["c"] if policy == "dynamic" else []
+        assert [s.request_id for s in sched.schedule().seqs] == expected

@@ -28,10 +28,11 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
+        self.prefix_cache = prefix_cache
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))  # unreferenced, not cached
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached; LRU first
@@ -76,6 +77,8 @@ class BlockManager:
         """Cached blocks that hold the longest prefix of seq's tokens. The last token
         is left out so that at least one token is computed (it yields the logits)."""
         matched, parent = [], None
+        if not self.prefix_cache:
+            return matched
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
@@ -143,6 +146,8 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Enter the sequence's newly completed blocks into the prefix cache."""
+        if not self.prefix_cache:
+            return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), full):

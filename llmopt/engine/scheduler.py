@@ -2,32 +2,45 @@
 their tokens, within a token budget. It sees sequences and the block manager, never
 tensors; the runner executes what it decides.
 
-Policy: first come, first served. Running sequences go first (each decode is one
-token; a prompt still being prefilled gets a chunk of what budget remains, so a long
-prompt never stalls the decodes), then waiting ones are admitted while the budget,
+Policy (continuous, the default): first come, first served. Running sequences go
+first (each decode is one token; a prompt still being prefilled gets a chunk of what
+budget remains, so a long prompt never stalls the decodes), then waiting ones are
+admitted while the budget,
 the sequence limit and the KV blocks allow. When a running sequence cannot get a
 block, the most recently admitted one is preempted: its blocks are freed and it
 waits at the front of the queue to be recomputed (its full blocks are likely still
 in the prefix cache).
+
+For comparison the same scheduler also batches the old ways, running each batch to
+completion before admitting more: "dynamic" takes whatever has arrived (up to
+max_num_seqs); "static" waits until max_num_seqs requests are queued, or the oldest
+has waited max_wait_s.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.sequence import Sequence, SequenceStatus
 
+POLICIES = ("continuous", "dynamic", "static")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    policy: str = "continuous"
+    max_wait_s: float = 1.0  # static batching: the longest a partial batch waits
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.policy not in POLICIES:
+            raise ValueError(f"batching policy {self.policy!r}; use one of {', '.join(POLICIES)}")
 
 
 @dataclass
@@ -82,17 +95,31 @@ class Scheduler:
             step.copies += copies
             step.add(seq, n)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        continuous = self.config.policy == "continuous"
+        if not continuous and (self.running or not self._batch_ready()):
+            return step  # run the current batch to completion first
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            if continuous and budget == 0:
+                break
             seq = self.waiting[0]
             if not self.blocks.allocate(seq):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            # A batch admitted whole may exceed this step's budget; the rest of its
+            # prompts run in the next steps.
             n = min(seq.num_uncomputed_tokens, budget)
-            step.add(seq, n)
-            budget -= n
+            if n:
+                step.add(seq, n)
+                budget -= n
         return step
+
+    def _batch_ready(self) -> bool:
+        if self.config.policy == "dynamic" or not self.waiting:
+            return True
+        waited = time.monotonic() - self.waiting[0].arrival_time
+        return len(self.waiting) >= self.config.max_num_seqs or waited >= self.config.max_wait_s
 
     def _reserve_or_preempt(
         self, seq: Sequence, n: int, step: Step
