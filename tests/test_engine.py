@@ -124,3 +124,32 @@ def test_llm_offline_api(smollm_folder) -> None:
     # Blocks are cached once computed: the same prompt later reuses them.
     again = llm.generate("What is the capital of France?", params, chat=True)[0]
     assert again.text == outs[0].text and again.stats.cached_prompt_tokens == 32
+
+
+def test_async_streams_equal_sync_and_cancel_frees_blocks(fp32) -> None:
+    import asyncio
+
+    from llmopt.engine.async_engine import AsyncEngine
+
+    prompts = [chat(fp32, p) for p in PROMPTS[:4]]
+    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    async_engine = AsyncEngine(engine)
+
+    async def collect(p: list[int]) -> list[int]:
+        return [t async for d in async_engine.stream(p, GREEDY) for t in d.token_ids]
+
+    async def cancelled_early(p: list[int]) -> None:
+        async for _ in async_engine.stream(p, SamplingParams(temperature=0, ignore_eos=True)):
+            break  # the client goes away after its first token
+
+    async def main() -> list[list[int]]:
+        results = await asyncio.gather(*(collect(p) for p in prompts), cancelled_early(prompts[0]))
+        return results[:-1]
+
+    try:
+        streamed = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert streamed == [alone(fp32, p) for p in prompts]
+    assert not engine.has_unfinished() and not engine.requests
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -40,6 +40,7 @@ class _Request:
     stats: RequestStats
     arrival: float = field(default_factory=time.perf_counter)
     last_token_time: float = 0.0
+    scheduled: bool = False  # has it been in a step yet (for its queue time)
     pending: list[Delta] = field(default_factory=list)  # produced, not yet consumed
     finished: bool = False
 
@@ -52,12 +53,13 @@ class Engine:
         eos_ids: set[int],
         max_context: int,
         scheduler_config: SchedulerConfig | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_context = max_context
-        self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size)
+        self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size, prefix_cache)
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.blocks)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -119,6 +121,12 @@ class Engine:
     def step(self) -> list[str]:
         """Run one scheduled step; return the ids of requests that produced output."""
         step = self.scheduler.schedule()
+        now = time.perf_counter()
+        for seq in step.seqs:
+            req = self.requests[seq.request_id]
+            if not req.scheduled:
+                req.scheduled = True
+                req.stats.queue_s = now - req.arrival
         seqs, logits = self.runner.execute(step)
         self.scheduler.computed(step)
         touched = []

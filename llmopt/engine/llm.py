@@ -45,6 +45,7 @@ def build_engine(
     kv_cache_memory: float | None = None,  # GB
     scheduler_config: SchedulerConfig | None = None,
     block_size: int = BLOCK_SIZE,
+    prefix_cache: bool = True,
 ) -> Engine:
     cfg = loaded.config
     context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
@@ -60,7 +61,7 @@ def build_engine(
             f"{block_size} tokens ({per_token} bytes a token); give it more"
         )
     runner = Runner(loaded.model, num_blocks, block_size)
-    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, scheduler_config)
+    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, scheduler_config, prefix_cache)
 
 
 @dataclass

@@ -10,6 +10,7 @@ class RequestStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    queue_s: float = 0.0  # request start to its first scheduled step
     ttft_s: float = 0.0  # request start to first generated token
     total_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens
@@ -29,6 +30,7 @@ class RequestStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
+            "queue_ms": round(self.queue_s * 1000, 2),
             "ttft_ms": round(self.ttft_s * 1000, 2),
             "total_ms": round(self.total_s * 1000, 2),
             "mean_itl_ms": round(1000 * sum(self.itl_s) / len(self.itl_s), 2) if self.itl_s else 0,
