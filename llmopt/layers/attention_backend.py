@@ -169,8 +169,11 @@ class PagedKVCache:
     ) -> None:
         self.block_size = block_size
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: a slot is only ever read after its key/value was written
+        # (decode padding repeats a sequence's own first slot), and untouched pages of
+        # a large CPU cache then cost no memory.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(
