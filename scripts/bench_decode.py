@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,11 +21,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from llmopt.bench.setup import bench_model, machine_info
 from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel, load_model
-from llmopt.store.fetch import pull
-from llmopt.store.store import Store
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 console = Console(stderr=True)
@@ -103,12 +101,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    store = Store()
-    gguf = pull(store, "smollm2-135m-instruct", console)
+    info = machine_info(args.threads)
+    store, gguf = bench_model(args.threads, console)
     cpu = torch.device("cpu")
     results: dict[str, dict[str, float]] = {}
-    load1 = os.getloadavg()[0]
 
     def record(name: str, runs: list[float], bytes_per_token: float) -> None:
         tps = statistics.median(runs)
@@ -145,10 +141,7 @@ def main() -> None:
         record("llama-cpp-python Q4_1", [c for c in cpp if c is not None], gguf.stat().st_size)
     start = startup_seconds(gguf)
     summary = {
-        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"capability {torch.backends.cpu.get_cpu_capability()}",
-        "threads": args.threads,
-        "load_average_at_start": round(load1, 2),
+        **info,
         "decode_tokens": args.tokens,
         "results": results,
         "llmopt_bf16_vs_transformers_bf16": round(
@@ -167,7 +160,7 @@ def main() -> None:
     print(
         f"start-up (fresh process, run --max-tokens 1): {summary['startup_s_run_max_tokens_1']} s"
     )
-    print(f"load average at start: {summary['load_average_at_start']}; {summary['machine']}")
+    print(f"load average at start: {info['load_average_at_start']}; {info['machine']}")
 
 
 if __name__ == "__main__":

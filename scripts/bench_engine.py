@@ -6,27 +6,25 @@
 3. prefix cache: 16 requests sharing a 1,000-token system prompt, cache on and off;
 4. KV memory: tokens stored against blocks allocated, at the busiest step.
 
-    python scripts/bench_engine.py [--threads 2] [--json] [--only offline,policies,prefix]
+    python scripts/bench_engine.py [--threads 2] [--dtype bfloat16] [--only offline,policies,prefix]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 
 import torch
 from rich.console import Console
 
+from llmopt.bench.setup import bench_model, machine_info
 from llmopt.engine.engine import Engine
 from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel, load_model
-from llmopt.store.fetch import pull
-from llmopt.store.store import Store
 
 console = Console(stderr=True)
 TOPICS = [
@@ -184,19 +182,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--only", default="offline,policies,prefix")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    store = Store()
-    gguf = pull(store, "smollm2-135m-instruct", console)
+    result: dict = machine_info(args.threads)
+    store, gguf = bench_model(args.threads, console)
     loaded = load_model(gguf, getattr(torch, args.dtype), torch.device("cpu"), store, console)
-    result: dict = {
-        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"capability {torch.backends.cpu.get_cpu_capability()}",
-        "threads": args.threads,
-        "dtype": args.dtype,
-        "load_average_at_start": round(os.getloadavg()[0], 2),
-    }
+    result["dtype"] = args.dtype
     only = set(args.only.split(","))
     if "offline" in only:
         result["offline"] = offline(loaded, 64, 32)

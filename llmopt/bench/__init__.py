@@ -1,0 +1,1 @@
+"""Benchmark helpers shared by scripts/ (and, later, `llmopt bench`)."""
