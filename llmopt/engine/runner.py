@@ -12,6 +12,7 @@ from llmopt.engine.sequence import Sequence
 from llmopt.layers.attention_backend import (
     AttentionMetadata,
     DecodeBatch,
+    NativeCpuAttention,
     PagedKVCache,
     PrefillChunk,
 )
@@ -41,6 +42,12 @@ class Runner:
             kv_dtype_for(p.dtype, p.device),
             p.device,
         )
+        if self.cache.k.device.type == "cpu" and self.cache.k.dtype == torch.float32:
+            # Batched decode reads the paged cache in place when the kernel builds.
+            native = NativeCpuAttention.load()
+            if native is not None:
+                for layer in model.layers:
+                    layer.self_attn.backend = native
 
     def _slots(self, seq: Sequence, lo: int, hi: int) -> tuple[torch.Tensor, int | None]:
         """Cache slots of positions lo..hi-1, and the first one if they are consecutive."""
@@ -96,16 +103,16 @@ class Runner:
         return sample_seqs, sample_rows, inputs
 
     def _decode_batch(self, slots: list[torch.Tensor], first: int | None) -> DecodeBatch:
+        lengths = torch.tensor([len(s) for s in slots], device=self.device)
         if len(slots) == 1:
-            return DecodeBatch(slots[0][None], None, first)
+            return DecodeBatch(slots[0][None], lengths, None, first)
         longest = max(len(s) for s in slots)
         # Pad with each sequence's own first slot: a real key, so no garbage in the matmuls.
         padded = torch.stack(
             [torch.cat([s, s[:1].expand(longest - len(s))]) for s in slots]
         )  # (B, L)
-        lengths = torch.tensor([len(s) for s in slots], device=self.device)
         valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
-        return DecodeBatch(padded, valid)
+        return DecodeBatch(padded, lengths, valid)
 
     @torch.inference_mode()
     def execute(self, step: Step) -> tuple[list[Sequence], torch.Tensor | None]:

@@ -13,6 +13,7 @@ S cache slots, B decoding sequences, L their longest key count.
 
 from __future__ import annotations
 
+import ctypes
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class DecodeBatch:
     """The sequences with one query token each, at the head of the flat batch."""
 
     slots: torch.Tensor  # (B, L) cache slots of each sequence's visible keys, padded
+    lens: torch.Tensor  # (B,) int64: how many of each row's slots are real
     valid: torch.Tensor | None  # (B, L) bool, False on padding; None when nothing is padded
     contiguous: int | None = None  # B == 1 and one consecutive run: its first slot
 
@@ -98,8 +100,7 @@ class TorchAttention(AttentionBackend):
             out[rows] = self._prefill(q[rows], k_cache, v_cache, c, scale, window)
         return out
 
-    @staticmethod
-    def _decode(q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
+    def _decode(self, q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
         b, h, dim = q.shape
         kv = k_cache.shape[1]
         if d.contiguous is not None:
@@ -148,6 +149,39 @@ class TorchAttention(AttentionBackend):
             enable_gqa=True,
         )  # (H, T, D)
         return out.transpose(0, 1)
+
+
+class NativeCpuAttention(TorchAttention):
+    """TorchAttention with decode reading the paged cache in place (llmopt/kernels/
+    paged_decode.c) instead of gathering each sequence's keys and values into a copy.
+    For an fp32 cache on the CPU; build it with `NativeCpuAttention.load()`."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fn = lib.paged_decode
+        self.fn.restype = None
+        # q, k, v, slots, lens; B, L, H, KV, D; scale; out
+        ptr, i32 = ctypes.c_void_p, ctypes.c_int
+        self.fn.argtypes = [ptr] * 5 + [i32] * 5 + [ctypes.c_float, ptr]
+
+    @classmethod
+    def load(cls) -> NativeCpuAttention | None:
+        from llmopt.kernels.build import load
+
+        lib = load("paged_decode")
+        return None if lib is None else cls(lib)
+
+    def _decode(self, q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
+        if d.contiguous is not None:
+            return super()._decode(q, k_cache, v_cache, d, scale)  # views: already free
+        q = q.contiguous()
+        b, h, dim = q.shape
+        out = torch.empty_like(q)
+        self.fn(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), d.slots.data_ptr(),
+            d.lens.data_ptr(), b, d.slots.shape[1], h, k_cache.shape[1], dim, scale,
+            out.data_ptr(),
+        )  # fmt: skip
+        return out
 
 
 class PagedKVCache:

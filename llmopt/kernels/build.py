@@ -1,0 +1,38 @@
+"""Compile a kernel's C source once per source version and load it with ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from llmopt.store.store import llmopt_home
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+@cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library for llmopt/kernels/NAME.c, or None without a C compiler."""
+    src = Path(__file__).with_name(f"{name}.c")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    digest = hashlib.sha256(src.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = llmopt_home() / "kernels" / f"{name}-{digest}.so"
+    if not lib.is_file():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            proc = subprocess.run(
+                [compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                return None
+            os.replace(out, lib)  # complete libraries only
+    return ctypes.CDLL(str(lib))
