@@ -49,10 +49,6 @@ class BlockManager:
         """Blocks that can be handed out now (free, or cached but unreferenced)."""
         return len(self.free_ids) + len(self.evictable)
 
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -52,9 +52,5 @@ class Sequence:
         """Tokens still to run through the model: the prompt's rest, or the last sampled one."""
         return self.num_tokens - self.num_computed_tokens
 
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
-
     def append(self, token: int) -> None:
         self.token_ids.append(token)

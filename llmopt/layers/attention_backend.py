@@ -219,10 +219,6 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.k.shape[1] // self.block_size
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's contents into block dst, in every layer."""
         bs = self.block_size
