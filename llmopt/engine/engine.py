@@ -140,7 +140,9 @@ class Engine:
 
     def _advance(self, req: _Request, logits: torch.Tensor) -> None:
         seq = req.seq
-        output_t = torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device)
+        # The history tensor is rebuilt each token only when a penalty reads it.
+        history = seq.output_ids if seq.params.penalized else []
+        output_t = torch.tensor(history, dtype=torch.long, device=logits.device)
         token = sample(logits, seq.params, req.generator, req.prompt_t, output_t)
         now = time.perf_counter()
         if seq.num_output_tokens == 0:

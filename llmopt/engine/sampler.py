@@ -64,8 +64,9 @@ def sample(
     prompt_ids: torch.Tensor,
     output_ids: torch.Tensor,
 ) -> int:
-    logits = logits.clone()
-    apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.penalized:
+        logits = logits.clone()  # the caller's logits stay untouched
+        apply_penalties(logits, params, prompt_ids, output_ids)
     if params.greedy:
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)
