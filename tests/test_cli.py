@@ -155,3 +155,15 @@ def test_bad_registry_is_a_clear_error(isolated_home, bad) -> None:
     registry_with(isolated_home, bad)
     r = llmopt("models")
     assert r.exit_code == 2 and "models.toml" in r.stderr
+
+
+def test_hub_failure_is_one_clean_line(isolated_home, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail fast, never touch the network
+    registry_with(
+        isolated_home,
+        '[models.hub-test]\nformat = "hf"\nsources = [{ hf = "nobody/no-such-model" }]\n',
+    )
+    r = llmopt("pull", "hub-test")
+    assert r.exit_code == 6 and "nobody/no-such-model" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (isolated_home / "models" / "hub-test").exists()

@@ -123,7 +123,8 @@ def _from_hf(src: Source, entry: ModelEntry, store: Store, console: Console) -> 
     except Exception as e:  # the hub client raises many kinds for network and auth errors
         if isinstance(e, DownloadError):
             raise
-        raise DownloadError(f"could not fetch {src.ref} from the Hugging Face hub: {e}") from e
+        reason = " ".join(str(e).split())  # the hub's messages span lines
+        raise DownloadError(f"could not fetch {src.ref} from the Hugging Face hub: {reason}") from e
 
 
 def _from_path(src: Source, entry: ModelEntry, store: Store, console: Console) -> None:
