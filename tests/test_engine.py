@@ -153,3 +153,37 @@ def test_async_streams_equal_sync_and_cancel_frees_blocks(fp32) -> None:
     assert streamed == [alone(fp32, p) for p in prompts]
     assert not engine.has_unfinished() and not engine.requests
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_async_step_failure_fails_requests_and_engine_recovers(fp32) -> None:
+    import asyncio
+
+    from llmopt.engine.async_engine import AsyncEngine
+
+    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    async_engine = AsyncEngine(engine)
+    real_step, calls = engine.step, {"n": 0}
+
+    def flaky_step() -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated failure in a step")
+        return real_step()
+
+    engine.step = flaky_step
+    prompt = chat(fp32, PROMPTS[0])
+
+    async def one() -> list[int]:
+        return [t async for d in async_engine.stream(prompt, GREEDY) for t in d.token_ids]
+
+    async def main() -> tuple[object, list[int]]:
+        failed = await asyncio.gather(one(), return_exceptions=True)
+        return failed[0], await one()
+
+    try:
+        failed, retried = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert isinstance(failed, RuntimeError) and "simulated failure" in str(failed)
+    assert retried == alone(fp32, prompt)  # the engine thread survived
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
