@@ -116,10 +116,14 @@ def test_abort_mid_batch_frees_blocks_and_others_finish(fp32) -> None:
 def test_llm_offline_api(smollm_folder) -> None:
     from llmopt import LLM, SamplingParams
 
-    llm = LLM(smollm_folder, kv_cache_memory=0.05)
     params = SamplingParams(temperature=0, max_tokens=16)
+    static = LLM(smollm_folder, kv_cache_memory=0.05, batching="static", max_num_seqs=2)
+    assert static.engine.scheduler.config.policy == "static"
+    one = static.generate(["What is the capital of France?", "Name a color."], params, chat=True)
+    llm = LLM(smollm_folder, kv_cache_memory=0.05)
     outs = llm.generate(["What is the capital of France?", "Name a color."], params, chat=True)
     assert len(outs) == 2 and "Paris" in outs[0].text and outs[1].text
+    assert [o.text for o in one] == [o.text for o in outs]  # same answers, any policy
     assert all(o.finish_reason in ("stop", "length") for o in outs)
     # Blocks are cached once computed: the same prompt later reuses them.
     again = llm.generate("What is the capital of France?", params, chat=True)[0]

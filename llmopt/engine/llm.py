@@ -85,6 +85,8 @@ class LLM:
         kv_cache_memory: float | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 1024,
+        batching: str = "continuous",  # or "dynamic" / "static", to compare policies
+        prefix_cache: bool = True,
     ) -> None:
         console = Console(stderr=True)
         store = Store()
@@ -95,7 +97,8 @@ class LLM:
             self.loaded,
             max_context,
             kv_cache_memory,
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, batching),
+            prefix_cache=prefix_cache,
         )
 
     def encode(self, prompt: str | list[int], chat: bool) -> list[int]:
