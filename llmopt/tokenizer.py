@@ -84,6 +84,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tk.decode(ids, skip_special_tokens=True)
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for a reply.
+        No BOS is added: the template writes it where the model wants one."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False)
+
     @cached_property
     def _template(self) -> Any:
         from jinja2.exceptions import TemplateError

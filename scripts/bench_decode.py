@@ -118,10 +118,7 @@ def main() -> None:
 
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         loaded = load_model(gguf, dtype, cpu, store, console)
-        ids = loaded.tokenizer.encode(
-            loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]),
-            add_bos=False,
-        )
+        ids = loaded.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
         avg_ctx = len(ids) + args.tokens // 2
         per_token = weight_bytes(loaded.model) + kv_bytes_per_step(loaded, avg_ctx, 4)
         runs = [bench_llmopt(loaded, ids, args.tokens) for _ in range(args.repeats)]

@@ -51,7 +51,7 @@ def chat_ids(loaded: LoadedModel, text: str, system: str | None = None) -> list[
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
-    return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(msgs), add_bos=False)
+    return loaded.tokenizer.encode_chat(msgs)
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -36,7 +36,7 @@ def chat(loaded: LoadedModel, text: str, system: str | None = None) -> list[int]
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
-    return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(msgs), add_bos=False)
+    return loaded.tokenizer.encode_chat(msgs)
 
 
 def run_all(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict[str, list[int]]:

@@ -63,8 +63,7 @@ def smollm(smollm_folder: Path) -> tuple[LoadedModel, object]:
 
 
 def chat_ids(loaded: LoadedModel, text: str) -> list[int]:
-    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    return loaded.tokenizer.encode(prompt, add_bos=False)
+    return loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
 
 
 def test_smollm_logits_match_transformers(smollm) -> None:

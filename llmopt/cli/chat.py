@@ -62,9 +62,7 @@ class Chat:
         tok = self.engine.tokenizer
         if raw:
             return tok.encode(user, add_bos=None)
-        text = tok.apply_chat_template(self.messages(user))
-        # The template writes any BOS itself.
-        return tok.encode(text, add_bos=False)
+        return tok.encode_chat(self.messages(user))
 
     def stream(self, ids: list[int], echo: bool = True) -> tuple[str, Delta]:
         """Generate, printing deltas to stdout as they come; Ctrl-C ends with 'abort'."""

@@ -153,16 +153,20 @@ class Engine:
         req.last_token_time = now
         seq.append(token)
         if token in self.eos_ids and not seq.params.ignore_eos:
-            self._finish(req, "stop", req.stop.feed(req.detok.flush()) + req.stop.flush(), token)
+            self._finish(req, "stop", self._tail(req), token)
             return
         text = req.stop.feed(req.detok.add(token))
         if req.stop.stopped:
             self._finish(req, "stop", text, token)
         elif seq.num_output_tokens >= req.limit:
-            tail = req.stop.feed(req.detok.flush()) + req.stop.flush()
-            self._finish(req, "length", text + tail, token)
+            self._finish(req, "length", text + self._tail(req), token)
         else:
             req.pending.append(Delta(text, [token]))
+
+    @staticmethod
+    def _tail(req: _Request) -> str:
+        """Text still held back at the end: incomplete characters, a partial stop string."""
+        return req.stop.feed(req.detok.flush()) + req.stop.flush()
 
     def _finish(self, req: _Request, reason: str, text: str, token: int | None = None) -> None:
         if req.seq.status is not SequenceStatus.FINISHED:

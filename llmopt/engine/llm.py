@@ -106,7 +106,7 @@ class LLM:
             return prompt
         tok = self.loaded.tokenizer
         if chat:
-            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), False)
+            return tok.encode_chat([{"role": "user", "content": prompt}])
         return tok.encode(prompt)
 
     def generate(
