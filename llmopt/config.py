@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmopt.errors import ModelFormatError
+from llmopt.errors import ModelFormatError, UsageError
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,36 @@ def _sliding_window(cfg: dict[str, Any]) -> int | None:
         return None
     window = cfg.get("sliding_window")
     return int(window) if window else None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `llmopt serve` is asked to do beyond the engine's own settings."""
+
+    model_name: str  # the id clients send as "model" and /v1/models lists
+    api_key: str | None = None  # None: no auth
+    max_queue: int = 256  # requests waiting for a batch slot before 429
+    request_timeout_s: float | None = 600.0
+    response_cache: bool = True  # the exact cache
+    cache_ttl_s: float = 3600.0
+    cache_max_entries: int = 1024
+    semantic_threshold: float | None = None  # cosine similarity; None: semantic cache off
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_queue >= 0, "--max-queue must be >= 0"),
+            (
+                self.request_timeout_s is None or self.request_timeout_s > 0,
+                "--request-timeout must be positive",
+            ),
+            (self.cache_ttl_s > 0, "--cache-ttl must be positive"),
+            (self.cache_max_entries >= 1, "--cache-size must be at least 1"),
+            (
+                self.semantic_threshold is None or 0 < self.semantic_threshold <= 1,
+                "--semantic-threshold must be in (0, 1]",
+            ),
+            (self.api_key is None or len(self.api_key) > 0, "--api-key must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)

@@ -43,6 +43,16 @@ def smollm_folder(smollm_gguf: Path) -> Path:
     return hf_folder_for(smollm_gguf, Store(REAL_HOME), Console(stderr=True))
 
 
+@pytest.fixture(scope="session")
+def smollm_fp32(smollm_folder: Path):
+    """The real model loaded once in fp32 on the CPU (engines are built per test)."""
+    from llmopt.loader.load import load_model
+
+    return load_model(
+        smollm_folder, torch.float32, torch.device("cpu"), Store(REAL_HOME), Console(stderr=True)
+    )
+
+
 def write_tiny_model(folder: Path, tokenizer_from: Path, **overrides) -> Path:
     """A tiny random Hugging Face model folder, with SmolLM2's tokenizer files.
 

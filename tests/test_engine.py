@@ -4,15 +4,12 @@ prefix cache change nothing in greedy output; cancelled requests free their bloc
 from __future__ import annotations
 
 import pytest
-import torch
-from rich.console import Console
 
 from llmopt.engine.engine import Engine
 from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
-from llmopt.loader.load import LoadedModel, load_model
-from llmopt.store.store import Store
+from llmopt.loader.load import LoadedModel
 
 PROMPTS = [
     "What is the capital of France?",
@@ -25,11 +22,9 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def fp32(smollm_folder) -> LoadedModel:
-    return load_model(
-        smollm_folder, torch.float32, torch.device("cpu"), Store(), Console(stderr=True)
-    )
+@pytest.fixture
+def fp32(smollm_fp32: LoadedModel) -> LoadedModel:
+    return smollm_fp32
 
 
 def chat(loaded: LoadedModel, text: str, system: str | None = None) -> list[int]:

@@ -106,3 +106,15 @@ def test_invalid_params_are_rejected(kw) -> None:
 
 def test_stop_accepts_a_single_string() -> None:
     assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_token_logprob_is_log_softmax_of_raw_logits() -> None:
+    from llmopt.engine.sampler import token_logprob
+
+    logits = torch.tensor([2.0, 0.5, -1.0, 3.0])
+    lp = token_logprob(logits, 0, k=2)
+    ref = logits.log_softmax(-1)
+    assert lp.token_id == 0 and lp.logprob == pytest.approx(float(ref[0]))
+    assert [t for t, _ in lp.top] == [3, 0]
+    assert lp.top[0][1] == pytest.approx(float(ref[3]))
+    assert token_logprob(logits, 1, k=0).top == []

@@ -18,10 +18,18 @@ from llmopt.engine.engine import Engine
 from llmopt.engine.llm import build_engine
 from llmopt.engine.outputs import RequestStats
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.errors import UsageError
 from llmopt.loader.load import load_model
 from llmopt.store.resolve import is_model_ref, resolve
 from llmopt.store.store import Store
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UsageError("--threads must be at least 1")
+        torch.set_num_threads(threads)
 
 
 def open_engine(
@@ -31,6 +39,8 @@ def open_engine(
     ctx_size: int | None,
     kv_cache_memory: float | None,
     console: Console,
+    scheduler_config: SchedulerConfig | None = None,
+    prefix_cache: bool = True,
 ) -> tuple[str, Engine]:
     store = Store()
     name, path = resolve(model, store, console)
@@ -40,7 +50,10 @@ def open_engine(
         raise UsageError("--ctx-size must be positive")
     if kv_cache_memory is not None and kv_cache_memory <= 0:
         raise UsageError("--kv-cache-memory must be a positive number of GB")
-    return name, build_engine(loaded, ctx_size, kv_cache_memory)
+    engine = build_engine(
+        loaded, ctx_size, kv_cache_memory, scheduler_config, prefix_cache=prefix_cache
+    )
+    return name, engine
 
 
 def format_stats(s: RequestStats) -> str:
@@ -85,10 +98,7 @@ def run(
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise UsageError("stdin was empty: nothing to answer")
-    if threads is not None:
-        if threads < 1:
-            raise UsageError("--threads must be at least 1")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,

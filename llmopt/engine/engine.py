@@ -18,9 +18,9 @@ import torch
 
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.detokenizer import Detokenizer
-from llmopt.engine.outputs import Delta, RequestStats
+from llmopt.engine.outputs import Delta, RequestStats, TokenLogprob
 from llmopt.engine.runner import Runner
-from llmopt.engine.sampler import make_generator, sample
+from llmopt.engine.sampler import make_generator, sample, token_logprob
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler, SchedulerConfig
 from llmopt.engine.sequence import Sequence, SequenceStatus
@@ -144,6 +144,8 @@ class Engine:
         history = seq.output_ids if seq.params.penalized else []
         output_t = torch.tensor(history, dtype=torch.long, device=logits.device)
         token = sample(logits, seq.params, req.generator, req.prompt_t, output_t)
+        k = seq.params.logprobs
+        lp = None if k is None else [token_logprob(logits, token, k)]
         now = time.perf_counter()
         if seq.num_output_tokens == 0:
             req.stats.ttft_s = now - req.arrival
@@ -153,29 +155,38 @@ class Engine:
         req.last_token_time = now
         seq.append(token)
         if token in self.eos_ids and not seq.params.ignore_eos:
-            self._finish(req, "stop", self._tail(req), token)
+            self._finish(req, "stop", self._tail(req), token, lp)
             return
         text = req.stop.feed(req.detok.add(token))
         if req.stop.stopped:
-            self._finish(req, "stop", text, token)
+            self._finish(req, "stop", text, token, lp)
         elif seq.num_output_tokens >= req.limit:
-            self._finish(req, "length", text + self._tail(req), token)
+            self._finish(req, "length", text + self._tail(req), token, lp)
         else:
-            req.pending.append(Delta(text, [token]))
+            req.pending.append(Delta(text, [token], logprobs=lp))
 
     @staticmethod
     def _tail(req: _Request) -> str:
         """Text still held back at the end: incomplete characters, a partial stop string."""
         return req.stop.feed(req.detok.flush()) + req.stop.flush()
 
-    def _finish(self, req: _Request, reason: str, text: str, token: int | None = None) -> None:
+    def _finish(
+        self,
+        req: _Request,
+        reason: str,
+        text: str,
+        token: int | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
         if req.seq.status is not SequenceStatus.FINISHED:
             self.scheduler.finish(req.seq)
         req.finished = True
         req.stats.completion_tokens = req.seq.num_output_tokens
         req.stats.total_s = time.perf_counter() - req.arrival
         ids = [] if token is None else [token]
-        req.pending.append(Delta(text, ids, finish_reason=reason, stats=req.stats))
+        req.pending.append(
+            Delta(text, ids, finish_reason=reason, stats=req.stats, logprobs=logprobs)
+        )
 
     def take(self, request_id: str) -> list[Delta]:
         """Deltas produced for a request since the last call; forgets it once finished."""

@@ -39,6 +39,15 @@ class RequestStats:
         }
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 @dataclass
 class Delta:
     """A piece of streamed output. The last one has a finish_reason and the stats."""
@@ -47,3 +56,4 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort"
     stats: RequestStats | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from llmopt.engine.outputs import TokenLogprob
 from llmopt.engine.sampling_params import SamplingParams
 
 
@@ -71,3 +72,11 @@ def sample(
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The model's log-probability of `token` from raw logits (V,), and the top k."""
+    logprobs = logits.float().log_softmax(-1)
+    top = torch.topk(logprobs, k) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)

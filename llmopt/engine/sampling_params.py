@@ -15,6 +15,8 @@ class SamplingParams:
     filters. repetition_penalty (1 = off) scales the logits of every token already
     in the prompt or output; presence and frequency penalties subtract from the
     logits of generated tokens. max_tokens None means "until EOS or the context is full".
+    logprobs None returns none; k >= 0 returns each generated token's log-probability
+    under the model (before penalties and temperature) and the k most likely ones.
     """
 
     temperature: float = 1.0
@@ -28,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept a list or a single string for convenience; store a tuple.
@@ -43,6 +46,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
             if not ok:
