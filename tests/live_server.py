@@ -24,7 +24,7 @@ class LiveServer:
         deadline = time.monotonic() + 30
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
+                raise RuntimeError("the in-process server did not start")
             time.sleep(0.02)
 
     def close(self) -> None:

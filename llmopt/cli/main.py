@@ -13,12 +13,12 @@ from typing import Any
 
 import typer
 
-from llmopt.cli import models, pull, run, serve
+from llmopt.cli import bench, models, pull, run, serve
 from llmopt.errors import LlmoptError
 
 app = typer.Typer(
     name="llmopt",
-    help="Fast local LLM inference: run, serve, pull and manage models.",
+    help="Fast local LLM inference: run, serve, bench, pull and manage models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -39,6 +39,7 @@ def _user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
 
 app.command("run")(_user_errors(run.run))
 app.command("serve")(_user_errors(serve.serve))
+app.command("bench")(_user_errors(bench.bench))
 app.command("pull")(_user_errors(pull.pull_cmd))
 app.command("models")(_user_errors(models.list_models))
 app.command("rm")(_user_errors(models.remove))

@@ -1,0 +1,209 @@
+"""`llmopt bench`: serving benchmarks against any OpenAI-compatible server (--url), or
+against the local engine (`llmopt bench MODEL` starts `llmopt serve MODEL` for the
+run), with side-by-side comparisons of engine configurations and sweeps.
+
+The table and progress go to stderr; --json / --csv print to stdout (or --output).
+Exit code 1 when an --slo is missed, so that scripts can gate on it.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from llmopt.bench.loadgen import LoadSpec, Target
+from llmopt.bench.metrics import DEFAULT_PERCENTILES, SLO
+from llmopt.bench.report import failures, table, to_csv, to_json, write
+from llmopt.bench.serving import local_server, run_benchmark
+from llmopt.bench.workloads import (
+    Conversation,
+    chat_file_workload,
+    multi_turn_workload,
+    random_workload,
+    shared_prefix_workload,
+)
+from llmopt.errors import UsageError
+
+WORKLOADS = ("random", "shared-prefix", "chat", "multi-turn")
+# The optimization stack: each configuration adds one layer to the one before.
+STACK = [
+    ("static batching", ["--batching", "static", "--no-prefix-cache"]),
+    ("+ continuous batching", ["--batching", "continuous", "--no-prefix-cache"]),
+    ("+ prefix cache", ["--batching", "continuous", "--prefix-cache"]),
+]
+COMPARE_AXES = {
+    "batching": lambda v: ["--batching", v],
+    "prefix-cache": lambda v: [
+        "--prefix-cache" if v in ("on", "true", "1") else "--no-prefix-cache"
+    ],
+    "dtype": lambda v: ["--dtype", v],
+    "max-num-seqs": lambda v: ["--max-num-seqs", v],
+}
+
+
+def _configs(compare: str | None) -> list[tuple[str, list[str]]]:
+    if compare is None:
+        return [("llmopt", [])]
+    if compare == "stack":
+        return STACK
+    key, _, values = compare.partition("=")
+    if key not in COMPARE_AXES or not values:
+        raise UsageError(
+            f"bad --compare '{compare}': use 'stack' or KEY=V1,V2 with KEY one of "
+            f"{', '.join(COMPARE_AXES)}"
+        )
+    return [(f"{key}={v}", COMPARE_AXES[key](v)) for v in values.split(",")]
+
+
+def _sweep(sweep: str | None) -> list[tuple[str, float]]:
+    if sweep is None:
+        return []
+    key, _, values = sweep.partition("=")
+    try:
+        points = [float(v) for v in values.split(",")]
+    except ValueError:
+        points = []
+    if key not in ("concurrency", "request-rate") or not points or min(points) <= 0:
+        raise UsageError(f"bad --sweep '{sweep}': use concurrency=1,2,4 or request-rate=1,2,4")
+    return [(key, p) for p in points]
+
+
+def _workload(
+    kind: str,
+    num: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    num_prefixes: int,
+    prefix_len: int,
+    dataset: Path | None,
+    turns: int,
+    seed: int,
+) -> list[Conversation]:
+    if kind == "random":
+        return random_workload(num, input_len, output_len, range_ratio, seed)
+    if kind == "shared-prefix":
+        per = max(1, num // num_prefixes)
+        return shared_prefix_workload(num_prefixes, per, prefix_len, 16, output_len, seed)
+    if kind == "multi-turn":
+        return multi_turn_workload(num, turns, input_len, output_len, seed)
+    if kind == "chat":
+        if dataset is None:
+            raise UsageError("--workload chat needs --dataset FILE.jsonl")
+        return chat_file_workload(dataset, output_len, num)
+    raise UsageError(f"unknown --workload '{kind}'; use one of {', '.join(WORKLOADS)}")
+
+
+def bench(
+    model: str = typer.Argument(None, help="Local model to serve and measure (no --url)."),
+    url: str = typer.Option(None, "--url", help="Measure this OpenAI-compatible server."),
+    served_model: str = typer.Option(None, "--model", help="Model name to send with --url."),
+    api_key: str = typer.Option(None, "--api-key", envvar="LLMOPT_API_KEY"),
+    workload: str = typer.Option("random", "--workload", help="|".join(WORKLOADS)),
+    num_prompts: int = typer.Option(64, "--num-prompts", "-n"),
+    input_len: int = typer.Option(128, "--input-len", help="Prompt words (random, multi-turn)."),
+    output_len: int = typer.Option(64, "--output-len", help="Tokens to generate per request."),
+    range_ratio: float = typer.Option(0.0, "--range-ratio", help="Lengths vary by +-ratio."),
+    num_prefixes: int = typer.Option(4, "--num-prefixes", help="shared-prefix: prompts."),
+    prefix_len: int = typer.Option(1000, "--prefix-len", help="shared-prefix: words each."),
+    dataset: Path = typer.Option(None, "--dataset", help="chat: JSONL of {messages}."),
+    turns: int = typer.Option(3, "--turns", help="multi-turn: turns per conversation."),
+    concurrency: int = typer.Option(None, "--concurrency", "-c", help="Requests in flight."),
+    request_rate: float = typer.Option(None, "--request-rate", help="Poisson arrivals/s."),
+    duration: float = typer.Option(None, "--duration", help="Seconds; cycles the workload."),
+    warmup: int = typer.Option(1, "--warmup", help="Requests sent first, not measured."),
+    seed: int = typer.Option(0, "--seed"),
+    timeout: float = typer.Option(600.0, "--timeout", help="Per request, seconds."),
+    percentiles: str = typer.Option("50,90,99", "--percentiles"),
+    slo: str = typer.Option(None, "--slo", help="e.g. ttft=500,tpot=50 (ms)."),
+    slo_target: float = typer.Option(0.99, "--slo-target", help="Share that must meet it."),
+    num_devices: int = typer.Option(1, "--num-devices", help="For tokens/s per device."),
+    compare: str = typer.Option(None, "--compare", help="stack, or KEY=V1,V2 (local model)."),
+    sweep: str = typer.Option(None, "--sweep", help="concurrency=1,4,16 or request-rate=..."),
+    serve_arg: list[str] = typer.Option(None, "--serve-arg", help="Extra `llmopt serve` flag."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV to stdout."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write .json or .csv here."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of the results here."),
+) -> None:
+    """Measure TTFT, ITL, TPOT, latency percentiles and throughput of a server."""
+    console = Console(stderr=True)
+    checks = [
+        (num_prompts >= 1, "--num-prompts must be at least 1"),
+        (concurrency is None or concurrency >= 1, "--concurrency must be at least 1"),
+        (request_rate is None or request_rate > 0, "--request-rate must be positive"),
+        (duration is None or duration > 0, "--duration must be positive"),
+        (num_devices >= 1, "--num-devices must be at least 1"),
+        (0 < slo_target <= 1, "--slo-target must be in (0, 1]"),
+        (
+            not (url and (compare or model)),
+            "--url measures a running server: drop MODEL and --compare (they start local servers)",
+        ),
+        (not (as_json and as_csv), "choose one of --json and --csv"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    try:
+        pcts = tuple(float(p) for p in percentiles.split(",")) or DEFAULT_PERCENTILES
+    except ValueError:
+        raise UsageError(f"bad --percentiles '{percentiles}': use e.g. 50,90,99") from None
+    slo_spec = SLO.parse(slo) if slo else None
+    conversations = _workload(
+        workload,
+        num_prompts,
+        input_len,
+        output_len,
+        range_ratio,
+        num_prefixes,
+        prefix_len,
+        dataset,
+        turns,
+        seed,
+    )
+    points: list[tuple[str, float | None]] = [*_sweep(sweep)] or [("concurrency", concurrency)]
+    runs: list[tuple[str, dict]] = []
+    for name, args in _configs(compare):
+        server = (
+            nullcontext(Target(url, served_model, api_key, timeout))
+            if url
+            else (local_server(model, [*args, *(serve_arg or [])], console))
+        )
+        with server as target:
+            target = Target(target.url, served_model or target.model, api_key, timeout)
+            for key, value in points:
+                spec = LoadSpec(
+                    concurrency=int(value) if key == "concurrency" and value else concurrency,
+                    request_rate=value if key == "request-rate" else request_rate,
+                    duration_s=duration,
+                    seed=seed,
+                )
+                label = name if len(points) == 1 else f"{name} {key}={value:g}"
+                summary, _ = run_benchmark(
+                    target, conversations, spec, warmup, pcts, slo_spec, num_devices, console, label
+                )
+                runs.append((label, summary))
+    console.print(table(runs, pcts))
+    failures(runs, console)
+    if plot is not None:
+        from llmopt.bench.plot import plot_runs
+
+        plot_runs(runs, pcts, plot)
+    if output is not None:
+        write(output, to_csv(runs) if output.suffix == ".csv" else to_json(runs) + "\n")
+    if as_json:
+        sys.stdout.write(to_json(runs) + "\n")
+    elif as_csv:
+        sys.stdout.write(to_csv(runs))
+    if slo_spec is not None:
+        missed = [n for n, r in runs if r["slo_met_fraction"] < slo_target]
+        if missed:
+            console.print(
+                f"[red]SLO missed ({slo}, target {slo_target:.0%}): {', '.join(missed)}[/red]",
+                highlight=False,
+            )
+            raise typer.Exit(1)
