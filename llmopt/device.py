@@ -22,11 +22,16 @@ def resolve_device(name: str) -> torch.device:
     raise UsageError(f"unknown device '{name}'; use auto, cpu or cuda")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 (half the bytes to read per token; fp32 only where bf16 is missing)."""
+def resolve_dtype(name: str, device: torch.device, batched: bool = False) -> torch.dtype:
+    """auto: bf16, half the bytes to read per token; except for batched serving on a CPU
+    without native bf16 arithmetic (AVX2), where fp32 with oneDNN-prepacked weights
+    runs batches faster (SmolLM2-135M here, 16 sequences: 115 tokens/s fp32 against
+    66 bf16) while bf16 stays ahead for one stream (22 against 17)."""
     if name == "auto":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
+        if device.type == "cpu" and batched and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.float32
         return torch.bfloat16
     key = ALIASES.get(name, name)
     if key not in DTYPES:

@@ -186,3 +186,58 @@ def test_async_step_failure_fails_requests_and_engine_recovers(fp32) -> None:
     assert isinstance(failed, RuntimeError) and "simulated failure" in str(failed)
     assert retried == alone(fp32, prompt)  # the engine thread survived
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_engine_process_streams_cancels_and_reports_its_death(fp32, smollm_folder) -> None:
+    import asyncio
+
+    from llmopt.engine.async_engine import AsyncEngine, GenerationError
+    from llmopt.engine.engine_process import EngineSpec
+
+    spec = EngineSpec(smollm_folder, "cpu", "float32", 2048, 0.05, SchedulerConfig(), True, 2)
+    engine = AsyncEngine.spawn(spec)
+    prompts = [chat(fp32, p) for p in PROMPTS[:3]]
+
+    async def collect(p: list[int]) -> list[int]:
+        return [t async for d in engine.stream(p, GREEDY) for t in d.token_ids]
+
+    async def cancelled_early(p: list[int]) -> None:
+        async for _ in engine.stream(p, SamplingParams(temperature=0, ignore_eos=True)):
+            break
+
+    async def main() -> list[list[int]]:
+        results = await asyncio.gather(*(collect(p) for p in prompts), cancelled_early(prompts[0]))
+        for _ in range(100):  # the abort lands before the child's next step
+            if engine.load().kv_blocks_used == 0:
+                break
+            await asyncio.sleep(0.05)
+        return results[:-1]
+
+    try:
+        assert asyncio.run(main()) == [alone(fp32, p) for p in prompts]
+        assert engine.load().kv_blocks_used == 0 and engine.load().running == 0
+
+        async def doomed() -> None:
+            params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+            async for _ in engine.stream(prompts[0], params):
+                engine._thread.process.kill()  # the engine process dies mid-stream
+
+        with pytest.raises(GenerationError, match="engine process exited"):
+            asyncio.run(doomed())
+        with pytest.raises(GenerationError, match="engine process exited"):
+            asyncio.run(collect(prompts[1]))  # later requests fail at once, too
+    finally:
+        engine.shutdown()
+
+
+def test_engine_process_start_failure_is_one_clear_error(tmp_path) -> None:
+    from llmopt.engine.async_engine import AsyncEngine
+    from llmopt.engine.engine_process import EngineSpec
+    from llmopt.errors import LlmoptError
+
+    spec = EngineSpec(
+        tmp_path / "nothing", "cpu", "float32", None, 0.05, SchedulerConfig(), True, 1
+    )
+    with pytest.raises(LlmoptError) as e:
+        AsyncEngine.spawn(spec)
+    assert "nothing" in e.value.message

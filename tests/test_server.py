@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from llmopt.config import ServerConfig
+from llmopt.engine.async_engine import AsyncEngine
 from llmopt.engine.llm import build_engine
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.server.app import Server, create_app
@@ -52,7 +53,7 @@ QUESTIONS = [
 def start(loaded, config: ServerConfig | None = None, embedder=None, **engine_kw) -> LiveServer:
     sched = SchedulerConfig(engine_kw.pop("max_num_seqs", 64), 512)
     engine = build_engine(loaded, 2048, kv_cache_memory=0.1, scheduler_config=sched, **engine_kw)
-    server = Server(engine, config or ServerConfig(model_name=MODEL), embedder)
+    server = Server(AsyncEngine(engine), config or ServerConfig(model_name=MODEL), embedder)
     live = LiveServer(create_app(server))
     live.app_server = server  # type: ignore[attr-defined]
     return live

@@ -9,6 +9,7 @@ dropped connection, timeout) is recorded with its reason, never raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -83,10 +84,8 @@ async def send(
         ) as r:
             if r.status_code != 200:
                 body = (await r.aread()).decode(errors="replace")
-                try:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
                     body = json.loads(body)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    pass
                 res.error = f"HTTP {r.status_code}: {body[:200]}"
                 return res
             async for line in r.aiter_lines():

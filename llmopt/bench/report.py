@@ -71,7 +71,7 @@ def to_json(runs: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def to_csv(runs: list[tuple[str, dict[str, Any]]]) -> str:
-    keys = ["name"] + sorted({k for _, r in runs for k, v in r.items() if not isinstance(v, dict)})
+    keys = ["name", *sorted({k for _, r in runs for k, v in r.items() if not isinstance(v, dict)})]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()

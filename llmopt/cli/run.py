@@ -32,6 +32,16 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def check_engine_options(
+    device: str, dtype: str, ctx_size: int | None, kv_cache_memory: float | None
+) -> None:
+    resolve_dtype(dtype, resolve_device(device))
+    if ctx_size is not None and ctx_size < 1:
+        raise UsageError("--ctx-size must be positive")
+    if kv_cache_memory is not None and kv_cache_memory <= 0:
+        raise UsageError("--kv-cache-memory must be a positive number of GB")
+
+
 def open_engine(
     model: str | None,
     device: str,
@@ -42,14 +52,11 @@ def open_engine(
     scheduler_config: SchedulerConfig | None = None,
     prefix_cache: bool = True,
 ) -> tuple[str, Engine]:
+    check_engine_options(device, dtype, ctx_size, kv_cache_memory)
     store = Store()
     name, path = resolve(model, store, console)
     dev = resolve_device(device)
     loaded = load_model(path, resolve_dtype(dtype, dev), dev, store, console)
-    if ctx_size is not None and ctx_size < 1:
-        raise UsageError("--ctx-size must be positive")
-    if kv_cache_memory is not None and kv_cache_memory <= 0:
-        raise UsageError("--kv-cache-memory must be a positive number of GB")
     engine = build_engine(
         loaded, ctx_size, kv_cache_memory, scheduler_config, prefix_cache=prefix_cache
     )

@@ -13,10 +13,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from llmopt.cli.run import open_engine, set_threads
+from llmopt.cli.run import check_engine_options, set_threads
 from llmopt.config import ServerConfig
+from llmopt.engine.async_engine import AsyncEngine
+from llmopt.engine.engine_process import EngineSpec
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.errors import UsageError
+from llmopt.store.resolve import resolve
+from llmopt.store.store import Store
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -94,10 +98,11 @@ def serve(
     )
     # Everything that can be refused is refused before the model loads.
     embedder = MiniLMEmbedder(embedding_model) if semantic_cache else None
+    check_engine_options(device, dtype, ctx_size, kv_cache_memory)
     sock = _bind(host, port)
-    name, engine = open_engine(
-        model, device, dtype, ctx_size, kv_cache_memory, console, sched, prefix_cache
-    )
+    name, path = resolve(model, Store(), console)
+    spec = EngineSpec(path, device, dtype, ctx_size, kv_cache_memory, sched, prefix_cache, threads)
+    engine = AsyncEngine.spawn(spec)  # the engine runs in a process of its own
     config = dataclasses.replace(config, model_name=served_name or name)
     app = create_app(Server(engine, config, embedder))
     url = f"http://{host}:{sock.getsockname()[1]}/v1"

@@ -1,16 +1,18 @@
-"""The engine for asyncio servers: a background thread steps the engine while there
-is work, and each request's deltas reach its coroutine through an asyncio queue.
+"""The engine for asyncio servers: each request's deltas reach its coroutine through
+an asyncio queue, while the engine loop (engine_loop.py) runs elsewhere:
+
+- in a thread of this process (`AsyncEngine(engine)`), for tests and embedding;
+- in a process of its own (`AsyncEngine.spawn(spec)`, what `llmopt serve` uses), so
+  that neither the GIL nor OpenMP's thread pools of the HTTP side slow its steps.
 
     async for delta in async_engine.stream(prompt_ids, params):
         ...
 
-Only the engine thread touches the engine. Coroutines hand it new requests and
-aborts through an inbox that it drains before every step, so the event loop never
-waits for a step (a long prefill chunk) to finish: other streams keep flushing.
-Leaving the loop early (a client that disconnects, a cancelled task) aborts the
-request, which frees its KV blocks before the next step. If a step fails, the
-requests in flight end with an error (their streams raise) and the thread keeps
-serving.
+Coroutines hand requests and aborts to the loop, which applies them before its
+next step, so the event loop never waits for a step. Leaving the stream early (a
+client that disconnects, a cancelled task) aborts the request, which frees its KV
+blocks before the next step. If a step fails, the requests in flight end with an
+error (their streams raise) and the loop keeps serving.
 """
 
 from __future__ import annotations
@@ -20,24 +22,18 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
-from llmopt.engine.engine import Engine
+from llmopt.engine.engine import Engine, check_fits
+from llmopt.engine.engine_loop import Command, EngineLoad, Outputs, load_of, run_engine_loop
 from llmopt.engine.outputs import Delta
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.tokenizer import Tokenizer
 
-
-class EngineLoad(NamedTuple):
-    """What the engine holds right now, for metrics and backpressure."""
-
-    running: int  # requests in the running batch
-    waiting: int  # accepted, not yet scheduled (or preempted)
-    kv_blocks_used: int  # referenced by a request (cached, unreferenced blocks are free)
-    kv_blocks_total: int
-    prefix_hit_tokens: int
-    prefix_miss_tokens: int
+if TYPE_CHECKING:
+    from llmopt.engine.engine_process import EngineSpec
 
 
 class GenerationError(RuntimeError):
@@ -45,87 +41,84 @@ class GenerationError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        # request id -> (its event loop, its queue of deltas, or the error that ended it)
+    def __init__(self, engine: Engine | None = None) -> None:
+        # request id -> (its event loop, its queue of deltas or the error that ended it)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopped = False
+        self._load = EngineLoad(0, 0, 0, 0, 0, 0)
+        if engine is None:
+            return  # spawn() sets up the process transport
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.max_context = engine.max_context
+        self.kv_capacity_tokens = engine.kv_capacity_tokens
+        self._load = load_of(engine)
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # torch's thread count is per OS thread: the engine thread keeps its creator's.
-        self._num_threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._loop, name="llmopt-engine", daemon=True)
+        threads = torch.get_num_threads()
+
+        def receive(block: bool) -> list[Command]:
+            commands = [self._inbox.get()] if block else []
+            while not self._inbox.empty():
+                commands.append(self._inbox.get())
+            return commands
+
+        def loop() -> None:
+            torch.set_num_threads(threads)
+            run_engine_loop(engine, receive, self._deliver)
+
+        self._send = self._inbox.put
+        self._thread = threading.Thread(target=loop, name="llmopt-engine", daemon=True)
         self._thread.start()
 
-    # -- the engine thread ----------------------------------------------------------------
+    @classmethod
+    def spawn(cls, spec: EngineSpec) -> AsyncEngine:
+        """Load the model in an engine process of its own and serve it from there."""
+        from llmopt.engine.engine_process import EngineProcess
 
-    def _loop(self) -> None:
-        torch.set_num_threads(self._num_threads)
-        while not self._stopped:
-            self._drain_inbox()
-            busy = self.engine.has_unfinished()
-            if busy:
-                try:
-                    out = {rid: self.engine.take(rid) for rid in self.engine.step()}
-                except Exception as e:  # a failed step fails its requests, not the server
-                    self._fail_all(e)
-                    continue
-                for rid, deltas in out.items():
-                    self._deliver(rid, deltas)
-            elif self._inbox.empty():
-                self._wake.wait()
-                self._wake.clear()
+        self = cls()
+        proc = EngineProcess(spec, self._deliver, self._fail_all)
+        self.tokenizer = proc.tokenizer
+        self.max_context = proc.max_context
+        self.kv_capacity_tokens = proc.kv_capacity_tokens
+        self._send = proc.send
+        self._thread = proc
+        return self
 
-    def _drain_inbox(self) -> None:
-        while not self._inbox.empty():
-            command, rid, *args = self._inbox.get()
-            if command == "abort":
-                self.engine.abort(rid)
-                if rid in self.engine.requests:
-                    self.engine.take(rid)  # drop its final delta: nobody reads it
+    # -- outputs from the loop (its thread, or the process's reader thread) ------------
+
+    def _deliver(self, outputs: Outputs, load: EngineLoad) -> None:
+        self._load = load
+        for rid, items in outputs.items():
+            target = self._queues.get(rid)
+            if target is None:
                 continue
-            try:
-                self.engine.add_request(*args, request_id=rid)
-            except Exception as e:
-                self._deliver(rid, [e])
+            loop, q = target
+            for item in items:
+                loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _fail_all(self, error: Exception) -> None:
-        for rid in list(self.engine.requests):
-            self.engine.abort(rid)
-            self.engine.take(rid)
-        for rid in list(self._queues):
-            self._deliver(rid, [error])
+        self._deliver({rid: [error] for rid in list(self._queues)}, self._load)
 
-    def _deliver(self, rid: str, items: list[Delta] | list[Exception]) -> None:
-        target = self._queues.get(rid)
-        if target is None:
-            return
-        loop, q = target
-        for item in items:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+    # -- the asyncio side ------------------------------------------------------------------
 
-    def _send(self, *command: object) -> None:
-        self._inbox.put(command)
-        self._wake.set()
-
-    # -- the asyncio side -----------------------------------------------------------------
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> None:
+        check_fits(prompt_tokens, max_tokens, self.max_context, self.kv_capacity_tokens)
 
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Delta]:
         """Yield the request's deltas as they are produced; the last has finish_reason.
         Raises ContextLengthError at once for a prompt that cannot fit."""
-        self.engine.check_fits(len(prompt_ids), params.max_tokens)  # reads no mutable state
+        self.check_fits(len(prompt_ids), params.max_tokens)
         rid = request_id or uuid.uuid4().hex
         q: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         self._queues[rid] = (asyncio.get_running_loop(), q)
-        self._send("add", rid, prompt_ids, params)
+        self._send(("add", rid, prompt_ids, params))
         finished = False
         try:
             while not finished:
                 item = await q.get()
                 if isinstance(item, Exception):
-                    finished = True  # the engine thread has already dropped it
+                    finished = True  # the loop has already dropped it
                     raise GenerationError(f"generation failed: {item}") from item
                 finished = item.finish_reason is not None
                 yield item
@@ -136,22 +129,13 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its KV blocks are freed before the next step."""
-        self._send("abort", request_id)
+        self._send(("abort", request_id))
 
     def load(self) -> EngineLoad:
-        """A snapshot read without stopping the engine thread (each field is one read)."""
-        blocks = self.engine.blocks
-        running = len(self.engine.scheduler.running)
-        return EngineLoad(
-            running=running,
-            waiting=max(0, len(self._queues) - running),
-            kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks,
-            kv_blocks_total=blocks.num_blocks,
-            prefix_hit_tokens=blocks.hit_tokens,
-            prefix_miss_tokens=blocks.miss_tokens,
-        )
+        """As of the last step; `waiting` also counts requests not yet handed over."""
+        load = self._load
+        return load._replace(waiting=max(load.waiting, len(self._queues) - load.running))
 
     def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+        self._send(("stop",))
+        self._thread.join(timeout=10)

@@ -45,6 +45,22 @@ class _Request:
     finished: bool = False
 
 
+def check_fits(
+    prompt_tokens: int, max_tokens: int | None, max_context: int, kv_capacity: int
+) -> None:
+    """Refuse, with the numbers, a prompt that (with max_tokens) overflows the context."""
+    need = prompt_tokens + (max_tokens or 1)
+    limit = min(max_context, kv_capacity)
+    if need > limit:
+        what = "context" if limit == max_context else "KV cache capacity"
+        asked = f" + max_tokens {max_tokens}" if max_tokens else " (plus one generated token)"
+        raise ContextLengthError(
+            f"the prompt has {prompt_tokens} tokens{asked} = {need}, more than the "
+            f"model's {what} of {limit} tokens; shorten the prompt"
+            + (" or lower max_tokens" if max_tokens else "")
+        )
+
+
 class Engine:
     def __init__(
         self,
@@ -69,17 +85,7 @@ class Engine:
         return self.blocks.num_blocks * self.blocks.block_size
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> None:
-        """Refuse, with the numbers, a prompt that (with max_tokens) overflows the context."""
-        need = prompt_tokens + (max_tokens or 1)
-        limit = min(self.max_context, self.kv_capacity_tokens)
-        if need > limit:
-            what = "context" if limit == self.max_context else "KV cache capacity"
-            asked = f" + max_tokens {max_tokens}" if max_tokens else " (plus one generated token)"
-            raise ContextLengthError(
-                f"the prompt has {prompt_tokens} tokens{asked} = {need}, more than the "
-                f"model's {what} of {limit} tokens; shorten the prompt"
-                + (" or lower max_tokens" if max_tokens else "")
-            )
+        check_fits(prompt_tokens, max_tokens, self.max_context, self.kv_capacity_tokens)
 
     # -- requests ---------------------------------------------------------------------
 

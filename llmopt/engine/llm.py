@@ -92,7 +92,7 @@ class LLM:
         store = Store()
         self.name, path = resolve(str(model) if model else None, store, console)
         dev = resolve_device(device)
-        self.loaded = load_model(path, resolve_dtype(dtype, dev), dev, store, console)
+        self.loaded = load_model(path, resolve_dtype(dtype, dev, batched=True), dev, store, console)
         self.engine = build_engine(
             self.loaded,
             max_context,

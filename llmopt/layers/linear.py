@@ -6,6 +6,12 @@ for fp32. One-token decode is memory-bound, so it keeps the half-precision weigh
 (half the bytes). From UPCAST_MIN_ROWS rows on, the weight is widened to fp32 into a
 reused scratch buffer (about 0.4 ms for a 3072x576 matrix) and the GEMM runs in fp32:
 1.6x faster at 8 rows, 3.6x at 64, 6.4x at 512 (prefill) on this machine.
+
+fp32 weights on the CPU are reordered once, at load, into oneDNN's blocked layout
+(`prepack`), and the dense copy is dropped. Measured here, 2 threads, ms per call,
+MKL's sgemm -> oneDNN prepacked: 49152x576 (the lm_head) 9.0 -> 5.1 at 1 row,
+23 -> 10 at 16, 45 -> 28 at 64; 3072x576 0.31 -> 0.22 at 1 row, 0.84 -> 0.55 at 16;
+equal within noise at 512 rows.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 UPCAST_MIN_ROWS = 6
+PACK_ROWS_HINT = 16  # oneDNN tunes the layout for this many rows; it serves any count
 _scratch = threading.local()
 
 
@@ -47,8 +54,18 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of an fp32 weight
+
+    def prepack(self, keep_dense: bool) -> None:
+        """Reorder the fp32 CPU weight for oneDNN; drop the dense copy unless another
+        module shares it (a tied lm_head keeps the embedding's)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS_HINT)
+        if not keep_dense:
+            self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         w = self.weight
         if (
             x.shape[0] >= UPCAST_MIN_ROWS
@@ -59,3 +76,21 @@ class Linear(nn.Module):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), _fp32_copy(w), bias).to(x.dtype)
         return F.linear(x, w, self.bias)
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def prepack_linears(model: nn.Module) -> None:
+    """Prepack every Linear of an fp32 CPU model (see the module docstring)."""
+    params = [p for m in model.modules() for p in m.parameters(recurse=False)]
+    shared = {id(p) for p in params if sum(q is p for q in params) > 1}
+    for m in model.modules():
+        if isinstance(m, Linear) and m.packed is None:
+            m.prepack(keep_dense=id(m.weight) in shared)

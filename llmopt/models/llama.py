@@ -17,7 +17,7 @@ from llmopt.errors import ModelFormatError
 from llmopt.layers.attention import Attention
 from llmopt.layers.attention_backend import AttentionMetadata, PagedKVCache
 from llmopt.layers.embedding import Embedding
-from llmopt.layers.linear import Linear
+from llmopt.layers.linear import Linear, can_prepack, prepack_linears
 from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
 from llmopt.layers.rotary import RotaryEmbedding
@@ -127,4 +127,6 @@ def build_model(
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelFormatError(f"the checkpoint lacks weights for: {', '.join(missing[:5])}")
+    if can_prepack(device, dtype):
+        prepack_linears(model)
     return model.eval()

@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmopt.config import ServerConfig
 from llmopt.engine.async_engine import AsyncEngine, GenerationError
-from llmopt.engine.engine import Engine
 from llmopt.errors import LlmoptError
 from llmopt.server.embedder import MiniLMEmbedder
 from llmopt.server.generation import ChoiceResult, Event, Job, RequestTimeout, replay, run_jobs
@@ -58,9 +57,9 @@ class _CacheQuery:
 
 class Server:
     def __init__(
-        self, engine: Engine, config: ServerConfig, embedder: MiniLMEmbedder | None = None
+        self, engine: AsyncEngine, config: ServerConfig, embedder: MiniLMEmbedder | None = None
     ) -> None:
-        self.engine = AsyncEngine(engine)
+        self.engine = engine
         self.config = config
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics(self.engine.load)
@@ -88,7 +87,7 @@ class Server:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
             try:
-                self.engine.engine.check_fits(len(ids), max_tokens)
+                self.engine.check_fits(len(ids), max_tokens)
             except LlmoptError as e:
                 raise APIError(
                     400, e.message, param="max_tokens", code="context_length_exceeded"
@@ -332,7 +331,6 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        engine = server.engine.engine
         return {
             "object": "list",
             "data": [
@@ -341,7 +339,7 @@ def create_app(server: Server) -> FastAPI:
                     "object": "model",
                     "created": 0,
                     "owned_by": "llmopt",
-                    "max_model_len": engine.max_context,
+                    "max_model_len": server.engine.max_context,
                 }
             ],
         }

@@ -1,0 +1,206 @@
+"""`llmopt bench`: metric arithmetic by hand, the load generator against a fake
+OpenAI server with injected delays and failures, output formats and the SLO gate."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from typer.testing import CliRunner
+
+from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load
+from llmopt.bench.metrics import SLO, percentile, summarize, tpot
+from llmopt.bench.workloads import random_workload, shared_prefix_workload
+from llmopt.cli.main import app as cli
+from llmopt.errors import UsageError
+from tests.live_server import LiveServer
+
+TTFT_S, ITL_S, TOKENS = 0.2, 0.05, 8
+
+
+def fake_app() -> FastAPI:
+    """Streams TOKENS chunks: the first after TTFT_S, then one every ITL_S. The user
+    message picks a behaviour: 'fail' answers 500, 'drop' cuts the stream."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        text = body["messages"][-1]["content"]
+        if text == "fail":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+
+        async def events():
+            await asyncio.sleep(TTFT_S)
+            for i in range(TOKENS):
+                if i:
+                    await asyncio.sleep(ITL_S)
+                if text == "drop" and i == 3:
+                    raise RuntimeError("connection dropped")  # uvicorn closes the socket
+                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            usage = {"prompt_tokens": 5, "completion_tokens": TOKENS, "total_tokens": 13}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with LiveServer(fake_app()) as s:
+        yield s
+
+
+def result(ttft, itl, e2e, out, ok=True) -> RequestResult:
+    return RequestResult(
+        start=0,
+        ok=ok,
+        ttft=ttft,
+        itl=itl,
+        e2e=e2e,
+        output_tokens=out,
+        prompt_tokens=10,
+        error=None if ok else "HTTP 500: x",
+    )
+
+
+def test_metric_math_by_hand() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([1, 2, 3, 4], 100) == 4 and percentile([7], 99) == 7
+    assert percentile([10, 20, 30, 40, 50], 90) == pytest.approx(46)
+    r1 = result(0.1, [0.02, 0.04], 0.16, 3)  # tpot = (0.16 - 0.1) / 2 = 0.03
+    r2 = result(0.3, [0.05], 0.35, 2)  # tpot = 0.05
+    bad = result(None, [], 0.0, 0, ok=False)
+    assert tpot(r1) == pytest.approx(0.03)
+    s = summarize(
+        [r1, r2, bad], duration_s=2.0, percentiles=(50, 99), slo=SLO.parse("ttft=200,tpot=40")
+    )
+    assert s["completed"] == 2 and s["failed"] == 1
+    assert s["failure_reasons"] == {"HTTP 500: x": 1}
+    assert s["total_output_tokens"] == 5 and s["output_throughput"] == pytest.approx(2.5)
+    assert s["total_token_throughput"] == pytest.approx((20 + 5) / 2)
+    assert s["request_throughput"] == pytest.approx(1.0)
+    assert s["mean_ttft_ms"] == pytest.approx(200) and s["median_ttft_ms"] == pytest.approx(200)
+    assert s["p99_ttft_ms"] == pytest.approx(298)
+    assert s["mean_tpot_ms"] == pytest.approx(40)
+    assert s["mean_itl_ms"] == pytest.approx(110 / 3)  # pooled over requests
+    assert s["mean_e2el_ms"] == pytest.approx(255)
+    assert s["median_output_throughput_per_user"] == pytest.approx((3 / 0.16 + 2 / 0.35) / 2)
+    # goodput: only r1 meets ttft <= 200 and tpot <= 40
+    assert s["request_goodput"] == pytest.approx(0.5) and s["slo_met_fraction"] == pytest.approx(
+        1 / 3
+    )
+
+
+def test_slo_parse_errors() -> None:
+    for bad in ("ttft", "ttft=abc", "speed=5", "ttft=-1"):
+        with pytest.raises(UsageError, match="bad --slo"):
+            SLO.parse(bad)
+
+
+def test_workloads_are_seeded_and_shaped() -> None:
+    a = random_workload(4, 20, 8, 0.5, seed=1)
+    assert [c.turns[0].content for c in a] == [
+        c.turns[0].content for c in random_workload(4, 20, 8, 0.5, seed=1)
+    ]
+    assert all(10 <= len(c.turns[0].content.split()) <= 30 and c.ignore_eos for c in a)
+    sp = shared_prefix_workload(2, 3, 50, 5, 8, seed=0)
+    assert len(sp) == 6 and len({c.system for c in sp}) == 2
+    assert sp[0].system != sp[1].system  # interleaved across prefixes
+
+
+def test_client_side_timings_match_injected_delays(fake) -> None:
+    convs = random_workload(6, 4, TOKENS, 0.0, seed=0)
+    results, elapsed = asyncio.run(run_load(Target(fake.url, "m"), convs, LoadSpec(concurrency=3)))
+    assert len(results) == 6 and all(r.ok for r in results)
+    for r in results:
+        assert r.ttft == pytest.approx(TTFT_S, abs=0.08)
+        assert len(r.itl) == TOKENS - 1
+        assert sum(r.itl) / len(r.itl) == pytest.approx(ITL_S, abs=0.02)
+        assert r.output_tokens == TOKENS and r.prompt_tokens == 5
+    one = TTFT_S + (TOKENS - 1) * ITL_S
+    assert elapsed == pytest.approx(2 * one, abs=0.4)  # two waves of three
+
+
+def test_errors_and_dropped_connections_are_failures(fake) -> None:
+    from llmopt.bench.workloads import Conversation, Turn
+
+    convs = [Conversation([Turn(t, 8)]) for t in ("fail", "drop", "fine")]
+    results, _ = asyncio.run(run_load(Target(fake.url, "m"), convs, LoadSpec()))
+    by_text = dict(
+        zip(("fail", "drop", "fine"), sorted(results, key=lambda r: r.start), strict=True)
+    )
+    s = summarize(results, 1.0)
+    assert s["completed"] == 1 and s["failed"] == 2
+    reasons = " ".join(s["failure_reasons"])
+    assert "HTTP 500: boom" in reasons
+    assert "RemoteProtocolError" in reasons or "ended without" in reasons, reasons
+    assert by_text  # the run finished instead of raising
+    # nobody listening: a connection error, counted
+    dead, _ = asyncio.run(run_load(Target("http://127.0.0.1:9", "m"), convs[2:], LoadSpec()))
+    assert not dead[0].ok and "ConnectError" in dead[0].error
+
+
+def bench(*args: str):
+    return CliRunner().invoke(cli, ["bench", *args])
+
+
+def test_cli_formats_and_slo_exit_code(fake, tmp_path) -> None:
+    common = ["--url", fake.url, "-n", "4", "-c", "2", "--output-len", "8", "--warmup", "0"]
+    r = bench(*common, "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    for field in (
+        "mean_ttft_ms",
+        "p99_itl_ms",
+        "output_throughput",
+        "median_tpot_ms",
+        "p90_e2el_ms",
+        "request_throughput",
+        "completed",
+        "failed",
+    ):
+        assert field in out
+    assert out["completed"] == 4 and "time to first token" in r.stderr  # table on stderr
+
+    r = bench(*common, "--csv")
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 1 and float(rows[0]["mean_ttft_ms"]) > 100
+
+    r = bench(
+        *common,
+        "--output",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+        "--sweep",
+        "concurrency=1,2",
+    )
+    assert r.exit_code == 0, r.stderr
+    runs = json.loads((tmp_path / "r.json").read_text())
+    assert [x["name"] for x in runs] == ["llmopt concurrency=1", "llmopt concurrency=2"]
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert bench(*common, "--slo", "ttft=5000").exit_code == 0
+    missed = bench(*common, "--slo", "ttft=50")
+    assert missed.exit_code == 1 and "SLO missed" in missed.stderr
+
+
+def test_cli_refuses_bad_options(fake) -> None:
+    for args, message in (
+        (["--concurrency", "0"], "--concurrency"),
+        (["--sweep", "speed=1"], "--sweep"),
+        (["--workload", "nope"], "--workload"),
+        (["--workload", "chat"], "--dataset"),
+        (["--percentiles", "x"], "--percentiles"),
+    ):
+        r = bench("--url", fake.url, *args)
+        assert r.exit_code == 2 and message in r.stderr, (args, r.stderr)
