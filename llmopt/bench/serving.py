@@ -30,13 +30,13 @@ async def _measure(
     target: Target,
     conversations: list[Conversation],
     spec: LoadSpec,
-    warmup: int,
+    warmup: list[Conversation],
     console: Console,
     label: str,
 ) -> tuple[list[RequestResult], float, dict[str, float]]:
     if warmup:
-        warm = [replace(c, turns=c.turns[:1]) for c in conversations[:warmup]]
-        await run_load(target, warm, LoadSpec(concurrency=1, seed=spec.seed))
+        first_turns = [replace(c, turns=c.turns[:1]) for c in warmup]
+        await run_load(target, first_turns, LoadSpec(concurrency=1, seed=spec.seed))
     stats = ServerStats(target)
     stats.start()
     total = None if spec.duration_s else sum(len(c.turns) for c in conversations)
@@ -60,7 +60,7 @@ def run_benchmark(
     target: Target,
     conversations: list[Conversation],
     spec: LoadSpec,
-    warmup: int,
+    warmup: list[Conversation],  # sent first, one at a time, not measured
     percentiles: tuple[float, ...],
     slo: SLO | None,
     num_devices: int,

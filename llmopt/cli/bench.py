@@ -153,18 +153,24 @@ def bench(
     except ValueError:
         raise UsageError(f"bad --percentiles '{percentiles}': use e.g. 50,90,99") from None
     slo_spec = SLO.parse(slo) if slo else None
-    conversations = _workload(
-        workload,
-        num_prompts,
-        input_len,
-        output_len,
-        range_ratio,
-        num_prefixes,
-        prefix_len,
-        dataset,
-        turns,
-        seed,
-    )
+
+    def conversations_for(seed: int) -> list[Conversation]:
+        return _workload(
+            workload,
+            num_prompts,
+            input_len,
+            output_len,
+            range_ratio,
+            num_prefixes,
+            prefix_len,
+            dataset,
+            turns,
+            seed,
+        )
+
+    # Each sweep point gets prompts of its own, and the warm-up others again: a prefix
+    # cache must not serve one measurement from an earlier one.
+    warm = conversations_for(seed + 1_000_003)[:warmup]
     points: list[tuple[str, float | None]] = [*_sweep(sweep)] or [("concurrency", concurrency)]
     runs: list[tuple[str, dict]] = []
     for name, args in _configs(compare):
@@ -175,7 +181,7 @@ def bench(
         )
         with server as target:
             target = Target(target.url, served_model or target.model, api_key, timeout)
-            for key, value in points:
+            for i, (key, value) in enumerate(points):
                 spec = LoadSpec(
                     concurrency=int(value) if key == "concurrency" and value else concurrency,
                     request_rate=value if key == "request-rate" else request_rate,
@@ -184,7 +190,15 @@ def bench(
                 )
                 label = name if len(points) == 1 else f"{name} {key}={value:g}"
                 summary, _ = run_benchmark(
-                    target, conversations, spec, warmup, pcts, slo_spec, num_devices, console, label
+                    target,
+                    conversations_for(seed + i),
+                    spec,
+                    warm,
+                    pcts,
+                    slo_spec,
+                    num_devices,
+                    console,
+                    label,
                 )
                 runs.append((label, summary))
     console.print(table(runs, pcts))

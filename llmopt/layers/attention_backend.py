@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+MAX_GROUP_DIM = 4096  # (query heads per KV head) x head_dim the native kernel holds (MAX_GD)
+
 
 @dataclass
 class PrefillChunk:
@@ -171,10 +173,11 @@ class NativeCpuAttention(TorchAttention):
         return None if lib is None else cls(lib)
 
     def _decode(self, q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
-        if d.contiguous is not None:
-            return super()._decode(q, k_cache, v_cache, d, scale)  # views: already free
-        q = q.contiguous()
         b, h, dim = q.shape
+        if d.contiguous is not None or h // k_cache.shape[1] * dim > MAX_GROUP_DIM:
+            # views (already free), or a head group too wide for the kernel
+            return super()._decode(q, k_cache, v_cache, d, scale)
+        q = q.contiguous()
         out = torch.empty_like(q)
         self.fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), d.slots.data_ptr(),
