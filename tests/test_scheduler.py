@@ -222,3 +222,31 @@ def test_static_and_dynamic_batches_run_to_completion() -> None:
         # Dynamic takes the lone request now; static waits for a full batch (or max_wait_s).
         expected = ["c"] if policy == "dynamic" else []
         assert [s.request_id for s in sched.schedule().seqs] == expected
+
+
+def test_a_prefix_in_flight_is_computed_once() -> None:
+    """Requests that arrive together with one long shared prompt: the first computes it,
+    the others wait for its blocks and then take them from the cache."""
+    bm = BlockManager(num_blocks=64, block_size=16)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32), bm)
+    shared = list(range(100, 164))  # 4 full blocks
+    seqs = [seq(f"r{i}", [*shared, 900 + i]) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    rng, done = random.Random(0), []
+    first = sched.schedule()
+    assert [s.request_id for s in first.seqs] == ["r0"]  # the others wait for r0's blocks
+    sched.computed(first)
+    while seqs[0].num_uncomputed_tokens:
+        sched.computed(sched.schedule())
+    seqs[0].append(1)
+    while len(sched.running) < 3:
+        run_step(sched, rng, done)
+    assert [s.num_cached_tokens for s in seqs[1:]] == [64, 64]
+    assert bm.hit_tokens == 128 and bm.miss_tokens == 65 + 1 + 1
+    # Without the prefix cache nothing is held back.
+    bm2 = BlockManager(num_blocks=64, block_size=16, prefix_cache=False)
+    sched2 = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256), bm2)
+    for i in range(3):
+        sched2.add(seq(f"s{i}", [*shared, 900 + i]))
+    assert len(sched2.schedule().seqs) == 3

@@ -78,6 +78,7 @@ async def send(
     pieces: list[str] = []
     chunks = 0
     last = start
+    done = False
     try:
         async with client.stream(
             "POST", target.chat_url, json=payload, headers=headers, timeout=target.timeout_s
@@ -93,6 +94,7 @@ async def send(
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 obj = json.loads(data)
                 if "error" in obj:
@@ -119,9 +121,13 @@ async def send(
     res.e2e = time.perf_counter() - start
     res.output_tokens = res.output_tokens or chunks  # a server without usage: chunks
     res.text = "".join(pieces)
-    res.ok = res.ttft is not None or res.output_tokens == 0
-    if not res.ok:
-        res.error = "the stream ended without output"
+    # A stream cut short (no [DONE]) or one without any text is a failure: every request
+    # asks for at least one token, and a benchmark must not count what it did not get.
+    if not done:
+        res.error = "the stream ended before [DONE]"
+    elif res.ttft is None:
+        res.error = "the response had no text"
+    res.ok = res.error is None
     return res
 
 

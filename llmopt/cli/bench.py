@@ -8,6 +8,7 @@ Exit code 1 when an --slo is missed, so that scripts can gate on it.
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -98,6 +99,55 @@ def _workload(
     raise UsageError(f"unknown --workload '{kind}'; use one of {', '.join(WORKLOADS)}")
 
 
+def _offline(
+    model: str | None,
+    pp: int,
+    tg: int,
+    batch: int,
+    repeats: int,
+    dtype: str,
+    threads: int | None,
+    seed: int,
+    as_json: bool,
+    output: Path | None,
+    console: Console,
+) -> None:
+    import torch
+    from rich.table import Table
+
+    from llmopt.bench.offline import offline_bench
+    from llmopt.bench.setup import machine_info
+    from llmopt.cli.run import set_threads
+    from llmopt.engine.llm import LLM
+
+    if min(pp, tg, batch, repeats) < 1:
+        raise UsageError("--pp, --tg, --batch and --repeats must be at least 1")
+    set_threads(threads)
+    llm = LLM(
+        model,
+        dtype=dtype,
+        max_num_seqs=max(batch, 1),
+        prefix_cache=False,
+        max_num_batched_tokens=max(pp, 512),
+    )
+    dtype_name = str(next(llm.loaded.model.parameters()).dtype).removeprefix("torch.")
+    result = (
+        {"model": llm.name, "dtype": dtype_name}
+        | offline_bench(llm.engine, pp, tg, batch, repeats, seed)
+        | machine_info(torch.get_num_threads())
+    )
+    t = Table("test", "tokens/s", header_style="bold")
+    for key, v in result.items():
+        if isinstance(v, dict):
+            t.add_row(key.removesuffix("_tokens_per_s"), f"{v['mean']:.2f} ± {v['std']:.2f}")
+    console.print(t)
+    text = json.dumps(result, indent=2)
+    if output is not None:
+        write(output, text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+
+
 def bench(
     model: str = typer.Argument(None, help="Local model to serve and measure (no --url)."),
     url: str = typer.Option(None, "--url", help="Measure this OpenAI-compatible server."),
@@ -129,9 +179,19 @@ def bench(
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV to stdout."),
     output: Path = typer.Option(None, "--output", "-o", help="Write .json or .csv here."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of the results here."),
+    offline: bool = typer.Option(False, "--offline", help="In-process engine: pp/tg/batch."),
+    pp: int = typer.Option(512, "--pp", help="--offline: prompt tokens to process."),
+    tg: int = typer.Option(128, "--tg", help="--offline: tokens to generate."),
+    batch: int = typer.Option(16, "--batch", help="--offline: sequences for batch tg."),
+    repeats: int = typer.Option(3, "--repeats", help="--offline: repetitions."),
+    dtype: str = typer.Option("auto", "--dtype", help="--offline: model dtype."),
+    threads: int = typer.Option(None, "--threads", help="--offline: torch threads."),
 ) -> None:
     """Measure TTFT, ITL, TPOT, latency percentiles and throughput of a server."""
     console = Console(stderr=True)
+    if offline:
+        _offline(model, pp, tg, batch, repeats, dtype, threads, seed, as_json, output, console)
+        return
     checks = [
         (num_prompts >= 1, "--num-prompts must be at least 1"),
         (concurrency is None or concurrency >= 1, "--concurrency must be at least 1"),

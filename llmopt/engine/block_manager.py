@@ -69,6 +69,10 @@ class BlockManager:
         self.evictable.pop(bid, None)
         self.blocks[bid].ref_count += 1
 
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """How many of seq's leading tokens the prefix cache holds now."""
+        return len(self._match_prefix(seq)) * self.block_size
+
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the longest prefix of seq's tokens. The last token
         is left out so that at least one token is computed (it yields the logits)."""

@@ -102,6 +102,8 @@ class Scheduler:
             if continuous and budget == 0:
                 break
             seq = self.waiting[0]
+            if self._prefix_in_flight(seq):
+                break  # admitted next step or so, as a cache hit (first come, first served)
             if not self.blocks.allocate(seq):
                 break
             self.waiting.popleft()
@@ -114,6 +116,21 @@ class Scheduler:
                 step.add(seq, n)
                 budget -= n
         return step
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Is a running sequence computing the next block of seq's prompt that the cache
+        lacks? Then seq waits for it rather than compute it again: 16 requests that
+        arrive together with one 1,000-token system prompt prefill it once, not 16 times."""
+        if not self.blocks.prefix_cache or not self.running:
+            return False
+        end = self.blocks.cached_prefix_tokens(seq) + self.blocks.block_size
+        if end > seq.num_tokens - 1:  # no full block left to share (the last token runs)
+            return False
+        prefix = seq.token_ids[:end]
+        return any(
+            r.num_computed_tokens < end <= r.num_tokens and r.token_ids[:end] == prefix
+            for r in self.running
+        )
 
     def _batch_ready(self) -> bool:
         if self.config.policy == "dynamic" or not self.waiting:
