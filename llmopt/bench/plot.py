@@ -21,7 +21,7 @@ def plot_runs(
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'llmopt[bench]'") from None
     names = [n for n, _ in runs]
-    stats = ["mean", "median", *(f"p{p:g}" for p in percentiles)]
+    stats = ["mean", "median", *(f"p{p:g}" for p in percentiles if p != 50)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     ax_tp, ax_ttft, ax_tpot = axes
     x = range(len(runs))

@@ -47,7 +47,8 @@ def table(runs: list[tuple[str, dict[str, Any]]], percentiles: tuple[float, ...]
         else:
             t.add_row(f"{label} ({unit})", *(_fmt(r.get(key, "")) for _, r in runs))
     for label, m in LATENCIES:
-        for stat in ["mean", "median", *(f"p{p:g}" for p in percentiles)]:
+        # median is p50; the JSON keeps both names, as vllm bench serve does
+        for stat in ["mean", "median", *(f"p{p:g}" for p in percentiles if p != 50)]:
             key = f"{stat}_{m}_ms"
             t.add_row(f"{label} {stat} (ms)", *(_fmt(r.get(key, "")) for _, r in runs))
     extras = sorted(
