@@ -254,3 +254,33 @@ def test_offline_pp_tg_batch(tiny_llama) -> None:
         assert out[key]["mean"] > 0 and out[key]["std"] >= 0
     assert out["repeats"] == 2 and out["dtype"] == "float32"
     assert bench(str(tiny_llama), "--offline", "--pp", "4096").exit_code == 5  # too long
+
+
+def test_chat_file_and_multi_turn_workloads(fake, tmp_path) -> None:
+    from llmopt.bench.workloads import chat_file_workload, multi_turn_workload
+
+    data = tmp_path / "chats.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Question {i}?"},
+            ]
+        }
+        for i in range(3)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    convs = chat_file_workload(data, output_len=8, limit=None)
+    assert len(convs) == 3 and convs[0].history == rows[0]["messages"][:1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    with pytest.raises(UsageError, match=r"bad\.jsonl:1"):
+        chat_file_workload(bad, 8, None)
+
+    turns = multi_turn_workload(2, turns=3, input_len=4, output_len=TOKENS, seed=0)
+    results, _ = asyncio.run(run_load(Target(fake.url, "m"), turns, LoadSpec(concurrency=2)))
+    assert len(results) == 6 and all(r.ok for r in results)  # every turn of both
+    r = bench(
+        "--url", fake.url, "--workload", "chat", "--dataset", str(data), "--warmup", "0", "--json"
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["completed"] == 3
