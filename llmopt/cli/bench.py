@@ -16,10 +16,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from llmopt.bench.loadgen import LoadSpec, Target
-from llmopt.bench.metrics import DEFAULT_PERCENTILES, SLO
-from llmopt.bench.report import failures, table, to_csv, to_json, write
-from llmopt.bench.serving import local_server, run_benchmark
 from llmopt.bench.workloads import (
     Conversation,
     chat_file_workload,
@@ -116,6 +112,7 @@ def _offline(
     from rich.table import Table
 
     from llmopt.bench.offline import offline_bench
+    from llmopt.bench.report import write
     from llmopt.bench.setup import machine_info
     from llmopt.cli.run import set_threads
     from llmopt.engine.llm import LLM
@@ -188,6 +185,12 @@ def bench(
     threads: int = typer.Option(None, "--threads", help="--offline: torch threads."),
 ) -> None:
     """Measure TTFT, ITL, TPOT, latency percentiles and throughput of a server."""
+    # Imported here: the HTTP client and reports are not needed by other commands.
+    from llmopt.bench.loadgen import LoadSpec, Target
+    from llmopt.bench.metrics import DEFAULT_PERCENTILES, SLO
+    from llmopt.bench.report import failures, table, to_csv, to_json, write
+    from llmopt.bench.serving import local_server, run_benchmark
+
     console = Console(stderr=True)
     if offline:
         _offline(model, pp, tg, batch, repeats, dtype, threads, seed, as_json, output, console)
