@@ -269,7 +269,8 @@ def bench(
     if plot is not None:
         from llmopt.bench.plot import plot_runs
 
-        plot_runs(runs, pcts, plot)
+        swept = sweep is not None and compare is None  # one line per configuration otherwise
+        plot_runs(runs, pcts, plot, (points[0][0], [v for _, v in points]) if swept else None)
     if output is not None:
         write(output, to_csv(runs) if output.suffix == ".csv" else to_json(runs) + "\n")
     if as_json:
