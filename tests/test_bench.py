@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import math
 
 import pytest
 from fastapi import FastAPI, Request
@@ -284,3 +285,38 @@ def test_chat_file_and_multi_turn_workloads(fake, tmp_path) -> None:
         "--url", fake.url, "--workload", "chat", "--dataset", str(data), "--warmup", "0", "--json"
     )
     assert r.exit_code == 0 and json.loads(r.stdout)["completed"] == 3
+
+
+def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.bench.perplexity import default_text, perplexity
+    from llmopt.engine.llm import LLM
+
+    llm = LLM(str(tiny_llama), dtype="float32", prefix_cache=False, kv_cache_memory=0.05)
+    ids = llm.loaded.tokenizer.encode(default_text())[:300]
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = ref(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    whole = perplexity(llm.engine, ids, window=512, stride=256)  # one window
+    assert whole["scored_tokens"] == 299
+    assert whole["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    sliding = perplexity(llm.engine, ids, window=128, stride=64)
+    assert sliding["scored_tokens"] == 299  # every token once, whatever the windows
+    assert sliding["perplexity"] == pytest.approx(whole["perplexity"], rel=0.2)
+    r = bench(
+        str(tiny_llama),
+        "--perplexity",
+        "--ppl-tokens",
+        "100",
+        "--window",
+        "64",
+        "--dtype",
+        "float32",
+        "--json",
+    )
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["scored_tokens"] == 99
+    missing = bench(str(tiny_llama), "--perplexity", "--text", "/nonexistent.txt")
+    assert missing.exit_code == 2 and "cannot read" in missing.stderr

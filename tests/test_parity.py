@@ -11,8 +11,7 @@ from rich.console import Console
 from llmopt.engine.engine import Engine
 from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import SchedulerConfig, Step
-from llmopt.engine.sequence import Sequence
+from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.store.store import Store
 from tests.conftest import write_tiny_model
@@ -41,15 +40,7 @@ def engine_for(loaded: LoadedModel, **scheduler) -> Engine:
 
 def full_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     """Logits at every position from our model in one prefill: (T, V)."""
-    engine = engine_for(loaded)
-    seq = Sequence.from_prompt("x", ids, SamplingParams())
-    assert engine.blocks.allocate(seq)
-    step = Step()
-    step.add(seq, len(ids))
-    _, _, inputs = engine.runner.prepare(step)
-    with torch.inference_mode():
-        hidden = loaded.model(cache=engine.runner.cache, **inputs)
-        return loaded.model.logits(hidden)
+    return engine_for(loaded).prompt_logits(ids)
 
 
 def greedy_ids(loaded: LoadedModel, ids: list[int], n: int, **scheduler) -> list[int]:

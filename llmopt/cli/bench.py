@@ -95,6 +95,43 @@ def _workload(
     raise UsageError(f"unknown --workload '{kind}'; use one of {', '.join(WORKLOADS)}")
 
 
+def _perplexity(
+    model: str | None,
+    text: Path | None,
+    tokens: int,
+    window: int,
+    stride: int,
+    dtype: str,
+    threads: int | None,
+    as_json: bool,
+    output: Path | None,
+    console: Console,
+) -> None:
+    from llmopt.bench.perplexity import perplexity, read_text
+    from llmopt.bench.report import write
+    from llmopt.cli.run import set_threads
+    from llmopt.engine.llm import LLM
+
+    if min(tokens, window) < 2:
+        raise UsageError("--ppl-tokens and --window must be at least 2")
+    set_threads(threads)
+    llm = LLM(model, dtype=dtype, prefix_cache=False)
+    ids = llm.loaded.tokenizer.encode(read_text(text))[:tokens]
+    window = min(window, llm.engine.max_context, llm.engine.kv_capacity_tokens)
+    stride = min(stride or max(1, window // 2), window)
+    result = {"model": llm.name} | perplexity(llm.engine, ids, window, stride)
+    console.print(
+        f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "
+        f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",
+        highlight=False,
+    )
+    out = json.dumps(result, indent=2)
+    if output is not None:
+        write(output, out + "\n")
+    if as_json:
+        sys.stdout.write(out + "\n")
+
+
 def _offline(
     model: str | None,
     pp: int,
@@ -183,6 +220,17 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="--offline: repetitions."),
     dtype: str = typer.Option("auto", "--dtype", help="--offline: model dtype."),
     threads: int = typer.Option(None, "--threads", help="--offline: torch threads."),
+    perplexity: bool = typer.Option(False, "--perplexity", help="Perplexity of MODEL."),
+    text: Path = typer.Option(
+        None,
+        "--text",
+        help="--perplexity: text file (default: held-out half of pydoc_data.topics).",
+    ),
+    ppl_tokens: int = typer.Option(8192, "--ppl-tokens", help="--perplexity: tokens scored."),
+    window: int = typer.Option(1024, "--window", help="--perplexity: window tokens."),
+    stride: int = typer.Option(
+        None, "--stride", help="--perplexity: window step (default: half the window)."
+    ),
 ) -> None:
     """Measure TTFT, ITL, TPOT, latency percentiles and throughput of a server."""
     # Imported here: the HTTP client and reports are not needed by other commands.
@@ -192,6 +240,11 @@ def bench(
     from llmopt.bench.serving import local_server, run_benchmark
 
     console = Console(stderr=True)
+    if perplexity:
+        _perplexity(
+            model, text, ppl_tokens, window, stride, dtype, threads, as_json, output, console
+        )
+        return
     if offline:
         _offline(model, pp, tg, batch, repeats, dtype, threads, seed, as_json, output, console)
         return

@@ -22,7 +22,7 @@ from llmopt.engine.outputs import Delta, RequestStats, TokenLogprob
 from llmopt.engine.runner import Runner
 from llmopt.engine.sampler import make_generator, sample, token_logprob
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import Scheduler, SchedulerConfig
+from llmopt.engine.scheduler import Scheduler, SchedulerConfig, Step
 from llmopt.engine.sequence import Sequence, SequenceStatus
 from llmopt.engine.stop import StopMatcher
 from llmopt.errors import ContextLengthError
@@ -201,6 +201,26 @@ class Engine:
         if req.finished:
             del self.requests[request_id]
         return out
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token logits (T, V) fp32 at every position of one text, in one prefill
+        outside the schedule (for scoring: perplexity, parity). Needs an idle engine."""
+        if self.has_unfinished():
+            raise RuntimeError("prompt_logits needs an engine with no requests in flight")
+        self.check_fits(len(token_ids), None)
+        seq = Sequence.from_prompt("score", token_ids, SamplingParams())
+        if not self.blocks.allocate(seq):
+            raise ContextLengthError(f"{len(token_ids)} tokens do not fit the free KV cache")
+        try:
+            seq.num_computed_tokens = 0  # score every position, cached prefix or not
+            step = Step()
+            step.add(seq, len(token_ids))
+            _, _, inputs = self.runner.prepare(step)
+            with torch.inference_mode():
+                hidden = self.runner.model(cache=self.runner.cache, **inputs)
+                return self.runner.model.logits(hidden)
+        finally:
+            self.blocks.free(seq)
 
     def generate(
         self,
