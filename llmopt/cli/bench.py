@@ -95,6 +95,17 @@ def _workload(
     raise UsageError(f"unknown --workload '{kind}'; use one of {', '.join(WORKLOADS)}")
 
 
+def _emit(result: dict, as_json: bool, output: Path | None) -> None:
+    """One result object as JSON: to --output (atomically) and/or stdout."""
+    from llmopt.bench.report import write
+
+    text = json.dumps(result, indent=2) + "\n"
+    if output is not None:
+        write(output, text)
+    if as_json:
+        sys.stdout.write(text)
+
+
 def _perplexity(
     model: str | None,
     text: Path | None,
@@ -108,7 +119,6 @@ def _perplexity(
     console: Console,
 ) -> None:
     from llmopt.bench.perplexity import perplexity, read_text
-    from llmopt.bench.report import write
     from llmopt.cli.run import set_threads
     from llmopt.engine.llm import LLM
 
@@ -125,11 +135,7 @@ def _perplexity(
         f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",
         highlight=False,
     )
-    out = json.dumps(result, indent=2)
-    if output is not None:
-        write(output, out + "\n")
-    if as_json:
-        sys.stdout.write(out + "\n")
+    _emit(result, as_json, output)
 
 
 def _offline(
@@ -149,7 +155,6 @@ def _offline(
     from rich.table import Table
 
     from llmopt.bench.offline import offline_bench
-    from llmopt.bench.report import write
     from llmopt.bench.setup import machine_info
     from llmopt.cli.run import set_threads
     from llmopt.engine.llm import LLM
@@ -175,11 +180,7 @@ def _offline(
         if isinstance(v, dict):
             t.add_row(key.removesuffix("_tokens_per_s"), f"{v['mean']:.2f} ± {v['std']:.2f}")
     console.print(t)
-    text = json.dumps(result, indent=2)
-    if output is not None:
-        write(output, text + "\n")
-    if as_json:
-        sys.stdout.write(text + "\n")
+    _emit(result, as_json, output)
 
 
 def bench(

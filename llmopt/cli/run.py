@@ -12,6 +12,7 @@ import torch
 import typer
 from rich.console import Console
 
+from llmopt.cli import options
 from llmopt.cli.chat import Chat
 from llmopt.device import resolve_device, resolve_dtype
 from llmopt.engine.engine import Engine
@@ -88,13 +89,11 @@ def run(
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, no chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
-    ctx_size: int = typer.Option(None, "--ctx-size", help="Cap the context length."),
-    kv_cache_memory: float = typer.Option(
-        None, "--kv-cache-memory", help="GB for the KV cache (default: 10% of free RAM)."
-    ),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    ctx_size: int = options.CTX_SIZE,
+    kv_cache_memory: float = options.KV_CACHE_MEMORY,
+    threads: int = options.THREADS,
 ) -> None:
     """Chat with a model, or answer one prompt (argument or piped stdin) and exit."""
     console = Console(stderr=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from llmopt.cli import options
 from llmopt.cli.run import check_engine_options, set_threads
 from llmopt.config import ServerConfig
 from llmopt.engine.async_engine import AsyncEngine
@@ -45,13 +46,11 @@ def serve(
         None, "--api-key", envvar="LLMOPT_API_KEY", help="Require 'Authorization: Bearer KEY'."
     ),
     served_name: str = typer.Option(None, "--served-model-name", help="Model id for clients."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
-    ctx_size: int = typer.Option(None, "--ctx-size", help="Cap the context length."),
-    kv_cache_memory: float = typer.Option(
-        None, "--kv-cache-memory", help="GB for the KV cache (default: 10% of free RAM)."
-    ),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    ctx_size: int = options.CTX_SIZE,
+    kv_cache_memory: float = options.KV_CACHE_MEMORY,
+    threads: int = options.THREADS,
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most requests in a batch."),
     max_num_batched_tokens: int = typer.Option(
         512, "--max-num-batched-tokens", help="Token budget of one step (prefill chunk size)."

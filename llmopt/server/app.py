@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -37,11 +35,14 @@ from llmopt.server.openai_format import (
     sse,
     usage,
 )
-from llmopt.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from llmopt.server.protocol import cache_key_text as canonical
+from llmopt.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    cache_key_text,
+)
 from llmopt.server.response_cache import ResponseCache, digest
 
-log = logging.getLogger("llmopt.server")
 CACHE_HEADER = "X-Llmopt-Cache"  # hit-exact | hit-semantic | miss | off
 
 
@@ -50,8 +51,8 @@ class _CacheQuery:
     (everything but the last message) and the text to embed (the last message)."""
 
     def __init__(self, context: Any, query_text: str) -> None:
-        self.context = digest(canonical(context))
-        self.key = digest(canonical([context, query_text]))
+        self.context = digest(cache_key_text(context))
+        self.key = digest(cache_key_text([context, query_text]))
         self.query_text = query_text
 
 
@@ -265,7 +266,7 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(server: Server) -> FastAPI:
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         server.engine.shutdown()  # after uvicorn has drained in-flight requests

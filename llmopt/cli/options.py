@@ -1,0 +1,13 @@
+"""Engine options shared by the commands that load a model (run, serve)."""
+
+from __future__ import annotations
+
+import typer
+
+DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
+CTX_SIZE = typer.Option(None, "--ctx-size", help="Cap the context length.")
+KV_CACHE_MEMORY = typer.Option(
+    None, "--kv-cache-memory", help="GB for the KV cache (default: 10% of free RAM)."
+)
+THREADS = typer.Option(None, "--threads", help="CPU threads for torch.")
