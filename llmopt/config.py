@@ -33,6 +33,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    quantization: dict[str, Any] | None = None  # config.json's quantization_config
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -72,6 +73,7 @@ class ModelConfig:
                 sliding_window=_sliding_window(cfg),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                quantization=cfg.get("quantization_config"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"config.json is missing or has a bad field: {e}") from e

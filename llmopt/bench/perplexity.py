@@ -21,6 +21,7 @@ import torch
 
 from llmopt.engine.engine import Engine
 from llmopt.errors import UsageError
+from llmopt.tokenizer import Tokenizer
 
 
 def default_text() -> str:
@@ -68,3 +69,16 @@ def perplexity(engine: Engine, ids: list[int], window: int, stride: int) -> dict
         "stride": stride,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def evaluate(
+    engine: Engine, tokenizer: Tokenizer, text: str, tokens: int, window: int, stride: int | None
+) -> dict[str, Any]:
+    """Perplexity of the first `tokens` tokens of `text`, the window capped by what the
+    engine holds and the stride defaulting to half the window."""
+    if min(tokens, window) < 2:
+        raise UsageError("--ppl-tokens and --window must be at least 2")
+    ids = tokenizer.encode(text)[:tokens]
+    window = min(window, engine.max_context, engine.kv_capacity_tokens)
+    stride = min(stride or max(1, window // 2), window)
+    return perplexity(engine, ids, window, stride)

@@ -118,18 +118,14 @@ def _perplexity(
     output: Path | None,
     console: Console,
 ) -> None:
-    from llmopt.bench.perplexity import perplexity, read_text
+    from llmopt.bench.perplexity import evaluate, read_text
     from llmopt.cli.run import set_threads
     from llmopt.engine.llm import LLM
 
-    if min(tokens, window) < 2:
-        raise UsageError("--ppl-tokens and --window must be at least 2")
     set_threads(threads)
     llm = LLM(model, dtype=dtype, prefix_cache=False)
-    ids = llm.loaded.tokenizer.encode(read_text(text))[:tokens]
-    window = min(window, llm.engine.max_context, llm.engine.kv_capacity_tokens)
-    stride = min(stride or max(1, window // 2), window)
-    result = {"model": llm.name} | perplexity(llm.engine, ids, window, stride)
+    scores = evaluate(llm.engine, llm.loaded.tokenizer, read_text(text), tokens, window, stride)
+    result = {"model": llm.name} | scores
     console.print(
         f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "
         f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",

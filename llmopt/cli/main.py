@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from llmopt.cli import bench, models, pull, run, serve
+from llmopt.cli import bench, models, pull, quantize, run, serve
 from llmopt.errors import LlmoptError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+app.command("quantize")(_user_errors(quantize.quantize))
 app.command("run")(_user_errors(run.run))
 app.command("serve")(_user_errors(serve.serve))
 app.command("bench")(_user_errors(bench.bench))

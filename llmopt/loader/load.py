@@ -11,6 +11,7 @@ from rich.console import Console
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, ModelNotFoundError
 from llmopt.loader.hf import read_config, read_tensors
+from llmopt.loader.quantized import unpack_checkpoint
 from llmopt.models.registry import builder_for
 from llmopt.store.store import Store
 from llmopt.tokenizer import Tokenizer
@@ -55,7 +56,9 @@ def load_model(
     cfg = read_config(folder)
     build = builder_for(cfg.architecture)
     tokenizer = Tokenizer(folder)
-    model = build(cfg, read_tensors(folder), dtype, device)
+    tensors = read_tensors(folder)
+    weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
+    model = build(cfg, weights, dtype, device)
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)

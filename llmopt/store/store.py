@@ -52,6 +52,8 @@ class Store:
 
     def local_path(self, entry: ModelEntry) -> Path:
         """Where the model lives once pulled: the file for GGUF, the folder for HF."""
+        if entry.local_source is not None:
+            return entry.local_source
         d = self.model_dir(entry.name)
         return d / entry.file if entry.file else d
 
@@ -71,6 +73,8 @@ class Store:
 
     def remove(self, name: str) -> Path:
         entry = self.registry.get(name)
+        if entry.local_source is not None:
+            return self._remove_local(entry, entry.local_source)
         d = self.model_dir(name)
         if not d.exists():
             raise ModelNotFoundError(f"'{name}' is not in the store ({self.models_dir})")
@@ -79,6 +83,18 @@ class Store:
             shutil.rmtree(self.converted_dir(target), ignore_errors=True)
         shutil.rmtree(d)
         return d
+
+    def _remove_local(self, entry: ModelEntry, path: Path) -> Path:
+        """A model llmopt made: delete its file or folder and its registry entry."""
+        from llmopt.store.local_registry import unregister
+
+        if path.is_file():
+            shutil.rmtree(self.converted_dir(path), ignore_errors=True)
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        unregister(self.home, entry.name)
+        return path
 
     def converted_dir(self, gguf: Path) -> Path:
         """The conversion cache of a GGUF file; a changed file gets a new key."""

@@ -1,0 +1,199 @@
+"""`llmopt quantize MODEL (--int8 | --int4)`: quantize, write, report, register.
+
+Progress and the report go to stderr; `--json` prints the report as one JSON object
+on stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from llmopt.cli.options import THREADS
+from llmopt.errors import UsageError
+from llmopt.quant.spec import QuantSpec, default_group_size
+
+FORMATS = ("llmopt", "gptq", "awq", "gguf")
+
+
+def _perplexity(path: Path, tokens: int, console: Console) -> float:
+    from llmopt.bench.perplexity import default_text, evaluate
+    from llmopt.engine.llm import LLM
+
+    llm = LLM(path, dtype="float32", prefix_cache=False)
+    with console.status(f"Perplexity of {path.name} on {tokens} held-out tokens"):
+        return evaluate(llm.engine, llm.loaded.tokenizer, default_text(), tokens, 1024, 512)[
+            "perplexity"
+        ]
+
+
+def _check_format(fmt: str, spec: QuantSpec) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if fmt == "awq" and (spec.bits != 4 or spec.sym):
+        raise UsageError("--format awq holds 4-bit weights with zero points: use --int4")
+    if fmt == "gguf" and spec.method != "rtn":
+        raise UsageError(
+            "--format gguf quantizes with llama.cpp's own block formats (--gguf-type); "
+            "use --method rtn, or --format llmopt|gptq|awq for GPTQ and AWQ"
+        )
+
+
+def quantize(
+    model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
+    int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
+    int4: bool = typer.Option(False, "--int4", help="4-bit weights in groups (default GPTQ)."),
+    method: str = typer.Option(None, "--method", help="rtn, gptq or awq (int4: gptq; int8: rtn)."),
+    group_size: int = typer.Option(
+        None,
+        "--group-size",
+        help="Input channels per scale (int4: 128, or 64/32 if 128 does "
+        "not divide the model's widths; 0: one per row).",
+    ),
+    sym: bool = typer.Option(None, "--sym/--asym", help="Symmetric grid (int8: yes; int4: no)."),
+    calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens."),
+    fmt: str = typer.Option("llmopt", "--format", help="llmopt, gptq, awq or gguf."),
+    gguf_type: str = typer.Option(None, "--gguf-type", help="gguf: Q8_0, Q4_0, Q4_K_M, ..."),
+    output: Path = typer.Option(None, "-o", "--output", help="Output folder (.gguf file)."),
+    name: str = typer.Option(None, "--name", help="Registry name (default: from the source)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Perplexity before and after."),
+    ppl_tokens: int = typer.Option(2048, "--ppl-tokens", help="Held-out tokens to score."),
+    threads: int = THREADS,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Quantize a model to int8 or int4 (RTN, GPTQ, AWQ; or GGUF), report size and quality."""
+    from llmopt.cli.run import set_threads
+    from llmopt.loader.hf import read_config
+    from llmopt.loader.load import hf_folder_for
+    from llmopt.store.resolve import resolve
+    from llmopt.store.store import Store
+
+    console = Console(stderr=True)
+    if int8 == int4:
+        raise UsageError("choose one of --int8 or --int4")
+    if calib_tokens < 1 or ppl_tokens < 2:
+        raise UsageError("--calib-tokens must be positive and --ppl-tokens at least 2")
+    set_threads(threads)
+    bits = 8 if int8 else 4
+    store = Store()
+    src_name, src_path = resolve(model, store, console)
+    folder = hf_folder_for(src_path, store, console)
+    cfg = read_config(folder)
+    spec = QuantSpec(
+        bits=bits,
+        method=method or ("gptq" if bits == 4 else "rtn"),
+        group_size=default_group_size(cfg, bits) if group_size is None else group_size,
+        sym=(bits == 8) if sym is None else sym,
+    )
+    _check_format(fmt, spec)
+    if fmt == "gguf":
+        gguf_type = (gguf_type or ("Q8_0" if bits == 8 else "Q4_0")).upper()
+    elif gguf_type:
+        raise UsageError("--gguf-type goes with --format gguf")
+    label = (
+        gguf_type.lower() if fmt == "gguf" else spec.label + ("" if fmt == "llmopt" else f"-{fmt}")
+    )
+    name = name or f"{Path(src_name).stem.removesuffix('-hf')}-{label}"
+    out = (output or store.model_dir(name) / (f"{name}.gguf" if fmt == "gguf" else "")).expanduser()
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    calib_text = _read_calib(calib) if spec.method != "rtn" else ""
+    report: dict[str, Any] = {"source": src_name, "output": str(out), "name": name, "format": fmt}
+    if fmt == "gguf":
+        report |= _quantize_gguf(folder, out, gguf_type, threads)
+    else:
+        report |= _quantize_checkpoint(folder, out, spec, fmt, calib_text, calib_tokens, console)
+    if evaluate:
+        before = _perplexity(folder, ppl_tokens, console)
+        after = _perplexity(out, ppl_tokens, console)
+        report |= {
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "perplexity_change_pct": 100 * (after / before - 1),
+            "ppl_tokens": ppl_tokens,
+        }
+    _register(store, name, out, fmt, label, src_name)
+    _print_report(report, console)
+    if as_json:
+        print(json.dumps(report))
+
+
+def _read_calib(path: Path | None) -> str:
+    from llmopt.quant.calibration import default_calibration_text
+
+    if path is None:
+        return default_calibration_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --calib {path}: {e}") from None
+    if not text.strip():
+        raise UsageError(f"--calib {path} is empty")
+    return text
+
+
+def _quantize_checkpoint(
+    folder: Path, out: Path, spec: QuantSpec, fmt: str, text: str, tokens: int, console: Console
+) -> dict[str, Any]:
+    from llmopt.quant.pipeline import quantize_folder
+
+    r = quantize_folder(folder, out, spec, fmt, text, tokens, console)
+    return {
+        "method": spec.method,
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        "params_quantized": r.params_quantized,
+        "linear_bytes_bf16": r.bytes_before,
+        "linear_bytes": r.bytes_after,
+        "linear_ratio": r.bytes_after / r.bytes_before,
+        "bytes_per_param": r.bytes_after / r.params_quantized,
+        "other_bytes": r.dense_bytes,
+        "file_bytes": r.file_bytes,
+        "seconds": r.seconds,
+    }
+
+
+def _quantize_gguf(folder: Path, out: Path, qtype: str, threads: int | None) -> dict[str, Any]:
+    from llmopt.quant.gguf_export import export_gguf
+
+    export_gguf(folder, out, qtype, threads)
+    return {"gguf_type": qtype, "file_bytes": out.stat().st_size}
+
+
+def _register(store: Any, name: str, out: Path, fmt: str, label: str, source: str) -> None:
+    from llmopt.store.local_registry import register
+
+    entry = {
+        "description": f"{source} quantized by llmopt ({label})",
+        "format": "gguf" if fmt == "gguf" else "hf",
+        "quantization": label,
+        "file": out.name if fmt == "gguf" else None,
+        "sources": [{"local": str(out.resolve())}],
+    }
+    register(store.home, name, entry)
+
+
+def _print_report(r: dict[str, Any], console: Console) -> None:
+    mb = 1e6
+    lines = [f"wrote {r['output']} ({r['file_bytes'] / mb:.1f} MB), registered as {r['name']}"]
+    if "linear_bytes" in r:
+        lines.append(
+            f"linear weights: {r['linear_bytes_bf16'] / mb:.1f} MB in bf16 -> "
+            f"{r['linear_bytes'] / mb:.1f} MB ({r['linear_ratio']:.3f}x, "
+            f"{r['bytes_per_param']:.3f} bytes/param); embeddings and norms "
+            f"{r['other_bytes'] / mb:.1f} MB, not quantized"
+        )
+    if "perplexity_after" in r:
+        lines.append(
+            f"perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f} "
+            f"({r['perplexity_change_pct']:+.2f}%) on {r['ppl_tokens']} held-out tokens"
+        )
+    for line in lines:
+        console.print(line, highlight=False)

@@ -1,0 +1,123 @@
+"""Weight-only int8 / int4 linear layers: y = x dequant(W)^T (+ b).
+
+Kernel choice by device and rows (measured on the 2-core AVX2 machine, see
+BENCHMARKS.md): torch's packed CPU kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) beat a bf16 matmul only with bf16 activations and
+few rows, where decode is bound by reading weights; with fp32 activations they are
+4-8x slower than fp32, and from a few rows on a dense fp32 GEMM wins. So:
+
+- CPU, fewer than UPCAST_MIN_ROWS rows: the packed kernel, activations in bf16.
+- otherwise (prefill, batched decode, CUDA, layouts the kernels do not take): the
+  weight is dequantized into a reused scratch buffer and multiplied densely.
+
+Storage stays int8/int4 either way: the dense copy lives only for one call.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmopt.layers.linear import UPCAST_MIN_ROWS
+from llmopt.quant.qweight import QuantizedWeight
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
+_scratch = threading.local()
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, device)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
+        # Dequantization operands, kept for every path: (out, in) uint8 codes and the
+        # per-group affine terms w = q * scale + offset, offset = -zero * scale.
+        self.register_buffer("q", qw.q.to(device))
+        self.register_buffer("scale", qw.scale.float().to(device))  # (out, G)
+        self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
+        self.perm = None if qw.perm is None else qw.perm.to(device)
+        self.kernel = self._pack_cpu_kernel(qw) if device.type == "cpu" else None
+
+    def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
+        """Prepare torch's packed operand for this weight if a CPU kernel takes it, and
+        drop the plain codes where the packed operand can give them back."""
+        if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
+            # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
+            self.register_buffer("w8", (qw.q.to(torch.int16) - 128).to(torch.int8))
+            self.register_buffer("s8", qw.scale[:, 0].to(torch.bfloat16))
+            self.q = None
+            return "int8"
+        if self.bits == 4 and qw.group_size in INT4_GROUPS and self.in_features % 64 == 0:
+            w4 = torch._convert_weight_to_int4pack_for_cpu(qw.q.to(torch.int32), 2)
+            self.register_buffer("w4", w4)
+            # The kernel computes w = (q - 8) * scale + zero_term.
+            zero_term = (8 - qw.zero) * qw.scale  # (out, G)
+            sz = torch.stack([qw.scale.T, zero_term.T], dim=-1)  # (G, out, 2)
+            self.register_buffer("sz4", sz.to(torch.bfloat16).contiguous())
+            if self.out_features % 32 == 0 and torch.equal(_int4pack_codes(w4, *qw.shape), qw.q):
+                self.q = None  # half the memory: the dense path unpacks w4 instead
+            return "int4"
+        return None
+
+    def codes(self) -> torch.Tensor:
+        """(out, in) integer codes q with w = (q - zero) * scale."""
+        if self.q is not None:
+            return self.q
+        if self.kernel == "int8":
+            return self.w8.to(torch.int16) + 128
+        return _int4pack_codes(self.w4, self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, in) weight in `dtype`, written into a per-thread scratch buffer."""
+        out, n, g = self.out_features, self.in_features, self.group_size
+        w = _buffer(out * n, dtype, self.scale.device).view(out, n // g, g)
+        w.copy_(self.codes().view(out, n // g, g))
+        w.mul_(self.scale[..., None].to(dtype)).add_(self.offset[..., None].to(dtype))
+        return w.view(out, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.kernel is not None and x.shape[0] < UPCAST_MIN_ROWS:
+            xb = x.to(torch.bfloat16)
+            if self.kernel == "int8":
+                y = torch._weight_int8pack_mm(xb, self.w8, self.s8)
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(xb, self.w4, self.group_size, self.sz4)
+            y = y.to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+        y = F.linear(x.to(dtype), self.dequantize(dtype), self.bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, int{self.bits}, "
+            f"group={self.group_size}, kernel={self.kernel or 'dequantize'}"
+        )
+
+
+def _int4pack_codes(w4: torch.Tensor, out: int, n: int) -> torch.Tensor:
+    """Codes (out, in) uint8 back from torch's CPU int4 packing (torch 2.13): blocks of
+    32 rows; per input column 16 bytes, byte j holding row j (low nibble) and row
+    j + 16 (high). The constructor checks this against the codes before relying on it."""
+    v = w4.view(out // 32, n, 16)
+    rows = torch.cat([v & 0x0F, v >> 4], dim=2)  # (out / 32, in, 32)
+    return rows.permute(0, 2, 1).reshape(out, n)

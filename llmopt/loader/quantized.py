@@ -1,0 +1,40 @@
+"""Quantized checkpoints (ours, GPTQ, AWQ): the packed tensors of each linear back
+to one QuantizedWeight under the linear's Hugging Face weight name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmopt.errors import ModelFormatError
+from llmopt.quant.layouts import layout_for
+from llmopt.quant.qweight import QuantizedWeight
+
+Weights = dict[str, torch.Tensor | QuantizedWeight]
+
+
+def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) -> Weights:
+    """`<linear>.qweight` and its siblings -> `<linear>.weight`: QuantizedWeight."""
+    layout = layout_for(str(qcfg.get("quant_method", "")))
+    prefixes = [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]
+    if not prefixes:
+        raise ModelFormatError("config.json declares quantization but no tensor is quantized")
+    out: Weights = dict(tensors)
+    for prefix in prefixes:
+        parts = {}
+        for suffix in layout.SUFFIXES:
+            t = out.pop(f"{prefix}.{suffix}", None)
+            if t is not None:
+                parts[suffix] = t
+        for extra in ("perm",):
+            if f"{prefix}.{extra}" in out:
+                parts[extra] = out.pop(f"{prefix}.{extra}")
+        missing = [s for s in ("qweight", "scales", "qzeros") if s not in parts]
+        if missing:
+            raise ModelFormatError(f"quantized weight {prefix} lacks {', '.join(missing)}")
+        try:
+            out[f"{prefix}.weight"] = layout.unpack(parts, qcfg)
+        except (RuntimeError, ValueError) as e:
+            raise ModelFormatError(f"quantized weight {prefix} is malformed: {e}") from e
+    return out

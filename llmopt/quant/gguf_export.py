@@ -1,0 +1,245 @@
+"""Export a Hugging Face Llama-family folder to a GGUF file that llama.cpp runs.
+
+Two routes, by quantization type:
+- F32, F16, BF16, Q8_0, Q4_0, Q4_1 are written here with the `gguf` package, one
+  tensor in memory at a time.
+- K-quants and the other llama.cpp types: a lossless GGUF (in the weights' own
+  dtype) goes to a temporary file, then llama.cpp's quantizer (through
+  llama-cpp-python) picks per-tensor types, e.g. Q6_K for some ffn_down in Q4_K_M.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quant_shape_to_byte_shape, quantize
+
+from llmopt.config import ModelConfig
+from llmopt.errors import ModelFormatError, UsageError
+from llmopt.layers.rotary import inv_frequencies
+from llmopt.loader.atomic import atomic_file
+from llmopt.loader.gguf import _NAMES
+from llmopt.loader.hf import read_config, safetensor_files
+from llmopt.quant.gguf_vocab import add_vocab
+
+PYTHON_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# llama.cpp file types that need no importance matrix (see LLAMA_FTYPE_MOSTLY_*).
+LLAMA_CPP_QTYPES = (
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
+    "Q5_K_M", "Q6_K", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS",
+)  # fmt: skip
+
+# Hugging Face `architectures` -> GGUF architecture. llama.cpp has no architecture of
+# its own for Mistral 7B-style models: they are Llama with a sliding window.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+# Hugging Face tensor name -> GGUF name, the reader's table turned around.
+_GGUF_NAMES = {hf: name for name, hf in _NAMES.items()}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_SKIPPED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some old checkpoints saved
+
+
+class _Tensor(NamedTuple):
+    name: str  # GGUF name
+    shape: tuple[int, ...]
+    qtype: Q
+    load: Callable[[], np.ndarray]  # fp32 values in llama.cpp's layout
+
+
+def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None) -> Path:
+    """Write `folder` as a GGUF file at `out`, quantized to `qtype`; return `out`.
+
+    `threads` is for llama.cpp's quantizer (default: all cores); the `gguf` route is numpy.
+    """
+    key = qtype.upper()
+    if key not in PYTHON_QTYPES + LLAMA_CPP_QTYPES:
+        raise UsageError(
+            f"unknown GGUF type '{qtype}'; valid: {', '.join(PYTHON_QTYPES + LLAMA_CPP_QTYPES)}"
+        )
+    cfg = read_config(folder)
+    if cfg.architecture not in ARCHITECTURES:
+        raise ModelFormatError(
+            f"GGUF export does not support architecture '{cfg.architecture}'; supported: "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    if key in PYTHON_QTYPES:
+        with atomic_file(out) as tmp:
+            _write(folder, cfg, tmp, key)
+        return out
+    llama_cpp = _import_llama_cpp()
+    with (
+        atomic_file(out) as tmp,
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch,
+    ):
+        lossless = Path(scratch) / "lossless.gguf"
+        _write(folder, cfg, lossless, _source_dtype(folder))
+        _llama_quantize(llama_cpp, lossless, tmp, key, threads)
+    return out
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UsageError(
+            "K-quants and other llama.cpp types need llama.cpp: pip install llama-cpp-python "
+            f"(or use {', '.join(PYTHON_QTYPES)}, which need only gguf)"
+        ) from None
+    return llama_cpp
+
+
+def _llama_quantize(llama_cpp: Any, src: Path, dst: Path, qtype: str, threads: int | None) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = threads or 0  # 0: llama.cpp uses every core
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)):
+        raise ModelFormatError(f"llama.cpp could not quantize to {qtype}; its log says why")
+
+
+def _source_dtype(folder: Path) -> str:
+    """The GGUF float type that holds all of the folder's weights without loss."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in safetensor_files(folder):
+        with safe_open(str(path), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+    # safetensors and GGUF spell these two alike.
+    return dtypes.pop() if dtypes in ({"F16"}, {"BF16"}) else "F32"
+
+
+def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str) -> None:
+    from safetensors import safe_open
+
+    arch = ARCHITECTURES[cfg.architecture]
+    writer = GGUFWriter(path, arch)
+    with ExitStack() as stack:
+        stack.callback(writer.close)
+        files = [stack.enter_context(safe_open(str(f), "pt")) for f in safetensor_files(folder)]
+        tensors = _plan(files, cfg, arch, Q[qtype])
+        _add_metadata(writer, cfg, folder.resolve().name, qtype)
+        add_vocab(writer, folder, cfg.vocab_size)
+        extra = _rope_factors(writer, cfg)
+        if extra is not None:
+            tensors.append(_Tensor("rope_freqs.weight", tuple(extra.shape), Q.F32, extra.numpy))
+        for t in tensors:
+            byte_shape = quant_shape_to_byte_shape(t.shape, t.qtype)
+            writer.add_tensor_info(
+                t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), t.qtype
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            writer.write_tensor_data(quantize(t.load(), t.qtype).view(np.uint8))
+
+
+def _plan(files: list[Any], cfg: ModelConfig, arch: str, qtype: Q) -> list[_Tensor]:
+    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
+    out: list[_Tensor] = []
+    for f in files:
+        for hf in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            if _SKIPPED.search(hf) or (cfg.tie_word_embeddings and hf == "lm_head.weight"):
+                continue
+            name = _gguf_name(hf)
+            if name is None:
+                raise ModelFormatError(f"unexpected tensor '{hf}' for {cfg.architecture}")
+            shape = tuple(f.get_slice(hf).get_shape())
+            kind = name.split(".")[2] if name.startswith("blk.") else ""
+            # llama.cpp's Llama kernels rotate interleaved pairs, HF rotates halves.
+            permute = heads[kind] if arch == "llama" and kind in heads else None
+            qt = _tensor_type(name, shape, qtype, cfg.tie_word_embeddings)
+            out.append(_Tensor(name, shape, qt, _loader(f, hf, permute)))
+    return out
+
+
+def _gguf_name(hf: str) -> str | None:
+    m = _LAYER.match(hf)
+    target = _GGUF_NAMES.get(_LAYER.sub("model.layers.{i}.", hf))
+    return target.format(i=m.group(1)) if target and m else target
+
+
+def _loader(f: Any, hf: str, heads: int | None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        w = f.get_tensor(hf).float()
+        return (_permute(w, heads) if heads else w).numpy()
+
+    return load
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # Per head, HF rows are [first halves of the rotary pairs | second halves]; llama.cpp
+    # wants each pair's two rows side by side. The inverse of loader.gguf._unpermute.
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], qtype: Q, tied: bool) -> Q:
+    """Per-tensor type, following llama.cpp: norms and other 1-D tensors stay F32; the
+    output projection keeps 8 bits in 4-bit files; rows that do not split into whole
+    blocks fall back to F16."""
+    if len(shape) == 1 or name.endswith("_norm.weight"):
+        return Q.F32
+    output = name == "output.weight" or (tied and name == "token_embd.weight")
+    want = Q.Q8_0 if output and qtype in (Q.Q4_0, Q.Q4_1) else qtype
+    return want if shape[-1] % GGML_QUANT_SIZES[want][0] == 0 else Q.F16
+
+
+def _add_metadata(writer: GGUFWriter, cfg: ModelConfig, name: str, qtype: str) -> None:
+    writer.add_name(name)
+    writer.add_file_type(
+        LlamaFileType.ALL_F32 if qtype == "F32" else LlamaFileType[f"MOSTLY_{qtype}"]
+    )
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    if cfg.sliding_window:
+        writer.add_sliding_window(cfg.sliding_window)
+
+
+def _rope_factors(writer: GGUFWriter, cfg: ModelConfig) -> torch.Tensor | None:
+    """Write the rope scaling keys; for Llama 3 scaling return the per-frequency divisors
+    that llama.cpp reads from a rope_freqs tensor instead."""
+    s = cfg.rope_scaling
+    if not s:
+        return None
+    kind = s["rope_type"]
+    if kind == "llama3":
+        args = (cfg.head_dim, cfg.rope_theta)
+        plain, _ = inv_frequencies(*args, None, cfg.max_position_embeddings)
+        scaled, _ = inv_frequencies(*args, s, cfg.max_position_embeddings)
+        return plain / scaled
+    if kind not in ("linear", "yarn"):
+        raise ModelFormatError(
+            f"rope scaling '{kind}' has no GGUF form; supported: linear, yarn, llama3"
+        )
+    writer.add_rope_scaling_type(RopeScalingType(kind))
+    writer.add_rope_scaling_factor(float(s["factor"]))
+    if "original_max_position_embeddings" in s:
+        writer.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+    return None

@@ -1,0 +1,203 @@
+"""`llmopt quantize`: source model -> calibration -> one method per decoder layer ->
+a checkpoint in the chosen layout, written to a temporary folder and renamed.
+
+Two steps, as in gpt-fast: the quantized state dict is made offline here; the
+loader swaps QuantLinear modules in at load time (models/llama.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from llmopt.config import ModelConfig
+from llmopt.errors import ModelFormatError, UsageError
+from llmopt.loader.atomic import atomic_dir
+from llmopt.loader.hf import read_config, read_tensors
+from llmopt.models.registry import builder_for
+from llmopt.quant import awq, gptq, rtn
+from llmopt.quant.calibration import InputStats, calibration_windows, collect
+from llmopt.quant.layouts import layout_for
+from llmopt.quant.qweight import QuantizedWeight
+from llmopt.quant.spec import QuantSpec, Site, llama_sites
+
+METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
+CALIB_WINDOW = 512  # tokens per calibration sequence
+AWQ_SAMPLE_ROWS = 512  # input rows per site kept to score AWQ's scales
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+)
+# Dense tensors of a GPTQ/AWQ checkpoint are fp16, what those tools' kernels expect.
+DENSE_DTYPE = {"llmopt": torch.bfloat16, "gptq": torch.float16, "awq": torch.float16}
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    params_quantized: int  # weights of the quantized linears
+    bytes_before: int  # those weights in bf16
+    bytes_after: int  # packed integers, scales and zero points
+    dense_bytes: int  # everything else (embeddings, norms) as stored
+    file_bytes: int  # the whole checkpoint on disk
+    seconds: float
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def calibrate(
+    folder: Path,
+    cfg: ModelConfig,
+    text: str,
+    tokens: int,
+    console: Console,
+    hessian: bool,
+    sample_rows: int,
+) -> dict[str, InputStats]:
+    """Inputs of every linear over the calibration text, from the fp32 model."""
+    from llmopt.engine.llm import build_engine
+    from llmopt.loader.load import load_model
+    from llmopt.store.store import Store
+
+    loaded = load_model(folder, torch.float32, torch.device("cpu"), Store(), console)
+    window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
+    engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
+    windows = calibration_windows(loaded.tokenizer.encode(text), tokens, window)
+    modules = {
+        f"layers.{i}.{name}": loaded.model.get_submodule(f"layers.{i}.{name}")
+        for i in range(cfg.num_layers)
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    }
+    with _progress(console) as progress:
+        task = progress.add_task("Calibrating", total=len(windows))
+        return collect(
+            engine,
+            modules,
+            windows,
+            hessian=hessian,
+            sample_rows=sample_rows,
+            progress=lambda: progress.advance(task),
+        )
+
+
+def quantize_tensors(
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    spec: QuantSpec,
+    stats: dict[str, InputStats],
+    on_layer: Callable[[], None] = lambda: None,
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every decoder linear quantized; the other tensors (possibly rescaled by AWQ) kept."""
+    method = METHODS[spec.method]
+    sites: list[list[Site]] = llama_sites(cfg, stats)
+    out: dict[str, torch.Tensor | QuantizedWeight] = {}
+    for layer in sites:
+        out.update(method.quantize_layer(layer, tensors, spec))
+        on_layer()
+    for name, t in tensors.items():
+        out.setdefault(name, t)
+    return out
+
+
+def _write_checkpoint(
+    folder: Path, tmp: Path, raw_cfg: dict, weights: dict, spec: QuantSpec, fmt: str
+) -> tuple[int, int]:
+    """Write the checkpoint into `tmp`; return the bytes of (quantized, dense) tensors."""
+    from safetensors.torch import save_file
+
+    layout = layout_for(fmt)
+    dense = DENSE_DTYPE[fmt]
+    flat: dict[str, torch.Tensor] = {}
+    quantized_bytes = dense_bytes = 0
+    for name, w in weights.items():
+        if isinstance(w, QuantizedWeight):
+            prefix = name.removesuffix(".weight")
+            packed = layout.pack(w)
+            quantized_bytes += sum(t.numel() * t.itemsize for t in packed.values())
+            flat.update({f"{prefix}.{k}": v for k, v in packed.items()})
+        else:
+            flat[name] = w.to(dense).contiguous()
+            dense_bytes += flat[name].numel() * dense.itemsize
+    save_file(flat, str(tmp / "model.safetensors"), {"format": "pt"})
+    qcfg = layout.config(spec)
+    cfg = {**raw_cfg, "quantization_config": qcfg, "torch_dtype": str(dense).removeprefix("torch.")}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in TOKENIZER_FILES:
+        if (folder / f).is_file():
+            shutil.copy2(folder / f, tmp / f)
+    return quantized_bytes, dense_bytes
+
+
+def quantize_folder(
+    folder: Path,
+    out: Path,
+    spec: QuantSpec,
+    fmt: str,
+    calib_text: str,
+    calib_tokens: int,
+    console: Console,
+) -> QuantizeResult:
+    """Quantize the Hugging Face folder `folder` into the folder `out` (atomically)."""
+    t0 = time.perf_counter()
+    cfg = read_config(folder)
+    builder_for(cfg.architecture)  # refuse unsupported architectures before any work
+    if cfg.quantization:
+        raise UsageError(f"{folder} is already quantized; quantize the original model")
+    raw_cfg = json.loads((folder / "config.json").read_text())
+    tensors = {k: v.float() for k, v in read_tensors(folder).items()}
+    if spec.method == "rtn":
+        stats = _empty_stats(cfg)  # RTN looks at the weights only
+    else:
+        stats = calibrate(
+            folder,
+            cfg,
+            calib_text,
+            calib_tokens,
+            console,
+            hessian=spec.method == "gptq",
+            sample_rows=AWQ_SAMPLE_ROWS if spec.method == "awq" else 0,
+        )
+    with _progress(console) as progress:
+        task = progress.add_task(f"Quantizing ({spec.label})", total=cfg.num_layers)
+        weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
+    quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
+    if not quantized:
+        raise ModelFormatError(f"{folder}: found no linear layer to quantize")
+    with atomic_dir(out) as tmp:
+        quantized_bytes, dense_bytes = _write_checkpoint(folder, tmp, raw_cfg, weights, spec, fmt)
+    params = sum(w.shape[0] * w.shape[1] for w in quantized)
+    return QuantizeResult(
+        out,
+        params,
+        2 * params,
+        quantized_bytes,
+        dense_bytes,
+        sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        time.perf_counter() - t0,
+    )
+
+
+def _empty_stats(cfg: ModelConfig) -> dict[str, InputStats]:
+    names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    return {f"layers.{i}.{n}": InputStats() for i in range(cfg.num_layers) for n in names}

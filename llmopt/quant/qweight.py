@@ -1,0 +1,137 @@
+"""A weight matrix stored as small integers on a per-group affine grid.
+
+    w[o, i] ~= (q[o, i] - zero[o, g]) * scale[o, g],   g = i // group_size
+
+q is unsigned (0 .. 2^bits - 1) and zero is an integer in the same range, the
+convention GPTQ, AWQ and torch's int4 kernels share. Symmetric quantization is the
+case zero = 2^(bits-1): int8 per channel then maps to a signed int8 with one scale
+per row, which is what `torch._weight_int8pack_mm` takes.
+
+Every method (RTN, GPTQ, AWQ) produces one of these; every checkpoint layout (ours,
+GPTQ, AWQ) is a packing of one; the runtime linear (layers/quant_linear.py) is built
+from one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    q: torch.Tensor  # (out, in) uint8, values in [0, 2^bits)
+    scale: torch.Tensor  # (out, G) float
+    zero: torch.Tensor  # (out, G) float holding integers in [0, 2^bits)
+    bits: int
+    group_size: int  # in_features for one group per row (per-channel)
+    # Optional input-channel order (in,): column j of q holds input channel perm[j].
+    # Only GPTQ checkpoints written with act-order need it (their g_idx is not sorted).
+    perm: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) dense weight in the original input-channel order."""
+        out, n = self.shape
+        g = self.group_size
+        w = (
+            self.q.float().view(out, n // g, g) - self.zero.float()[..., None]
+        ) * self.scale.float()[..., None]
+        w = w.view(out, n)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
+
+    def split(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """Slices along the output dimension (the inverse of `cat`)."""
+        parts = zip(
+            self.q.split(sizes), self.scale.split(sizes), self.zero.split(sizes), strict=True
+        )
+        return [
+            QuantizedWeight(
+                q.contiguous(),
+                s.contiguous(),
+                z.contiguous(),
+                self.bits,
+                self.group_size,
+                self.perm,
+            )
+            for q, s, z in parts
+        ]
+
+    @staticmethod
+    def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Stack along the output dimension (fusing q/k/v or gate/up)."""
+        first = parts[0]
+        if any(
+            (p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1])
+            for p in parts
+        ):
+            raise ValueError("fused weights must share bits, group size and input width")
+        if any(p.perm is not None and not torch.equal(p.perm, first.perm) for p in parts):
+            raise ValueError("fused weights must share their input-channel order")
+        return QuantizedWeight(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.zero for p in parts]),
+            first.bits,
+            first.group_size,
+            first.perm,
+        )
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {in_features}")
+
+
+def grid(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    wmin: torch.Tensor | None = None,
+    wmax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of one group per row. w: (rows, g) -> scale, zero: (rows,).
+
+    wmin/wmax override the group's range (AWQ's clipping search shrinks it).
+    """
+    maxq = 2**bits - 1
+    lo = w.amin(dim=1) if wmin is None else wmin
+    hi = w.amax(dim=1) if wmax is None else wmax
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the grid always holds 0 exactly
+    if sym:
+        half = 2 ** (bits - 1)
+        scale = torch.maximum(-lo, hi) / (half - 1)
+        zero = torch.full_like(scale, float(half))
+    else:
+        scale = (hi - lo) / maxq
+        zero = torch.round(-lo / scale.clamp(min=1e-12))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows
+    # Checkpoints store scales in fp16: round now, so that every method optimises
+    # against the grid that will actually be stored.
+    scale = scale.half().float()
+    return scale, zero.clamp(0, maxq)
+
+
+def quantize_to(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Round w (rows, g) onto the grid of scale/zero (rows,) or (rows, 1): uint8 (rows, g)."""
+    scale = scale.reshape(-1, 1)
+    zero = zero.reshape(-1, 1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1).to(torch.uint8)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
+    """Round to nearest on a min/max grid per group. w: (out, in) float."""
+    out, n = w.shape
+    check_group_size(n, group_size)
+    groups = w.float().reshape(out * (n // group_size), group_size)
+    scale, zero = grid(groups, bits, sym)
+    q = quantize_to(groups, scale, zero, bits).view(out, n)
+    return QuantizedWeight(q, scale.view(out, -1), zero.view(out, -1), bits, group_size)

@@ -1,0 +1,19 @@
+"""Round-to-nearest: each group's min/max grid, no calibration. The baseline every
+other method must beat."""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
+from llmopt.quant.spec import QuantSpec, Site
+
+
+def quantize_layer(
+    sites: list[Site], tensors: dict[str, torch.Tensor], spec: QuantSpec
+) -> dict[str, QuantizedWeight]:
+    out = {}
+    for name in (n for site in sites for n in site.names):
+        w = tensors[name].float()
+        out[name] = quantize_rtn(w, spec.bits, spec.group_for(w.shape[1]), spec.sym)
+    return out

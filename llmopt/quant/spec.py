@@ -1,0 +1,117 @@
+"""What to quantize to, and the linears that share an input (a "site")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.config import ModelConfig
+from llmopt.errors import UsageError
+from llmopt.quant.calibration import InputStats
+from llmopt.quant.qweight import QuantizedWeight
+
+METHODS = ("rtn", "gptq", "awq")
+DEFAULT_GROUPS = (128, 64, 32)  # for int4, the first that divides every input width
+
+
+def default_group_size(cfg: ModelConfig, bits: int) -> int:
+    """int8: one scale per row (what torch's int8 kernel takes). int4: 128 where it
+    divides the hidden and intermediate widths, else 64 or 32 (SmolLM2's 576 needs 64)."""
+    if bits == 8:
+        return 0
+    for g in DEFAULT_GROUPS:
+        if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0:
+            return g
+    return 0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int  # 8 or 4
+    method: str  # rtn | gptq | awq
+    group_size: int  # input channels per scale; 0 = one scale per output row
+    sym: bool  # symmetric grid (zero fixed at 2^(bits-1))
+    act_order: bool = False  # GPTQ: columns by decreasing activation (see gptq.py)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise UsageError("choose --int8 or --int4")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.group_size < 0:
+            raise UsageError("--group-size must be positive (0: one scale per row)")
+
+    def group_for(self, in_features: int) -> int:
+        g = self.group_size or in_features
+        if in_features % g:
+            raise UsageError(
+                f"--group-size {g} does not divide a layer's input width ({in_features}); "
+                "choose a divisor such as 32, 64 or 128"
+            )
+        return g
+
+    @property
+    def label(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits}-{self.method}-{group}" + (
+            "-sym" if self.sym and self.bits == 4 else ""
+        )
+
+
+@dataclass
+class Site:
+    """Linears that read the same input (q/k/v; gate/up; o; down) and that input.
+
+    owner: the tensor whose output channels are this input's channels, so that AWQ can
+    fold a per-channel scale into it (a norm's weight, or the rows of up_proj).
+    """
+
+    names: list[str]  # Hugging Face weight names, e.g. model.layers.0.self_attn.q_proj.weight
+    stats: InputStats
+    owner: str | None
+    no_clip: int = 0  # leading fused rows AWQ must not clip (q and k: attention logits)
+
+    def fused(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].float() for n in self.names])  # (sum out, in)
+
+    def unfuse(
+        self, tensors: dict[str, torch.Tensor], qw: QuantizedWeight
+    ) -> dict[str, QuantizedWeight]:
+        """A quantized fused matrix back to one per linear, by the linears' row counts."""
+        sizes = [tensors[n].shape[0] for n in self.names]
+        return dict(zip(self.names, qw.split(sizes), strict=True))
+
+
+def llama_sites(cfg: ModelConfig, stats: dict[str, InputStats]) -> list[list[Site]]:
+    """Per decoder layer, its four sites; `stats` is keyed by our fused module names."""
+    layers = []
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = hf + "self_attn.", hf + "mlp."
+        q_k_rows = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+        # o_proj's input channels are v_proj's output channels only without grouped
+        # heads; with GQA one v channel feeds several heads, so o gets no owner.
+        o_owner = attn + "v_proj.weight" if cfg.num_heads == cfg.num_kv_heads else None
+        layers.append(
+            [
+                Site(
+                    [attn + f"{p}_proj.weight" for p in "qkv"],
+                    stats[ours + "self_attn.qkv_proj"],
+                    hf + "input_layernorm.weight",
+                    no_clip=q_k_rows,
+                ),
+                Site([attn + "o_proj.weight"], stats[ours + "self_attn.o_proj"], o_owner),
+                Site(
+                    [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
+                    stats[ours + "mlp.gate_up_proj"],
+                    hf + "post_attention_layernorm.weight",
+                ),
+                Site(
+                    [mlp + "down_proj.weight"],
+                    stats[ours + "mlp.down_proj"],
+                    mlp + "up_proj.weight",
+                ),
+            ]
+        )
+    return layers

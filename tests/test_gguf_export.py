@@ -1,0 +1,234 @@
+"""GGUF export: llama.cpp runs the files and agrees with llmopt's own greedy output,
+llmopt's reader gets the config and weights back, and failures leave no file."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from llmopt import LLM, SamplingParams
+from llmopt.errors import ModelFormatError, UsageError
+from llmopt.loader.gguf import GGUFFile
+from llmopt.loader.hf import read_tensors
+from llmopt.quant import gguf_export
+from llmopt.quant.gguf_export import export_gguf
+from tests.conftest import write_tiny_model
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in 3 words."}]
+PROMPT = "The capital of France is"
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+SMALL_VOCAB = 1024
+
+
+def small_tiny_model(folder: Path, smollm_folder: Path, **overrides) -> Path:
+    """A tiny random model with SmolLM2's tokenizer cut to its first 1024 tokens: gguf's
+    reader parses token strings one at a time, seconds for the full 49152."""
+    write_tiny_model(folder, smollm_folder, vocab_size=SMALL_VOCAB, **overrides)
+    path = folder / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = {t: i for t, i in tok["model"]["vocab"].items() if i < SMALL_VOCAB}
+    merges = tok["model"]["merges"]
+    tok["model"]["vocab"] = vocab
+    tok["model"]["merges"] = [m for m in merges if all(p in vocab for p in (*m, "".join(m)))]
+    path.write_text(json.dumps(tok))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, smollm_folder: Path) -> Callable[[str], Path]:
+    """SmolLM2 exported to a type, once per type for the whole module."""
+    out = tmp_path_factory.mktemp("gguf")
+    done: dict[str, Path] = {}
+
+    def get(qtype: str) -> Path:
+        if qtype not in done:
+            done[qtype] = export_gguf(smollm_folder, out / f"{qtype}.gguf", qtype, threads=2)
+        return done[qtype]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def smollm_llm(smollm_folder: Path) -> LLM:
+    return LLM(smollm_folder, device="cpu", dtype="fp32", kv_cache_memory=0.05)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(smollm_llm: LLM) -> tuple[list[int], list[int]]:
+    """(prompt ids, llmopt's greedy continuation) for a chat turn."""
+    ids = smollm_llm.loaded.tokenizer.encode_chat(MESSAGES)
+    return ids, smollm_llm.generate([ids], GREEDY)[0].token_ids
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], n: int = 16) -> list[int]:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = llama_cpp.Llama(
+        model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=False
+    )
+    out: list[int] = []
+    for token in model.generate(prompt, temp=0.0, top_k=1):
+        out.append(token)
+        if len(out) == n:
+            break
+    model.close()
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
+def test_llama_cpp_greedy_matches_llmopt(qtype, export, smollm_llm, chat_prompt) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = export(qtype)
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    tok = smollm_llm.loaded.tokenizer
+    # Same vocabulary, merges, pre-tokenizer split and special tokens on both sides.
+    for text in (PROMPT, "Digits 12345, ÜTF-8 ünïcödé\n\n  tabs\tand 'quotes'"):
+        assert vocab.tokenize(text.encode(), add_bos=False) == tok.encode(text, add_bos=False)
+    prompt, expected = chat_prompt
+    chat = tok.apply_chat_template(MESSAGES).encode()
+    assert vocab.tokenize(chat, add_bos=False, special=True) == prompt
+    vocab.close()
+    assert llama_cpp_greedy(path, prompt) == expected
+
+
+def test_q4_k_m_through_llama_cpp_is_smaller_and_runs(export, chat_prompt) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = export("Q4_K_M")
+    assert path.stat().st_size < export("Q8_0").stat().st_size
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert vocab.metadata["general.file_type"] == str(llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    vocab.close()
+    prompt, expected = chat_prompt
+    # 4 bits change a 135M model's choices within a few tokens; the first must survive.
+    assert llama_cpp_greedy(path, prompt, 2)[0] == expected[0]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no scratch left
+
+
+@pytest.mark.parametrize("qtype,tol", [("F32", 0.0), ("F16", 1e-3)])
+def test_llmopt_reader_gets_config_and_weights_back(qtype, tol, tmp_path, smollm_folder) -> None:
+    folder = small_tiny_model(tmp_path / "tiny", smollm_folder)
+    gguf = GGUFFile(export_gguf(folder, tmp_path / "tiny.gguf", qtype))
+    source = json.loads((folder / "config.json").read_text())
+    back = gguf.hf_config()
+    common = set(source) & set(back)
+    assert {"hidden_size", "num_key_value_heads", "rms_norm_eps"} <= common
+    assert {k: back[k] for k in common} == {k: source[k] for k in common}
+    tensors = gguf.hf_tensors()
+    expected = read_tensors(folder)
+    assert tensors.keys() == expected.keys()
+    for name, w in expected.items():
+        torch.testing.assert_close(tensors[name], w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # untied output projection, permuted q/k
+        {"arch": "qwen2"},  # q/k/v biases, no permutation
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    ],
+    ids=["llama", "qwen2", "llama3-rope"],
+)  # fmt: skip
+def test_tiny_models_agree_with_llama_cpp(overrides, tmp_path, smollm_folder) -> None:
+    pytest.importorskip("llama_cpp")
+    folder = small_tiny_model(tmp_path / "tiny", smollm_folder, **overrides)
+    path = export_gguf(folder, tmp_path / "tiny.gguf", "F32")
+    llm = LLM(folder, device="cpu", dtype="fp32", kv_cache_memory=0.01)
+    ids = llm.loaded.tokenizer.encode(PROMPT, add_bos=False)
+    assert llama_cpp_greedy(path, ids) == llm.generate([ids], GREEDY)[0].token_ids
+
+
+def test_4_bit_tensor_types_follow_llama_cpp(tmp_path, smollm_folder) -> None:
+    folder = small_tiny_model(
+        tmp_path / "tiny", smollm_folder, hidden_size=96, intermediate_size=200,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    path = export_gguf(folder, tmp_path / "tiny.gguf", "Q4_0")
+    gguf = GGUFFile(path)
+    assert gguf.hf_config()["tie_word_embeddings"] is True
+    types = {t.name: t.tensor_type for t in gguf.reader.tensors}
+    assert types["blk.0.attn_q.weight"] == Q.Q4_0
+    assert types["blk.0.ffn_down.weight"] == Q.F16  # rows of 200 are not whole blocks
+    assert types["blk.0.attn_norm.weight"] == Q.F32
+    # Tied embeddings are also the output projection, which keeps 8 bits.
+    assert types["token_embd.weight"] == Q.Q8_0
+    assert "output.weight" not in types
+    if importlib.util.find_spec("llama_cpp"):
+        assert len(llama_cpp_greedy(path, [100, 200, 300], 4)) == 4
+
+
+def test_sentencepiece_vocabulary(tmp_path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from pydoc_data.topics import topics
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model = io.BytesIO()
+    lines = "\n".join(list(topics.values())[:20]).splitlines()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+    )  # fmt: skip
+    folder = tmp_path / "spm"
+    cfg = LlamaConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    path = export_gguf(folder, tmp_path / "spm.gguf", "F16")
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    text = "Hello world: the object's __init__ method, 1234 ünïcödé"
+    expected = spm.SentencePieceProcessor(model_proto=model.getvalue()).encode(text)
+    assert vocab.tokenize(text.encode(), add_bos=False) == expected
+
+
+def test_unknown_type_lists_the_valid_ones(smollm_folder, tmp_path) -> None:
+    with pytest.raises(UsageError, match="Q4_K_M"):
+        export_gguf(smollm_folder, tmp_path / "x.gguf", "Q3_XL")
+
+
+def test_unsupported_architecture(tmp_path, smollm_folder) -> None:
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    raw = json.loads((smollm_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "architectures": ["GemmaForCausalLM"]}))
+    with pytest.raises(ModelFormatError, match=r"LlamaForCausalLM.*Qwen2ForCausalLM"):
+        export_gguf(folder, tmp_path / "x.gguf", "Q8_0")
+
+
+def test_k_quants_without_llama_cpp_say_what_to_install(
+    tiny_llama, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes the import fail
+    with pytest.raises(UsageError, match="pip install llama-cpp-python"):
+        export_gguf(tiny_llama, tmp_path / "x.gguf", "Q4_K_M")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_failure_mid_write_leaves_no_file(qtype, tiny_llama, tmp_path, monkeypatch) -> None:
+    if qtype == "Q4_K_M":
+        pytest.importorskip("llama_cpp")
+    quantize, calls = gguf_export.quantize, []
+
+    def failing_quantize(data, qt):
+        calls.append(qt)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return quantize(data, qt)
+
+    monkeypatch.setattr(gguf_export, "quantize", failing_quantize)
+    out = tmp_path / "out" / "model.gguf"
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(tiny_llama, out, qtype)
+    assert list(out.parent.iterdir()) == []

@@ -1,0 +1,123 @@
+"""Quantization methods on single random layers: the grid, RTN, GPTQ and AWQ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.quant import awq, gptq, rtn
+from llmopt.quant.calibration import InputStats
+from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
+from llmopt.quant.spec import QuantSpec, Site
+
+
+def _correlated_inputs(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with strongly correlated channels (a low-rank mix plus noise), as in LLMs."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, dim, generator=g)
+    return torch.randn(rows, 8, generator=g) @ basis + 0.1 * torch.randn(rows, dim, generator=g)
+
+
+def _site(x: torch.Tensor, names: list[str], owner: str | None = None) -> Site:
+    stats = InputStats()
+    stats.add(x, hessian=True, sample_rows=x.shape[0])
+    return Site(names, stats, owner)
+
+
+def _output_error(w: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
+    return float((x @ w.T - x @ qw.dequantize().T).pow(2).mean())
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, True)])
+def test_rtn_is_within_half_a_step(bits: int, sym: bool) -> None:
+    w = torch.randn(32, 128)
+    qw = quantize_rtn(w, bits, 64, sym)
+    step = qw.scale.repeat_interleave(64, dim=1)
+    assert qw.q.dtype == torch.uint8 and int(qw.q.max()) < 2**bits
+    # Symmetric grids may clip the single largest positive weight by one step.
+    assert ((qw.dequantize() - w).abs() <= step * (0.5 if not sym else 1.0) + 1e-6).all()
+
+
+def test_grid_keeps_zero_exact_and_handles_zero_rows() -> None:
+    w = torch.randn(4, 64)
+    w[1] = 0
+    qw = quantize_rtn(w, 4, 32)
+    deq = qw.dequantize()
+    assert torch.equal(deq[1], torch.zeros(64))
+    assert torch.isfinite(deq).all()
+
+
+def test_cat_and_split_round_trip() -> None:
+    a, b = quantize_rtn(torch.randn(8, 64), 4, 32), quantize_rtn(torch.randn(4, 64), 4, 32)
+    fused = QuantizedWeight.cat([a, b])
+    back = fused.split([8, 4])
+    assert torch.equal(back[0].dequantize(), a.dequantize())
+    assert torch.equal(back[1].q, b.q)
+
+
+def test_gptq_beats_rtn_on_correlated_inputs() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = _correlated_inputs(2048, 256)
+    spec = QuantSpec(bits=4, method="gptq", group_size=64, sym=False)
+    site = _site(x, ["w"])
+    q_gptq = gptq.quantize_layer([site], {"w": w}, spec)["w"]
+    q_rtn = rtn.quantize_layer([site], {"w": w}, spec)["w"]
+    e_gptq, e_rtn = _output_error(w, q_gptq, x), _output_error(w, q_rtn, x)
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_gptq_of_fused_rows_equals_separate_rows() -> None:
+    """Rows are independent given H: fusing q/k/v must not change any row's result."""
+    torch.manual_seed(1)
+    x = _correlated_inputs(512, 128)
+    a, b = torch.randn(16, 128), torch.randn(8, 128)
+    spec = QuantSpec(bits=4, method="gptq", group_size=32, sym=False)
+    fused = gptq.quantize_layer([_site(x, ["a", "b"])], {"a": a, "b": b}, spec)
+    alone = gptq.quantize_layer([_site(x, ["b"])], {"b": b}, spec)
+    assert torch.equal(fused["b"].q, alone["b"].q)
+
+
+def test_awq_beats_rtn_when_a_few_channels_dominate() -> None:
+    torch.manual_seed(2)
+    dim = 256
+    w = torch.randn(128, dim) * 0.02
+    x = torch.randn(1024, dim)
+    x[:, :4] *= 50  # outlier channels, as after LLM norms
+    norm = torch.ones(dim)
+    spec = QuantSpec(bits=4, method="awq", group_size=64, sym=False)
+    tensors = {"w": w.clone(), "norm": norm.clone()}
+    site = _site(x, ["w"], owner="norm")
+    q_awq = awq.quantize_layer([site], tensors, spec)["w"]
+    # The model's function: x (norm output, scaled by the folded norm) through the layer.
+    x_scaled = x * tensors["norm"]
+    y_awq = x_scaled @ q_awq.dequantize().T
+    q_rtn = rtn.quantize_layer([_site(x, ["w"])], {"w": w}, spec)["w"]
+    ref = x @ w.T
+    e_awq = float((y_awq - ref).pow(2).mean())
+    e_rtn = float((x @ q_rtn.dequantize().T - ref).pow(2).mean())
+    assert e_awq < 0.7 * e_rtn, (e_awq, e_rtn)
+
+
+def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
+    torch.manual_seed(3)
+    w, up = torch.randn(16, 32), torch.randn(32, 8)
+    x = torch.randn(64, 32).abs() + 0.1
+    s = awq.search_scale(w, x, x.abs().mean(0), 4, 32, False)
+    tensors = {"down": w.clone(), "up": up.clone()}
+    site = _site(x, ["down"], owner="up")
+    awq._apply_scale(site, tensors, s)
+    # up's rows produce down's input channels: dividing them by s undoes w * s.
+    h = torch.randn(5, 8)
+    before = (h @ up.T) @ w.T
+    after = (h @ tensors["up"].T) @ tensors["down"].T
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_spec_errors() -> None:
+    from llmopt.errors import UsageError
+
+    with pytest.raises(UsageError, match="divide"):
+        QuantSpec(bits=4, method="rtn", group_size=100, sym=False).group_for(576)
+    with pytest.raises(UsageError, match="unknown method"):
+        QuantSpec(bits=4, method="hqq", group_size=128, sym=False)

@@ -1,0 +1,198 @@
+"""`llmopt quantize` end to end: checkpoints in every layout load and agree, the result
+is registered and runs, and bad input or an interruption leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from llmopt.cli.main import app
+from llmopt.store.store import Store
+
+runner = CliRunner()
+
+
+def llmopt(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _load(path: Path):
+    from llmopt.loader.load import load_model
+
+    return load_model(path, torch.float32, torch.device("cpu"), Store(), Console(stderr=True))
+
+
+def _logits(path: Path, ids: list[int]) -> torch.Tensor:
+    from llmopt.engine.llm import build_engine
+
+    return build_engine(_load(path), max_context=64).prompt_logits(ids)
+
+
+def _quantize(src: Path, out: Path, *extra: str) -> dict:
+    r = llmopt("quantize", str(src), "-o", str(out), "--no-eval", "--json", *extra)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+IDS = [1, 504, 3458, 314, 253, 1345, 282, 7046, 30, 216, 198, 1017]
+
+
+def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(tiny_llama, tmp_path) -> None:
+    out = tmp_path / "q"
+    report = _quantize(tiny_llama, out, "--int4", "--method", "rtn", "--group-size", "32")
+    assert report["bits"] == 4 and report["linear_ratio"] < 0.3
+    loaded = _load(out)
+    layer = loaded.model.layers[0].mlp.gate_up_proj
+    assert type(layer).__name__ == "QuantLinear" and layer.bits == 4
+    # The same weights, dequantized into an ordinary dense folder: same logits.
+    from safetensors.torch import save_file
+
+    from llmopt.loader.hf import read_tensors
+    from llmopt.loader.quantized import unpack_checkpoint
+    from llmopt.quant.qweight import QuantizedWeight
+
+    raw = json.loads((out / "config.json").read_text())
+    weights = unpack_checkpoint(read_tensors(out), raw["quantization_config"])
+    dense = {
+        k: (v.dequantize() if isinstance(v, QuantizedWeight) else v.float()).contiguous()
+        for k, v in weights.items()
+    }
+    ref = tmp_path / "dense"
+    ref.mkdir()
+    save_file(dense, str(ref / "model.safetensors"))
+    del raw["quantization_config"]
+    (ref / "config.json").write_text(json.dumps(raw))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (ref / f).write_bytes((out / f).read_bytes())
+    torch.testing.assert_close(_logits(out, IDS), _logits(ref, IDS), rtol=1e-4, atol=1e-4)
+
+
+def _quantized_weights(folder: Path) -> dict:
+    from llmopt.loader.hf import read_tensors
+    from llmopt.loader.quantized import unpack_checkpoint
+
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    return unpack_checkpoint(read_tensors(folder), qcfg)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
+    """One quantization written in our, GPTQ's and AWQ's layout: the same integers,
+    scales and zeros come back, and each checkpoint loads and runs."""
+    common = ["--int4", "--method", method, "--group-size", "32", "--calib-tokens", "1024"]
+    _quantize(tiny_llama, tmp_path / "native", *common)
+    ref = _quantized_weights(tmp_path / "native")
+    for fmt in ("gptq", "awq"):
+        out = tmp_path / fmt
+        _quantize(tiny_llama, out, *common, "--format", fmt)
+        qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qcfg["quant_method"] == fmt and qcfg["bits"] == 4 and qcfg["group_size"] == 32
+        got = _quantized_weights(out)
+        quantized = [k for k, v in ref.items() if not isinstance(v, torch.Tensor)]
+        assert len(quantized) == 7 * 2  # q k v o gate up down, two layers
+        for k in quantized:
+            assert torch.equal(got[k].dequantize(), ref[k].dequantize()), k
+        # Dense tensors differ only by storage dtype (fp16 in GPTQ/AWQ, bf16 in ours).
+        for k in set(ref) - set(quantized):
+            torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=1e-2, atol=1e-3)
+        assert torch.isfinite(_logits(out, IDS)).all()
+
+
+def test_int8_is_close_to_the_original(tiny_llama, tmp_path) -> None:
+    out = tmp_path / "q8"
+    report = _quantize(tiny_llama, out, "--int8")
+    assert report["method"] == "rtn" and report["group_size"] == 0
+    a, b = _logits(out, IDS), _logits(tiny_llama, IDS)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_registered_result_runs_by_name_and_rm_forgets_it(tiny_llama) -> None:
+    r = llmopt(
+        "quantize",
+        str(tiny_llama),
+        "--int4",
+        "--method",
+        "rtn",
+        "--group-size",
+        "32",
+        "--no-eval",
+        "--name",
+        "tiny-q4",
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "0.2" in r.stderr and "bytes/param" in r.stderr  # the size report
+    listed = llmopt("models")
+    assert "tiny-q4" in listed.stdout and "int4-rtn-g32" in listed.stdout
+    run = llmopt("run", "tiny-q4", "Hello", "--max-tokens", "4", "--temperature", "0", "--json")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(run.stdout)["completion_tokens"] >= 1
+    path = Store().registry.get("tiny-q4").local_source
+    assert path is not None and (path / "config.json").is_file()
+    assert llmopt("rm", "tiny-q4").exit_code == 0
+    assert not path.exists() and "tiny-q4" not in Store().registry.models
+
+
+def test_existing_output_needs_force(tiny_llama, tmp_path) -> None:
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, "--int8")
+    r = llmopt("quantize", str(tiny_llama), "--int8", "-o", str(out), "--no-eval")
+    assert r.exit_code == 2 and "--force" in r.stderr
+    _quantize(tiny_llama, out, "--int8", "--force")
+
+
+def test_interrupted_quantize_leaves_nothing_that_looks_complete(
+    tiny_llama, tmp_path, monkeypatch
+) -> None:
+    import llmopt.quant.pipeline as pipeline
+
+    real = pipeline._write_checkpoint
+
+    def crash(folder, tmp, *args):
+        real(folder, tmp, *args)  # everything written ... then the user hits Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_write_checkpoint", crash)
+    out = tmp_path / "q"
+    r = llmopt("quantize", str(tiny_llama), "--int8", "-o", str(out), "--no-eval")
+    assert r.exit_code != 0
+    assert not out.exists() and list(tmp_path.glob(".q*")) == []
+    assert "tiny-llama-int8" not in " ".join(Store().registry.models)
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--int4", "--int8"], 2, "one of --int8 or --int4"),
+        ([], 2, "one of --int8 or --int4"),
+        (["--int4", "--group-size", "48"], 2, "does not divide"),
+        (["--int8", "--format", "awq"], 2, "--format awq"),
+        (["--int4", "--method", "hqq"], 2, "unknown method"),
+        (["--int4", "--format", "gguf", "--method", "gptq"], 2, "--method rtn"),
+        (["--int4", "--format", "onnx"], 2, "unknown --format"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:
+    r = llmopt("quantize", str(tiny_llama), "--no-eval", *args)
+    assert r.exit_code == code and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unsupported_architecture_is_refused(tiny_llama) -> None:
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(
+        json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]})
+    )
+    r = llmopt("quantize", str(tiny_llama), "--int4", "--no-eval")
+    assert r.exit_code == 4 and "GPT2LMHeadModel" in r.stderr and "LlamaForCausalLM" in r.stderr
+
+
+def test_quantizing_a_quantized_model_is_refused(tiny_llama, tmp_path) -> None:
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, "--int8")
+    r = llmopt("quantize", str(out), "--int4", "--no-eval")
+    assert r.exit_code == 2 and "already quantized" in r.stderr
