@@ -21,69 +21,18 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from llmopt.bench.decode import (
+    kv_bytes_per_step,
+    llama_cpp_decode,
+    llmopt_decode,
+    transformers_decode,
+    weight_bytes,
+)
 from llmopt.bench.setup import bench_model, machine_info
-from llmopt.engine.llm import build_engine
-from llmopt.engine.sampling_params import SamplingParams
-from llmopt.loader.load import LoadedModel, load_model
+from llmopt.loader.load import load_model
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 console = Console(stderr=True)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decode step: every parameter once (a tied embedding counts once,
-    as the lm_head; the embedding lookup itself reads one row)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def kv_bytes_per_step(loaded: LoadedModel, context: int, kv_elem: int) -> int:
-    c = loaded.config
-    return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * kv_elem
-
-
-def bench_llmopt(loaded: LoadedModel, ids: list[int], n: int) -> float:
-    engine = build_engine(loaded, 4096, kv_cache_memory=0.5)
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    *_, last = engine.generate(ids, params)
-    assert last.stats is not None
-    return last.stats.decode_tokens_per_s
-
-
-def bench_transformers(folder: Path, ids: list[int], n: int, dtype: torch.dtype) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    x = torch.tensor([ids])
-
-    def timed(k: int) -> float:
-        t = time.perf_counter()
-        model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-        return time.perf_counter() - t
-
-    timed(2)  # warm-up
-    first, full = timed(1), timed(n)
-    return (n - 1) / (full - first)
-
-
-def bench_llama_cpp(gguf: Path, prompt: str, n: int, threads: int) -> float | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        console.print("llama-cpp-python is not installed: pip install -e '.[bench]'")
-        return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
-    eos = llm.token_eos()
-    bias = {eos: -1e9}
-
-    def timed(k: int) -> float:
-        llm.reset()
-        t = time.perf_counter()
-        llm.create_completion(prompt, max_tokens=k, temperature=0, logit_bias=bias)
-        return time.perf_counter() - t
-
-    timed(2)
-    first, full = timed(1), timed(n)
-    return (n - 1) / (full - first)
 
 
 def startup_seconds(model: Path) -> float:
@@ -121,17 +70,19 @@ def main() -> None:
         ids = loaded.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
         avg_ctx = len(ids) + args.tokens // 2
         per_token = weight_bytes(loaded.model) + kv_bytes_per_step(loaded, avg_ctx, 4)
-        runs = [bench_llmopt(loaded, ids, args.tokens) for _ in range(args.repeats)]
+        runs = [llmopt_decode(loaded, ids, args.tokens) for _ in range(args.repeats)]
         record(f"llmopt {dtype_name}", runs, per_token)
         runs = [
-            bench_transformers(loaded.folder, ids, args.tokens, dtype) for _ in range(args.repeats)
+            transformers_decode(loaded.folder, ids, args.tokens, dtype) for _ in range(args.repeats)
         ]
         record(f"transformers {dtype_name}", runs, weight_bytes(loaded.model))
     prompt_text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
-    cpp = [bench_llama_cpp(gguf, prompt_text, args.tokens, args.threads)]
-    if cpp[0] is not None:
+    cpp = [llama_cpp_decode(gguf, prompt_text, args.tokens, args.threads)]
+    if cpp[0] is None:
+        console.print("llama-cpp-python is not installed: pip install -e '.[bench]'")
+    else:
         cpp += [
-            bench_llama_cpp(gguf, prompt_text, args.tokens, args.threads)
+            llama_cpp_decode(gguf, prompt_text, args.tokens, args.threads)
             for _ in range(args.repeats - 1)
         ]
         # Q4_1 weights are nearly the whole file.

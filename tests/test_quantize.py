@@ -42,13 +42,23 @@ def _quantize(src: Path, out: Path, *extra: str) -> dict:
 IDS = [1, 504, 3458, 314, 253, 1345, 282, 7046, 30, 216, 198, 1017]
 
 
-def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(tiny_llama, tmp_path) -> None:
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(
+    tmp_path, smollm_folder, lm_head
+) -> None:
+    from tests.conftest import write_tiny_model
+
+    # Tied embeddings, as SmolLM2: --lm-head must untie them and keep the embedding.
+    src = write_tiny_model(tmp_path / "tiny", smollm_folder, tie_word_embeddings=True)
     out = tmp_path / "q"
-    report = _quantize(tiny_llama, out, "--int4", "--method", "rtn", "--group-size", "32")
+    extra = ["--lm-head"] if lm_head else []
+    report = _quantize(src, out, "--int4", "--method", "rtn", "--group-size", "32", *extra)
     assert report["bits"] == 4 and report["linear_ratio"] < 0.3
     loaded = _load(out)
     layer = loaded.model.layers[0].mlp.gate_up_proj
     assert type(layer).__name__ == "QuantLinear" and layer.bits == 4
+    assert (type(loaded.model.lm_head).__name__ == "QuantLinear") == lm_head
+    assert loaded.config.tie_word_embeddings != lm_head
     # The same weights, dequantized into an ordinary dense folder: same logits.
     from safetensors.torch import save_file
 
@@ -85,6 +95,7 @@ def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
     """One quantization written in our, GPTQ's and AWQ's layout: the same integers,
     scales and zeros come back, and each checkpoint loads and runs."""
     common = ["--int4", "--method", method, "--group-size", "32", "--calib-tokens", "1024"]
+    common += ["--asym", "--no-act-order"]  # what all three layouts hold
     _quantize(tiny_llama, tmp_path / "native", *common)
     ref = _quantized_weights(tmp_path / "native")
     for fmt in ("gptq", "awq"):

@@ -36,6 +36,11 @@ def _check_format(fmt: str, spec: QuantSpec) -> None:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "awq" and (spec.bits != 4 or spec.sym):
         raise UsageError("--format awq holds 4-bit weights with zero points: use --int4")
+    if fmt == "awq" and (spec.lm_head or spec.act_order):
+        raise UsageError(
+            "--format awq holds neither act-order nor a quantized output projection: "
+            "drop --act-order and --lm-head"
+        )
     if fmt == "gguf" and spec.method != "rtn":
         raise UsageError(
             "--format gguf quantizes with llama.cpp's own block formats (--gguf-type); "
@@ -54,7 +59,17 @@ def quantize(
         help="Input channels per scale (int4: 128, or 64/32 if 128 does "
         "not divide the model's widths; 0: one per row).",
     ),
-    sym: bool = typer.Option(None, "--sym/--asym", help="Symmetric grid (int8: yes; int4: no)."),
+    sym: bool = typer.Option(
+        None, "--sym/--asym", help="Symmetric grid (default: int8 and --format gptq; else not)."
+    ),
+    act_order: bool = typer.Option(
+        None,
+        "--act-order/--no-act-order",
+        help="GPTQ: most active input channels first (default, but for --format awq).",
+    ),
+    lm_head: bool = typer.Option(
+        False, "--lm-head", help="Quantize the output projection too (faster decode)."
+    ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens."),
     fmt: str = typer.Option("llmopt", "--format", help="llmopt, gptq, awq or gguf."),
@@ -89,7 +104,12 @@ def quantize(
         bits=bits,
         method=method or ("gptq" if bits == 4 else "rtn"),
         group_size=default_group_size(cfg, bits) if group_size is None else group_size,
-        sym=(bits == 8) if sym is None else sym,
+        # GPTQ checkpoints are symmetric by convention: GPTQModel refuses asymmetric ones
+        # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
+        sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
+        act_order=(fmt != "awq" if act_order is None else act_order)
+        and (method or ("gptq" if bits == 4 else "rtn")) == "gptq",
+        lm_head=lm_head,
     )
     _check_format(fmt, spec)
     if fmt == "gguf":

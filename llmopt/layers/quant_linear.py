@@ -76,6 +76,14 @@ class QuantLinear(nn.Module):
             return "int4"
         return None
 
+    def decode_operands(self) -> list[torch.Tensor]:
+        """The tensors a one-row forward reads (for bandwidth accounting)."""
+        if self.kernel == "int8":
+            return [self.w8, self.s8]
+        if self.kernel == "int4":
+            return [self.w4, self.sz4]
+        return [self.q, self.scale, self.offset]
+
     def codes(self) -> torch.Tensor:
         """(out, in) integer codes q with w = (q - zero) * scale."""
         if self.q is not None:

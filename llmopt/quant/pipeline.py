@@ -28,7 +28,7 @@ from llmopt.quant import awq, gptq, rtn
 from llmopt.quant.calibration import InputStats, calibration_windows, collect
 from llmopt.quant.layouts import layout_for
 from llmopt.quant.qweight import QuantizedWeight
-from llmopt.quant.spec import QuantSpec, Site, llama_sites
+from llmopt.quant.spec import QuantSpec, Site, calibrated_modules, llama_sites
 
 METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
 CALIB_WINDOW = 512  # tokens per calibration sequence
@@ -74,6 +74,7 @@ def calibrate(
     console: Console,
     hessian: bool,
     sample_rows: int,
+    lm_head: bool,
 ) -> dict[str, InputStats]:
     """Inputs of every linear over the calibration text, from the fp32 model."""
     from llmopt.engine.llm import build_engine
@@ -84,11 +85,7 @@ def calibrate(
     window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
     engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
     windows = calibration_windows(loaded.tokenizer.encode(text), tokens, window)
-    modules = {
-        f"layers.{i}.{name}": loaded.model.get_submodule(f"layers.{i}.{name}")
-        for i in range(cfg.num_layers)
-        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-    }
+    modules = {n: loaded.model.get_submodule(n) for n in calibrated_modules(cfg, lm_head)}
     with _progress(console) as progress:
         task = progress.add_task("Calibrating", total=len(windows))
         return collect(
@@ -110,7 +107,10 @@ def quantize_tensors(
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every decoder linear quantized; the other tensors (possibly rescaled by AWQ) kept."""
     method = METHODS[spec.method]
-    sites: list[list[Site]] = llama_sites(cfg, stats)
+    if spec.lm_head and "lm_head.weight" not in tensors:
+        # A tied output projection gets its own copy; the embedding stays as it was.
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    sites: list[list[Site]] = llama_sites(cfg, stats, spec.lm_head)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     for layer in sites:
         out.update(method.quantize_layer(layer, tensors, spec))
@@ -142,6 +142,8 @@ def _write_checkpoint(
     save_file(flat, str(tmp / "model.safetensors"), {"format": "pt"})
     qcfg = layout.config(spec)
     cfg = {**raw_cfg, "quantization_config": qcfg, "torch_dtype": str(dense).removeprefix("torch.")}
+    if spec.lm_head:
+        cfg["tie_word_embeddings"] = False  # the quantized head is a copy of its own
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in TOKENIZER_FILES:
         if (folder / f).is_file():
@@ -167,7 +169,7 @@ def quantize_folder(
     raw_cfg = json.loads((folder / "config.json").read_text())
     tensors = {k: v.float() for k, v in read_tensors(folder).items()}
     if spec.method == "rtn":
-        stats = _empty_stats(cfg)  # RTN looks at the weights only
+        stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
     else:
         stats = calibrate(
             folder,
@@ -177,6 +179,7 @@ def quantize_folder(
             console,
             hessian=spec.method == "gptq",
             sample_rows=AWQ_SAMPLE_ROWS if spec.method == "awq" else 0,
+            lm_head=spec.lm_head,
         )
     with _progress(console) as progress:
         task = progress.add_task(f"Quantizing ({spec.label})", total=cfg.num_layers)
@@ -198,6 +201,5 @@ def quantize_folder(
     )
 
 
-def _empty_stats(cfg: ModelConfig) -> dict[str, InputStats]:
-    names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-    return {f"layers.{i}.{n}": InputStats() for i in range(cfg.num_layers) for n in names}
+def _empty_stats(cfg: ModelConfig, lm_head: bool) -> dict[str, InputStats]:
+    return {name: InputStats() for name in calibrated_modules(cfg, lm_head)}

@@ -33,6 +33,7 @@ class QuantSpec:
     group_size: int  # input channels per scale; 0 = one scale per output row
     sym: bool  # symmetric grid (zero fixed at 2^(bits-1))
     act_order: bool = False  # GPTQ: columns by decreasing activation (see gptq.py)
+    lm_head: bool = False  # quantize the output projection too (untied from the embedding)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -54,9 +55,8 @@ class QuantSpec:
     @property
     def label(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"int{self.bits}-{self.method}-{group}" + (
-            "-sym" if self.sym and self.bits == 4 else ""
-        )
+        sym = "-sym" if self.sym and self.bits == 4 else ""
+        return f"int{self.bits}-{self.method}-{group}{sym}" + ("-head" if self.lm_head else "")
 
 
 @dataclass
@@ -83,8 +83,18 @@ class Site:
         return dict(zip(self.names, qw.split(sizes), strict=True))
 
 
-def llama_sites(cfg: ModelConfig, stats: dict[str, InputStats]) -> list[list[Site]]:
-    """Per decoder layer, its four sites; `stats` is keyed by our fused module names."""
+CALIBRATED = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def calibrated_modules(cfg: ModelConfig, lm_head: bool) -> list[str]:
+    """Our module names whose inputs calibration records, in llama_sites' terms."""
+    names = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in CALIBRATED]
+    return names + (["lm_head"] if lm_head else [])
+
+
+def llama_sites(cfg: ModelConfig, stats: dict[str, InputStats], lm_head: bool) -> list[list[Site]]:
+    """Per decoder layer, its four sites, and the output projection's own site last
+    when it is quantized too; `stats` is keyed by our fused module names."""
     layers = []
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
@@ -114,4 +124,6 @@ def llama_sites(cfg: ModelConfig, stats: dict[str, InputStats]) -> list[list[Sit
                 ),
             ]
         )
+    if lm_head:
+        layers.append([Site(["lm_head.weight"], stats["lm_head"], "model.norm.weight")])
     return layers

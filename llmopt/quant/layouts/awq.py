@@ -23,9 +23,10 @@ SHIFTS = torch.arange(8, dtype=torch.int64) * 4
 
 
 def config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.bits != 4 or spec.sym or spec.act_order:
+    if spec.bits != 4 or spec.sym or spec.act_order or spec.lm_head:
         raise ModelFormatError(
-            "the AWQ layout holds 4-bit weights with zero points, without act-order"
+            "the AWQ layout holds 4-bit weights with zero points, without act-order, "
+            "and leaves the output projection unquantized"
         )
     return {
         "quant_method": "awq",

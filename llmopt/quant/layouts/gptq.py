@@ -36,6 +36,7 @@ def config(spec: QuantSpec) -> dict[str, Any]:
         "true_sequential": False,
         "damp_percent": 0.01,
         "checkpoint_format": "gptq",
+        "lm_head": spec.lm_head,
         "quantizer": [f"llmopt:{spec.method}"],
     }
 

@@ -31,6 +31,7 @@ def config(spec: QuantSpec) -> dict[str, Any]:
         "sym": spec.sym,
         "method": spec.method,
         "act_order": spec.act_order,
+        "lm_head": spec.lm_head,
         "version": 1,
     }
 

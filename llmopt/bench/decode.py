@@ -1,0 +1,80 @@
+"""Single-stream decode timing shared by the decode benchmarks (scripts/): llmopt's
+engine, transformers' `generate` and llama-cpp-python, timed the same way.
+
+Decode speed excludes the prompt: (N - 1) tokens over the time from the first
+generated token to the last.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmopt.engine.llm import build_engine
+from llmopt.engine.sampling_params import SamplingParams
+from llmopt.layers.quant_linear import QuantLinear
+from llmopt.loader.load import LoadedModel
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights read per decode step: every parameter once (a tied embedding
+    counts once, as the lm_head) and, for quantized linears, the operands their
+    one-row kernel reads (packed integers and scales)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += sum(b.numel() * b.element_size() for b in m.decode_operands())
+    return total
+
+
+def kv_bytes_per_step(loaded: LoadedModel, context: int, kv_elem: int) -> int:
+    c = loaded.config
+    return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * kv_elem
+
+
+def llmopt_decode(loaded: LoadedModel, ids: list[int], n: int) -> float:
+    engine = build_engine(loaded, 4096, kv_cache_memory=0.5)
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    *_, last = engine.generate(ids, params)
+    assert last.stats is not None
+    return last.stats.decode_tokens_per_s
+
+
+def transformers_decode(folder: Path, ids: list[int], n: int, dtype: torch.dtype) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    x = torch.tensor([ids])
+
+    def timed(k: int) -> float:
+        t = time.perf_counter()
+        model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return time.perf_counter() - t
+
+    timed(2)  # warm-up
+    first, full = timed(1), timed(n)
+    return (n - 1) / (full - first)
+
+
+def llama_cpp_decode(gguf: Path, prompt: str, n: int, threads: int) -> float | None:
+    """None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
+    bias = {llm.token_eos(): -1e9}
+
+    def timed(k: int) -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.create_completion(prompt, max_tokens=k, temperature=0, logit_bias=bias)
+        return time.perf_counter() - t
+
+    timed(2)
+    first, full = timed(1), timed(n)
+    llm.close()
+    return (n - 1) / (full - first)
