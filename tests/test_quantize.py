@@ -207,3 +207,16 @@ def test_quantizing_a_quantized_model_is_refused(tiny_llama, tmp_path) -> None:
     _quantize(tiny_llama, out, "--int8")
     r = llmopt("quantize", str(out), "--int4", "--no-eval")
     assert r.exit_code == 2 and "already quantized" in r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_quantizes_and_runs_like_the_cpu(tiny_llama, tmp_path) -> None:
+    from llmopt.engine.llm import build_engine
+    from llmopt.loader.load import load_model
+
+    args = ["--int4", "--method", "gptq", "--group-size", "32", "--calib-tokens", "1024"]
+    _quantize(tiny_llama, tmp_path / "gpu", *args, "--device", "cuda")
+    cuda = torch.device("cuda")
+    loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
+    on_gpu = build_engine(loaded, max_context=64).prompt_logits(IDS).cpu()
+    torch.testing.assert_close(on_gpu, _logits(tmp_path / "gpu", IDS), rtol=1e-3, atol=1e-3)

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 from rich.console import Console
 
-from llmopt.cli.options import THREADS
+from llmopt.cli.options import DEVICE, THREADS
 from llmopt.errors import UsageError
 from llmopt.quant.spec import QuantSpec, default_group_size
 
@@ -79,11 +80,13 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Perplexity before and after."),
     ppl_tokens: int = typer.Option(2048, "--ppl-tokens", help="Held-out tokens to score."),
+    device: str = DEVICE,
     threads: int = THREADS,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantize a model to int8 or int4 (RTN, GPTQ, AWQ; or GGUF), report size and quality."""
     from llmopt.cli.run import set_threads
+    from llmopt.device import resolve_device
     from llmopt.loader.hf import read_config
     from llmopt.loader.load import hf_folder_for
     from llmopt.store.resolve import resolve
@@ -128,7 +131,10 @@ def quantize(
     if fmt == "gguf":
         report |= _quantize_gguf(folder, out, gguf_type, threads)
     else:
-        report |= _quantize_checkpoint(folder, out, spec, fmt, calib_text, calib_tokens, console)
+        dev = resolve_device(device)
+        report |= _quantize_checkpoint(
+            folder, out, spec, fmt, calib_text, calib_tokens, console, dev
+        )
     if evaluate:
         before = _perplexity(folder, ppl_tokens, console)
         after = _perplexity(out, ppl_tokens, console)
@@ -159,11 +165,18 @@ def _read_calib(path: Path | None) -> str:
 
 
 def _quantize_checkpoint(
-    folder: Path, out: Path, spec: QuantSpec, fmt: str, text: str, tokens: int, console: Console
+    folder: Path,
+    out: Path,
+    spec: QuantSpec,
+    fmt: str,
+    text: str,
+    tokens: int,
+    console: Console,
+    device: torch.device,
 ) -> dict[str, Any]:
     from llmopt.quant.pipeline import quantize_folder
 
-    r = quantize_folder(folder, out, spec, fmt, text, tokens, console)
+    r = quantize_folder(folder, out, spec, fmt, text, tokens, console, device)
     return {
         "method": spec.method,
         "bits": spec.bits,

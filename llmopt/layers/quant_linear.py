@@ -34,7 +34,10 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if bufs is None:
         bufs = _scratch.bufs = {}
     buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
+    # A buffer made under inference_mode cannot be written outside it (and scoring,
+    # tests or calibration may call in either mode).
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or buf.numel() < numel or stale:
         buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 

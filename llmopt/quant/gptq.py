@@ -24,7 +24,7 @@ BLOCK = 128  # columns updated together before the lazy update of the rest
 def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (in, in), after damping."""
     h = h.double()
-    h += DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h += DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     lower = torch.linalg.cholesky(h)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
 
@@ -62,9 +62,9 @@ def gptq(
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h)
-    q = torch.empty(out, n, dtype=torch.uint8)
-    scales = torch.empty(out, n // group_size)
-    zeros = torch.empty(out, n // group_size)
+    q = torch.empty(out, n, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out, n // group_size, device=w.device)
+    zeros = torch.empty(out, n // group_size, device=w.device)
     block = max(BLOCK // group_size, 1) * group_size  # whole groups per block
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)

@@ -75,13 +75,14 @@ def calibrate(
     hessian: bool,
     sample_rows: int,
     lm_head: bool,
+    device: torch.device,
 ) -> dict[str, InputStats]:
     """Inputs of every linear over the calibration text, from the fp32 model."""
     from llmopt.engine.llm import build_engine
     from llmopt.loader.load import load_model
     from llmopt.store.store import Store
 
-    loaded = load_model(folder, torch.float32, torch.device("cpu"), Store(), console)
+    loaded = load_model(folder, torch.float32, device, Store(), console)
     window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
     engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
     windows = calibration_windows(loaded.tokenizer.encode(text), tokens, window)
@@ -159,15 +160,17 @@ def quantize_folder(
     calib_text: str,
     calib_tokens: int,
     console: Console,
+    device: torch.device = torch.device("cpu"),
 ) -> QuantizeResult:
-    """Quantize the Hugging Face folder `folder` into the folder `out` (atomically)."""
+    """Quantize the Hugging Face folder `folder` into the folder `out` (atomically);
+    calibration and the methods' arithmetic run on `device`."""
     t0 = time.perf_counter()
     cfg = read_config(folder)
     builder_for(cfg.architecture)  # refuse unsupported architectures before any work
     if cfg.quantization:
         raise UsageError(f"{folder} is already quantized; quantize the original model")
     raw_cfg = json.loads((folder / "config.json").read_text())
-    tensors = {k: v.float() for k, v in read_tensors(folder).items()}
+    tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in read_tensors(folder).items()}
     if spec.method == "rtn":
         stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
     else:
@@ -180,10 +183,12 @@ def quantize_folder(
             hessian=spec.method == "gptq",
             sample_rows=AWQ_SAMPLE_ROWS if spec.method == "awq" else 0,
             lm_head=spec.lm_head,
+            device=device,
         )
     with _progress(console) as progress:
         task = progress.add_task(f"Quantizing ({spec.label})", total=cfg.num_layers)
         weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
+    weights = {k: w.to("cpu") for k, w in weights.items()}  # the writers pack on the CPU
     quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
     if not quantized:
         raise ModelFormatError(f"{folder}: found no linear layer to quantize")

@@ -46,6 +46,17 @@ class QuantizedWeight:
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
         return w.to(dtype)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        perm = None if self.perm is None else self.perm.to(device)
+        return QuantizedWeight(
+            self.q.to(device),
+            self.scale.to(device),
+            self.zero.to(device),
+            self.bits,
+            self.group_size,
+            perm,
+        )
+
     def split(self, sizes: list[int]) -> list[QuantizedWeight]:
         """Slices along the output dimension (the inverse of `cat`)."""
         parts = zip(
