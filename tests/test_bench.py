@@ -291,11 +291,12 @@ def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmopt.bench.perplexity import default_text, perplexity
+    from llmopt.bench.perplexity import perplexity
+    from llmopt.corpus import held_out_text
     from llmopt.engine.llm import LLM
 
     llm = LLM(str(tiny_llama), dtype="float32", prefix_cache=False, kv_cache_memory=0.05)
-    ids = llm.loaded.tokenizer.encode(default_text())[:300]
+    ids = llm.loaded.tokenizer.encode(held_out_text())[:300]
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
         loss = ref(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()

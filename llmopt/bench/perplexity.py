@@ -5,16 +5,14 @@ Windows of `window` tokens advance by `stride`; each token is scored once, by th
 first window that sees it with the most context (the first window scores all its
 tokens). Perplexity = exp(mean negative log-likelihood of the scored tokens).
 
-The default text is the second half (by topic name) of `pydoc_data.topics`, English
-reference prose that ships with every CPython; the first half is left for
-calibration, so that the two never overlap.
+The default text is the held-out half of `pydoc_data.topics` (llmopt/corpus.py);
+quantization calibrates on the other half.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,25 +20,6 @@ import torch
 from llmopt.engine.engine import Engine
 from llmopt.errors import UsageError
 from llmopt.tokenizer import Tokenizer
-
-
-def default_text() -> str:
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    return "\n\n".join(topics[n] for n in names[len(names) // 2 :])
-
-
-def read_text(path: Path | None) -> str:
-    if path is None:
-        return default_text()
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-    if not text.strip():
-        raise UsageError(f"{path} is empty")
-    return text
 
 
 def perplexity(engine: Engine, ids: list[int], window: int, stride: int) -> dict[str, Any]:

@@ -118,13 +118,21 @@ def _perplexity(
     output: Path | None,
     console: Console,
 ) -> None:
-    from llmopt.bench.perplexity import evaluate, read_text
+    from llmopt.bench.perplexity import evaluate
     from llmopt.cli.run import set_threads
+    from llmopt.corpus import held_out_text, read_text
     from llmopt.engine.llm import LLM
 
     set_threads(threads)
     llm = LLM(model, dtype=dtype, prefix_cache=False)
-    scores = evaluate(llm.engine, llm.loaded.tokenizer, read_text(text), tokens, window, stride)
+    scores = evaluate(
+        llm.engine,
+        llm.loaded.tokenizer,
+        read_text(text, held_out_text, "--text"),
+        tokens,
+        window,
+        stride,
+    )
     result = {"model": llm.name} | scores
     console.print(
         f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from llmopt.cli.options import DEVICE, THREADS
+from llmopt.corpus import calibration_text, read_text
 from llmopt.errors import UsageError
 from llmopt.quant.spec import QuantSpec, default_group_size
 
@@ -22,12 +23,13 @@ FORMATS = ("llmopt", "gptq", "awq", "gguf")
 
 
 def _perplexity(path: Path, tokens: int, console: Console) -> float:
-    from llmopt.bench.perplexity import default_text, evaluate
+    from llmopt.bench.perplexity import evaluate
+    from llmopt.corpus import held_out_text
     from llmopt.engine.llm import LLM
 
     llm = LLM(path, dtype="float32", prefix_cache=False)
     with console.status(f"Perplexity of {path.name} on {tokens} held-out tokens"):
-        return evaluate(llm.engine, llm.loaded.tokenizer, default_text(), tokens, 1024, 512)[
+        return evaluate(llm.engine, llm.loaded.tokenizer, held_out_text(), tokens, 1024, 512)[
             "perplexity"
         ]
 
@@ -126,7 +128,7 @@ def quantize(
     out = (output or store.model_dir(name) / (f"{name}.gguf" if fmt == "gguf" else "")).expanduser()
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it")
-    calib_text = _read_calib(calib) if spec.method != "rtn" else ""
+    calib_text = read_text(calib, calibration_text, "--calib") if spec.method != "rtn" else ""
     report: dict[str, Any] = {"source": src_name, "output": str(out), "name": name, "format": fmt}
     if fmt == "gguf":
         report |= _quantize_gguf(folder, out, gguf_type, threads)
@@ -148,20 +150,6 @@ def quantize(
     _print_report(report, console)
     if as_json:
         print(json.dumps(report))
-
-
-def _read_calib(path: Path | None) -> str:
-    from llmopt.quant.calibration import default_calibration_text
-
-    if path is None:
-        return default_calibration_text()
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --calib {path}: {e}") from None
-    if not text.strip():
-        raise UsageError(f"--calib {path} is empty")
-    return text
 
 
 def _quantize_checkpoint(

@@ -9,8 +9,8 @@ Statistics are gathered in one pass over the unquantized model (the inputs each
 layer sees in full precision), not layer by layer on the partly quantized model;
 the sequential variant costs a forward pass per layer, 30x the time for SmolLM2.
 
-The default text is the first half (by topic name) of `pydoc_data.topics`; the
-perplexity benchmark scores the other half, so calibration never sees the test.
+The default text is the calibration half of `pydoc_data.topics` (llmopt/corpus.py);
+the perplexity benchmark scores the other half, so calibration never sees the test.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ import torch
 from torch import nn
 
 from llmopt.engine.engine import Engine
-
-
-def default_calibration_text() -> str:
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    return "\n\n".join(topics[n] for n in names[: len(names) // 2])
 
 
 def calibration_windows(ids: list[int], num_tokens: int, window: int) -> list[list[int]]:
