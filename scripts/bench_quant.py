@@ -44,11 +44,12 @@ def main() -> None:
     cpu = torch.device("cpu")
     tmp = Path(tempfile.mkdtemp(prefix="llmopt-bench-quant-"))
     paths = {"llmopt bf16": folder}
-    for bits, group, sym in ((8, 0, True), (4, args.group_size, False)):
-        spec = QuantSpec(bits, "rtn", group, sym)
+    variants = ((8, 0, True, False), (4, args.group_size, False, False))
+    for bits, group, sym, head in (*variants, (4, args.group_size, False, True)):
+        spec = QuantSpec(bits, "rtn", group, sym, lm_head=head)
         out = tmp / spec.label
         quantize_folder(folder, out, spec, "llmopt", "", 0, console)
-        paths[f"llmopt int{bits} ({spec.label})"] = out
+        paths[f"llmopt {spec.label}"] = out
     models = {name: load_model(p, torch.bfloat16, cpu, store, console) for name, p in paths.items()}
     first = next(iter(models.values()))
     ids = first.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])

@@ -220,3 +220,25 @@ def test_cuda_quantizes_and_runs_like_the_cpu(tiny_llama, tmp_path) -> None:
     loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
     on_gpu = build_engine(loaded, max_context=64).prompt_logits(IDS).cpu()
     torch.testing.assert_close(on_gpu, _logits(tmp_path / "gpu", IDS), rtol=1e-3, atol=1e-3)
+
+
+def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder) -> None:
+    from tests.test_gguf_export import small_tiny_model
+
+    src = small_tiny_model(tmp_path / "tiny", smollm_folder)
+    out = tmp_path / "tiny-q8.gguf"
+    r = llmopt("quantize", str(src), "--int8", "--format", "gguf", "-o", str(out), "--no-eval",
+               "--name", "tiny-q8", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["gguf_type"] == "Q8_0" and report["file_bytes"] == out.stat().st_size
+    assert Store().registry.get("tiny-q8").file == out.name
+    run = llmopt("run", "tiny-q8", "Hello", "--max-tokens", "3", "--temperature", "0", "--json")
+    assert run.exit_code == 0, run.stderr
+    # Our GGUF reader gets the weights back: Q8_0 of the source, within its rounding.
+    from llmopt.loader.gguf import GGUFFile
+    from llmopt.loader.hf import read_tensors
+
+    got = GGUFFile(out).hf_tensors()["model.layers.0.mlp.down_proj.weight"]
+    want = read_tensors(src)["model.layers.0.mlp.down_proj.weight"].float()
+    assert (got - want).abs().max() <= want.abs().max() / 127 + 1e-6

@@ -20,10 +20,15 @@ from llmopt.loader.load import LoadedModel
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights read per decode step: every parameter once (a tied embedding
-    counts once, as the lm_head) and, for quantized linears, the operands their
-    one-row kernel reads (packed integers and scales)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights read per decode step: every parameter once but the embedding
+    table (one row is read; a tied table is read whole as the lm_head), and, for
+    quantized linears, the operands their one-row kernel reads (integers, scales)."""
+    params = {
+        id(p): p
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not name.startswith("embed_tokens.")
+    }
+    total = sum(p.numel() * p.element_size() for p in params.values())
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += sum(b.numel() * b.element_size() for b in m.decode_operands())

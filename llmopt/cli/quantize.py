@@ -74,7 +74,7 @@ def quantize(
         False, "--lm-head", help="Quantize the output projection too (faster decode)."
     ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
-    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
     fmt: str = typer.Option("llmopt", "--format", help="llmopt, gptq, awq or gguf."),
     gguf_type: str = typer.Option(None, "--gguf-type", help="gguf: Q8_0, Q4_0, Q4_K_M, ..."),
     output: Path = typer.Option(None, "-o", "--output", help="Output folder (.gguf file)."),

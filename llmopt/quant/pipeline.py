@@ -186,7 +186,9 @@ def quantize_folder(
             device=device,
         )
     with _progress(console) as progress:
-        task = progress.add_task(f"Quantizing ({spec.label})", total=cfg.num_layers)
+        task = progress.add_task(
+            f"Quantizing ({spec.label})", total=cfg.num_layers + int(spec.lm_head)
+        )
         weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
     weights = {k: w.to("cpu") for k, w in weights.items()}  # the writers pack on the CPU
     quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
