@@ -242,3 +242,13 @@ def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder) -> None:
     got = GGUFFile(out).hf_tensors()["model.layers.0.mlp.down_proj.weight"]
     want = read_tensors(src)["model.layers.0.mlp.down_proj.weight"].float()
     assert (got - want).abs().max() <= want.abs().max() / 127 + 1e-6
+
+
+def test_default_name_comes_from_the_source(tiny_llama, tmp_path) -> None:
+    import shutil
+
+    dotted = tmp_path / "tiny2.5-0.5b-hf"  # dots are part of a name, not a suffix
+    shutil.copytree(tiny_llama, dotted)
+    r = llmopt("quantize", str(dotted), "--int8", "--no-eval", "-o", str(tmp_path / "q"))
+    assert r.exit_code == 0, r.stderr
+    assert "tiny2.5-0.5b-int8-rtn-per-channel" in Store().registry.models

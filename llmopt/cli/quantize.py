@@ -124,7 +124,8 @@ def quantize(
     label = (
         gguf_type.lower() if fmt == "gguf" else spec.label + ("" if fmt == "llmopt" else f"-{fmt}")
     )
-    name = name or f"{Path(src_name).stem.removesuffix('-hf')}-{label}"
+    base = src_name.removesuffix(".gguf").removesuffix("-hf")  # "qwen2.5-0.5b-..." keeps dots
+    name = name or f"{base}-{label}"
     out = (output or store.model_dir(name) / (f"{name}.gguf" if fmt == "gguf" else "")).expanduser()
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it")
