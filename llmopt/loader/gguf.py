@@ -16,8 +16,9 @@ from llmopt.loader.dequant import dequantize
 from llmopt.loader.gguf_tokenizer import build_tokenizer
 from llmopt.models.registry import hf_architecture_for_gguf
 
-# GGUF tensor name -> Hugging Face name; {i} is the block index.
-_NAMES = {
+# GGUF tensor name -> Hugging Face name; {i} is the block index (the exporter reads
+# it the other way round).
+HF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -43,7 +44,7 @@ _PERMUTED_QK = ("llama", "mistral")
 def _hf_name(name: str) -> str | None:
     m = _BLOCK.match(name)
     key = _BLOCK.sub("blk.{i}.", name) if m else name
-    target = _NAMES.get(key)
+    target = HF_NAMES.get(key)
     return target.format(i=m.group(1)) if (target and m) else target
 
 

@@ -28,7 +28,7 @@ from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.layers.rotary import inv_frequencies
 from llmopt.loader.atomic import atomic_file
-from llmopt.loader.gguf import _NAMES
+from llmopt.loader.gguf import HF_NAMES
 from llmopt.loader.hf import read_config, safetensor_files
 from llmopt.quant.gguf_vocab import add_vocab
 
@@ -48,7 +48,7 @@ ARCHITECTURES = {
 }
 
 # Hugging Face tensor name -> GGUF name, the reader's table turned around.
-_GGUF_NAMES = {hf: name for name, hf in _NAMES.items()}
+_GGUF_NAMES = {hf: name for name, hf in HF_NAMES.items()}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SKIPPED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some old checkpoints saved
 
