@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from llmopt.bench.decode import (
     kv_bytes_per_step,
     llama_cpp_decode,
     llmopt_decode,
+    summarize_runs,
     transformers_decode,
     weight_bytes,
 )
@@ -56,13 +56,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
 
     def record(name: str, runs: list[float], bytes_per_token: float) -> None:
-        tps = statistics.median(runs)
-        results[name] = {
-            "tokens_per_s": round(tps, 2),
-            "min": round(min(runs), 2),
-            "max": round(max(runs), 2),
-            "GB_per_s": round(tps * bytes_per_token / 1e9, 2),
-        }
+        results[name] = summarize_runs(runs, bytes_per_token)
         console.print(f"{name}: {results[name]}")
 
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

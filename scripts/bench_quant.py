@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from llmopt.bench.decode import kv_bytes_per_step, llama_cpp_decode, llmopt_decode, weight_bytes
+from llmopt.bench.decode import (
+    kv_bytes_per_step,
+    llama_cpp_decode,
+    llmopt_decode,
+    summarize_runs,
+    weight_bytes,
+)
 from llmopt.bench.setup import bench_model, machine_info
 from llmopt.loader.load import hf_folder_for, load_model
 from llmopt.quant.pipeline import quantize_folder
@@ -42,15 +47,18 @@ def main() -> None:
     store, gguf = bench_model(args.threads, console)
     folder = hf_folder_for(gguf, store, console)
     cpu = torch.device("cpu")
-    tmp = Path(tempfile.mkdtemp(prefix="llmopt-bench-quant-"))
-    paths = {"llmopt bf16": folder}
-    variants = ((8, 0, True, False), (4, args.group_size, False, False))
-    for bits, group, sym, head in (*variants, (4, args.group_size, False, True)):
-        spec = QuantSpec(bits, "rtn", group, sym, lm_head=head)
-        out = tmp / spec.label
-        quantize_folder(folder, out, spec, "llmopt", "", 0, console)
-        paths[f"llmopt {spec.label}"] = out
-    models = {name: load_model(p, torch.bfloat16, cpu, store, console) for name, p in paths.items()}
+    g = args.group_size
+    specs = [
+        QuantSpec(8, "rtn", 0, sym=True),
+        QuantSpec(4, "rtn", g, sym=False),
+        QuantSpec(4, "rtn", g, sym=False, lm_head=True),
+    ]
+    models = {"llmopt bf16": load_model(folder, torch.bfloat16, cpu, store, console)}
+    with tempfile.TemporaryDirectory(prefix="llmopt-bench-quant-") as tmp:
+        for spec in specs:  # loaded models keep no reference to their files
+            out = Path(tmp) / spec.label
+            quantize_folder(folder, out, spec, "llmopt", "", 0, console)
+            models[f"llmopt {spec.label}"] = load_model(out, torch.bfloat16, cpu, store, console)
     first = next(iter(models.values()))
     ids = first.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     prompt_text = first.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
@@ -64,17 +72,7 @@ def main() -> None:
             runs["llama.cpp Q4_1"].append(cpp)
     per_token = {name: weight_bytes(m.model) + kv for name, m in models.items()}
     per_token["llama.cpp Q4_1"] = gguf.stat().st_size  # Q4_1 weights are nearly the file
-    results = {
-        name: {
-            "tokens_per_s": round(statistics.median(r), 2),
-            "min": round(min(r), 2),
-            "max": round(max(r), 2),
-            "GB_per_s": round(statistics.median(r) * per_token[name] / 1e9, 2),
-            "bytes_per_token_MB": round(per_token[name] / 1e6, 1),
-        }
-        for name, r in runs.items()
-        if r
-    }
+    results = {name: summarize_runs(r, per_token[name]) for name, r in runs.items() if r}
     bf16 = results["llmopt bf16"]["tokens_per_s"]
     ratios = {
         f"{name} / llmopt bf16": round(r["tokens_per_s"] / bf16, 2) for name, r in results.items()

@@ -7,6 +7,7 @@ generated token to the last.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(m, QuantLinear):
             total += sum(b.numel() * b.element_size() for b in m.decode_operands())
     return total
+
+
+def summarize_runs(runs: list[float], bytes_per_token: float) -> dict[str, float]:
+    """Median, spread and achieved bandwidth of repeated decode measurements (tok/s)."""
+    tps = statistics.median(runs)
+    return {
+        "tokens_per_s": round(tps, 2),
+        "min": round(min(runs), 2),
+        "max": round(max(runs), 2),
+        "GB_per_s": round(tps * bytes_per_token / 1e9, 2),
+        "bytes_per_token_MB": round(bytes_per_token / 1e6, 1),
+    }
 
 
 def kv_bytes_per_step(loaded: LoadedModel, context: int, kv_elem: int) -> int:

@@ -105,15 +105,15 @@ def quantize(
     src_name, src_path = resolve(model, store, console)
     folder = hf_folder_for(src_path, store, console)
     cfg = read_config(folder)
+    method = method or ("gptq" if bits == 4 else "rtn")
     spec = QuantSpec(
         bits=bits,
-        method=method or ("gptq" if bits == 4 else "rtn"),
+        method=method,
         group_size=default_group_size(cfg, bits) if group_size is None else group_size,
         # GPTQ checkpoints are symmetric by convention: GPTQModel refuses asymmetric ones
         # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
         sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
-        act_order=(fmt != "awq" if act_order is None else act_order)
-        and (method or ("gptq" if bits == 4 else "rtn")) == "gptq",
+        act_order=method == "gptq" and (fmt != "awq" if act_order is None else act_order),
         lm_head=lm_head,
     )
     _check_format(fmt, spec)

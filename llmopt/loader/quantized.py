@@ -27,9 +27,6 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
             t = out.pop(f"{prefix}.{suffix}", None)
             if t is not None:
                 parts[suffix] = t
-        for extra in ("perm",):
-            if f"{prefix}.{extra}" in out:
-                parts[extra] = out.pop(f"{prefix}.{extra}")
         missing = [s for s in ("qweight", "scales", "qzeros") if s not in parts]
         if missing:
             raise ModelFormatError(f"quantized weight {prefix} lacks {', '.join(missing)}")

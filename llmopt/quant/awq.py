@@ -108,17 +108,20 @@ def quantize_layer(
     Searching before applying matters where one site's owner is another's weight
     (down_proj folds into up_proj rows, which gate/up then quantizes).
     """
-    inputs: list[torch.Tensor] = []
-    scales: list[torch.Tensor | None] = []
-    for site in sites:
-        w, x = site.fused(tensors), site.stats.sample()
+
+    def search(site: Site) -> torch.Tensor | None:
+        if site.owner is None:
+            return None
+        w = site.fused(tensors)
         group = spec.group_for(w.shape[1])
-        s = None
-        if site.owner is not None:
-            s = search_scale(w, x, site.stats.abs_mean(), spec.bits, group, spec.sym)
-        scales.append(s)
-    for site, s in zip(sites, scales, strict=True):
-        inputs.append(site.stats.sample() if s is None else _apply_scale(site, tensors, s))
+        stats = site.stats
+        return search_scale(w, stats.sample(), stats.abs_mean(), spec.bits, group, spec.sym)
+
+    scales = [search(site) for site in sites]
+    inputs = [
+        site.stats.sample() if s is None else _apply_scale(site, tensors, s)
+        for site, s in zip(sites, scales, strict=True)
+    ]
     out: dict[str, QuantizedWeight] = {}
     for site, x in zip(sites, inputs, strict=True):
         w = site.fused(tensors)

@@ -38,7 +38,10 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # (in,) sum of |x|
     count: int = 0  # rows seen
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for scoring
-    kept: int = 0
+
+    @property
+    def kept(self) -> int:
+        return sum(t.shape[0] for t in self.samples)
 
     def hessian(self) -> torch.Tensor:
         """(in, in) fp32: 2 X^T X / n."""
@@ -65,7 +68,6 @@ class InputStats:
             step = max(1, x.shape[0] // 64)
             take = x[::step][: sample_rows - self.kept].clone()
             self.samples.append(take)
-            self.kept += take.shape[0]
 
 
 def collect(

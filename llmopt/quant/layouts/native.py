@@ -20,7 +20,7 @@ from llmopt.errors import ModelFormatError
 from llmopt.quant.qweight import QuantizedWeight
 from llmopt.quant.spec import QuantSpec
 
-SUFFIXES = ("qweight", "scales", "qzeros")
+SUFFIXES = ("qweight", "scales", "qzeros", "perm")  # perm: only with act-order
 
 
 def config(spec: QuantSpec) -> dict[str, Any]:
