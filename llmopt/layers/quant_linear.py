@@ -1,14 +1,17 @@
 """Weight-only int8 / int4 linear layers: y = x dequant(W)^T (+ b).
 
 Kernel choice by device and rows (measured on the 2-core AVX2 machine, see
-BENCHMARKS.md): torch's packed CPU kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`) beat a bf16 matmul only with bf16 activations and
-few rows, where decode is bound by reading weights; with fp32 activations they are
-4-8x slower than fp32, and from a few rows on a dense fp32 GEMM wins. So:
+BENCHMARKS.md). Decode reads every weight once per step, so with few rows the speed
+is the speed of reading the integers:
 
-- CPU, fewer than UPCAST_MIN_ROWS rows: the packed kernel, activations in bf16.
-- otherwise (prefill, batched decode, CUDA, layouts the kernels do not take): the
-  weight is dequantized into a reused scratch buffer and multiplied densely.
+- CPU, fewer than UPCAST_MIN_ROWS rows: llmopt's qgemv kernel (kernels/qgemv.c:
+  integer dot products against int8-quantized activations; 2.2x torch's int4 kernel
+  and 1.4x its int8 one on a 3072x576 matrix here). Without a C compiler, torch's
+  packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
+  activations: with fp32 activations they are 4-8x slower than fp32.
+- otherwise (prefill, batched decode, CUDA, layouts no kernel takes): the weight is
+  dequantized into a reused scratch buffer and multiplied densely; from a few rows on
+  a dense fp32 GEMM wins.
 
 Storage stays int8/int4 either way: the dense copy lives only for one call.
 """
@@ -21,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmopt.kernels import qgemv
 from llmopt.layers.linear import UPCAST_MIN_ROWS
 from llmopt.quant.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
+_QGEMV_DTYPES = (torch.bfloat16, torch.float32)  # activations qgemv reads and writes
 _scratch = threading.local()
 
 
@@ -59,8 +64,21 @@ class QuantLinear(nn.Module):
         self.kernel = self._pack_cpu_kernel(qw) if device.type == "cpu" else None
 
     def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
-        """Prepare torch's packed operand for this weight if a CPU kernel takes it, and
-        drop the plain codes where the packed operand can give them back."""
+        """Prepare the operand of a CPU kernel that takes this weight, and drop the
+        plain codes where that operand can give them back."""
+        supported = qgemv.supports(self.bits, self.in_features, self.group_size)
+        kernel = qgemv.load() if supported else None
+        if kernel is not None:
+            self.qgemv = kernel
+            self.bias_fp32 = None if self.bias is None else self.bias.float().contiguous()
+            if self.bits == 4:
+                self.register_buffer("wq", qgemv.pack_int4(qw.q))
+                self.register_buffer("koffset", self.offset)  # the same tensor: no copy
+            else:  # signed int8 q - 128; the offset takes the 128 back
+                self.register_buffer("wq", (qw.q.to(torch.int16) - 128).to(torch.int8))
+                self.register_buffer("koffset", self.offset + 128 * self.scale)
+            self.q = None
+            return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
             self.register_buffer("w8", (qw.q.to(torch.int16) - 128).to(torch.int8))
@@ -81,6 +99,8 @@ class QuantLinear(nn.Module):
 
     def decode_operands(self) -> list[torch.Tensor]:
         """The tensors a one-row forward reads (for bandwidth accounting)."""
+        if self.kernel == "qgemv":
+            return [self.wq, self.scale, self.koffset]
         if self.kernel == "int8":
             return [self.w8, self.s8]
         if self.kernel == "int4":
@@ -91,6 +111,8 @@ class QuantLinear(nn.Module):
         """(out, in) integer codes q with w = (q - zero) * scale."""
         if self.q is not None:
             return self.q
+        if self.kernel == "qgemv":
+            return qgemv.unpack_int4(self.wq) if self.bits == 4 else self.wq.to(torch.int16) + 128
         if self.kernel == "int8":
             return self.w8.to(torch.int16) + 128
         return _int4pack_codes(self.w4, self.out_features, self.in_features)
@@ -106,7 +128,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.kernel is not None and x.shape[0] < UPCAST_MIN_ROWS:
+        if self.kernel == "qgemv" and x.shape[0] < UPCAST_MIN_ROWS and x.dtype in _QGEMV_DTYPES:
+            return self.qgemv(
+                x, self.wq, self.bits, self.scale, self.koffset, self.group_size, self.bias_fp32
+            )
+        if self.kernel in ("int8", "int4") and x.shape[0] < UPCAST_MIN_ROWS:
             xb = x.to(torch.bfloat16)
             if self.kernel == "int8":
                 y = torch._weight_int8pack_mm(xb, self.w8, self.s8)

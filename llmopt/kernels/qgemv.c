@@ -1,0 +1,251 @@
+/* Weight-only int4 / int8 matrix times a few rows, for decode on the CPU.
+ *
+ * y = x W^T + b for M <= MAX_ROWS rows of x (M, K) and a quantized W (N, K) with one
+ * scale and offset per group of `group` inputs: W[n, k] = scale[n, g] * q[n, k] +
+ * offset[n, g], g = k / group.
+ *
+ * Why integers: decode reads each weight once per step, so the kernel must run at
+ * memory speed, and widening nibbles to floats costs more instructions than the
+ * memory system leaves time for on AVX2. The activations are therefore quantized too,
+ * to int8 with one scale per 32 inputs (xd = max |x| / 127), and each 32-input block
+ * is one integer dot product (vpmaddubsw + vpmaddwd: 32 multiply-adds in two
+ * instructions), scaled by scale * xd in fp32. The offset term needs only the exact
+ * float sum of x over the group, so it is computed once per call and stays exact:
+ *
+ *   y[m, n] = sum_b scale[n, g(b)] * xd[m, b] * dot(q[n, b], xq[m, b])
+ *           + sum_g offset[n, g] * xsum[m, g] + bias[n]
+ *
+ * The rounding of x (half a step of max|x|/127 per input) is the error this adds; it
+ * is what llama.cpp's Q8 activation blocks add too.
+ *
+ * Layouts (row-major, one row of W after the other):
+ *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
+ *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
+ *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
+ * scale, offset: (N, K / group) fp32, group % 32 == 0. x: (M, K) fp32 or bf16;
+ * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define QB 64 /* inputs per activation scale, and per chunk of the loops */
+#define MAX_ROWS 8
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the exact
+ * float sums per weight group xsum (K / group,). */
+static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq, float *xd,
+                         float *xsum) {
+    float buf[QB];
+    for (int g = 0; g < K / group; g++) xsum[g] = 0.0f;
+    for (int c = 0; c < K / QB; c++) {
+        float amax = 0.0f;
+        for (int j = 0; j < QB; j++) {
+            const int k = c * QB + j;
+            buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            amax = fmaxf(amax, fabsf(buf[j]));
+            xsum[k / group] += buf[j];
+        }
+        const float d = amax / 127.0f;
+        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        xd[c] = d;
+        for (int j = 0; j < QB; j++) xq[c * QB + j] = (int8_t)lrintf(buf[j] * inv);
+    }
+}
+
+#ifdef __AVX2__
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Products of 64 int4 weights (32 bytes at w) and 64 int8 inputs, as int16 pair sums
+ * of the two 32-input halves (each at most 2 * 15 * 127 in magnitude). */
+static inline void q4_pairs(const uint8_t *w, const int8_t *x, __m256i *h0, __m256i *h1) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i lo = _mm256_and_si256(v, low);                       /* inputs 0..31 */
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low); /* inputs 32..63 */
+    *h0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
+    *h1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32)));
+}
+
+/* Products of 32 int8 weights and 32 int8 inputs as int16 pair sums. vpmaddubsw wants
+ * one unsigned operand: |w| (128 fits) times x with w's sign; a pair is at most
+ * 2 * 128 * 127, inside int16. */
+static inline __m256i q8_pairs(const int8_t *w, const int8_t *x) {
+    const __m256i wv = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    return _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+}
+
+/* acc + dot(q[c], xq[c]) * xd[c] * scale[g(c)] for one 64-input chunk c of a row of W
+ * and one row of x. `halves` (group 32): the chunk's two halves have their own scales. */
+static inline __attribute__((always_inline)) __m256 chunk(__m256 acc, const uint8_t *w,
+                                                          int bits, int halves,
+                                                          const float *scale, const int8_t *xq,
+                                                          const float *xd, const int *gi,
+                                                          int c) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *wc = w + (size_t)c * QB * bits / 8;
+    const int8_t *xc = xq + c * QB;
+    __m256i h0, h1;
+    if (bits == 4) {
+        q4_pairs(wc, xc, &h0, &h1);
+    } else {
+        h0 = q8_pairs((const int8_t *)wc, xc);
+        h1 = q8_pairs((const int8_t *)wc + 32, xc + 32);
+    }
+    if (halves) {
+        const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h0, ones));
+        const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
+        acc = _mm256_fmadd_ps(p0, _mm256_set1_ps(xd[c] * scale[2 * c]), acc);
+        return _mm256_fmadd_ps(p1, _mm256_set1_ps(xd[c] * scale[2 * c + 1]), acc);
+    }
+    /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow. */
+    const __m256i p = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
+                                : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
+                                                   _mm256_madd_epi16(h1, ones));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[c] * scale[gi[c]]), acc);
+}
+
+/* out[m] = sum over the chunks of one row of W, for each of the M rows of x. Each
+ * chunk ends in a dependent FMA (4-5 cycles), so even and odd chunks accumulate
+ * apart, in registers: with one chain (or an accumulator indexed at run time, which
+ * the compiler keeps in memory) the latency, not the arithmetic, set the speed.
+ * Inlined with constant bits/halves/M, so each combination is its own loop. */
+static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int bits,
+                                                          int halves, const float *scale,
+                                                          const int8_t *xq, const float *xd,
+                                                          int M, int K, const int *gi,
+                                                          float *out) {
+    const int nc = K / QB;
+    for (int m = 0; m < M; m++) {
+        const int8_t *xm = xq + (size_t)m * K;
+        const float *dm = xd + (size_t)m * nc;
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+        int c = 0;
+        for (; c + 1 < nc; c += 2) {
+            even = chunk(even, w, bits, halves, scale, xm, dm, gi, c);
+            odd = chunk(odd, w, bits, halves, scale, xm, dm, gi, c + 1);
+        }
+        if (c < nc) even = chunk(even, w, bits, halves, scale, xm, dm, gi, c);
+        out[m] = hsum(_mm256_add_ps(even, odd));
+    }
+}
+#else
+static inline void dot_row(const uint8_t *w, int bits, int halves, const float *scale,
+                           const int8_t *xq, const float *xd, int M, int K, const int *gi,
+                           float *out) {
+    const int nc = K / QB;
+    for (int m = 0; m < M; m++) {
+        float acc = 0.0f;
+        for (int c = 0; c < nc; c++) {
+            for (int half = 0; half < 2; half++) {
+                int32_t dot = 0;
+                for (int j = 0; j < 32; j++) {
+                    const int k = c * QB + half * 32 + j;
+                    const int q = bits == 4 ? (w[c * 32 + j] >> (4 * half)) & 15
+                                            : ((const int8_t *)w)[k];
+                    dot += q * xq[(size_t)m * K + k];
+                }
+                const float s = halves ? scale[2 * c + half] : scale[gi[c]];
+                acc += s * xd[m * nc + c] * (float)dot;
+            }
+        }
+        out[m] = acc;
+    }
+}
+#endif
+
+/* Returns 0, or -1 when the shapes are outside what this kernel takes. */
+int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const float *scale,
+          const float *offset, int group, int N, const float *bias, void *y, int y_bf16) {
+    if (M < 1 || M > MAX_ROWS || K % QB || K % group || !(group == 32 || group % QB == 0) ||
+        (bits != 4 && bits != 8))
+        return -1;
+    const int nc = K / QB, ng = K / group, halves = group == 32;
+    int8_t *xq = malloc((size_t)M * K);
+    float *xd = malloc(sizeof(float) * (size_t)M * (nc + ng));
+    if (!xq || !xd) {
+        free(xq);
+        free(xd);
+        return -1;
+    }
+    float *xsum = xd + (size_t)M * nc;
+    /* Group of each chunk, looked up instead of divided in the inner loop (a division
+     * by the runtime group size there cost half the kernel's time). */
+    int gi[nc];
+    for (int c = 0; c < nc; c++) gi[c] = c * QB / group;
+    const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
+    for (int m = 0; m < M; m++)
+        quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
+                     xd + (size_t)m * nc, xsum + (size_t)m * ng);
+    const size_t w_row = (size_t)K * bits / 8;
+    /* Rows of W in blocks of 8: the offset terms of 8 rows are 8 independent FMA chains
+     * (one row's alone is a serial chain of K / group FMAs, which cost as much as its
+     * dot products when K is small). */
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += 8) {
+        const int rows = N - n0 < 8 ? N - n0 : 8;
+        float out[8][MAX_ROWS];
+        for (int i = 0; i < rows; i++) {
+            const int n = n0 + i;
+            const uint8_t *wn = (const uint8_t *)w + n * w_row;
+            const float *sn = scale + (size_t)n * ng;
+            /* Constant arguments: each case is its own specialised loop. One row of x
+             * is decode's case and keeps its accumulators in registers. */
+            if (M == 1 && bits == 4)
+                halves ? dot_row(wn, 4, 1, sn, xq, xd, 1, K, gi, out[i])
+                       : dot_row(wn, 4, 0, sn, xq, xd, 1, K, gi, out[i]);
+            else if (M == 1)
+                halves ? dot_row(wn, 8, 1, sn, xq, xd, 1, K, gi, out[i])
+                       : dot_row(wn, 8, 0, sn, xq, xd, 1, K, gi, out[i]);
+            else if (bits == 4)
+                halves ? dot_row(wn, 4, 1, sn, xq, xd, M, K, gi, out[i])
+                       : dot_row(wn, 4, 0, sn, xq, xd, M, K, gi, out[i]);
+            else
+                halves ? dot_row(wn, 8, 1, sn, xq, xd, M, K, gi, out[i])
+                       : dot_row(wn, 8, 0, sn, xq, xd, M, K, gi, out[i]);
+        }
+        for (int m = 0; m < M; m++) {
+            float v[8];
+            for (int i = 0; i < rows; i++) v[i] = out[i][m] + (bias ? bias[n0 + i] : 0.0f);
+            const float *xs = xsum + (size_t)m * ng;
+            const float *on = offset + (size_t)n0 * ng;
+            for (int g = 0; g < ng; g++)
+                for (int i = 0; i < rows; i++) v[i] += on[(size_t)i * ng + g] * xs[g];
+            for (int i = 0; i < rows; i++) {
+                const size_t at = (size_t)m * N + n0 + i;
+                if (y_bf16)
+                    ((uint16_t *)y)[at] = f32_to_bf16(v[i]);
+                else
+                    ((float *)y)[at] = v[i];
+            }
+        }
+    }
+    free(xq);
+    free(xd);
+    return 0;
+}

@@ -1,0 +1,80 @@
+"""Binding for qgemv.c: weight-only int4/int8 times a few rows of activations on the
+CPU, with the activations quantized to int8 per 64 inputs (see the C source for the
+arithmetic and the error it adds). Layout helpers for its int4 packing live here too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+
+MAX_ROWS = 8  # rows of x per call (the C source's MAX_ROWS)
+CHUNK = 64  # inputs per activation scale and per int4 chunk (QB)
+
+
+def supports(bits: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel takes this weight shape."""
+    return (
+        bits in (4, 8)
+        and in_features % CHUNK == 0
+        and in_features % group_size == 0
+        and (group_size == 32 or group_size % CHUNK == 0)
+    )
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 -> (N, K / 2) bytes: per 64 inputs, byte j holds input j
+    (low nibble) and input j + 32 (high)."""
+    n, k = q.shape
+    v = q.to(torch.uint8).view(n, k // CHUNK, 2, 32)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(w: torch.Tensor) -> torch.Tensor:
+    """pack_int4 turned around: (N, K / 2) bytes -> (N, K) uint8 codes."""
+    n, half = w.shape
+    v = w.view(n, half // 32, 1, 32)
+    return torch.cat([v & 0x0F, v >> 4], dim=2).reshape(n, 2 * half)
+
+
+class QGemv:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fn = lib.qgemv
+        self.fn.restype = ctypes.c_int
+        ptr, i32 = ctypes.c_void_p, ctypes.c_int
+        # x, x_bf16, M, K, w, bits, scale, offset, group, N, bias, y, y_bf16
+        self.fn.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, ptr, ptr, i32]
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # (M, K) bf16 or fp32, M <= MAX_ROWS
+        w: torch.Tensor,  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
+        bits: int,
+        scale: torch.Tensor,  # (N, G) fp32
+        offset: torch.Tensor,  # (N, G) fp32: w = scale * q(or q - 128) + offset
+        group_size: int,
+        bias: torch.Tensor | None,  # (N,) fp32
+    ) -> torch.Tensor:  # (M, N) in x's dtype
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        rc = self.fn(
+            x.data_ptr(), bf16, m, k, w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(),
+            group_size, n, None if bias is None else bias.data_ptr(), y.data_ptr(), bf16,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"qgemv does not take int{bits} {n}x{k} group {group_size}, {m} rows")
+        return y
+
+
+@cache
+def load() -> QGemv | None:
+    """The kernel, or None without a C compiler."""
+    from llmopt.kernels.build import load as build
+
+    lib = build("qgemv")
+    return None if lib is None else QGemv(lib)

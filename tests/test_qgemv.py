@@ -1,0 +1,87 @@
+"""The int4/int8 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
+
+Its only approximation is rounding the activations to int8 per 64 inputs, so inputs
+that are already integers with 127 in every 64-block go through exactly, and the
+result must match to float rounding; ordinary inputs stay within that rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.kernels import qgemv
+from llmopt.layers.quant_linear import QuantLinear
+from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
+
+KERNEL = qgemv.load()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler")
+
+
+def _operands(n: int, k: int, bits: int, group: int, seed: int = 0):
+    """Random codes and affine terms, the kernel's operands, and the dense weight."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=g) * 0.01 + 1e-3
+    offset = -scale * torch.randint(0, 2**bits, (n, k // group), generator=g).float()
+    w = (q.double().view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
+    if bits == 4:
+        return qgemv.pack_int4(q), scale, offset, w
+    signed = (q.to(torch.int16) - 128).to(torch.int8)
+    return signed, scale, offset + 128 * scale, w
+
+
+CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
+    n, k = 40, 384
+    w_k, scale, offset, w = _operands(n, k, bits, group)
+    bias = torch.randn(n)
+    x = torch.randint(-127, 128, (rows, k)).float()
+    x[:, ::64] = 127  # every 64-block's scale is exactly 1
+    y = KERNEL(x, w_k, bits, scale, offset, group, bias)
+    ref = x.double() @ w.T + bias.double()
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+def test_bf16_activations_within_int8_rounding(bits: int, group: int) -> None:
+    n, k = 96, 768
+    w_k, scale, offset, w = _operands(n, k, bits, group, seed=1)
+    x = torch.randn(2, k).bfloat16()
+    y = KERNEL(x, w_k, bits, scale, offset, group, None)
+    assert y.dtype == torch.bfloat16
+    ref = x.double() @ w.T
+    # Rounding each input to max|x|/127 steps: about 0.7% of a Gaussian row's norm.
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_int4_packing_round_trips() -> None:
+    q = torch.randint(0, 16, (8, 192), dtype=torch.uint8)
+    packed = qgemv.pack_int4(q)
+    assert packed.shape == (8, 96)
+    assert torch.equal(qgemv.unpack_int4(packed), q)
+
+
+def test_shapes_it_does_not_take() -> None:
+    assert not qgemv.supports(4, 96, 32)  # inputs not a multiple of 64
+    assert not qgemv.supports(4, 384, 96)  # a group that straddles 64-input chunks
+    assert not qgemv.supports(3, 384, 64)
+    w_k, scale, offset, _ = _operands(8, 128, 4, 64)
+    with pytest.raises(ValueError, match="does not take"):
+        KERNEL(torch.randn(qgemv.MAX_ROWS + 1, 128), w_k, 4, scale, offset, 64, None)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (8, 256, True)])
+def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) -> None:
+    torch.manual_seed(2)
+    qw: QuantizedWeight = quantize_rtn(torch.randn(64, 256), bits, group, sym)
+    layer = QuantLinear(qw, None, torch.device("cpu"))
+    assert layer.kernel == "qgemv" and layer.q is None  # codes kept only in the packing
+    assert torch.equal(layer.codes(), qw.q)
+    x = torch.randn(1, 256)
+    ref = x @ qw.dequantize().T
+    assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
