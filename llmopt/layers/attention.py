@@ -11,7 +11,6 @@ from torch import nn
 
 from llmopt.layers.attention_backend import AttentionBackend, AttentionMetadata, TorchAttention
 from llmopt.layers.linear import Linear
-from llmopt.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
@@ -44,11 +43,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
-        qkv = self.qkv_proj(x)
-        # Rotate q and k heads together: (N, H + KV, D) in one pass.
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-        self.backend.write(k_cache, v_cache, k, v, meta)
+        qkv = self.qkv_proj(x)  # (N, (H + 2 KV) * D)
+        q = self.backend.rope_and_store(qkv, cos, sin, k_cache, v_cache, meta, self.num_heads)
         out = self.backend.attend(q, k_cache, v_cache, meta, self.scale, self.window)
         return self.o_proj(out.reshape(n, self.q_size).to(x.dtype))

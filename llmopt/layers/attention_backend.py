@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmopt.layers.rotary import apply_rotary
+
 MAX_GROUP_DIM = 4096  # (query heads per KV head) x head_dim the native kernel holds (MAX_GD)
 
 
@@ -57,6 +59,26 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    def rope_and_store(
+        self,
+        qkv: torch.Tensor,  # (N, (H + 2 KV) * D): the fused projection of the new tokens
+        cos: torch.Tensor,  # (N, D)
+        sin: torch.Tensor,  # (N, D)
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        num_heads: int,
+    ) -> torch.Tensor:
+        """Rotate the new queries and keys, store keys and values (`write`); returns the
+        queries (N, H, D) for `attend`."""
+        n, kv, d = qkv.shape[0], k_cache.shape[1], k_cache.shape[2]
+        qk_size = (num_heads + kv) * d
+        # q and k heads rotated together: (N, H + KV, D) in one pass.
+        qk = apply_rotary(qkv[:, :qk_size].view(n, -1, d), cos, sin)
+        q, k = qk.split([num_heads, kv], dim=1)
+        self.write(k_cache, v_cache, k, qkv[:, qk_size:].view(n, kv, d), meta)
+        return q
+
     @abstractmethod
     def write(
         self,
@@ -155,27 +177,51 @@ class TorchAttention(AttentionBackend):
 
 class NativeCpuAttention(TorchAttention):
     """TorchAttention with decode reading the paged cache in place (llmopt/kernels/
-    paged_decode.c) instead of gathering each sequence's keys and values into a copy.
-    For an fp32 cache on the CPU; build it with `NativeCpuAttention.load()`."""
+    paged_decode.c) instead of gathering each sequence's keys and values into a copy,
+    and rotary + cache store in one call (rope_store.c). For an fp32 cache on the CPU;
+    build it with `NativeCpuAttention.load()`."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self.fn = lib.paged_decode
+    def __init__(self, decode: ctypes.CDLL, rope: ctypes.CDLL) -> None:
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        self.fn = decode.paged_decode
         self.fn.restype = None
         # q, k, v, slots, lens; B, L, H, KV, D; scale; out
-        ptr, i32 = ctypes.c_void_p, ctypes.c_int
         self.fn.argtypes = [ptr] * 5 + [i32] * 5 + [ctypes.c_float, ptr]
+        self.rope = rope.rope_store
+        self.rope.restype = None
+        # qkv, row, cos, sin, bf16, N, H, KV, D, k_cache, v_cache, slots, q_out
+        self.rope.argtypes = [ptr, i64, ptr, ptr] + [i32] * 5 + [ptr] * 4
 
     @classmethod
     def load(cls) -> NativeCpuAttention | None:
         from llmopt.kernels.build import load
 
-        lib = load("paged_decode")
-        return None if lib is None else cls(lib)
+        decode, rope = load("paged_decode"), load("rope_store")
+        return None if decode is None or rope is None else cls(decode, rope)
+
+    def rope_and_store(self, qkv, cos, sin, k_cache, v_cache, meta, num_heads) -> torch.Tensor:
+        if (
+            qkv.dtype not in (torch.float32, torch.bfloat16)
+            or qkv.stride(1) != 1
+            or not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == qkv.dtype)
+        ):
+            return super().rope_and_store(qkv, cos, sin, k_cache, v_cache, meta, num_heads)
+        n, kv, d = qkv.shape[0], k_cache.shape[1], k_cache.shape[2]
+        q = torch.empty(n, num_heads, d)
+        slots = meta.slot_mapping
+        self.rope(
+            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+            int(qkv.dtype == torch.bfloat16), n, num_heads, kv, d, k_cache.data_ptr(),
+            v_cache.data_ptr(), slots.data_ptr(), q.data_ptr(),
+        )  # fmt: skip
+        return q
 
     def _decode(self, q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
         b, h, dim = q.shape
-        if d.contiguous is not None or h // k_cache.shape[1] * dim > MAX_GROUP_DIM:
-            # views (already free), or a head group too wide for the kernel
+        # Also for one sequence in consecutive slots, where torch reads views and copies
+        # nothing: its eight ops cost 130 us a layer there against 20-50 us for this
+        # call (SmolLM2's 9 heads, 64-256 keys; equal at 1024).
+        if h // k_cache.shape[1] * dim > MAX_GROUP_DIM:  # a head group too wide for it
             return super()._decode(q, k_cache, v_cache, d, scale)
         q = q.contiguous()
         out = torch.empty_like(q)

@@ -42,9 +42,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,  # (N, hidden): the previous block's output
+        residual: torch.Tensor | None,  # (N, hidden): the stream before it; None in block 0
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this block's MLP output, the residual stream before it). Each residual
+        add happens inside the norm that follows it, in place (one fused kernel)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        a = self.self_attn(h, cos, sin, k_cache, v_cache, meta)
+        h = self.post_attention_layernorm(a, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -68,11 +84,12 @@ class LlamaForCausalLM(nn.Module):
         cache: PagedKVCache,
         meta: AttentionMetadata,  # where keys go and which each query reads
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (N, hidden)
+        x = self.embed_tokens(input_ids)  # (N, hidden), a new tensor the blocks add into
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, cache.k[i], cache.v[i], meta)
+        return self.norm(x, residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden) -> (N, vocab) in fp32 for sampling."""

@@ -1,0 +1,64 @@
+/* Rotary embedding of the new tokens' queries and keys, and the store of their keys and
+ * values into the paged KV cache, in one pass over the fused qkv projection:
+ *
+ *   q_out[t, h]                 = rotate(q[t, h], pos t)   (fp32, for the attention)
+ *   k_cache[slots[t], kv]      = rotate(k[t, kv], pos t)  (fp32 cache)
+ *   v_cache[slots[t], kv]      = v[t, kv]
+ *
+ * rotate is the rotate-half form: pairs (i, i + D/2), x1 * cos - x2 * sin and
+ * x2 * cos + x1 * sin, with the rows of cos/sin already gathered for each token.
+ * In torch this is a dozen ops per layer (slice, negate, concatenate, two multiplies,
+ * an add, split, two casts, two index copies), each a few microseconds of dispatch at
+ * decode. For bf16 every product and sum is rounded to bf16 as torch's ops round them,
+ * so the result is bit-identical to the torch path: the rounding is part of the model
+ * as it was checked (a greedy answer of SmolLM2 in bf16 flipped without it).
+ *
+ * qkv: (N, row) fp32 or bf16 with `row` elements between tokens and q, k, v heads
+ * side by side ((H + 2 KV) * D used); cos, sin: (N, D) in qkv's dtype;
+ * k_cache, v_cache: (S, KV, D) fp32; slots: (N,) int64; q_out: (N, H, D) fp32.
+ */
+#include <stdint.h>
+#include <string.h>
+
+static inline float load(const void *p, size_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float rnd(float v, int bf16) { /* to bf16, round to nearest even */
+    if (!bf16) return v;
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+void rope_store(const void *qkv, int64_t row, const void *cos, const void *sin, int bf16, int N,
+                int H, int KV, int D, float *k_cache, float *v_cache, const int64_t *slots,
+                float *q_out) {
+    const int half = D / 2;
+    for (int t = 0; t < N; t++) {
+        const size_t base = (size_t)t * row;
+        for (int h = 0; h < H + KV; h++) {
+            float *dst = h < H ? q_out + ((size_t)t * H + h) * D
+                               : k_cache + ((size_t)slots[t] * KV + (h - H)) * D;
+            const size_t src = base + (size_t)h * D;
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                const float x1 = load(qkv, src + i, bf16), x2 = load(qkv, src + i + half, bf16);
+                const size_t c = (size_t)t * D + i;
+                const float c1 = load(cos, c, bf16), s1 = load(sin, c, bf16);
+                const float c2 = load(cos, c + half, bf16), s2 = load(sin, c + half, bf16);
+                dst[i] = rnd(rnd(x1 * c1, bf16) - rnd(x2 * s1, bf16), bf16);
+                dst[i + half] = rnd(rnd(x2 * c2, bf16) + rnd(x1 * s2, bf16), bf16);
+            }
+        }
+        float *vd = v_cache + (size_t)slots[t] * KV * D;
+        const size_t vs = base + (size_t)(H + KV) * D;
+        for (int i = 0; i < KV * D; i++) vd[i] = load(qkv, vs + i, bf16);
+    }
+}
