@@ -58,17 +58,32 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
     float buf[QB];
     for (int g = 0; g < K / group; g++) xsum[g] = 0.0f;
     for (int c = 0; c < K / QB; c++) {
-        float amax = 0.0f;
         for (int j = 0; j < QB; j++) {
             const int k = c * QB + j;
             buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+        }
+        float amax = 0.0f, s0 = 0.0f, s1 = 0.0f; /* s0, s1: sums of the two halves */
+#pragma omp simd reduction(max : amax) reduction(+ : s0)
+        for (int j = 0; j < 32; j++) {
             amax = fmaxf(amax, fabsf(buf[j]));
-            xsum[k / group] += buf[j];
+            s0 += buf[j];
+        }
+#pragma omp simd reduction(max : amax) reduction(+ : s1)
+        for (int j = 32; j < QB; j++) {
+            amax = fmaxf(amax, fabsf(buf[j]));
+            s1 += buf[j];
+        }
+        if (group == 32) {
+            xsum[2 * c] = s0;
+            xsum[2 * c + 1] = s1;
+        } else {
+            xsum[c * QB / group] += s0 + s1;
         }
         const float d = amax / 127.0f;
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
         xd[c] = d;
-        for (int j = 0; j < QB; j++) xq[c * QB + j] = (int8_t)lrintf(buf[j] * inv);
+#pragma omp simd
+        for (int j = 0; j < QB; j++) xq[c * QB + j] = (int8_t)nearbyintf(buf[j] * inv);
     }
 }
 
