@@ -321,3 +321,5 @@ def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) 
     assert json.loads(r.stdout)["scored_tokens"] == 99
     missing = bench(str(tiny_llama), "--perplexity", "--text", "/nonexistent.txt")
     assert missing.exit_code == 2 and "cannot read" in missing.stderr
+    dense = bench(str(tiny_llama), "--perplexity", "--decode-arithmetic")
+    assert dense.exit_code == 2 and "no quantized linears" in dense.stderr

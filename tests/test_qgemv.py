@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from llmopt.kernels import qgemv
-from llmopt.layers.quant_linear import QuantLinear
+from llmopt.layers.quant_linear import QuantLinear, use_decode_arithmetic
 from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 
 KERNEL = qgemv.load()
@@ -70,9 +71,17 @@ def test_shapes_it_does_not_take() -> None:
     assert not qgemv.supports(4, 96, 32)  # inputs not a multiple of 64
     assert not qgemv.supports(4, 384, 96)  # a group that straddles 64-input chunks
     assert not qgemv.supports(3, 384, 64)
-    w_k, scale, offset, _ = _operands(8, 128, 4, 64)
+    w_k, scale, offset, _ = _operands(8, 192, 4, 64)
     with pytest.raises(ValueError, match="does not take"):
-        KERNEL(torch.randn(qgemv.MAX_ROWS + 1, 128), w_k, 4, scale, offset, 64, None)
+        KERNEL(torch.randn(1, 192), w_k, 4, scale[:, :2], offset[:, :2], 96, None)
+
+
+def test_more_rows_than_one_call_takes_go_through_in_pieces() -> None:
+    w_k, scale, offset, _ = _operands(24, 256, 4, 64)
+    x = torch.randn(qgemv.MAX_ROWS * 2 + 3, 256)
+    whole = KERNEL(x, w_k, 4, scale, offset, 64, None)
+    one_by_one = torch.cat([KERNEL(row[None], w_k, 4, scale, offset, 64, None) for row in x])
+    assert torch.equal(whole, one_by_one)  # rows are independent: the same arithmetic
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (8, 256, True)])
@@ -85,3 +94,15 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().T
     assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
+    torch.manual_seed(3)
+    layer = QuantLinear(quantize_rtn(torch.randn(32, 256), 4, 64, False), None, torch.device("cpu"))
+    x = torch.randn(9, 256)  # prefill-sized: the dense path by default
+    dense = layer(x)
+    assert use_decode_arithmetic(nn.Sequential(layer)) == 1
+    as_decode = layer(x)
+    assert torch.equal(as_decode, torch.cat([layer(row[None]) for row in x]))
+    assert not torch.equal(as_decode, dense)  # int8-rounded activations
+    assert ((as_decode - dense).norm() / dense.norm()).item() < 0.02

@@ -114,6 +114,7 @@ def _perplexity(
     stride: int,
     dtype: str,
     threads: int | None,
+    decode_arithmetic: bool,
     as_json: bool,
     output: Path | None,
     console: Console,
@@ -122,9 +123,14 @@ def _perplexity(
     from llmopt.cli.run import set_threads
     from llmopt.corpus import held_out_text, read_text
     from llmopt.engine.llm import LLM
+    from llmopt.layers.quant_linear import use_decode_arithmetic
 
     set_threads(threads)
     llm = LLM(model, dtype=dtype, prefix_cache=False)
+    if decode_arithmetic and use_decode_arithmetic(llm.loaded.model) == 0:
+        raise UsageError(
+            "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
+        )
     scores = evaluate(
         llm.engine,
         llm.loaded.tokenizer,
@@ -133,7 +139,7 @@ def _perplexity(
         window,
         stride,
     )
-    result = {"model": llm.name} | scores
+    result = {"model": llm.name, "decode_arithmetic": decode_arithmetic} | scores
     console.print(
         f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "
         f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",
@@ -236,6 +242,12 @@ def bench(
     stride: int = typer.Option(
         None, "--stride", help="--perplexity: window step (default: half the window)."
     ),
+    decode_arithmetic: bool = typer.Option(
+        False,
+        "--decode-arithmetic",
+        help="--perplexity: quantized linears compute every row as decode does "
+        "(int8-rounded activations; slower).",
+    ),
 ) -> None:
     """Measure TTFT, ITL, TPOT, latency percentiles and throughput of a server."""
     # Imported here: the HTTP client and reports are not needed by other commands.
@@ -247,8 +259,9 @@ def bench(
     console = Console(stderr=True)
     if perplexity:
         _perplexity(
-            model, text, ppl_tokens, window, stride, dtype, threads, as_json, output, console
-        )
+            model, text, ppl_tokens, window, stride, dtype, threads, decode_arithmetic,
+            as_json, output, console,
+        )  # fmt: skip
         return
     if offline:
         _offline(model, pp, tg, batch, repeats, dtype, threads, seed, as_json, output, console)

@@ -6,11 +6,12 @@ arithmetic and the error it adds). Layout helpers for its int4 packing live here
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from functools import cache
 
 import torch
 
-MAX_ROWS = 8  # rows of x per call (the C source's MAX_ROWS)
+MAX_ROWS = 8  # rows of x per kernel call (the C source's MAX_ROWS)
 CHUNK = 64  # inputs per activation scale and per int4 chunk (QB)
 
 
@@ -49,7 +50,7 @@ class QGemv:
 
     def __call__(
         self,
-        x: torch.Tensor,  # (M, K) bf16 or fp32, M <= MAX_ROWS
+        x: torch.Tensor,  # (M, K) bf16 or fp32
         w: torch.Tensor,  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
         bits: int,
         scale: torch.Tensor,  # (N, G) fp32
@@ -62,13 +63,50 @@ class QGemv:
         n = w.shape[0]
         y = torch.empty(m, n, dtype=x.dtype)
         bf16 = int(x.dtype == torch.bfloat16)
-        rc = self.fn(
-            x.data_ptr(), bf16, m, k, w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(),
-            group_size, n, None if bias is None else bias.data_ptr(), y.data_ptr(), bf16,
-        )  # fmt: skip
-        if rc != 0:
-            raise ValueError(f"qgemv does not take int{bits} {n}x{k} group {group_size}, {m} rows")
+        rows_at = x.element_size() * k
+        # Rows are independent (each has its own activation scales), so more than
+        # MAX_ROWS go through in pieces with the same arithmetic.
+        for lo in range(0, m, MAX_ROWS):
+            rows = min(MAX_ROWS, m - lo)
+            rc = self.fn(
+                x.data_ptr() + lo * rows_at, bf16, rows, k, w.data_ptr(), bits,
+                scale.data_ptr(), offset.data_ptr(), group_size, n,
+                None if bias is None else bias.data_ptr(), y.data_ptr() + lo * n * y.element_size(),
+                bf16,
+            )  # fmt: skip
+            if rc != 0:
+                raise ValueError(f"qgemv does not take int{bits} {n}x{k} group {group_size}")
         return y
+
+    def bind(
+        self,
+        w: torch.Tensor,
+        bits: int,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`x -> self(x, w, ...)` with the weight's pointers resolved once: decode calls
+        each linear every step, and the per-call Python is a good part of a small
+        matrix's time. The closure keeps the tensors alive (and must not outlive a move
+        of them to another device: QuantLinear never moves its buffers)."""
+        n, fn = w.shape[0], self.fn
+        tail = (w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(), group_size, n)
+        tail += (None if bias is None else bias.data_ptr(),)
+        operands = (w, bits, scale, offset, group_size, bias)
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            m, k = x.shape
+            if m > MAX_ROWS or not x.is_contiguous():
+                return self(x, *operands)
+            y = torch.empty(m, n, dtype=x.dtype)
+            bf16 = int(x.dtype == torch.bfloat16)
+            if fn(x.data_ptr(), bf16, m, k, *tail, y.data_ptr(), bf16) != 0:
+                raise ValueError(f"qgemv does not take int{bits} {n}x{k} group {group_size}")
+            return y
+
+        return call
 
 
 @cache

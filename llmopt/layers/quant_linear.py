@@ -18,6 +18,7 @@ Storage stays int8/int4 either way: the dense copy lives only for one call.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -62,6 +63,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
         self.perm = None if qw.perm is None else qw.perm.to(device)
         self.kernel = self._pack_cpu_kernel(qw) if device.type == "cpu" else None
+        self.kernel_rows = UPCAST_MIN_ROWS - 1  # the most rows the one-row kernels take
 
     def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
         """Prepare the operand of a CPU kernel that takes this weight, and drop the
@@ -69,8 +71,6 @@ class QuantLinear(nn.Module):
         supported = qgemv.supports(self.bits, self.in_features, self.group_size)
         kernel = qgemv.load() if supported else None
         if kernel is not None:
-            self.qgemv = kernel
-            self.bias_fp32 = None if self.bias is None else self.bias.float().contiguous()
             if self.bits == 4:
                 self.register_buffer("wq", qgemv.pack_int4(qw.q))
                 self.register_buffer("koffset", self.offset)  # the same tensor: no copy
@@ -78,6 +78,10 @@ class QuantLinear(nn.Module):
                 self.register_buffer("wq", (qw.q.to(torch.int16) - 128).to(torch.int8))
                 self.register_buffer("koffset", self.offset + 128 * self.scale)
             self.q = None
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            self.qgemv = kernel.bind(
+                self.wq, self.bits, self.scale, self.koffset, self.group_size, bias
+            )
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
@@ -128,11 +132,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.kernel == "qgemv" and x.shape[0] < UPCAST_MIN_ROWS and x.dtype in _QGEMV_DTYPES:
-            return self.qgemv(
-                x, self.wq, self.bits, self.scale, self.koffset, self.group_size, self.bias_fp32
-            )
-        if self.kernel in ("int8", "int4") and x.shape[0] < UPCAST_MIN_ROWS:
+        if self.kernel == "qgemv" and x.shape[0] <= self.kernel_rows and x.dtype in _QGEMV_DTYPES:
+            return self.qgemv(x)
+        if self.kernel in ("int8", "int4") and x.shape[0] <= self.kernel_rows:
             xb = x.to(torch.bfloat16)
             if self.kernel == "int8":
                 y = torch._weight_int8pack_mm(xb, self.w8, self.s8)
@@ -149,6 +151,20 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, int{self.bits}, "
             f"group={self.group_size}, kernel={self.kernel or 'dequantize'}"
         )
+
+
+def use_decode_arithmetic(model: nn.Module) -> int:
+    """Make every quantized linear compute any number of rows the way it computes decode's
+    few: through its one-row kernel, piece by piece (rows are independent there), so that
+    a prefill-based measurement such as perplexity sees decode's arithmetic, activation
+    rounding included. Slower than the dense path; for measuring. Returns how many
+    linears switched."""
+    switched = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.kernel is not None:
+            m.kernel_rows = sys.maxsize
+            switched += 1
+    return switched
 
 
 def _int4pack_codes(w4: torch.Tensor, out: int, n: int) -> torch.Tensor:
