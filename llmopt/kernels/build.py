@@ -24,7 +24,12 @@ def load(name: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    digest = hashlib.sha256(src.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    # Every source and header of the folder goes into the key: a kernel may include
+    # another's code (decode_layers.c does), and an edit to it must rebuild both.
+    sources = sorted(src.parent.glob("*.[ch]"))
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode()
+    ).hexdigest()[:16]
     lib = llmopt_home() / "kernels" / f"{name}-{digest}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)

@@ -29,27 +29,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "dtype.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
 #define MAX_ROWS 8
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the exact
  * float sums per weight group xsum (K / group,). */

@@ -16,38 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float load(const void *p, size_t i, int bf16) {
-    if (!bf16) return ((const float *)p)[i];
-    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "dtype.h"
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* Store v in the dtype and return the value stored, widened back. */
-static inline float store(void *p, size_t i, float v, int bf16) {
-    if (!bf16) {
-        ((float *)p)[i] = v;
-        return v;
-    }
-    const uint16_t h = to_bf16(v);
-    ((uint16_t *)p)[i] = h;
-    return load(&h, 0, 1);
-}
-
-static inline float round_to(float v, int bf16) {
-    if (!bf16) return v;
-    const uint16_t h = to_bf16(v);
-    return load(&h, 0, 1);
-}
 
 void rmsnorm(const void *x, void *residual, const void *weight, void *out, int rows, int dim,
              float eps, int bf16) {
@@ -58,21 +28,21 @@ void rmsnorm(const void *x, void *residual, const void *weight, void *out, int r
         float ss = 0.0f;
         if (residual) {
             for (int i = 0; i < dim; i++) {
-                const float v = store(residual, base + i,
-                                      load(residual, base + i, bf16) + load(x, base + i, bf16), bf16);
+                const float v = store_elem(residual, base + i,
+                                      load_elem(residual, base + i, bf16) + load_elem(x, base + i, bf16), bf16);
                 ss += v * v;
             }
         } else {
 #pragma omp simd reduction(+ : ss)
             for (int i = 0; i < dim; i++) {
-                const float v = load(x, base + i, bf16);
+                const float v = load_elem(x, base + i, bf16);
                 ss += v * v;
             }
         }
         const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
         for (int i = 0; i < dim; i++) {
-            const float n = round_to(load(src, base + i, bf16) * inv, bf16);
-            store(out, base + i, load(weight, i, bf16) * n, bf16);
+            const float n = round_to(load_elem(src, base + i, bf16) * inv, bf16);
+            store_elem(out, base + i, load_elem(weight, i, bf16) * n, bf16);
         }
     }
 }

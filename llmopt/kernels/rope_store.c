@@ -20,22 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float load(const void *p, size_t i, int bf16) {
-    if (!bf16) return ((const float *)p)[i];
-    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "dtype.h"
 
-static inline float rnd(float v, int bf16) { /* to bf16, round to nearest even */
-    if (!bf16) return v;
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
 
 void rope_store(const void *qkv, int64_t row, const void *cos, const void *sin, int bf16, int N,
                 int H, int KV, int D, float *k_cache, float *v_cache, const int64_t *slots,
@@ -49,16 +35,16 @@ void rope_store(const void *qkv, int64_t row, const void *cos, const void *sin, 
             const size_t src = base + (size_t)h * D;
 #pragma omp simd
             for (int i = 0; i < half; i++) {
-                const float x1 = load(qkv, src + i, bf16), x2 = load(qkv, src + i + half, bf16);
+                const float x1 = load_elem(qkv, src + i, bf16), x2 = load_elem(qkv, src + i + half, bf16);
                 const size_t c = (size_t)t * D + i;
-                const float c1 = load(cos, c, bf16), s1 = load(sin, c, bf16);
-                const float c2 = load(cos, c + half, bf16), s2 = load(sin, c + half, bf16);
-                dst[i] = rnd(rnd(x1 * c1, bf16) - rnd(x2 * s1, bf16), bf16);
-                dst[i + half] = rnd(rnd(x2 * c2, bf16) + rnd(x1 * s2, bf16), bf16);
+                const float c1 = load_elem(cos, c, bf16), s1 = load_elem(sin, c, bf16);
+                const float c2 = load_elem(cos, c + half, bf16), s2 = load_elem(sin, c + half, bf16);
+                dst[i] = round_to(round_to(x1 * c1, bf16) - round_to(x2 * s1, bf16), bf16);
+                dst[i + half] = round_to(round_to(x2 * c2, bf16) + round_to(x1 * s2, bf16), bf16);
             }
         }
         float *vd = v_cache + (size_t)slots[t] * KV * D;
         const size_t vs = base + (size_t)(H + KV) * D;
-        for (int i = 0; i < KV * D; i++) vd[i] = load(qkv, vs + i, bf16);
+        for (int i = 0; i < KV * D; i++) vd[i] = load_elem(qkv, vs + i, bf16);
     }
 }

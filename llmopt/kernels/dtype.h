@@ -1,0 +1,44 @@
+/* Element access for kernels that take fp32 or bf16 tensors (flag `bf16`), with torch's
+ * rounding: bf16 values are the high half of an fp32, rounded to nearest even. */
+#ifndef LLMOPT_DTYPE_H
+#define LLMOPT_DTYPE_H
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* Element i of p, widened to fp32. */
+static inline float load_elem(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* v rounded to the dtype (and widened back): what a torch op in that dtype stores. */
+static inline float round_to(float v, int bf16) {
+    return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
+/* Store v as element i of p; returns the value stored, widened back. */
+static inline float store_elem(void *p, size_t i, float v, int bf16) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return v;
+    }
+    const uint16_t h = f32_to_bf16(v);
+    ((uint16_t *)p)[i] = h;
+    return bf16_to_f32(h);
+}
+#endif
