@@ -17,6 +17,7 @@ from llmopt.layers.attention_backend import (
     PrefillChunk,
 )
 from llmopt.models.llama import LlamaForCausalLM
+from llmopt.models.native_decode import NativeDecoder
 
 
 def kv_dtype_for(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -48,6 +49,9 @@ class Runner:
             if native is not None:
                 for layer in model.layers:
                     layer.self_attn.backend = native
+                # Decode-only steps: every block in one native call where the model's
+                # linears all have a native kernel.
+                model.native_decode = NativeDecoder.build(model, self.cache)
 
     def _slots(self, seq: Sequence, lo: int, hi: int) -> tuple[torch.Tensor, int | None]:
         """Cache slots of positions lo..hi-1, and the first one if they are consecutive."""

@@ -78,9 +78,9 @@ class QuantLinear(nn.Module):
                 self.register_buffer("wq", (qw.q.to(torch.int16) - 128).to(torch.int8))
                 self.register_buffer("koffset", self.offset + 128 * self.scale)
             self.q = None
-            bias = None if self.bias is None else self.bias.float().contiguous()
+            self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
             self.qgemv = kernel.bind(
-                self.wq, self.bits, self.scale, self.koffset, self.group_size, bias
+                self.wq, self.bits, self.scale, self.koffset, self.group_size, self.kernel_bias
             )
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):

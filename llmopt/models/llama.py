@@ -22,6 +22,7 @@ from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
 from llmopt.layers.quant_linear import QuantLinear
 from llmopt.layers.rotary import RotaryEmbedding
+from llmopt.models.native_decode import MAX_ROWS, NativeDecoder
 from llmopt.quant.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -76,6 +77,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # All blocks of a decode-only step in one native call; the runner sets it where
+        # it applies (models/native_decode.py).
+        self.native_decode: NativeDecoder | None = None
 
     def forward(
         self,
@@ -86,6 +90,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (N, hidden), a new tensor the blocks add into
         cos, sin = self.rotary(positions, x.dtype)
+        if self.native_decode is not None and not meta.prefills and x.shape[0] <= MAX_ROWS:
+            x, residual = self.native_decode(x, cos, sin, cache, meta)
+            return self.norm(x, residual)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, cache.k[i], cache.v[i], meta)

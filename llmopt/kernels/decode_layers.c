@@ -1,0 +1,112 @@
+/* All decoder blocks of a Llama-family model for the decode step of a few sequences,
+ * in one call: the loop that models/llama.py runs in Python, over the same kernels.
+ *
+ * Why: at decode a block is about 30 small operations; from Python each costs
+ * microseconds of dispatch, which for a 135M-parameter model is more than the weights
+ * take to read. Here the loop is C and each operation is a direct call. The arithmetic
+ * is the Python path's, kernel for kernel (rmsnorm.c, qgemv.c, gemv_bf16.c,
+ * rope_store.c, paged_decode.c), including where it rounds to the model's dtype.
+ *
+ * Per block, for M rows (one new token per sequence; hidden E, heads H, KV heads KV,
+ * head dim D, MLP width I), with residual += x fused into each norm:
+ *   h = norm1(x [+ residual]); qkv = h Wqkv^T; q = rope(q), cache <- rope(k), v;
+ *   a = attention(q, cache) (fp32, rounded to the dtype); h = norm2(a o^T + residual);
+ *   g, u = h Wgu^T; x = (silu(g) * u) Wdown^T
+ * On return x holds the last block's MLP output and residual the stream before it
+ * (the caller adds them in its final norm). Block 0 takes residual = x (no add).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemv_bf16.c"
+#include "paged_decode.c"
+#include "qgemv.c"
+#include "rmsnorm.c"
+#include "rope_store.c"
+
+typedef struct {
+    int bits;           /* 16: dense bf16; 4 or 8: qgemv's layouts */
+    const void *w;      /* (N, K) bf16, or qgemv's operand */
+    const float *scale; /* quantized: (N, K / group) */
+    const float *offset;
+    int group;
+    const float *bias;   /* (N,) fp32 or NULL */
+    const int64_t *perm; /* (K,) act-order input order (column j reads input perm[j]) or NULL */
+    int N, K;
+} DLinear;
+
+typedef struct {
+    const void *norm1, *norm2; /* (E,) in the model's dtype */
+    DLinear qkv, o, gate_up, down;
+} DLayer;
+
+static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, int y_bf16) {
+    if (l->bits == 16) return gemv_bf16(x, x_bf16, M, l->K, l->w, l->N, l->bias, y, y_bf16);
+    if (x_bf16 != y_bf16) return -1; /* qgemv writes in x's dtype */
+    void *xp = NULL;
+    if (l->perm) { /* GPTQ act-order: the inputs in the order of W's columns */
+        const size_t el = x_bf16 ? 2 : 4;
+        if (!(xp = malloc(el * M * l->K))) return -1;
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < l->K; j++)
+                memcpy((char *)xp + el * ((size_t)m * l->K + j),
+                       (const char *)x + el * ((size_t)m * l->K + l->perm[j]), el);
+        x = xp;
+    }
+    const int rc = qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group, l->N,
+                         l->bias, y, y_bf16);
+    free(xp);
+    return rc;
+}
+
+/* a = silu(g) * u rounded as torch rounds in the dtype: silu's result, then the product. */
+static void silu_mul(const void *gu, void *a, int M, int I, int bf16) {
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < I; i++) {
+            const float g = load_elem(gu, (size_t)m * 2 * I + i, bf16);
+            const float u = load_elem(gu, (size_t)m * 2 * I + I + i, bf16);
+            const float s = round_to(g / (1.0f + expf(-g)), bf16);
+            store_elem(a, (size_t)m * I + i, s * u, bf16);
+        }
+}
+
+int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
+                  int H, int KV, int D, int I, float eps, int bf16, const void *cos,
+                  const void *sin, float *k_cache, float *v_cache, int64_t layer_stride,
+                  const int64_t *write_slots, const int64_t *read_slots, const int64_t *lens,
+                  int L, float scale) {
+    const size_t el = bf16 ? 2 : 4;
+    const int qkv_n = (H + 2 * KV) * D;
+    char *h = malloc(el * M * E), *qkv = malloc(el * M * qkv_n), *gu = malloc(el * M * 2 * I);
+    char *act = malloc(el * M * (I > H * D ? I : H * D));
+    float *q = malloc(sizeof(float) * M * H * D), *att = malloc(sizeof(float) * M * H * D);
+    int rc = (h && qkv && gu && act && q && att) ? 0 : -1;
+    for (int i = 0; i < n_layers && rc == 0; i++) {
+        const DLayer *ly = layers + i;
+        float *kc = k_cache + (size_t)i * layer_stride, *vc = v_cache + (size_t)i * layer_stride;
+        if (i == 0) {
+            memcpy(residual, x, el * M * E);
+            rmsnorm(x, NULL, ly->norm1, h, M, E, eps, bf16);
+        } else {
+            rmsnorm(x, residual, ly->norm1, h, M, E, eps, bf16);
+        }
+        rc |= linear(&ly->qkv, h, bf16, M, qkv, bf16);
+        rope_store(qkv, qkv_n, cos, sin, bf16, M, H, KV, D, kc, vc, write_slots, q);
+        paged_decode(q, kc, vc, read_slots, lens, M, L, H, KV, D, scale, att);
+        for (size_t j = 0; j < (size_t)M * H * D; j++) store_elem(act, j, att[j], bf16);
+        rc |= linear(&ly->o, act, bf16, M, x, bf16);
+        rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);
+        rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16);
+        silu_mul(gu, act, M, I, bf16);
+        rc |= linear(&ly->down, act, bf16, M, x, bf16);
+    }
+    free(h);
+    free(qkv);
+    free(gu);
+    free(act);
+    free(q);
+    free(att);
+    return rc;
+}

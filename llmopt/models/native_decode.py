@@ -1,0 +1,144 @@
+"""The decode step's decoder blocks in one native call (kernels/decode_layers.c).
+
+At decode a Llama block is about thirty small operations; run from Python, their
+dispatch costs more than reading a small model's weights. `NativeDecoder` hands the
+whole stack of blocks to one C function that runs the same kernels the Python path
+calls (RMSNorm, the int4/int8/bf16 one-row linears, rotary + KV store, paged
+attention), with the same rounding. `LlamaForCausalLM` uses it for steps that only
+decode (at most MAX_ROWS sequences) when `build` accepts the model: CPU, an fp32 KV
+cache, every block linear either a bf16 weight or a quantized one with the qgemv kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmopt.layers.attention_backend import MAX_GROUP_DIM, AttentionMetadata, PagedKVCache
+from llmopt.layers.linear import Linear
+from llmopt.layers.quant_linear import QuantLinear
+
+if TYPE_CHECKING:
+    from llmopt.models.llama import LlamaForCausalLM
+
+MAX_ROWS = 8  # sequences per step (the row limit of qgemv.c and gemv_bf16.c)
+_ptr, _i32 = ctypes.c_void_p, ctypes.c_int
+
+
+class _DLinear(ctypes.Structure):
+    _fields_ = [
+        ("bits", _i32), ("w", _ptr), ("scale", _ptr), ("offset", _ptr), ("group", _i32),
+        ("bias", _ptr), ("perm", _ptr), ("N", _i32), ("K", _i32),
+    ]  # fmt: skip
+
+
+class _DLayer(ctypes.Structure):
+    _fields_ = [
+        ("norm1", _ptr), ("norm2", _ptr),
+        ("qkv", _DLinear), ("o", _DLinear), ("gate_up", _DLinear), ("down", _DLinear),
+    ]  # fmt: skip
+
+
+def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
+    """The C description of one linear, or None if no native kernel takes it."""
+    perm = None
+    if isinstance(m, QuantLinear):
+        if m.kernel != "qgemv":
+            return None
+        bias, perm = m.kernel_bias, m.perm
+        args = (m.bits, m.wq.data_ptr(), m.scale.data_ptr(), m.koffset.data_ptr(), m.group_size)
+    elif isinstance(m, Linear):
+        if m.packed is not None or m.weight.dtype != torch.bfloat16:
+            return None
+        bias = None if m.bias is None else m.bias.float().contiguous()
+        args = (16, m.weight.data_ptr(), None, None, 0)
+    else:
+        return None
+    if perm is not None:
+        perm = perm.to(torch.int64).contiguous()
+        keep.append(perm)
+    if bias is not None:
+        keep.append(bias)
+    n, k = (m.out_features, m.in_features) if isinstance(m, QuantLinear) else m.weight.shape
+    ptrs = (None if t is None else t.data_ptr() for t in (bias, perm))
+    return _DLinear(*args, *ptrs, n, k)
+
+
+class NativeDecoder:
+    def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM) -> None:
+        self.fn = lib.decode_layers
+        self.fn.restype = _i32
+        self.fn.argtypes = (
+            [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr, _ptr, _ptr]
+            + [ctypes.c_int64, _ptr, _ptr, _ptr, _i32, ctypes.c_float]
+        )  # fmt: skip
+        cfg = model.config
+        self.dims = (
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.intermediate_size,
+        )  # fmt: skip
+        self.eps = cfg.rms_norm_eps
+        self.scale = cfg.head_dim**-0.5
+        self.keep: list[torch.Tensor] = []  # tensors whose pointers the table holds
+        self.layers = (_DLayer * cfg.num_layers)()
+        self.dtype = model.embed_tokens.weight.dtype
+
+    @classmethod
+    def build(cls, model: LlamaForCausalLM, cache: PagedKVCache) -> NativeDecoder | None:
+        """The native stack for this model and cache, or None where it does not apply."""
+        cfg = model.config
+        dtype = model.embed_tokens.weight.dtype
+        if (
+            cache.k.device.type != "cpu"
+            or cache.k.dtype != torch.float32
+            or dtype not in (torch.float32, torch.bfloat16)
+            or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > MAX_GROUP_DIM
+        ):
+            return None
+        from llmopt.kernels.build import load
+
+        lib = load("decode_layers")
+        if lib is None:
+            return None
+        native = cls(lib, model)
+        for i, block in enumerate(model.layers):
+            norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
+            linears = [
+                _linear(m, native.keep)
+                for m in (
+                    block.self_attn.qkv_proj, block.self_attn.o_proj,
+                    block.mlp.gate_up_proj, block.mlp.down_proj,
+                )
+            ]  # fmt: skip
+            if any(n.dtype != dtype for n in norms) or any(lin is None for lin in linears):
+                return None
+            native.layers[i] = _DLayer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
+            native.keep += norms
+        return native
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # (M, hidden): the new tokens' embeddings, overwritten
+        cos: torch.Tensor,  # (M, D) in x's dtype
+        sin: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every block; returns (last block's MLP output, residual stream before it)."""
+        d = meta.decode
+        assert d is not None and x.is_contiguous()
+        m = x.shape[0]
+        residual = torch.empty_like(x)
+        rc = self.fn(
+            ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), residual.data_ptr(), m,
+            *self.dims,
+            self.eps, int(x.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(),
+            cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(0),
+            meta.slot_mapping.data_ptr(), d.slots.data_ptr(), d.lens.data_ptr(), d.slots.shape[1],
+            self.scale,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError("the native decode step refused its inputs")
+        return x, residual
