@@ -17,11 +17,12 @@ from llmopt.layers.rotary import RotaryEmbedding
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_native_decode_matches_torch(heads, kv_heads) -> None:
+@pytest.mark.parametrize("lens", [[37, 5, 120, 1], [300], [390, 3]])  # the last two: split-K
+def test_native_decode_matches_torch(heads, kv_heads, lens) -> None:
     native = NativeCpuAttention.load()
     assert native is not None, "the kernel should build where a C compiler exists"
     torch.manual_seed(0)
-    dim, slots_total, lens = 64, 400, [37, 5, 120, 1]
+    dim, slots_total = 64, 400
     k = torch.randn(slots_total, kv_heads, dim)
     v = torch.randn(slots_total, kv_heads, dim)
     q = torch.randn(len(lens), heads, dim)

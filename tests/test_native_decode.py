@@ -97,8 +97,9 @@ def test_native_step_matches_the_python_loop(tiny_models, model, dtype, batch) -
     engine = _engine(tiny_models[model], dtype)
     native, python = _decode_logits(engine, PROMPTS[:batch])
     assert native.shape == (batch, 49152)
-    # The same kernels and roundings; only silu's exp is libm's instead of torch's.
-    torch.testing.assert_close(native, python, rtol=1e-3, atol=1e-3)
+    # The same kernels and roundings but silu's exp (a polynomial here, Sleef in torch):
+    # differences of float rounding, where a wrong pointer or order would give O(1).
+    torch.testing.assert_close(native, python, rtol=1e-2, atol=1e-2)
     assert torch.equal(native.argmax(-1), python.argmax(-1))
 
 

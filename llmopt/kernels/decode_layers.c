@@ -61,15 +61,23 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
     return rc;
 }
 
-/* a = silu(g) * u rounded as torch rounds in the dtype: silu's result, then the product. */
+/* a = silu(g) * u rounded as torch rounds in the dtype: silu's result, then the product.
+ * silu(g) = g * sigmoid(g), with sigmoid from e^-|g| (exp_nonpositive from
+ * paged_decode.c, vectorised; libm's scalar expf here cost a tenth of the step). */
 static void silu_mul(const void *gu, void *a, int M, int I, int bf16) {
-    for (int m = 0; m < M; m++)
+    float s[I];
+    for (int m = 0; m < M; m++) {
+        const size_t row = (size_t)m * 2 * I;
+#pragma omp simd
         for (int i = 0; i < I; i++) {
-            const float g = load_elem(gu, (size_t)m * 2 * I + i, bf16);
-            const float u = load_elem(gu, (size_t)m * 2 * I + I + i, bf16);
-            const float s = round_to(g / (1.0f + expf(-g)), bf16);
-            store_elem(a, (size_t)m * I + i, s * u, bf16);
+            const float g = load_elem(gu, row + i, bf16);
+            const float e = exp_nonpositive(-fabsf(g)); /* e^-|g| in (0, 1] */
+            const float sig = g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+            s[i] = round_to(g * sig, bf16);
         }
+        for (int i = 0; i < I; i++)
+            store_elem(a, (size_t)m * I + i, s[i] * load_elem(gu, row + I + i, bf16), bf16);
+    }
 }
 
 int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
