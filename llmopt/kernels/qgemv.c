@@ -144,11 +144,15 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
                                                           int M, int K, const int *gi,
                                                           float *out) {
     const int nc = K / QB;
+    const int per_row = !halves && gi[nc - 1] == 0; /* one scale for the whole row */
     float f[2 * nc];
     for (int m = 0; m < M; m++) {
         const int8_t *xm = xq + (size_t)m * K;
         const float *dm = xd + (size_t)m * nc;
-        if (halves) {
+        const float *fm = per_row ? dm : f; /* per row: the scale multiplies the sum */
+        if (per_row) {
+            /* nothing to form: fm is dm */
+        } else if (halves) {
             for (int c = 0; c < nc; c++) {
                 f[2 * c] = dm[c] * scale[2 * c];
                 f[2 * c + 1] = dm[c] * scale[2 * c + 1];
@@ -162,11 +166,11 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
         __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
         int c = 0;
         for (; c + 1 < nc; c += 2) {
-            even = chunk(even, w, bits, halves, f, xm, c);
-            odd = chunk(odd, w, bits, halves, f, xm, c + 1);
+            even = chunk(even, w, bits, halves, fm, xm, c);
+            odd = chunk(odd, w, bits, halves, fm, xm, c + 1);
         }
-        if (c < nc) even = chunk(even, w, bits, halves, f, xm, c);
-        out[m] = hsum(_mm256_add_ps(even, odd));
+        if (c < nc) even = chunk(even, w, bits, halves, fm, xm, c);
+        out[m] = hsum(_mm256_add_ps(even, odd)) * (per_row ? scale[0] : 1.0f);
     }
 }
 #else
