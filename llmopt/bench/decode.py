@@ -16,6 +16,7 @@ from torch import nn
 
 from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.layers.linear import Linear
 from llmopt.layers.quant_linear import QuantLinear
 from llmopt.loader.load import LoadedModel
 
@@ -33,6 +34,9 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += sum(b.numel() * b.element_size() for b in m.decode_operands())
+        elif isinstance(m, Linear) and m.packed is not None and m.weight.numel() == 0:
+            # A prepacked fp32 weight lives in oneDNN's blocked copy, not a parameter.
+            total += m.in_features * m.out_features * 4
     return total
 
 

@@ -61,7 +61,7 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
         keep.append(perm)
     if bias is not None:
         keep.append(bias)
-    n, k = (m.out_features, m.in_features) if isinstance(m, QuantLinear) else m.weight.shape
+    n, k = m.out_features, m.in_features
     ptrs = (None if t is None else t.data_ptr() for t in (bias, perm))
     return _DLinear(*args, *ptrs, n, k)
 
