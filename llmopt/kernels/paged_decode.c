@@ -46,6 +46,44 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* q . k for 8 keys at once (D % 8 == 0): eight independent FMA chains, then one
+ * transpose-and-add. One key at a time, the dot product was a single chain of D / 8
+ * dependent FMAs and a horizontal sum per key, latency-bound. */
+static inline __m256 dot8(const float *restrict q, const float *const kp[8], int D) {
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i] + d), a[i]);
+    }
+    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    /* s0123 holds keys 0-3's sums of their low and high halves; likewise s4567. */
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                         _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* acc (D8 * 8 floats) = sum_j p[j] * v[slot j] for one head: the accumulator stays in
+ * registers across keys (D8 constant). Keys outer and heads inner kept all heads'
+ * accumulators in memory, a load and a store per FMA. */
+static inline __attribute__((always_inline)) void weighted_values(
+    float *restrict acc, const float *restrict p, const float *restrict v,
+    const int64_t *restrict sl, int64_t j0, int64_t j1, int KV, int kvh, int D8) {
+    __m256 a[16];
+    for (int i = 0; i < D8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; j++) {
+        const float *restrict vj = v + (sl[j] * KV + kvh) * D8 * 8;
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int i = 0; i < D8; i++) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), a[i]);
+    }
+    for (int i = 0; i < D8; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+#endif
+
 #define MAX_GD 4096 /* G * D held in registers/stack per work item: 16 heads x 256 */
 
 void paged_decode(const float *restrict q, const float *restrict k, const float *restrict v,
@@ -77,7 +115,23 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
                         const float *restrict qh = qs + g * D;
                         float *restrict sg = scores + (int64_t)g * L;
                         float mx = -INFINITY;
-                        for (int64_t j = j0; j < j1; j++) {
+                        int64_t j = j0;
+#ifdef __AVX2__
+                        if (D % 8 == 0) {
+                            __m256 vmx = _mm256_set1_ps(-INFINITY);
+                            for (; j + 8 <= j1; j += 8) {
+                                const float *kp[8];
+                                for (int i = 0; i < 8; i++) kp[i] = k + (sl[j + i] * KV + kvh) * D;
+                                const __m256 s8 = dot8(qh, kp, D);
+                                _mm256_storeu_ps(sg + j, s8);
+                                vmx = _mm256_max_ps(vmx, s8);
+                            }
+                            float m8[8];
+                            _mm256_storeu_ps(m8, vmx);
+                            for (int i = 0; i < 8; i++) mx = m8[i] > mx ? m8[i] : mx;
+                        }
+#endif
+                        for (; j < j1; j++) {
                             const float *restrict kj = k + (sl[j] * KV + kvh) * D;
                             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -94,14 +148,27 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
                         rp[g * rec] = mx;
                         rp[g * rec + 1] = sum;
                     }
-                    for (int i = 0; i < G * D; i++) acc[i] = 0.0f;
-                    for (int64_t j = j0; j < j1; j++) {
-                        const float *restrict vj = v + (sl[j] * KV + kvh) * D;
+#ifdef __AVX2__
+                    if (D == 64 || D == 128) {
                         for (int g = 0; g < G; g++) {
-                            const float p = scores[(int64_t)g * L + j];
-                            float *restrict a = acc + g * D;
+                            const float *pg = scores + (int64_t)g * L;
+                            if (D == 64)
+                                weighted_values(acc + g * D, pg, v, sl, j0, j1, KV, kvh, 8);
+                            else
+                                weighted_values(acc + g * D, pg, v, sl, j0, j1, KV, kvh, 16);
+                        }
+                    } else
+#endif
+                    {
+                        for (int i = 0; i < G * D; i++) acc[i] = 0.0f;
+                        for (int64_t j = j0; j < j1; j++) {
+                            const float *restrict vj = v + (sl[j] * KV + kvh) * D;
+                            for (int g = 0; g < G; g++) {
+                                const float p = scores[(int64_t)g * L + j];
+                                float *restrict a = acc + g * D;
 #pragma omp simd
-                            for (int d = 0; d < D; d++) a[d] += p * vj[d];
+                                for (int d = 0; d < D; d++) a[d] += p * vj[d];
+                            }
                         }
                     }
                     for (int g = 0; g < G; g++)
