@@ -1,0 +1,122 @@
+"""llmopt's native CPU decode kernels against the torch ops they replace, at SmolLM2's
+shapes, one call at a time (weights that fit the caches: this is the kernels'
+arithmetic speed; whole-model decode is scripts/bench_decode.py and bench_quant.py).
+
+    python scripts/bench_kernels.py [--threads 2] [--repeats 300] [--json]
+
+Rows: one-row linears (bf16; int4 group 64; int8 per row), and decode attention of
+one sequence over its paged KV cache at several context lengths. Each pair is timed
+alternately, best of 5 rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from llmopt.bench.setup import machine_info
+from llmopt.layers.attention_backend import DecodeBatch, NativeCpuAttention, TorchAttention
+from llmopt.layers.linear import Linear
+from llmopt.layers.quant_linear import QuantLinear
+from llmopt.quant.qweight import quantize_rtn
+
+LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # (out, in)
+CONTEXTS = [64, 512, 2048]
+
+
+def best_us(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(10):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return best * 1e6
+
+
+def linear_rows(repeats: int) -> list[dict]:
+    rows = []
+    for out, n in LINEARS:
+        w = torch.randn(out, n) * 0.02
+        x = torch.randn(1, n).bfloat16()
+        dense = Linear(n, out)
+        dense.weight = torch.nn.Parameter(w.bfloat16(), requires_grad=False)
+        wb = dense.weight
+        pairs = [("bf16", dense, lambda wb=wb, x=x: torch.nn.functional.linear(x, wb))]
+        for bits, group, label in [(4, 64, "int4 g64"), (8, n, "int8 per row")]:
+            qw = quantize_rtn(w, bits, group, bits == 8)
+            layer = QuantLinear(qw, None, torch.device("cpu"))
+            if layer.kernel != "qgemv":
+                continue
+            if bits == 4:
+                w4 = torch._convert_weight_to_int4pack_for_cpu(qw.q.to(torch.int32), 2)
+                sz = torch.stack([qw.scale.T, ((8 - qw.zero) * qw.scale).T], dim=-1)
+                sz = sz.bfloat16().contiguous()
+                peer = lambda x=x, w4=w4, sz=sz: torch._weight_int4pack_mm_for_cpu(x, w4, 64, sz)  # noqa: E731
+            else:
+                w8 = (qw.q.to(torch.int16) - 128).to(torch.int8)
+                s8 = qw.scale[:, 0].bfloat16()
+                peer = lambda x=x, w8=w8, s8=s8: torch._weight_int8pack_mm(x, w8, s8)  # noqa: E731
+            pairs.append((label, layer, peer))
+        for label, ours, peer in pairs:
+            us, them = best_us(lambda o=ours, x=x: o(x), repeats), best_us(peer, repeats)
+            rows.append(
+                {"kernel": f"linear {label}", "shape": f"{out}x{n}", "llmopt_us": round(us, 1),
+                 "torch_us": round(them, 1), "speedup": round(them / us, 2)}
+            )  # fmt: skip
+    return rows
+
+
+def attention_rows(repeats: int) -> list[dict]:
+    native = NativeCpuAttention.load()
+    if native is None:
+        return []
+    heads, kv_heads, dim, slots = 9, 3, 64, 4096
+    k, v = torch.randn(slots, kv_heads, dim), torch.randn(slots, kv_heads, dim)
+    rows = []
+    for n in CONTEXTS:
+        q = torch.randn(1, heads, dim)
+        order = torch.randperm(slots)[:n][None].contiguous()  # scattered blocks
+        batch = DecodeBatch(order, torch.tensor([n]), None)
+        ours = best_us(lambda b=batch, q=q: native._decode(q, k, v, b, 0.125), repeats)
+        them = best_us(lambda b=batch, q=q: TorchAttention()._decode(q, k, v, b, 0.125), repeats)
+        rows.append(
+            {"kernel": "decode attention", "shape": f"{n} keys", "llmopt_us": round(ours, 1),
+             "torch_us": round(them, 1), "speedup": round(them / ours, 2)}
+        )  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    with torch.inference_mode():
+        rows = linear_rows(args.repeats) + attention_rows(args.repeats)
+    if args.json:
+        print(json.dumps({**info, "rows": rows}, indent=2))
+        return
+    table = Table(title=f"native kernels vs torch, {info['machine']}, {args.threads} threads")
+    for col in ("kernel", "shape", "llmopt us", "torch us", "speedup"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["kernel"], r["shape"], str(r["llmopt_us"]), str(r["torch_us"]), f"{r['speedup']}x"
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
