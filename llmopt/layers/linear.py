@@ -4,11 +4,12 @@ Kernel choice by shape: on CPUs without native bf16/fp16 arithmetic (AVX2: oneDN
 reports no bf16 support) a bf16 GEMM runs at about 17 GFLOPS here, against 110-120
 for fp32. One-token decode is memory-bound, so it keeps the half-precision weights
 (half the bytes): bf16 weights with fewer than UPCAST_MIN_ROWS rows go through
-llmopt's gemv kernel (kernels/gemv_bf16.c: widen and multiply in fp32 at memory speed;
-1.65x torch's bf16 matmul on the 49152x576 lm_head, 2x on the 576-wide block
-matrices). From UPCAST_MIN_ROWS rows on, the weight is widened to fp32 into a
-reused scratch buffer (about 0.4 ms for a 3072x576 matrix) and the GEMM runs in fp32:
-1.6x faster at 8 rows, 3.6x at 64, 6.4x at 512 (prefill) on this machine.
+llmopt's gemv kernel (kernels/gemv_bf16.c: widen and multiply in fp32 at memory
+speed; 1.85x torch's bf16 matmul on the 49152x576 lm_head, 1.3-2x on the block
+matrices, scripts/bench_kernels.py). From UPCAST_MIN_ROWS rows on, the weight is
+widened to fp32 into a reused scratch buffer (about 0.4 ms for a 3072x576 matrix) and
+the GEMM runs in fp32: 1.6x faster at 8 rows, 3.6x at 64, 6.4x at 512 (prefill) on
+this machine.
 
 fp32 weights on the CPU are reordered once, at load, into oneDNN's blocked layout
 (`prepack`), and the dense copy is dropped. Measured here, 2 threads, ms per call,

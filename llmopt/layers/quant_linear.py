@@ -5,10 +5,11 @@ BENCHMARKS.md). Decode reads every weight once per step, so with few rows the sp
 is the speed of reading the integers:
 
 - CPU, fewer than UPCAST_MIN_ROWS rows: llmopt's qgemv kernel (kernels/qgemv.c:
-  integer dot products against int8-quantized activations; 2.2x torch's int4 kernel
-  and 1.4x its int8 one on a 3072x576 matrix here). Without a C compiler, torch's
-  packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
-  activations: with fp32 activations they are 4-8x slower than fp32.
+  integer dot products against int8-quantized activations; 1.7x torch's int4 kernel
+  and 1.6x its int8 one on a 3072x576 matrix here, scripts/bench_kernels.py).
+  Without a C compiler, torch's packed kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`) with bf16 activations: with fp32 activations they
+  are 4-8x slower than fp32.
 - otherwise (prefill, batched decode, CUDA, layouts no kernel takes): the weight is
   dequantized into a reused scratch buffer and multiplied densely; from a few rows on
   a dense fp32 GEMM wins.
