@@ -64,8 +64,7 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
 /* a = silu(g) * u rounded as torch rounds in the dtype: silu's result, then the product.
  * silu(g) = g * sigmoid(g), with sigmoid from e^-|g| (exp_nonpositive from
  * paged_decode.c, vectorised; libm's scalar expf here cost a tenth of the step). */
-static void silu_mul(const void *gu, void *a, int M, int I, int bf16) {
-    float s[I];
+static void silu_mul(const void *gu, void *a, int M, int I, int bf16, float *s /* (I,) */) {
     for (int m = 0; m < M; m++) {
         const size_t row = (size_t)m * 2 * I;
 #pragma omp simd
@@ -90,7 +89,8 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     char *h = malloc(el * M * E), *qkv = malloc(el * M * qkv_n), *gu = malloc(el * M * 2 * I);
     char *act = malloc(el * M * (I > H * D ? I : H * D));
     float *q = malloc(sizeof(float) * M * H * D), *att = malloc(sizeof(float) * M * H * D);
-    int rc = (h && qkv && gu && act && q && att) ? 0 : -1;
+    float *sil = malloc(sizeof(float) * I);
+    int rc = (h && qkv && gu && act && q && att && sil) ? 0 : -1;
     for (int i = 0; i < n_layers && rc == 0; i++) {
         const DLayer *ly = layers + i;
         float *kc = k_cache + (size_t)i * layer_stride, *vc = v_cache + (size_t)i * layer_stride;
@@ -107,7 +107,7 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
         rc |= linear(&ly->o, act, bf16, M, x, bf16);
         rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);
         rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16);
-        silu_mul(gu, act, M, I, bf16);
+        silu_mul(gu, act, M, I, bf16, sil);
         rc |= linear(&ly->down, act, bf16, M, x, bf16);
     }
     free(h);
@@ -116,5 +116,6 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     free(act);
     free(q);
     free(att);
+    free(sil);
     return rc;
 }

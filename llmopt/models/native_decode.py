@@ -50,8 +50,9 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
         bias, perm = m.kernel_bias, m.perm
         args = (m.bits, m.wq.data_ptr(), m.scale.data_ptr(), m.koffset.data_ptr(), m.group_size)
     elif isinstance(m, Linear):
-        if m.packed is not None or m.weight.dtype != torch.bfloat16:
-            return None
+        w = m.weight
+        if m.packed is not None or w.dtype != torch.bfloat16 or w.shape[1] % 8:
+            return None  # gemv_bf16.c: bf16 rows of a multiple of 8
         bias = None if m.bias is None else m.bias.float().contiguous()
         args = (16, m.weight.data_ptr(), None, None, 0)
     else:
