@@ -12,6 +12,7 @@ import math
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from rich.console import Console
 from typer.testing import CliRunner
 
 from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load
@@ -323,3 +324,22 @@ def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) 
     assert missing.exit_code == 2 and "cannot read" in missing.stderr
     dense = bench(str(tiny_llama), "--perplexity", "--decode-arithmetic")
     assert dense.exit_code == 2 and "no quantized linears" in dense.stderr
+
+
+def test_perplexity_with_decode_arithmetic(tiny_llama, tmp_path) -> None:
+    """The quantized linears score through their decode kernel: a close perplexity
+    (the activations rounded to int8), not the same number, and the JSON says so."""
+    from llmopt.quant.pipeline import quantize_folder
+    from llmopt.quant.spec import QuantSpec
+
+    out = tmp_path / "int4"
+    spec = QuantSpec(4, "rtn", 32, sym=False)
+    quantize_folder(tiny_llama, out, spec, "llmopt", "", 0, Console(stderr=True))
+    args = [str(out), "--perplexity", "--ppl-tokens", "100", "--window", "64"]
+    args += ["--dtype", "float32", "--json"]
+    dense, decode = bench(*args), bench(*args, "--decode-arithmetic")
+    assert dense.exit_code == 0 and decode.exit_code == 0, decode.stderr
+    a, b = json.loads(dense.stdout), json.loads(decode.stdout)
+    assert (a["decode_arithmetic"], b["decode_arithmetic"]) == (False, True)
+    assert a["perplexity"] != b["perplexity"]
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=0.05)
