@@ -1,7 +1,7 @@
 """The int4/int8 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
 
-Its only approximation is rounding the activations to int8 per 32 inputs, so inputs
-that are already integers with 127 in every 32-block go through exactly, and the
+Its only approximation is rounding the activations to int8 per 64 inputs, so inputs
+that are already integers with 127 in every 64-block go through exactly, and the
 result must match to float rounding; ordinary inputs stay within that rounding."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
     w_k, scale, offset, w = _operands(n, k, bits, group)
     bias = torch.randn(n)
     x = torch.randint(-127, 128, (rows, k)).float()
-    x[:, ::32] = 127  # every 32-block's scale is exactly 1
+    x[:, ::64] = 127  # every 64-block's scale is exactly 1
     y = KERNEL(x, w_k, bits, scale, offset, group, bias)
     ref = x.double() @ w.T + bias.double()
     assert y.dtype == torch.float32 and y.shape == (rows, n)
@@ -93,8 +93,7 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     assert torch.equal(layer.codes(), qw.q)
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().T
-    # One 256-input row: the int8 rounding of x moves it by 0.5-3% of its norm.
-    assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.05
+    assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
 
 
 def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:

@@ -35,32 +35,42 @@
 #include <immintrin.h>
 #endif
 
-#define QB 64 /* inputs per chunk of the loops (int4: 32 bytes, one load) */
-#define QA 32 /* inputs per activation scale, as llama.cpp's Q8 blocks */
+#define QB 64 /* inputs per activation scale, and per chunk of the loops */
 #define MAX_ROWS 8
 
-/* One row of x to int8: xq (K,), a scale per 32 inputs xd (K / 32,), and the exact
+/* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the exact
  * float sums per weight group xsum (K / group,). */
 static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq, float *xd,
                          float *xsum) {
-    float buf[QA];
+    float buf[QB];
     for (int g = 0; g < K / group; g++) xsum[g] = 0.0f;
-    for (int b = 0; b < K / QA; b++) {
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < QA; j++)
-            buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[b * QA + j])
-                            : ((const float *)x)[b * QA + j];
-#pragma omp simd reduction(max : amax) reduction(+ : sum)
-        for (int j = 0; j < QA; j++) {
-            amax = fmaxf(amax, fabsf(buf[j]));
-            sum += buf[j];
+    for (int c = 0; c < K / QB; c++) {
+        for (int j = 0; j < QB; j++) {
+            const int k = c * QB + j;
+            buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
         }
-        xsum[b * QA / group] += sum;
+        float amax = 0.0f, s0 = 0.0f, s1 = 0.0f; /* s0, s1: sums of the two halves */
+#pragma omp simd reduction(max : amax) reduction(+ : s0)
+        for (int j = 0; j < 32; j++) {
+            amax = fmaxf(amax, fabsf(buf[j]));
+            s0 += buf[j];
+        }
+#pragma omp simd reduction(max : amax) reduction(+ : s1)
+        for (int j = 32; j < QB; j++) {
+            amax = fmaxf(amax, fabsf(buf[j]));
+            s1 += buf[j];
+        }
+        if (group == 32) {
+            xsum[2 * c] = s0;
+            xsum[2 * c + 1] = s1;
+        } else {
+            xsum[c * QB / group] += s0 + s1;
+        }
         const float d = amax / 127.0f;
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-        xd[b] = d;
+        xd[c] = d;
 #pragma omp simd
-        for (int j = 0; j < QA; j++) xq[b * QA + j] = (int8_t)nearbyintf(buf[j] * inv);
+        for (int j = 0; j < QB; j++) xq[c * QB + j] = (int8_t)nearbyintf(buf[j] * inv);
     }
 }
 
@@ -92,10 +102,11 @@ static inline __m256i q8_pairs(const int8_t *w, const int8_t *x) {
     return _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
 }
 
-/* acc + dot(q, xq) * f over one 64-input chunk c of a row of W and one row of x, its two
- * 32-input halves with their own factors f[2c], f[2c + 1] = xd * scale of each half. */
+/* acc + dot(q[c], xq[c]) * f[c] for one 64-input chunk c of a row of W and one row of
+ * x, f[c] = xd[c] * scale[g(c)]. `halves` (group 32): the chunk's two halves have their
+ * own factors f[2c], f[2c + 1]. */
 static inline __attribute__((always_inline)) __m256 chunk(__m256 acc, const uint8_t *w,
-                                                          int bits, const float *f,
+                                                          int bits, int halves, const float *f,
                                                           const int8_t *xq, int c) {
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *wc = w + (size_t)c * QB * bits / 8;
@@ -107,10 +118,17 @@ static inline __attribute__((always_inline)) __m256 chunk(__m256 acc, const uint
         h0 = q8_pairs((const int8_t *)wc, xc);
         h1 = q8_pairs((const int8_t *)wc + 32, xc + 32);
     }
-    const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h0, ones));
-    const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
-    acc = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + 2 * c), acc);
-    return _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + 2 * c + 1), acc);
+    if (halves) {
+        const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h0, ones));
+        const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
+        acc = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + 2 * c), acc);
+        return _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + 2 * c + 1), acc);
+    }
+    /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow. */
+    const __m256i p = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
+                                : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
+                                                   _mm256_madd_epi16(h1, ones));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc);
 }
 
 /* out[m] = sum over the chunks of one row of W, for each of the M rows of x. Each
@@ -130,24 +148,28 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
     float f[2 * nc];
     for (int m = 0; m < M; m++) {
         const int8_t *xm = xq + (size_t)m * K;
-        const float *dm = xd + (size_t)m * 2 * nc; /* a scale per 32 inputs */
+        const float *dm = xd + (size_t)m * nc;
         const float *fm = per_row ? dm : f; /* per row: the scale multiplies the sum */
-        if (halves) {
-#pragma omp simd
-            for (int b = 0; b < 2 * nc; b++) f[b] = dm[b] * scale[b];
-        } else if (!per_row) {
+        if (per_row) {
+            /* nothing to form: fm is dm */
+        } else if (halves) {
             for (int c = 0; c < nc; c++) {
-                f[2 * c] = dm[2 * c] * scale[gi[c]];
-                f[2 * c + 1] = dm[2 * c + 1] * scale[gi[c]];
+                f[2 * c] = dm[c] * scale[2 * c];
+                f[2 * c + 1] = dm[c] * scale[2 * c + 1];
             }
+        } else if (gi[nc - 1] == nc - 1) { /* one group per chunk */
+#pragma omp simd
+            for (int c = 0; c < nc; c++) f[c] = dm[c] * scale[c];
+        } else {
+            for (int c = 0; c < nc; c++) f[c] = dm[c] * scale[gi[c]];
         }
         __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
         int c = 0;
         for (; c + 1 < nc; c += 2) {
-            even = chunk(even, w, bits, fm, xm, c);
-            odd = chunk(odd, w, bits, fm, xm, c + 1);
+            even = chunk(even, w, bits, halves, fm, xm, c);
+            odd = chunk(odd, w, bits, halves, fm, xm, c + 1);
         }
-        if (c < nc) even = chunk(even, w, bits, fm, xm, c);
+        if (c < nc) even = chunk(even, w, bits, halves, fm, xm, c);
         out[m] = hsum(_mm256_add_ps(even, odd)) * (per_row ? scale[0] : 1.0f);
     }
 }
@@ -168,7 +190,7 @@ static inline void dot_row(const uint8_t *w, int bits, int halves, const float *
                     dot += q * xq[(size_t)m * K + k];
                 }
                 const float s = halves ? scale[2 * c + half] : scale[gi[c]];
-                acc += s * xd[(size_t)m * 2 * nc + 2 * c + half] * (float)dot;
+                acc += s * xd[m * nc + c] * (float)dot;
             }
         }
         out[m] = acc;
@@ -184,13 +206,13 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
         return -1;
     const int nc = K / QB, ng = K / group, halves = group == 32;
     int8_t *xq = malloc((size_t)M * K);
-    float *xd = malloc(sizeof(float) * (size_t)M * (2 * nc + ng)); /* scales per 32, sums */
+    float *xd = malloc(sizeof(float) * (size_t)M * (nc + ng));
     if (!xq || !xd) {
         free(xq);
         free(xd);
         return -1;
     }
-    float *xsum = xd + (size_t)M * 2 * nc;
+    float *xsum = xd + (size_t)M * nc;
     /* Group of each chunk, looked up instead of divided in the inner loop (a division
      * by the runtime group size there cost half the kernel's time). */
     int gi[nc];
@@ -198,7 +220,7 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
     for (int m = 0; m < M; m++)
         quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
-                     xd + (size_t)m * 2 * nc, xsum + (size_t)m * ng);
+                     xd + (size_t)m * nc, xsum + (size_t)m * ng);
     const size_t w_row = (size_t)K * bits / 8;
     /* Rows of W in blocks of 8: the offset terms of 8 rows are 8 independent FMA chains
      * (one row's alone is a serial chain of K / group FMAs, which cost as much as its

@@ -1,5 +1,5 @@
 """Binding for qgemv.c: weight-only int4/int8 times a few rows of activations on the
-CPU, with the activations quantized to int8 per 32 inputs (see the C source for the
+CPU, with the activations quantized to int8 per 64 inputs (see the C source for the
 arithmetic and the error it adds). Layout helpers for its int4 packing live here too.
 """
 
@@ -12,7 +12,7 @@ from functools import cache
 import torch
 
 MAX_ROWS = 8  # rows of x per kernel call (the C source's MAX_ROWS)
-CHUNK = 64  # inputs per chunk of the kernel's loops, 32 packed bytes in int4 (QB)
+CHUNK = 64  # inputs per activation scale and per int4 chunk (QB)
 
 
 def supports(bits: int, in_features: int, group_size: int) -> bool:
