@@ -7,9 +7,11 @@
  * Why integers: decode reads each weight once per step, so the kernel must run at
  * memory speed, and widening nibbles to floats costs more instructions than the
  * memory system leaves time for on AVX2. The activations are therefore quantized too,
- * to int8 with one scale per 32 inputs (xd = max |x| / 127), and each 32-input block
+ * to int8 with one scale per 64 inputs (xd = max |x| / 127), and each 32-input half
  * is one integer dot product (vpmaddubsw + vpmaddwd: 32 multiply-adds in two
- * instructions), scaled by scale * xd in fp32. The offset term needs only the exact
+ * instructions), scaled by scale * xd in fp32. (llama.cpp takes a scale per 32: half
+ * the rounding error, but for int4 g64 it costs the int16 sum of a chunk's halves;
+ * measured both ways in BENCHMARKS.md, "What decode's arithmetic costs".) The offset term needs only the exact
  * float sum of x over the group, so it is computed once per call and stays exact:
  *
  *   y[m, n] = sum_b scale[n, g(b)] * xd[m, b] * dot(q[n, b], xq[m, b])
