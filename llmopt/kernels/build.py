@@ -42,3 +42,14 @@ def load(name: str) -> ctypes.CDLL | None:
                 return None
             os.replace(out, lib)  # complete libraries only
     return ctypes.CDLL(str(lib))
+
+
+def function(name: str, argtypes: list, restype: object = None):
+    """The function NAME of llmopt/kernels/NAME.c (each kernel file exports the one it is
+    named after) with its C signature declared, or None without a C compiler."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn

@@ -41,12 +41,8 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
 
 
 class QGemv:
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self.fn = lib.qgemv
-        self.fn.restype = ctypes.c_int
-        ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        # x, x_bf16, M, K, w, bits, scale, offset, group, N, bias, y, y_bf16
-        self.fn.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, ptr, ptr, i32]
+    def __init__(self, fn) -> None:  # the C function, its signature declared
+        self.fn = fn
 
     def __call__(
         self,
@@ -112,7 +108,10 @@ class QGemv:
 @cache
 def load() -> QGemv | None:
     """The kernel, or None without a C compiler."""
-    from llmopt.kernels.build import load as build
+    from llmopt.kernels.build import function
 
-    lib = build("qgemv")
-    return None if lib is None else QGemv(lib)
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    # x, x_bf16, M, K, w, bits, scale, offset, group, N, bias, y, y_bf16
+    argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, ptr, ptr, i32]
+    fn = function("qgemv", argtypes, i32)
+    return None if fn is None else QGemv(fn)

@@ -181,22 +181,18 @@ class NativeCpuAttention(TorchAttention):
     and rotary + cache store in one call (rope_store.c). For an fp32 cache on the CPU;
     build it with `NativeCpuAttention.load()`."""
 
-    def __init__(self, decode: ctypes.CDLL, rope: ctypes.CDLL) -> None:
-        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        self.fn = decode.paged_decode
-        self.fn.restype = None
-        # q, k, v, slots, lens; B, L, H, KV, D; scale; out
-        self.fn.argtypes = [ptr] * 5 + [i32] * 5 + [ctypes.c_float, ptr]
-        self.rope = rope.rope_store
-        self.rope.restype = None
-        # qkv, row, cos, sin, bf16, N, H, KV, D, k_cache, v_cache, slots, q_out
-        self.rope.argtypes = [ptr, i64, ptr, ptr] + [i32] * 5 + [ptr] * 4
+    def __init__(self, decode, rope) -> None:  # the C functions, signatures declared
+        self.fn, self.rope = decode, rope
 
     @classmethod
     def load(cls) -> NativeCpuAttention | None:
-        from llmopt.kernels.build import load
+        from llmopt.kernels.build import function
 
-        decode, rope = load("paged_decode"), load("rope_store")
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        # q, k, v, slots, lens; B, L, H, KV, D; scale; out
+        decode = function("paged_decode", [ptr] * 5 + [i32] * 5 + [ctypes.c_float, ptr])
+        # qkv, row, cos, sin, bf16, N, H, KV, D, k_cache, v_cache, slots, q_out
+        rope = function("rope_store", [ptr, i64, ptr, ptr] + [i32] * 5 + [ptr] * 4)
         return None if decode is None or rope is None else cls(decode, rope)
 
     def rope_and_store(self, qkv, cos, sin, k_cache, v_cache, meta, num_heads) -> torch.Tensor:

@@ -41,16 +41,11 @@ def _cpu_lacks_native_half() -> bool:
 @cache
 def _gemv_bf16():
     """kernels/gemv_bf16.c, or None without a C compiler."""
-    from llmopt.kernels.build import load
+    from llmopt.kernels.build import function
 
-    lib = load("gemv_bf16")
-    if lib is None:
-        return None
-    fn = lib.gemv_bf16
-    fn.restype = ctypes.c_int
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32]  # x, bf16, M, K, w, N, b, y, bf16
-    return fn
+    # x, x_bf16, M, K, w, N, bias, y, y_bf16
+    return function("gemv_bf16", [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32], i32)
 
 
 def _fp32_copy(w: torch.Tensor) -> torch.Tensor:

@@ -18,17 +18,12 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 @cache
 def _kernel():
-    from llmopt.kernels.build import load
+    """kernels/rmsnorm.c, or None without a C compiler."""
+    from llmopt.kernels.build import function
 
-    lib = load("rmsnorm")
-    if lib is None:
-        return None
-    fn = lib.rmsnorm
-    fn.restype = None
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     # x, residual, weight, out, rows, dim, eps, bf16
-    fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, ctypes.c_float, i32]
-    return fn
+    return function("rmsnorm", [ptr, ptr, ptr, ptr, i32, i32, ctypes.c_float, i32])
 
 
 class RMSNorm(nn.Module):

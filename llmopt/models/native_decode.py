@@ -67,24 +67,26 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
     return _DLinear(*args, *ptrs, n, k)
 
 
+# layers, n_layers, x, residual; M, E, H, KV, D, I; eps, bf16, cos, sin, k_cache, v_cache;
+# layer_stride, write_slots, read_slots, lens, L, scale
+_ARGTYPES = (
+    [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr, _ptr, _ptr]
+    + [ctypes.c_int64, _ptr, _ptr, _ptr, _i32, ctypes.c_float]
+)  # fmt: skip
+
+
 class NativeDecoder:
-    def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM) -> None:
-        self.fn = lib.decode_layers
-        self.fn.restype = _i32
-        self.fn.argtypes = (
-            [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr, _ptr, _ptr]
-            + [ctypes.c_int64, _ptr, _ptr, _ptr, _i32, ctypes.c_float]
-        )  # fmt: skip
+    def __init__(self, fn, model: LlamaForCausalLM) -> None:  # fn: decode_layers
+        self.fn = fn
         cfg = model.config
         self.dims = (
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.intermediate_size,
         )  # fmt: skip
         self.eps = cfg.rms_norm_eps
-        self.scale = cfg.head_dim**-0.5
+        self.scale = model.layers[0].self_attn.scale
         self.keep: list[torch.Tensor] = []  # tensors whose pointers the table holds
         self.layers = (_DLayer * cfg.num_layers)()
-        self.dtype = model.embed_tokens.weight.dtype
 
     @classmethod
     def build(cls, model: LlamaForCausalLM, cache: PagedKVCache) -> NativeDecoder | None:
@@ -98,12 +100,12 @@ class NativeDecoder:
             or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > MAX_GROUP_DIM
         ):
             return None
-        from llmopt.kernels.build import load
+        from llmopt.kernels.build import function
 
-        lib = load("decode_layers")
-        if lib is None:
+        fn = function("decode_layers", _ARGTYPES, _i32)
+        if fn is None:
             return None
-        native = cls(lib, model)
+        native = cls(fn, model)
         for i, block in enumerate(model.layers):
             norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
             linears = [
