@@ -1,5 +1,6 @@
 /* Element access for kernels that take fp32 or bf16 tensors (flag `bf16`), with torch's
- * rounding: bf16 values are the high half of an fp32, rounded to nearest even. */
+ * rounding: bf16 values are the high half of an fp32, rounded to nearest even; and the
+ * AVX2 horizontal sum the dot-product kernels end with. */
 #ifndef LLMOPT_DTYPE_H
 #define LLMOPT_DTYPE_H
 #include <stddef.h>
@@ -41,4 +42,15 @@ static inline float store_elem(void *p, size_t i, float v, int bf16) {
     ((uint16_t *)p)[i] = h;
     return bf16_to_f32(h);
 }
+
+#ifdef __AVX2__
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v) { /* the sum of the 8 lanes */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 #endif

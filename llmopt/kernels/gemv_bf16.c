@@ -24,13 +24,6 @@ static inline __m256 widen8(const uint16_t *w) { /* 8 bf16 -> 8 fp32 */
     const __m128i h = _mm_loadu_si128((const __m128i *)w);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 /* out[m] = x[m] . w for one row w of W; x already fp32 (M, K). */

@@ -101,7 +101,7 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
 #pragma omp parallel
     {
         float *restrict scores = malloc(sizeof(float) * (size_t)G * (size_t)L); /* (G, L) */
-        float qs[MAX_GD], acc[MAX_GD]; /* (G, D): scaled queries, weighted value sums */
+        float qs[MAX_GD]; /* (G, D): the scaled queries of a work item */
 #pragma omp for collapse(3) schedule(dynamic, 1)
         for (int b = 0; b < B; b++) {
             for (int kvh = 0; kvh < KV; kvh++) {
@@ -152,27 +152,27 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
                     if (D == 64 || D == 128) {
                         for (int g = 0; g < G; g++) {
                             const float *pg = scores + (int64_t)g * L;
+                            float *acc = rp + g * rec + 2;
                             if (D == 64)
-                                weighted_values(acc + g * D, pg, v, sl, j0, j1, KV, kvh, 8);
+                                weighted_values(acc, pg, v, sl, j0, j1, KV, kvh, 8);
                             else
-                                weighted_values(acc + g * D, pg, v, sl, j0, j1, KV, kvh, 16);
+                                weighted_values(acc, pg, v, sl, j0, j1, KV, kvh, 16);
                         }
                     } else
 #endif
                     {
-                        for (int i = 0; i < G * D; i++) acc[i] = 0.0f;
+                        for (int g = 0; g < G; g++)
+                            for (int d = 0; d < D; d++) rp[g * rec + 2 + d] = 0.0f;
                         for (int64_t j = j0; j < j1; j++) {
                             const float *restrict vj = v + (sl[j] * KV + kvh) * D;
                             for (int g = 0; g < G; g++) {
                                 const float p = scores[(int64_t)g * L + j];
-                                float *restrict a = acc + g * D;
+                                float *restrict a = rp + g * rec + 2;
 #pragma omp simd
                                 for (int d = 0; d < D; d++) a[d] += p * vj[d];
                             }
                         }
                     }
-                    for (int g = 0; g < G; g++)
-                        memcpy(rp + g * rec + 2, acc + g * D, sizeof(float) * D);
                 }
             }
         }

@@ -77,13 +77,6 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
 }
 
 #ifdef __AVX2__
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Products of 64 int4 weights (32 bytes at w) and 64 int8 inputs, as int16 pair sums
  * of the two 32-input halves (each at most 2 * 15 * 127 in magnitude). */
 static inline void q4_pairs(const uint8_t *w, const int8_t *x, __m256i *h0, __m256i *h1) {
@@ -172,7 +165,7 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
             odd = chunk(odd, w, bits, halves, fm, xm, c + 1);
         }
         if (c < nc) even = chunk(even, w, bits, halves, fm, xm, c);
-        out[m] = hsum(_mm256_add_ps(even, odd)) * (per_row ? scale[0] : 1.0f);
+        out[m] = hsum8(_mm256_add_ps(even, odd)) * (per_row ? scale[0] : 1.0f);
     }
 }
 #else
