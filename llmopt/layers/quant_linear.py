@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
                 self.register_buffer("wq", qgemv.pack_int4(qw.q))
                 self.register_buffer("koffset", self.offset)  # the same tensor: no copy
             else:  # signed int8 q - 128; the offset takes the 128 back
-                self.register_buffer("wq", (qw.q.to(torch.int16) - 128).to(torch.int8))
+                self.register_buffer("wq", _signed_int8(qw.q))
                 self.register_buffer("koffset", self.offset + 128 * self.scale)
             self.q = None
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
@@ -86,7 +86,7 @@ class QuantLinear(nn.Module):
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
-            self.register_buffer("w8", (qw.q.to(torch.int16) - 128).to(torch.int8))
+            self.register_buffer("w8", _signed_int8(qw.q))
             self.register_buffer("s8", qw.scale[:, 0].to(torch.bfloat16))
             self.q = None
             return "int8"
@@ -116,11 +116,12 @@ class QuantLinear(nn.Module):
         """(out, in) integer codes q with w = (q - zero) * scale."""
         if self.q is not None:
             return self.q
-        if self.kernel == "qgemv":
-            return qgemv.unpack_int4(self.wq) if self.bits == 4 else self.wq.to(torch.int16) + 128
-        if self.kernel == "int8":
-            return self.w8.to(torch.int16) + 128
-        return _int4pack_codes(self.w4, self.out_features, self.in_features)
+        if self.kernel == "int4":
+            return _int4pack_codes(self.w4, self.out_features, self.in_features)
+        if self.bits == 4:  # qgemv's packing
+            return qgemv.unpack_int4(self.wq)
+        signed = self.wq if self.kernel == "qgemv" else self.w8  # int8 kernels: q - 128
+        return signed.to(torch.int16) + 128
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) weight in `dtype`, written into a per-thread scratch buffer."""
@@ -166,6 +167,11 @@ def use_decode_arithmetic(model: nn.Module) -> int:
             m.kernel_rows = sys.maxsize
             switched += 1
     return switched
+
+
+def _signed_int8(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes -> int8 q - 128, what both int8 kernels read."""
+    return (q.to(torch.int16) - 128).to(torch.int8)
 
 
 def _int4pack_codes(w4: torch.Tensor, out: int, n: int) -> torch.Tensor:
