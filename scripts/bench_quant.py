@@ -51,7 +51,8 @@ def main() -> None:
     specs = [
         QuantSpec(8, "rtn", 0, sym=True),
         QuantSpec(4, "rtn", g, sym=False),
-        QuantSpec(4, "rtn", g, sym=False, lm_head=True),
+        QuantSpec(4, "rtn", g, sym=False, head_bits=8),  # llama.cpp's Q4_1 file: Q8_0 head
+        QuantSpec(4, "rtn", g, sym=False, head_bits=4),
     ]
     models = {"llmopt bf16": load_model(folder, torch.bfloat16, cpu, store, console)}
     with tempfile.TemporaryDirectory(prefix="llmopt-bench-quant-") as tmp:

@@ -42,22 +42,27 @@ def _quantize(src: Path, out: Path, *extra: str) -> dict:
 IDS = [1, 504, 3458, 314, 253, 1345, 282, 7046, 30, 216, 198, 1017]
 
 
-@pytest.mark.parametrize("lm_head", [False, True])
+@pytest.mark.parametrize("head_bits", [0, 8, 4])
 def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(
-    tmp_path, smollm_folder, lm_head
+    tmp_path, smollm_folder, head_bits
 ) -> None:
     from tests.conftest import write_tiny_model
 
     # Tied embeddings, as SmolLM2: --lm-head must untie them and keep the embedding.
     src = write_tiny_model(tmp_path / "tiny", smollm_folder, tie_word_embeddings=True)
     out = tmp_path / "q"
-    extra = ["--lm-head"] if lm_head else []
+    lm_head = head_bits > 0
+    extra = ["--lm-head", "--lm-head-bits", str(head_bits)] if lm_head else []
     report = _quantize(src, out, "--int4", "--method", "rtn", "--group-size", "32", *extra)
-    assert report["bits"] == 4 and report["linear_ratio"] < 0.3
+    assert report["bits"] == 4 and report["linear_ratio"] < (0.3 if head_bits != 8 else 0.55)
     loaded = _load(out)
     layer = loaded.model.layers[0].mlp.gate_up_proj
     assert type(layer).__name__ == "QuantLinear" and layer.bits == 4
-    assert (type(loaded.model.lm_head).__name__ == "QuantLinear") == lm_head
+    head = loaded.model.lm_head
+    assert (type(head).__name__ == "QuantLinear") == lm_head
+    if lm_head:  # int8: one scale per row; int4: the blocks' groups
+        group = 32 if head_bits == 4 else head.in_features
+        assert head.bits == head_bits and head.group_size == group
     assert loaded.config.tie_word_embeddings != lm_head
     # The same weights, dequantized into an ordinary dense folder: same logits.
     from safetensors.torch import save_file
@@ -185,6 +190,8 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--method", "hqq"], 2, "unknown method"),
         (["--int4", "--format", "gguf", "--method", "gptq"], 2, "--method rtn"),
         (["--int4", "--format", "onnx"], 2, "unknown --format"),
+        (["--int4", "--format", "gptq", "--lm-head"], 2, "--lm-head-bits 4"),
+        (["--int8", "--lm-head", "--lm-head-bits", "4"], 2, "--lm-head-bits must be"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:

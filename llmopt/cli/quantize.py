@@ -39,6 +39,10 @@ def _check_format(fmt: str, spec: QuantSpec) -> None:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "awq" and (spec.bits != 4 or spec.sym):
         raise UsageError("--format awq holds 4-bit weights with zero points: use --int4")
+    if fmt == "gptq" and spec.head_bits not in (0, spec.bits):
+        raise UsageError(
+            f"--format gptq holds one bit width: add --lm-head-bits {spec.bits} or drop --lm-head"
+        )
     if fmt == "awq" and (spec.lm_head or spec.act_order):
         raise UsageError(
             "--format awq holds neither act-order nor a quantized output projection: "
@@ -72,6 +76,9 @@ def quantize(
     ),
     lm_head: bool = typer.Option(
         False, "--lm-head", help="Quantize the output projection too (faster decode)."
+    ),
+    lm_head_bits: int = typer.Option(
+        8, "--lm-head-bits", help="With --lm-head: 8 (one scale per row) or 4 (the model's)."
     ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
@@ -114,7 +121,7 @@ def quantize(
         # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
         sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
         act_order=method == "gptq" and (fmt != "awq" if act_order is None else act_order),
-        lm_head=lm_head,
+        head_bits=lm_head_bits if lm_head else 0,
     )
     _check_format(fmt, spec)
     if fmt == "gguf":

@@ -21,6 +21,8 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
     if not prefixes:
         raise ModelFormatError("config.json declares quantization but no tensor is quantized")
     out: Weights = dict(tensors)
+    # Ours may hold the output projection at other bits than the blocks (int8 beside int4).
+    head_cfg = qcfg | {"bits": qcfg.get("lm_head_bits") or qcfg.get("bits")}
     for prefix in prefixes:
         parts = {}
         for suffix in layout.SUFFIXES:
@@ -31,7 +33,8 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
         if missing:
             raise ModelFormatError(f"quantized weight {prefix} lacks {', '.join(missing)}")
         try:
-            out[f"{prefix}.weight"] = layout.unpack(parts, qcfg)
+            cfg = head_cfg if prefix == "lm_head" else qcfg
+            out[f"{prefix}.weight"] = layout.unpack(parts, cfg)
         except (RuntimeError, ValueError) as e:
             raise ModelFormatError(f"quantized weight {prefix} is malformed: {e}") from e
     return out

@@ -113,8 +113,9 @@ def quantize_tensors(
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     sites: list[list[Site]] = llama_sites(cfg, stats, spec.lm_head)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
-    for layer in sites:
-        out.update(method.quantize_layer(layer, tensors, spec))
+    for i, layer in enumerate(sites):
+        head = i == cfg.num_layers  # the output projection's site comes last
+        out.update(method.quantize_layer(layer, tensors, spec.head_spec() if head else spec))
         on_layer()
     for name, t in tensors.items():
         out.setdefault(name, t)

@@ -27,6 +27,10 @@ SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def config(spec: QuantSpec) -> dict[str, Any]:
+    if spec.head_bits not in (0, spec.bits):
+        raise ModelFormatError(
+            "the GPTQ layout quantizes the output projection with the model's bits"
+        )
     return {
         "quant_method": "gptq",
         "bits": spec.bits,
