@@ -98,8 +98,11 @@ def test_native_step_matches_the_python_loop(tiny_models, model, dtype, batch) -
     native, python = _decode_logits(engine, PROMPTS[:batch])
     assert native.shape == (batch, 49152)
     # The same kernels and roundings but silu's exp (a polynomial here, Sleef in torch):
-    # differences of float rounding, where a wrong pointer or order would give O(1).
-    torch.testing.assert_close(native, python, rtol=1e-2, atol=1e-2)
+    # differences of float rounding, where a wrong pointer or order would give O(1). In
+    # fp32 an ulp of exp can flip the int8 rounding of one of qgemv's activations (a step
+    # of max|x| / 127); bf16 rounds silu's result first and absorbs it.
+    tol = 5e-2 if dtype == torch.float32 and model in ("int4", "int8", "gptq") else 1e-2
+    torch.testing.assert_close(native, python, rtol=1e-2, atol=tol)
     assert torch.equal(native.argmax(-1), python.argmax(-1))
 
 

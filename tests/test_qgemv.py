@@ -26,9 +26,9 @@ def _operands(n: int, k: int, bits: int, group: int, seed: int = 0):
     offset = -scale * torch.randint(0, 2**bits, (n, k // group), generator=g).float()
     w = (q.double().view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
     if bits == 4:
-        return qgemv.pack_int4(q), scale, offset, w
+        return qgemv.pack_int4(q), scale, qgemv.block_offsets(offset), w
     signed = (q.to(torch.int16) - 128).to(torch.int8)
-    return signed, scale, offset + 128 * scale, w
+    return signed, scale, qgemv.block_offsets(offset + 128 * scale), w
 
 
 CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
@@ -37,7 +37,7 @@ CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
-    n, k = 40, 384
+    n, k = 43, 384  # not a multiple of the kernel's 8-row blocks
     w_k, scale, offset, w = _operands(n, k, bits, group)
     bias = torch.randn(n)
     x = torch.randint(-127, 128, (rows, k)).float()
@@ -71,9 +71,12 @@ def test_shapes_it_does_not_take() -> None:
     assert not qgemv.supports(4, 96, 32)  # inputs not a multiple of 64
     assert not qgemv.supports(4, 384, 96)  # a group that straddles 64-input chunks
     assert not qgemv.supports(3, 384, 64)
-    w_k, scale, offset, _ = _operands(8, 192, 4, 64)
+    w_k, scale, _, _ = _operands(8, 192, 4, 64)
+    two = scale[:, :2]  # two groups of 96
     with pytest.raises(ValueError, match="does not take"):
-        KERNEL(torch.randn(1, 192), w_k, 4, scale[:, :2], offset[:, :2], 96, None)
+        KERNEL(torch.randn(1, 192), w_k, 4, two, qgemv.block_offsets(two), 96, None)
+    with pytest.raises(ValueError, match="block_offsets"):  # (N, G) offsets: the wrong layout
+        KERNEL(torch.randn(1, 192), w_k, 4, scale, scale, 64, None)
 
 
 def test_more_rows_than_one_call_takes_go_through_in_pieces() -> None:

@@ -24,7 +24,10 @@
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
  *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
- * scale, offset: (N, K / group) fp32, group % 32 == 0. x: (M, K) fp32 or bf16;
+ * scale: (N, K / group) fp32, group 32 or a multiple of 64. offset: the same numbers
+ *   blocked by 8 rows, (ceil(N / 8), K / group, 8), zero-padded: offset[n / 8, g, n % 8]
+ *   (one vector load gives a group's offsets for the 8 rows a block computes).
+ * x: (M, K) fp32 or bf16;
  * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
  */
 #include <math.h>
@@ -54,12 +57,12 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
         float amax = 0.0f, s0 = 0.0f, s1 = 0.0f; /* s0, s1: sums of the two halves */
 #pragma omp simd reduction(max : amax) reduction(+ : s0)
         for (int j = 0; j < 32; j++) {
-            amax = fmaxf(amax, fabsf(buf[j]));
+            amax = amax > fabsf(buf[j]) ? amax : fabsf(buf[j]);
             s0 += buf[j];
         }
 #pragma omp simd reduction(max : amax) reduction(+ : s1)
         for (int j = 32; j < QB; j++) {
-            amax = fmaxf(amax, fabsf(buf[j]));
+            amax = amax > fabsf(buf[j]) ? amax : fabsf(buf[j]);
             s1 += buf[j];
         }
         if (group == 32) {
@@ -126,69 +129,122 @@ static inline __attribute__((always_inline)) __m256 chunk(__m256 acc, const uint
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc);
 }
 
-/* out[m] = sum over the chunks of one row of W, for each of the M rows of x. Each
- * chunk ends in a dependent FMA (4-5 cycles), so even and odd chunks accumulate
- * apart, in registers: with one chain (or an accumulator indexed at run time, which
- * the compiler keeps in memory) the latency, not the arithmetic, set the speed. The
- * chunks' factors xd * scale are formed first, in a vector loop where the groups are
- * the chunks, so the inner loop loads one number per chunk instead of three.
- * Inlined with constant bits/halves/M, so each combination is its own loop. */
-static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int bits,
-                                                          int halves, const float *scale,
-                                                          const int8_t *xq, const float *xd,
-                                                          int M, int K, const int *gi,
-                                                          float *out) {
+/* The sum over the chunks of one row of W against one row of x, as 8 lanes still to be
+ * added: fm[c] = xd[c] * scale[g(c)] per chunk (or xd[c] alone for one scale per row).
+ * Each chunk ends in a dependent FMA (4-5 cycles), so even and odd chunks accumulate
+ * apart, in registers: with one chain the latency, not the arithmetic, set the speed.
+ * Inlined with constant bits/halves, so each combination is its own loop. */
+static inline __attribute__((always_inline)) __m256 row_acc(const uint8_t *w, int bits,
+                                                           int halves, const float *fm,
+                                                           const int8_t *xm, int nc) {
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 1 < nc; c += 2) {
+        even = chunk(even, w, bits, halves, fm, xm, c);
+        odd = chunk(odd, w, bits, halves, fm, xm, c + 1);
+    }
+    if (c < nc) even = chunk(even, w, bits, halves, fm, xm, c);
+    return _mm256_add_ps(even, odd);
+}
+
+/* The lane sums of a[0..7], as lane i of the result: one transpose-add for 8 rows of W
+ * (a horizontal sum per row cost as much as a row's dot products at K = 576). */
+static inline __m256 sum8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
+ * x, with the offsets, scales and bias in vector form:
+ *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
+ * offset here is this block's (K / group, 8) slice of the blocked layout. */
+static inline __attribute__((always_inline)) void block8(
+    const uint8_t *w, size_t w_row, int bits, int halves, const float *scale, int ng,
+    const float *offset, const int8_t *xq, const float *xd, const float *xsum, int M, int K,
+    const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
     const int per_row = !halves && gi[nc - 1] == 0; /* one scale for the whole row */
     float f[2 * nc];
+    float tail[8];
+    for (int i = 0; i < 8; i++) tail[i] = i < rows ? (bias ? bias[n0 + i] : 0.0f) : 0.0f;
+    const __m256 b = _mm256_loadu_ps(tail);
+    for (int i = 0; i < 8; i++) tail[i] = i < rows && per_row ? scale[(size_t)(n0 + i) * ng] : 1.0f;
+    const __m256 row_scale = _mm256_loadu_ps(tail);
     for (int m = 0; m < M; m++) {
         const int8_t *xm = xq + (size_t)m * K;
         const float *dm = xd + (size_t)m * nc;
-        const float *fm = per_row ? dm : f; /* per row: the scale multiplies the sum */
-        if (per_row) {
-            /* nothing to form: fm is dm */
-        } else if (halves) {
-            for (int c = 0; c < nc; c++) {
-                f[2 * c] = dm[c] * scale[2 * c];
-                f[2 * c + 1] = dm[c] * scale[2 * c + 1];
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) {
+            if (i >= rows) {
+                acc[i] = _mm256_setzero_ps();
+                continue;
             }
-        } else if (gi[nc - 1] == nc - 1) { /* one group per chunk */
+            const float *sn = scale + (size_t)(n0 + i) * ng;
+            const float *fm = f;
+            if (per_row) {
+                fm = dm; /* the row's scale multiplies the sum */
+            } else if (halves) {
+                for (int c = 0; c < nc; c++) {
+                    f[2 * c] = dm[c] * sn[2 * c];
+                    f[2 * c + 1] = dm[c] * sn[2 * c + 1];
+                }
+            } else if (gi[nc - 1] == nc - 1) { /* one group per chunk */
 #pragma omp simd
-            for (int c = 0; c < nc; c++) f[c] = dm[c] * scale[c];
-        } else {
-            for (int c = 0; c < nc; c++) f[c] = dm[c] * scale[gi[c]];
+                for (int c = 0; c < nc; c++) f[c] = dm[c] * sn[c];
+            } else {
+                for (int c = 0; c < nc; c++) f[c] = dm[c] * sn[gi[c]];
+            }
+            acc[i] = row_acc(w + (size_t)i * w_row, bits, halves, fm, xm, nc);
         }
-        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-        int c = 0;
-        for (; c + 1 < nc; c += 2) {
-            even = chunk(even, w, bits, halves, fm, xm, c);
-            odd = chunk(odd, w, bits, halves, fm, xm, c + 1);
+        __m256 v = _mm256_fmadd_ps(sum8(acc), row_scale, b);
+        const float *xs = xsum + (size_t)m * ng;
+        for (int g = 0; g < ng; g++)
+            v = _mm256_fmadd_ps(_mm256_loadu_ps(offset + 8 * g), _mm256_broadcast_ss(xs + g), v);
+        _mm256_storeu_ps(tail, v);
+        for (int i = 0; i < rows; i++) {
+            const size_t at = (size_t)m * N + n0 + i;
+            if (y_bf16)
+                ((uint16_t *)y)[at] = f32_to_bf16(tail[i]);
+            else
+                ((float *)y)[at] = tail[i];
         }
-        if (c < nc) even = chunk(even, w, bits, halves, fm, xm, c);
-        out[m] = hsum8(_mm256_add_ps(even, odd)) * (per_row ? scale[0] : 1.0f);
     }
 }
 #else
-static inline void dot_row(const uint8_t *w, int bits, int halves, const float *scale,
-                           const int8_t *xq, const float *xd, int M, int K, const int *gi,
-                           float *out) {
+static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
+                          const float *scale, int ng, const float *offset, const int8_t *xq,
+                          const float *xd, const float *xsum, int M, int K, const int *gi,
+                          const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
     for (int m = 0; m < M; m++) {
-        float acc = 0.0f;
-        for (int c = 0; c < nc; c++) {
-            for (int half = 0; half < 2; half++) {
-                int32_t dot = 0;
-                for (int j = 0; j < 32; j++) {
-                    const int k = c * QB + half * 32 + j;
-                    const int q = bits == 4 ? (w[c * 32 + j] >> (4 * half)) & 15
-                                            : ((const int8_t *)w)[k];
-                    dot += q * xq[(size_t)m * K + k];
+        for (int i = 0; i < rows; i++) {
+            const uint8_t *wn = w + (size_t)i * w_row;
+            const float *sn = scale + (size_t)(n0 + i) * ng;
+            float acc = 0.0f;
+            for (int c = 0; c < nc; c++) {
+                for (int half = 0; half < 2; half++) {
+                    int32_t dot = 0;
+                    for (int j = 0; j < 32; j++) {
+                        const int k = c * QB + half * 32 + j;
+                        const int q = bits == 4 ? (wn[c * 32 + j] >> (4 * half)) & 15
+                                                : ((const int8_t *)wn)[k];
+                        dot += q * xq[(size_t)m * K + k];
+                    }
+                    const float s = halves ? sn[2 * c + half] : sn[gi[c]];
+                    acc += s * xd[m * nc + c] * (float)dot;
                 }
-                const float s = halves ? scale[2 * c + half] : scale[gi[c]];
-                acc += s * xd[m * nc + c] * (float)dot;
             }
+            for (int g = 0; g < ng; g++) acc += offset[8 * g + i] * xsum[(size_t)m * ng + g];
+            acc += bias ? bias[n0 + i] : 0.0f;
+            const size_t at = (size_t)m * N + n0 + i;
+            if (y_bf16)
+                ((uint16_t *)y)[at] = f32_to_bf16(acc);
+            else
+                ((float *)y)[at] = acc;
         }
-        out[m] = acc;
     }
 }
 #endif
@@ -217,47 +273,20 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
         quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     const size_t w_row = (size_t)K * bits / 8;
-    /* Rows of W in blocks of 8: the offset terms of 8 rows are 8 independent FMA chains
-     * (one row's alone is a serial chain of K / group FMAs, which cost as much as its
-     * dot products when K is small). */
+    /* Rows of W in blocks of 8: the offset terms, scales and sums of 8 rows are then
+     * vector operations, and the offsets of a block lie together (see the layout). */
 #pragma omp parallel for schedule(static)
     for (int n0 = 0; n0 < N; n0 += 8) {
         const int rows = N - n0 < 8 ? N - n0 : 8;
-        float out[8][MAX_ROWS];
-        for (int i = 0; i < rows; i++) {
-            const int n = n0 + i;
-            const uint8_t *wn = (const uint8_t *)w + n * w_row;
-            const float *sn = scale + (size_t)n * ng;
-            /* Constant arguments: each case is its own specialised loop. One row of x
-             * is decode's case and keeps its accumulators in registers. */
-            if (M == 1 && bits == 4)
-                halves ? dot_row(wn, 4, 1, sn, xq, xd, 1, K, gi, out[i])
-                       : dot_row(wn, 4, 0, sn, xq, xd, 1, K, gi, out[i]);
-            else if (M == 1)
-                halves ? dot_row(wn, 8, 1, sn, xq, xd, 1, K, gi, out[i])
-                       : dot_row(wn, 8, 0, sn, xq, xd, 1, K, gi, out[i]);
-            else if (bits == 4)
-                halves ? dot_row(wn, 4, 1, sn, xq, xd, M, K, gi, out[i])
-                       : dot_row(wn, 4, 0, sn, xq, xd, M, K, gi, out[i]);
-            else
-                halves ? dot_row(wn, 8, 1, sn, xq, xd, M, K, gi, out[i])
-                       : dot_row(wn, 8, 0, sn, xq, xd, M, K, gi, out[i]);
-        }
-        for (int m = 0; m < M; m++) {
-            float v[8];
-            for (int i = 0; i < rows; i++) v[i] = out[i][m] + (bias ? bias[n0 + i] : 0.0f);
-            const float *xs = xsum + (size_t)m * ng;
-            const float *on = offset + (size_t)n0 * ng;
-            for (int g = 0; g < ng; g++)
-                for (int i = 0; i < rows; i++) v[i] += on[(size_t)i * ng + g] * xs[g];
-            for (int i = 0; i < rows; i++) {
-                const size_t at = (size_t)m * N + n0 + i;
-                if (y_bf16)
-                    ((uint16_t *)y)[at] = f32_to_bf16(v[i]);
-                else
-                    ((float *)y)[at] = v[i];
-            }
-        }
+        const uint8_t *wb = (const uint8_t *)w + n0 * w_row;
+        const float *ob = offset + (size_t)n0 * ng;
+        /* Constant arguments: each case is its own specialised loop. */
+        if (bits == 4)
+            halves ? block8(wb, w_row, 4, 1, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16)
+                   : block8(wb, w_row, 4, 0, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16);
+        else
+            halves ? block8(wb, w_row, 8, 1, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16)
+                   : block8(wb, w_row, 8, 0, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16);
     }
     free(xq);
     free(xd);

@@ -33,6 +33,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
+def block_offsets(offset: torch.Tensor) -> torch.Tensor:
+    """(N, G) per-group offsets -> the kernel's (ceil(N / 8), G, 8), zero-padded: the
+    8 rows of W a block computes read a group's offsets with one vector load."""
+    n, g = offset.shape
+    padded = torch.zeros(-(-n // 8) * 8, g, dtype=torch.float32)
+    padded[:n] = offset
+    return padded.view(-1, 8, g).transpose(1, 2).contiguous()
+
+
 def unpack_int4(w: torch.Tensor) -> torch.Tensor:
     """pack_int4 turned around: (N, K / 2) bytes -> (N, K) uint8 codes."""
     n, half = w.shape
@@ -50,13 +59,15 @@ class QGemv:
         w: torch.Tensor,  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
         bits: int,
         scale: torch.Tensor,  # (N, G) fp32
-        offset: torch.Tensor,  # (N, G) fp32: w = scale * q(or q - 128) + offset
+        offset: torch.Tensor,  # block_offsets of (N, G): w = scale * q (or q - 128) + offset
         group_size: int,
         bias: torch.Tensor | None,  # (N,) fp32
     ) -> torch.Tensor:  # (M, N) in x's dtype
         x = x.contiguous()
         m, k = x.shape
         n = w.shape[0]
+        if offset.dim() != 3:
+            raise ValueError("qgemv takes its offsets in block_offsets' layout")
         y = torch.empty(m, n, dtype=x.dtype)
         bf16 = int(x.dtype == torch.bfloat16)
         rows_at = x.element_size() * k

@@ -74,10 +74,11 @@ class QuantLinear(nn.Module):
         if kernel is not None:
             if self.bits == 4:
                 self.register_buffer("wq", qgemv.pack_int4(qw.q))
-                self.register_buffer("koffset", self.offset)  # the same tensor: no copy
+                offset = self.offset
             else:  # signed int8 q - 128; the offset takes the 128 back
                 self.register_buffer("wq", _signed_int8(qw.q))
-                self.register_buffer("koffset", self.offset + 128 * self.scale)
+                offset = self.offset + 128 * self.scale
+            self.register_buffer("koffset", qgemv.block_offsets(offset))
             self.q = None
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
             self.qgemv = kernel.bind(
