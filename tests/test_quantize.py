@@ -119,6 +119,29 @@ def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
         assert torch.isfinite(_logits(out, IDS)).all()
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_sequential_calibrates_later_blocks_on_quantized_outputs(
+    tiny_llama, tmp_path, method
+) -> None:
+    """Block by block: block 0 sees the full-precision inputs either way, so its
+    integers equal the one-pass result's; block 1 is calibrated on what the quantized
+    block 0 produces, so its differ. The result loads and runs."""
+    common = ["--int4", "--method", method, "--group-size", "32", "--calib-tokens", "1024"]
+    common += ["--lm-head"]  # the head's statistics come from the last quantized block
+    _quantize(tiny_llama, tmp_path / "one", *common, "--one-pass")
+    _quantize(tiny_llama, tmp_path / "seq", *common, "--sequential")
+    one, seq = _quantized_weights(tmp_path / "one"), _quantized_weights(tmp_path / "seq")
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        block0, block1 = f"model.layers.0.{name}.weight", f"model.layers.1.{name}.weight"
+        assert torch.equal(seq[block0].q, one[block0].q), block0
+        assert torch.equal(seq[block0].scale, one[block0].scale), block0
+        assert not torch.equal(seq[block1].dequantize(), one[block1].dequantize()), block1
+    assert not torch.equal(seq["lm_head.weight"].dequantize(), one["lm_head.weight"].dequantize())
+    qcfg = json.loads((tmp_path / "seq" / "config.json").read_text())["quantization_config"]
+    assert qcfg["sequential"] is True
+    assert torch.isfinite(_logits(tmp_path / "seq", IDS)).all()
+
+
 def test_int8_is_close_to_the_original(tiny_llama, tmp_path) -> None:
     out = tmp_path / "q8"
     report = _quantize(tiny_llama, out, "--int8")

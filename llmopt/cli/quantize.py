@@ -80,6 +80,11 @@ def quantize(
     lm_head_bits: int = typer.Option(
         8, "--lm-head-bits", help="With --lm-head: 8 (one scale per row) or 4 (the model's)."
     ),
+    sequential: bool = typer.Option(
+        True,
+        "--sequential/--one-pass",
+        help="GPTQ/AWQ: calibrate each block on the quantized blocks' outputs.",
+    ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
     fmt: str = typer.Option("llmopt", "--format", help="llmopt, gptq, awq or gguf."),
@@ -122,6 +127,7 @@ def quantize(
         sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
         act_order=method == "gptq" and (fmt != "awq" if act_order is None else act_order),
         head_bits=lm_head_bits if lm_head else 0,
+        sequential=sequential,
     )
     _check_format(fmt, spec)
     if fmt == "gguf":

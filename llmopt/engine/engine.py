@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -205,20 +207,26 @@ class Engine:
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token logits (T, V) fp32 at every position of one text, in one prefill
         outside the schedule (for scoring: perplexity, parity). Needs an idle engine."""
+        with self.prefill_inputs(token_ids) as inputs, torch.inference_mode():
+            hidden = self.runner.model(cache=self.runner.cache, **inputs)
+            return self.runner.model.logits(hidden)
+
+    @contextmanager
+    def prefill_inputs(self, token_ids: list[int]) -> Iterator[dict[str, Any]]:
+        """The model's inputs (input_ids, positions, meta) for one prefill of the whole
+        text outside the schedule, its KV blocks held until exit. Needs an idle engine."""
         if self.has_unfinished():
-            raise RuntimeError("prompt_logits needs an engine with no requests in flight")
+            raise RuntimeError("scoring a prompt needs an engine with no requests in flight")
         self.check_fits(len(token_ids), None)
         seq = Sequence.from_prompt("score", token_ids, SamplingParams())
         if not self.blocks.allocate(seq):
             raise ContextLengthError(f"{len(token_ids)} tokens do not fit the free KV cache")
         try:
-            seq.num_computed_tokens = 0  # score every position, cached prefix or not
+            seq.num_computed_tokens = 0  # every position, cached prefix or not
             step = Step()
             step.add(seq, len(token_ids))
             _, _, inputs = self.runner.prepare(step)
-            with torch.inference_mode():
-                hidden = self.runner.model(cache=self.runner.cache, **inputs)
-                return self.runner.model.logits(hidden)
+            yield inputs
         finally:
             self.blocks.free(seq)
 

@@ -122,18 +122,25 @@ def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, Weight]) -> dict[str, Weight
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = hf["lm_head.weight"]
     for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        attn = src + "self_attn."
-        sd[dst + "self_attn.qkv_proj.weight"] = _cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"])
-        if cfg.attention_bias:
-            sd[dst + "self_attn.qkv_proj.bias"] = _cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])
-        sd[dst + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
-        sd[dst + "mlp.gate_up_proj.weight"] = _cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
-        )
-        sd[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            sd[dst + f"{norm}.weight"] = hf[src + f"{norm}.weight"]
+        sd.update(fuse_hf_layer(cfg, hf, i))
+    return sd
+
+
+def fuse_hf_layer(cfg: ModelConfig, hf: dict[str, Weight], i: int) -> dict[str, Weight]:
+    """fuse_hf_weights for decoder layer i alone."""
+    src, dst = f"model.layers.{i}.", f"layers.{i}."
+    attn = src + "self_attn."
+    sd: dict[str, Weight] = {}
+    sd[dst + "self_attn.qkv_proj.weight"] = _cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"])
+    if cfg.attention_bias:
+        sd[dst + "self_attn.qkv_proj.bias"] = _cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"])
+    sd[dst + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
+    sd[dst + "mlp.gate_up_proj.weight"] = _cat(
+        [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
+    )
+    sd[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        sd[dst + f"{norm}.weight"] = hf[src + f"{norm}.weight"]
     return sd
 
 

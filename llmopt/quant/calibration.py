@@ -5,9 +5,9 @@ every linear, what the quantization methods need.
 - AWQ needs the mean |x| per input channel and a sample of input rows to score
   candidate scales on.
 
-Statistics are gathered in one pass over the unquantized model (the inputs each
-layer sees in full precision), not layer by layer on the partly quantized model;
-the sequential variant costs a forward pass per layer, 30x the time for SmolLM2.
+`collect` gathers them in one pass over the unquantized model (the inputs each layer
+sees in full precision); quant/sequential.py gathers them block by block on the
+partly quantized model.
 
 The default text is the calibration half of `pydoc_data.topics` (llmopt/corpus.py);
 the perplexity benchmark scores the other half, so calibration never sees the test.
@@ -15,7 +15,8 @@ the perplexity benchmark scores the other half, so calibration never sees the te
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -70,15 +71,11 @@ class InputStats:
             self.samples.append(take)
 
 
-def collect(
-    engine: Engine,
-    modules: dict[str, nn.Module],
-    windows: list[list[int]],
-    hessian: bool,
-    sample_rows: int,
-    progress: Callable[[], None] = lambda: None,
-) -> dict[str, InputStats]:
-    """Run every window through the model, recording the inputs of `modules`."""
+@contextmanager
+def recording(
+    modules: dict[str, nn.Module], hessian: bool, sample_rows: int
+) -> Iterator[dict[str, InputStats]]:
+    """Statistics of the inputs of `modules` over every forward pass run inside."""
     stats = {name: InputStats() for name in modules}
 
     def hook(name: str) -> Callable[..., None]:
@@ -89,10 +86,23 @@ def collect(
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
-        for ids in windows:
-            engine.prompt_logits(ids)
-            progress()
+        yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+def collect(
+    engine: Engine,
+    modules: dict[str, nn.Module],
+    windows: list[list[int]],
+    hessian: bool,
+    sample_rows: int,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, InputStats]:
+    """Run every window through the model, recording the inputs of `modules`."""
+    with recording(modules, hessian, sample_rows) as stats:
+        for ids in windows:
+            engine.prompt_logits(ids)
+            progress()
     return stats

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmopt.config import ModelConfig
+from llmopt.engine.engine import Engine
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.loader.atomic import atomic_dir
 from llmopt.loader.hf import read_config, read_tensors
@@ -28,6 +29,7 @@ from llmopt.quant import awq, gptq, rtn
 from llmopt.quant.calibration import InputStats, calibration_windows, collect
 from llmopt.quant.layouts import layout_for
 from llmopt.quant.qweight import QuantizedWeight
+from llmopt.quant.sequential import quantize_sequential
 from llmopt.quant.spec import QuantSpec, Site, calibrated_modules, llama_sites
 
 METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
@@ -66,6 +68,20 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _calibration_engine(
+    folder: Path, cfg: ModelConfig, text: str, tokens: int, console: Console, device: torch.device
+) -> tuple[Engine, list[list[int]]]:
+    """An engine over the fp32 model, and the calibration text in windows."""
+    from llmopt.engine.llm import build_engine
+    from llmopt.loader.load import load_model
+    from llmopt.store.store import Store
+
+    loaded = load_model(folder, torch.float32, device, Store(), console)
+    window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
+    engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
+    return engine, calibration_windows(loaded.tokenizer.encode(text), tokens, window)
+
+
 def calibrate(
     folder: Path,
     cfg: ModelConfig,
@@ -78,15 +94,9 @@ def calibrate(
     device: torch.device,
 ) -> dict[str, InputStats]:
     """Inputs of every linear over the calibration text, from the fp32 model."""
-    from llmopt.engine.llm import build_engine
-    from llmopt.loader.load import load_model
-    from llmopt.store.store import Store
-
-    loaded = load_model(folder, torch.float32, device, Store(), console)
-    window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
-    engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
-    windows = calibration_windows(loaded.tokenizer.encode(text), tokens, window)
-    modules = {n: loaded.model.get_submodule(n) for n in calibrated_modules(cfg, lm_head)}
+    engine, windows = _calibration_engine(folder, cfg, text, tokens, console, device)
+    model = engine.runner.model
+    modules = {n: model.get_submodule(n) for n in calibrated_modules(cfg, lm_head)}
     with _progress(console) as progress:
         task = progress.add_task("Calibrating", total=len(windows))
         return collect(
@@ -108,9 +118,7 @@ def quantize_tensors(
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every decoder linear quantized; the other tensors (possibly rescaled by AWQ) kept."""
     method = METHODS[spec.method]
-    if spec.lm_head and "lm_head.weight" not in tensors:
-        # A tied output projection gets its own copy; the embedding stays as it was.
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    _untie_head(tensors, spec)
     sites: list[list[Site]] = llama_sites(cfg, stats, spec.lm_head)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     for i, layer in enumerate(sites):
@@ -120,6 +128,12 @@ def quantize_tensors(
     for name, t in tensors.items():
         out.setdefault(name, t)
     return out
+
+
+def _untie_head(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+    """A tied output projection to be quantized gets its own copy; the embedding stays."""
+    if spec.lm_head and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
 
 
 def _write_checkpoint(
@@ -172,25 +186,32 @@ def quantize_folder(
         raise UsageError(f"{folder} is already quantized; quantize the original model")
     raw_cfg = json.loads((folder / "config.json").read_text())
     tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in read_tensors(folder).items()}
-    if spec.method == "rtn":
-        stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
+    sample_rows = AWQ_SAMPLE_ROWS if spec.method == "awq" else 0
+    total = cfg.num_layers + int(spec.lm_head)
+    if spec.method != "rtn" and spec.sequential:
+        text, tokens = calib_text, calib_tokens
+        engine, windows = _calibration_engine(folder, cfg, text, tokens, console, device)
+        _untie_head(tensors, spec)
+        with _progress(console) as progress:
+            task = progress.add_task(f"Quantizing block by block ({spec.label})", total=total)
+            weights = quantize_sequential(
+                engine, cfg, tensors, spec, METHODS[spec.method], windows, sample_rows,
+                lambda: progress.advance(task),
+            )  # fmt: skip
+        for name, t in tensors.items():
+            weights.setdefault(name, t)
     else:
-        stats = calibrate(
-            folder,
-            cfg,
-            calib_text,
-            calib_tokens,
-            console,
-            hessian=spec.method == "gptq",
-            sample_rows=AWQ_SAMPLE_ROWS if spec.method == "awq" else 0,
-            lm_head=spec.lm_head,
-            device=device,
-        )
-    with _progress(console) as progress:
-        task = progress.add_task(
-            f"Quantizing ({spec.label})", total=cfg.num_layers + int(spec.lm_head)
-        )
-        weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
+        if spec.method == "rtn":
+            stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
+        else:
+            hessian = spec.method == "gptq"
+            stats = calibrate(
+                folder, cfg, calib_text, calib_tokens, console, hessian, sample_rows,
+                spec.lm_head, device,
+            )  # fmt: skip
+        with _progress(console) as progress:
+            task = progress.add_task(f"Quantizing ({spec.label})", total=total)
+            weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
     weights = {k: w.to("cpu") for k, w in weights.items()}  # the writers pack on the CPU
     quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
     if not quantized:

@@ -37,6 +37,9 @@ class QuantSpec:
     # with one scale per row (llama.cpp's Q4 files keep it at 8 bits too), 4 the
     # model's own int4 groups. At 135M parameters it is a fifth of the weights.
     head_bits: int = 0
+    # GPTQ/AWQ: calibrate each block on the outputs of the blocks before it, already
+    # quantized (quant/sequential.py), rather than all blocks in one full-precision pass.
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -108,38 +111,38 @@ def calibrated_modules(cfg: ModelConfig, lm_head: bool) -> list[str]:
     return names + (["lm_head"] if lm_head else [])
 
 
+def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[Site]:
+    """Decoder layer i's four sites; `stats` is keyed by our fused module names."""
+    hf, ours = f"model.layers.{i}.", f"layers.{i}."
+    attn, mlp = hf + "self_attn.", hf + "mlp."
+    q_k_rows = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+    # o_proj's input channels are v_proj's output channels only without grouped
+    # heads; with GQA one v channel feeds several heads, so o gets no owner.
+    o_owner = attn + "v_proj.weight" if cfg.num_heads == cfg.num_kv_heads else None
+    return [
+        Site(
+            [attn + f"{p}_proj.weight" for p in "qkv"],
+            stats[ours + "self_attn.qkv_proj"],
+            hf + "input_layernorm.weight",
+            no_clip=q_k_rows,
+        ),
+        Site([attn + "o_proj.weight"], stats[ours + "self_attn.o_proj"], o_owner),
+        Site(
+            [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
+            stats[ours + "mlp.gate_up_proj"],
+            hf + "post_attention_layernorm.weight",
+        ),
+        Site([mlp + "down_proj.weight"], stats[ours + "mlp.down_proj"], mlp + "up_proj.weight"),
+    ]
+
+
+def head_site(stats: InputStats) -> Site:
+    """The output projection, whose input is the final norm's output."""
+    return Site(["lm_head.weight"], stats, "model.norm.weight")
+
+
 def llama_sites(cfg: ModelConfig, stats: dict[str, InputStats], lm_head: bool) -> list[list[Site]]:
     """Per decoder layer, its four sites, and the output projection's own site last
     when it is quantized too; `stats` is keyed by our fused module names."""
-    layers = []
-    for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        attn, mlp = hf + "self_attn.", hf + "mlp."
-        q_k_rows = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
-        # o_proj's input channels are v_proj's output channels only without grouped
-        # heads; with GQA one v channel feeds several heads, so o gets no owner.
-        o_owner = attn + "v_proj.weight" if cfg.num_heads == cfg.num_kv_heads else None
-        layers.append(
-            [
-                Site(
-                    [attn + f"{p}_proj.weight" for p in "qkv"],
-                    stats[ours + "self_attn.qkv_proj"],
-                    hf + "input_layernorm.weight",
-                    no_clip=q_k_rows,
-                ),
-                Site([attn + "o_proj.weight"], stats[ours + "self_attn.o_proj"], o_owner),
-                Site(
-                    [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
-                    stats[ours + "mlp.gate_up_proj"],
-                    hf + "post_attention_layernorm.weight",
-                ),
-                Site(
-                    [mlp + "down_proj.weight"],
-                    stats[ours + "mlp.down_proj"],
-                    mlp + "up_proj.weight",
-                ),
-            ]
-        )
-    if lm_head:
-        layers.append([Site(["lm_head.weight"], stats["lm_head"], "model.norm.weight")])
-    return layers
+    layers = [layer_sites(cfg, stats, i) for i in range(cfg.num_layers)]
+    return layers + ([[head_site(stats["lm_head"])]] if lm_head else [])

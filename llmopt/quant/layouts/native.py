@@ -31,6 +31,7 @@ def config(spec: QuantSpec) -> dict[str, Any]:
         "sym": spec.sym,
         "method": spec.method,
         "act_order": spec.act_order,
+        "sequential": spec.sequential,
         "lm_head": spec.lm_head,
         "lm_head_bits": spec.head_bits,  # may differ from "bits" (see loader/quantized.py)
         "version": 1,
