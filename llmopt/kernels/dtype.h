@@ -1,6 +1,6 @@
 /* Element access for kernels that take fp32 or bf16 tensors (flag `bf16`), with torch's
  * rounding: bf16 values are the high half of an fp32, rounded to nearest even; and the
- * AVX2 horizontal sum the dot-product kernels end with. */
+ * AVX2 horizontal sums the dot-product kernels end with. */
 #ifndef LLMOPT_DTYPE_H
 #define LLMOPT_DTYPE_H
 #include <stddef.h>
@@ -51,6 +51,16 @@ static inline float hsum8(__m256 v) { /* the sum of the 8 lanes */
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* The lane sums of a[0..7], as lane i of the result (8 horizontal sums at once). */
+static inline __m256 sum8(const __m256 *a) {
+    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    /* s0123 holds a[0..3]'s sums of their low and high 128-bit halves; likewise s4567. */
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                         _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 #endif
 #endif

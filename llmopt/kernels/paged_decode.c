@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dtype.h"
+
 /* e^x for x <= 0 (scores minus their maximum), in a form the compiler vectorises:
  * 2^(x log2 e) split into 2^i (built in the exponent bits) times 2^f, f in [0, 1),
  * by a degree-6 polynomial; relative error about 1e-7 in fp32. Libm's expf stays scalar
@@ -59,12 +61,7 @@ static inline __m256 dot8(const float *restrict q, const float *const kp[8], int
         const __m256 qv = _mm256_loadu_ps(q + d);
         for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i] + d), a[i]);
     }
-    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-    /* s0123 holds keys 0-3's sums of their low and high halves; likewise s4567. */
-    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                         _mm256_permute2f128_ps(s0123, s4567, 0x31));
+    return sum8(a);
 }
 
 /* acc (D8 * 8 floats) = sum_j p[j] * v[slot j] for one head: the accumulator stays in

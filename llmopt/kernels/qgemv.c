@@ -147,19 +147,11 @@ static inline __attribute__((always_inline)) __m256 row_acc(const uint8_t *w, in
     return _mm256_add_ps(even, odd);
 }
 
-/* The lane sums of a[0..7], as lane i of the result: one transpose-add for 8 rows of W
- * (a horizontal sum per row cost as much as a row's dot products at K = 576). */
-static inline __m256 sum8(const __m256 *a) {
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                         _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
  * x, with the offsets, scales and bias in vector form:
  *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
+ * (sum8, one transpose-add for the 8 rows: a horizontal sum per row cost as much as a
+ * row's dot products at K = 576)
  * offset here is this block's (K / group, 8) slice of the blocked layout. */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int halves, const float *scale, int ng,
