@@ -27,8 +27,11 @@ for g in 64 32; do
   run "int4-gptq-g$g" --int4 --method gptq --group-size "$g"
   run "int4-awq-g$g" --int4 --method awq --group-size "$g"
 done
-for m in gptq awq; do  # calibration in one full-precision pass, for comparison
-  run "int4-$m-g32-one-pass" --int4 --method "$m" --group-size 32 --one-pass
+# Each method with the other calibration order (GPTQ defaults to block by block on
+# the quantized blocks' outputs, AWQ to one full-precision pass).
+run int4-gptq-g32-one-pass --int4 --method gptq --group-size 32 --one-pass
+for g in 64 32; do
+  run "int4-awq-g$g-sequential" --int4 --method awq --group-size "$g" --sequential
 done
 run int4-gptq-g32-head8 --int4 --method gptq --group-size 32 --lm-head
 run int4-gptq-g32-head4 --int4 --method gptq --group-size 32 --lm-head --lm-head-bits 4

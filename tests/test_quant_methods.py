@@ -127,3 +127,9 @@ def test_spec_errors() -> None:
         QuantSpec(bits=4, method="rtn", group_size=100, sym=False).group_for(576)
     with pytest.raises(UsageError, match="unknown method"):
         QuantSpec(bits=4, method="hqq", group_size=128, sym=False)
+
+
+def test_calibration_order_defaults_to_each_methods_reference() -> None:
+    assert QuantSpec(bits=4, method="gptq", group_size=64, sym=False).sequential is True
+    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).sequential is False
+    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=True).sequential

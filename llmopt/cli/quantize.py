@@ -81,9 +81,9 @@ def quantize(
         8, "--lm-head-bits", help="With --lm-head: 8 (one scale per row) or 4 (the model's)."
     ),
     sequential: bool = typer.Option(
-        True,
+        None,
         "--sequential/--one-pass",
-        help="GPTQ/AWQ: calibrate each block on the quantized blocks' outputs.",
+        help="Calibrate each block on the quantized blocks' outputs (default: GPTQ yes, AWQ no).",
     ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),

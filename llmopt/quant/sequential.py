@@ -10,9 +10,12 @@ and each block runs on them to record its linears' inputs, is quantized (its wei
 dequantized into the fp32 model, with any norm AWQ rescaled), and runs again to make
 the next block's inputs: about two forward passes of the calibration text.
 
-Measured on SmolLM2-135M (BENCHMARKS.md): GPTQ g32 +6.28% perplexity against +6.92%
-in one pass. Going linear by linear inside each block as well ("true sequential",
-o_proj calibrated on the quantized q/k/v's attention) gave +7.59%, and is not done.
+Measured on SmolLM2-135M (BENCHMARKS.md), perplexity change against one pass: GPTQ
+g32 +6.28% (+6.90%), g64 +14.41% (+14.90%), so GPTQ goes block by block by default,
+as its reference implementation does; AWQ g32 +9.39% (+10.61%) but g64 +13.70%
+(+12.40%), so AWQ keeps its reference's one pass unless asked. Going linear by linear
+inside each block as well ("true sequential", o_proj calibrated on the quantized
+q/k/v's attention) gave GPTQ g32 +7.59%, and is not done.
 
 All windows have the same length and start at position 0, so one set of attention
 inputs (rotary tables, slots, metadata) serves every window: a block's call writes a

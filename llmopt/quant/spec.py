@@ -39,7 +39,8 @@ class QuantSpec:
     head_bits: int = 0
     # GPTQ/AWQ: calibrate each block on the outputs of the blocks before it, already
     # quantized (quant/sequential.py), rather than all blocks in one full-precision pass.
-    sequential: bool = True
+    # None: as each method's reference does it (GPTQ block by block, AWQ in one pass).
+    sequential: bool | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -50,6 +51,8 @@ class QuantSpec:
             raise UsageError("--group-size must be positive (0: one scale per row)")
         if self.head_bits not in (0, 4, 8) or 0 < self.head_bits < self.bits:
             raise UsageError("--lm-head-bits must be 8, or 4 with --int4")
+        if self.sequential is None:
+            object.__setattr__(self, "sequential", self.method == "gptq")
 
     @property
     def lm_head(self) -> bool:
