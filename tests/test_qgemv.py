@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llmopt.kernels import qgemv
-from llmopt.layers.quant_linear import QuantLinear, use_decode_arithmetic
+from llmopt.layers.quant_linear import QGEMV_MAX_ROWS, QuantLinear, use_decode_arithmetic
 from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 
 KERNEL = qgemv.load()
@@ -97,12 +97,16 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().T
     assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
+    # A batched decode step (or a short prompt) is still the kernel's: row by row, the
+    # same numbers; dequantizing the whole weight for a few rows costs far more.
+    batch = torch.randn(QGEMV_MAX_ROWS, 256)
+    assert torch.equal(layer(batch), torch.cat([layer(row[None]) for row in batch]))
 
 
 def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
     torch.manual_seed(3)
     layer = QuantLinear(quantize_rtn(torch.randn(32, 256), 4, 64, False), None, torch.device("cpu"))
-    x = torch.randn(9, 256)  # prefill-sized: the dense path by default
+    x = torch.randn(QGEMV_MAX_ROWS + 1, 256)  # prefill-sized: the dense path by default
     dense = layer(x)
     assert use_decode_arithmetic(nn.Sequential(layer)) == 1
     as_decode = layer(x)

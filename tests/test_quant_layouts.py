@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmopt.layers.quant_linear import QuantLinear
+from llmopt.layers.quant_linear import QGEMV_MAX_ROWS, QuantLinear
 from llmopt.quant.layouts import awq, gptq, native
 from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 from llmopt.quant.spec import QuantSpec
@@ -112,9 +112,9 @@ def test_quant_linear_matches_dequantized_weight(bits, group, sym, shape) -> Non
     layer = QuantLinear(qw, torch.randn(shape[0]), torch.device("cpu"))
     ref = qw.dequantize()
     torch.testing.assert_close(layer.dequantize(torch.float32), ref, rtol=0, atol=0)
-    for rows in (1, 9):  # the packed kernel (bf16 activations) and the dense path
+    for rows in (1, QGEMV_MAX_ROWS + 1):  # the row kernel (int8 activations), the dense path
         x = torch.randn(rows, shape[1])
-        tol = 0.05 if rows == 1 and layer.kernel else 1e-4
+        tol = 0.05 if rows <= layer.kernel_rows and layer.kernel else 1e-4
         torch.testing.assert_close(layer(x), x @ ref.T + layer.bias, rtol=tol, atol=tol * 10)
 
 
@@ -123,5 +123,6 @@ def test_quant_linear_with_act_order_permutes_its_input() -> None:
     qw = quantize_rtn(torch.randn(64, 128), 4, 32)
     qw.perm = torch.randperm(128)
     layer = QuantLinear(qw, None, torch.device("cpu"))
-    x = torch.randn(7, 128)
-    torch.testing.assert_close(layer(x), x @ qw.dequantize().T, rtol=1e-4, atol=1e-4)
+    for rows, tol in ((7, 0.05), (QGEMV_MAX_ROWS + 1, 1e-4)):  # row kernel, dense path
+        x = torch.randn(rows, 128)
+        torch.testing.assert_close(layer(x), x @ qw.dequantize().T, rtol=tol, atol=tol * 10)

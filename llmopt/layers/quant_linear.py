@@ -4,15 +4,16 @@ Kernel choice by device and rows (measured on the 2-core AVX2 machine, see
 BENCHMARKS.md). Decode reads every weight once per step, so with few rows the speed
 is the speed of reading the integers:
 
-- CPU, fewer than UPCAST_MIN_ROWS rows: llmopt's qgemv kernel (kernels/qgemv.c:
-  integer dot products against int8-quantized activations; 1.7x torch's int4 kernel
-  and 1.6x its int8 one on a 3072x576 matrix here, scripts/bench_kernels.py).
-  Without a C compiler, torch's packed kernels (`_weight_int8pack_mm`,
-  `_weight_int4pack_mm_for_cpu`) with bf16 activations: with fp32 activations they
-  are 4-8x slower than fp32.
-- otherwise (prefill, batched decode, CUDA, layouts no kernel takes): the weight is
-  dequantized into a reused scratch buffer and multiplied densely; from a few rows on
-  a dense fp32 GEMM wins.
+- CPU, up to QGEMV_MAX_ROWS rows (decode steps, short prompts): llmopt's qgemv
+  kernel (kernels/qgemv.c: integer dot products against int8-quantized activations;
+  1.7x torch's int4 kernel and 1.6x its int8 one on a 3072x576 matrix at one row,
+  scripts/bench_kernels.py). Without a C compiler, torch's packed kernels
+  (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations, for
+  fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are 4-8x slower than
+  fp32.
+- otherwise (longer prompts, CUDA, layouts no kernel takes): the weight is dequantized
+  into a reused scratch buffer and multiplied densely; from about 100 rows on a dense
+  fp32 GEMM wins.
 
 Storage stays int8/int4 either way: the dense copy lives only for one call.
 """
@@ -29,6 +30,13 @@ from torch import nn
 from llmopt.kernels import qgemv
 from llmopt.layers.linear import UPCAST_MIN_ROWS
 from llmopt.quant.qweight import QuantizedWeight
+
+# qgemv against dequantize-and-GEMM (2 threads, bf16 rows): int4 g64 3072 x 576 at
+# 8 / 32 / 64 / 128 rows 0.33 / 1.27 / 2.78 / 5.41 ms against 1.83 / 2.57 / 3.56 / 5.09;
+# the int8 49152 x 576 output projection 5.7 / 23 / 46 / 89 ms against 95 / 102 / 114 /
+# 149. Dequantizing writes the whole weight in fp32 every call, which few rows never
+# pay back.
+QGEMV_MAX_ROWS = 64
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
 _QGEMV_DTYPES = (torch.bfloat16, torch.float32)  # activations qgemv reads and writes
@@ -64,7 +72,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
         self.perm = None if qw.perm is None else qw.perm.to(device)
         self.kernel = self._pack_cpu_kernel(qw) if device.type == "cpu" else None
-        self.kernel_rows = UPCAST_MIN_ROWS - 1  # the most rows the one-row kernels take
+        # The most rows the row kernels take before the dense path does.
+        self.kernel_rows = QGEMV_MAX_ROWS if self.kernel == "qgemv" else UPCAST_MIN_ROWS - 1
 
     def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
         """Prepare the operand of a CPU kernel that takes this weight, and drop the
