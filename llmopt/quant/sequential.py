@@ -60,7 +60,10 @@ def quantize_sequential(
     with engine.prefill_inputs(windows[0]) as inputs, torch.inference_mode():
         meta = inputs["meta"]
         cos, sin = model.rotary(inputs["positions"], torch.float32)
-        states: list[State] = [(model.embed_tokens(torch.tensor(ids)), None) for ids in windows]
+        device = inputs["input_ids"].device
+        states: list[State] = [
+            (model.embed_tokens(torch.tensor(ids, device=device)), None) for ids in windows
+        ]
         for i, block in enumerate(model.layers):
             names = {f"layers.{i}.{n}": block.get_submodule(n) for n in CALIBRATED}
 
