@@ -42,9 +42,7 @@ typedef struct {
     DLinear qkv, o, gate_up, down;
 } DLayer;
 
-/* y (M, N) = x (M, K) W^T for at most KERNEL_ROWS rows (the row kernels' limit). */
-static int linear_rows(const DLinear *l, const void *x, int x_bf16, int M, void *y,
-                       int y_bf16) {
+static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, int y_bf16) {
     if (l->bits == 16) return gemv_bf16(x, x_bf16, M, l->K, l->w, l->N, l->bias, y, y_bf16);
     if (x_bf16 != y_bf16) return -1; /* qgemv writes in x's dtype */
     void *xp = NULL;
@@ -60,20 +58,6 @@ static int linear_rows(const DLinear *l, const void *x, int x_bf16, int M, void 
     const int rc = qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group, l->N,
                          l->bias, y, y_bf16);
     free(xp);
-    return rc;
-}
-
-/* Any number of rows, KERNEL_ROWS at a time. Each piece reads W again; at 8 rows the
- * kernels are bound by arithmetic, not by W's bytes, so pieces cost what one call over
- * all rows would (and far less than the Python path's dequantize-and-GEMM per step). */
-#define KERNEL_ROWS 8
-static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, int y_bf16) {
-    int rc = 0;
-    for (int m = 0; m < M && rc == 0; m += KERNEL_ROWS) {
-        const int rows = M - m < KERNEL_ROWS ? M - m : KERNEL_ROWS;
-        rc = linear_rows(l, (const char *)x + (size_t)m * l->K * (x_bf16 ? 2 : 4), x_bf16, rows,
-                         (char *)y + (size_t)m * l->N * (y_bf16 ? 2 : 4), y_bf16);
-    }
     return rc;
 }
 

@@ -1,10 +1,11 @@
-/* y = x W^T (+ b) for a bf16 weight W (N, K) and a few rows of x (M <= 8), on the CPU.
+/* y = x W^T (+ b) for a bf16 weight W (N, K) and a few rows of x, on the CPU.
  *
  * torch's bf16 matmul reads one-row decode weights at about 15 GB/s on this AVX2
  * machine (no native bf16 arithmetic: oneDNN widens as it goes); this widens eight
  * weights with a zero-extend and a shift and multiplies in fp32, two rows of W at a time
  * so each load of x serves both, at the memory's speed. Sums in fp32; the result is
- * rounded to y's dtype once.
+ * rounded to y's dtype once. Rows of x go GEMV_ROWS at a time (their accumulators fill
+ * the registers) over each row of W, which stays in cache meanwhile.
  *
  * x: (M, K) fp32 or bf16 (x_bf16); W: (N, K) bf16; bias: (N,) fp32 or NULL;
  * y: (M, N) fp32 or bf16 (y_bf16). K % 8 == 0.
@@ -17,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-#define GEMV_MAX_ROWS 8
+#define GEMV_ROWS 8
 
 #ifdef __AVX2__
 static inline __m256 widen8(const uint16_t *w) { /* 8 bf16 -> 8 fp32 */
@@ -26,11 +27,11 @@ static inline __m256 widen8(const uint16_t *w) { /* 8 bf16 -> 8 fp32 */
 }
 #endif
 
-/* out[m] = x[m] . w for one row w of W; x already fp32 (M, K). */
+/* out[m] = x[m] . w for one row w of W; x already fp32 (M, K), M <= GEMV_ROWS. */
 static inline __attribute__((always_inline)) void dense_row(const uint16_t *w, const float *x,
                                                             int M, int K, float *out) {
 #ifdef __AVX2__
-    __m256 acc[GEMV_MAX_ROWS][2];
+    __m256 acc[GEMV_ROWS][2];
     for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) { /* two chains per row of x: FMA latency */
@@ -59,19 +60,23 @@ static inline __attribute__((always_inline)) void dense_row(const uint16_t *w, c
 /* Returns 0, or -1 for shapes it does not take. */
 int gemv_bf16(const void *x, int x_bf16, int M, int K, const uint16_t *w, int N,
               const float *bias, void *y, int y_bf16) {
-    if (M < 1 || M > GEMV_MAX_ROWS || K % 8) return -1;
+    if (M < 1 || K % 8) return -1;
     float *xf = malloc(sizeof(float) * (size_t)M * K);
     if (!xf) return -1;
     for (size_t i = 0; i < (size_t)M * K; i++) xf[i] = load_elem(x, i, x_bf16);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        float out[GEMV_MAX_ROWS];
-        if (M == 1) /* decode's case, with its accumulators in registers */
-            dense_row(w + (size_t)n * K, xf, 1, K, out);
-        else
-            dense_row(w + (size_t)n * K, xf, M, K, out);
-        for (int m = 0; m < M; m++)
-            store_elem(y, (size_t)m * N + n, out[m] + (bias ? bias[n] : 0.0f), y_bf16);
+        for (int m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+            const int rows = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
+            float out[GEMV_ROWS];
+            if (M == 1) /* decode's case, with its accumulators in registers */
+                dense_row(w + (size_t)n * K, xf, 1, K, out);
+            else
+                dense_row(w + (size_t)n * K, xf + (size_t)m0 * K, rows, K, out);
+            for (int m = 0; m < rows; m++)
+                store_elem(y, (size_t)(m0 + m) * N + n, out[m] + (bias ? bias[n] : 0.0f),
+                           y_bf16);
+        }
     }
     free(xf);
     return 0;

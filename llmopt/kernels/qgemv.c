@@ -1,6 +1,6 @@
 /* Weight-only int4 / int8 matrix times a few rows, for decode on the CPU.
  *
- * y = x W^T + b for M <= MAX_ROWS rows of x (M, K) and a quantized W (N, K) with one
+ * y = x W^T + b for M rows of x (M, K) and a quantized W (N, K) with one
  * scale and offset per group of `group` inputs: W[n, k] = scale[n, g] * q[n, k] +
  * offset[n, g], g = k / group.
  *
@@ -41,7 +41,6 @@
 #endif
 
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
-#define MAX_ROWS 8
 
 /* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the exact
  * float sums per weight group xsum (K / group,). */
@@ -244,7 +243,7 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
 int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const float *scale,
           const float *offset, int group, int N, const float *bias, void *y, int y_bf16) {
-    if (M < 1 || M > MAX_ROWS || K % QB || K % group || !(group == 32 || group % QB == 0) ||
+    if (M < 1 || K % QB || K % group || !(group == 32 || group % QB == 0) ||
         (bits != 4 && bits != 8))
         return -1;
     const int nc = K / QB, ng = K / group, halves = group == 32;
@@ -266,7 +265,9 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     const size_t w_row = (size_t)K * bits / 8;
     /* Rows of W in blocks of 8: the offset terms, scales and sums of 8 rows are then
-     * vector operations, and the offsets of a block lie together (see the layout). */
+     * vector operations, and the offsets of a block lie together (see the layout). A
+     * block's weights stay in cache while every row of x passes over them, so W is read
+     * from memory once however many rows x has. */
 #pragma omp parallel for schedule(static)
     for (int n0 = 0; n0 < N; n0 += 8) {
         const int rows = N - n0 < 8 ? N - n0 : 8;

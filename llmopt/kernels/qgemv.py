@@ -11,7 +11,6 @@ from functools import cache
 
 import torch
 
-MAX_ROWS = 8  # rows of x per kernel call (the C source's MAX_ROWS)
 CHUNK = 64  # inputs per activation scale and per int4 chunk (QB)
 
 
@@ -63,27 +62,7 @@ class QGemv:
         group_size: int,
         bias: torch.Tensor | None,  # (N,) fp32
     ) -> torch.Tensor:  # (M, N) in x's dtype
-        x = x.contiguous()
-        m, k = x.shape
-        n = w.shape[0]
-        if offset.dim() != 3:
-            raise ValueError("qgemv takes its offsets in block_offsets' layout")
-        y = torch.empty(m, n, dtype=x.dtype)
-        bf16 = int(x.dtype == torch.bfloat16)
-        rows_at = x.element_size() * k
-        # Rows are independent (each has its own activation scales), so more than
-        # MAX_ROWS go through in pieces with the same arithmetic.
-        for lo in range(0, m, MAX_ROWS):
-            rows = min(MAX_ROWS, m - lo)
-            rc = self.fn(
-                x.data_ptr() + lo * rows_at, bf16, rows, k, w.data_ptr(), bits,
-                scale.data_ptr(), offset.data_ptr(), group_size, n,
-                None if bias is None else bias.data_ptr(), y.data_ptr() + lo * n * y.element_size(),
-                bf16,
-            )  # fmt: skip
-            if rc != 0:
-                raise ValueError(f"qgemv does not take int{bits} {n}x{k} group {group_size}")
-        return y
+        return self.bind(w, bits, scale, offset, group_size, bias)(x)
 
     def bind(
         self,
@@ -98,15 +77,16 @@ class QGemv:
         each linear every step, and the per-call Python is a good part of a small
         matrix's time. The closure keeps the tensors alive (and must not outlive a move
         of them to another device: QuantLinear never moves its buffers)."""
+        if offset.dim() != 3:
+            raise ValueError("qgemv takes its offsets in block_offsets' layout")
         n, fn = w.shape[0], self.fn
         tail = (w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(), group_size, n)
         tail += (None if bias is None else bias.data_ptr(),)
-        operands = (w, bits, scale, offset, group_size, bias)
+        keep = (w, scale, offset, bias)  # the tensors behind tail's pointers
 
-        def call(x: torch.Tensor) -> torch.Tensor:
+        def call(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor:
+            x = x.contiguous()
             m, k = x.shape
-            if m > MAX_ROWS or not x.is_contiguous():
-                return self(x, *operands)
             y = torch.empty(m, n, dtype=x.dtype)
             bf16 = int(x.dtype == torch.bfloat16)
             if fn(x.data_ptr(), bf16, m, k, *tail, y.data_ptr(), bf16) != 0:

@@ -167,10 +167,10 @@ class QuantLinear(nn.Module):
 
 def use_decode_arithmetic(model: nn.Module) -> int:
     """Make every quantized linear compute any number of rows the way it computes decode's
-    few: through its one-row kernel, piece by piece (rows are independent there), so that
-    a prefill-based measurement such as perplexity sees decode's arithmetic, activation
-    rounding included. Slower than the dense path; for measuring. Returns how many
-    linears switched."""
+    few: through its row kernel (rows are independent there), so that a prefill-based
+    measurement such as perplexity sees decode's arithmetic, activation rounding
+    included. Slower than the dense path; for measuring. Returns how many linears
+    switched."""
     switched = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel is not None:

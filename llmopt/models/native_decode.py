@@ -23,11 +23,10 @@ from llmopt.layers.quant_linear import QuantLinear
 if TYPE_CHECKING:
     from llmopt.models.llama import LlamaForCausalLM
 
-# Sequences per step. The row kernels take 8 at a time (qgemv.c, gemv_bf16.c) and
-# decode_layers.c runs more in pieces of 8. SmolLM2 bf16, 64-token batches: 16
-# sequences 121 tokens/s native against 78 on the Python path (which widens bf16
-# weights to fp32 for 6+ rows), 32 sequences 132 against 122; int4 about equal from 16
-# on (QuantLinear's own qgemv rows).
+# Sequences per step (the row kernels take any number). SmolLM2 bf16, 64-token
+# batches: 16 sequences 121 tokens/s native against 78 on the Python path (which
+# widens bf16 weights to fp32 for 6+ rows), 32 sequences 132 against 122; int4 about
+# equal from 16 on (QuantLinear's own qgemv rows).
 MAX_ROWS = 32
 _ptr, _i32 = ctypes.c_void_p, ctypes.c_int
 
