@@ -116,17 +116,15 @@ def quantize_tensors(
     stats: dict[str, InputStats],
     on_layer: Callable[[], None] = lambda: None,
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """Every decoder linear quantized; the other tensors (possibly rescaled by AWQ) kept."""
+    """Every decoder linear quantized, from one-pass statistics (AWQ may rescale other
+    tensors in place)."""
     method = METHODS[spec.method]
-    _untie_head(tensors, spec)
     sites: list[list[Site]] = llama_sites(cfg, stats, spec.lm_head)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     for i, layer in enumerate(sites):
         head = i == cfg.num_layers  # the output projection's site comes last
         out.update(method.quantize_layer(layer, tensors, spec.head_spec() if head else spec))
         on_layer()
-    for name, t in tensors.items():
-        out.setdefault(name, t)
     return out
 
 
@@ -188,18 +186,18 @@ def quantize_folder(
     tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in read_tensors(folder).items()}
     sample_rows = AWQ_SAMPLE_ROWS if spec.method == "awq" else 0
     total = cfg.num_layers + int(spec.lm_head)
+    _untie_head(tensors, spec)
+    weights: dict[str, torch.Tensor | QuantizedWeight]
     if spec.method != "rtn" and spec.sequential:
-        text, tokens = calib_text, calib_tokens
-        engine, windows = _calibration_engine(folder, cfg, text, tokens, console, device)
-        _untie_head(tensors, spec)
+        engine, windows = _calibration_engine(
+            folder, cfg, calib_text, calib_tokens, console, device
+        )
         with _progress(console) as progress:
             task = progress.add_task(f"Quantizing block by block ({spec.label})", total=total)
             weights = quantize_sequential(
                 engine, cfg, tensors, spec, METHODS[spec.method], windows, sample_rows,
                 lambda: progress.advance(task),
             )  # fmt: skip
-        for name, t in tensors.items():
-            weights.setdefault(name, t)
     else:
         if spec.method == "rtn":
             stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
@@ -212,6 +210,8 @@ def quantize_folder(
         with _progress(console) as progress:
             task = progress.add_task(f"Quantizing ({spec.label})", total=total)
             weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
+    for name, t in tensors.items():  # the tensors not quantized, as AWQ left them
+        weights.setdefault(name, t)
     weights = {k: w.to("cpu") for k, w in weights.items()}  # the writers pack on the CPU
     quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
     if not quantized:

@@ -51,9 +51,10 @@ def quantize_sequential(
     sample_rows: int,
     on_layer: Callable[[], None] = lambda: None,
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """Every decoder linear (and the output projection if spec.lm_head) quantized with
-    `method`, block by block; `tensors` (Hugging Face names, fp32) are the weights the
-    engine's fp32 model was loaded from, and AWQ may rescale them in place."""
+    """Every decoder linear (and the output projection if spec.lm_head, already untied
+    in `tensors`) quantized with `method`, block by block; `tensors` (Hugging Face
+    names, fp32) are the weights the engine's fp32 model was loaded from, and AWQ may
+    rescale them in place."""
     model, cache = engine.runner.model, engine.runner.cache
     hessian = spec.method == "gptq"
     out: dict[str, torch.Tensor | QuantizedWeight] = {}

@@ -77,7 +77,7 @@ class QuantSpec:
     def label(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         sym = "-sym" if self.sym and self.bits == 4 else ""
-        head = "" if not self.head_bits else "-head" + ("" if self.head_bits == self.bits else "8")
+        head = {0: "", self.bits: "-head"}.get(self.head_bits, f"-head{self.head_bits}")
         return f"int{self.bits}-{self.method}-{group}{sym}{head}"
 
 
