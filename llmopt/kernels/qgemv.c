@@ -11,14 +11,17 @@
  * is one integer dot product (vpmaddubsw + vpmaddwd: 32 multiply-adds in two
  * instructions), scaled by scale * xd in fp32. (llama.cpp takes a scale per 32: half
  * the rounding error, but for int4 g64 it costs the int16 sum of a chunk's halves;
- * measured both ways in BENCHMARKS.md, "What decode's arithmetic costs".) The offset term needs only the exact
- * float sum of x over the group, so it is computed once per call and stays exact:
+ * measured both ways in BENCHMARKS.md, "What decode's arithmetic costs".) The offset
+ * term takes the sum of the *rounded* inputs over each group, xsum = xd * sum(xq):
  *
  *   y[m, n] = sum_b scale[n, g(b)] * xd[m, b] * dot(q[n, b], xq[m, b])
  *           + sum_g offset[n, g] * xsum[m, g] + bias[n]
  *
- * The rounding of x (half a step of max|x|/127 per input) is the error this adds; it
- * is what llama.cpp's Q8 activation blocks add too.
+ * so that y is exactly the weights times the rounded x, and the rounding error of an
+ * input is multiplied by its weight (centred on zero) rather than by its code q
+ * (0..15, all of one sign): with the exact float sum instead, an asymmetric int4 grid
+ * made about twice the error. llama.cpp's Q8_1 activation blocks keep the same sum.
+ * The rounding of x (half a step of max|x|/127 per input) is the error this adds.
  *
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
@@ -42,39 +45,41 @@
 
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
 
-/* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the exact
- * float sums per weight group xsum (K / group,). */
+/* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the sums of
+ * the rounded inputs per weight group xsum (K / group,). */
 static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq, float *xd,
                          float *xsum) {
     float buf[QB];
     for (int g = 0; g < K / group; g++) xsum[g] = 0.0f;
     for (int c = 0; c < K / QB; c++) {
+        float amax = 0.0f;
         for (int j = 0; j < QB; j++) {
             const int k = c * QB + j;
             buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
         }
-        float amax = 0.0f, s0 = 0.0f, s1 = 0.0f; /* s0, s1: sums of the two halves */
-#pragma omp simd reduction(max : amax) reduction(+ : s0)
-        for (int j = 0; j < 32; j++) {
-            amax = amax > fabsf(buf[j]) ? amax : fabsf(buf[j]);
-            s0 += buf[j];
-        }
-#pragma omp simd reduction(max : amax) reduction(+ : s1)
-        for (int j = 32; j < QB; j++) {
-            amax = amax > fabsf(buf[j]) ? amax : fabsf(buf[j]);
-            s1 += buf[j];
-        }
-        if (group == 32) {
-            xsum[2 * c] = s0;
-            xsum[2 * c + 1] = s1;
-        } else {
-            xsum[c * QB / group] += s0 + s1;
-        }
+#pragma omp simd reduction(max : amax)
+        for (int j = 0; j < QB; j++) amax = amax > fabsf(buf[j]) ? amax : fabsf(buf[j]);
         const float d = amax / 127.0f;
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
         xd[c] = d;
-#pragma omp simd
-        for (int j = 0; j < QB; j++) xq[c * QB + j] = (int8_t)nearbyintf(buf[j] * inv);
+        int8_t *q = xq + c * QB;
+        int s0 = 0, s1 = 0; /* sums of the two rounded halves */
+#pragma omp simd reduction(+ : s0)
+        for (int j = 0; j < 32; j++) {
+            q[j] = (int8_t)nearbyintf(buf[j] * inv);
+            s0 += q[j];
+        }
+#pragma omp simd reduction(+ : s1)
+        for (int j = 32; j < QB; j++) {
+            q[j] = (int8_t)nearbyintf(buf[j] * inv);
+            s1 += q[j];
+        }
+        if (group == 32) {
+            xsum[2 * c] = d * (float)s0;
+            xsum[2 * c + 1] = d * (float)s1;
+        } else {
+            xsum[c * QB / group] += d * (float)(s0 + s1);
+        }
     }
 }
 
