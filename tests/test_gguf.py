@@ -15,8 +15,10 @@ from gguf.quants import quantize
 from rich.console import Console
 
 from llmopt.errors import ModelFormatError
-from llmopt.loader.dequant import dequantize
-from llmopt.loader.gguf import GGUFFile, _unpermute
+from llmopt.layers.quant_linear import QuantLinear
+from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
+from llmopt.loader.gguf import GGUFFile
+from llmopt.loader.gguf_weights import INDEX, unpermute
 from llmopt.loader.load import load_model
 from llmopt.store.store import Store
 from tests.conftest import write_tiny_model
@@ -42,9 +44,9 @@ def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def test_unpermute_inverts_llama_cpp_permutation() -> None:
     w = torch.randn(4 * 16, 8)
-    assert torch.equal(_unpermute(_llama_cpp_permute(w, 4), 4), w)
+    assert torch.equal(unpermute(_llama_cpp_permute(w, 4), 4), w)
     b = torch.randn(4 * 16)
-    assert torch.equal(_unpermute(_llama_cpp_permute(b, 4), 4), b)
+    assert torch.equal(unpermute(_llama_cpp_permute(b, 4), 4), b)
 
 
 _GGUF_NAMES = {
@@ -60,8 +62,11 @@ _GGUF_NAMES = {
 }
 
 
-def write_gguf(folder: Path, out: Path, smollm_gguf: Path, qtype: Q = Q.F32) -> None:
-    """Write a Hugging Face folder as a llama GGUF the way llama.cpp's converter lays it out."""
+def write_gguf(
+    folder: Path, out: Path, smollm_gguf: Path, qtype: Q = Q.F32, types: dict[str, Q] | None = None
+) -> None:
+    """Write a Hugging Face folder as a llama GGUF the way llama.cpp's converter lays it out,
+    its matrices in qtype, or in types[kind] for the GGUF tensor kinds named there."""
     from safetensors.torch import load_file
 
     from llmopt.loader.hf import read_config
@@ -101,8 +106,10 @@ def write_gguf(folder: Path, out: Path, smollm_gguf: Path, qtype: Q = Q.F32) -> 
         elif "attn_k" in gname:
             t = _llama_cpp_permute(t, cfg.num_kv_heads)
         data = t.float().numpy()
-        if data.ndim == 2 and qtype != Q.F32:
-            w.add_tensor(gname, quantize(data, qtype), raw_dtype=qtype)
+        kind = gname.removesuffix(".weight").rsplit(".", 1)[-1]
+        dtype = (types or {}).get(kind, qtype)
+        if data.ndim == 2 and dtype != Q.F32:
+            w.add_tensor(gname, quantize(data, dtype), raw_dtype=dtype)
         else:
             w.add_tensor(gname, data)
     w.write_header_to_file()
@@ -117,7 +124,9 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) ->
     write_gguf(folder, gguf_path, smollm_gguf)
     console, store = Console(stderr=True), Store()
     from_hf = load_model(folder, torch.float32, torch.device("cpu"), store, console)
-    from_gguf = load_model(gguf_path, torch.float32, torch.device("cpu"), store, console)
+    from_gguf = load_model(
+        gguf_path, torch.float32, torch.device("cpu"), store, console, dequantize=True
+    )
     assert from_gguf.config.num_kv_heads == from_hf.config.num_kv_heads
     ids = list(range(500, 530))
     diff = (full_logits(from_hf, ids) - full_logits(from_gguf, ids)).abs().max().item()
@@ -127,6 +136,61 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) ->
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
     load_model(gguf_path, torch.float32, torch.device("cpu"), store, console)
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_quantized_blocks_hold_the_dequantized_weights(qtype) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    w[3, 32:64] = 0.25  # a constant block: Q4_1 stores it with d = 0
+    raw = quantize(w, qtype)
+    qw = quantized_weight(raw, qtype, (64, 96))
+    dense = dequantize(raw, qtype, (64, 96))
+    assert (qw.bits, qw.group_size) == (AFFINE_BITS[qtype], 32)
+    assert int(qw.q.max()) < 2**qw.bits
+    if qtype == Q.Q4_1:  # a float minimum: fractional zero points, to fp32 rounding
+        torch.testing.assert_close(qw.dequantize(), dense, rtol=0, atol=1e-6)
+        assert qw.dequantize()[3, 32:64].eq(0.25).all()
+        with pytest.raises(ValueError, match="fractional"):
+            qw.integer_zero()  # no checkpoint layout can store them
+    else:
+        assert torch.equal(qw.dequantize(), dense)
+        assert torch.equal(qw.integer_zero(), torch.full((64, 3), 128 if qtype == Q.Q8_0 else 8))
+
+
+def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None:
+    """A GGUF's Q4_1/Q8_0 linears load as QuantLinears (a tied head in the embedding's
+    blocks), parts of one fused matrix in different types dense; the dequantized path of
+    those linears is the dequantized model, and the int kernels stay close to it."""
+    folder = write_tiny_model(tmp_path / "tiny", smollm_folder, tie_word_embeddings=True)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(folder, gguf_path, smollm_gguf, Q.Q4_1, {"token_embd": Q.Q8_0, "attn_v": Q.Q8_0})
+    console, store, cpu = Console(stderr=True), Store(), torch.device("cpu")
+    dense = load_model(gguf_path, torch.float32, cpu, store, console, dequantize=True)
+    blocks = load_model(gguf_path, torch.float32, cpu, store, console)
+    model = blocks.model
+    assert not blocks.config.tie_word_embeddings and dense.config.tie_word_embeddings
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    assert model.embed_tokens.weight.dtype == torch.float32
+    assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
+    assert model.layers[0].mlp.gate_up_proj.bits == 4
+    assert not isinstance(model.layers[0].self_attn.qkv_proj, QuantLinear)  # Q4_1 + Q8_0
+    ids = list(range(500, 530))
+    want = full_logits(dense, ids)
+    kernels = full_logits(blocks, ids)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel_rows = 0  # the dense path: dequantized blocks
+    assert (full_logits(blocks, ids) - want).abs().max().item() < 1e-4
+    # The int kernels round activations to int8 per 64 inputs (as llama.cpp's Q8 blocks do).
+    assert ((kernels - want).norm() / want.norm()).item() < 0.04
+    # Later loads read the tensors through the conversion cache's index; one is written
+    # for a cache that predates it.
+    index = store.converted_dir(gguf_path) / INDEX
+    index.unlink()
+    again = load_model(gguf_path, torch.float32, cpu, store, console)
+    assert index.is_file()
+    assert torch.equal(full_logits(again, ids), kernels)
 
 
 def test_smollm_metadata(smollm_gguf) -> None:

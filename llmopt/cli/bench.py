@@ -38,6 +38,7 @@ COMPARE_AXES = {
         "--prefix-cache" if v in ("on", "true", "1") else "--no-prefix-cache"
     ],
     "dtype": lambda v: ["--dtype", v],
+    "weights": lambda v: ["--dequantize"] if v == "dense" else [],  # or "gguf": as stored
     "max-num-seqs": lambda v: ["--max-num-seqs", v],
 }
 
@@ -113,6 +114,7 @@ def _perplexity(
     window: int,
     stride: int,
     dtype: str,
+    dequantize: bool,
     threads: int | None,
     decode_arithmetic: bool,
     as_json: bool,
@@ -126,7 +128,7 @@ def _perplexity(
     from llmopt.layers.quant_linear import use_decode_arithmetic
 
     set_threads(threads)
-    llm = LLM(model, dtype=dtype, prefix_cache=False)
+    llm = LLM(model, dtype=dtype, prefix_cache=False, dequantize=dequantize)
     if decode_arithmetic and use_decode_arithmetic(llm.loaded.model) == 0:
         raise UsageError(
             "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
@@ -155,6 +157,7 @@ def _offline(
     batch: int,
     repeats: int,
     dtype: str,
+    dequantize: bool,
     threads: int | None,
     seed: int,
     as_json: bool,
@@ -178,6 +181,7 @@ def _offline(
         max_num_seqs=max(batch, 1),
         prefix_cache=False,
         max_num_batched_tokens=max(pp, 512),
+        dequantize=dequantize,
     )
     dtype_name = str(next(llm.loaded.model.parameters()).dtype).removeprefix("torch.")
     result = (
@@ -230,6 +234,9 @@ def bench(
     batch: int = typer.Option(16, "--batch", help="--offline: sequences for batch tg."),
     repeats: int = typer.Option(3, "--repeats", help="--offline: repetitions."),
     dtype: str = typer.Option("auto", "--dtype", help="--offline: model dtype."),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="--offline, --perplexity: a GGUF's weights dense."
+    ),
     threads: int = typer.Option(None, "--threads", help="--offline: torch threads."),
     perplexity: bool = typer.Option(False, "--perplexity", help="Perplexity of MODEL."),
     text: Path = typer.Option(
@@ -259,12 +266,15 @@ def bench(
     console = Console(stderr=True)
     if perplexity:
         _perplexity(
-            model, text, ppl_tokens, window, stride, dtype, threads, decode_arithmetic,
-            as_json, output, console,
+            model, text, ppl_tokens, window, stride, dtype, dequantize, threads,
+            decode_arithmetic, as_json, output, console,
         )  # fmt: skip
         return
     if offline:
-        _offline(model, pp, tg, batch, repeats, dtype, threads, seed, as_json, output, console)
+        _offline(
+            model, pp, tg, batch, repeats, dtype, dequantize, threads, seed, as_json, output,
+            console,
+        )  # fmt: skip
         return
     checks = [
         (num_prompts >= 1, "--num-prompts must be at least 1"),

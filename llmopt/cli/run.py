@@ -52,12 +52,13 @@ def open_engine(
     console: Console,
     scheduler_config: SchedulerConfig | None = None,
     prefix_cache: bool = True,
+    dequantize: bool = False,
 ) -> tuple[str, Engine]:
     check_engine_options(device, dtype, ctx_size, kv_cache_memory)
     store = Store()
     name, path = resolve(model, store, console)
     dev = resolve_device(device)
-    loaded = load_model(path, resolve_dtype(dtype, dev), dev, store, console)
+    loaded = load_model(path, resolve_dtype(dtype, dev), dev, store, console, dequantize)
     engine = build_engine(
         loaded, ctx_size, kv_cache_memory, scheduler_config, prefix_cache=prefix_cache
     )
@@ -94,6 +95,7 @@ def run(
     ctx_size: int = options.CTX_SIZE,
     kv_cache_memory: float = options.KV_CACHE_MEMORY,
     threads: int = options.THREADS,
+    dequantize: bool = options.DEQUANTIZE,
 ) -> None:
     """Chat with a model, or answer one prompt (argument or piped stdin) and exit."""
     console = Console(stderr=True)
@@ -117,7 +119,9 @@ def run(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    name, engine = open_engine(model, device, dtype, ctx_size, kv_cache_memory, console)
+    name, engine = open_engine(
+        model, device, dtype, ctx_size, kv_cache_memory, console, dequantize=dequantize
+    )
     chat = Chat(engine, name, params, system, console)
     if prompt is None:
         chat.repl()

@@ -51,6 +51,7 @@ def serve(
     ctx_size: int = options.CTX_SIZE,
     kv_cache_memory: float = options.KV_CACHE_MEMORY,
     threads: int = options.THREADS,
+    dequantize: bool = options.DEQUANTIZE,
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most requests in a batch."),
     max_num_batched_tokens: int = typer.Option(
         512, "--max-num-batched-tokens", help="Token budget of one step (prefill chunk size)."
@@ -100,7 +101,9 @@ def serve(
     check_engine_options(device, dtype, ctx_size, kv_cache_memory)
     sock = _bind(host, port)
     name, path = resolve(model, Store(), console)
-    spec = EngineSpec(path, device, dtype, ctx_size, kv_cache_memory, sched, prefix_cache, threads)
+    spec = EngineSpec(
+        path, device, dtype, ctx_size, kv_cache_memory, sched, prefix_cache, threads, dequantize
+    )
     engine = AsyncEngine.spawn(spec)  # the engine runs in a process of its own
     config = dataclasses.replace(config, model_name=served_name or name)
     app = create_app(Server(engine, config, embedder))

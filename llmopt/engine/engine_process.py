@@ -39,6 +39,7 @@ class EngineSpec:
     scheduler_config: SchedulerConfig
     prefix_cache: bool
     threads: int | None
+    dequantize: bool = False  # a GGUF's weights dense instead of in their blocks
 
 
 def _child(conn: Connection, spec: EngineSpec) -> None:
@@ -62,7 +63,12 @@ def _child(conn: Connection, spec: EngineSpec) -> None:
         dev = resolve_device(spec.device)
         console = Console(stderr=True)
         loaded = load_model(
-            spec.path, resolve_dtype(spec.dtype, dev, batched=True), dev, Store(), console
+            spec.path,
+            resolve_dtype(spec.dtype, dev, batched=True),
+            dev,
+            Store(),
+            console,
+            spec.dequantize,
         )
         engine = build_engine(
             loaded,

@@ -87,12 +87,14 @@ class LLM:
         max_num_batched_tokens: int = 1024,
         batching: str = "continuous",  # or "dynamic" / "static", to compare policies
         prefix_cache: bool = True,
+        dequantize: bool = False,  # a GGUF file's weights dense (see load_model)
     ) -> None:
         console = Console(stderr=True)
         store = Store()
         self.name, path = resolve(str(model) if model else None, store, console)
         dev = resolve_device(device)
-        self.loaded = load_model(path, resolve_dtype(dtype, dev, batched=True), dev, store, console)
+        dt = resolve_dtype(dtype, dev, batched=True)
+        self.loaded = load_model(path, dt, dev, store, console, dequantize)
         self.engine = build_engine(
             self.loaded,
             max_context,

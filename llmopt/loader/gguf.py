@@ -1,58 +1,19 @@
-"""GGUF files: metadata to a Hugging Face config, tensors to HF names in fp32, and a
-conversion to a Hugging Face folder so that later loads skip dequantization."""
+"""GGUF files: metadata to a Hugging Face config, tensors to HF names (in fp32, or the
+linears kept in their quantized blocks), and a conversion to a Hugging Face folder so
+that later loads skip dequantization and the tokenizer build."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.loader.atomic import atomic_dir
-from llmopt.loader.dequant import dequantize
 from llmopt.loader.gguf_tokenizer import build_tokenizer
+from llmopt.loader.gguf_weights import INDEX, Weight, hf_weights, records_of, write_index
 from llmopt.models.registry import hf_architecture_for_gguf
-
-# GGUF tensor name -> Hugging Face name; {i} is the block index (the exporter reads
-# it the other way round).
-HF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
-# llama.cpp stores Llama q/k rows interleaved per rotary pair; these architectures
-# need the permutation undone to get the rotate-half layout back.
-_PERMUTED_QK = ("llama", "mistral")
-
-
-def _hf_name(name: str) -> str | None:
-    m = _BLOCK.match(name)
-    key = _BLOCK.sub("blk.{i}.", name) if m else name
-    target = HF_NAMES.get(key)
-    return target.format(i=m.group(1)) if (target and m) else target
-
-
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    # (heads * D, ...) with rows ordered [head, half, pair] -> [head, pair, half].
-    return (
-        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
 
 
 class GGUFFile:
@@ -123,27 +84,10 @@ class GGUFFile:
             cfg["sliding_window"] = int(window)
         return cfg
 
-    def hf_tensors(self) -> dict[str, torch.Tensor]:
-        """All weights, dequantized to fp32, under Hugging Face names."""
-        cfg = self.hf_config()
-        heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
-        out: dict[str, torch.Tensor] = {}
-        for t in self.reader.tensors:
-            name = _hf_name(t.name)
-            if name is None:
-                raise ModelFormatError(f"{self.path.name}: unexpected tensor '{t.name}'")
-            shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest-first
-            try:
-                w = dequantize(t.data, t.tensor_type, shape)
-            except (ValueError, RuntimeError) as e:
-                raise ModelFormatError(
-                    f"{self.path.name}: tensor '{t.name}' is damaged ({e}); pull the file again"
-                ) from e
-            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-            if self.arch in _PERMUTED_QK and kind in heads:
-                w = _unpermute(w, heads[kind])
-            out[name] = w
-        return out
+    def hf_tensors(self, keep_quantized: bool = False) -> dict[str, Weight]:
+        """All weights under Hugging Face names (see gguf_weights.hf_weights)."""
+        cfg = ModelConfig.from_hf(self.hf_config())
+        return hf_weights(records_of(self.reader), cfg, self.arch, self.path.name, keep_quantized)
 
     def tokenizer_config(self) -> dict[str, Any]:
         tokens = self.meta["tokenizer.ggml.tokens"]
@@ -162,7 +106,8 @@ class GGUFFile:
         }
 
     def convert(self, out_dir: Path) -> None:
-        """Write a Hugging Face folder (config, fp32 safetensors, tokenizer) atomically."""
+        """Write a Hugging Face folder (config, fp32 safetensors, tokenizer) atomically,
+        with the index of the file's tensors for loads that keep them quantized."""
         from safetensors.torch import save_file
 
         with atomic_dir(out_dir) as tmp:
@@ -172,3 +117,4 @@ class GGUFFile:
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(self.tokenizer_config(), indent=2)
             )
+            write_index(self.reader, self.arch, tmp / INDEX)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from rich.console import Console
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, ModelNotFoundError
 from llmopt.loader.hf import read_config, read_tensors
-from llmopt.loader.quantized import unpack_checkpoint
+from llmopt.loader.quantized import Weights, unpack_checkpoint
 from llmopt.models.registry import builder_for
 from llmopt.store.store import Store
 from llmopt.tokenizer import Tokenizer
@@ -50,16 +50,52 @@ def hf_folder_for(path: Path, store: Store, console: Console) -> Path:
 
 
 def load_model(
-    path: Path, dtype: torch.dtype, device: torch.device, store: Store, console: Console
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    store: Store,
+    console: Console,
+    dequantize: bool = False,
 ) -> LoadedModel:
-    folder = hf_folder_for(path, store, console)
+    """dtype: the activations' and dense weights' type. A GGUF file's Q4_0/Q4_1/Q8_0
+    linears run as they are stored, with the int kernels (the weights llama.cpp
+    computes with, at a quarter to an eighth of fp32's bytes), where the device has
+    them; `dequantize` (or a device without them) multiplies dense copies in `dtype`."""
+    folder = hf_folder_for(path, store, console)  # config and tokenizer for a GGUF too
     cfg = read_config(folder)
     build = builder_for(cfg.architecture)
     tokenizer = Tokenizer(folder)
-    tensors = read_tensors(folder)
-    weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
+    if path.suffix == ".gguf" and not dequantize and runs_gguf_blocks(device):
+        weights = gguf_blocks(path, folder, cfg)
+        if "lm_head.weight" in weights:  # the tied head kept in the embedding's blocks
+            cfg = replace(cfg, tie_word_embeddings=False)
+    else:
+        tensors = read_tensors(folder)
+        weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
     model = build(cfg, weights, dtype, device)
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)
     return LoadedModel(model, tokenizer, cfg, folder, eos)
+
+
+def gguf_blocks(path: Path, folder: Path, cfg: ModelConfig) -> Weights:
+    """A GGUF file's weights with its int-kernel types kept quantized, read through the
+    conversion cache's tensor index (written here for caches older than the index)."""
+    from llmopt.loader.gguf_weights import INDEX, hf_weights, read_index, write_index
+
+    if not (folder / INDEX).is_file():
+        from llmopt.loader.gguf import GGUFFile
+
+        g = GGUFFile(path)
+        write_index(g.reader, g.arch, folder / INDEX)
+    arch, records = read_index(path, folder / INDEX)
+    return hf_weights(records, cfg, arch, path.name, keep_quantized=True)
+
+
+def runs_gguf_blocks(device: torch.device) -> bool:
+    """Whether GGUF blocks run quantized here: the int kernels are the CPU's (on CUDA a
+    quantized linear dequantizes every call, slower than the dense weight)."""
+    from llmopt.kernels import qgemv
+
+    return device.type == "cpu" and qgemv.load() is not None

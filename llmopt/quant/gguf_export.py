@@ -28,7 +28,7 @@ from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.layers.rotary import inv_frequencies
 from llmopt.loader.atomic import atomic_file
-from llmopt.loader.gguf import HF_NAMES
+from llmopt.loader.gguf_weights import HF_NAMES
 from llmopt.loader.hf import read_config, safetensor_files
 from llmopt.quant.gguf_vocab import add_vocab
 
@@ -183,7 +183,7 @@ def _loader(f: Any, hf: str, heads: int | None) -> Callable[[], np.ndarray]:
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     # Per head, HF rows are [first halves of the rotary pairs | second halves]; llama.cpp
-    # wants each pair's two rows side by side. The inverse of loader.gguf._unpermute.
+    # wants each pair's two rows side by side. The inverse of loader.gguf_weights.unpermute.
     return (
         w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )

@@ -3,9 +3,11 @@
     w[o, i] ~= (q[o, i] - zero[o, g]) * scale[o, g],   g = i // group_size
 
 q is unsigned (0 .. 2^bits - 1) and zero is an integer in the same range, the
-convention GPTQ, AWQ and torch's int4 kernels share. Symmetric quantization is the
-case zero = 2^(bits-1): int8 per channel then maps to a signed int8 with one scale
-per row, which is what `torch._weight_int8pack_mm` takes.
+convention GPTQ, AWQ and torch's int4 kernels share. The one exception is a GGUF Q4_1
+block run as it is (loader/dequant.py): its float minimum makes a fractional zero,
+which the runtime takes but no checkpoint layout stores (`integer_zero` refuses it).
+Symmetric quantization is the case zero = 2^(bits-1): int8 per channel then maps to a
+signed int8 with one scale per row, which is what `torch._weight_int8pack_mm` takes.
 
 Every method (RTN, GPTQ, AWQ) produces one of these; every checkpoint layout (ours,
 GPTQ, AWQ) is a packing of one; the runtime linear (layers/quant_linear.py) is built
@@ -33,6 +35,13 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.q.shape[0], self.q.shape[1])
+
+    def integer_zero(self) -> torch.Tensor:
+        """zero as int64, for the layouts that store integers; fractional zeros refused."""
+        z = self.zero.long()
+        if not torch.equal(z.to(self.zero.dtype), self.zero):
+            raise ValueError("this weight has fractional zero points (a GGUF Q4_1 grid)")
+        return z
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) dense weight in the original input-channel order."""

@@ -58,7 +58,7 @@ def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         raise ModelFormatError("the AWQ layout needs 4-bit weights, out % 8 == 0, no act-order")
     return {
         "qweight": _pack(qw.q.T),  # (in, out / 8)
-        "qzeros": _pack(qw.zero.T),  # (G, out / 8)
+        "qzeros": _pack(qw.integer_zero().T),  # (G, out / 8)
         "scales": qw.scale.T.half().contiguous(),  # (G, out)
     }
 

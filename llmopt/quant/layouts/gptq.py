@@ -80,7 +80,7 @@ def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         q[:, qw.perm], g_idx[qw.perm] = qw.q, torch.arange(n, dtype=torch.int32) // qw.group_size
     return {
         "qweight": _pack_int32(q.T, qw.bits),
-        "qzeros": _pack_int32(qw.zero.long(), qw.bits, _ones(qw.bits)).T.contiguous(),
+        "qzeros": _pack_int32(qw.integer_zero(), qw.bits, _ones(qw.bits)).T.contiguous(),
         "scales": qw.scale.T.half().contiguous(),
         "g_idx": g_idx,
     }

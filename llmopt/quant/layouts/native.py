@@ -42,7 +42,8 @@ def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     q = qw.q
     if qw.bits == 4:
         q = q[:, 0::2] | (q[:, 1::2] << 4)
-    out = {"qweight": q.contiguous(), "scales": qw.scale.half(), "qzeros": qw.zero.to(torch.uint8)}
+    zero = qw.integer_zero().to(torch.uint8)
+    out = {"qweight": q.contiguous(), "scales": qw.scale.half(), "qzeros": zero}
     if qw.perm is not None:
         out["perm"] = qw.perm.to(torch.int32)
     return out

@@ -1,0 +1,177 @@
+"""A GGUF file's tensors as the model's weights: GGUF names to Hugging Face names,
+Llama's q/k row order undone, each tensor dequantized to fp32 or, for the linears of
+a type the int kernels run, kept in its quantized blocks.
+
+Parsing a GGUF's metadata is slow (SmolLM2's 49,152-token vocabulary: 7 s in the
+`gguf` reader), so the conversion cache keeps an index of the tensors (name, type,
+shape, byte range); later loads map the file and slice it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from llmopt.config import ModelConfig
+from llmopt.errors import ModelFormatError
+from llmopt.loader.atomic import atomic_file
+from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
+from llmopt.quant.qweight import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
+INDEX = "gguf_tensors.json"  # in the conversion cache folder
+
+# GGUF tensor name -> Hugging Face name; {i} is the block index (the exporter reads
+# it the other way round).
+HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# llama.cpp stores Llama q/k rows interleaved per rotary pair; these architectures
+# need the permutation undone to get the rotate-half layout back.
+PERMUTED_QK = ("llama", "mistral")
+
+
+class Record(NamedTuple):
+    """One tensor of the file: its GGUF name, GGML type, logical shape (rows first)
+    and raw bytes."""
+
+    name: str
+    qtype: int
+    shape: tuple[int, ...]
+    data: np.ndarray  # uint8
+
+
+def records_of(reader: Any) -> list[Record]:
+    """The tensors of a gguf.GGUFReader."""
+    return [
+        Record(
+            t.name,
+            int(t.tensor_type),
+            tuple(int(n) for n in reversed(t.shape)),  # GGUF lists dims fastest-first
+            t.data.view(np.uint8).reshape(-1),
+        )
+        for t in reader.tensors
+    ]
+
+
+def write_index(reader: Any, arch: str, path: Path) -> None:
+    """The tensor table of a file (its arch, and per tensor name/type/shape/bytes)."""
+    entries = [
+        {
+            "name": t.name,
+            "type": int(t.tensor_type),
+            "shape": [int(n) for n in reversed(t.shape)],
+            "offset": int(t.data_offset),
+            "nbytes": int(t.n_bytes),
+        }
+        for t in reader.tensors
+    ]
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"architecture": arch, "tensors": entries}))
+
+
+def read_index(gguf: Path, path: Path) -> tuple[str, list[Record]]:
+    """The file's tensors through its index, the file memory-mapped."""
+    index = json.loads(path.read_text())
+    raw = np.memmap(gguf, dtype=np.uint8, mode="r")
+    records = []
+    for e in index["tensors"]:
+        end = e["offset"] + e["nbytes"]
+        if end > raw.shape[0]:
+            raise ModelFormatError(f"{gguf.name} is shorter than its tensor table; pull it again")
+        records.append(Record(e["name"], e["type"], tuple(e["shape"]), raw[e["offset"] : end]))
+    return index["architecture"], records
+
+
+def hf_name(name: str) -> str | None:
+    m = _BLOCK.match(name)
+    key = _BLOCK.sub("blk.{i}.", name) if m else name
+    target = HF_NAMES.get(key)
+    return target.format(i=m.group(1)) if (target and m) else target
+
+
+def unpermute(w: Weight, heads: int) -> Weight:
+    # (heads * D, ...) with rows ordered [head, half, pair] -> [head, pair, half]; a
+    # quantized weight's codes, scales and zeros are rows alike.
+    if isinstance(w, QuantizedWeight):
+        q, scale, zero = (unpermute(t, heads) for t in (w.q, w.scale, w.zero))
+        return QuantizedWeight(q, scale, zero, w.bits, w.group_size)  # type: ignore[arg-type]
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def hf_weights(
+    records: list[Record], cfg: ModelConfig, arch: str, source: str, keep_quantized: bool
+) -> dict[str, Weight]:
+    """All weights under Hugging Face names, dequantized to fp32; with keep_quantized,
+    the linears stored in a type the int kernels run (dequant.AFFINE_BITS) stay
+    QuantizedWeights, and a tied output projection becomes its own `lm_head.weight`
+    of the embedding's blocks (the embedding itself is dequantized for lookups)."""
+    from gguf import GGMLQuantizationType
+
+    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
+    out: dict[str, Weight] = {}
+    for r in records:
+        name = hf_name(r.name)
+        if name is None:
+            raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
+        qtype = GGMLQuantizationType(r.qtype)
+        keep = keep_quantized and qtype in AFFINE_BITS and len(r.shape) == 2
+        try:
+            linear = name.endswith("proj.weight") or name == "lm_head.weight"
+            if keep and linear:
+                w: Weight = quantized_weight(r.data, qtype, (r.shape[0], r.shape[1]))
+            else:
+                w = dequantize(r.data, qtype, r.shape)
+            if keep and name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
+                out["lm_head.weight"] = quantized_weight(r.data, qtype, (r.shape[0], r.shape[1]))
+        except (ValueError, RuntimeError) as e:
+            raise ModelFormatError(
+                f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
+            ) from e
+        kind = r.name.split(".")[2] if r.name.startswith("blk.") else ""
+        if arch in PERMUTED_QK and kind in heads:
+            w = unpermute(w, heads[kind])
+        out[name] = w
+    if keep_quantized:
+        _dequantize_mixed(out, cfg.num_layers)
+    return out
+
+
+def _dequantize_mixed(weights: dict[str, Weight], layers: int) -> None:
+    """The model fuses q/k/v and gate/up into one matrix each: where a file stores the
+    parts of one in different types (or only some quantized), dequantize them all."""
+    fused = (("self_attn.", ("q", "k", "v")), ("mlp.", ("gate", "up")))
+    for i in range(layers):
+        for sub, parts in fused:
+            names = [f"model.layers.{i}.{sub}{p}_proj.weight" for p in parts]
+            grids = {
+                (w.bits, w.group_size) if isinstance(w, QuantizedWeight) else None
+                for w in (weights[n] for n in names)
+            }
+            if len(grids) > 1:
+                for n in names:
+                    w = weights[n]
+                    if isinstance(w, QuantizedWeight):
+                        weights[n] = w.dequantize()
