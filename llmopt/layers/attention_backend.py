@@ -163,15 +163,18 @@ class TorchAttention(AttentionBackend):
             if window is not None:
                 mask &= kpos > qpos - window
             causal = False
+        # With a batch dimension, (1, H, T, D): torch's CPU flash-attention kernel takes
+        # only 4-D inputs, and 3-D ones fall to the unfused math path (512 causal tokens
+        # of SmolLM2, one layer: 6 ms against 25).
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            q.transpose(0, 1)[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
             enable_gqa=True,
-        )  # (H, T, D)
+        )[0]  # (H, T, D)
         return out.transpose(0, 1)
 
 
