@@ -113,3 +113,14 @@ def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
     assert torch.equal(as_decode, torch.cat([layer(row[None]) for row in x]))
     assert not torch.equal(as_decode, dense)  # int8-rounded activations
     assert ((as_decode - dense).norm() / dense.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+def test_dequantize_writes_the_dense_weight(bits: int, group: int) -> None:
+    """The dense path's one-pass copy is the weight the operands describe."""
+    w_k, scale, offset, w = _operands(24, 384, bits, group, seed=5)
+    out = torch.empty(24, 384)
+    assert KERNEL.dequantize(w_k, bits, scale, offset, group, out) is out
+    torch.testing.assert_close(out.double(), w, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="does not take"):
+        KERNEL.dequantize(w_k, bits, scale, offset, 96, torch.empty(24, 384))

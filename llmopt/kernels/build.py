@@ -44,12 +44,13 @@ def load(name: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(lib))
 
 
-def function(name: str, argtypes: list, restype: object = None):
+def function(name: str, argtypes: list, restype: object = None, symbol: str | None = None):
     """The function NAME of llmopt/kernels/NAME.c (each kernel file exports the one it is
-    named after) with its C signature declared, or None without a C compiler."""
+    named after, and may export helpers: `symbol`) with its C signature declared, or None
+    without a C compiler."""
     lib = load(name)
     if lib is None:
         return None
-    fn = getattr(lib, name)
+    fn = getattr(lib, symbol or name)
     fn.argtypes, fn.restype = argtypes, restype
     return fn

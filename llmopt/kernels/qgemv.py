@@ -49,8 +49,25 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
 
 
 class QGemv:
-    def __init__(self, fn) -> None:  # the C function, its signature declared
+    def __init__(self, fn, dequant_fn) -> None:  # the C functions, signatures declared
         self.fn = fn
+        self.dequant_fn = dequant_fn
+
+    def dequantize(
+        self,
+        w: torch.Tensor,
+        bits: int,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        group_size: int,
+        out: torch.Tensor,  # (N, K) fp32, written
+    ) -> torch.Tensor:
+        """The dense fp32 weight of qgemv's operands, in one pass."""
+        n, k = out.shape
+        args = (w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(), group_size, n, k)
+        if offset.dim() != 3 or not out.is_contiguous() or self.dequant_fn(*args, out.data_ptr()):
+            raise ValueError(f"qdequant does not take int{bits} {n}x{k} group {group_size}")
+        return out
 
     def __call__(
         self,
@@ -105,4 +122,6 @@ def load() -> QGemv | None:
     # x, x_bf16, M, K, w, bits, scale, offset, group, N, bias, y, y_bf16
     argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, ptr, ptr, i32]
     fn = function("qgemv", argtypes, i32)
-    return None if fn is None else QGemv(fn)
+    # w, bits, scale, offset, group, N, K, out
+    dequant_fn = function("qgemv", [ptr, i32, ptr, ptr, i32, i32, i32, ptr], i32, "qdequant")
+    return None if fn is None or dequant_fn is None else QGemv(fn, dequant_fn)

@@ -136,6 +136,11 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) weight in `dtype`, written into a per-thread scratch buffer."""
         out, n, g = self.out_features, self.in_features, self.group_size
+        if self.kernel == "qgemv" and dtype == torch.float32:
+            w = _buffer(out * n, dtype, self.scale.device).view(out, n)
+            kernel = qgemv.load()
+            assert kernel is not None  # loaded when this layer chose it
+            return kernel.dequantize(self.wq, self.bits, self.scale, self.koffset, g, w)
         w = _buffer(out * n, dtype, self.scale.device).view(out, n // g, g)
         w.copy_(self.codes().view(out, n // g, g))
         w.mul_(self.scale[..., None].to(dtype)).add_(self.offset[..., None].to(dtype))
