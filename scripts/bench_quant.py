@@ -1,6 +1,6 @@
 """Batch-1 decode of quantized models: llmopt bf16 against llmopt int8 and int4
-(weight-only, eager, the same engine and CLI path), and llama.cpp on the Q4_1 GGUF
-the model ships as, alternated in one run.
+(weight-only, eager, the same engine and CLI path), and the Q4_1 GGUF the model ships
+as, run by llmopt (its blocks as stored) and by llama.cpp, alternated in one run.
 
 The int8 and int4 checkpoints are made here by round-to-nearest: decode speed
 depends on the layout (bits, group size), not on how the integers were chosen.
@@ -54,7 +54,10 @@ def main() -> None:
         QuantSpec(4, "rtn", g, sym=False, head_bits=8),  # llama.cpp's Q4_1 file: Q8_0 head
         QuantSpec(4, "rtn", g, sym=False, head_bits=4),
     ]
-    models = {"llmopt bf16": load_model(folder, torch.bfloat16, cpu, store, console)}
+    models = {
+        "llmopt bf16": load_model(folder, torch.bfloat16, cpu, store, console),
+        "llmopt Q4_1 file": load_model(gguf, torch.bfloat16, cpu, store, console),
+    }
     with tempfile.TemporaryDirectory(prefix="llmopt-bench-quant-") as tmp:
         for spec in specs:  # loaded models keep no reference to their files
             out = Path(tmp) / spec.label
@@ -78,6 +81,11 @@ def main() -> None:
     ratios = {
         f"{name} / llmopt bf16": round(r["tokens_per_s"] / bf16, 2) for name, r in results.items()
     }
+    if "llama.cpp Q4_1" in results:  # the same file, the same weights, two engines
+        cpp = results["llama.cpp Q4_1"]["tokens_per_s"]
+        ratios["llmopt Q4_1 file / llama.cpp Q4_1"] = round(
+            results["llmopt Q4_1 file"]["tokens_per_s"] / cpp, 2
+        )
     summary = {**info, "decode_tokens": args.tokens, "results": results, "ratios": ratios}
     if args.json:
         print(json.dumps(summary, indent=2))
