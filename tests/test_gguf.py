@@ -14,14 +14,15 @@ from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize
 from rich.console import Console
 
+from llmopt.device import resolve_dtype
 from llmopt.errors import ModelFormatError
 from llmopt.layers.quant_linear import QuantLinear
 from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
 from llmopt.loader.gguf import GGUFFile
 from llmopt.loader.gguf_weights import INDEX, unpermute
-from llmopt.loader.load import load_model
+from llmopt.loader.load import load_model, runs_quantized
 from llmopt.store.store import Store
-from tests.conftest import write_tiny_model
+from tests.conftest import REAL_HOME, write_tiny_model
 from tests.test_parity import full_logits
 
 
@@ -191,6 +192,33 @@ def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None
     again = load_model(gguf_path, torch.float32, cpu, store, console)
     assert index.is_file()
     assert torch.equal(full_logits(again, ids), kernels)
+
+
+def test_quantized_models_default_to_fp32_activations(tmp_path, smollm_gguf) -> None:
+    """--dtype auto: fp32 where the linears run on the CPU's int kernels (no speed to
+    gain from bf16 there), bf16 for dense weights and for --dequantize."""
+    cpu = torch.device("cpu")
+    assert runs_quantized(smollm_gguf, cpu)
+    assert not runs_quantized(smollm_gguf, cpu, dequantize=True)
+    assert resolve_dtype("auto", cpu, quantized=True) == torch.float32
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("bfloat16", cpu, quantized=True) == torch.bfloat16  # as asked
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"quantization_config": {"quant_method": "gptq"}}')
+    assert runs_quantized(folder, cpu)
+
+
+def test_a_quantized_head_writes_fp32_logits(smollm_gguf) -> None:
+    """Logits of 16-32 in bf16 are rounded to steps of 1/8: the int8 head writes fp32."""
+    loaded = load_model(
+        smollm_gguf, torch.bfloat16, torch.device("cpu"), Store(REAL_HOME), Console(stderr=True)
+    )
+    hidden = torch.randn(3, loaded.config.hidden_size, dtype=torch.bfloat16)
+    logits = loaded.model.logits(hidden)
+    assert logits.dtype == torch.float32
+    assert not torch.equal(logits, logits.to(torch.bfloat16).float())
+    assert torch.equal(logits.to(torch.bfloat16), loaded.model.lm_head(hidden))
 
 
 def test_smollm_metadata(smollm_gguf) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llmopt.kernels import qgemv
+from llmopt.kernels.qgemv import Operands
 from llmopt.layers.quant_linear import QGEMV_MAX_ROWS, QuantLinear, use_decode_arithmetic
 from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 
@@ -42,7 +43,7 @@ def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
     bias = torch.randn(n)
     x = torch.randint(-127, 128, (rows, k)).float()
     x[:, ::64] = 127  # every 64-block's scale is exactly 1
-    y = KERNEL(x, w_k, bits, scale, offset, group, bias)
+    y = KERNEL(x, Operands(w_k, bits, scale, offset, group), bias)
     ref = x.double() @ w.T + bias.double()
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
@@ -53,7 +54,7 @@ def test_bf16_activations_within_int8_rounding(bits: int, group: int) -> None:
     n, k = 96, 768
     w_k, scale, offset, w = _operands(n, k, bits, group, seed=1)
     x = torch.randn(2, k).bfloat16()
-    y = KERNEL(x, w_k, bits, scale, offset, group, None)
+    y = KERNEL(x, Operands(w_k, bits, scale, offset, group))
     assert y.dtype == torch.bfloat16
     ref = x.double() @ w.T
     # Rounding each input to max|x|/127 steps: about 0.7% of a Gaussian row's norm.
@@ -74,16 +75,17 @@ def test_shapes_it_does_not_take() -> None:
     w_k, scale, _, _ = _operands(8, 192, 4, 64)
     two = scale[:, :2]  # two groups of 96
     with pytest.raises(ValueError, match="does not take"):
-        KERNEL(torch.randn(1, 192), w_k, 4, two, qgemv.block_offsets(two), 96, None)
+        KERNEL(torch.randn(1, 192), Operands(w_k, 4, two, qgemv.block_offsets(two), 96))
     with pytest.raises(ValueError, match="block_offsets"):  # (N, G) offsets: the wrong layout
-        KERNEL(torch.randn(1, 192), w_k, 4, scale, scale, 64, None)
+        KERNEL(torch.randn(1, 192), Operands(w_k, 4, scale, scale, 64))
 
 
 def test_rows_are_independent() -> None:
     w_k, scale, offset, _ = _operands(24, 256, 4, 64)
     x = torch.randn(19, 256)  # more than one 8-row register block, and a partial one
-    whole = KERNEL(x, w_k, 4, scale, offset, 64, None)
-    one_by_one = torch.cat([KERNEL(row[None], w_k, 4, scale, offset, 64, None) for row in x])
+    weight = Operands(w_k, 4, scale, offset, 64)
+    whole = KERNEL(x, weight)
+    one_by_one = torch.cat([KERNEL(row[None], weight) for row in x])
     assert torch.equal(whole, one_by_one)  # rows are independent: the same arithmetic
 
 
@@ -120,7 +122,7 @@ def test_dequantize_writes_the_dense_weight(bits: int, group: int) -> None:
     """The dense path's one-pass copy is the weight the operands describe."""
     w_k, scale, offset, w = _operands(24, 384, bits, group, seed=5)
     out = torch.empty(24, 384)
-    assert KERNEL.dequantize(w_k, bits, scale, offset, group, out) is out
+    assert KERNEL.dequantize(Operands(w_k, bits, scale, offset, group), out) is out
     torch.testing.assert_close(out.double(), w, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="does not take"):
-        KERNEL.dequantize(w_k, bits, scale, offset, 96, torch.empty(24, 384))
+        KERNEL.dequantize(Operands(w_k, bits, scale, offset, 96), torch.empty(24, 384))

@@ -21,7 +21,7 @@ from llmopt.engine.outputs import RequestStats
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.errors import UsageError
-from llmopt.loader.load import load_model
+from llmopt.loader.load import load_model, runs_quantized
 from llmopt.store.resolve import is_model_ref, resolve
 from llmopt.store.store import Store
 
@@ -58,7 +58,8 @@ def open_engine(
     store = Store()
     name, path = resolve(model, store, console)
     dev = resolve_device(device)
-    loaded = load_model(path, resolve_dtype(dtype, dev), dev, store, console, dequantize)
+    dt = resolve_dtype(dtype, dev, quantized=runs_quantized(path, dev, dequantize))
+    loaded = load_model(path, dt, dev, store, console, dequantize)
     engine = build_engine(
         loaded, ctx_size, kv_cache_memory, scheduler_config, prefix_cache=prefix_cache
     )

@@ -50,7 +50,7 @@ def _child(conn: Connection, spec: EngineSpec) -> None:
 
     from llmopt.device import resolve_device, resolve_dtype
     from llmopt.engine.llm import build_engine
-    from llmopt.loader.load import load_model
+    from llmopt.loader.load import load_model, runs_quantized
     from llmopt.store.store import Store
 
     # Ctrl-C and SIGTERM reach the whole process group: the parent decides when to stop
@@ -62,14 +62,9 @@ def _child(conn: Connection, spec: EngineSpec) -> None:
             torch.set_num_threads(spec.threads)
         dev = resolve_device(spec.device)
         console = Console(stderr=True)
-        loaded = load_model(
-            spec.path,
-            resolve_dtype(spec.dtype, dev, batched=True),
-            dev,
-            Store(),
-            console,
-            spec.dequantize,
-        )
+        quantized = runs_quantized(spec.path, dev, spec.dequantize)
+        dtype = resolve_dtype(spec.dtype, dev, batched=True, quantized=quantized)
+        loaded = load_model(spec.path, dtype, dev, Store(), console, spec.dequantize)
         engine = build_engine(
             loaded,
             spec.max_context,

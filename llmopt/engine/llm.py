@@ -23,7 +23,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.errors import UsageError
 from llmopt.layers.attention_backend import PagedKVCache
-from llmopt.loader.load import LoadedModel, load_model
+from llmopt.loader.load import LoadedModel, load_model, runs_quantized
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
 
@@ -93,7 +93,8 @@ class LLM:
         store = Store()
         self.name, path = resolve(str(model) if model else None, store, console)
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev, batched=True)
+        quantized = runs_quantized(path, dev, dequantize)
+        dt = resolve_dtype(dtype, dev, batched=True, quantized=quantized)
         self.loaded = load_model(path, dt, dev, store, console, dequantize)
         self.engine = build_engine(
             self.loaded,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -48,69 +49,70 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([v & 0x0F, v >> 4], dim=2).reshape(n, 2 * half)
 
 
+class Operands(NamedTuple):
+    """One quantized weight as the kernels take it: w = scale * q (or q - 128) + offset."""
+
+    w: torch.Tensor  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
+    bits: int
+    scale: torch.Tensor  # (N, G) fp32
+    offset: torch.Tensor  # block_offsets of (N, G)
+    group_size: int
+
+    def pointers(self) -> tuple:
+        """(w, bits, scale, offset, group) as the C functions take them."""
+        if self.offset.dim() != 3:
+            raise ValueError("qgemv takes its offsets in block_offsets' layout")
+        o = self
+        return (o.w.data_ptr(), o.bits, o.scale.data_ptr(), o.offset.data_ptr(), o.group_size)
+
+    def refused(self, k: int) -> ValueError:
+        n = self.w.shape[0]
+        return ValueError(f"qgemv does not take int{self.bits} {n}x{k} group {self.group_size}")
+
+
 class QGemv:
     def __init__(self, fn, dequant_fn) -> None:  # the C functions, signatures declared
         self.fn = fn
         self.dequant_fn = dequant_fn
 
-    def dequantize(
-        self,
-        w: torch.Tensor,
-        bits: int,
-        scale: torch.Tensor,
-        offset: torch.Tensor,
-        group_size: int,
-        out: torch.Tensor,  # (N, K) fp32, written
-    ) -> torch.Tensor:
-        """The dense fp32 weight of qgemv's operands, in one pass."""
-        n, k = out.shape
-        args = (w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(), group_size, n, k)
-        if offset.dim() != 3 or not out.is_contiguous() or self.dequant_fn(*args, out.data_ptr()):
-            raise ValueError(f"qdequant does not take int{bits} {n}x{k} group {group_size}")
-        return out
-
     def __call__(
         self,
         x: torch.Tensor,  # (M, K) bf16 or fp32
-        w: torch.Tensor,  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
-        bits: int,
-        scale: torch.Tensor,  # (N, G) fp32
-        offset: torch.Tensor,  # block_offsets of (N, G): w = scale * q (or q - 128) + offset
-        group_size: int,
-        bias: torch.Tensor | None,  # (N,) fp32
+        weight: Operands,
+        bias: torch.Tensor | None = None,  # (N,) fp32
     ) -> torch.Tensor:  # (M, N) in x's dtype
-        return self.bind(w, bits, scale, offset, group_size, bias)(x)
+        return self.bind(weight, bias)(x)
 
     def bind(
-        self,
-        w: torch.Tensor,
-        bits: int,
-        scale: torch.Tensor,
-        offset: torch.Tensor,
-        group_size: int,
-        bias: torch.Tensor | None,
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`x -> self(x, w, ...)` with the weight's pointers resolved once: decode calls
-        each linear every step, and the per-call Python is a good part of a small
+        self, weight: Operands, bias: torch.Tensor | None = None
+    ) -> Callable[..., torch.Tensor]:
+        """`x -> self(x, weight, bias)` with the weight's pointers resolved once: decode
+        calls each linear every step, and the per-call Python is a good part of a small
         matrix's time. The closure keeps the tensors alive (and must not outlive a move
         of them to another device: QuantLinear never moves its buffers)."""
-        if offset.dim() != 3:
-            raise ValueError("qgemv takes its offsets in block_offsets' layout")
-        n, fn = w.shape[0], self.fn
-        tail = (w.data_ptr(), bits, scale.data_ptr(), offset.data_ptr(), group_size, n)
-        tail += (None if bias is None else bias.data_ptr(),)
-        keep = (w, scale, offset, bias)  # the tensors behind tail's pointers
+        n, fn = weight.w.shape[0], self.fn
+        tail = (*weight.pointers(), n, None if bias is None else bias.data_ptr())
+        keep = (weight, bias)  # the tensors behind tail's pointers
 
-        def call(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor:
+        def call(
+            x: torch.Tensor, out_dtype: torch.dtype | None = None, _keep: tuple = keep
+        ) -> torch.Tensor:  # y in out_dtype (bf16 or fp32; default: x's)
             x = x.contiguous()
             m, k = x.shape
-            y = torch.empty(m, n, dtype=x.dtype)
-            bf16 = int(x.dtype == torch.bfloat16)
-            if fn(x.data_ptr(), bf16, m, k, *tail, y.data_ptr(), bf16) != 0:
-                raise ValueError(f"qgemv does not take int{bits} {n}x{k} group {group_size}")
+            y = torch.empty(m, n, dtype=out_dtype or x.dtype)
+            x_bf16, y_bf16 = int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16)
+            if fn(x.data_ptr(), x_bf16, m, k, *tail, y.data_ptr(), y_bf16) != 0:
+                raise weight.refused(k)
             return y
 
         return call
+
+    def dequantize(self, weight: Operands, out: torch.Tensor) -> torch.Tensor:
+        """The dense weight, written into out (N, K) fp32 in one pass."""
+        n, k = out.shape
+        if not out.is_contiguous() or self.dequant_fn(*weight.pointers(), n, k, out.data_ptr()):
+            raise weight.refused(k)
+        return out
 
 
 @cache

@@ -90,9 +90,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("koffset", qgemv.block_offsets(offset))
             self.q = None
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
-            self.qgemv = kernel.bind(
-                self.wq, self.bits, self.scale, self.koffset, self.group_size, self.kernel_bias
+            self.operands = qgemv.Operands(
+                self.wq, self.bits, self.scale, self.koffset, self.group_size
             )
+            self.qgemv = kernel.bind(self.operands, self.kernel_bias)
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
@@ -140,28 +141,31 @@ class QuantLinear(nn.Module):
             w = _buffer(out * n, dtype, self.scale.device).view(out, n)
             kernel = qgemv.load()
             assert kernel is not None  # loaded when this layer chose it
-            return kernel.dequantize(self.wq, self.bits, self.scale, self.koffset, g, w)
+            return kernel.dequantize(self.operands, w)
         w = _buffer(out * n, dtype, self.scale.device).view(out, n // g, g)
         w.copy_(self.codes().view(out, n // g, g))
         w.mul_(self.scale[..., None].to(dtype)).add_(self.offset[..., None].to(dtype))
         return w.view(out, n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+    def forward(
+        self, x: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:  # (M, in) -> (M, out) in out_dtype (default: x's)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        out_dtype = out_dtype or x.dtype
         if self.kernel == "qgemv" and x.shape[0] <= self.kernel_rows and x.dtype in _QGEMV_DTYPES:
-            return self.qgemv(x)
+            return self.qgemv(x, out_dtype if out_dtype in _QGEMV_DTYPES else None).to(out_dtype)
         if self.kernel in ("int8", "int4") and x.shape[0] <= self.kernel_rows:
             xb = x.to(torch.bfloat16)
             if self.kernel == "int8":
                 y = torch._weight_int8pack_mm(xb, self.w8, self.s8)
             else:
                 y = torch._weight_int4pack_mm_for_cpu(xb, self.w4, self.group_size, self.sz4)
-            y = y.to(x.dtype)
+            y = y.to(out_dtype)
             return y if self.bias is None else y + self.bias
         dtype = torch.float32 if x.device.type == "cpu" else x.dtype
         y = F.linear(x.to(dtype), self.dequantize(dtype), self.bias)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -93,6 +93,18 @@ def gguf_blocks(path: Path, folder: Path, cfg: ModelConfig) -> Weights:
     return hf_weights(records, cfg, arch, path.name, keep_quantized=True)
 
 
+def runs_quantized(path: Path, device: torch.device, dequantize: bool = False) -> bool:
+    """Whether the model at path will run its linears quantized on this device's int
+    kernels (GGUF blocks as stored, or a quantized checkpoint on the CPU), before loading
+    it: the activations' dtype is chosen from it (device.resolve_dtype)."""
+    if device.type != "cpu":
+        return False
+    if path.suffix == ".gguf":
+        return not dequantize and runs_gguf_blocks(device)
+    config = path / "config.json"
+    return config.is_file() and "quantization_config" in config.read_text()
+
+
 def runs_gguf_blocks(device: torch.device) -> bool:
     """Whether GGUF blocks run quantized here: the int kernels are the CPU's (on CUDA a
     quantized linear dequantizes every call, slower than the dense weight)."""

@@ -100,6 +100,10 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden) -> (N, vocab) in fp32 for sampling."""
+        if isinstance(self.lm_head, QuantLinear):
+            # Written in fp32 by the kernel: bf16 would round logits of 16-32 to steps
+            # of 1/8, enough to flip a near-tie between the top two tokens.
+            return self.lm_head(hidden, out_dtype=torch.float32)
         return self.lm_head(hidden).float()
 
 
