@@ -25,9 +25,14 @@ run_suite() {  # name url
         -n 32 --sweep concurrency=1,4,16 --seed 0 --output "$OUT/$name-random.json"
     $LLMOPT bench --url "$url" --model smollm2 --workload shared-prefix --num-prefixes 1 \
         --prefix-len 1000 --output-len 64 -n 32 -c 16 --seed 0 --output "$OUT/$name-prefix.json"
+    # The same with the system prompt served once before (a deployment's steady state);
+    # seed 1: questions (and a system prompt) the run above did not cache.
+    $LLMOPT bench --url "$url" --model smollm2 --workload shared-prefix --num-prefixes 1 \
+        --prefix-len 1000 --output-len 64 -n 32 -c 16 --seed 1 --warm-prefixes \
+        --output "$OUT/$name-prefix-warm.json"
 }
 
-# llmopt serve (the engine in its own process; fp32 with prepacked weights on AVX2)
+# llmopt serve (the engine in its own process; the file's Q4_1/Q8_0 blocks as stored)
 $LLMOPT serve "$GGUF" --port 8801 --threads "$THREADS" --served-model-name smollm2 \
     --no-response-cache --log-level warning & PID=$!
 wait_up http://127.0.0.1:8801 && run_suite llmopt http://127.0.0.1:8801

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load
 from llmopt.bench.metrics import SLO, percentile, summarize, tpot
 from llmopt.bench.workloads import random_workload, shared_prefix_workload
+from llmopt.cli.bench import _with_prefixes
 from llmopt.cli.main import app as cli
 from llmopt.errors import UsageError
 from tests.live_server import LiveServer
@@ -203,9 +204,19 @@ def test_cli_refuses_bad_options(fake) -> None:
         (["--workload", "nope"], "--workload"),
         (["--workload", "chat"], "--dataset"),
         (["--percentiles", "x"], "--percentiles"),
+        (["--warm-prefixes"], "system prompts"),  # random prompts have none to warm
     ):
         r = bench("--url", fake.url, *args)
         assert r.exit_code == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_warm_prefixes_sends_each_system_prompt_once_with_other_questions() -> None:
+    measured = shared_prefix_workload(2, 3, 50, 8, 4, seed=0)
+    pool = shared_prefix_workload(2, 3, 50, 8, 4, seed=1)
+    warm = _with_prefixes(measured, pool)
+    assert [c.system for c in warm] == [measured[0].system, measured[1].system]
+    asked = {c.turns[0].content for c in measured}
+    assert all(c.turns[0].content not in asked for c in warm)  # only the prefix is shared
 
 
 @pytest.mark.real_model

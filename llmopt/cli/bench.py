@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -55,6 +56,13 @@ def _configs(compare: str | None) -> list[tuple[str, list[str]]]:
             f"{', '.join(COMPARE_AXES)}"
         )
     return [(f"{key}={v}", COMPARE_AXES[key](v)) for v in values.split(",")]
+
+
+def _with_prefixes(measured: list[Conversation], pool: list[Conversation]) -> list[Conversation]:
+    """One warm-up request per distinct system prompt of `measured`: the pool's own
+    questions under those system prompts, so that only the shared prefixes are cached."""
+    systems = list(dict.fromkeys(c.system for c in measured if c.system))
+    return [replace(c, system=s) for c, s in zip(pool, systems, strict=False)]
 
 
 def _sweep(sweep: str | None) -> list[tuple[str, float]]:
@@ -215,6 +223,12 @@ def bench(
     request_rate: float = typer.Option(None, "--request-rate", help="Poisson arrivals/s."),
     duration: float = typer.Option(None, "--duration", help="Seconds; cycles the workload."),
     warmup: int = typer.Option(1, "--warmup", help="Requests sent first, not measured."),
+    warm_prefixes: bool = typer.Option(
+        False,
+        "--warm-prefixes",
+        help="Warm up with one request per system prompt of the workload (questions of "
+        "their own): a server that has served its system prompts before.",
+    ),
     seed: int = typer.Option(0, "--seed"),
     timeout: float = typer.Option(600.0, "--timeout", help="Per request, seconds."),
     percentiles: str = typer.Option("50,90,99", "--percentiles"),
@@ -314,7 +328,10 @@ def bench(
 
     # Each sweep point gets prompts of its own, and the warm-up others again: a prefix
     # cache must not serve one measurement from an earlier one.
-    warm = conversations_for(seed + 1_000_003)[:warmup]
+    warm_pool = conversations_for(seed + 1_000_003)
+    warm = warm_pool[:warmup]
+    if warm_prefixes and not any(c.system for c in warm_pool):
+        raise UsageError("--warm-prefixes needs a workload with system prompts (shared-prefix)")
     points: list[tuple[str, float | None]] = [*_sweep(sweep)] or [("concurrency", concurrency)]
     runs: list[tuple[str, dict]] = []
     for name, args in _configs(compare):
@@ -333,11 +350,12 @@ def bench(
                     seed=seed,
                 )
                 label = name if len(points) == 1 else f"{name} {key}={value:g}"
+                measured = conversations_for(seed + i)
                 summary, _ = run_benchmark(
                     target,
-                    conversations_for(seed + i),
+                    measured,
                     spec,
-                    warm,
+                    _with_prefixes(measured, warm_pool) if warm_prefixes else warm,
                     pcts,
                     slo_spec,
                     num_devices,
