@@ -129,6 +129,8 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) ->
         gguf_path, torch.float32, torch.device("cpu"), store, console, dequantize=True
     )
     assert from_gguf.config.num_kv_heads == from_hf.config.num_kv_heads
+    # An F32 file has no blocks for the int kernels: dense, bf16 activations by default.
+    assert not runs_quantized(gguf_path, torch.device("cpu"), store, console)
     ids = list(range(500, 530))
     diff = (full_logits(from_hf, ids) - full_logits(from_gguf, ids)).abs().max().item()
     assert diff < 1e-4
@@ -197,16 +199,16 @@ def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None
 def test_quantized_models_default_to_fp32_activations(tmp_path, smollm_gguf) -> None:
     """--dtype auto: fp32 where the linears run on the CPU's int kernels (no speed to
     gain from bf16 there), bf16 for dense weights and for --dequantize."""
-    cpu = torch.device("cpu")
-    assert runs_quantized(smollm_gguf, cpu)
-    assert not runs_quantized(smollm_gguf, cpu, dequantize=True)
+    cpu, store, console = torch.device("cpu"), Store(REAL_HOME), Console(stderr=True)
+    assert runs_quantized(smollm_gguf, cpu, store, console)
+    assert not runs_quantized(smollm_gguf, cpu, store, console, dequantize=True)
     assert resolve_dtype("auto", cpu, quantized=True) == torch.float32
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("bfloat16", cpu, quantized=True) == torch.bfloat16  # as asked
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "config.json").write_text('{"quantization_config": {"quant_method": "gptq"}}')
-    assert runs_quantized(folder, cpu)
+    assert runs_quantized(folder, cpu, store, console)
 
 
 def test_a_quantized_head_writes_fp32_logits(smollm_gguf) -> None:

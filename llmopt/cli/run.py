@@ -58,7 +58,8 @@ def open_engine(
     store = Store()
     name, path = resolve(model, store, console)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, quantized=runs_quantized(path, dev, dequantize))
+    quantized = runs_quantized(path, dev, store, console, dequantize)
+    dt = resolve_dtype(dtype, dev, quantized=quantized)
     loaded = load_model(path, dt, dev, store, console, dequantize)
     engine = build_engine(
         loaded, ctx_size, kv_cache_memory, scheduler_config, prefix_cache=prefix_cache

@@ -62,9 +62,10 @@ def _child(conn: Connection, spec: EngineSpec) -> None:
             torch.set_num_threads(spec.threads)
         dev = resolve_device(spec.device)
         console = Console(stderr=True)
-        quantized = runs_quantized(spec.path, dev, spec.dequantize)
+        store = Store()
+        quantized = runs_quantized(spec.path, dev, store, console, spec.dequantize)
         dtype = resolve_dtype(spec.dtype, dev, batched=True, quantized=quantized)
-        loaded = load_model(spec.path, dtype, dev, Store(), console, spec.dequantize)
+        loaded = load_model(spec.path, dtype, dev, store, console, spec.dequantize)
         engine = build_engine(
             loaded,
             spec.max_context,

@@ -93,7 +93,7 @@ class LLM:
         store = Store()
         self.name, path = resolve(str(model) if model else None, store, console)
         dev = resolve_device(device)
-        quantized = runs_quantized(path, dev, dequantize)
+        quantized = runs_quantized(path, dev, store, console, dequantize)
         dt = resolve_dtype(dtype, dev, batched=True, quantized=quantized)
         self.loaded = load_model(path, dt, dev, store, console, dequantize)
         self.engine = build_engine(

@@ -90,6 +90,16 @@ def write_index(reader: Any, arch: str, path: Path) -> None:
         tmp.write_text(json.dumps({"architecture": arch, "tensors": entries}))
 
 
+def has_kept_blocks(path: Path) -> bool:
+    """Whether the file an index describes has block matrices of a type the int kernels
+    run (most GGUF files in the wild are K-quants, which are dequantized)."""
+    kept = {int(t) for t in AFFINE_BITS}
+    return any(
+        e["name"].startswith("blk.") and len(e["shape"]) == 2 and e["type"] in kept
+        for e in json.loads(path.read_text())["tensors"]
+    )
+
+
 def read_index(gguf: Path, path: Path) -> tuple[str, list[Record]]:
     """The file's tensors through its index, the file memory-mapped."""
     index = json.loads(path.read_text())

@@ -81,26 +81,41 @@ def load_model(
 
 def gguf_blocks(path: Path, folder: Path, cfg: ModelConfig) -> Weights:
     """A GGUF file's weights with its int-kernel types kept quantized, read through the
-    conversion cache's tensor index (written here for caches older than the index)."""
-    from llmopt.loader.gguf_weights import INDEX, hf_weights, read_index, write_index
+    conversion cache's tensor index."""
+    from llmopt.loader.gguf_weights import hf_weights, read_index
+
+    arch, records = read_index(path, _tensor_index(path, folder))
+    return hf_weights(records, cfg, arch, path.name, keep_quantized=True)
+
+
+def _tensor_index(path: Path, folder: Path) -> Path:
+    """The conversion cache's index of the file's tensors, written here for caches that
+    predate it."""
+    from llmopt.loader.gguf_weights import INDEX, write_index
 
     if not (folder / INDEX).is_file():
         from llmopt.loader.gguf import GGUFFile
 
         g = GGUFFile(path)
         write_index(g.reader, g.arch, folder / INDEX)
-    arch, records = read_index(path, folder / INDEX)
-    return hf_weights(records, cfg, arch, path.name, keep_quantized=True)
+    return folder / INDEX
 
 
-def runs_quantized(path: Path, device: torch.device, dequantize: bool = False) -> bool:
-    """Whether the model at path will run its linears quantized on this device's int
-    kernels (GGUF blocks as stored, or a quantized checkpoint on the CPU), before loading
-    it: the activations' dtype is chosen from it (device.resolve_dtype)."""
+def runs_quantized(
+    path: Path, device: torch.device, store: Store, console: Console, dequantize: bool = False
+) -> bool:
+    """Whether the model at path will run linears quantized on this device's int kernels
+    (a GGUF's Q4_0/Q4_1/Q8_0 blocks as stored, or a quantized checkpoint on the CPU),
+    known before loading it: the activations' dtype is chosen from it
+    (device.resolve_dtype). A GGUF file is converted into the store here if it was not."""
     if device.type != "cpu":
         return False
     if path.suffix == ".gguf":
-        return not dequantize and runs_gguf_blocks(device)
+        if dequantize or not runs_gguf_blocks(device):
+            return False
+        from llmopt.loader.gguf_weights import has_kept_blocks
+
+        return has_kept_blocks(_tensor_index(path, hf_folder_for(path, store, console)))
     config = path / "config.json"
     return config.is_file() and "quantization_config" in config.read_text()
 
