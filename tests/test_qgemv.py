@@ -126,3 +126,31 @@ def test_dequantize_writes_the_dense_weight(bits: int, group: int) -> None:
     torch.testing.assert_close(out.double(), w, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="does not take"):
         KERNEL.dequantize(Operands(w_k, bits, scale, offset, 96), torch.empty(24, 384))
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+def test_fp16_metadata_gives_the_same_numbers(bits: int, group: int) -> None:
+    """Scales and offsets that are fp16 values: read as fp16 (half the metadata bytes),
+    the kernel and the dense copy give exactly what the fp32 copies give."""
+    w_k, scale, offset, _ = _operands(24, 384, bits, group, seed=6)
+    scale, offset = scale.half().float(), offset.half().float()
+    s16, o16 = qgemv.compact_metadata(scale, offset)
+    assert s16.dtype == o16.dtype == torch.float16
+    x = torch.randn(5, 384)
+    full, half = Operands(w_k, bits, scale, offset, group), Operands(w_k, bits, s16, o16, group)
+    assert torch.equal(KERNEL(x, half), KERNEL(x, full))
+    a, b = torch.empty(24, 384), torch.empty(24, 384)
+    assert torch.equal(KERNEL.dequantize(half, a), KERNEL.dequantize(full, b))
+    with pytest.raises(ValueError, match="both alike"):
+        KERNEL(x, Operands(w_k, bits, s16, offset, group))
+
+
+def test_metadata_stays_fp32_where_fp16_would_round_it() -> None:
+    # A GPTQ grid: fp16 scales, offsets -zero * scale with more bits than fp16 holds.
+    torch.manual_seed(7)
+    qw = quantize_rtn(torch.randn(64, 256), 4, 64, False)
+    layer = QuantLinear(qw, None, torch.device("cpu"))
+    assert layer.kscale.dtype == torch.float32 and layer.koffset.dtype == torch.float32
+    # Symmetric int8 per row: fp16 scales and zero offsets fit.
+    sym = QuantLinear(quantize_rtn(torch.randn(64, 256), 8, 256, True), None, torch.device("cpu"))
+    assert sym.kscale.dtype == torch.float16

@@ -29,9 +29,10 @@
 typedef struct {
     int bits;           /* 16: dense bf16; 4 or 8: qgemv's layouts */
     const void *w;      /* (N, K) bf16, or qgemv's operand */
-    const float *scale; /* quantized: (N, K / group) */
-    const float *offset;
+    const void *scale; /* quantized: (N, K / group), fp32, or fp16 with meta16 */
+    const void *offset;
     int group;
+    int meta16;
     const float *bias;   /* (N,) fp32 or NULL */
     const int64_t *perm; /* (K,) act-order input order (column j reads input perm[j]) or NULL */
     int N, K;
@@ -55,8 +56,8 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
                        (const char *)x + el * ((size_t)m * l->K + l->perm[j]), el);
         x = xp;
     }
-    const int rc = qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group, l->N,
-                         l->bias, y, y_bf16);
+    const int rc = qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group,
+                         l->meta16, l->N, l->bias, y, y_bf16);
     free(xp);
     return rc;
 }

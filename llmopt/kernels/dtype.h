@@ -1,8 +1,10 @@
 /* Element access for kernels that take fp32 or bf16 tensors (flag `bf16`), with torch's
- * rounding: bf16 values are the high half of an fp32, rounded to nearest even; and the
- * AVX2 horizontal sums the dot-product kernels end with. */
+ * rounding: bf16 values are the high half of an fp32, rounded to nearest even; fp16 for
+ * the quantization metadata that fits it; and the AVX2 horizontal sums the dot-product
+ * kernels end with. */
 #ifndef LLMOPT_DTYPE_H
 #define LLMOPT_DTYPE_H
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -23,6 +25,30 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* Element i of p, widened to fp32. */
+/* IEEE half to float, exactly (normal, subnormal, zero, inf and NaN). */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float v;
+    if (e == 0) {
+        v = (float)m * 5.9604644775390625e-8f; /* m * 2^-24 */
+    } else if (e == 31) {
+        v = m ? NAN : INFINITY;
+    } else {
+        uint32_t bits = ((e + 112) << 23) | (m << 13);
+        memcpy(&v, &bits, 4);
+    }
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b |= sign;
+    memcpy(&v, &b, 4);
+    return v;
+}
+
+/* Element i of an fp16 (f16 = 1) or fp32 array. */
+static inline float load_meta(const void *p, size_t i, int f16) {
+    return f16 ? f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 static inline float load_elem(const void *p, size_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }

@@ -30,6 +30,8 @@
  * scale: (N, K / group) fp32, group 32 or a multiple of 64. offset: the same numbers
  *   blocked by 8 rows, (ceil(N / 8), K / group, 8), zero-padded: offset[n / 8, g, n % 8]
  *   (one vector load gives a group's offsets for the 8 rows a block computes).
+ *   With meta16, both in fp16 instead (where they are exactly fp16, as a GGUF file's
+ *   block scales and minimums are: a quarter fewer bytes a weight for Q4_1).
  * x: (M, K) fp32 or bf16;
  * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
  */
@@ -137,6 +139,21 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
     }
 }
 
+/* 8 consecutive metadata values from element i, fp16 (f16 = 1) or fp32. */
+static inline __m256 load_meta8(const void *p, size_t i, int f16) {
+    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* f[j] = xd[j] * scale[at + j] for j < n. */
+static inline void factors(float *f, const float *xd, const void *scale, size_t at, int n,
+                           int f16) {
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(f + j, _mm256_mul_ps(_mm256_loadu_ps(xd + j), load_meta8(scale, at + j, f16)));
+    for (; j < n; j++) f[j] = xd[j] * load_meta(scale, at + j, f16);
+}
+
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
  * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
  * accumulator chains, so that FMA latency does not set the pace: int4 group 32 at 16
@@ -147,15 +164,16 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
  * row's dot products at K = 576)
  * offset here is this block's (K / group, 8) slice of the blocked layout. */
 static inline __attribute__((always_inline)) void block8(
-    const uint8_t *w, size_t w_row, int bits, int halves, const float *scale, int ng,
-    const float *offset, const int8_t *xq, const float *xd, const float *xsum, int M, int K,
-    const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
+    const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng,
+    const void *offset, int m16, const int8_t *xq, const float *xd, const float *xsum, int M,
+    int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
     const int per_row = !halves && gi[nc - 1] == 0; /* one scale for the whole row */
     float tail[8];
     for (int i = 0; i < 8; i++) tail[i] = i < rows ? (bias ? bias[n0 + i] : 0.0f) : 0.0f;
     const __m256 b = _mm256_loadu_ps(tail);
-    for (int i = 0; i < 8; i++) tail[i] = i < rows && per_row ? scale[(size_t)(n0 + i) * ng] : 1.0f;
+    for (int i = 0; i < 8; i++)
+        tail[i] = i < rows && per_row ? load_meta(scale, (size_t)(n0 + i) * ng, m16) : 1.0f;
     const __m256 row_scale = _mm256_loadu_ps(tail);
     /* The factors of a row of x against a row of W: f[j] = xd[j] * scale[g(j)], j over
      * the chunks (or the chunks' halves for group 32), vectorised. */
@@ -173,20 +191,18 @@ static inline __attribute__((always_inline)) void block8(
         for (int i = 0; i < 8; i++) {
             acc_a[i] = acc_b[i] = _mm256_setzero_ps();
             if (i >= rows) continue;
-            const float *sn = scale + (size_t)(n0 + i) * ng;
+            const size_t sn = (size_t)(n0 + i) * ng; /* the row's first scale */
             const float *pa = fa, *pb = fb;
             if (per_row) {
                 pa = xda, pb = xdb;
             } else if (halves || gi[nc - 1] == nc - 1) { /* one scale per factor */
-#pragma omp simd
-                for (int j = 0; j < nf; j++) fa[j] = xda[j] * sn[j];
-                if (two)
-#pragma omp simd
-                    for (int j = 0; j < nf; j++) fb[j] = xdb[j] * sn[j];
+                factors(fa, xda, scale, sn, nf, m16);
+                if (two) factors(fb, xdb, scale, sn, nf, m16);
             } else {
-                for (int c = 0; c < nc; c++) fa[c] = xda[c] * sn[gi[c]];
+                for (int c = 0; c < nc; c++) fa[c] = xda[c] * load_meta(scale, sn + gi[c], m16);
                 if (two)
-                    for (int c = 0; c < nc; c++) fb[c] = xdb[c] * sn[gi[c]];
+                    for (int c = 0; c < nc; c++)
+                        fb[c] = xdb[c] * load_meta(scale, sn + gi[c], m16);
             }
             /* four chains: two rows x (halves, or even and odd chunks); one row alone
              * (the last of an odd M) sums in the same order, so a row's result does not
@@ -216,7 +232,7 @@ static inline __attribute__((always_inline)) void block8(
             __m256 v = _mm256_fmadd_ps(sum8(r ? acc_b : acc_a), row_scale, b);
             const float *xs = xsum + (size_t)mm * ng;
             for (int g = 0; g < ng; g++)
-                v = _mm256_fmadd_ps(_mm256_loadu_ps(offset + 8 * g), _mm256_broadcast_ss(xs + g), v);
+                v = _mm256_fmadd_ps(load_meta8(offset, 8 * g, m16), _mm256_broadcast_ss(xs + g), v);
             _mm256_storeu_ps(tail, v);
             for (int i = 0; i < rows; i++) {
                 const size_t at = (size_t)mm * N + n0 + i;
@@ -230,14 +246,15 @@ static inline __attribute__((always_inline)) void block8(
 }
 #else
 static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
-                          const float *scale, int ng, const float *offset, const int8_t *xq,
-                          const float *xd, const float *xsum, int M, int K, const int *gi,
-                          const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
+                          const void *scale, int ng, const void *offset, int m16,
+                          const int8_t *xq, const float *xd, const float *xsum, int M, int K,
+                          const int *gi, const float *bias, int rows, int n0, int N, void *y,
+                          int y_bf16) {
     const int nc = K / QB;
     for (int m = 0; m < M; m++) {
         for (int i = 0; i < rows; i++) {
             const uint8_t *wn = w + (size_t)i * w_row;
-            const float *sn = scale + (size_t)(n0 + i) * ng;
+            const size_t sn = (size_t)(n0 + i) * ng;
             float acc = 0.0f;
             for (int c = 0; c < nc; c++) {
                 for (int half = 0; half < 2; half++) {
@@ -248,11 +265,12 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
                                                 : ((const int8_t *)wn)[k];
                         dot += q * xq[(size_t)m * K + k];
                     }
-                    const float s = halves ? sn[2 * c + half] : sn[gi[c]];
+                    const float s = load_meta(scale, sn + (halves ? 2 * c + half : gi[c]), m16);
                     acc += s * xd[m * nc + c] * (float)dot;
                 }
             }
-            for (int g = 0; g < ng; g++) acc += offset[8 * g + i] * xsum[(size_t)m * ng + g];
+            for (int g = 0; g < ng; g++)
+                acc += load_meta(offset, 8 * g + i, m16) * xsum[(size_t)m * ng + g];
             acc += bias ? bias[n0 + i] : 0.0f;
             const size_t at = (size_t)m * N + n0 + i;
             if (y_bf16)
@@ -265,8 +283,9 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
 #endif
 
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
-int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const float *scale,
-          const float *offset, int group, int N, const float *bias, void *y, int y_bf16) {
+int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
+          const void *offset, int group, int meta16, int N, const float *bias, void *y,
+          int y_bf16) {
     if (M < 1 || K % QB || K % group || !(group == 32 || group % QB == 0) ||
         (bits != 4 && bits != 8))
         return -1;
@@ -296,14 +315,20 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     for (int n0 = 0; n0 < N; n0 += 8) {
         const int rows = N - n0 < 8 ? N - n0 : 8;
         const uint8_t *wb = (const uint8_t *)w + n0 * w_row;
-        const float *ob = offset + (size_t)n0 * ng;
+        const void *ob = (const char *)offset + (size_t)n0 * ng * (meta16 ? 2 : 4);
         /* Constant arguments: each case is its own specialised loop. */
-        if (bits == 4)
-            halves ? block8(wb, w_row, 4, 1, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16)
-                   : block8(wb, w_row, 4, 0, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16);
+#define BLOCK8(B, H, F16)                                                                      \
+    block8(wb, w_row, B, H, scale, ng, ob, F16, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, \
+           y_bf16)
+        if (bits == 4 && halves)
+            meta16 ? BLOCK8(4, 1, 1) : BLOCK8(4, 1, 0);
+        else if (bits == 4)
+            meta16 ? BLOCK8(4, 0, 1) : BLOCK8(4, 0, 0);
+        else if (halves)
+            meta16 ? BLOCK8(8, 1, 1) : BLOCK8(8, 1, 0);
         else
-            halves ? block8(wb, w_row, 8, 1, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16)
-                   : block8(wb, w_row, 8, 0, scale, ng, ob, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, y_bf16);
+            meta16 ? BLOCK8(8, 0, 1) : BLOCK8(8, 0, 0);
+#undef BLOCK8
     }
     free(xq);
     free(xd);
@@ -314,20 +339,21 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
  * path of calls with more rows than the kernel serves well multiplies this copy (a
  * 3072 x 576 int4 matrix: 0.3 ms, against 3.4 for unpacking, widening, scaling and
  * offsetting it in torch). Returns 0, or -1 for shapes qgemv does not take. */
-int qdequant(const void *w, int bits, const float *scale, const float *offset, int group, int N,
-             int K, float *out) {
+int qdequant(const void *w, int bits, const void *scale, const void *offset, int group,
+             int meta16, int N, int K, float *out) {
     if (K % QB || K % group || !(group == 32 || group % QB == 0) || (bits != 4 && bits != 8))
         return -1;
     const int ng = K / group;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *wn = (const uint8_t *)w + (size_t)n * K * bits / 8;
-        const float *sn = scale + (size_t)n * ng;
-        const float *on = offset + (size_t)(n / 8) * ng * 8 + n % 8; /* group g at on[8 g] */
+        const size_t sn = (size_t)n * ng;
+        const size_t on = (size_t)(n / 8) * ng * 8 + n % 8; /* group g at on + 8 g */
         float *yn = out + (size_t)n * K;
         for (int k0 = 0; k0 < K; k0 += 32) { /* 32 inputs share a group */
             const int g = k0 / group;
-            const float s = sn[g], o = on[8 * g];
+            const float s = load_meta(scale, sn + g, meta16);
+            const float o = load_meta(offset, on + 8 * g, meta16);
             float *yk = yn + k0;
             if (bits == 4) { /* inputs k0..k0+31 are the low or the high nibbles of a chunk */
                 const uint8_t *b = wn + (k0 / QB) * 32;

@@ -54,20 +54,41 @@ class Operands(NamedTuple):
 
     w: torch.Tensor  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
     bits: int
-    scale: torch.Tensor  # (N, G) fp32
-    offset: torch.Tensor  # block_offsets of (N, G)
+    scale: torch.Tensor  # (N, G) fp32, or fp16 (see compact_metadata)
+    offset: torch.Tensor  # block_offsets of (N, G), in scale's dtype
     group_size: int
 
     def pointers(self) -> tuple:
-        """(w, bits, scale, offset, group) as the C functions take them."""
+        """(w, bits, scale, offset, group, meta16) as the C functions take them."""
         if self.offset.dim() != 3:
             raise ValueError("qgemv takes its offsets in block_offsets' layout")
+        meta16 = self.scale.dtype == torch.float16
+        if self.offset.dtype != self.scale.dtype or self.scale.dtype not in _META_DTYPES:
+            raise ValueError("qgemv takes fp32 or fp16 scales and offsets, both alike")
         o = self
-        return (o.w.data_ptr(), o.bits, o.scale.data_ptr(), o.offset.data_ptr(), o.group_size)
+        ptrs = (o.w.data_ptr(), o.bits, o.scale.data_ptr(), o.offset.data_ptr(), o.group_size)
+        return (*ptrs, int(meta16))
 
     def refused(self, k: int) -> ValueError:
         n = self.w.shape[0]
         return ValueError(f"qgemv does not take int{self.bits} {n}x{k} group {self.group_size}")
+
+
+_META_DTYPES = (torch.float32, torch.float16)
+
+
+def compact_metadata(
+    scale: torch.Tensor, offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and (blocked) offsets in fp16 where that changes no value beyond fp32
+    rounding (a GGUF file's block scales and minimums are fp16 to begin with: Q4_1 then
+    reads 5 bits a weight instead of 6), else as they are. A GPTQ grid's offsets,
+    -zero * scale, need more than fp16's 11 bits and stay fp32."""
+    s16, o16 = scale.half(), offset.half()
+    exact = torch.equal(s16.float(), scale) and torch.allclose(
+        o16.float(), offset, rtol=2**-20, atol=0.0
+    )
+    return (s16, o16) if exact else (scale, offset)
 
 
 class QGemv:
@@ -121,9 +142,10 @@ def load() -> QGemv | None:
     from llmopt.kernels.build import function
 
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    # x, x_bf16, M, K, w, bits, scale, offset, group, N, bias, y, y_bf16
-    argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, ptr, ptr, i32]
+    # x, x_bf16, M, K, w, bits, scale, offset, group, meta16, N, bias, y, y_bf16
+    argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, ptr, ptr, i32]
     fn = function("qgemv", argtypes, i32)
-    # w, bits, scale, offset, group, N, K, out
-    dequant_fn = function("qgemv", [ptr, i32, ptr, ptr, i32, i32, i32, ptr], i32, "qdequant")
+    # w, bits, scale, offset, group, meta16, N, K, out
+    dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr]
+    dequant_fn = function("qgemv", dequant_argtypes, i32, "qdequant")
     return None if fn is None or dequant_fn is None else QGemv(fn, dequant_fn)

@@ -87,11 +87,13 @@ class QuantLinear(nn.Module):
             else:  # signed int8 q - 128; the offset takes the 128 back
                 self.register_buffer("wq", _signed_int8(qw.q))
                 offset = self.offset + 128 * self.scale
-            self.register_buffer("koffset", qgemv.block_offsets(offset))
+            kscale, koffset = qgemv.compact_metadata(self.scale, qgemv.block_offsets(offset))
+            self.register_buffer("kscale", kscale)  # the scales decode reads (fp16 or fp32)
+            self.register_buffer("koffset", koffset)
             self.q = None
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
             self.operands = qgemv.Operands(
-                self.wq, self.bits, self.scale, self.koffset, self.group_size
+                self.wq, self.bits, self.kscale, self.koffset, self.group_size
             )
             self.qgemv = kernel.bind(self.operands, self.kernel_bias)
             return "qgemv"
@@ -116,7 +118,7 @@ class QuantLinear(nn.Module):
     def decode_operands(self) -> list[torch.Tensor]:
         """The tensors a one-row forward reads (for bandwidth accounting)."""
         if self.kernel == "qgemv":
-            return [self.wq, self.scale, self.koffset]
+            return [self.wq, self.kscale, self.koffset]
         if self.kernel == "int8":
             return [self.w8, self.s8]
         if self.kernel == "int4":
