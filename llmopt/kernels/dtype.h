@@ -24,7 +24,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-/* Element i of p, widened to fp32. */
 /* IEEE half to float, exactly (normal, subnormal, zero, inf and NaN). */
 static inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
@@ -49,6 +48,7 @@ static inline float load_meta(const void *p, size_t i, int f16) {
     return f16 ? f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* Element i of p, widened to fp32. */
 static inline float load_elem(const void *p, size_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }

@@ -139,6 +139,23 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
     }
 }
 
+/* The chunks of one row of W against `nrows` (1 or 2, a constant once inlined) rows of
+ * x, into four chains: acc[row][even/odd chunk], or acc[row][half] for group 32. One
+ * row alone sums in the order two rows do, so a row's result does not depend on the
+ * rows beside it. */
+static inline __attribute__((always_inline)) void row_chunks(__m256 acc[2][2], int nrows,
+                                                             const uint8_t *w, int bits,
+                                                             int halves, const float *fa,
+                                                             const float *fb, const int8_t *xa,
+                                                             const int8_t *xb, int nc) {
+    int c = 0;
+    for (; c + 1 < nc; c += 2) {
+        chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
+        chunk(acc, 1, nrows, w, bits, halves, fa, fb, xa, xb, c + 1);
+    }
+    if (c < nc) chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
+}
+
 /* 8 consecutive metadata values from element i, fp16 (f16 = 1) or fp32. */
 static inline __m256 load_meta8(const void *p, size_t i, int f16) {
     if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
@@ -204,26 +221,13 @@ static inline __attribute__((always_inline)) void block8(
                     for (int c = 0; c < nc; c++)
                         fb[c] = xdb[c] * load_meta(scale, sn + gi[c], m16);
             }
-            /* four chains: two rows x (halves, or even and odd chunks); one row alone
-             * (the last of an odd M) sums in the same order, so a row's result does not
-             * depend on the rows beside it */
             const uint8_t *wi = w + (size_t)i * w_row;
             __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()},
                                 {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-            int c = 0;
-            if (two) {
-                for (; c + 1 < nc; c += 2) {
-                    chunk(acc, 0, 2, wi, bits, halves, pa, pb, xa, xb, c);
-                    chunk(acc, 1, 2, wi, bits, halves, pa, pb, xa, xb, c + 1);
-                }
-                if (c < nc) chunk(acc, 0, 2, wi, bits, halves, pa, pb, xa, xb, c);
-            } else {
-                for (; c + 1 < nc; c += 2) {
-                    chunk(acc, 0, 1, wi, bits, halves, pa, pb, xa, xb, c);
-                    chunk(acc, 1, 1, wi, bits, halves, pa, pb, xa, xb, c + 1);
-                }
-                if (c < nc) chunk(acc, 0, 1, wi, bits, halves, pa, pb, xa, xb, c);
-            }
+            if (two) /* the last row of an odd M goes alone */
+                row_chunks(acc, 2, wi, bits, halves, pa, pb, xa, xb, nc);
+            else
+                row_chunks(acc, 1, wi, bits, halves, pa, pb, xa, xb, nc);
             acc_a[i] = _mm256_add_ps(acc[0][0], acc[0][1]);
             acc_b[i] = _mm256_add_ps(acc[1][0], acc[1][1]);
         }

@@ -49,6 +49,9 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([v & 0x0F, v >> 4], dim=2).reshape(n, 2 * half)
 
 
+_META_DTYPES = (torch.float32, torch.float16)  # scales and offsets the kernels read
+
+
 class Operands(NamedTuple):
     """One quantized weight as the kernels take it: w = scale * q (or q - 128) + offset."""
 
@@ -72,9 +75,6 @@ class Operands(NamedTuple):
     def refused(self, k: int) -> ValueError:
         n = self.w.shape[0]
         return ValueError(f"qgemv does not take int{self.bits} {n}x{k} group {self.group_size}")
-
-
-_META_DTYPES = (torch.float32, torch.float16)
 
 
 def compact_metadata(

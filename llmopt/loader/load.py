@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def load_model(
     cfg = read_config(folder)
     build = builder_for(cfg.architecture)
     tokenizer = Tokenizer(folder)
-    if path.suffix == ".gguf" and not dequantize and runs_gguf_blocks(device):
+    if _keeps_gguf_blocks(path, device, dequantize):
         weights = gguf_blocks(path, folder, cfg)
         if "lm_head.weight" in weights:  # the tied head kept in the embedding's blocks
             cfg = replace(cfg, tie_word_embeddings=False)
@@ -111,18 +112,22 @@ def runs_quantized(
     if device.type != "cpu":
         return False
     if path.suffix == ".gguf":
-        if dequantize or not runs_gguf_blocks(device):
+        if not _keeps_gguf_blocks(path, device, dequantize):
             return False
         from llmopt.loader.gguf_weights import has_kept_blocks
 
         return has_kept_blocks(_tensor_index(path, hf_folder_for(path, store, console)))
-    config = path / "config.json"
-    return config.is_file() and "quantization_config" in config.read_text()
+    try:  # only the one key: a malformed folder is load_model's to report
+        return json.loads((path / "config.json").read_text()).get("quantization_config") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def runs_gguf_blocks(device: torch.device) -> bool:
-    """Whether GGUF blocks run quantized here: the int kernels are the CPU's (on CUDA a
-    quantized linear dequantizes every call, slower than the dense weight)."""
+def _keeps_gguf_blocks(path: Path, device: torch.device, dequantize: bool) -> bool:
+    """Whether a GGUF's blocks are loaded as they are: the int kernels are the CPU's (on
+    CUDA a quantized linear dequantizes every call, slower than the dense weight)."""
+    if path.suffix != ".gguf" or dequantize or device.type != "cpu":
+        return False
     from llmopt.kernels import qgemv
 
-    return device.type == "cpu" and qgemv.load() is not None
+    return qgemv.load() is not None
