@@ -137,21 +137,27 @@ class Engine:
                 req.stats.queue_s = now - req.arrival
         seqs, logits = self.runner.execute(step)
         self.scheduler.computed(step)
+        # Plain greedy rows take their argmax in one call and one device read for the
+        # whole batch, not one per sequence (each a GPU sync).
+        plain = [s.params.greedy and not s.params.penalized for s in seqs]
+        argmax = logits.argmax(-1).tolist() if logits is not None and any(plain) else []
         touched = []
         for i, seq in enumerate(seqs):
             req = self.requests[seq.request_id]
             if req.seq.num_uncomputed_tokens != 0 or req.finished:
                 continue
-            self._advance(req, logits[i])  # type: ignore[index]
+            self._advance(req, logits[i], argmax[i] if plain[i] else None)  # type: ignore[index]
             touched.append(seq.request_id)
         return touched
 
-    def _advance(self, req: _Request, logits: torch.Tensor) -> None:
+    def _advance(self, req: _Request, logits: torch.Tensor, token: int | None) -> None:
+        """Append the next token (drawn from logits (V,) unless given) and emit it."""
         seq = req.seq
-        # The history tensor is rebuilt each token only when a penalty reads it.
-        history = seq.output_ids if seq.params.penalized else []
-        output_t = torch.tensor(history, dtype=torch.long, device=logits.device)
-        token = sample(logits, seq.params, req.generator, req.prompt_t, output_t)
+        if token is None:
+            # The history tensor is rebuilt each token only when a penalty reads it.
+            history = seq.output_ids if seq.params.penalized else []
+            output_t = torch.tensor(history, dtype=torch.long, device=logits.device)
+            token = sample(logits, seq.params, req.generator, req.prompt_t, output_t)
         k = seq.params.logprobs
         lp = None if k is None else [token_logprob(logits, token, k)]
         now = time.perf_counter()
