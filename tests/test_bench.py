@@ -205,6 +205,7 @@ def test_cli_refuses_bad_options(fake) -> None:
         (["--workload", "chat"], "--dataset"),
         (["--percentiles", "x"], "--percentiles"),
         (["--warm-prefixes"], "system prompts"),  # random prompts have none to warm
+        (["--device", "cpu"], "--device"),  # a running server's device is its own
     ):
         r = bench("--url", fake.url, *args)
         assert r.exit_code == 2 and message in r.stderr, (args, r.stderr)

@@ -21,6 +21,12 @@ from llmopt.layers.quant_linear import QuantLinear
 from llmopt.loader.load import LoadedModel
 
 
+def sync(device: str | torch.device) -> None:
+    """Wait for the GPU's queued work before reading a clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights read per decode step: every parameter once but the embedding
     table (one row is read; a tied table is read whole as the lm_head), and, for
@@ -65,15 +71,18 @@ def llmopt_decode(loaded: LoadedModel, ids: list[int], n: int) -> float:
     return last.stats.decode_tokens_per_s
 
 
-def transformers_decode(folder: Path, ids: list[int], n: int, dtype: torch.dtype) -> float:
+def transformers_decode(
+    folder: Path, ids: list[int], n: int, dtype: torch.dtype, device: str = "cpu"
+) -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    x = torch.tensor([ids])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    x = torch.tensor([ids], device=device)
 
     def timed(k: int) -> float:
         t = time.perf_counter()
         model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        sync(device)
         return time.perf_counter() - t
 
     timed(2)  # warm-up

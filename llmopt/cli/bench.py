@@ -24,6 +24,7 @@ from llmopt.bench.workloads import (
     random_workload,
     shared_prefix_workload,
 )
+from llmopt.cli import options
 from llmopt.errors import UsageError
 
 WORKLOADS = ("random", "shared-prefix", "chat", "multi-turn")
@@ -164,6 +165,7 @@ def _offline(
     tg: int,
     batch: int,
     repeats: int,
+    device: str,
     dtype: str,
     dequantize: bool,
     threads: int | None,
@@ -185,6 +187,7 @@ def _offline(
     set_threads(threads)
     llm = LLM(
         model,
+        device=device,
         dtype=dtype,
         max_num_seqs=max(batch, 1),
         prefix_cache=False,
@@ -195,7 +198,7 @@ def _offline(
     result = (
         {"model": llm.name, "dtype": dtype_name}
         | offline_bench(llm.engine, pp, tg, batch, repeats, seed)
-        | machine_info(torch.get_num_threads())
+        | machine_info(torch.get_num_threads(), llm.engine.runner.device)
     )
     t = Table("test", "tokens/s", header_style="bold")
     for key, v in result.items():
@@ -247,6 +250,7 @@ def bench(
     tg: int = typer.Option(128, "--tg", help="--offline: tokens to generate."),
     batch: int = typer.Option(16, "--batch", help="--offline: sequences for batch tg."),
     repeats: int = typer.Option(3, "--repeats", help="--offline: repetitions."),
+    device: str = options.DEVICE,
     dtype: str = typer.Option("auto", "--dtype", help="--offline: model dtype."),
     dequantize: bool = typer.Option(
         False, "--dequantize", help="--offline, --perplexity: a GGUF's weights dense."
@@ -286,8 +290,8 @@ def bench(
         return
     if offline:
         _offline(
-            model, pp, tg, batch, repeats, dtype, dequantize, threads, seed, as_json, output,
-            console,
+            model, pp, tg, batch, repeats, device, dtype, dequantize, threads, seed, as_json,
+            output, console,
         )  # fmt: skip
         return
     checks = [
@@ -298,8 +302,9 @@ def bench(
         (num_devices >= 1, "--num-devices must be at least 1"),
         (0 < slo_target <= 1, "--slo-target must be in (0, 1]"),
         (
-            not (url and (compare or model)),
-            "--url measures a running server: drop MODEL and --compare (they start local servers)",
+            not (url and (compare or model or device != "auto")),
+            "--url measures a running server: drop MODEL, --compare and --device "
+            "(they start local servers)",
         ),
         (not (as_json and as_csv), "choose one of --json and --csv"),
     ]
@@ -333,12 +338,13 @@ def bench(
     if warm_prefixes and not any(c.system for c in warm_pool):
         raise UsageError("--warm-prefixes needs a workload with system prompts (shared-prefix)")
     points: list[tuple[str, float | None]] = [*_sweep(sweep)] or [("concurrency", concurrency)]
+    device_arg = [] if device == "auto" else ["--device", device]  # for the local servers
     runs: list[tuple[str, dict]] = []
     for name, args in _configs(compare):
         server = (
             nullcontext(Target(url, served_model, api_key, timeout))
             if url
-            else (local_server(model, [*args, *(serve_arg or [])], console))
+            else (local_server(model, [*args, *device_arg, *(serve_arg or [])], console))
         )
         with server as target:
             target = Target(target.url, served_model or target.model, api_key, timeout)
