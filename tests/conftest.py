@@ -3,11 +3,15 @@
 Every test gets its own empty $LLMOPT_HOME. The real SmolLM2 model lives in the
 user's store (pulled once by `make test`, or here on first use) and is shared
 read-only through the session fixtures.
+
+LLMOPT_TEST_DEVICE=cuda loads the real model on the GPU instead, so that the engine,
+parity and server suites run there unchanged (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from rich.console import Console
 from llmopt.store.store import Store, llmopt_home
 
 REAL_HOME = llmopt_home()  # read before the autouse fixture points it elsewhere
+TEST_DEVICE = torch.device(os.environ.get("LLMOPT_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +50,11 @@ def smollm_folder(smollm_gguf: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_fp32(smollm_folder: Path):
-    """The real model loaded once in fp32 on the CPU (engines are built per test)."""
+    """The real model loaded once in fp32 on TEST_DEVICE (engines are built per test)."""
     from llmopt.loader.load import load_model
 
     return load_model(
-        smollm_folder, torch.float32, torch.device("cpu"), Store(REAL_HOME), Console(stderr=True)
+        smollm_folder, torch.float32, TEST_DEVICE, Store(REAL_HOME), Console(stderr=True)
     )
 
 

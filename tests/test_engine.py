@@ -10,6 +10,7 @@ from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel
+from tests.conftest import TEST_DEVICE
 
 PROMPTS = [
     "What is the capital of France?",
@@ -194,7 +195,8 @@ def test_engine_process_streams_cancels_and_reports_its_death(fp32, smollm_folde
     from llmopt.engine.async_engine import AsyncEngine, GenerationError
     from llmopt.engine.engine_process import EngineSpec
 
-    spec = EngineSpec(smollm_folder, "cpu", "float32", 2048, 0.05, SchedulerConfig(), True, 2)
+    device = TEST_DEVICE.type
+    spec = EngineSpec(smollm_folder, device, "float32", 2048, 0.05, SchedulerConfig(), True, 2)
     engine = AsyncEngine.spawn(spec)
     prompts = [chat(fp32, p) for p in PROMPTS[:3]]
 

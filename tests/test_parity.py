@@ -14,13 +14,11 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.store.store import Store
-from tests.conftest import write_tiny_model
-
-CPU = torch.device("cpu")
+from tests.conftest import TEST_DEVICE, write_tiny_model
 
 
 def ours(folder: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    return load_model(folder, dtype, CPU, Store(), Console(stderr=True))
+    return load_model(folder, dtype, TEST_DEVICE, Store(), Console(stderr=True))
 
 
 def reference(folder: Path):
@@ -39,8 +37,8 @@ def engine_for(loaded: LoadedModel, **scheduler) -> Engine:
 
 
 def full_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
-    """Logits at every position from our model in one prefill: (T, V)."""
-    return engine_for(loaded).prompt_logits(ids)
+    """Logits at every position from our model in one prefill: (T, V), on the CPU."""
+    return engine_for(loaded).prompt_logits(ids).cpu()
 
 
 def greedy_ids(loaded: LoadedModel, ids: list[int], n: int, **scheduler) -> list[int]:
