@@ -262,6 +262,22 @@ def test_cuda_quantizes_and_runs_like_the_cpu(tiny_llama, tmp_path) -> None:
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_runs_int4_on_torchs_kernel(tiny_llama, tmp_path) -> None:
+    from llmopt.engine.llm import build_engine
+    from llmopt.layers.quant_linear import QuantLinear
+    from llmopt.loader.load import load_model
+
+    _quantize(tiny_llama, tmp_path / "q", "--int4", "--method", "rtn", "--group-size", "32")
+    cuda = torch.device("cuda")
+    loaded = load_model(tmp_path / "q", torch.bfloat16, cuda, Store(), Console(stderr=True))
+    kernels = {m.kernel for m in loaded.model.modules() if isinstance(m, QuantLinear)}
+    assert kernels == {"int4-cuda"}  # the load-time check of the packing passed
+    got = build_engine(loaded, max_context=64).prompt_logits(IDS).float().cpu()
+    want = _logits(tmp_path / "q", IDS, dense=True)  # fp32 on the CPU, same integers
+    assert (got - want).norm() < 3e-2 * want.norm()  # bf16 activations
+
+
 def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder) -> None:
     from tests.test_gguf_export import small_tiny_model
 

@@ -11,9 +11,12 @@ is the speed of reading the integers:
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations, for
   fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are 4-8x slower than
   fp32.
-- otherwise (longer prompts, CUDA, layouts no kernel takes): the weight is dequantized
-  into a reused scratch buffer and multiplied densely; from about 100 rows on a dense
-  fp32 GEMM wins.
+- CUDA with bf16 activations, int4 with group 32-256: torch's tinygemm kernel
+  (`_weight_int4pack_mm`, sm80+) for every row count, checked against the codes once
+  at load (a layout torch changed falls back below instead of computing garbage).
+- otherwise (longer prompts, fp32 on CUDA, layouts no kernel takes): the weight is
+  dequantized into a reused scratch buffer and multiplied densely; on the CPU from
+  about 100 rows on a dense fp32 GEMM wins.
 
 Storage stays int8/int4 either way: the dense copy lives only for one call.
 """
@@ -59,7 +62,11 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 class QuantLinear(nn.Module):
     def __init__(
-        self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,  # the model's activations
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = qw.shape
@@ -71,9 +78,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", qw.scale.float().to(device))  # (out, G)
         self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
         self.perm = None if qw.perm is None else qw.perm.to(device)
-        self.kernel = self._pack_cpu_kernel(qw) if device.type == "cpu" else None
+        self.kernel: str | None = None
+        if device.type == "cpu":
+            self.kernel = self._pack_cpu_kernel(qw)
+        else:
+            self.kernel = self._pack_cuda_kernel(qw) if dtype == torch.bfloat16 else None
         # The most rows the row kernels take before the dense path does.
-        self.kernel_rows = QGEMV_MAX_ROWS if self.kernel == "qgemv" else UPCAST_MIN_ROWS - 1
+        self.kernel_rows = {"qgemv": QGEMV_MAX_ROWS, "int4-cuda": sys.maxsize}.get(
+            self.kernel or "", UPCAST_MIN_ROWS - 1
+        )
 
     def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
         """Prepare the operand of a CPU kernel that takes this weight, and drop the
@@ -115,13 +128,46 @@ class QuantLinear(nn.Module):
             return "int4"
         return None
 
+    def _pack_cuda_kernel(self, qw: QuantizedWeight) -> str | None:
+        """torch's CUDA int4 kernel (tinygemm), where the weight, the GPU and a check of
+        the packing against the codes allow; it then holds the only copy of the codes."""
+        n_out, k = qw.shape
+        tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+        if (
+            self.bits != 4
+            or qw.group_size not in INT4_GROUPS
+            or tiles is None
+            or n_out % 8
+            or torch.cuda.get_device_capability(self.q.device)[0] < 8
+        ):
+            return None
+        q = self.q.to(torch.int32)
+        packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # even columns: high nibble
+        zero_term = (8 - qw.zero.to(q.device)) * self.scale  # w = (q - 8) * scale + zero_term
+        sz = torch.stack([self.scale.T, zero_term.T], dim=-1).to(torch.bfloat16).contiguous()
+        # A product with random rows against the dequantized weight: a packing this torch
+        # reads differently shows as an error of the weight's own size.
+        x = torch.randn(16, k, device=q.device).to(torch.bfloat16)
+        try:
+            w4 = torch._convert_weight_to_int4pack(packed, tiles)
+            got = torch._weight_int4pack_mm(x, w4, self.group_size, sz).float()
+        except RuntimeError:
+            return None
+        want = x.float() @ self.dequantize(torch.float32).T  # (16, out)
+        if (got - want).norm() > 1e-2 * want.norm():  # bf16 scales: about 2^-8
+            return None
+        self.register_buffer("w4", w4)
+        self.register_buffer("sz4", sz)
+        self.q = None
+        return "int4-cuda"
+
     def decode_operands(self) -> list[torch.Tensor]:
         """The tensors a one-row forward reads (for bandwidth accounting)."""
         if self.kernel == "qgemv":
             return [self.wq, self.kscale, self.koffset]
         if self.kernel == "int8":
             return [self.w8, self.s8]
-        if self.kernel == "int4":
+        if self.kernel in ("int4", "int4-cuda"):
             return [self.w4, self.sz4]
         return [self.q, self.scale, self.offset]
 
@@ -157,6 +203,10 @@ class QuantLinear(nn.Module):
         out_dtype = out_dtype or x.dtype
         if self.kernel == "qgemv" and x.shape[0] <= self.kernel_rows and x.dtype in _QGEMV_DTYPES:
             return self.qgemv(x, out_dtype if out_dtype in _QGEMV_DTYPES else None).to(out_dtype)
+        if self.kernel == "int4-cuda" and x.dtype == torch.bfloat16:
+            y = torch._weight_int4pack_mm(x.contiguous(), self.w4, self.group_size, self.sz4)
+            y = y if self.bias is None else y + self.bias
+            return y.to(out_dtype)
         if self.kernel in ("int8", "int4") and x.shape[0] <= self.kernel_rows:
             xb = x.to(torch.bfloat16)
             if self.kernel == "int8":

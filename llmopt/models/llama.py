@@ -148,13 +148,15 @@ def fuse_hf_layer(cfg: ModelConfig, hf: dict[str, Weight], i: int) -> dict[str, 
     return sd
 
 
-def _swap_quantized(model: nn.Module, sd: dict[str, Weight], device: torch.device) -> None:
+def _swap_quantized(
+    model: nn.Module, sd: dict[str, Weight], device: torch.device, dtype: torch.dtype
+) -> None:
     """Replace each Linear whose weight is quantized by a QuantLinear (taking its bias)."""
     for key in [k for k, v in sd.items() if isinstance(v, QuantizedWeight)]:
         path = key.removesuffix(".weight")
         parent_path, _, attr = path.rpartition(".")
         bias = sd.pop(path + ".bias", None)
-        layer = QuantLinear(sd.pop(key), bias, device)  # type: ignore[arg-type]
+        layer = QuantLinear(sd.pop(key), bias, device, dtype)  # type: ignore[arg-type]
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
 
 
@@ -171,7 +173,7 @@ def build_model(
         raise ModelFormatError(
             f"the checkpoint has no tensor {e} that {cfg.architecture} needs"
         ) from None
-    _swap_quantized(model, sd, device)
+    _swap_quantized(model, sd, device, dtype)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}  # type: ignore[union-attr]
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
