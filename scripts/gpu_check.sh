@@ -9,25 +9,26 @@ set -uo pipefail
 out=${1:-gpu-check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 LLMOPT_TEST_DEVICE=cuda
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
+py=${PYTHON:-python3}  # the interpreter that has torch (and llmopt importable)
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 # The semantic-cache test needs the optional embeddings package; the GGUF-export and
 # quantize-on-CPU tests need nothing of the GPU.
-timeout 330 python -m pytest -q -p no:cacheprovider --junitxml "$out/junit.xml" \
+timeout 330 "$py" -m pytest -q -p no:cacheprovider --junitxml "$out/junit.xml" \
   tests/test_cuda.py tests/test_engine.py tests/test_parity.py tests/test_server.py \
   tests/test_quantize.py::test_cuda_quantizes_and_runs_like_the_cpu \
   tests/test_quantize.py::test_cuda_bf16_runs_int4_on_torchs_kernel \
   -k "not semantic" 2>&1 | tee "$out/pytest.log" || status=1
-timeout 120 python scripts/bench_cuda.py --json >"$out/bench_cuda.json" 2>"$out/bench.log" || status=1
+timeout 120 "$py" scripts/bench_cuda.py --json >"$out/bench_cuda.json" 2>"$out/bench.log" || status=1
 cat "$out/bench_cuda.json"
 model=smollm2-135m-instruct
 q4="$(mktemp -d)/q4"
 {
-  timeout 60 python -m llmopt quantize $model --int4 --method rtn --group-size 128 \
+  timeout 60 "$py" -m llmopt quantize $model --int4 --method rtn --group-size 128 \
     --device cuda --no-eval --json -o "$q4" &&
     for m in $model "$q4"; do
-      timeout 45 python -m llmopt bench "$m" --offline --device cuda --dtype bfloat16 --json
+      timeout 45 "$py" -m llmopt bench "$m" --offline --device cuda --dtype bfloat16 --json
     done
 } >"$out/offline.json" 2>>"$out/bench.log" || status=1
 cat "$out/offline.json"
