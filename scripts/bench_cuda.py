@@ -27,9 +27,9 @@ from llmopt.bench.decode import (
     transformers_decode,
     weight_bytes,
 )
+from llmopt.bench.offline import run_batch
 from llmopt.bench.setup import bench_model, machine_info
 from llmopt.engine.llm import build_engine
-from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel, load_model
 
@@ -58,14 +58,8 @@ def llmopt_batch(loaded: LoadedModel, prompts: list[list[int]], n: int) -> float
         scheduler_config=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096),
         prefix_cache=False,
     )
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    t = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    while engine.has_unfinished():
-        for rid in engine.step():
-            engine.take(rid)
-    return len(prompts) * n / (time.perf_counter() - t)
+    _, total = run_batch(engine, prompts, n)
+    return len(prompts) * n / total
 
 
 def transformers_batch(model, prompts: list[list[int]], n: int, pad_id: int) -> float:
@@ -138,7 +132,7 @@ def main() -> None:
         "tokens": args.tokens,
         "results": results,
         "llmopt_over_transformers": ratios,
-        "median_ratio": statistics.median(ratios.values()),
+        "median_ratio": round(statistics.median(ratios.values()), 2),
     }
     if args.json:
         print(json.dumps(summary, indent=2))

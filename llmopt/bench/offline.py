@@ -24,7 +24,7 @@ def _random_ids(engine: Engine, n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(n)]  # skip the special tokens
 
 
-def _run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+def run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
     """(seconds to the last prompt's first token, seconds in all) for one batch."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
@@ -47,15 +47,15 @@ def offline_bench(
     engine.check_fits(pp, 1)
     engine.check_fits(16, tg)
     rng = random.Random(seed)
-    _run(engine, [_random_ids(engine, 16, rng)], 4)  # warm-up: kernels, allocator
+    run_batch(engine, [_random_ids(engine, 16, rng)], 4)  # warm-up: kernels, allocator
     pp_rates, tg_rates, batch_rates = [], [], []
     for _ in range(repeats):
-        ttft, _ = _run(engine, [_random_ids(engine, pp, rng)], 1)
+        ttft, _ = run_batch(engine, [_random_ids(engine, pp, rng)], 1)
         pp_rates.append(pp / ttft)
-        ttft, total = _run(engine, [_random_ids(engine, 16, rng)], tg)
+        ttft, total = run_batch(engine, [_random_ids(engine, 16, rng)], tg)
         tg_rates.append((tg - 1) / (total - ttft))
         if batch > 1:
-            _, total = _run(engine, [_random_ids(engine, 16, rng) for _ in range(batch)], tg)
+            _, total = run_batch(engine, [_random_ids(engine, 16, rng) for _ in range(batch)], tg)
             batch_rates.append(batch * tg / total)
     out: dict[str, Any] = {
         f"pp{pp}_tokens_per_s": _mean_std(pp_rates),

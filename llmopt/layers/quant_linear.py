@@ -78,15 +78,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", qw.scale.float().to(device))  # (out, G)
         self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
         self.perm = None if qw.perm is None else qw.perm.to(device)
-        self.kernel: str | None = None
+        self.kernel: str | None = None  # read by dequantize(), which the CUDA check calls
         if device.type == "cpu":
             self.kernel = self._pack_cpu_kernel(qw)
         else:
             self.kernel = self._pack_cuda_kernel(qw) if dtype == torch.bfloat16 else None
         # The most rows the row kernels take before the dense path does.
-        self.kernel_rows = {"qgemv": QGEMV_MAX_ROWS, "int4-cuda": sys.maxsize}.get(
-            self.kernel or "", UPCAST_MIN_ROWS - 1
-        )
+        self.kernel_rows = QGEMV_MAX_ROWS if self.kernel == "qgemv" else UPCAST_MIN_ROWS - 1
 
     def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
         """Prepare the operand of a CPU kernel that takes this weight, and drop the
@@ -203,8 +201,9 @@ class QuantLinear(nn.Module):
         out_dtype = out_dtype or x.dtype
         if self.kernel == "qgemv" and x.shape[0] <= self.kernel_rows and x.dtype in _QGEMV_DTYPES:
             return self.qgemv(x, out_dtype if out_dtype in _QGEMV_DTYPES else None).to(out_dtype)
-        if self.kernel == "int4-cuda" and x.dtype == torch.bfloat16:
-            y = torch._weight_int4pack_mm(x.contiguous(), self.w4, self.group_size, self.sz4)
+        if self.kernel == "int4-cuda":  # every row count; the codes live only in w4
+            xb = x.to(torch.bfloat16).contiguous()
+            y = torch._weight_int4pack_mm(xb, self.w4, self.group_size, self.sz4)
             y = y if self.bias is None else y + self.bias
             return y.to(out_dtype)
         if self.kernel in ("int8", "int4") and x.shape[0] <= self.kernel_rows:
