@@ -39,6 +39,41 @@ def test_native_decode_matches_torch(heads, kv_heads, lens, dim) -> None:
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shared", [300, 64, 63, 600])
+def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
+    """Sequences whose first keys lie in the same slots (a cached prefix) are attended a
+    chunk of the prefix at a time for the whole group (cascade): two groups of different
+    prefixes, own tails of different lengths (one empty past the prefix but for its new
+    token, one that diverges inside a chunk), and a sequence alone. 63 shared keys: under
+    the minimum, nothing is shared."""
+    native = NativeCpuAttention.load()
+    assert native is not None
+    torch.manual_seed(2)
+    heads, kv_heads, dim, total = 9, 3, 64, 2400
+    k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
+    perm = torch.randperm(total)
+    prefix_a, prefix_b, free = perm[:shared], perm[shared : 2 * shared], perm[2 * shared :]
+    tails = iter(free.split(40))
+    rows = [
+        torch.cat([prefix_a, next(tails)[:1]]),  # only its new token of its own
+        torch.cat([prefix_a, next(tails)]),
+        torch.cat([prefix_a[: shared - 7], next(tails)]),  # diverges inside the prefix
+        torch.cat([prefix_b, next(tails)[:13]]),
+        next(tails)[:29],  # alone
+        torch.cat([prefix_b, next(tails)[:3]]),
+    ]
+    lens = [len(r) for r in rows]
+    longest = max(lens)
+    padded = torch.stack([torch.cat([r, r[:1].expand(longest - len(r))]) for r in rows])
+    lengths = torch.tensor(lens)
+    valid = torch.arange(longest)[None, :] < lengths[:, None]
+    batch = DecodeBatch(padded, lengths, valid)
+    q = torch.randn(len(rows), heads, dim)
+    expected = TorchAttention()._decode(q, k, v, batch, 0.125)
+    got = native._decode(q, k, v, batch, 0.125)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_rope_and_store_matches_torch(dtype) -> None:
     """Rotary + KV store in one native call: bit-identical to the torch ops in bf16 (the

@@ -347,8 +347,9 @@ def test_perplexity_with_decode_arithmetic(tiny_llama, tmp_path) -> None:
     out = tmp_path / "int4"
     spec = QuantSpec(4, "rtn", 32, sym=False)
     quantize_folder(tiny_llama, out, spec, "llmopt", "", 0, Console(stderr=True))
-    # Windows longer than QGEMV_MAX_ROWS: the dense path unless decode arithmetic is asked.
-    args = [str(out), "--perplexity", "--ppl-tokens", "200", "--window", "128"]
+    # Windows longer than the kernel takes (QGEMV_MAX_ROWS, AMX_MAX_ROWS with AMX): the
+    # dense path unless decode arithmetic is asked.
+    args = [str(out), "--perplexity", "--ppl-tokens", "400", "--window", "300"]
     args += ["--dtype", "float32", "--json"]
     dense, decode = bench(*args), bench(*args, "--decode-arithmetic")
     assert dense.exit_code == 0 and decode.exit_code == 0, decode.stderr

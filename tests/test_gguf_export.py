@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -68,11 +69,25 @@ def chat_prompt(smollm_llm: LLM) -> tuple[list[int], list[int]]:
     return ids, smollm_llm.generate([ids], GREEDY)[0].token_ids
 
 
-def llama_cpp_greedy(path: Path, prompt: list[int], n: int = 16) -> list[int]:
+def open_llama(path: Path, **kwargs):
+    """llama_cpp.Llama on PATH with weight repacking off. ggml's repacked AMX path (the
+    llama.cpp vendored by llama-cpp-python 0.3.36, built for the machine) dies of an
+    illegal instruction (tileloadd) on a Xeon with AMX; these checks need llama.cpp's
+    reading of the file, which its plain CPU path gives on every machine."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = llama_cpp.Llama(
-        model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=False
-    )
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with patch.object(llama_cpp.llama_cpp, "llama_model_default_params", no_repack):
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], n: int = 16) -> list[int]:
+    model = open_llama(path, n_ctx=256, n_threads=2, logits_all=False)
     out: list[int] = []
     for token in model.generate(prompt, temp=0.0, top_k=1):
         out.append(token)
@@ -84,9 +99,9 @@ def llama_cpp_greedy(path: Path, prompt: list[int], n: int = 16) -> list[int]:
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
 def test_llama_cpp_greedy_matches_llmopt(qtype, export, smollm_llm, chat_prompt) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     path = export(qtype)
-    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = open_llama(path, vocab_only=True)
     tok = smollm_llm.loaded.tokenizer
     # Same vocabulary, merges, pre-tokenizer split and special tokens on both sides.
     for text in (PROMPT, "Digits 12345, ÜTF-8 ünïcödé\n\n  tabs\tand 'quotes'"):
@@ -102,7 +117,7 @@ def test_q4_k_m_through_llama_cpp_is_smaller_and_runs(export, chat_prompt) -> No
     llama_cpp = pytest.importorskip("llama_cpp")
     path = export("Q4_K_M")
     assert path.stat().st_size < export("Q8_0").stat().st_size
-    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = open_llama(path, vocab_only=True)
     assert vocab.metadata["general.file_type"] == str(llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
     vocab.close()
     prompt, expected = chat_prompt
@@ -167,7 +182,7 @@ def test_4_bit_tensor_types_follow_llama_cpp(tmp_path, smollm_folder) -> None:
 
 def test_sentencepiece_vocabulary(tmp_path) -> None:
     spm = pytest.importorskip("sentencepiece")
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from pydoc_data.topics import topics
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -186,7 +201,7 @@ def test_sentencepiece_vocabulary(tmp_path) -> None:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     path = export_gguf(folder, tmp_path / "spm.gguf", "F16")
-    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = open_llama(path, vocab_only=True)
     text = "Hello world: the object's __init__ method, 1234 ünïcödé"
     expected = spm.SentencePieceProcessor(model_proto=model.getvalue()).encode(text)
     assert vocab.tokenize(text.encode(), add_bos=False) == expected

@@ -36,7 +36,7 @@ CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 20])  # 20: AMX tiles where the CPU has them
 def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
     n, k = 43, 384  # not a multiple of the kernel's 8-row blocks
     w_k, scale, offset, w = _operands(n, k, bits, group)
@@ -50,10 +50,11 @@ def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-def test_bf16_activations_within_int8_rounding(bits: int, group: int) -> None:
+@pytest.mark.parametrize("rows", [2, 17])
+def test_bf16_activations_within_int8_rounding(bits: int, group: int, rows: int) -> None:
     n, k = 96, 768
     w_k, scale, offset, w = _operands(n, k, bits, group, seed=1)
-    x = torch.randn(2, k).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
     y = KERNEL(x, Operands(w_k, bits, scale, offset, group))
     assert y.dtype == torch.bfloat16
     ref = x.double() @ w.T
@@ -81,12 +82,39 @@ def test_shapes_it_does_not_take() -> None:
 
 
 def test_rows_are_independent() -> None:
+    """A row's result does not depend on the rows beside it: the same numbers whatever
+    the other rows hold; without AMX also the same as the row alone (one arithmetic for
+    every row count)."""
     w_k, scale, offset, _ = _operands(24, 256, 4, 64)
     x = torch.randn(19, 256)  # more than one 8-row register block, and a partial one
     weight = Operands(w_k, 4, scale, offset, 64)
     whole = KERNEL(x, weight)
+    others = torch.cat([x[:5], torch.randn(14, 256)])
+    assert torch.equal(KERNEL(others, weight)[:5], whole[:5])
     one_by_one = torch.cat([KERNEL(row[None], weight) for row in x])
-    assert torch.equal(whole, one_by_one)  # rows are independent: the same arithmetic
+    if not KERNEL.amx:
+        assert torch.equal(whole, one_by_one)
+    torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(KERNEL is None or not KERNEL.amx, reason="no AMX on this CPU")
+@pytest.mark.parametrize("bits,group", CASES)
+@pytest.mark.parametrize("meta16", [False, True])
+def test_amx_tiles_agree_with_the_row_kernel(bits: int, group: int, meta16: bool) -> None:
+    """From 4 rows on the kernel runs on AMX tiles: the same integer products and terms
+    as the row kernel, summed in another order, so equal to float rounding; partial
+    tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11)."""
+    w_k, scale, offset, _ = _operands(43, 384, bits, group, seed=8)
+    if meta16:
+        scale, offset = qgemv.compact_metadata(scale.half().float(), offset.half().float())
+    weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(43)
+    x = torch.randn(37, 384)
+    tiles = KERNEL(x, weight, bias)
+    rows = torch.cat([KERNEL(x[i : i + 3], weight, bias) for i in range(0, 37, 3)])
+    torch.testing.assert_close(tiles, rows, rtol=1e-5, atol=1e-5)
+    tiles_bf16 = KERNEL(x.bfloat16(), weight, bias)
+    rows_bf16 = torch.cat([KERNEL(r[None], weight, bias) for r in x.bfloat16()])
+    torch.testing.assert_close(tiles_bf16, rows_bf16, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (8, 256, True)])
@@ -99,20 +127,21 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().T
     assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
-    # A batched decode step (or a short prompt) is still the kernel's: row by row, the
-    # same numbers; dequantizing the whole weight for a few rows costs far more.
+    # A batched decode step (or a short prompt) is still the kernel's: dequantizing the
+    # whole weight for a few rows costs far more.
     batch = torch.randn(QGEMV_MAX_ROWS, 256)
-    assert torch.equal(layer(batch), torch.cat([layer(row[None]) for row in batch]))
+    assert layer.kernel_rows >= QGEMV_MAX_ROWS
+    assert torch.equal(layer(batch), layer.qgemv(batch))
 
 
 def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
     torch.manual_seed(3)
     layer = QuantLinear(quantize_rtn(torch.randn(32, 256), 4, 64, False), None, torch.device("cpu"))
-    x = torch.randn(QGEMV_MAX_ROWS + 1, 256)  # prefill-sized: the dense path by default
+    x = torch.randn(layer.kernel_rows + 1, 256)  # prefill-sized: the dense path by default
     dense = layer(x)
     assert use_decode_arithmetic(nn.Sequential(layer)) == 1
     as_decode = layer(x)
-    assert torch.equal(as_decode, torch.cat([layer(row[None]) for row in x]))
+    assert torch.equal(as_decode, layer.qgemv(x))
     assert not torch.equal(as_decode, dense)  # int8-rounded activations
     assert ((as_decode - dense).norm() / dense.norm()).item() < 0.02
 

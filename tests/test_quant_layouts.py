@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmopt.layers.quant_linear import QGEMV_MAX_ROWS, QuantLinear
+from llmopt.layers.linear import cpu_has_amx
+from llmopt.layers.quant_linear import QuantLinear
 from llmopt.quant.layouts import awq, gptq, native
 from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 from llmopt.quant.spec import QuantSpec
@@ -112,10 +113,27 @@ def test_quant_linear_matches_dequantized_weight(bits, group, sym, shape) -> Non
     layer = QuantLinear(qw, torch.randn(shape[0]), torch.device("cpu"))
     ref = qw.dequantize()
     torch.testing.assert_close(layer.dequantize(torch.float32), ref, rtol=0, atol=0)
-    for rows in (1, QGEMV_MAX_ROWS + 1):  # the row kernel (int8 activations), the dense path
-        x = torch.randn(rows, shape[1])
-        tol = 0.05 if rows <= layer.kernel_rows and layer.kernel else 1e-4
-        torch.testing.assert_close(layer(x), x @ ref.T + layer.bias, rtol=tol, atol=tol * 10)
+    # bf16 rounded as torch rounds (the AMX dense path multiplies this copy)
+    assert torch.equal(layer.dequantize(torch.bfloat16), ref.bfloat16())
+    x = torch.randn(1, shape[1])
+    if layer.kernel:  # the row kernel (int8 activations)
+        torch.testing.assert_close(layer(x), x @ ref.T + layer.bias, rtol=0.05, atol=0.5)
+    else:  # no row kernel takes the shape: the dense path
+        _assert_dense_product(layer(x), x, ref, layer.bias)
+    x = torch.randn(layer.kernel_rows + 1, shape[1])  # the dense path
+    _assert_dense_product(layer(x), x, ref, layer.bias)
+
+
+def _assert_dense_product(got, x, w, bias=None) -> None:
+    """got == x w^T (+ bias) as QuantLinear's dense CPU path computes it: a bf16 GEMM on
+    AMX (the same rounding, summed in another order: a bf16 step apart at most), else
+    fp32."""
+    if cpu_has_amx():
+        want, tol = (x.bfloat16() @ w.bfloat16().T).float(), 1e-2
+    else:
+        want, tol = x @ w.T, 1e-4
+    want = want if bias is None else want + bias
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_quant_linear_with_act_order_permutes_its_input() -> None:
@@ -123,6 +141,7 @@ def test_quant_linear_with_act_order_permutes_its_input() -> None:
     qw = quantize_rtn(torch.randn(64, 128), 4, 32)
     qw.perm = torch.randperm(128)
     layer = QuantLinear(qw, None, torch.device("cpu"))
-    for rows, tol in ((7, 0.05), (QGEMV_MAX_ROWS + 1, 1e-4)):  # row kernel, dense path
-        x = torch.randn(rows, 128)
-        torch.testing.assert_close(layer(x), x @ qw.dequantize().T, rtol=tol, atol=tol * 10)
+    x = torch.randn(7, 128)  # row kernel
+    torch.testing.assert_close(layer(x), x @ qw.dequantize().T, rtol=0.05, atol=0.5)
+    x = torch.randn(layer.kernel_rows + 1, 128)  # dense path
+    _assert_dense_product(layer(x), x, qw.dequantize())

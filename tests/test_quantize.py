@@ -32,12 +32,11 @@ def _logits(path: Path, ids: list[int], dense: bool = False) -> torch.Tensor:
     those of the dequantized weights (short prompts otherwise go through qgemv, whose
     activations are rounded to int8)."""
     from llmopt.engine.llm import build_engine
-    from llmopt.layers.quant_linear import QuantLinear
+    from llmopt.layers.quant_linear import use_exact_arithmetic
 
     loaded = _load(path)
-    for m in loaded.model.modules():
-        if dense and isinstance(m, QuantLinear):
-            m.kernel_rows = 0
+    if dense:
+        use_exact_arithmetic(loaded.model)
     return build_engine(loaded, max_context=64).prompt_logits(ids)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,19 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 
 
 @cache
+def _cpu_identity() -> bytes:
+    """What -march=native compiles for: a library built on one CPU may not run on another
+    (AVX-512 code on an AVX2 machine dies of an illegal instruction), and LLMOPT_HOME may
+    outlive the machine (a copied home, a VM moved to other hardware)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine().encode() + platform.processor().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)})).encode()
+
+
+@cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled library for llmopt/kernels/NAME.c, or None without a C compiler."""
     src = Path(__file__).with_name(f"{name}.c")
@@ -28,7 +42,7 @@ def load(name: str) -> ctypes.CDLL | None:
     # another's code (decode_layers.c does), and an edit to it must rebuild both.
     sources = sorted(src.parent.glob("*.[ch]"))
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode()
+        b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode() + _cpu_identity()
     ).hexdigest()[:16]
     lib = llmopt_home() / "kernels" / f"{name}-{digest}.so"
     if not lib.is_file():

@@ -23,6 +23,9 @@
  * made about twice the error. llama.cpp's Q8_1 activation blocks keep the same sum.
  * The rounding of x (half a step of max|x|/127 per input) is the error this adds.
  *
+ * Where the CPU has AMX-INT8, calls of AMX_MIN_ROWS rows or more go to qgemm_amx.c: the
+ * same quantized x and the same integer products on AMX tiles, summed in another order.
+ *
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
@@ -46,6 +49,14 @@
 #endif
 
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
+
+/* u8 x s8 dot products of 4 into int32 lanes, where the CPU has VNNI (AVX512-VNNI with
+ * VL, or AVX-VNNI): acc + sum of 4 products per lane. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
 
 /* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the sums of
  * the rounded inputs per weight group xsum (K / group,). */
@@ -121,6 +132,22 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
             x0 = _mm256_sign_epi8(x0, s0);
             x1 = _mm256_sign_epi8(x1, s1);
         }
+#ifdef DPBUSD
+        /* VNNI: each half's 32 multiply-adds straight into int32 lanes, one instruction
+         * (the same integers as the two-step AVX2 sum below: no pair saturates there) */
+        const __m256i zero = _mm256_setzero_si256();
+        if (halves) {
+            const __m256 p0 = _mm256_cvtepi32_ps(DPBUSD(zero, w0, x0));
+            const __m256 p1 = _mm256_cvtepi32_ps(DPBUSD(zero, w1, x1));
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + 2 * c), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + 2 * c + 1), acc[r][1]);
+        } else {
+            const __m256i p = DPBUSD(DPBUSD(zero, w0, x0), w1, x1);
+            acc[r][slot] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc[r][slot]);
+        }
+        (void)ones;
+#else
         const __m256i h0 = _mm256_maddubs_epi16(w0, x0), h1 = _mm256_maddubs_epi16(w1, x1);
         if (halves) {
             const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h0, ones));
@@ -136,6 +163,7 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
             acc[r][slot] =
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc[r][slot]);
         }
+#endif
     }
 }
 
@@ -286,6 +314,14 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
 }
 #endif
 
+#include "qgemm_amx.c"
+
+/* Rows of x from which AMX tiles (where the CPU has them) beat the row kernel below. */
+#define AMX_MIN_ROWS 4
+
+/* 1 when calls of AMX_MIN_ROWS rows or more run on AMX tiles. */
+int qgemv_amx(void) { return amx_ready(); }
+
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
 int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
           const void *offset, int group, int meta16, int N, const float *bias, void *y,
@@ -311,6 +347,13 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
         quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     const size_t w_row = (size_t)K * bits / 8;
+    if (M >= AMX_MIN_ROWS && amx_ready()) {
+        const int rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta16, N,
+                                 bias, y, y_bf16);
+        free(xq);
+        free(xd);
+        return rc;
+    }
     /* Rows of W in blocks of 8: the offset terms, scales and sums of 8 rows are then
      * vector operations, and the offsets of a block lie together (see the layout). A
      * block's weights stay in cache while every row of x passes over them, so W is read
@@ -339,12 +382,13 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     return 0;
 }
 
-/* W (N, K) in fp32 from qgemv's operands (same layouts), written in one pass: the dense
- * path of calls with more rows than the kernel serves well multiplies this copy (a
- * 3072 x 576 int4 matrix: 0.3 ms, against 3.4 for unpacking, widening, scaling and
- * offsetting it in torch). Returns 0, or -1 for shapes qgemv does not take. */
+/* W (N, K) in fp32 or bf16 (out_bf16) from qgemv's operands (same layouts), written in
+ * one pass: the dense path of calls with more rows than the kernel serves well
+ * multiplies this copy (a 3072 x 576 int4 matrix: 0.3 ms, against 3.4 for unpacking,
+ * widening, scaling and offsetting it in torch). bf16 rounds as torch does (nearest
+ * even). Returns 0, or -1 for shapes qgemv does not take. */
 int qdequant(const void *w, int bits, const void *scale, const void *offset, int group,
-             int meta16, int N, int K, float *out) {
+             int meta16, int N, int K, void *out, int out_bf16) {
     if (K % QB || K % group || !(group == 32 || group % QB == 0) || (bits != 4 && bits != 8))
         return -1;
     const int ng = K / group;
@@ -353,12 +397,12 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
         const uint8_t *wn = (const uint8_t *)w + (size_t)n * K * bits / 8;
         const size_t sn = (size_t)n * ng;
         const size_t on = (size_t)(n / 8) * ng * 8 + n % 8; /* group g at on + 8 g */
-        float *yn = out + (size_t)n * K;
+        float buf[32];
         for (int k0 = 0; k0 < K; k0 += 32) { /* 32 inputs share a group */
             const int g = k0 / group;
             const float s = load_meta(scale, sn + g, meta16);
             const float o = load_meta(offset, on + 8 * g, meta16);
-            float *yk = yn + k0;
+            float *yk = out_bf16 ? buf : (float *)out + (size_t)n * K + k0;
             if (bits == 4) { /* inputs k0..k0+31 are the low or the high nibbles of a chunk */
                 const uint8_t *b = wn + (k0 / QB) * 32;
                 const int shift = (k0 % QB) ? 4 : 0;
@@ -368,6 +412,11 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
                 const int8_t *q = (const int8_t *)wn + k0;
 #pragma omp simd
                 for (int j = 0; j < 32; j++) yk[j] = s * (float)q[j] + o;
+            }
+            if (out_bf16) {
+                uint16_t *yb = (uint16_t *)out + (size_t)n * K + k0;
+#pragma omp simd
+                for (int j = 0; j < 32; j++) yb[j] = f32_to_bf16(buf[j]);
             }
         }
     }

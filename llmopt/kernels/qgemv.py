@@ -92,9 +92,12 @@ def compact_metadata(
 
 
 class QGemv:
-    def __init__(self, fn, dequant_fn) -> None:  # the C functions, signatures declared
+    def __init__(self, fn, dequant_fn, amx: bool) -> None:  # the C functions, declared
         self.fn = fn
         self.dequant_fn = dequant_fn
+        # Calls of several rows run on AMX tiles (qgemm_amx.c): then the kernel beats a
+        # dequantize-and-GEMM at every row count.
+        self.amx = amx
 
     def __call__(
         self,
@@ -129,9 +132,14 @@ class QGemv:
         return call
 
     def dequantize(self, weight: Operands, out: torch.Tensor) -> torch.Tensor:
-        """The dense weight, written into out (N, K) fp32 in one pass."""
+        """The dense weight, written into out (N, K) fp32 or bf16 in one pass."""
         n, k = out.shape
-        if not out.is_contiguous() or self.dequant_fn(*weight.pointers(), n, k, out.data_ptr()):
+        bf16 = out.dtype == torch.bfloat16
+        if (
+            not out.is_contiguous()
+            or out.dtype not in (torch.float32, torch.bfloat16)
+            or self.dequant_fn(*weight.pointers(), n, k, out.data_ptr(), int(bf16))
+        ):
             raise weight.refused(k)
         return out
 
@@ -145,7 +153,10 @@ def load() -> QGemv | None:
     # x, x_bf16, M, K, w, bits, scale, offset, group, meta16, N, bias, y, y_bf16
     argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, ptr, ptr, i32]
     fn = function("qgemv", argtypes, i32)
-    # w, bits, scale, offset, group, meta16, N, K, out
-    dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr]
+    # w, bits, scale, offset, group, meta16, N, K, out, out_bf16
+    dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr, i32]
     dequant_fn = function("qgemv", dequant_argtypes, i32, "qdequant")
-    return None if fn is None or dequant_fn is None else QGemv(fn, dequant_fn)
+    amx_fn = function("qgemv", [], i32, "qgemv_amx")
+    if fn is None or dequant_fn is None or amx_fn is None:
+        return None
+    return QGemv(fn, dequant_fn, bool(amx_fn()))

@@ -11,12 +11,16 @@ is the speed of reading the integers:
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations, for
   fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are 4-8x slower than
   fp32.
+- CPU with AMX-INT8 (Sapphire Rapids and later): the same kernel runs calls of 4 rows
+  and more on AMX tiles (kernels/qgemm_amx.c: the same integer products, 16 rows of W
+  by 16 rows of x per instruction), up to AMX_MAX_ROWS rows (a 16-sequence decode step
+  of SmolLM2's int4 g32 3072 x 576: 0.73 -> 0.11 ms).
 - CUDA with bf16 activations, int4 with group 32-256: torch's tinygemm kernel
   (`_weight_int4pack_mm`, sm80+) for every row count, checked against the codes once
   at load (a layout torch changed falls back below instead of computing garbage).
 - otherwise (longer prompts, fp32 on CUDA, layouts no kernel takes): the weight is
   dequantized into a reused scratch buffer and multiplied densely; on the CPU from
-  about 100 rows on a dense fp32 GEMM wins.
+  about 100 rows on a dense fp32 GEMM wins, and on AMX a bf16 one (cpu_gemm_dtype).
 
 Storage stays int8/int4 either way: the dense copy lives only for one call.
 """
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmopt.kernels import qgemv
-from llmopt.layers.linear import UPCAST_MIN_ROWS
+from llmopt.layers.linear import UPCAST_MIN_ROWS, cpu_has_amx
 from llmopt.quant.qweight import QuantizedWeight
 
 # qgemv against dequantize-and-GEMM (2 threads, bf16 rows): int4 g64 3072 x 576 at
@@ -40,6 +44,11 @@ from llmopt.quant.qweight import QuantizedWeight
 # 149. Dequantizing writes the whole weight in fp32 every call, which few rows never
 # pay back.
 QGEMV_MAX_ROWS = 64
+# With AMX (qgemm_amx.c) the kernel keeps the lead longer, against oneDNN's bf16 GEMM on
+# AMX (2 threads, int4 g32 3072 x 576 at 64 / 128 / 256 / 512 rows: 0.67 / 1.28 / 2.48 /
+# 4.62 ms against 1.25 / 1.53 / 2.48 / 2.89): the kernel's per-32-input float scaling
+# costs more than oneDNN's dequantized copy from about 256 rows on.
+AMX_MAX_ROWS = 256
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
 _QGEMV_DTYPES = (torch.bfloat16, torch.float32)  # activations qgemv reads and writes
@@ -84,7 +93,13 @@ class QuantLinear(nn.Module):
         else:
             self.kernel = self._pack_cuda_kernel(qw) if dtype == torch.bfloat16 else None
         # The most rows the row kernels take before the dense path does.
-        self.kernel_rows = QGEMV_MAX_ROWS if self.kernel == "qgemv" else UPCAST_MIN_ROWS - 1
+        self.kernel_rows = UPCAST_MIN_ROWS - 1
+        if self.kernel == "qgemv":
+            self.kernel_rows = AMX_MAX_ROWS if self.qgemv_amx else QGEMV_MAX_ROWS
+        # The dense path's GEMM on the CPU: bf16 on AMX (inputs and outputs rounded to
+        # bf16, finer than the row kernel's int8 activations), else fp32. A check of the
+        # dequantized weights' exact logits sets fp32.
+        self.cpu_gemm_dtype = torch.bfloat16 if cpu_has_amx() else torch.float32
 
     def _pack_cpu_kernel(self, qw: QuantizedWeight) -> str | None:
         """Prepare the operand of a CPU kernel that takes this weight, and drop the
@@ -107,6 +122,7 @@ class QuantLinear(nn.Module):
                 self.wq, self.bits, self.kscale, self.koffset, self.group_size
             )
             self.qgemv = kernel.bind(self.operands, self.kernel_bias)
+            self.qgemv_amx = kernel.amx
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
@@ -183,15 +199,18 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) weight in `dtype`, written into a per-thread scratch buffer."""
         out, n, g = self.out_features, self.in_features, self.group_size
-        if self.kernel == "qgemv" and dtype == torch.float32:
+        if self.kernel == "qgemv" and dtype in (torch.float32, torch.bfloat16):
             w = _buffer(out * n, dtype, self.scale.device).view(out, n)
             kernel = qgemv.load()
             assert kernel is not None  # loaded when this layer chose it
             return kernel.dequantize(self.operands, w)
-        w = _buffer(out * n, dtype, self.scale.device).view(out, n // g, g)
+        # In fp32 (a bf16 or fp16 copy is the fp32 weight rounded once, as qdequant's)
+        w = _buffer(out * n, torch.float32, self.scale.device).view(out, n // g, g)
         w.copy_(self.codes().view(out, n // g, g))
-        w.mul_(self.scale[..., None].to(dtype)).add_(self.offset[..., None].to(dtype))
-        return w.view(out, n)
+        w.mul_(self.scale[..., None]).add_(self.offset[..., None])
+        if dtype == torch.float32:
+            return w.view(out, n)
+        return _buffer(out * n, dtype, self.scale.device).view(out, n).copy_(w.view(out, n))
 
     def forward(
         self, x: torch.Tensor, out_dtype: torch.dtype | None = None
@@ -214,8 +233,13 @@ class QuantLinear(nn.Module):
                 y = torch._weight_int4pack_mm_for_cpu(xb, self.w4, self.group_size, self.sz4)
             y = y.to(out_dtype)
             return y if self.bias is None else y + self.bias
-        dtype = torch.float32 if x.device.type == "cpu" else x.dtype
-        y = F.linear(x.to(dtype), self.dequantize(dtype), self.bias)
+        if x.device.type != "cpu":
+            y = F.linear(x, self.dequantize(x.dtype), self.bias)
+            return y.to(out_dtype)
+        dtype = self.cpu_gemm_dtype
+        y = F.linear(x.to(dtype), self.dequantize(dtype))
+        if self.bias is not None:
+            y = y.float() + self.bias
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
@@ -237,6 +261,14 @@ def use_decode_arithmetic(model: nn.Module) -> int:
             m.kernel_rows = sys.maxsize
             switched += 1
     return switched
+
+
+def use_exact_arithmetic(model: nn.Module) -> None:
+    """Make every quantized linear multiply its dequantized weight in fp32 for any number
+    of rows: the logits of the dequantized model, for checks of the weights themselves."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel_rows, m.cpu_gemm_dtype = 0, torch.float32
 
 
 def _signed_int8(q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,234 @@
+/* qgemv's arithmetic on AMX tiles, for calls with more than a few rows of x (batched
+ * decode steps, prefill chunks) on CPUs with AMX-INT8 (Sapphire Rapids and later).
+ * Included by qgemv.c, which quantizes x (quantize_row) and calls qgemm_amx.
+ *
+ * Why: the AVX2 row kernel spends about ten instructions per 64 multiply-adds (the
+ * unpacking, the int16/int32 widening and a float scale per 32 weights), so 16 rows of
+ * x cost 16 passes of that arithmetic over W. One AMX tile product multiplies 16 rows
+ * of W by 16 rows of x over 32 inputs (8,192 multiply-adds) in one instruction, and
+ * the per-group float scaling is then done once per tile.
+ *
+ * Orientation: the tiles compute C^T = W x^T, C[n][m] = sum_k W[n, k] x[m, k], so that
+ * W's rows load as they are stored (A operand: 16 rows x 32 codes, int4 unpacked to
+ * one byte each) and x, quantized per call anyway, is laid out in the B operand's
+ * VNNI order (8 rows of 4 inputs x 16 rows of x). A 16 x 16 tile of C per 32 inputs:
+ *   y[m, n] = sum_c xd[m, c] * (scale[n, g] * C_c0[n][m] + scale[n, g'] * C_c1[n][m])
+ *           + sum_g offset[n, g] * xsum[m, g] + bias[n]
+ * the same terms as qgemv's, in another order of the float sums (the integer dot
+ * products are exact either way). Accumulators: acc[n] holds y[., n0 + n] for the 16
+ * rows of the x tile, one zmm per row of W.
+ */
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_T 16 /* rows of W and of x per tile */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Tiles: 0, 1 accumulators (16 x 16 int32); 2, 3 the two 32-input halves of a 64-input
+ * chunk of W (16 rows x 32 bytes); 4, 5 the same halves of x (8 x 64 bytes). */
+static void amx_configure(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 2; t++) cfg.rows[t] = AMX_T, cfg.colsb[t] = 64;
+    for (int t = 2; t < 4; t++) cfg.rows[t] = AMX_T, cfg.colsb[t] = 32;
+    for (int t = 4; t < 6; t++) cfg.rows[t] = 8, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* Linux hands a process the AMX register state only when asked (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XTILEDATA); a refusal (an old kernel, a hypervisor that hides
+ * it) leaves the AVX row kernel in charge. Asked once. */
+static int amx_ready(void) {
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* REQ_XCOMP_PERM */, 18) == 0;
+    return state;
+}
+
+/* 16 rows of W from n0 (`rows` real, the rest zero), chunk c, as two 16 x 32 byte
+ * tiles: a[0] inputs 64c .. 64c+31, a[1] the next 32. */
+static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int rows, int c,
+                         uint8_t a[2][AMX_T][32]) {
+    for (int n = 0; n < AMX_T; n++) {
+        if (n >= rows) {
+            memset(a[0][n], 0, 32);
+            memset(a[1][n], 0, 32);
+            continue;
+        }
+        const uint8_t *src = w + (size_t)n * w_row + (size_t)c * QB * bits / 8;
+        if (bits == 4) { /* byte j: input j low, input j + 32 high */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)src);
+            const __m256i low = _mm256_set1_epi8(0x0f);
+            _mm256_storeu_si256((__m256i *)a[0][n], _mm256_and_si256(v, low));
+            _mm256_storeu_si256((__m256i *)a[1][n],
+                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+        } else {
+            memcpy(a[0][n], src, 32);
+            memcpy(a[1][n], src + 32, 32);
+        }
+    }
+}
+
+/* dst[i] = metadata element at + i for i < n, widened from fp16 (F16C) or copied. */
+static void meta_to_f32(float *dst, const void *src, size_t at, int n, int f16) {
+    if (!f16) {
+        memcpy(dst, (const float *)src + at, sizeof(float) * n);
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)src + at;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+    for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
+}
+
+/* acc[n] += the tile products of chunk c scaled: C0 (and C1 for group 32, whose halves
+ * have scales of their own) times scale[n, g] (s0[n * ng], s1[n * ng]) times xd of the
+ * tile's rows. */
+static inline __attribute__((always_inline)) void scale_chunk(__m512 acc[AMX_T], int halves,
+                                                              const int32_t c0[AMX_T][AMX_T],
+                                                              const int32_t c1[AMX_T][AMX_T],
+                                                              const float *s0,
+                                                              const float *s1, int ng,
+                                                              __m512 xdv) {
+    for (int n = 0; n < AMX_T; n++) {
+        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c0[n])),
+                                 _mm512_set1_ps(s0[n * ng]));
+        if (halves)
+            t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c1[n])),
+                                _mm512_set1_ps(s1[n * ng]), t);
+        acc[n] = _mm512_fmadd_ps(t, xdv, acc[n]);
+    }
+}
+
+/* y (M, N) = x W^T + b with x already quantized: xq (M, K), xd (M, K / 64), xsum
+ * (M, K / group), as quantize_row writes them. Operands as qgemv's. Returns 0, or -1
+ * when out of memory. */
+static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
+                     const uint8_t *w, int bits, const void *scale, const void *offset,
+                     int group, int meta16, int N, const float *bias, void *y, int y_bf16) {
+    const int nc = K / QB, ng = K / group, halves = group == 32, nt = (M + AMX_T - 1) / AMX_T;
+    const int ns = K / 32; /* 32-input halves */
+    /* x in the B operand's order, per tile of 16 rows and half: xv[t][s] is 8 rows of
+     * 16 dwords, dword (kk, m) = inputs 32 s + 4 kk .. + 3 of row 16 t + m (zero rows
+     * past M); and per tile the row factors transposed: xdt[t][c][m], xst[t][g][m]. */
+    int32_t *xv = calloc((size_t)nt * ns * 8 * AMX_T, sizeof(int32_t));
+    float *xdt = calloc((size_t)nt * (nc + ng) * AMX_T, sizeof(float));
+    if (!xv || !xdt) {
+        free(xv);
+        free(xdt);
+        return -1;
+    }
+    float *xst = xdt + (size_t)nt * nc * AMX_T;
+    for (int m = 0; m < M; m++) {
+        const int t = m / AMX_T, r = m % AMX_T;
+        const int32_t *row = (const int32_t *)(xq + (size_t)m * K);
+        for (int s = 0; s < ns; s++)
+            for (int kk = 0; kk < 8; kk++)
+                xv[(((size_t)t * ns + s) * 8 + kk) * AMX_T + r] = row[s * 8 + kk];
+        for (int c = 0; c < nc; c++) xdt[((size_t)t * nc + c) * AMX_T + r] = xd[(size_t)m * nc + c];
+        for (int g = 0; g < ng; g++)
+            xst[((size_t)t * ng + g) * AMX_T + r] = xsum[(size_t)m * ng + g];
+    }
+    const size_t w_row = (size_t)K * bits / 8;
+    const int nb = (N + AMX_T - 1) / AMX_T;
+#pragma omp parallel
+    {
+        amx_configure();
+        /* The block's scales sc[n][g] and offsets of[g][n] in fp32 (converted once per
+         * block: scalar fp16 conversions here cost more than the tiles' arithmetic) */
+        float sc[AMX_T * ng], of[ng * AMX_T];
+#pragma omp for schedule(static)
+        for (int b = 0; b < nb; b++) {
+            const int n0 = b * AMX_T, rows = N - n0 < AMX_T ? N - n0 : AMX_T;
+            meta_to_f32(sc, scale, (size_t)n0 * ng, rows * ng, meta16);
+            memset(sc + rows * ng, 0, sizeof(float) * (AMX_T - rows) * ng);
+            /* offsets are blocked by 8 rows: (g, 8 rows) runs, zero-padded past N */
+            const int half = rows > 8 ? 2 : 1;
+            for (int h = 0; h < 2; h++)
+                for (int g = 0; g < ng; g++) {
+                    float *dst = of + g * AMX_T + 8 * h;
+                    if (h < half)
+                        meta_to_f32(dst, offset, ((size_t)(n0 / 8 + h) * ng + g) * 8, 8, meta16);
+                    else
+                        memset(dst, 0, 8 * sizeof(float));
+                }
+            const uint8_t *wb = w + (size_t)n0 * w_row;
+            for (int t = 0; t < nt; t++) {
+                __m512 acc[AMX_T];
+                for (int n = 0; n < AMX_T; n++) acc[n] = _mm512_setzero_ps();
+                for (int c = 0; c < nc; c++) {
+                    uint8_t a[2][AMX_T][32];
+                    int32_t c0[AMX_T][AMX_T], c1[AMX_T][AMX_T];
+                    load_w_chunk(wb, w_row, bits, rows, c, a);
+                    const int32_t *xb = xv + ((size_t)t * ns + 2 * c) * 8 * AMX_T;
+                    _tile_zero(0);
+                    _tile_loadd(2, a[0], 32);
+                    _tile_loadd(3, a[1], 32);
+                    _tile_loadd(4, xb, 64);
+                    _tile_loadd(5, xb + 8 * AMX_T, 64);
+                    if (bits == 4) { /* unsigned codes times signed x */
+                        _tile_dpbusd(0, 2, 4);
+                        if (halves) {
+                            _tile_zero(1);
+                            _tile_dpbusd(1, 3, 5);
+                        } else {
+                            _tile_dpbusd(0, 3, 5);
+                        }
+                    } else { /* int8 holds q - 128: signed times signed */
+                        _tile_dpbssd(0, 2, 4);
+                        if (halves) {
+                            _tile_zero(1);
+                            _tile_dpbssd(1, 3, 5);
+                        } else {
+                            _tile_dpbssd(0, 3, 5);
+                        }
+                    }
+                    _tile_stored(0, c0, 64);
+                    if (halves) _tile_stored(1, c1, 64);
+                    const __m512 xdv = _mm512_loadu_ps(xdt + ((size_t)t * nc + c) * AMX_T);
+                    const int g0 = halves ? 2 * c : c * QB / group;
+                    scale_chunk(acc, halves, c0, c1, sc + g0, sc + g0 + 1, ng, xdv);
+                }
+                for (int g = 0; g < ng; g++) {
+                    const __m512 xs = _mm512_loadu_ps(xst + ((size_t)t * ng + g) * AMX_T);
+                    for (int n = 0; n < AMX_T; n++)
+                        acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(of[g * AMX_T + n]), xs, acc[n]);
+                }
+                /* acc[n][m] -> y[16 t + m, n0 + n]: through a 16 x 16 transpose in memory */
+                float tr[AMX_T][AMX_T];
+                for (int n = 0; n < AMX_T; n++) _mm512_storeu_ps(tr[n], acc[n]);
+                const int mrows = M - t * AMX_T < AMX_T ? M - t * AMX_T : AMX_T;
+                for (int r = 0; r < mrows; r++) {
+                    const size_t at = (size_t)(t * AMX_T + r) * N + n0;
+                    for (int n = 0; n < rows; n++) {
+                        const float v = tr[n][r] + (bias ? bias[n0 + n] : 0.0f);
+                        if (y_bf16)
+                            ((uint16_t *)y)[at + n] = f32_to_bf16(v);
+                        else
+                            ((float *)y)[at + n] = v;
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(xv);
+    free(xdt);
+    return 0;
+}
+#else
+static int amx_ready(void) { return 0; }
+static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
+                     const uint8_t *w, int bits, const void *scale, const void *offset,
+                     int group, int meta16, int N, const float *bias, void *y, int y_bf16) {
+    return -1;
+}
+#endif
