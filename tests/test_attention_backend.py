@@ -74,6 +74,50 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shared", [100, 67, 40])
+def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared) -> None:
+    """Prefill chunks behind one cached prefix go through one call over the prefix plus
+    one per chunk over its own keys, merged (cascade): the same as attending each chunk
+    alone. A group of three (one that diverges inside the prefix: the group shares up to
+    there), a chunk behind another prefix, and a first chunk (nothing cached). 40 (37
+    shared): under the minimum, per-chunk calls."""
+    from llmopt.layers.attention_backend import (
+        CASCADE_MIN_SHARED,
+        PrefillChunk,
+        _shared_prefix_groups,
+    )
+
+    torch.manual_seed(3)
+    heads, kv_heads, dim, total = 9, 3, 64, 1000
+    k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
+    perm = torch.randperm(total)
+    prefix, other, free = perm[:shared], perm[shared : 2 * shared], perm[2 * shared :]
+    own = iter(free.split(30))
+    specs = [  # (cached keys, new queries)
+        (torch.cat([prefix, next(own)[:5]]), 7),
+        (prefix, 12),
+        (torch.cat([prefix[: shared - 3], next(own)[:9]]), 4),
+        (other, 6),
+        (torch.zeros(0, dtype=torch.long), 11),
+    ]
+    chunks, at = [], 0
+    for cached, n in specs:
+        slots = torch.cat([cached, next(own)[:n]])
+        chunks.append(PrefillChunk(at, n, len(cached), 0, slots))
+        at += n
+    groups, alone = _shared_prefix_groups(chunks)
+    cascades = shared - 3 >= CASCADE_MIN_SHARED
+    assert [(len(g), n) for g, n in groups] == ([(3, shared - 3)] if cascades else [])
+    assert len(alone) == (2 if cascades else 5)
+    q = torch.randn(at, heads, dim)
+    backend = TorchAttention()
+    got = backend.attend(q, k, v, AttentionMetadata(torch.zeros(at), prefills=chunks), 0.125, None)
+    for c in chunks:
+        rows = slice(c.q_start, c.q_start + c.q_len)
+        want = backend._prefill(q[rows], k, v, c, 0.125, None)
+        torch.testing.assert_close(got[rows], want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_rope_and_store_matches_torch(dtype) -> None:
     """Rotary + KV store in one native call: bit-identical to the torch ops in bf16 (the
