@@ -6,7 +6,12 @@
 #
 # llama-server is built from the llama-cpp-python sdist's vendored llama.cpp
 # (cmake -B build && cmake --build build --target llama-server); it is never committed.
+# On a CPU with AMX, build it with -DGGML_NATIVE=OFF and the CPU's AVX-512 flags but
+# without GGML_AMX_*: the native build's AMX path dies of an illegal instruction
+# (tileloadd) at the first Q4_1 product (seen on a 2-core Xeon VM, 2026-11-27).
 # Each server gets the machine alone; 2 threads each; 16 parallel slots for llama-server.
+# LLAMA_CPP_PYTHON=0 skips llama-cpp-python's server (built natively it dies the same
+# way on AMX machines).
 set -euo pipefail
 
 OUT=${1:-bench-results}
@@ -44,6 +49,7 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
     kill -TERM $PID; wait $PID || true
 fi
 
+[ "${LLAMA_CPP_PYTHON:-1}" = 0 ] && exit 0
 $PY -m llama_cpp.server --model "$GGUF" --n_threads "$THREADS" --n_ctx 4096 --port 8803 \
     > "$OUT/llama_cpp_server.log" 2>&1 & PID=$!
 wait_up http://127.0.0.1:8803 && run_suite llama-cpp-python http://127.0.0.1:8803

@@ -39,6 +39,15 @@ def test_native_decode_matches_torch(heads, kv_heads, lens, dim) -> None:
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def _cache_with_two_prefixes(total: int, shared: int, tail: int):
+    """A random KV cache (total slots, 3 KV heads of 64), two prefixes of `shared`
+    scattered slots, and an iterator over runs of `tail` free slots."""
+    k, v = torch.randn(total, 3, 64), torch.randn(total, 3, 64)
+    perm = torch.randperm(total)
+    free = perm[2 * shared :]
+    return k, v, perm[:shared], perm[shared : 2 * shared], iter(free.split(tail))
+
+
 @pytest.mark.parametrize("shared", [300, 64, 63, 600])
 def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
     """Sequences whose first keys lie in the same slots (a cached prefix) are attended a
@@ -49,11 +58,8 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
     native = NativeCpuAttention.load()
     assert native is not None
     torch.manual_seed(2)
-    heads, kv_heads, dim, total = 9, 3, 64, 2400
-    k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
-    perm = torch.randperm(total)
-    prefix_a, prefix_b, free = perm[:shared], perm[shared : 2 * shared], perm[2 * shared :]
-    tails = iter(free.split(40))
+    heads = 9
+    k, v, prefix_a, prefix_b, tails = _cache_with_two_prefixes(2400, shared, 40)
     rows = [
         torch.cat([prefix_a, next(tails)[:1]]),  # only its new token of its own
         torch.cat([prefix_a, next(tails)]),
@@ -68,7 +74,7 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
     lengths = torch.tensor(lens)
     valid = torch.arange(longest)[None, :] < lengths[:, None]
     batch = DecodeBatch(padded, lengths, valid)
-    q = torch.randn(len(rows), heads, dim)
+    q = torch.randn(len(rows), heads, 64)
     expected = TorchAttention()._decode(q, k, v, batch, 0.125)
     got = native._decode(q, k, v, batch, 0.125)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
@@ -88,11 +94,8 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared) -> Non
     )
 
     torch.manual_seed(3)
-    heads, kv_heads, dim, total = 9, 3, 64, 1000
-    k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
-    perm = torch.randperm(total)
-    prefix, other, free = perm[:shared], perm[shared : 2 * shared], perm[2 * shared :]
-    own = iter(free.split(30))
+    heads = 9
+    k, v, prefix, other, own = _cache_with_two_prefixes(1000, shared, 30)
     specs = [  # (cached keys, new queries)
         (torch.cat([prefix, next(own)[:5]]), 7),
         (prefix, 12),
@@ -109,7 +112,7 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared) -> Non
     cascades = shared - 3 >= CASCADE_MIN_SHARED
     assert [(len(g), n) for g, n in groups] == ([(3, shared - 3)] if cascades else [])
     assert len(alone) == (2 if cascades else 5)
-    q = torch.randn(at, heads, dim)
+    q = torch.randn(at, heads, 64)
     backend = TorchAttention()
     got = backend.attend(q, k, v, AttentionMetadata(torch.zeros(at), prefills=chunks), 0.125, None)
     for c in chunks:
