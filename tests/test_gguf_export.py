@@ -9,13 +9,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from llmopt import LLM, SamplingParams
+from llmopt.bench.decode import open_llama as bench_open_llama
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.loader.gguf import GGUFFile
 from llmopt.loader.hf import read_tensors
@@ -70,20 +70,10 @@ def chat_prompt(smollm_llm: LLM) -> tuple[list[int], list[int]]:
 
 
 def open_llama(path: Path, **kwargs):
-    """llama_cpp.Llama on PATH with weight repacking off. ggml's repacked AMX path (the
-    llama.cpp vendored by llama-cpp-python 0.3.36, built for the machine) dies of an
-    illegal instruction (tileloadd) on a Xeon with AMX; these checks need llama.cpp's
-    reading of the file, which its plain CPU path gives on every machine."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def no_repack():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    with patch.object(llama_cpp.llama_cpp, "llama_model_default_params", no_repack):
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    """llama.cpp's reading of the file, repacking off: its plain CPU path, the same on
+    every machine (its repacked AMX path dies on AMX machines: bench.decode.open_llama)."""
+    pytest.importorskip("llama_cpp")
+    return bench_open_llama(path, False, **kwargs)
 
 
 def llama_cpp_greedy(path: Path, prompt: list[int], n: int = 16) -> list[int]:

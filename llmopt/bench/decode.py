@@ -16,7 +16,7 @@ from torch import nn
 
 from llmopt.engine.llm import build_engine
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.layers.linear import Linear
+from llmopt.layers.linear import Linear, cpu_has_amx
 from llmopt.layers.quant_linear import QuantLinear
 from llmopt.loader.load import LoadedModel
 
@@ -90,13 +90,33 @@ def transformers_decode(
     return (n - 1) / (full - first)
 
 
+def open_llama(path: Path, repack: bool, **kwargs):
+    """llama_cpp.Llama on PATH, weight repacking (llama.cpp's "extra buffer types") on or
+    off. Off where the CPU has AMX: the llama.cpp vendored by llama-cpp-python 0.3.36,
+    built for such a machine, takes AMX for Q4_1/Q8_0 after repacking and dies of an
+    illegal instruction (tileloadd) at the first product (a 2-core Xeon VM, 2026-11-27).
+    Raises ImportError without llama-cpp-python."""
+    from unittest.mock import patch
+
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = repack
+        return p
+
+    with patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+
+
 def llama_cpp_decode(gguf: Path, prompt: str, n: int, threads: int) -> float | None:
     """None when llama-cpp-python is not installed."""
     try:
-        from llama_cpp import Llama
+        llm = open_llama(gguf, not cpu_has_amx(), n_threads=threads, n_ctx=2048)
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
     bias = {llm.token_eos(): -1e9}
 
     def timed(k: int) -> float:
