@@ -52,6 +52,17 @@ static int amx_ready(void) {
     return state;
 }
 
+/* One tile product into C from W tile A and x tile B: int4 codes are unsigned (times
+ * signed x), int8 holds q - 128 (signed times signed). Tile numbers are immediates,
+ * hence a macro. */
+#define TDP(bits, C, A, B)         \
+    do {                           \
+        if ((bits) == 4)           \
+            _tile_dpbusd(C, A, B); \
+        else                       \
+            _tile_dpbssd(C, A, B); \
+    } while (0)
+
 /* 16 rows of W from n0 (`rows` real, the rest zero), chunk c, as two 16 x 32 byte
  * tiles: a[0] inputs 64c .. 64c+31, a[1] the next 32. */
 static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int rows, int c,
@@ -174,22 +185,12 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                     _tile_loadd(3, a[1], 32);
                     _tile_loadd(4, xb, 64);
                     _tile_loadd(5, xb + 8 * AMX_T, 64);
-                    if (bits == 4) { /* unsigned codes times signed x */
-                        _tile_dpbusd(0, 2, 4);
-                        if (halves) {
-                            _tile_zero(1);
-                            _tile_dpbusd(1, 3, 5);
-                        } else {
-                            _tile_dpbusd(0, 3, 5);
-                        }
-                    } else { /* int8 holds q - 128: signed times signed */
-                        _tile_dpbssd(0, 2, 4);
-                        if (halves) {
-                            _tile_zero(1);
-                            _tile_dpbssd(1, 3, 5);
-                        } else {
-                            _tile_dpbssd(0, 3, 5);
-                        }
+                    TDP(bits, 0, 2, 4);
+                    if (halves) { /* each half has scales of its own */
+                        _tile_zero(1);
+                        TDP(bits, 1, 3, 5);
+                    } else {
+                        TDP(bits, 0, 3, 5);
                     }
                     _tile_stored(0, c0, 64);
                     if (halves) _tile_stored(1, c1, 64);

@@ -109,7 +109,6 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
                                                         const float *fa, const float *fb,
                                                         const int8_t *xa, const int8_t *xb,
                                                         int c) {
-    const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *wc = w + (size_t)c * QB * bits / 8;
     __m256i w0, w1, s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     if (bits == 4) { /* byte j: input j in the low nibble, j + 32 in the high one */
@@ -146,8 +145,8 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
             acc[r][slot] =
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc[r][slot]);
         }
-        (void)ones;
 #else
+        const __m256i ones = _mm256_set1_epi16(1);
         const __m256i h0 = _mm256_maddubs_epi16(w0, x0), h1 = _mm256_maddubs_epi16(w1, x1);
         if (halves) {
             const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h0, ones));
