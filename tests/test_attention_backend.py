@@ -80,8 +80,9 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared", [100, 67, 40])
-def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared) -> None:
+def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype) -> None:
     """Prefill chunks behind one cached prefix go through one call over the prefix plus
     one per chunk over its own keys, merged (cascade): the same as attending each chunk
     alone. A group of three (one that diverges inside the prefix: the group shares up to
@@ -114,11 +115,16 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared) -> Non
     assert len(alone) == (2 if cascades else 5)
     q = torch.randn(at, heads, 64)
     backend = TorchAttention()
+    backend.prefill_dtype = dtype  # bf16: what runs on CPUs with AMX
     got = backend.attend(q, k, v, AttentionMetadata(torch.zeros(at), prefills=chunks), 0.125, None)
+    assert got.dtype == torch.float32  # computed in bf16, handed back in the cache's type
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2}
     for c in chunks:
         rows = slice(c.q_start, c.q_start + c.q_len)
-        want = backend._prefill(q[rows], k, v, c, 0.125, None)
-        torch.testing.assert_close(got[rows], want, rtol=1e-4, atol=1e-5)
+        want = backend._prefill(q[rows], k, v, c, 0.125, None, dtype)
+        torch.testing.assert_close(got[rows], want, **tol)
+        exact = backend._prefill(q[rows], k, v, c, 0.125, None, torch.float32)
+        torch.testing.assert_close(got[rows], exact, rtol=0, atol=2e-2)  # bf16's rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
