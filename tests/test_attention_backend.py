@@ -39,27 +39,29 @@ def test_native_decode_matches_torch(heads, kv_heads, lens, dim) -> None:
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def _cache_with_two_prefixes(total: int, shared: int, tail: int):
-    """A random KV cache (total slots, 3 KV heads of 64), two prefixes of `shared`
+def _cache_with_two_prefixes(total: int, shared: int, tail: int, dim: int = 64):
+    """A random KV cache (total slots, 3 KV heads of dim), two prefixes of `shared`
     scattered slots, and an iterator over runs of `tail` free slots."""
-    k, v = torch.randn(total, 3, 64), torch.randn(total, 3, 64)
+    k, v = torch.randn(total, 3, dim), torch.randn(total, 3, dim)
     perm = torch.randperm(total)
     free = perm[2 * shared :]
     return k, v, perm[:shared], perm[shared : 2 * shared], iter(free.split(tail))
 
 
+@pytest.mark.parametrize("dim", [64, 128, 40])  # with AVX-512, 64 and 128 go through tiles
 @pytest.mark.parametrize("shared", [300, 64, 63, 600])
-def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
+def test_native_decode_over_shared_prefixes_matches_torch(shared, dim) -> None:
     """Sequences whose first keys lie in the same slots (a cached prefix) are attended a
     chunk of the prefix at a time for the whole group (cascade): two groups of different
     prefixes, own tails of different lengths (one empty past the prefix but for its new
     token, one that diverges inside a chunk), and a sequence alone. 63 shared keys: under
-    the minimum, nothing is shared."""
+    the minimum, nothing is shared. 300: a range of 256 keys and one of 44 (a partial
+    chunk); three members of 3 query heads each: 9 rows, not a whole number of tiles."""
     native = NativeCpuAttention.load()
     assert native is not None
     torch.manual_seed(2)
     heads = 9
-    k, v, prefix_a, prefix_b, tails = _cache_with_two_prefixes(2400, shared, 40)
+    k, v, prefix_a, prefix_b, tails = _cache_with_two_prefixes(2400, shared, 40, dim)
     rows = [
         torch.cat([prefix_a, next(tails)[:1]]),  # only its new token of its own
         torch.cat([prefix_a, next(tails)]),
@@ -74,7 +76,7 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared) -> None:
     lengths = torch.tensor(lens)
     valid = torch.arange(longest)[None, :] < lengths[:, None]
     batch = DecodeBatch(padded, lengths, valid)
-    q = torch.randn(len(rows), heads, 64)
+    q = torch.randn(len(rows), heads, dim)
     expected = TorchAttention()._decode(q, k, v, batch, 0.125)
     got = native._decode(q, k, v, batch, 0.125)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
