@@ -11,6 +11,7 @@ from llmopt.layers.attention_backend import (
     AttentionMetadata,
     DecodeBatch,
     NativeCpuAttention,
+    PrefillChunk,
     TorchAttention,
 )
 from llmopt.layers.rotary import RotaryEmbedding
@@ -152,3 +153,40 @@ def test_native_rope_and_store_matches_torch(dtype) -> None:
     tol = 0 if dtype == torch.bfloat16 else 1e-5
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_native_prefill_matches_torch(dim) -> None:
+    """Every prefill chunk of a step in one native call (AVX-512 CPUs), reading the cache
+    in place: the same as torch's per-chunk attention, next to decodes in the same step.
+    Chunks: a first one (nothing cached) longer than a run of 64 tokens, one behind a
+    cached prefix that is not a whole number of key chunks, one of a single token, one
+    behind 512 cached keys in scattered slots."""
+    native = NativeCpuAttention.load()
+    assert native is not None
+    if native.prefill is None:
+        pytest.skip("the native prefill kernel needs AVX-512")
+    torch.manual_seed(4)
+    heads, kv_heads, total = 9, 3, 3000
+    k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
+    free = iter(torch.randperm(total).tolist())
+    decode_rows = [torch.tensor([next(free) for _ in range(n)]) for n in (5, 40)]
+    at = len(decode_rows)
+    chunks = []
+    for start, n in [(0, 70), (100, 5), (0, 1), (512, 130)]:
+        slots = torch.tensor([next(free) for _ in range(start + n)])
+        chunks.append(PrefillChunk(at, n, start, 0, slots))
+        at += n
+    longest = max(len(r) for r in decode_rows)
+    padded = torch.stack([torch.cat([r, r[:1].expand(longest - len(r))]) for r in decode_rows])
+    lens = torch.tensor([len(r) for r in decode_rows])
+    valid = torch.arange(longest)[None, :] < lens[:, None]
+    q = torch.randn(at, heads, dim)
+
+    def meta() -> AttentionMetadata:  # a fresh one: each caches what it builds
+        copies = [PrefillChunk(c.q_start, c.q_len, c.start, c.lo, c.slots) for c in chunks]
+        return AttentionMetadata(torch.zeros(at), DecodeBatch(padded, lens, valid), copies)
+
+    got = native.attend(q, k, v, meta(), 0.125, None)
+    expected = TorchAttention().attend(q, k, v, meta(), 0.125, None)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

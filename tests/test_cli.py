@@ -14,6 +14,12 @@ from tests.conftest import REAL_HOME, registry_with
 
 runner = CliRunner()
 QUESTION = "What is the capital of France?"
+# The default model is SmolLM2's Q4_1 file, run with int8-quantized activations: there
+# a change in the last bits of any op flips roundings that compound over 30 layers, and
+# on QUESTION its first token is a near tie between "The" and "L" (French follows):
+# margins 0.01 to 0.35 with torch's or the native attention kernel, 0.08 in exact fp32
+# arithmetic. This phrasing answers "Paris" with a margin of 1.4-1.6 in all three.
+ROBUST_QUESTION = "Name the capital of France."
 
 
 def llmopt(*args: str, input: str | None = None):
@@ -22,7 +28,7 @@ def llmopt(*args: str, input: str | None = None):
 
 def test_default_model_answers_paris(monkeypatch) -> None:
     monkeypatch.setenv("LLMOPT_HOME", str(REAL_HOME))  # where `make test` pulled it
-    r = llmopt("run", QUESTION, "--temperature", "0", "--max-tokens", "24")
+    r = llmopt("run", ROBUST_QUESTION, "--temperature", "0", "--max-tokens", "24")
     assert r.exit_code == 0, r.stderr
     assert "Paris" in r.stdout
     assert "time to first token" in r.stderr and "Paris" not in r.stderr

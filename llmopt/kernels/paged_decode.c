@@ -25,33 +25,8 @@
 
 #include "dtype.h"
 
-/* e^x for x <= 0 (scores minus their maximum), in a form the compiler vectorises:
- * 2^(x log2 e) split into 2^i (built in the exponent bits) times 2^f, f in [0, 1),
- * by a degree-6 polynomial; relative error about 1e-7 in fp32. Libm's expf stays scalar
- * here (its vector variants need -ffast-math, which would change FTZ for torch). */
-/* Horner's rule for the least-squares fit of 2^f on [0, 1]: MUL_ADD(a, b, c) = a b + c,
- * K(c) a constant, so that the scalar and the vector exp share one polynomial. */
-#define EXP2_POLY(f, MUL_ADD, K)                                                          \
-    MUL_ADD(MUL_ADD(MUL_ADD(MUL_ADD(MUL_ADD(MUL_ADD(K(2.18712545e-4f), f, K(1.23824100e-3f)), \
-                                            f, K(9.68618799e-3f)),                        \
-                                    f, K(5.54789108e-2f)),                                \
-                            f, K(2.40231097e-1f)),                                        \
-                    f, K(6.93146838e-1f)),                                                \
-            f, K(1.00000001f))
-#define SCALAR_MUL_ADD(a, b, c) ((a) * (b) + (c))
-#define SCALAR_K(c) (c)
-
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504f;
-    const float fi = floorf(t);
-    const float f = t - fi;
-    const float p = EXP2_POLY(f, SCALAR_MUL_ADD, SCALAR_K);
-    const int32_t bits = ((int32_t)fi + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+#include "attn_tiles.h"
+#include "exp_approx.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -174,78 +149,15 @@ static void attend_range(const float *restrict qs, const float *restrict k,
 #define SHARED_MIN 64
 
 #ifdef __AVX512F__
-/* With AVX-512, a group's shared keys are attended as small matrix products instead:
- * the G query heads of all M members are the rows of one (M G, D) block, a chunk of 64
- * keys is transposed once into (D, 64), and scores S = Q K^T and the running sums
- * acc = P V go through 4-row register tiles (16 accumulators, one broadcast and four
- * FMAs per load), with an online softmax per row across the chunks of a range of
- * SHARED_RANGE keys. SmolLM2, 16 sequences of 1,040 keys sharing 1,008, one layer,
- * 2 threads: 0.87-0.94 ms with the per-sequence loop, 0.40-0.58 this way (the loop's
- * scalar exps and maximum were half of its time). For D a multiple of 64; other head
- * sizes, and keys of a sequence's own, take the per-sequence loop (for 3 query heads a
- * tile would be mostly transposing keys). */
+/* With AVX-512, a group's shared keys go through attn_tiles.h instead: the G query
+ * heads of all its members are the rows of one block, each chunk of keys transposed
+ * once for all of them, over a range of SHARED_RANGE keys per work item. SmolLM2, 16
+ * sequences of 1,040 keys sharing 1,008, one layer, 2 threads: 0.87-0.94 ms with the
+ * per-sequence loop, 0.40-0.58 this way (the loop's scalar exps and maximum were half
+ * of its time). For D a multiple of 64; other head sizes, and keys of a sequence's own,
+ * take the per-sequence loop (for 3 query heads a tile would be mostly transposing
+ * keys). */
 #define SHARED_RANGE 256
-#define TILE_ROWS 4
-
-/* exp_nonpositive on 16 lanes, the same polynomial (scalef multiplies by 2^fi exactly). */
-static inline __m512 exp512_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, fi);
-    return _mm512_scalef_ps(EXP2_POLY(f, _mm512_fmadd_ps, _mm512_set1_ps), fi);
-}
-
-/* Scratch of one thread for attend_group: rows = the group's rows rounded up to
- * TILE_ROWS. q, acc: (rows, D); s: (rows, SHARED_CHUNK); kt: (D, SHARED_CHUNK). */
-typedef struct {
-    float *q, *acc, *s, *kt, *m, *l;
-} GroupScratch;
-
-/* s[r][j] = q[r] . kt[:, j] for rows r0 .. r0+3 and the chunk's 64 keys. */
-static inline void group_scores(const float *restrict q, const float *restrict kt, int D,
-                                float *restrict s) {
-    __m512 a[TILE_ROWS][4];
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d++) {
-        const float *kd = kt + d * SHARED_CHUNK;
-        const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16),
-                     k2 = _mm512_loadu_ps(kd + 32), k3 = _mm512_loadu_ps(kd + 48);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const __m512 x = _mm512_set1_ps(q[r * D + d]);
-            a[r][0] = _mm512_fmadd_ps(x, k0, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(x, k1, a[r][1]);
-            a[r][2] = _mm512_fmadd_ps(x, k2, a[r][2]);
-            a[r][3] = _mm512_fmadd_ps(x, k3, a[r][3]);
-        }
-    }
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + r * SHARED_CHUNK + 16 * c, a[r][c]);
-}
-
-/* acc[r][d0 .. d0+63] += sum_j p[r][j] v[j][d0 ..] for rows r0 .. r0+3, keys j < n. */
-static inline void group_values(const float *restrict p, const float *restrict v,
-                                const int64_t *restrict sl, int n, int KV, int kvh, int D,
-                                int d0, float *restrict acc) {
-    __m512 a[TILE_ROWS][4];
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int c = 0; c < 4; c++) a[r][c] = _mm512_loadu_ps(acc + r * D + d0 + 16 * c);
-    for (int j = 0; j < n; j++) {
-        const float *vj = v + (sl[j] * KV + kvh) * D + d0;
-        const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16),
-                     v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const __m512 x = _mm512_set1_ps(p[r * SHARED_CHUNK + j]);
-            a[r][0] = _mm512_fmadd_ps(x, v0, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(x, v1, a[r][1]);
-            a[r][2] = _mm512_fmadd_ps(x, v2, a[r][2]);
-            a[r][3] = _mm512_fmadd_ps(x, v3, a[r][3]);
-        }
-    }
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + r * D + d0 + 16 * c, a[r][c]);
-}
 
 /* Keys j0 .. j1-1 (slots sl, shared by the group) of KV head kvh for the queries of
  * members[0 .. nm-1]: per member and head, record r = (max, sum of exps, weighted
@@ -253,67 +165,23 @@ static inline void group_values(const float *restrict p, const float *restrict v
 static void attend_group(const float *restrict q, const float *restrict k,
                          const float *restrict v, const int64_t *restrict sl, int64_t j0,
                          int64_t j1, const int *restrict members, int nm, int H, int G,
-                         int KV, int kvh, int D, float scale, int R, int r,
-                         const GroupScratch *w, float *restrict part) {
-    const int used = nm * G, rows = (used + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+                         int KV, int kvh, int D, float scale, int R, int r, const Tiles *t,
+                         float *restrict part) {
+    const int64_t used = (int64_t)nm * G;
     for (int i = 0; i < nm; i++) {
         const float *src = q + ((int64_t)members[i] * H + (int64_t)kvh * G) * D;
-        for (int x = 0; x < G * D; x++) w->q[(int64_t)i * G * D + x] = src[x] * scale;
+        for (int x = 0; x < G * D; x++) t->q[(int64_t)i * G * D + x] = src[x] * scale;
     }
-    memset(w->q + (int64_t)used * D, 0, sizeof(float) * (size_t)(rows - used) * D);
-    memset(w->acc, 0, sizeof(float) * (size_t)rows * D);
-    for (int x = 0; x < rows; x++) w->m[x] = -INFINITY, w->l[x] = 0.0f;
-    for (int64_t c0 = j0; c0 < j1; c0 += SHARED_CHUNK) {
-        const int n = j1 - c0 < SHARED_CHUNK ? (int)(j1 - c0) : SHARED_CHUNK;
-        const int64_t *cs = sl + c0;
-        for (int j = 0; j < SHARED_CHUNK; j++) {
-            const float *kj = j < n ? k + (cs[j] * KV + kvh) * D : NULL;
-            for (int d = 0; d < D; d++) w->kt[d * SHARED_CHUNK + j] = kj ? kj[d] : 0.0f;
-        }
-        for (int r0 = 0; r0 < rows; r0 += TILE_ROWS)
-            group_scores(w->q + (int64_t)r0 * D, w->kt, D, w->s + (int64_t)r0 * SHARED_CHUNK);
-        /* Online softmax: rescale each row's sums to the new maximum, exps in place
-         * (keys past n: exps of 0). */
-        __mmask16 valid[4];
-        for (int c = 0; c < 4; c++) {
-            const int lanes = n - 16 * c < 0 ? 0 : (n - 16 * c > 16 ? 16 : n - 16 * c);
-            valid[c] = (__mmask16)((1u << lanes) - 1u);
-        }
-        for (int x = 0; x < used; x++) {
-            float *sx = w->s + (int64_t)x * SHARED_CHUNK;
-            __m512 sc[4], top = _mm512_set1_ps(w->m[x]), total = _mm512_setzero_ps();
-            for (int c = 0; c < 4; c++) {
-                sc[c] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid[c], sx + 16 * c);
-                top = _mm512_max_ps(top, sc[c]);
-            }
-            const float mx = _mm512_reduce_max_ps(top);
-            for (int c = 0; c < 4; c++) {
-                const __m512 e = _mm512_maskz_mov_ps(
-                    valid[c], exp512_nonpositive(_mm512_sub_ps(sc[c], _mm512_set1_ps(mx))));
-                _mm512_storeu_ps(sx + 16 * c, e);
-                total = _mm512_add_ps(total, e);
-            }
-            const float sum = _mm512_reduce_add_ps(total);
-            const float alpha = exp_nonpositive(w->m[x] - mx); /* 0 for the first chunk */
-            w->m[x] = mx;
-            w->l[x] = w->l[x] * alpha + sum;
-            float *ax = w->acc + (int64_t)x * D;
-#pragma omp simd
-            for (int d = 0; d < D; d++) ax[d] *= alpha;
-        }
-        for (int r0 = 0; r0 < used; r0 += TILE_ROWS)
-            for (int d0 = 0; d0 < D; d0 += 64)
-                group_values(w->s + (int64_t)r0 * SHARED_CHUNK, v, cs, n, KV, kvh, D, d0,
-                             w->acc + (int64_t)r0 * D);
-    }
+    tiles_reset(t, used, D);
+    tiles_attend(t, used, G, INT64_MAX, j0, j1, k, v, sl, KV, kvh, D);
     const size_t rec = (size_t)D + 2;
     for (int i = 0; i < nm; i++)
         for (int g = 0; g < G; g++) {
-            const int x = i * G + g;
+            const int64_t x = (int64_t)i * G + g;
             float *rp = part + (((size_t)members[i] * KV + kvh) * R + r) * G * rec + g * rec;
-            rp[0] = w->m[x];
-            rp[1] = w->l[x];
-            memcpy(rp + 2, w->acc + (int64_t)x * D, sizeof(float) * (size_t)D);
+            rp[0] = t->m[x];
+            rp[1] = t->l[x];
+            memcpy(rp + 2, t->acc + x * D, sizeof(float) * (size_t)D);
         }
 }
 #endif
@@ -411,17 +279,10 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
         float *restrict scores = malloc(sizeof(float) * (size_t)G * (size_t)L); /* (G, L) */
         float qs[MAX_GD]; /* (G, D): the scaled queries of a sequence */
 #ifdef __AVX512F__
-        GroupScratch w = {0};
+        Tiles w = {0};
         int *members = NULL;
         if (tiles && chunks) {
-            const size_t rows = ((size_t)B * G + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-            w.q = malloc(sizeof(float) * rows * (2 * (size_t)D + SHARED_CHUNK + 2) +
-                         sizeof(float) * (size_t)D * SHARED_CHUNK);
-            w.acc = w.q + rows * D;
-            w.s = w.acc + rows * D;
-            w.m = w.s + rows * SHARED_CHUNK;
-            w.l = w.m + rows;
-            w.kt = w.l + rows;
+            w = tiles_alloc((int64_t)B * G, D);
             members = malloc(sizeof(int) * (size_t)B);
         }
 #endif

@@ -68,10 +68,24 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) where each new token's key and value are written
     decode: DecodeBatch | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _prefill_layout: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_decode(self) -> int:
         return 0 if self.decode is None else self.decode.slots.shape[0]
+
+    def prefill_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill chunks for the native kernel, built once per step for all layers:
+        their slots concatenated (int64), and (chunks, 4) int64 rows of q_start, q_len,
+        start and the offset of the chunk's slots."""
+        if self._prefill_layout is None:
+            rows, at = [], 0
+            for c in self.prefills:
+                rows.append((c.q_start, c.q_len, c.start, at))
+                at += c.slots.shape[0]
+            slots = torch.cat([c.slots for c in self.prefills]).to(torch.int64).contiguous()
+            self._prefill_layout = (slots, torch.tensor(rows, dtype=torch.int64))
+        return self._prefill_layout
 
 
 class AttentionBackend(ABC):
@@ -206,11 +220,13 @@ class TorchAttention(AttentionBackend):
 class NativeCpuAttention(TorchAttention):
     """TorchAttention with decode reading the paged cache in place (llmopt/kernels/
     paged_decode.c) instead of gathering each sequence's keys and values into a copy,
-    and rotary + cache store in one call (rope_store.c). For an fp32 cache on the CPU;
-    build it with `NativeCpuAttention.load()`."""
+    rotary + cache store in one call (rope_store.c), and, on CPUs with AVX-512, every
+    prefill chunk of a step in one call that also reads the cache in place
+    (paged_prefill.c). For an fp32 cache on the CPU; build it with
+    `NativeCpuAttention.load()`."""
 
-    def __init__(self, decode, rope) -> None:  # the C functions, signatures declared
-        self.fn, self.rope = decode, rope
+    def __init__(self, decode, rope, prefill=None) -> None:  # the C functions, declared
+        self.fn, self.rope, self.prefill = decode, rope, prefill
 
     @classmethod
     def load(cls) -> NativeCpuAttention | None:
@@ -221,7 +237,33 @@ class NativeCpuAttention(TorchAttention):
         decode = function("paged_decode", [ptr] * 5 + [i32] * 5 + [ctypes.c_float, ptr])
         # qkv, row, cos, sin, bf16, N, H, KV, D, k_cache, v_cache, slots, q_out
         rope = function("rope_store", [ptr, i64, ptr, ptr] + [i32] * 5 + [ptr] * 4)
-        return None if decode is None or rope is None else cls(decode, rope)
+        # q, k, v, slots, chunks; n_chunks, H, KV, D; scale; out -> 0, or -1 unsupported
+        prefill = function("paged_prefill", [ptr] * 5 + [i32] * 4 + [ctypes.c_float, ptr], i32)
+        if prefill is not None and prefill(None, None, None, None, None, 0, 1, 1, 64, 1.0, None):
+            prefill = None  # built without AVX-512: torch's flash kernel instead
+        return None if decode is None or rope is None else cls(decode, rope, prefill)
+
+    def attend(self, q, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
+        if (
+            not meta.prefills
+            or self.prefill is None
+            or window is not None
+            or self.prefill_dtype is not None  # bf16 on AMX: torch's kernel on tiles
+            or q.shape[2] % 64
+        ):
+            return super().attend(q, k_cache, v_cache, meta, scale, window)
+        q = q.to(k_cache.dtype).contiguous()
+        out = torch.empty_like(q)
+        if meta.decode is not None:
+            b = meta.num_decode
+            out[:b] = self._decode(q[:b], k_cache, v_cache, meta.decode, scale)
+        slots, chunks = meta.prefill_layout()
+        self.prefill(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            chunks.data_ptr(), len(meta.prefills), q.shape[1], k_cache.shape[1], q.shape[2],
+            scale, out.data_ptr(),
+        )  # fmt: skip
+        return out
 
     def rope_and_store(self, qkv, cos, sin, k_cache, v_cache, meta, num_heads) -> torch.Tensor:
         if (
