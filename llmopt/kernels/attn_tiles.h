@@ -56,6 +56,15 @@ static void tiles_reset(const Tiles *t, int64_t used, int D) {
     for (int64_t x = 0; x < rows; x++) t->m[x] = -INFINITY, t->l[x] = 0.0f;
 }
 
+/* a[0..3] += x * (b0, b1, b2, b3): one row of a tile, 64 lanes. */
+static inline void tile_row_fma(__m512 a[4], __m512 x, __m512 b0, __m512 b1, __m512 b2,
+                                __m512 b3) {
+    a[0] = _mm512_fmadd_ps(x, b0, a[0]);
+    a[1] = _mm512_fmadd_ps(x, b1, a[1]);
+    a[2] = _mm512_fmadd_ps(x, b2, a[2]);
+    a[3] = _mm512_fmadd_ps(x, b3, a[3]);
+}
+
 /* s[r][j] = q[r] . kt[:, j] for TILE_ROWS rows and the chunk's TILE_KEYS keys. */
 static inline void tile_scores(const float *restrict q, const float *restrict kt, int D,
                                float *restrict s) {
@@ -66,13 +75,8 @@ static inline void tile_scores(const float *restrict q, const float *restrict kt
         const float *kd = kt + d * TILE_KEYS;
         const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16),
                      k2 = _mm512_loadu_ps(kd + 32), k3 = _mm512_loadu_ps(kd + 48);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const __m512 x = _mm512_set1_ps(q[r * D + d]);
-            a[r][0] = _mm512_fmadd_ps(x, k0, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(x, k1, a[r][1]);
-            a[r][2] = _mm512_fmadd_ps(x, k2, a[r][2]);
-            a[r][3] = _mm512_fmadd_ps(x, k3, a[r][3]);
-        }
+        for (int r = 0; r < TILE_ROWS; r++)
+            tile_row_fma(a[r], _mm512_set1_ps(q[r * D + d]), k0, k1, k2, k3);
     }
     for (int r = 0; r < TILE_ROWS; r++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + r * TILE_KEYS + 16 * c, a[r][c]);
@@ -89,13 +93,8 @@ static inline void tile_values(const float *restrict p, const float *restrict v,
         const float *vj = v + (sl[j] * KV + kvh) * D + d0;
         const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16),
                      v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const __m512 x = _mm512_set1_ps(p[r * TILE_KEYS + j]);
-            a[r][0] = _mm512_fmadd_ps(x, v0, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(x, v1, a[r][1]);
-            a[r][2] = _mm512_fmadd_ps(x, v2, a[r][2]);
-            a[r][3] = _mm512_fmadd_ps(x, v3, a[r][3]);
-        }
+        for (int r = 0; r < TILE_ROWS; r++)
+            tile_row_fma(a[r], _mm512_set1_ps(p[r * TILE_KEYS + j]), v0, v1, v2, v3);
     }
     for (int r = 0; r < TILE_ROWS; r++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + r * D + d0 + 16 * c, a[r][c]);
