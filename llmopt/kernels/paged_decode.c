@@ -147,6 +147,7 @@ static void attend_range(const float *restrict qs, const float *restrict k,
  * prefixes under SHARED_MIN keys share nothing. */
 #define SHARED_CHUNK 64
 #define SHARED_MIN 64
+#define SHARED_RANGE 256 /* shared keys per work item with AVX-512 tiles (below) */
 
 #ifdef __AVX512F__
 /* With AVX-512, a group's shared keys go through attn_tiles.h instead: the G query
@@ -157,7 +158,6 @@ static void attend_range(const float *restrict qs, const float *restrict k,
  * of its time). For D a multiple of 64; other head sizes, and keys of a sequence's own,
  * take the per-sequence loop (for 3 query heads a tile would be mostly transposing
  * keys). */
-#define SHARED_RANGE 256
 
 /* Keys j0 .. j1-1 (slots sl, shared by the group) of KV head kvh for the queries of
  * members[0 .. nm-1]: per member and head, record r = (max, sum of exps, weighted
