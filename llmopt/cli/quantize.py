@@ -26,8 +26,13 @@ def _perplexity(path: Path, tokens: int, console: Console) -> float:
     from llmopt.bench.perplexity import evaluate
     from llmopt.corpus import held_out_text
     from llmopt.engine.llm import LLM
+    from llmopt.layers.quant_linear import use_exact_arithmetic
 
     llm = LLM(path, dtype="float32", prefix_cache=False)
+    # The weights' cost alone, the same on every CPU: dequantized and multiplied in fp32,
+    # not the runtime's int8 activations or (on AMX) bf16 GEMMs: those moved SmolLM2's
+    # GPTQ g32 checkpoint from 18.29 to 18.32 on a Xeon with AMX.
+    use_exact_arithmetic(llm.loaded.model)
     with console.status(f"Perplexity of {path.name} on {tokens} held-out tokens"):
         return evaluate(llm.engine, llm.loaded.tokenizer, held_out_text(), tokens, 1024, 512)[
             "perplexity"
