@@ -31,11 +31,15 @@ def _cpu_identity() -> bytes:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)})).encode()
 
 
+def c_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled library for llmopt/kernels/NAME.c, or None without a C compiler."""
     src = Path(__file__).with_name(f"{name}.c")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         return None
     # Every source and header of the folder goes into the key: a kernel may include
