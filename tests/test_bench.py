@@ -336,6 +336,11 @@ def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) 
     assert missing.exit_code == 2 and "cannot read" in missing.stderr
     dense = bench(str(tiny_llama), "--perplexity", "--decode-arithmetic")
     assert dense.exit_code == 2 and "no quantized linears" in dense.stderr
+    on_cpu = bench(str(tiny_llama), "--perplexity", "--ppl-tokens", "50", "--device", "cpu")
+    assert on_cpu.exit_code == 0, on_cpu.stderr
+    if not torch.cuda.is_available():  # the device is passed on, not ignored
+        gpu = bench(str(tiny_llama), "--perplexity", "--device", "cuda")
+        assert gpu.exit_code == 2 and "no CUDA device" in gpu.stderr
 
 
 def test_perplexity_with_decode_arithmetic(tiny_llama, tmp_path) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmopt.engine.sampler import apply_penalties, filter_logits, make_generator, sample
+from llmopt.engine.sampler import (
+    apply_penalties,
+    draw,
+    filter_logits,
+    make_generator,
+    sample,
+)
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.errors import UsageError
 
@@ -76,6 +82,17 @@ def test_same_seed_same_draws_and_other_seed_differs() -> None:
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+def test_draws_follow_the_distribution() -> None:
+    """Frequencies of 20,000 draws within 1.5 points of each token's probability (about
+    5 standard deviations), and a zero-probability token never drawn, wherever it sits."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    g = make_generator(3, CPU)
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(20_000)]), minlength=6)
+    freq = counts.double() / counts.sum()
+    assert counts[0] == counts[2] == counts[5] == 0
+    assert (freq - probs.double()).abs().max() < 0.015
 
 
 def test_sampling_respects_the_mask() -> None:

@@ -122,6 +122,7 @@ def _perplexity(
     tokens: int,
     window: int,
     stride: int,
+    device: str,
     dtype: str,
     dequantize: bool,
     threads: int | None,
@@ -137,7 +138,7 @@ def _perplexity(
     from llmopt.layers.quant_linear import use_decode_arithmetic
 
     set_threads(threads)
-    llm = LLM(model, dtype=dtype, prefix_cache=False, dequantize=dequantize)
+    llm = LLM(model, device=device, dtype=dtype, prefix_cache=False, dequantize=dequantize)
     if decode_arithmetic and use_decode_arithmetic(llm.loaded.model) == 0:
         raise UsageError(
             "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
@@ -284,7 +285,7 @@ def bench(
     console = Console(stderr=True)
     if perplexity:
         _perplexity(
-            model, text, ppl_tokens, window, stride, dtype, dequantize, threads,
+            model, text, ppl_tokens, window, stride, device, dtype, dequantize, threads,
             decode_arithmetic, as_json, output, console,
         )  # fmt: skip
         return
