@@ -95,7 +95,8 @@ class QuantLinear(nn.Module):
         # The most rows the row kernels take before the dense path does.
         self.kernel_rows = UPCAST_MIN_ROWS - 1
         if self.kernel == "qgemv":
-            self.kernel_rows = AMX_MAX_ROWS if self.qgemv_amx else QGEMV_MAX_ROWS
+            amx = qgemv.load().amx  # type: ignore[union-attr]  (loaded: the kernel chosen)
+            self.kernel_rows = AMX_MAX_ROWS if amx else QGEMV_MAX_ROWS
         # The dense path's GEMM on the CPU: bf16 on AMX (inputs and outputs rounded to
         # bf16, finer than the row kernel's int8 activations), else fp32. A check of the
         # dequantized weights' exact logits sets fp32.
@@ -122,7 +123,6 @@ class QuantLinear(nn.Module):
                 self.wq, self.bits, self.kscale, self.koffset, self.group_size
             )
             self.qgemv = kernel.bind(self.operands, self.kernel_bias)
-            self.qgemv_amx = kernel.amx
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
