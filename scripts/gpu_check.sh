@@ -20,12 +20,12 @@ timeout 330 "$py" -m pytest -q -p no:cacheprovider --junitxml "$out/junit.xml" \
   tests/test_quantize.py::test_cuda_quantizes_and_runs_like_the_cpu \
   tests/test_quantize.py::test_cuda_bf16_runs_int4_on_torchs_kernel \
   -k "not semantic" 2>&1 | tee "$out/pytest.log" || status=1
-timeout 120 "$py" scripts/bench_cuda.py --json >"$out/bench_cuda.json" 2>"$out/bench.log" || status=1
+timeout 240 "$py" scripts/bench_cuda.py --json >"$out/bench_cuda.json" 2>"$out/bench.log" || status=1
 cat "$out/bench_cuda.json"
 model=smollm2-135m-instruct
 q4="$(mktemp -d)/q4"
 {
-  timeout 60 "$py" -m llmopt quantize $model --int4 --method rtn --group-size 128 \
+  timeout 60 "$py" -m llmopt quantize $model --int4 --method rtn --group-size 64 \
     --device cuda --no-eval --json -o "$q4" &&
     for m in $model "$q4"; do
       timeout 45 "$py" -m llmopt bench "$m" --offline --device cuda --dtype bfloat16 --json
