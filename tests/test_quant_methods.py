@@ -7,6 +7,7 @@ import torch
 
 from llmopt.quant import awq, gptq, rtn
 from llmopt.quant.calibration import InputStats
+from llmopt.quant.drift import correct_drift
 from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 from llmopt.quant.spec import QuantSpec, Site
 
@@ -120,6 +121,55 @@ def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+def _drifted_site(seed: int, names: list[str]) -> tuple[Site, torch.Tensor, torch.Tensor]:
+    """A site whose inputs x~ drifted from the full-precision x by a fixed linear map
+    plus noise (what quantized blocks before do to a later block's inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = _correlated_inputs(4096, 128, seed)
+    mix = torch.eye(128) + 0.05 * torch.randn(128, 128, generator=g)
+    x_drift = x @ mix + 0.02 * torch.randn(x.shape, generator=g)
+    stats = InputStats()
+    stats.add(x_drift, hessian=True, sample_rows=0)
+    stats.add_drift(x, x_drift)
+    return Site(names, stats, None), x, x_drift
+
+
+def test_drift_correction_fits_the_full_precision_outputs() -> None:
+    """alpha 1 is the least-squares weight for x~ -> W x (up to the damping): it cuts
+    the error against the full-precision outputs, fused rows split back in place, and
+    alpha 0 leaves the weights alone."""
+    site, x, x_drift = _drifted_site(4, ["a", "b"])
+    a, b = torch.randn(24, 128), torch.randn(8, 128)
+    tensors = {"a": a.clone(), "b": b.clone()}
+    correct_drift(site, tensors, 0.0)
+    assert torch.equal(tensors["a"], a) and torch.equal(tensors["b"], b)
+    correct_drift(site, tensors, 1.0)
+    assert tensors["a"].shape == a.shape and tensors["b"].shape == b.shape
+    for w, fitted in ((a, tensors["a"]), (b, tensors["b"])):
+        before = (x_drift @ w.T - x @ w.T).pow(2).mean()
+        after = (x_drift @ fitted.T - x @ w.T).pow(2).mean()
+        assert after < 0.2 * before, (after, before)
+    alone = {"b": b.clone()}
+    correct_drift(Site(["b"], site.stats, None), alone, 1.0)
+    torch.testing.assert_close(alone["b"], tensors["b"])
+
+
+def test_gptq_after_drift_correction_is_closer_to_the_full_precision_outputs() -> None:
+    site, x, x_drift = _drifted_site(5, ["w"])
+    w = torch.randn(64, 128)
+    spec = QuantSpec(bits=4, method="gptq", group_size=32, sym=False)
+    plain = gptq.quantize_layer([site], {"w": w}, spec)["w"]
+    tensors = {"w": w.clone()}
+    correct_drift(site, tensors, 0.5)
+    corrected = gptq.quantize_layer([site], tensors, spec)["w"]
+    ref = x @ w.T
+
+    def err(qw: QuantizedWeight) -> float:
+        return float((x_drift @ qw.dequantize().T - ref).pow(2).mean())
+
+    assert err(corrected) < 0.8 * err(plain), (err(corrected), err(plain))
+
+
 def test_spec_errors() -> None:
     from llmopt.errors import UsageError
 
@@ -127,9 +177,18 @@ def test_spec_errors() -> None:
         QuantSpec(bits=4, method="rtn", group_size=100, sym=False).group_for(576)
     with pytest.raises(UsageError, match="unknown method"):
         QuantSpec(bits=4, method="hqq", group_size=128, sym=False)
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        QuantSpec(bits=4, method="gptq", group_size=64, sym=False, drift=1.5)
+    with pytest.raises(UsageError, match="needs GPTQ or AWQ block by block"):
+        QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=False, drift=0.25)
 
 
-def test_calibration_order_defaults_to_each_methods_reference() -> None:
+def test_calibration_goes_block_by_block_with_drift_correction_by_default() -> None:
     assert QuantSpec(bits=4, method="gptq", group_size=64, sym=False).sequential is True
-    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).sequential is False
-    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=True).sequential
+    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).sequential is True
+    one_pass = QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=False)
+    # Drift correction goes with block by block, where it has a full-precision stream.
+    assert QuantSpec(bits=4, method="gptq", group_size=64, sym=False).drift == 0.25
+    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).drift == 0.25
+    assert one_pass.drift == 0
+    assert QuantSpec(bits=4, method="rtn", group_size=64, sym=False).drift == 0

@@ -88,7 +88,13 @@ def quantize(
     sequential: bool = typer.Option(
         None,
         "--sequential/--one-pass",
-        help="Calibrate each block on the quantized blocks' outputs (default: GPTQ yes, AWQ no).",
+        help="Calibrate each block on the quantized blocks' outputs (default) or all in one pass.",
+    ),
+    drift: float = typer.Option(
+        None,
+        "--drift-correction",
+        help="Block by block: refit each layer's target to the full-precision outputs by "
+        "this fraction (default 0.25; 0 off).",
     ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
@@ -133,6 +139,7 @@ def quantize(
         act_order=method == "gptq" and (fmt != "awq" if act_order is None else act_order),
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
+        drift=drift,
     )
     _check_format(fmt, spec)
     if fmt == "gguf":

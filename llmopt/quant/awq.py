@@ -89,21 +89,21 @@ def quantize_clipped(
     return QuantizedWeight(q, scale.view(out, -1), zero.view(out, -1), bits, group)
 
 
-def _apply_scale(site: Site, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> torch.Tensor:
-    """Multiply the site's weight columns by s, fold 1/s into the owner; return x / s."""
+def _apply_scale(site: Site, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> None:
+    """Multiply the site's weight columns by s and fold 1/s into the owner."""
     for name in site.names:
         tensors[name] = tensors[name].float() * s
     owner = tensors[site.owner]
     # A norm weight (in,) scales its output channels; a linear (in, k) its rows.
     tensors[site.owner] = (owner.float() / (s if owner.dim() == 1 else s[:, None])).to(owner.dtype)
-    return site.stats.sample() / s
 
 
-def quantize_layer(
+def fold_scales(
     sites: list[Site], tensors: dict[str, torch.Tensor], spec: QuantSpec
-) -> dict[str, QuantizedWeight]:
-    """Search every site's scale on the layer's original weights, apply them all
-    (mutating `tensors`: weights and the owners they fold into), then clip and round.
+) -> list[torch.Tensor | None]:
+    """Search every site's scale (in,) on the layer's original weights, then apply them
+    all, mutating `tensors` (weights and the owners they fold into); None for a site
+    without an owner.
 
     Searching before applying matters where one site's owner is another's weight
     (down_proj folds into up_proj rows, which gate/up then quantizes).
@@ -118,17 +118,33 @@ def quantize_layer(
         return search_scale(w, stats.sample(), stats.abs_mean(), spec.bits, group, spec.sym)
 
     scales = [search(site) for site in sites]
-    inputs = [
-        site.stats.sample() if s is None else _apply_scale(site, tensors, s)
-        for site, s in zip(sites, scales, strict=True)
-    ]
+    for site, s in zip(sites, scales, strict=True):
+        if s is not None:
+            _apply_scale(site, tensors, s)
+    return scales
+
+
+def round_site(
+    site: Site, tensors: dict[str, torch.Tensor], spec: QuantSpec, x: torch.Tensor
+) -> dict[str, QuantizedWeight]:
+    """Clip each group's range where that lowers its output error on the rows x
+    (rows, in) of the site's input as the scaled weights see it, then round."""
+    w = site.fused(tensors)
+    group = spec.group_for(w.shape[1])
+    keep = w[: site.no_clip].reshape(site.no_clip, w.shape[1] // group, group)
+    lo, hi = search_clip(w[site.no_clip :], x, spec.bits, group, spec.sym)
+    lo = torch.cat([keep.amin(-1).clamp(max=0), lo])
+    hi = torch.cat([keep.amax(-1).clamp(min=0), hi])
+    return site.unfuse(tensors, quantize_clipped(w, lo, hi, spec.bits, group, spec.sym))
+
+
+def quantize_layer(
+    sites: list[Site], tensors: dict[str, torch.Tensor], spec: QuantSpec
+) -> dict[str, QuantizedWeight]:
+    """Scale the layer's sites (fold_scales), then clip and round each."""
+    scales = fold_scales(sites, tensors, spec)
     out: dict[str, QuantizedWeight] = {}
-    for site, x in zip(sites, inputs, strict=True):
-        w = site.fused(tensors)
-        group = spec.group_for(w.shape[1])
-        keep = w[: site.no_clip].reshape(site.no_clip, w.shape[1] // group, group)
-        lo, hi = search_clip(w[site.no_clip :], x, spec.bits, group, spec.sym)
-        lo = torch.cat([keep.amin(-1).clamp(max=0), lo])
-        hi = torch.cat([keep.amax(-1).clamp(min=0), hi])
-        out.update(site.unfuse(tensors, quantize_clipped(w, lo, hi, spec.bits, group, spec.sym)))
+    for site, s in zip(sites, scales, strict=True):
+        x = site.stats.sample() if s is None else site.stats.sample() / s
+        out.update(round_site(site, tensors, spec, x))
     return out

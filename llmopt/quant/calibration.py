@@ -39,6 +39,9 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # (in,) sum of |x|
     count: int = 0  # rows seen
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for scoring
+    # (in, in) float64 sum of (x - x~)^T x~ over paired rows, x from the full-precision
+    # model and x~ from the partly quantized one (quant/sequential.py), when kept
+    drift: torch.Tensor | None = None
 
     @property
     def kept(self) -> int:
@@ -52,6 +55,12 @@ class InputStats:
     def abs_mean(self) -> torch.Tensor:
         assert self.abs_sum is not None
         return (self.abs_sum / max(self.count, 1)).float()
+
+    def add_drift(self, x_full: torch.Tensor, x: torch.Tensor) -> None:
+        """x_full, x: the same tokens' inputs (..., in) in the two models."""
+        xd = x.detach().reshape(-1, x.shape[-1]).double()
+        d = x_full.detach().reshape(-1, x.shape[-1]).double() - xd
+        self.drift = d.T @ xd if self.drift is None else self.drift.addmm_(d.T, xd)
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples)  # (rows, in)
@@ -87,6 +96,25 @@ def recording(
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
         yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capturing(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """The input of each of `modules` in the one forward pass run inside."""
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def keep(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            got[name] = args[0].detach().clone()
+
+        return keep
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        yield got
     finally:
         for h in handles:
             h.remove()

@@ -21,11 +21,16 @@ DAMP = 0.01  # of the mean Hessian diagonal, added for a stable Cholesky factor
 BLOCK = 128  # columns updated together before the lazy update of the rest
 
 
+def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor (in, in), float64, of H plus DAMP of its mean diagonal."""
+    h = h.double().clone()
+    h += DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.cholesky(h)
+
+
 def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (in, in), after damping."""
-    h = h.double()
-    h += DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    lower = torch.linalg.cholesky(h)
+    lower = damped_cholesky(h)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
 
 

@@ -10,12 +10,15 @@ and each block runs on them to record its linears' inputs, is quantized (its wei
 dequantized into the fp32 model, with any norm AWQ rescaled), and runs again to make
 the next block's inputs: about two forward passes of the calibration text.
 
-Measured on SmolLM2-135M (BENCHMARKS.md), perplexity change against one pass: GPTQ
-g32 +6.28% (+6.90%), g64 +14.41% (+14.90%), so GPTQ goes block by block by default,
-as its reference implementation does; AWQ g32 +9.39% (+10.61%) but g64 +13.70%
-(+12.40%), so AWQ keeps its reference's one pass unless asked. Going linear by linear
-inside each block as well ("true sequential", o_proj calibrated on the quantized
-q/k/v's attention) gave GPTQ g32 +7.59%, and is not done.
+With drift correction (quant/drift.py, on by default block by block) a second stream
+of hidden states, the full-precision model's, runs alongside, and each linear's
+target is refit to map its drifted inputs to the full-precision outputs; the block is
+then quantized linear by linear ("true sequential": o_proj calibrated on the output
+of the quantized q/k/v, gate/up on the quantized attention's, down_proj on the
+quantized gate/up's), so that each linear also corrects the linears before it in its
+own block. Without the correction, linear by linear was worse (GPTQ g32 +7.59%
+against +6.28% block at once); with it, GPTQ g32 goes from +7.47% to +4.35% on this
+machine (BENCHMARKS.md).
 
 All windows have the same length and start at position 0, so one set of attention
 inputs (rotary tables, slots, metadata) serves every window: a block's call writes a
@@ -24,6 +27,7 @@ window's keys into those slots and reads only them back.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from types import ModuleType
 
@@ -34,7 +38,9 @@ from llmopt.config import ModelConfig
 from llmopt.engine.engine import Engine
 from llmopt.layers.linear import Linear
 from llmopt.models.llama import fuse_hf_layer
-from llmopt.quant.calibration import InputStats, recording
+from llmopt.quant import awq
+from llmopt.quant.calibration import InputStats, capturing, recording
+from llmopt.quant.drift import correct_drift
 from llmopt.quant.qweight import QuantizedWeight
 from llmopt.quant.spec import CALIBRATED, QuantSpec, head_site, layer_sites
 
@@ -65,22 +71,29 @@ def quantize_sequential(
         states: list[State] = [
             (model.embed_tokens(torch.tensor(ids, device=device)), None) for ids in windows
         ]
+        # The full-precision model's states, where drift correction needs them.
+        full: list[State] | None = list(states) if spec.drift > 0 else None
         for i, block in enumerate(model.layers):
             names = {f"layers.{i}.{n}": block.get_submodule(n) for n in CALIBRATED}
 
-            def run(states: list[State], i: int = i, block: nn.Module = block) -> list[State]:
+            def run(state: State, i: int = i, block: nn.Module = block) -> State:
                 # Blocks add into the residual stream in place: each call gets copies.
-                return [
-                    block(x.clone(), None if r is None else r.clone(), cos, sin,
-                          cache.k[i], cache.v[i], meta)
-                    for x, r in states
-                ]  # fmt: skip
+                x, r = state
+                return block(x.clone(), None if r is None else r.clone(), cos, sin,
+                             cache.k[i], cache.v[i], meta)  # fmt: skip
 
-            with recording(names, hessian, sample_rows) as stats:
-                run(states)
-            out.update(method.quantize_layer(layer_sites(cfg, stats, i), tensors, spec))
-            _load_block(model, cfg, i, tensors, out)
-            states = run(states)
+            if full is None:
+                with recording(names, hessian, sample_rows) as stats:
+                    for state in states:
+                        run(state)
+                out.update(method.quantize_layer(layer_sites(cfg, stats, i), tensors, spec))
+                _load_block(model, cfg, i, tensors, out)
+            else:
+                full = _quantize_block_with_drift(
+                    model, cfg, i, names, run, states, full, tensors, spec, method,
+                    sample_rows, out,
+                )  # fmt: skip
+            states = [run(state) for state in states]
             on_layer()
         if spec.lm_head:
             head = InputStats()
@@ -89,6 +102,81 @@ def quantize_sequential(
             out.update(method.quantize_layer([head_site(head)], tensors, spec.head_spec()))
             on_layer()
     return out
+
+
+def _quantize_block_with_drift(
+    model: nn.Module,
+    cfg: ModelConfig,
+    i: int,
+    names: dict[str, nn.Module],
+    run: Callable[[State], State],
+    states: list[State],
+    full: list[State],
+    tensors: dict[str, torch.Tensor],
+    spec: QuantSpec,
+    method: ModuleType,
+    sample_rows: int,
+    out: dict[str, torch.Tensor | QuantizedWeight],
+) -> list[State]:
+    """Block i quantized linear by linear (o_proj calibrated on the quantized q/k/v's
+    output, and so on), each linear's target corrected for its inputs' drift
+    (quant/drift.py); the full-precision states after the block returned.
+
+    AWQ first searches and folds the block's scales on the block's inputs together
+    (a site's scale may fold into another site's weight: down_proj's into up_proj's
+    rows), as awq.quantize_layer does; each site is then clipped and rounded on its
+    own recorded inputs, which the folded scales have divided."""
+    wants, full = _full_precision_inputs(names, run, full)
+    scales: list[torch.Tensor | None] = [None] * len(names)
+    if spec.method == "awq":
+        stats = _drifted_stats(names, run, states, wants, sample_rows)
+        scales = awq.fold_scales(layer_sites(cfg, stats, i), tensors, spec)
+        _load_block(model, cfg, i, tensors, out)
+    for k, (name, s) in enumerate(zip(names, scales, strict=True)):
+        # The full-precision inputs as the scaled weights see them (x / s).
+        want = [{name: w[name] if s is None else w[name] / s} for w in wants]
+        site = layer_sites(cfg, _drifted_stats({name: names[name]}, run, states, want,
+                                               sample_rows), i)[k]  # fmt: skip
+        correct_drift(site, tensors, spec.drift)
+        if spec.method == "awq":
+            out.update(awq.round_site(site, tensors, spec, site.stats.sample()))
+        else:
+            out.update(method.quantize_layer([site], tensors, spec))
+        _load_block(model, cfg, i, tensors, out)
+    return full
+
+
+def _full_precision_inputs(
+    names: dict[str, nn.Module], run: Callable[[State], State], full: list[State]
+) -> tuple[list[dict[str, torch.Tensor]], list[State]]:
+    """Per window, the inputs of a block's linears in the full-precision model (its
+    weights still dense), and that model's states after the block."""
+    wants, after = [], []
+    for state in full:
+        with capturing(names) as want:
+            after.append(run(state))
+        wants.append(want)
+    return wants, after
+
+
+def _drifted_stats(
+    modules: dict[str, nn.Module],
+    run: Callable[[State], State],
+    states: list[State],
+    wants: list[dict[str, torch.Tensor]],
+    sample_rows: int,
+) -> defaultdict[str, InputStats]:
+    """Input statistics of `modules` on the partly quantized model's states, with each
+    input's drift from the full-precision model's (quant/drift.py); empty statistics
+    for any other name."""
+    stats: defaultdict[str, InputStats] = defaultdict(InputStats)
+    for state, want in zip(states, wants, strict=True):
+        with capturing(modules) as got:
+            run(state)
+        for name, x in got.items():
+            stats[name].add(x, hessian=True, sample_rows=sample_rows)
+            stats[name].add_drift(want[name], x)
+    return stats
 
 
 def _load_block(

@@ -13,6 +13,7 @@ from llmopt.quant.qweight import QuantizedWeight
 
 METHODS = ("rtn", "gptq", "awq")
 DEFAULT_GROUPS = (128, 64, 32)  # for int4, the first that divides every input width
+DEFAULT_DRIFT = 0.25  # quant/drift.py: the step's fraction, measured best on SmolLM2
 
 
 def default_group_size(cfg: ModelConfig, bits: int) -> int:
@@ -39,8 +40,13 @@ class QuantSpec:
     head_bits: int = 0
     # GPTQ/AWQ: calibrate each block on the outputs of the blocks before it, already
     # quantized (quant/sequential.py), rather than all blocks in one full-precision pass.
-    # None: as each method's reference does it (GPTQ block by block, AWQ in one pass).
+    # None: block by block for both (AWQ's reference goes in one pass, but block by
+    # block with drift correction is ahead here: SmolLM2 g32 +7.2% against +10.6%).
     sequential: bool | None = None
+    # Block by block: the fraction of the step that refits each linear's target to the
+    # full-precision model's outputs (quant/drift.py); 0 is off. None: DEFAULT_DRIFT
+    # when block by block, else 0.
+    drift: float | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -52,7 +58,14 @@ class QuantSpec:
         if self.head_bits not in (0, 4, 8) or 0 < self.head_bits < self.bits:
             raise UsageError("--lm-head-bits must be 8, or 4 with --int4")
         if self.sequential is None:
-            object.__setattr__(self, "sequential", self.method == "gptq")
+            object.__setattr__(self, "sequential", self.method != "rtn")
+        block_by_block = self.sequential and self.method != "rtn"
+        if self.drift is None:
+            object.__setattr__(self, "drift", DEFAULT_DRIFT if block_by_block else 0.0)
+        if not 0 <= self.drift <= 1:
+            raise UsageError("--drift-correction must be between 0 and 1")
+        if self.drift and not block_by_block:
+            raise UsageError("--drift-correction needs GPTQ or AWQ block by block (--sequential)")
 
     @property
     def lm_head(self) -> bool:

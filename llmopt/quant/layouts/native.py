@@ -32,6 +32,7 @@ def config(spec: QuantSpec) -> dict[str, Any]:
         "method": spec.method,
         "act_order": spec.act_order,
         "sequential": spec.sequential,
+        "drift_correction": spec.drift,
         "lm_head": spec.lm_head,
         "lm_head_bits": spec.head_bits,  # may differ from "bits" (see loader/quantized.py)
         "version": 1,
