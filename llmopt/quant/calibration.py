@@ -81,43 +81,41 @@ class InputStats:
 
 
 @contextmanager
-def recording(
-    modules: dict[str, nn.Module], hessian: bool, sample_rows: int
-) -> Iterator[dict[str, InputStats]]:
-    """Statistics of the inputs of `modules` over every forward pass run inside."""
-    stats = {name: InputStats() for name in modules}
+def _on_inputs(
+    modules: dict[str, nn.Module], take: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call take(name, input) for every forward pass of `modules` run inside."""
 
     def hook(name: str) -> Callable[..., None]:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            stats[name].add(args[0], hessian, sample_rows)
+            take(name, args[0])
 
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
-        yield stats
+        yield
     finally:
         for h in handles:
             h.remove()
 
 
 @contextmanager
+def recording(
+    modules: dict[str, nn.Module], hessian: bool, sample_rows: int
+) -> Iterator[dict[str, InputStats]]:
+    """Statistics of the inputs of `modules` over every forward pass run inside."""
+    stats = {name: InputStats() for name in modules}
+    with _on_inputs(modules, lambda name, x: stats[name].add(x, hessian, sample_rows)):
+        yield stats
+
+
+@contextmanager
 def capturing(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
     """The input of each of `modules` in the one forward pass run inside."""
     got: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def keep(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            got[name] = args[0].detach().clone()
-
-        return keep
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
+    with _on_inputs(modules, lambda name, x: got.__setitem__(name, x.detach().clone())):
         yield got
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def collect(
