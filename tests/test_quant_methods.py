@@ -192,3 +192,22 @@ def test_calibration_goes_block_by_block_with_drift_correction_by_default() -> N
     assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).drift == 0.25
     assert one_pass.drift == 0
     assert QuantSpec(bits=4, method="rtn", group_size=64, sym=False).drift == 0
+
+
+def test_capturing_with_stop_skips_the_rest_of_the_pass() -> None:
+    from torch import nn
+
+    from llmopt.quant.calibration import capturing
+
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    calls: list[str] = []
+    second.register_forward_hook(lambda *_: calls.append("second"))
+    net = nn.Sequential(first, nn.ReLU(), second)
+    x = torch.randn(3, 4)
+    with capturing({"first": first}, stop=True) as got:
+        net(x)
+    assert torch.equal(got["first"], x) and calls == []
+    with capturing({"first": first, "second": second}) as got:
+        y = net(x)
+    assert calls == ["second"] and torch.equal(got["second"], torch.relu(first(x)))
+    assert y.shape == (3, 4)

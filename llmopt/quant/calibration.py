@@ -110,12 +110,28 @@ def recording(
         yield stats
 
 
+class _AllCaptured(Exception):
+    """Raised out of a forward pass once `capturing(..., stop=True)` has every input."""
+
+
 @contextmanager
-def capturing(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """The input of each of `modules` in the one forward pass run inside."""
+def capturing(
+    modules: dict[str, nn.Module], stop: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The input of each of `modules` in the one forward pass run inside; with stop,
+    the pass ends as soon as the last of them is taken (the rest of it is not run)."""
     got: dict[str, torch.Tensor] = {}
-    with _on_inputs(modules, lambda name, x: got.__setitem__(name, x.detach().clone())):
-        yield got
+
+    def take(name: str, x: torch.Tensor) -> None:
+        got[name] = x.detach().clone()
+        if stop and len(got) == len(modules):
+            raise _AllCaptured
+
+    try:
+        with _on_inputs(modules, take):
+            yield got
+    except _AllCaptured:
+        pass
 
 
 def collect(

@@ -171,7 +171,7 @@ def _drifted_stats(
     for any other name."""
     stats: defaultdict[str, InputStats] = defaultdict(InputStats)
     for state, want in zip(states, wants, strict=True):
-        with capturing(modules) as got:
+        with capturing(modules, stop=True) as got:  # the rest of the block is not needed
             run(state)
         for name, x in got.items():
             stats[name].add(x, hessian=True, sample_rows=sample_rows)
