@@ -228,6 +228,9 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--format", "onnx"], 2, "unknown --format"),
         (["--int4", "--format", "gptq", "--lm-head"], 2, "--lm-head-bits 4"),
         (["--int8", "--lm-head", "--lm-head-bits", "4"], 2, "--lm-head-bits must be"),
+        (["--int4", "--drift-correction", "2"], 2, "between 0 and 1"),
+        (["--int4", "--one-pass", "--drift-correction", "0.3"], 2, "block by block"),
+        (["--int4", "--method", "rtn", "--drift-correction", "0.3"], 2, "block by block"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:
