@@ -129,7 +129,10 @@ def _quantize_block_with_drift(
     wants, full = _full_precision_inputs(names, run, full)
     scales: list[torch.Tensor | None] = [None] * len(names)
     if spec.method == "awq":
-        stats = _drifted_stats(names, run, states, wants, sample_rows)
+        # The scale search reads input samples and magnitudes only: no Hessian, no drift.
+        with recording(names, hessian=False, sample_rows=sample_rows) as stats:
+            for state in states:
+                run(state)
         scales = awq.fold_scales(layer_sites(cfg, stats, i), tensors, spec)
         _load_block(model, cfg, i, tensors, out)
     for k, (name, s) in enumerate(zip(names, scales, strict=True)):
