@@ -21,7 +21,7 @@ def _correlated_inputs(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 def _site(x: torch.Tensor, names: list[str], owner: str | None = None) -> Site:
     stats = InputStats()
-    stats.add(x, hessian=True, sample_rows=x.shape[0])
+    stats.add(x)
     return Site(names, stats, owner)
 
 
@@ -110,7 +110,7 @@ def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
     torch.manual_seed(3)
     w, up = torch.randn(16, 32), torch.randn(32, 8)
     x = torch.randn(64, 32).abs() + 0.1
-    s = awq.search_scale(w, x, x.abs().mean(0), 4, 32, False)
+    s = awq.search_scale(w, x.T @ x, x.abs().mean(0), 4, 32, False)
     tensors = {"down": w.clone(), "up": up.clone()}
     site = _site(x, ["down"], owner="up")
     awq._apply_scale(site, tensors, s)
@@ -121,6 +121,62 @@ def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+def test_awq_group_error_from_the_gram_matches_the_rows() -> None:
+    """The clipping search scores a group's rounding error d as d^T X_g^T X_g d, from
+    X^T X: the same number as the error of the group's own outputs on the rows."""
+    torch.manual_seed(4)
+    x, d = _correlated_inputs(300, 96), torch.randn(5, 3, 32)  # d: (rows, groups, g)
+    from_gram = awq._group_error(d, awq._group_grams(x.T @ x, 32))
+    from_rows = torch.einsum("tgk,rgk->trg", x.view(300, 3, 32), d).pow(2).sum(0)
+    torch.testing.assert_close(from_gram, from_rows, rtol=1e-4, atol=1e-3)
+
+
+def test_awq_grid_search_never_loses_to_min_max_rounding() -> None:
+    """min/max is one of the ranges tried, so no group's output error can be worse than
+    RTN's on the same weights; with a few dominant input channels it is far lower."""
+    torch.manual_seed(5)
+    w = torch.randn(48, 128)
+    x = _correlated_inputs(1024, 128)
+    x[:, :3] *= 20
+    gram = x.T @ x
+    searched = awq.quantize_on(w, *awq.search_grid(w, gram, 4, 32, False), 4, 32)
+    plain = quantize_rtn(w, 4, 32)
+    grams = awq._group_grams(gram, 32)
+
+    def group_errors(qw: QuantizedWeight) -> torch.Tensor:  # (rows, groups)
+        return awq._group_error((qw.dequantize() - w).view(48, 4, 32), grams)
+
+    assert (group_errors(searched) <= group_errors(plain) * (1 + 1e-5)).all()
+    assert _output_error(w, searched, x) < 0.8 * _output_error(w, plain, x)
+
+
+def test_awq_scale_on_grouped_heads_folds_into_v_and_keeps_the_function() -> None:
+    """Under grouped-query attention o_proj's input channel (kv, h, d) is v's channel
+    (kv, d), so o's scale is tied across the heads that share a kv head, and folding
+    1/s into v's rows leaves o(v) as it was."""
+    torch.manual_seed(6)
+    kv, share, hd, hidden = 2, 3, 8, 16
+    v, o = torch.randn(kv * hd, hidden), torch.randn(hidden, kv * share * hd)
+    x = torch.randn(256, kv * share * hd).abs() * torch.linspace(0.1, 5, kv * share * hd)
+    tensors = {"v": v.clone(), "o": o.clone()}
+    stats = InputStats()
+    stats.add(x)
+    site = Site(["o"], stats, owner="v", share=share, head_dim=hd)
+    (s,) = awq.fold_scales([site], tensors, QuantSpec(4, "awq", 16, False))
+    assert s is not None and not torch.allclose(s, torch.ones_like(s))
+    heads = s.view(kv, share, hd)
+    assert torch.equal(heads, heads[:, :1].expand_as(heads))
+
+    def attention_out(v_w: torch.Tensor, o_w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        values = (h @ v_w.T).view(-1, kv, 1, hd).expand(-1, kv, share, hd)
+        return values.reshape(h.shape[0], -1) @ o_w.T  # each kv head read by `share` heads
+
+    h = torch.randn(7, hidden)
+    torch.testing.assert_close(
+        attention_out(tensors["v"], tensors["o"], h), attention_out(v, o, h), rtol=1e-4, atol=1e-4
+    )
+
+
 def _drifted_site(seed: int, names: list[str]) -> tuple[Site, torch.Tensor, torch.Tensor]:
     """A site whose inputs x~ drifted from the full-precision x by a fixed linear map
     plus noise (what quantized blocks before do to a later block's inputs)."""
@@ -129,7 +185,7 @@ def _drifted_site(seed: int, names: list[str]) -> tuple[Site, torch.Tensor, torc
     mix = torch.eye(128) + 0.05 * torch.randn(128, 128, generator=g)
     x_drift = x @ mix + 0.02 * torch.randn(x.shape, generator=g)
     stats = InputStats()
-    stats.add(x_drift, hessian=True, sample_rows=0)
+    stats.add(x_drift)
     stats.add_drift(x, x_drift)
     return Site(names, stats, None), x, x_drift
 

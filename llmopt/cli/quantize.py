@@ -17,7 +17,7 @@ from rich.console import Console
 from llmopt.cli.options import DEVICE, THREADS
 from llmopt.corpus import calibration_text, read_text
 from llmopt.errors import UsageError
-from llmopt.quant.spec import QuantSpec, default_group_size
+from llmopt.quant.spec import DEFAULT_CALIB_TOKENS, QuantSpec, default_group_size
 
 FORMATS = ("llmopt", "gptq", "awq", "gguf")
 
@@ -97,7 +97,9 @@ def quantize(
         "this fraction (default 0.25; 0 off).",
     ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
-    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
+    calib_tokens: int = typer.Option(
+        None, "--calib-tokens", help="Calibration tokens (default: GPTQ 8192, AWQ 16384)."
+    ),
     fmt: str = typer.Option("llmopt", "--format", help="llmopt, gptq, awq or gguf."),
     gguf_type: str = typer.Option(None, "--gguf-type", help="gguf: Q8_0, Q4_0, Q4_K_M, ..."),
     output: Path = typer.Option(None, "-o", "--output", help="Output folder (.gguf file)."),
@@ -120,7 +122,7 @@ def quantize(
     console = Console(stderr=True)
     if int8 == int4:
         raise UsageError("choose one of --int8 or --int4")
-    if calib_tokens < 1 or ppl_tokens < 2:
+    if (calib_tokens is not None and calib_tokens < 1) or ppl_tokens < 2:
         raise UsageError("--calib-tokens must be positive and --ppl-tokens at least 2")
     set_threads(threads)
     bits = 8 if int8 else 4
@@ -142,6 +144,7 @@ def quantize(
         drift=drift,
     )
     _check_format(fmt, spec)
+    calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     if fmt == "gguf":
         gguf_type = (gguf_type or ("Q8_0" if bits == 8 else "Q4_0")).upper()
     elif gguf_type:
@@ -163,6 +166,7 @@ def quantize(
         report |= _quantize_checkpoint(
             folder, out, spec, fmt, calib_text, calib_tokens, console, dev
         )
+        report["calib_tokens"] = calib_tokens
     if evaluate:
         before = _perplexity(folder, ppl_tokens, console)
         after = _perplexity(out, ppl_tokens, console)

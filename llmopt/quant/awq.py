@@ -4,26 +4,29 @@ A few input channels carry much larger activations than the rest, and the roundi
 error of the weights they multiply dominates the output error. AWQ multiplies those
 weight columns by s > 1 before rounding (so their relative error shrinks) and
 divides the input by s, folding 1/s into whatever produced the input: the RMSNorm
-weight before q/k/v and gate/up, the rows of up_proj before down_proj. The model's
-function is unchanged before rounding.
+weight before q/k/v and gate/up, the rows of up_proj before down_proj, the rows of
+v_proj before o_proj (with grouped-query attention each v channel feeds several
+heads, and their scales are tied; AutoAWQ skips o_proj there). The model's function
+is unchanged before rounding.
 
-Per site: s = mean|x|^alpha, alpha from a grid of 20, chosen by the output error on
-calibration rows; then each group's range is shrunk (clipped) where that lowers the
-group's output error. q and k rows are not clipped: attention logits amplify them.
+Per site: s = mean|x|^alpha, alpha from a grid of 20, chosen by the output error
+||X (W - Q(W s) / s)^T||^2; then each group's range [lo, hi] is shrunk where that
+lowers the group's output error, each end by its own factor. Both errors are read
+off the inputs' X^T X (for an error d, ||X d||^2 = d^T X^T X d), so every calibration
+row scores every candidate at a cost that does not grow with the rows. q and k rows
+are not clipped: attention logits amplify them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llmopt.quant.qweight import QuantizedWeight, grid, quantize_rtn, quantize_to
+from llmopt.quant.qweight import QuantizedWeight, grid, quantize_rtn
 from llmopt.quant.spec import QuantSpec, Site
 
 SCALE_GRID = 20
 CLIP_GRID = 20
 MAX_SHRINK = 0.5  # the smallest range tried is half the group's min/max
-CLIP_ROWS = 256  # calibration rows that score the clipping
-ROW_BATCH = 256  # output rows scored at a time (bounds memory: rows x tokens x groups)
 
 
 def _rtn_dequant(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
@@ -31,69 +34,93 @@ def _rtn_dequant(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Ten
 
 
 def search_scale(
-    w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, bits: int, group: int, sym: bool
+    w: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, bits: int, group: int, sym: bool
 ) -> torch.Tensor:
-    """The per-input-channel scale (in,) that minimises ||x W^T - x Q(W s)^T / s||.
-
-    w: (out, in); x: (rows, in) calibration inputs; x_mean: (in,) mean |x|.
+    """The per-input-channel scale (in,) that minimises ||x W^T - x Q(W s)^T / s|| over
+    the calibration rows x, from their gram = x^T x (in, in) and x_mean (in,) = mean |x|.
     """
-    ref = x @ w.T  # (rows, out)
     best_err, best = float("inf"), torch.ones_like(x_mean)
     for k in range(SCALE_GRID):
         s = x_mean.clamp(min=1e-4).pow(k / SCALE_GRID)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
-        wq = _rtn_dequant(w * s, bits, group, sym) / s
-        err = (x @ wq.T - ref).pow(2).mean().item()
+        d = _rtn_dequant(w * s, bits, group, sym) / s - w  # (out, in)
+        err = ((d @ gram) * d).sum().item()  # sum over rows of ||x d^T||^2
         if err < best_err:
             best_err, best = err, s
     return best
 
 
-def search_clip(
-    w: torch.Tensor, x: torch.Tensor, bits: int, group: int, sym: bool
+def _group_grams(gram: torch.Tensor, group: int) -> torch.Tensor:
+    """The diagonal blocks of an (in, in) Gram matrix: (G, g, g), one per group."""
+    groups = gram.shape[0] // group
+    blocks = gram.reshape(groups, group, groups, group)
+    return blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def _candidates(sym: bool) -> list[tuple[float, float]]:
+    """(lo, hi) shrink factors tried per group: every pair of CLIP_GRID steps down to
+    MAX_SHRINK (a symmetric grid shrinks both ends alike)."""
+    steps = [1 - k / CLIP_GRID for k in range(int(CLIP_GRID * (1 - MAX_SHRINK)))]
+    if sym:
+        return [(f, f) for f in steps]
+    return [(a, b) for a in steps for b in steps]
+
+
+def search_grid(
+    w: torch.Tensor, gram: torch.Tensor, bits: int, group: int, sym: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (row, group) range (lo, hi), each (out, G), minimising the group's output error."""
+    """Per (row, group) scale and zero, each (out, G), for the weights w (out, in) whose
+    inputs X have gram = X^T X (in, in): among the candidate ranges (_candidates), the
+    one minimising the group's output error d^T X_g^T X_g d (d: its rounding error)."""
     out, n = w.shape
-    groups = n // group
-    xg = x[:CLIP_ROWS].reshape(-1, groups, group)  # (T, G, g)
-    lo_all, hi_all = [], []
-    for r0 in range(0, out, ROW_BATCH):
-        wg = w[r0 : r0 + ROW_BATCH].reshape(-1, groups, group)  # (R, G, g)
-        lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # (R, G)
-        ref = torch.einsum("tgk,rgk->trg", xg, wg)
-        best_err = torch.full_like(lo0, float("inf"))
-        best_lo, best_hi = lo0.clone(), hi0.clone()
-        for k in range(int(CLIP_GRID * (1 - MAX_SHRINK))):
-            f = 1 - k / CLIP_GRID
-            lo, hi = lo0 * f, hi0 * f
-            flat = wg.reshape(-1, group).clamp(lo.reshape(-1, 1), hi.reshape(-1, 1))
-            scale, zero = grid(flat, bits, sym, lo.reshape(-1), hi.reshape(-1))
-            deq = (quantize_to(flat, scale, zero, bits).float() - zero[:, None]) * scale[:, None]
-            err = (torch.einsum("tgk,rgk->trg", xg, deq.view_as(wg)) - ref).pow(2).mean(0)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-        lo_all.append(best_lo)
-        hi_all.append(best_hi)
-    return torch.cat(lo_all), torch.cat(hi_all)
+    wg = w.reshape(out, n // group, group)  # (out, G, g)
+    lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # (out, G)
+    hb = _group_grams(gram, group)  # (G, g, g)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_scale, best_zero = torch.ones_like(lo0), torch.zeros_like(lo0)
+    for f_lo, f_hi in _candidates(sym):
+        scale, zero = grid(wg.reshape(-1, group), bits, sym,
+                           (lo0 * f_lo).reshape(-1), (hi0 * f_hi).reshape(-1))  # fmt: skip
+        scale, zero = scale.view_as(lo0), zero.view_as(lo0)
+        err = _group_error(_dequant(wg, scale, zero, bits) - wg, hb)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
-def quantize_clipped(
-    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, group: int, sym: bool
+def _dequant(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """wg (..., g) rounded onto the grids scale, zero (...) and dequantized."""
+    return _codes(wg, scale, zero, bits).sub_(zero[..., None]) * scale[..., None]
+
+
+def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """wg (..., g) rounded onto the grids scale, zero (...): codes as floats."""
+    q = torch.round(wg / scale[..., None]) + zero[..., None]
+    return q.clamp_(0, 2**bits - 1)
+
+
+def _group_error(d: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+    """d (out, G, g) rounding errors, hb (G, g, g) group Grams: d^T H_g d, (out, G)."""
+    hd = torch.bmm(d.transpose(0, 1), hb).transpose(0, 1)  # (out, G, g)
+    return (hd * d).sum(-1)
+
+
+def quantize_on(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int
 ) -> QuantizedWeight:
+    """w (out, in) rounded onto the given grid (scale, zero: (out, G))."""
     out, n = w.shape
-    flat = w.reshape(-1, group).clamp(lo.reshape(-1, 1), hi.reshape(-1, 1))
-    scale, zero = grid(flat, bits, sym, lo.reshape(-1), hi.reshape(-1))
-    q = quantize_to(flat, scale, zero, bits).view(out, n)
-    return QuantizedWeight(q, scale.view(out, -1), zero.view(out, -1), bits, group)
+    q = _codes(w.reshape(out, n // group, group), scale, zero, bits).to(torch.uint8)
+    return QuantizedWeight(q.view(out, n), scale, zero, bits, group)
 
 
 def _apply_scale(site: Site, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> None:
     """Multiply the site's weight columns by s and fold 1/s into the owner."""
     for name in site.names:
         tensors[name] = tensors[name].float() * s
-    owner = tensors[site.owner]
+    owner, s = tensors[site.owner], site.owner_part(s)
     # A norm weight (in,) scales its output channels; a linear (in, k) its rows.
     tensors[site.owner] = (owner.float() / (s if owner.dim() == 1 else s[:, None])).to(owner.dtype)
 
@@ -115,7 +142,8 @@ def fold_scales(
         w = site.fused(tensors)
         group = spec.group_for(w.shape[1])
         stats = site.stats
-        return search_scale(w, stats.sample(), stats.abs_mean(), spec.bits, group, spec.sym)
+        x_mean = site.tie(stats.abs_mean())  # tied scales follow from tied magnitudes
+        return search_scale(w, stats.gram(), x_mean, spec.bits, group, spec.sym)
 
     scales = [search(site) for site in sites]
     for site, s in zip(sites, scales, strict=True):
@@ -125,17 +153,17 @@ def fold_scales(
 
 
 def round_site(
-    site: Site, tensors: dict[str, torch.Tensor], spec: QuantSpec, x: torch.Tensor
+    site: Site, tensors: dict[str, torch.Tensor], spec: QuantSpec, gram: torch.Tensor
 ) -> dict[str, QuantizedWeight]:
-    """Clip each group's range where that lowers its output error on the rows x
-    (rows, in) of the site's input as the scaled weights see it, then round."""
+    """Clip each group's range where that lowers its output error on the site's
+    inputs as the scaled weights see them (gram: their X^T X, (in, in)), then round."""
     w = site.fused(tensors)
     group = spec.group_for(w.shape[1])
-    keep = w[: site.no_clip].reshape(site.no_clip, w.shape[1] // group, group)
-    lo, hi = search_clip(w[site.no_clip :], x, spec.bits, group, spec.sym)
-    lo = torch.cat([keep.amin(-1).clamp(max=0), lo])
-    hi = torch.cat([keep.amax(-1).clamp(min=0), hi])
-    return site.unfuse(tensors, quantize_clipped(w, lo, hi, spec.bits, group, spec.sym))
+    scale, zero = search_grid(w[site.no_clip :], gram, spec.bits, group, spec.sym)
+    if site.no_clip:  # q and k rows keep their min/max grid
+        rtn = quantize_rtn(w[: site.no_clip], spec.bits, group, spec.sym)
+        scale, zero = torch.cat([rtn.scale, scale]), torch.cat([rtn.zero, zero])
+    return site.unfuse(tensors, quantize_on(w, scale, zero, spec.bits, group))
 
 
 def quantize_layer(
@@ -145,6 +173,8 @@ def quantize_layer(
     scales = fold_scales(sites, tensors, spec)
     out: dict[str, QuantizedWeight] = {}
     for site, s in zip(sites, scales, strict=True):
-        x = site.stats.sample() if s is None else site.stats.sample() / s
-        out.update(round_site(site, tensors, spec, x))
+        gram = site.stats.gram()
+        if s is not None:  # the inputs the scaled weights see are x / s
+            gram = gram / (s[:, None] * s[None, :])
+        out.update(round_site(site, tensors, spec, gram))
     return out

@@ -2,8 +2,8 @@
 every linear, what the quantization methods need.
 
 - GPTQ needs the Hessian of the layer's squared error, H = 2 X^T X / n (in, in).
-- AWQ needs the mean |x| per input channel and a sample of input rows to score
-  candidate scales on.
+- AWQ needs the mean |x| per input channel, and X^T X to score candidate scales and
+  ranges by the output error they cause (for an error d, ||X d||^2 = d^T X^T X d).
 
 `collect` gathers them in one pass over the unquantized model (the inputs each layer
 sees in full precision); quant/sequential.py gathers them block by block on the
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,21 +35,16 @@ def calibration_windows(ids: list[int], num_tokens: int, window: int) -> list[li
 class InputStats:
     """What one linear's inputs looked like over the calibration text."""
 
-    xtx: torch.Tensor | None = None  # (in, in) float64 sum of x^T x, when kept
+    xtx: torch.Tensor | None = None  # (in, in) float64 sum of x^T x
     abs_sum: torch.Tensor | None = None  # (in,) sum of |x|
     count: int = 0  # rows seen
-    samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for scoring
     # (in, in) float64 sum of (x - x~)^T x~ over paired rows, x from the full-precision
     # model and x~ from the partly quantized one (quant/sequential.py), when kept
     drift: torch.Tensor | None = None
 
-    @property
-    def kept(self) -> int:
-        return sum(t.shape[0] for t in self.samples)
-
     def hessian(self) -> torch.Tensor:
         """(in, in) fp32: 2 X^T X / n."""
-        assert self.xtx is not None, "collected without the Hessian"
+        assert self.xtx is not None, "no inputs recorded"
         return (2 * self.xtx / max(self.count, 1)).float()
 
     def abs_mean(self) -> torch.Tensor:
@@ -62,22 +57,18 @@ class InputStats:
         d = x_full.detach().reshape(-1, x.shape[-1]).double() - xd
         self.drift = d.T @ xd if self.drift is None else self.drift.addmm_(d.T, xd)
 
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples)  # (rows, in)
+    def gram(self) -> torch.Tensor:
+        """(in, in) fp32: X^T X."""
+        assert self.xtx is not None, "no inputs recorded"
+        return self.xtx.float()
 
-    def add(self, x: torch.Tensor, hessian: bool, sample_rows: int) -> None:
+    def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (T, in)
-        if hessian:
-            xd = x.double()
-            self.xtx = xd.T @ xd if self.xtx is None else self.xtx.addmm_(xd.T, xd)
+        xd = x.double()
+        self.xtx = xd.T @ xd if self.xtx is None else self.xtx.addmm_(xd.T, xd)
         a = x.abs().sum(0)
         self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
         self.count += x.shape[0]
-        if self.kept < sample_rows:
-            # A spread of rows from every window rather than the first windows only.
-            step = max(1, x.shape[0] // 64)
-            take = x[::step][: sample_rows - self.kept].clone()
-            self.samples.append(take)
 
 
 @contextmanager
@@ -101,12 +92,10 @@ def _on_inputs(
 
 
 @contextmanager
-def recording(
-    modules: dict[str, nn.Module], hessian: bool, sample_rows: int
-) -> Iterator[dict[str, InputStats]]:
+def recording(modules: dict[str, nn.Module]) -> Iterator[dict[str, InputStats]]:
     """Statistics of the inputs of `modules` over every forward pass run inside."""
     stats = {name: InputStats() for name in modules}
-    with _on_inputs(modules, lambda name, x: stats[name].add(x, hessian, sample_rows)):
+    with _on_inputs(modules, lambda name, x: stats[name].add(x)):
         yield stats
 
 
@@ -138,12 +127,10 @@ def collect(
     engine: Engine,
     modules: dict[str, nn.Module],
     windows: list[list[int]],
-    hessian: bool,
-    sample_rows: int,
     progress: Callable[[], None] = lambda: None,
 ) -> dict[str, InputStats]:
     """Run every window through the model, recording the inputs of `modules`."""
-    with recording(modules, hessian, sample_rows) as stats:
+    with recording(modules) as stats:
         for ids in windows:
             engine.prompt_logits(ids)
             progress()

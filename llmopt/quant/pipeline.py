@@ -34,7 +34,6 @@ from llmopt.quant.spec import QuantSpec, Site, calibrated_modules, llama_sites
 
 METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
 CALIB_WINDOW = 512  # tokens per calibration sequence
-AWQ_SAMPLE_ROWS = 512  # input rows per site kept to score AWQ's scales
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -88,8 +87,6 @@ def calibrate(
     text: str,
     tokens: int,
     console: Console,
-    hessian: bool,
-    sample_rows: int,
     lm_head: bool,
     device: torch.device,
 ) -> dict[str, InputStats]:
@@ -103,8 +100,6 @@ def calibrate(
             engine,
             modules,
             windows,
-            hessian=hessian,
-            sample_rows=sample_rows,
             progress=lambda: progress.advance(task),
         )
 
@@ -184,7 +179,6 @@ def quantize_folder(
         raise UsageError(f"{folder} is already quantized; quantize the original model")
     raw_cfg = json.loads((folder / "config.json").read_text())
     tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in read_tensors(folder).items()}
-    sample_rows = AWQ_SAMPLE_ROWS if spec.method == "awq" else 0
     total = cfg.num_layers + int(spec.lm_head)
     _untie_head(tensors, spec)
     weights: dict[str, torch.Tensor | QuantizedWeight]
@@ -195,16 +189,15 @@ def quantize_folder(
         with _progress(console) as progress:
             task = progress.add_task(f"Quantizing block by block ({spec.label})", total=total)
             weights = quantize_sequential(
-                engine, cfg, tensors, spec, METHODS[spec.method], windows, sample_rows,
+                engine, cfg, tensors, spec, METHODS[spec.method], windows,
                 lambda: progress.advance(task),
             )  # fmt: skip
     else:
         if spec.method == "rtn":
             stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
         else:
-            hessian = spec.method == "gptq"
             stats = calibrate(
-                folder, cfg, calib_text, calib_tokens, console, hessian, sample_rows,
+                folder, cfg, calib_text, calib_tokens, console,
                 spec.lm_head, device,
             )  # fmt: skip
         with _progress(console) as progress:

@@ -54,7 +54,6 @@ def quantize_sequential(
     spec: QuantSpec,
     method: ModuleType,
     windows: list[list[int]],
-    sample_rows: int,
     on_layer: Callable[[], None] = lambda: None,
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every decoder linear (and the output projection if spec.lm_head, already untied
@@ -62,7 +61,6 @@ def quantize_sequential(
     names, fp32) are the weights the engine's fp32 model was loaded from, and AWQ may
     rescale them in place."""
     model, cache = engine.runner.model, engine.runner.cache
-    hessian = spec.method == "gptq"
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     with engine.prefill_inputs(windows[0]) as inputs, torch.inference_mode():
         meta = inputs["meta"]
@@ -83,7 +81,7 @@ def quantize_sequential(
                              cache.k[i], cache.v[i], meta)  # fmt: skip
 
             if full is None:
-                with recording(names, hessian, sample_rows) as stats:
+                with recording(names) as stats:
                     for state in states:
                         run(state)
                 out.update(method.quantize_layer(layer_sites(cfg, stats, i), tensors, spec))
@@ -91,14 +89,14 @@ def quantize_sequential(
             else:
                 full = _quantize_block_with_drift(
                     model, cfg, i, names, run, states, full, tensors, spec, method,
-                    sample_rows, out,
+                    out,
                 )  # fmt: skip
             states = [run(state) for state in states]
             on_layer()
         if spec.lm_head:
             head = InputStats()
             for x, r in states:
-                head.add(model.norm(x, r), hessian, sample_rows)
+                head.add(model.norm(x, r))
             out.update(method.quantize_layer([head_site(head)], tensors, spec.head_spec()))
             on_layer()
     return out
@@ -115,7 +113,6 @@ def _quantize_block_with_drift(
     tensors: dict[str, torch.Tensor],
     spec: QuantSpec,
     method: ModuleType,
-    sample_rows: int,
     out: dict[str, torch.Tensor | QuantizedWeight],
 ) -> list[State]:
     """Block i quantized linear by linear (o_proj calibrated on the quantized q/k/v's
@@ -129,8 +126,8 @@ def _quantize_block_with_drift(
     wants, full = _full_precision_inputs(names, run, full)
     scales: list[torch.Tensor | None] = [None] * len(names)
     if spec.method == "awq":
-        # The scale search reads input samples and magnitudes only: no Hessian, no drift.
-        with recording(names, hessian=False, sample_rows=sample_rows) as stats:
+        # The scale search reads the inputs' X^T X and magnitudes only, not the drift.
+        with recording(names) as stats:
             for state in states:
                 run(state)
         scales = awq.fold_scales(layer_sites(cfg, stats, i), tensors, spec)
@@ -138,11 +135,10 @@ def _quantize_block_with_drift(
     for k, (name, s) in enumerate(zip(names, scales, strict=True)):
         # The full-precision inputs as the scaled weights see them (x / s).
         want = [{name: w[name] if s is None else w[name] / s} for w in wants]
-        site = layer_sites(cfg, _drifted_stats({name: names[name]}, run, states, want,
-                                               sample_rows), i)[k]  # fmt: skip
+        site = layer_sites(cfg, _drifted_stats({name: names[name]}, run, states, want), i)[k]
         correct_drift(site, tensors, spec.drift)
         if spec.method == "awq":
-            out.update(awq.round_site(site, tensors, spec, site.stats.sample()))
+            out.update(awq.round_site(site, tensors, spec, site.stats.gram()))
         else:
             out.update(method.quantize_layer([site], tensors, spec))
         _load_block(model, cfg, i, tensors, out)
@@ -167,7 +163,6 @@ def _drifted_stats(
     run: Callable[[State], State],
     states: list[State],
     wants: list[dict[str, torch.Tensor]],
-    sample_rows: int,
 ) -> defaultdict[str, InputStats]:
     """Input statistics of `modules` on the partly quantized model's states, with each
     input's drift from the full-precision model's (quant/drift.py); empty statistics
@@ -177,7 +172,7 @@ def _drifted_stats(
         with capturing(modules, stop=True) as got:  # the rest of the block is not needed
             run(state)
         for name, x in got.items():
-            stats[name].add(x, hessian=True, sample_rows=sample_rows)
+            stats[name].add(x)
             stats[name].add_drift(want[name], x)
     return stats
 

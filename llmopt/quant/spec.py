@@ -14,6 +14,10 @@ from llmopt.quant.qweight import QuantizedWeight
 METHODS = ("rtn", "gptq", "awq")
 DEFAULT_GROUPS = (128, 64, 32)  # for int4, the first that divides every input width
 DEFAULT_DRIFT = 0.25  # quant/drift.py: the step's fraction, measured best on SmolLM2
+# Calibration tokens by method. AWQ's searches and the drift correction's fit gain from
+# 16,384 (SmolLM2 g32: +5.1% -> +4.4% perplexity); GPTQ's do not (+3.8% -> +4.2%), and
+# the tokens cost time linearly (BENCHMARKS.md).
+DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 16384}
 
 
 def default_group_size(cfg: ModelConfig, bits: int) -> int:
@@ -106,6 +110,25 @@ class Site:
     stats: InputStats
     owner: str | None
     no_clip: int = 0  # leading fused rows AWQ must not clip (q and k: attention logits)
+    # o_proj under grouped-query attention: each of the owner's (v_proj's) channels
+    # feeds `share` query heads of `head_dim` channels, so a scale folded into v must
+    # be the same on all of them (input channel (kv, h, d) reads v channel (kv, d)).
+    share: int = 1
+    head_dim: int = 0
+
+    def tie(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-input-channel vector (in,) averaged over the channels that read one
+        owner channel, and spread back (in,); v itself without grouped heads."""
+        if self.share == 1:
+            return v
+        heads = v.view(-1, self.share, self.head_dim)  # (kv, share, head_dim)
+        return heads.mean(1, keepdim=True).expand_as(heads).reshape(-1)
+
+    def owner_part(self, s: torch.Tensor) -> torch.Tensor:
+        """A tied per-input-channel vector (in,) as the owner's channels see it."""
+        if self.share == 1:
+            return s
+        return s.view(-1, self.share, self.head_dim)[:, 0].reshape(-1)
 
     def fused(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[n].float() for n in self.names])  # (sum out, in)
@@ -132,9 +155,9 @@ def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[
     hf, ours = f"model.layers.{i}.", f"layers.{i}."
     attn, mlp = hf + "self_attn.", hf + "mlp."
     q_k_rows = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
-    # o_proj's input channels are v_proj's output channels only without grouped
-    # heads; with GQA one v channel feeds several heads, so o gets no owner.
-    o_owner = attn + "v_proj.weight" if cfg.num_heads == cfg.num_kv_heads else None
+    # o_proj's input channels are v_proj's output channels, each repeated for the
+    # query heads that share a kv head (Site.share).
+    share = cfg.num_heads // cfg.num_kv_heads
     return [
         Site(
             [attn + f"{p}_proj.weight" for p in "qkv"],
@@ -142,7 +165,13 @@ def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[
             hf + "input_layernorm.weight",
             no_clip=q_k_rows,
         ),
-        Site([attn + "o_proj.weight"], stats[ours + "self_attn.o_proj"], o_owner),
+        Site(
+            [attn + "o_proj.weight"],
+            stats[ours + "self_attn.o_proj"],
+            attn + "v_proj.weight",
+            share=share,
+            head_dim=cfg.head_dim,
+        ),
         Site(
             [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
             stats[ours + "mlp.gate_up_proj"],
