@@ -103,6 +103,21 @@ def _quantized_weights(folder: Path) -> dict:
     return unpack_checkpoint(read_tensors(folder), qcfg)
 
 
+def test_calibration_tokens_default_by_method_and_are_reported(tiny_llama, tmp_path) -> None:
+    """AWQ calibrates on 16,384 tokens unless told (GPTQ on 8,192: spec.DEFAULT_CALIB_TOKENS)
+    and the report says how many it took: whole windows of 511 tokens (the tiny model
+    holds 512 positions), or all of a shorter text, which is said on stderr."""
+    args = ["--int4", "--group-size", "32"]
+    awq_report = _quantize(tiny_llama, tmp_path / "awq", *args, "--method", "awq")
+    assert awq_report["calib_tokens"] == 16384 // 511 * 511
+    short = tmp_path / "short.txt"
+    short.write_text("A short calibration text, a few dozen tokens long. " * 20)
+    r = llmopt("quantize", str(tiny_llama), "-o", str(tmp_path / "gptq"), "--no-eval", "--json",
+               *args, "--method", "gptq", "--calib", str(short))  # fmt: skip
+    assert r.exit_code == 0 and "fewer than the 8192 asked for" in r.stderr
+    assert 0 < json.loads(r.stdout)["calib_tokens"] < 511
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
     """One quantization written in our, GPTQ's and AWQ's layout: the same integers,

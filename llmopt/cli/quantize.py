@@ -166,7 +166,6 @@ def quantize(
         report |= _quantize_checkpoint(
             folder, out, spec, fmt, calib_text, calib_tokens, console, dev
         )
-        report["calib_tokens"] = calib_tokens
     if evaluate:
         before = _perplexity(folder, ppl_tokens, console)
         after = _perplexity(out, ppl_tokens, console)
@@ -208,6 +207,7 @@ def _quantize_checkpoint(
         "other_bytes": r.dense_bytes,
         "file_bytes": r.file_bytes,
         "seconds": r.seconds,
+        "calib_tokens": r.calib_tokens,
     }
 
 

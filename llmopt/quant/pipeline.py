@@ -54,6 +54,7 @@ class QuantizeResult:
     dense_bytes: int  # everything else (embeddings, norms) as stored
     file_bytes: int  # the whole checkpoint on disk
     seconds: float
+    calib_tokens: int  # calibration tokens the methods saw (0 for RTN)
 
 
 def _progress(console: Console) -> Progress:
@@ -78,7 +79,11 @@ def _calibration_engine(
     loaded = load_model(folder, torch.float32, device, Store(), console)
     window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
     engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
-    return engine, calibration_windows(loaded.tokenizer.encode(text), tokens, window)
+    ids = loaded.tokenizer.encode(text)
+    if len(ids) < tokens:
+        console.print(f"the calibration text has {len(ids)} tokens, fewer than the {tokens} "
+                      "asked for: calibrating on all of it")  # fmt: skip
+    return engine, calibration_windows(ids, tokens, window)
 
 
 def calibrate(
@@ -89,19 +94,16 @@ def calibrate(
     console: Console,
     lm_head: bool,
     device: torch.device,
-) -> dict[str, InputStats]:
-    """Inputs of every linear over the calibration text, from the fp32 model."""
+) -> tuple[dict[str, InputStats], int]:
+    """Inputs of every linear over the calibration text, from the fp32 model, and the
+    number of tokens they came from."""
     engine, windows = _calibration_engine(folder, cfg, text, tokens, console, device)
     model = engine.runner.model
     modules = {n: model.get_submodule(n) for n in calibrated_modules(cfg, lm_head)}
     with _progress(console) as progress:
         task = progress.add_task("Calibrating", total=len(windows))
-        return collect(
-            engine,
-            modules,
-            windows,
-            progress=lambda: progress.advance(task),
-        )
+        stats = collect(engine, modules, windows, progress=lambda: progress.advance(task))
+    return stats, sum(len(w) for w in windows)
 
 
 def quantize_tensors(
@@ -182,10 +184,12 @@ def quantize_folder(
     total = cfg.num_layers + int(spec.lm_head)
     _untie_head(tensors, spec)
     weights: dict[str, torch.Tensor | QuantizedWeight]
+    calibrated = 0
     if spec.method != "rtn" and spec.sequential:
         engine, windows = _calibration_engine(
             folder, cfg, calib_text, calib_tokens, console, device
         )
+        calibrated = sum(len(w) for w in windows)
         with _progress(console) as progress:
             task = progress.add_task(f"Quantizing block by block ({spec.label})", total=total)
             weights = quantize_sequential(
@@ -196,10 +200,9 @@ def quantize_folder(
         if spec.method == "rtn":
             stats = _empty_stats(cfg, spec.lm_head)  # RTN looks at the weights only
         else:
-            stats = calibrate(
-                folder, cfg, calib_text, calib_tokens, console,
-                spec.lm_head, device,
-            )  # fmt: skip
+            stats, calibrated = calibrate(
+                folder, cfg, calib_text, calib_tokens, console, spec.lm_head, device
+            )
         with _progress(console) as progress:
             task = progress.add_task(f"Quantizing ({spec.label})", total=total)
             weights = quantize_tensors(cfg, tensors, spec, stats, lambda: progress.advance(task))
@@ -220,6 +223,7 @@ def quantize_folder(
         dense_bytes,
         sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
         time.perf_counter() - t0,
+        calibrated,
     )
 
 
