@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.qweight import QuantizedWeight, grid, quantize_rtn
+from llmopt.quant.qweight import QuantizedWeight, grid, quantize_rtn, quantize_to
 from llmopt.quant.spec import QuantSpec, Site
 
 SCALE_GRID = 20
@@ -91,14 +91,9 @@ def search_grid(
 
 
 def _dequant(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """wg (..., g) rounded onto the grids scale, zero (...) and dequantized."""
-    return _codes(wg, scale, zero, bits).sub_(zero[..., None]) * scale[..., None]
-
-
-def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """wg (..., g) rounded onto the grids scale, zero (...): codes as floats."""
-    q = torch.round(wg / scale[..., None]) + zero[..., None]
-    return q.clamp_(0, 2**bits - 1)
+    """wg (out, G, g) rounded onto the grids scale, zero (out, G) and dequantized."""
+    q = quantize_to(wg.reshape(-1, wg.shape[-1]), scale, zero, bits).view_as(wg)
+    return (q.float() - zero[..., None]) * scale[..., None]
 
 
 def _group_error(d: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
@@ -111,9 +106,8 @@ def quantize_on(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int
 ) -> QuantizedWeight:
     """w (out, in) rounded onto the given grid (scale, zero: (out, G))."""
-    out, n = w.shape
-    q = _codes(w.reshape(out, n // group, group), scale, zero, bits).to(torch.uint8)
-    return QuantizedWeight(q.view(out, n), scale, zero, bits, group)
+    q = quantize_to(w.reshape(-1, group), scale, zero, bits).view_as(w)
+    return QuantizedWeight(q, scale, zero, bits, group)
 
 
 def _apply_scale(site: Site, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> None:
