@@ -3,10 +3,13 @@
 as, run by llmopt (its blocks as stored) and by llama.cpp, alternated in one run.
 
 The int8 and int4 checkpoints are made here by round-to-nearest: decode speed
-depends on the layout (bits, group size), not on how the integers were chosen.
+depends on the layout (bits, group size), not on how the integers were chosen; but a
+GPTQ checkpoint with act-order also reorders each linear's inputs, so `--checkpoint
+PATH` (repeatable) decodes checkpoints made by `llmopt quantize` in the same
+alternation.
 
     python scripts/bench_quant.py [--tokens 128] [--threads 2] [--repeats 3]
-        [--group-size 64] [--json]
+        [--group-size 64] [--checkpoint PATH ...] [--json]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--checkpoint", type=Path, action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     info = machine_info(args.threads)
@@ -63,6 +67,8 @@ def main() -> None:
             out = Path(tmp) / spec.label
             quantize_folder(folder, out, spec, "llmopt", "", 0, console)
             models[f"llmopt {spec.label}"] = load_model(out, torch.bfloat16, cpu, store, console)
+    for path in args.checkpoint:
+        models[f"llmopt {path.name}"] = load_model(path, torch.bfloat16, cpu, store, console)
     first = next(iter(models.values()))
     ids = first.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     prompt_text = first.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
@@ -81,11 +87,13 @@ def main() -> None:
     ratios = {
         f"{name} / llmopt bf16": round(r["tokens_per_s"] / bf16, 2) for name, r in results.items()
     }
-    if "llama.cpp Q4_1" in results:  # the same file, the same weights, two engines
+    if "llama.cpp Q4_1" in results:  # the Q4_1 file: the same weights, two engines
         cpp = results["llama.cpp Q4_1"]["tokens_per_s"]
-        ratios["llmopt Q4_1 file / llama.cpp Q4_1"] = round(
-            results["llmopt Q4_1 file"]["tokens_per_s"] / cpp, 2
-        )
+        ratios |= {
+            f"{name} / llama.cpp Q4_1": round(r["tokens_per_s"] / cpp, 2)
+            for name, r in results.items()
+            if name not in ("llmopt bf16", "llama.cpp Q4_1")
+        }
     summary = {**info, "decode_tokens": args.tokens, "results": results, "ratios": ratios}
     if args.json:
         print(json.dumps(summary, indent=2))

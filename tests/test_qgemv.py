@@ -19,17 +19,29 @@ KERNEL = qgemv.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler")
 
 
-def _operands(n: int, k: int, bits: int, group: int, seed: int = 0):
-    """Random codes and affine terms, the kernel's operands, and the dense weight."""
+FORMS = ["f32", "f16", "zero"]  # the kernels' forms of scale and offset
+
+
+def _operands(n: int, k: int, bits: int, group: int, seed: int = 0, form: str = "zero"):
+    """Random codes and affine terms, the kernel's operands (codes, scale, offset) with
+    the metadata in `form`, and the dense weight w = scale * code + offset (float64;
+    code q, or q - 128 as int8 is stored)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
-    scale = torch.rand(n, k // group, generator=g) * 0.01 + 1e-3
-    offset = -scale * torch.randint(0, 2**bits, (n, k // group), generator=g).float()
-    w = (q.double().view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
-    if bits == 4:
-        return qgemv.pack_int4(q), scale, qgemv.block_offsets(offset), w
-    signed = (q.to(torch.int16) - 128).to(torch.int8)
-    return signed, scale, qgemv.block_offsets(offset + 128 * scale), w
+    scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()
+    zero = torch.randint(0, 2**bits, (n, k // group), generator=g).float()
+    base = 128 if bits == 8 else 0
+    offset = (base - zero) * scale  # exact in fp32: 11 bits times 9
+    if form == "f16":  # offsets that are fp16 numbers but no integer zero (GGUF Q4_1)
+        offset = (offset + 1e-3 * torch.rand(offset.shape, generator=g)).half().float()
+    code = q.double() - base
+    w = (code.view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
+    w_k = qgemv.pack_int4(q) if bits == 4 else code.to(torch.int8)
+    if form == "zero":
+        return w_k, qgemv.block_rows(scale.half()), qgemv.block_rows(zero.to(torch.uint8)), w
+    if form == "f16":
+        return w_k, qgemv.block_rows(scale.half()), qgemv.block_rows(offset.half()), w
+    return w_k, qgemv.block_rows(scale), qgemv.block_rows(offset), w
 
 
 CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
@@ -37,9 +49,10 @@ CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 20])  # 20: AMX tiles where the CPU has them
-def test_exact_on_integer_activations(bits: int, group: int, rows: int) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_exact_on_integer_activations(bits: int, group: int, rows: int, form: str) -> None:
     n, k = 43, 384  # not a multiple of the kernel's 8-row blocks
-    w_k, scale, offset, w = _operands(n, k, bits, group)
+    w_k, scale, offset, w = _operands(n, k, bits, group, form=form)
     bias = torch.randn(n)
     x = torch.randint(-127, 128, (rows, k)).float()
     x[:, ::64] = 127  # every 64-block's scale is exactly 1
@@ -73,12 +86,15 @@ def test_shapes_it_does_not_take() -> None:
     assert not qgemv.supports(4, 96, 32)  # inputs not a multiple of 64
     assert not qgemv.supports(4, 384, 96)  # a group that straddles 64-input chunks
     assert not qgemv.supports(3, 384, 64)
-    w_k, scale, _, _ = _operands(8, 192, 4, 64)
-    two = scale[:, :2]  # two groups of 96
+    w_k, scale, zero, _ = _operands(8, 192, 4, 64)
+    two, x = scale[:, :2], torch.randn(1, 192)  # two groups of 96
     with pytest.raises(ValueError, match="does not take"):
-        KERNEL(torch.randn(1, 192), Operands(w_k, 4, two, qgemv.block_offsets(two), 96))
-    with pytest.raises(ValueError, match="block_offsets"):  # (N, G) offsets: the wrong layout
-        KERNEL(torch.randn(1, 192), Operands(w_k, 4, scale, scale, 64))
+        KERNEL(x, Operands(w_k, 4, two, zero[:, :2], 96))
+    flat = scale.transpose(1, 2).reshape(8, 3)  # (N, G): not the blocked layout
+    with pytest.raises(ValueError, match="block_rows"):
+        KERNEL(x, Operands(w_k, 4, flat, flat, 64))
+    with pytest.raises(ValueError, match="uint8 zeros"):  # zero points take fp16 scales
+        KERNEL(x, Operands(w_k, 4, scale.float(), zero, 64))
 
 
 def test_rows_are_independent() -> None:
@@ -97,24 +113,31 @@ def test_rows_are_independent() -> None:
     torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(KERNEL is None or not KERNEL.amx, reason="no AMX on this CPU")
+@pytest.mark.parametrize("tiles", ["cpu", "emulated"])
 @pytest.mark.parametrize("bits,group", CASES)
-@pytest.mark.parametrize("meta16", [False, True])
-def test_amx_tiles_agree_with_the_row_kernel(bits: int, group: int, meta16: bool) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, form: str) -> None:
     """From 4 rows on the kernel runs on AMX tiles: the same integer products and terms
     as the row kernel, summed in another order, so equal to float rounding; partial
-    tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11)."""
-    w_k, scale, offset, _ = _operands(43, 384, bits, group, seed=8)
-    if meta16:
-        scale, offset = qgemv.compact_metadata(scale.half().float(), offset.half().float())
+    tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11). On the CPU's
+    tiles where it has AMX, and everywhere (with AVX-512) on tiles emulated in C."""
+    amx = qgemv.load(emulate_amx=tiles == "emulated")
+    if amx is None or not amx.amx:
+        pytest.skip("no AMX on this CPU" if tiles == "cpu" else "no AVX-512 on this CPU")
+    w_k, scale, offset, w = _operands(43, 384, bits, group, seed=8, form=form)
     weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(43)
     x = torch.randn(37, 384)
-    tiles = KERNEL(x, weight, bias)
+    on_tiles = amx(x, weight, bias)
     rows = torch.cat([KERNEL(x[i : i + 3], weight, bias) for i in range(0, 37, 3)])
-    torch.testing.assert_close(tiles, rows, rtol=1e-5, atol=1e-5)
-    tiles_bf16 = KERNEL(x.bfloat16(), weight, bias)
+    torch.testing.assert_close(on_tiles, rows, rtol=1e-5, atol=1e-5)
+    tiles_bf16 = amx(x.bfloat16(), weight, bias)
     rows_bf16 = torch.cat([KERNEL(r[None], weight, bias) for r in x.bfloat16()])
     torch.testing.assert_close(tiles_bf16, rows_bf16, rtol=1e-2, atol=1e-2)
+    xi = torch.randint(-127, 128, (20, 384)).float()
+    xi[:, ::64] = 127  # integer activations: exact but for float rounding
+    ref = xi.double() @ w.T + bias.double()
+    got = amx(xi, weight, bias).double()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (8, 256, True)])
@@ -147,9 +170,10 @@ def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-def test_dequantize_writes_the_dense_weight(bits: int, group: int) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_dequantize_writes_the_dense_weight(bits: int, group: int, form: str) -> None:
     """The dense path's one-pass copy is the weight the operands describe."""
-    w_k, scale, offset, w = _operands(24, 384, bits, group, seed=5)
+    w_k, scale, offset, w = _operands(24, 384, bits, group, seed=5, form=form)
     out = torch.empty(24, 384)
     assert KERNEL.dequantize(Operands(w_k, bits, scale, offset, group), out) is out
     torch.testing.assert_close(out.double(), w, rtol=1e-6, atol=1e-7)
@@ -158,28 +182,36 @@ def test_dequantize_writes_the_dense_weight(bits: int, group: int) -> None:
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-def test_fp16_metadata_gives_the_same_numbers(bits: int, group: int) -> None:
-    """Scales and offsets that are fp16 values: read as fp16 (half the metadata bytes),
-    the kernel and the dense copy give exactly what the fp32 copies give."""
-    w_k, scale, offset, _ = _operands(24, 384, bits, group, seed=6)
-    scale, offset = scale.half().float(), offset.half().float()
-    s16, o16 = qgemv.compact_metadata(scale, offset)
-    assert s16.dtype == o16.dtype == torch.float16
-    x = torch.randn(5, 384)
-    full, half = Operands(w_k, bits, scale, offset, group), Operands(w_k, bits, s16, o16, group)
-    assert torch.equal(KERNEL(x, half), KERNEL(x, full))
+def test_compact_metadata_gives_the_same_weights(bits: int, group: int) -> None:
+    """An integer grid's fp16 scales and uint8 zero points describe exactly the weights
+    its fp32 scales and offsets do: the dense copies are equal, and the kernel's sums
+    (its offset terms added in another order) equal to float rounding."""
+    w_k, s32, o32, _ = _operands(24, 384, bits, group, seed=6, form="f32")
+    _, s16, zero, _ = _operands(24, 384, bits, group, seed=6, form="zero")
+    full, small = Operands(w_k, bits, s32, o32, group), Operands(w_k, bits, s16, zero, group)
     a, b = torch.empty(24, 384), torch.empty(24, 384)
-    assert torch.equal(KERNEL.dequantize(half, a), KERNEL.dequantize(full, b))
-    with pytest.raises(ValueError, match="both alike"):
-        KERNEL(x, Operands(w_k, bits, s16, offset, group))
+    assert torch.equal(KERNEL.dequantize(small, a), KERNEL.dequantize(full, b))
+    x = torch.randn(5, 384)
+    torch.testing.assert_close(KERNEL(x, small), KERNEL(x, full), rtol=1e-5, atol=1e-5)
 
 
-def test_metadata_stays_fp32_where_fp16_would_round_it() -> None:
-    # A GPTQ grid: fp16 scales, offsets -zero * scale with more bits than fp16 holds.
-    torch.manual_seed(7)
-    qw = quantize_rtn(torch.randn(64, 256), 4, 64, False)
-    layer = QuantLinear(qw, None, torch.device("cpu"))
-    assert layer.kscale.dtype == torch.float32 and layer.koffset.dtype == torch.float32
-    # Symmetric int8 per row: fp16 scales and zero offsets fit.
-    sym = QuantLinear(quantize_rtn(torch.randn(64, 256), 8, 256, True), None, torch.device("cpu"))
-    assert sym.kscale.dtype == torch.float16
+def test_kernel_metadata_takes_the_fewest_bytes_that_keep_the_weights() -> None:
+    g = torch.Generator().manual_seed(7)
+    scale = (torch.rand(16, 4, generator=g) * 0.01 + 1e-3).half().float()
+    zero = torch.randint(0, 16, (16, 4), generator=g).float()
+    # Every GPTQ / AWQ / RTN grid: fp16 scales, integer zeros -> (N, G) uint8 zeros.
+    s, z = qgemv.kernel_metadata(scale, zero, 4)
+    assert (s.dtype, z.dtype, z.shape) == (torch.float16, torch.uint8, (2, 4, 8))
+    assert torch.equal(z, qgemv.block_rows(zero.to(torch.uint8)))
+    # A GGUF Q4_1 grid: fractional zeros, fp16 minimums -> blocked fp16 offsets.
+    minimum = (torch.rand(16, 4, generator=g) * -0.01).half().float()
+    s, o = qgemv.kernel_metadata(scale, -minimum / scale, 4)
+    assert (s.dtype, o.dtype) == (torch.float16, torch.float16)
+    torch.testing.assert_close(o.float(), qgemv.block_rows(minimum), rtol=2**-20, atol=0)
+    # Scales fp16 would round: fp32, with int8's offsets taking the stored q - 128 back.
+    fine = scale * (1 + 2**-15)
+    s, o = qgemv.kernel_metadata(fine, zero, 8)
+    assert (s.dtype, o.dtype) == (torch.float32, torch.float32)
+    assert torch.equal(o, qgemv.block_rows((128 - zero) * fine))
+    layer = QuantLinear(quantize_rtn(torch.randn(64, 256), 4, 64, False), None, torch.device("cpu"))
+    assert layer.koffset.dtype == torch.uint8

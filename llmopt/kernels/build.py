@@ -36,17 +36,19 @@ def c_compiler() -> str | None:
 
 
 @cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library for llmopt/kernels/NAME.c, or None without a C compiler."""
+def load(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled library for llmopt/kernels/NAME.c (with the preprocessor `defines`:
+    a variant for tests), or None without a C compiler."""
     src = Path(__file__).with_name(f"{name}.c")
     compiler = c_compiler()
     if compiler is None:
         return None
+    flags = [*FLAGS, *(f"-D{d}" for d in defines)]
     # Every source and header of the folder goes into the key: a kernel may include
     # another's code (decode_layers.c does), and an edit to it must rebuild both.
     sources = sorted(src.parent.glob("*.[ch]"))
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode() + _cpu_identity()
+        b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode() + _cpu_identity()
     ).hexdigest()[:16]
     lib = llmopt_home() / "kernels" / f"{name}-{digest}.so"
     if not lib.is_file():
@@ -54,7 +56,7 @@ def load(name: str) -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
             proc = subprocess.run(
-                [compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True
+                [compiler, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True
             )
             if proc.returncode != 0:
                 return None
@@ -62,11 +64,17 @@ def load(name: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(lib))
 
 
-def function(name: str, argtypes: list, restype: object = None, symbol: str | None = None):
+def function(
+    name: str,
+    argtypes: list,
+    restype: object = None,
+    symbol: str | None = None,
+    defines: tuple[str, ...] = (),
+):
     """The function NAME of llmopt/kernels/NAME.c (each kernel file exports the one it is
     named after, and may export helpers: `symbol`) with its C signature declared, or None
     without a C compiler."""
-    lib = load(name)
+    lib = load(name, defines)
     if lib is None:
         return None
     fn = getattr(lib, symbol or name)

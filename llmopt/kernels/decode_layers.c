@@ -29,10 +29,10 @@
 typedef struct {
     int bits;           /* 16: dense bf16; 4 or 8: qgemv's layouts */
     const void *w;      /* (N, K) bf16, or qgemv's operand */
-    const void *scale; /* quantized: (N, K / group), fp32, or fp16 with meta16 */
+    const void *scale;  /* quantized: qgemv's scale, offset and meta */
     const void *offset;
     int group;
-    int meta16;
+    int meta;
     const float *bias;   /* (N,) fp32 or NULL */
     const int64_t *perm; /* (K,) act-order input order (column j reads input perm[j]) or NULL */
     int N, K;
@@ -57,7 +57,7 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
         x = xp;
     }
     const int rc = qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group,
-                         l->meta16, l->N, l->bias, y, y_bf16);
+                         l->meta, l->N, l->bias, y, y_bf16);
     free(xp);
     return rc;
 }

@@ -18,10 +18,14 @@
  * products are exact either way). Accumulators: acc[n] holds y[., n0 + n] for the 16
  * rows of the x tile, one zmm per row of W.
  */
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+#if (defined(__AMX_INT8__) && defined(__AMX_TILE__) || defined(LLMOPT_AMX_EMULATED)) && \
+    defined(__AVX512F__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#ifdef LLMOPT_AMX_EMULATED
+#include "amx_emulated.h"
+#endif
 
 #define AMX_T 16 /* rows of W and of x per tile */
 
@@ -47,6 +51,9 @@ static void amx_configure(void) {
  * ARCH_REQ_XCOMP_PERM for XTILEDATA); a refusal (an old kernel, a hypervisor that hides
  * it) leaves the AVX row kernel in charge. Asked once. */
 static int amx_ready(void) {
+#ifdef LLMOPT_AMX_EMULATED
+    return 1;
+#endif
     static int state = -1;
     if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* REQ_XCOMP_PERM */, 18) == 0;
     return state;
@@ -100,21 +107,33 @@ static void meta_to_f32(float *dst, const void *src, size_t at, int n, int f16) 
     for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
 }
 
+/* The (ng, 16) fp32 copy dst[g * 16 + n] of rows n0 .. n0 + 15 of blocked metadata
+ * (qgemv.c's layout: 8 rows side by side per group), zeros past the `rows` real ones. */
+static void blocked16(float *dst, const void *src, int n0, int ng, int rows, int f16) {
+    for (int h = 0; h < 2; h++)
+        for (int g = 0; g < ng; g++) {
+            float *d = dst + g * AMX_T + FS * h;
+            if (FS * h < rows)
+                meta_to_f32(d, src, ((size_t)(n0 / FS + h) * ng + g) * FS, FS, f16);
+            else
+                memset(d, 0, FS * sizeof(float));
+        }
+}
+
 /* acc[n] += the tile products of chunk c scaled: C0 (and C1 for group 32, whose halves
- * have scales of their own) times scale[n, g] (s0[n * ng], s1[n * ng]) times xd of the
- * tile's rows. */
+ * have scales of their own) times scale[n, g] (s0[n], s1[n]) times xd of the tile's
+ * rows. */
 static inline __attribute__((always_inline)) void scale_chunk(__m512 acc[AMX_T], int halves,
                                                               const int32_t c0[AMX_T][AMX_T],
                                                               const int32_t c1[AMX_T][AMX_T],
                                                               const float *s0,
-                                                              const float *s1, int ng,
-                                                              __m512 xdv) {
+                                                              const float *s1, __m512 xdv) {
     for (int n = 0; n < AMX_T; n++) {
         __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c0[n])),
-                                 _mm512_set1_ps(s0[n * ng]));
+                                 _mm512_set1_ps(s0[n]));
         if (halves)
             t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c1[n])),
-                                _mm512_set1_ps(s1[n * ng]), t);
+                                _mm512_set1_ps(s1[n]), t);
         acc[n] = _mm512_fmadd_ps(t, xdv, acc[n]);
     }
 }
@@ -124,7 +143,7 @@ static inline __attribute__((always_inline)) void scale_chunk(__m512 acc[AMX_T],
  * when out of memory. */
 static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                      const uint8_t *w, int bits, const void *scale, const void *offset,
-                     int group, int meta16, int N, const float *bias, void *y, int y_bf16) {
+                     int group, int meta, int N, const float *bias, void *y, int y_bf16) {
     const int nc = K / QB, ng = K / group, halves = group == 32, nt = (M + AMX_T - 1) / AMX_T;
     const int ns = K / 32; /* 32-input halves */
     /* x in the B operand's order, per tile of 16 rows and half: xv[t][s] is 8 rows of
@@ -153,24 +172,26 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
 #pragma omp parallel
     {
         amx_configure();
-        /* The block's scales sc[n][g] and offsets of[g][n] in fp32 (converted once per
+        /* The block's scales sc[g][n] and offsets of[g][n] in fp32 (converted once per
          * block: scalar fp16 conversions here cost more than the tiles' arithmetic) */
-        float sc[AMX_T * ng], of[ng * AMX_T];
+        float sc[ng * AMX_T], of[ng * AMX_T];
 #pragma omp for schedule(static)
         for (int b = 0; b < nb; b++) {
             const int n0 = b * AMX_T, rows = N - n0 < AMX_T ? N - n0 : AMX_T;
-            meta_to_f32(sc, scale, (size_t)n0 * ng, rows * ng, meta16);
-            memset(sc + rows * ng, 0, sizeof(float) * (AMX_T - rows) * ng);
-            /* offsets are blocked by 8 rows: (g, 8 rows) runs, zero-padded past N */
-            const int half = rows > 8 ? 2 : 1;
-            for (int h = 0; h < 2; h++)
-                for (int g = 0; g < ng; g++) {
-                    float *dst = of + g * AMX_T + 8 * h;
-                    if (h < half)
-                        meta_to_f32(dst, offset, ((size_t)(n0 / 8 + h) * ng + g) * 8, 8, meta16);
-                    else
-                        memset(dst, 0, 8 * sizeof(float));
-                }
+            blocked16(sc, scale, n0, ng, rows, meta != META_F32);
+            if (meta == META_ZERO) { /* offsets from the zero points, in the same layout */
+                const float base = bits == 8 ? 128.0f : 0.0f;
+                for (int n = 0; n < rows; n++)
+                    for (int g = 0; g < ng; g++) {
+                        const size_t at = ((size_t)(n0 / FS + n / FS) * ng + g) * FS + n % FS;
+                        of[g * AMX_T + n] =
+                            sc[g * AMX_T + n] * (base - ((const uint8_t *)offset)[at]);
+                    }
+                for (int n = rows; n < AMX_T; n++)
+                    for (int g = 0; g < ng; g++) of[g * AMX_T + n] = 0.0f;
+            } else {
+                blocked16(of, offset, n0, ng, rows, meta);
+            }
             const uint8_t *wb = w + (size_t)n0 * w_row;
             for (int t = 0; t < nt; t++) {
                 __m512 acc[AMX_T];
@@ -196,7 +217,8 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                     if (halves) _tile_stored(1, c1, 64);
                     const __m512 xdv = _mm512_loadu_ps(xdt + ((size_t)t * nc + c) * AMX_T);
                     const int g0 = halves ? 2 * c : c * QB / group;
-                    scale_chunk(acc, halves, c0, c1, sc + g0, sc + g0 + 1, ng, xdv);
+                    scale_chunk(acc, halves, c0, c1, sc + g0 * AMX_T, sc + (g0 + 1) * AMX_T,
+                                xdv);
                 }
                 for (int g = 0; g < ng; g++) {
                     const __m512 xs = _mm512_loadu_ps(xst + ((size_t)t * ng + g) * AMX_T);
@@ -229,7 +251,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
 static int amx_ready(void) { return 0; }
 static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                      const uint8_t *w, int bits, const void *scale, const void *offset,
-                     int group, int meta16, int N, const float *bias, void *y, int y_bf16) {
+                     int group, int meta, int N, const float *bias, void *y, int y_bf16) {
     return -1;
 }
 #endif

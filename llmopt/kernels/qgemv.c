@@ -30,11 +30,19 @@
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
  *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
- * scale: (N, K / group) fp32, group 32 or a multiple of 64. offset: the same numbers
- *   blocked by 8 rows, (ceil(N / 8), K / group, 8), zero-padded: offset[n / 8, g, n % 8]
- *   (one vector load gives a group's offsets for the 8 rows a block computes).
- *   With meta16, both in fp16 instead (where they are exactly fp16, as a GGUF file's
- *   block scales and minimums are: a quarter fewer bytes a weight for Q4_1).
+ * scale, offset: per row and group of `group` inputs (32 or a multiple of 64), blocked by
+ *   8 rows: (ceil(N / 8), K / group, 8), zero-padded, element [n / 8, g, n % 8] (one
+ *   vector load gives a group's values for the 8 rows a block computes). Three forms
+ *   (`meta`):
+ *   META_F32  fp32 scales and offsets.
+ *   META_F16  both in fp16 (where they are exactly fp16, as a GGUF file's block scales
+ *             and minimums are).
+ *   META_ZERO fp16 scales and, in place of offsets, integer zero points in uint8:
+ *             offset = scale * (base - zero), base 0 for int4 and 128 for int8 (whose
+ *             codes are stored as q - 128), computed in fp32, where it is exact (an
+ *             11-bit scale times a 9-bit integer). Every GPTQ, AWQ and RTN grid has
+ *             this form, and its offsets need fp32 as numbers: int4 group 32 then reads
+ *             19 bytes per 32 weights instead of 24 (Q4_1: 20).
  * x: (M, K) fp32 or bf16;
  * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
  */
@@ -49,6 +57,15 @@
 #endif
 
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
+
+enum { META_F32 = 0, META_F16 = 1, META_ZERO = 2 }; /* the forms of scale and offset above */
+
+/* Element i of META_ZERO's offsets (an index into the blocked layout): scale * (base -
+ * zero). */
+static inline float zero_offset(const void *scale, const void *zero, size_t i, int bits) {
+    const float base = bits == 8 ? 128.0f : 0.0f;
+    return load_meta(scale, i, 1) * (base - (float)((const uint8_t *)zero)[i]);
+}
 
 /* u8 x s8 dot products of 4 into int32 lanes, where the CPU has VNNI (AVX512-VNNI with
  * VL, or AVX-VNNI): acc + sum of 4 products per lane. */
@@ -96,10 +113,15 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
     }
 }
 
+/* Rows of W a block computes together, and the stride of its per-row metadata (the
+ * metadata layouts hold a group's values for 8 rows side by side). */
+#define FS 8
+
 #ifdef __AVX2__
 /* One 64-input chunk c of a row of W against `nrows` (1 or 2) rows of x, added into
  * acc[r][slot] (or acc[r][0] / acc[r][1] for the two halves of group 32, which have
- * factors of their own): acc += dot(q[c], xq[c]) * f[c], f[c] = xd[c] * scale[g(c)].
+ * factors of their own): acc += dot(q[c], xq[c]) * f[c], f[c] = xd[c] * scale[g(c)],
+ * the factors FS apart (block8 keeps them for its 8 rows side by side).
  * The weights are loaded and unpacked once for both rows. Products are int16 pair sums
  * (vpmaddubsw: 32 multiply-adds in one instruction; it wants one unsigned operand, so
  * int8 weights give |w| and each row of x takes w's sign; a pair is at most
@@ -138,12 +160,12 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
         if (halves) {
             const __m256 p0 = _mm256_cvtepi32_ps(DPBUSD(zero, w0, x0));
             const __m256 p1 = _mm256_cvtepi32_ps(DPBUSD(zero, w1, x1));
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + 2 * c), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + 2 * c + 1), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
         } else {
             const __m256i p = DPBUSD(DPBUSD(zero, w0, x0), w1, x1);
             acc[r][slot] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc[r][slot]);
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
         }
 #else
         const __m256i ones = _mm256_set1_epi16(1);
@@ -153,14 +175,14 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
             const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
             /* each half on its own chain: one FMA per chain per chunk (FMA latency,
              * not arithmetic, set the pace with two on one chain) */
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + 2 * c), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + 2 * c + 1), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
         } else { /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow */
             const __m256i p = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                                         : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
                                                            _mm256_madd_epi16(h1, ones));
             acc[r][slot] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + c), acc[r][slot]);
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
         }
 #endif
     }
@@ -189,72 +211,67 @@ static inline __m256 load_meta8(const void *p, size_t i, int f16) {
     return _mm256_loadu_ps((const float *)p + i);
 }
 
-/* f[j] = xd[j] * scale[at + j] for j < n. */
-static inline void factors(float *f, const float *xd, const void *scale, size_t at, int n,
-                           int f16) {
-    int j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(f + j, _mm256_mul_ps(_mm256_loadu_ps(xd + j), load_meta8(scale, at + j, f16)));
-    for (; j < n; j++) f[j] = xd[j] * load_meta(scale, at + j, f16);
-}
-
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
  * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
  * accumulator chains, so that FMA latency does not set the pace: int4 group 32 at 16
- * rows, 669 -> 520 us for 3072 x 576 on 2 threads), with the offsets, scales and bias in
- * vector form:
+ * rows, 669 -> 520 us for 3072 x 576 on 2 threads). scale and offset are the block's
+ * (K / group, 8) slices of the blocked layouts, so the rest is vector operations over
+ * the block's 8 rows: the factors, the offsets (from zero points: once per block), the
+ * row scales, the bias and the epilogue
  *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
  * (sum8, one transpose-add for the 8 rows: a horizontal sum per row cost as much as a
- * row's dot products at K = 576)
- * offset here is this block's (K / group, 8) slice of the blocked layout. */
+ * row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng,
-    const void *offset, int m16, const int8_t *xq, const float *xd, const float *xsum, int M,
+    const void *offset, int meta, const int8_t *xq, const float *xd, const float *xsum, int M,
     int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
-    const int nc = K / QB;
+    const int nc = K / QB, m16 = meta != META_F32;
     const int per_row = !halves && gi[nc - 1] == 0; /* one scale for the whole row */
+    const int nf = halves ? 2 * nc : nc;             /* factors: per chunk, or per half */
     float tail[8];
-    for (int i = 0; i < 8; i++) tail[i] = i < rows ? (bias ? bias[n0 + i] : 0.0f) : 0.0f;
+    for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
     const __m256 b = _mm256_loadu_ps(tail);
-    for (int i = 0; i < 8; i++)
-        tail[i] = i < rows && per_row ? load_meta(scale, (size_t)(n0 + i) * ng, m16) : 1.0f;
-    const __m256 row_scale = _mm256_loadu_ps(tail);
-    /* The factors of a row of x against a row of W: f[j] = xd[j] * scale[g(j)], j over
-     * the chunks (or the chunks' halves for group 32), vectorised. */
-    const int nf = halves ? 2 * nc : nc;
-    float fa[2 * nc], fb[2 * nc], xda[2 * nc], xdb[2 * nc];
+    const __m256 row_scale = per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f);
+    /* The block's offsets in fp32, (ng, 8): fp32 ones as stored, others widened or made
+     * from the zero points once for every row of x. */
+    float made[meta == META_F32 ? 1 : FS * ng];
+    const float *of = meta == META_F32 ? (const float *)offset : made;
+    if (meta == META_ZERO) {
+        const __m256 base = _mm256_set1_ps(bits == 8 ? 128.0f : 0.0f);
+        for (int g = 0; g < ng; g++) {
+            const __m128i z = _mm_loadl_epi64((const __m128i *)((const uint8_t *)offset + FS * g));
+            const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
+            _mm256_storeu_ps(made + FS * g,
+                             _mm256_mul_ps(_mm256_sub_ps(base, zf), load_meta8(scale, FS * g, 1)));
+        }
+    } else if (meta == META_F16) {
+        for (int g = 0; g < ng; g++) _mm256_storeu_ps(made + FS * g, load_meta8(offset, FS * g, 1));
+    }
+    /* The factors of two rows of x against the block's rows, (nf, 8): fa[8 j + i] =
+     * xd[m, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
+    float fa[FS * nf], fb[FS * nf];
     for (int m = 0; m < M; m += 2) {
         const int two = m + 1 < M;
         const int8_t *xa = xq + (size_t)m * K, *xb = two ? xa + K : xa;
         const float *da = xd + (size_t)m * nc, *db = two ? da + nc : da;
         for (int j = 0; j < nf; j++) {
-            xda[j] = da[halves ? j / 2 : j];
-            xdb[j] = db[halves ? j / 2 : j];
+            const int c = halves ? j / 2 : j;
+            const __m256 s =
+                per_row ? _mm256_set1_ps(1.0f) : load_meta8(scale, FS * (halves ? j : gi[j]), m16);
+            _mm256_storeu_ps(fa + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(da + c), s));
+            if (two) _mm256_storeu_ps(fb + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(db + c), s));
         }
         __m256 acc_a[8], acc_b[8];
         for (int i = 0; i < 8; i++) {
             acc_a[i] = acc_b[i] = _mm256_setzero_ps();
             if (i >= rows) continue;
-            const size_t sn = (size_t)(n0 + i) * ng; /* the row's first scale */
-            const float *pa = fa, *pb = fb;
-            if (per_row) {
-                pa = xda, pb = xdb;
-            } else if (halves || gi[nc - 1] == nc - 1) { /* one scale per factor */
-                factors(fa, xda, scale, sn, nf, m16);
-                if (two) factors(fb, xdb, scale, sn, nf, m16);
-            } else {
-                for (int c = 0; c < nc; c++) fa[c] = xda[c] * load_meta(scale, sn + gi[c], m16);
-                if (two)
-                    for (int c = 0; c < nc; c++)
-                        fb[c] = xdb[c] * load_meta(scale, sn + gi[c], m16);
-            }
             const uint8_t *wi = w + (size_t)i * w_row;
             __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()},
                                 {_mm256_setzero_ps(), _mm256_setzero_ps()}};
             if (two) /* the last row of an odd M goes alone */
-                row_chunks(acc, 2, wi, bits, halves, pa, pb, xa, xb, nc);
+                row_chunks(acc, 2, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
             else
-                row_chunks(acc, 1, wi, bits, halves, pa, pb, xa, xb, nc);
+                row_chunks(acc, 1, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
             acc_a[i] = _mm256_add_ps(acc[0][0], acc[0][1]);
             acc_b[i] = _mm256_add_ps(acc[1][0], acc[1][1]);
         }
@@ -263,7 +280,7 @@ static inline __attribute__((always_inline)) void block8(
             __m256 v = _mm256_fmadd_ps(sum8(r ? acc_b : acc_a), row_scale, b);
             const float *xs = xsum + (size_t)mm * ng;
             for (int g = 0; g < ng; g++)
-                v = _mm256_fmadd_ps(load_meta8(offset, 8 * g, m16), _mm256_broadcast_ss(xs + g), v);
+                v = _mm256_fmadd_ps(_mm256_loadu_ps(of + FS * g), _mm256_broadcast_ss(xs + g), v);
             _mm256_storeu_ps(tail, v);
             for (int i = 0; i < rows; i++) {
                 const size_t at = (size_t)mm * N + n0 + i;
@@ -277,15 +294,14 @@ static inline __attribute__((always_inline)) void block8(
 }
 #else
 static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
-                          const void *scale, int ng, const void *offset, int m16,
+                          const void *scale, int ng, const void *offset, int meta,
                           const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                           const int *gi, const float *bias, int rows, int n0, int N, void *y,
                           int y_bf16) {
-    const int nc = K / QB;
+    const int nc = K / QB, m16 = meta != META_F32;
     for (int m = 0; m < M; m++) {
         for (int i = 0; i < rows; i++) {
             const uint8_t *wn = w + (size_t)i * w_row;
-            const size_t sn = (size_t)(n0 + i) * ng;
             float acc = 0.0f;
             for (int c = 0; c < nc; c++) {
                 for (int half = 0; half < 2; half++) {
@@ -296,12 +312,14 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
                                                 : ((const int8_t *)wn)[k];
                         dot += q * xq[(size_t)m * K + k];
                     }
-                    const float s = load_meta(scale, sn + (halves ? 2 * c + half : gi[c]), m16);
-                    acc += s * xd[m * nc + c] * (float)dot;
+                    const int g = halves ? 2 * c + half : gi[c];
+                    acc += load_meta(scale, FS * g + i, m16) * xd[m * nc + c] * (float)dot;
                 }
             }
             for (int g = 0; g < ng; g++)
-                acc += load_meta(offset, 8 * g + i, m16) * xsum[(size_t)m * ng + g];
+                acc += (meta == META_ZERO ? zero_offset(scale, offset, FS * g + i, bits)
+                                          : load_meta(offset, FS * g + i, m16)) *
+                       xsum[(size_t)m * ng + g];
             acc += bias ? bias[n0 + i] : 0.0f;
             const size_t at = (size_t)m * N + n0 + i;
             if (y_bf16)
@@ -323,10 +341,10 @@ int qgemv_amx(void) { return amx_ready(); }
 
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
 int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
-          const void *offset, int group, int meta16, int N, const float *bias, void *y,
+          const void *offset, int group, int meta, int N, const float *bias, void *y,
           int y_bf16) {
     if (M < 1 || K % QB || K % group || !(group == 32 || group % QB == 0) ||
-        (bits != 4 && bits != 8))
+        (bits != 4 && bits != 8) || meta < META_F32 || meta > META_ZERO)
         return -1;
     const int nc = K / QB, ng = K / group, halves = group == 32;
     int8_t *xq = malloc((size_t)M * K);
@@ -347,7 +365,7 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     const size_t w_row = (size_t)K * bits / 8;
     if (M >= AMX_MIN_ROWS && amx_ready()) {
-        const int rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta16, N,
+        const int rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta, N,
                                  bias, y, y_bf16);
         free(xq);
         free(xd);
@@ -361,19 +379,27 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     for (int n0 = 0; n0 < N; n0 += 8) {
         const int rows = N - n0 < 8 ? N - n0 : 8;
         const uint8_t *wb = (const uint8_t *)w + n0 * w_row;
-        const void *ob = (const char *)offset + (size_t)n0 * ng * (meta16 ? 2 : 4);
+        /* the block's slices of the metadata, blocked by 8 rows */
+        const size_t at = (size_t)n0 * ng;
+        const void *sb = (const char *)scale + at * (meta ? 2 : 4);
+        const void *ob = (const char *)offset + at * (meta == META_ZERO ? 1 : meta ? 2 : 4);
         /* Constant arguments: each case is its own specialised loop. */
-#define BLOCK8(B, H, F16)                                                                      \
-    block8(wb, w_row, B, H, scale, ng, ob, F16, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, \
+#define BLOCK8(B, H, META)                                                                      \
+    block8(wb, w_row, B, H, sb, ng, ob, META, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, \
            y_bf16)
+#define BY_META(B, H)                  \
+    (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
+     : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
+                        : BLOCK8(B, H, META_F32))
         if (bits == 4 && halves)
-            meta16 ? BLOCK8(4, 1, 1) : BLOCK8(4, 1, 0);
+            BY_META(4, 1);
         else if (bits == 4)
-            meta16 ? BLOCK8(4, 0, 1) : BLOCK8(4, 0, 0);
+            BY_META(4, 0);
         else if (halves)
-            meta16 ? BLOCK8(8, 1, 1) : BLOCK8(8, 1, 0);
+            BY_META(8, 1);
         else
-            meta16 ? BLOCK8(8, 0, 1) : BLOCK8(8, 0, 0);
+            BY_META(8, 0);
+#undef BY_META
 #undef BLOCK8
     }
     free(xq);
@@ -387,20 +413,21 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
  * widening, scaling and offsetting it in torch). bf16 rounds as torch does (nearest
  * even). Returns 0, or -1 for shapes qgemv does not take. */
 int qdequant(const void *w, int bits, const void *scale, const void *offset, int group,
-             int meta16, int N, int K, void *out, int out_bf16) {
-    if (K % QB || K % group || !(group == 32 || group % QB == 0) || (bits != 4 && bits != 8))
+             int meta, int N, int K, void *out, int out_bf16) {
+    if (K % QB || K % group || !(group == 32 || group % QB == 0) || (bits != 4 && bits != 8) ||
+        meta < META_F32 || meta > META_ZERO)
         return -1;
     const int ng = K / group;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *wn = (const uint8_t *)w + (size_t)n * K * bits / 8;
-        const size_t sn = (size_t)n * ng;
-        const size_t on = (size_t)(n / 8) * ng * 8 + n % 8; /* group g at on + 8 g */
+        const size_t on = (size_t)(n / FS) * ng * FS + n % FS; /* group g at on + 8 g */
         float buf[32];
         for (int k0 = 0; k0 < K; k0 += 32) { /* 32 inputs share a group */
             const int g = k0 / group;
-            const float s = load_meta(scale, sn + g, meta16);
-            const float o = load_meta(offset, on + 8 * g, meta16);
+            const float s = load_meta(scale, on + FS * g, meta != META_F32);
+            const float o = meta == META_ZERO ? zero_offset(scale, offset, on + FS * g, bits)
+                                              : load_meta(offset, on + FS * g, meta);
             float *yk = out_bf16 ? buf : (float *)out + (size_t)n * K + k0;
             if (bits == 4) { /* inputs k0..k0+31 are the low or the high nibbles of a chunk */
                 const uint8_t *b = wn + (k0 / QB) * 32;

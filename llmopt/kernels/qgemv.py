@@ -33,12 +33,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def block_offsets(offset: torch.Tensor) -> torch.Tensor:
-    """(N, G) per-group offsets -> the kernel's (ceil(N / 8), G, 8), zero-padded: the
-    8 rows of W a block computes read a group's offsets with one vector load."""
-    n, g = offset.shape
-    padded = torch.zeros(-(-n // 8) * 8, g, dtype=torch.float32)
-    padded[:n] = offset
+def block_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, G) per-group metadata (scales, offsets or zero points) -> the kernel's
+    (ceil(N / 8), G, 8), zero-padded: the 8 rows of W a block computes read a group's
+    values with one vector load."""
+    n, g = t.shape
+    padded = torch.zeros(-(-n // 8) * 8, g, dtype=t.dtype)
+    padded[:n] = t
     return padded.view(-1, 8, g).transpose(1, 2).contiguous()
 
 
@@ -49,46 +50,66 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([v & 0x0F, v >> 4], dim=2).reshape(n, 2 * half)
 
 
-_META_DTYPES = (torch.float32, torch.float16)  # scales and offsets the kernels read
+# The kernels' forms of scale and offset (qgemv.c's META_*), by the dtypes of the two.
+_META_FORMS = {
+    (torch.float32, torch.float32): 0,  # fp32 scales, blocked fp32 offsets
+    (torch.float16, torch.float16): 1,  # both in fp16 (a GGUF file's own numbers)
+    (torch.float16, torch.uint8): 2,  # fp16 scales, (N, G) integer zero points
+}
 
 
 class Operands(NamedTuple):
-    """One quantized weight as the kernels take it: w = scale * q (or q - 128) + offset."""
+    """One quantized weight as the kernels take it: w = scale * q (or q - 128) + offset,
+    the offset given as numbers or, for integer grids, by zero points (kernel_metadata).
+    Scales and offsets in block_rows' layout."""
 
     w: torch.Tensor  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
     bits: int
-    scale: torch.Tensor  # (N, G) fp32, or fp16 (see compact_metadata)
-    offset: torch.Tensor  # block_offsets of (N, G), in scale's dtype
+    scale: torch.Tensor  # (ceil(N / 8), G, 8) fp32, or fp16
+    offset: torch.Tensor  # the same in scale's dtype, or uint8 zero points
     group_size: int
 
     def pointers(self) -> tuple:
-        """(w, bits, scale, offset, group, meta16) as the C functions take them."""
-        if self.offset.dim() != 3:
-            raise ValueError("qgemv takes its offsets in block_offsets' layout")
-        meta16 = self.scale.dtype == torch.float16
-        if self.offset.dtype != self.scale.dtype or self.scale.dtype not in _META_DTYPES:
-            raise ValueError("qgemv takes fp32 or fp16 scales and offsets, both alike")
+        """(w, bits, scale, offset, group, meta) as the C functions take them."""
+        meta = _META_FORMS.get((self.scale.dtype, self.offset.dtype))
+        if meta is None:
+            raise ValueError("qgemv takes fp32 or fp16 scales and offsets, or uint8 zeros")
+        n, k = self.w.shape[0], self.w.shape[1] * (8 // self.bits)
+        if not supports(self.bits, k, self.group_size):
+            raise self.refused(k)
+        blocked = (-(-n // 8), k // self.group_size, 8)
+        if (self.scale.shape, self.offset.shape) != (blocked, blocked):
+            raise ValueError("qgemv takes its scales and offsets in block_rows' layout")
         o = self
         ptrs = (o.w.data_ptr(), o.bits, o.scale.data_ptr(), o.offset.data_ptr(), o.group_size)
-        return (*ptrs, int(meta16))
+        return (*ptrs, meta)
 
     def refused(self, k: int) -> ValueError:
         n = self.w.shape[0]
         return ValueError(f"qgemv does not take int{self.bits} {n}x{k} group {self.group_size}")
 
 
-def compact_metadata(
-    scale: torch.Tensor, offset: torch.Tensor
+def kernel_metadata(
+    scale: torch.Tensor,  # (N, G) fp32
+    zero: torch.Tensor,  # (N, G) float: w = (q - zero) * scale
+    bits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scales and (blocked) offsets in fp16 where that changes no value beyond fp32
-    rounding (a GGUF file's block scales and minimums are fp16 to begin with: Q4_1 then
-    reads 5 bits a weight instead of 6), else as they are. A GPTQ grid's offsets,
-    -zero * scale, need more than fp16's 11 bits and stay fp32."""
-    s16, o16 = scale.half(), offset.half()
-    exact = torch.equal(s16.float(), scale) and torch.allclose(
-        o16.float(), offset, rtol=2**-20, atol=0.0
-    )
-    return (s16, o16) if exact else (scale, offset)
+    """The scales and offsets decode reads (block_rows' layout), in the fewest bytes
+    that give the same weights: fp16 scales and uint8 zero points where the grid is fp16
+    scales and integer zeros (every GPTQ, AWQ and RTN grid: int4 group 32 then reads 19
+    bytes per 32 weights, with fp32 metadata 24); else fp16 scales and offsets where
+    those are fp16 numbers (a GGUF Q4_1 file's block scales and minimums: 20); else
+    fp32. The offsets are for the kernel's codes: int8 is stored as q - 128."""
+    s16 = scale.half()
+    exact_scale = torch.equal(s16.float(), scale)
+    if exact_scale and torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 255:
+        return block_rows(s16), block_rows(zero.to(torch.uint8))
+    base = 128 if bits == 8 else 0
+    offset = (base - zero.float()) * scale
+    o16 = offset.half()
+    if exact_scale and torch.allclose(o16.float(), offset, rtol=2**-20, atol=0.0):
+        return block_rows(s16), block_rows(o16)
+    return block_rows(scale.float()), block_rows(offset)
 
 
 class QGemv:
@@ -145,18 +166,21 @@ class QGemv:
 
 
 @cache
-def load() -> QGemv | None:
-    """The kernel, or None without a C compiler."""
+def load(emulate_amx: bool = False) -> QGemv | None:
+    """The kernel, or None without a C compiler. emulate_amx: a build whose AMX path
+    (qgemm_amx.c) runs on AMX tiles emulated in C (amx_emulated.h), on any CPU with
+    AVX-512: slow, for testing that path where the CPU has no AMX."""
     from llmopt.kernels.build import function
 
+    defines = ("LLMOPT_AMX_EMULATED",) if emulate_amx else ()
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    # x, x_bf16, M, K, w, bits, scale, offset, group, meta16, N, bias, y, y_bf16
+    # x, x_bf16, M, K, w, bits, scale, offset, group, meta, N, bias, y, y_bf16
     argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, ptr, ptr, i32]
-    fn = function("qgemv", argtypes, i32)
-    # w, bits, scale, offset, group, meta16, N, K, out, out_bf16
+    fn = function("qgemv", argtypes, i32, defines=defines)
+    # w, bits, scale, offset, group, meta, N, K, out, out_bf16
     dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr, i32]
-    dequant_fn = function("qgemv", dequant_argtypes, i32, "qdequant")
-    amx_fn = function("qgemv", [], i32, "qgemv_amx")
+    dequant_fn = function("qgemv", dequant_argtypes, i32, "qdequant", defines)
+    amx_fn = function("qgemv", [], i32, "qgemv_amx", defines)
     if fn is None or dequant_fn is None or amx_fn is None:
         return None
     return QGemv(fn, dequant_fn, bool(amx_fn()))

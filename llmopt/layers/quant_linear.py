@@ -108,15 +108,12 @@ class QuantLinear(nn.Module):
         supported = qgemv.supports(self.bits, self.in_features, self.group_size)
         kernel = qgemv.load() if supported else None
         if kernel is not None:
-            if self.bits == 4:
-                self.register_buffer("wq", qgemv.pack_int4(qw.q))
-                offset = self.offset
-            else:  # signed int8 q - 128; the offset takes the 128 back
-                self.register_buffer("wq", _signed_int8(qw.q))
-                offset = self.offset + 128 * self.scale
-            kscale, koffset = qgemv.compact_metadata(self.scale, qgemv.block_offsets(offset))
-            self.register_buffer("kscale", kscale)  # the scales decode reads (fp16 or fp32)
-            self.register_buffer("koffset", koffset)
+            # int8 as signed q - 128 (kernel_metadata's offsets take the 128 back)
+            wq = qgemv.pack_int4(qw.q) if self.bits == 4 else _signed_int8(qw.q)
+            self.register_buffer("wq", wq)
+            kscale, koffset = qgemv.kernel_metadata(self.scale, qw.zero.float(), self.bits)
+            self.register_buffer("kscale", kscale)  # what decode reads: fp16 or fp32
+            self.register_buffer("koffset", koffset)  # offsets, or uint8 zero points
             self.q = None
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
             self.operands = qgemv.Operands(

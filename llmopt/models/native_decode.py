@@ -34,7 +34,7 @@ _ptr, _i32 = ctypes.c_void_p, ctypes.c_int
 class _DLinear(ctypes.Structure):
     _fields_ = [
         ("bits", _i32), ("w", _ptr), ("scale", _ptr), ("offset", _ptr), ("group", _i32),
-        ("meta16", _i32), ("bias", _ptr), ("perm", _ptr), ("N", _i32), ("K", _i32),
+        ("meta", _i32), ("bias", _ptr), ("perm", _ptr), ("N", _i32), ("K", _i32),
     ]  # fmt: skip
 
 
@@ -52,8 +52,8 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
         if m.kernel != "qgemv":
             return None
         bias, perm = m.kernel_bias, m.perm
-        w, bits, scale, offset, group, meta16 = m.operands.pointers()
-        args = (bits, w, scale, offset, group, meta16)
+        w, bits, scale, offset, group, meta = m.operands.pointers()
+        args = (bits, w, scale, offset, group, meta)
     elif isinstance(m, Linear):
         w = m.weight
         if m.packed is not None or w.dtype != torch.bfloat16 or w.shape[1] % 8:
