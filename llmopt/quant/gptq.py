@@ -3,8 +3,10 @@ push each column's rounding error onto the columns not yet quantized, weighted b
 the inverse Hessian of the layer's output error, H = 2 X^T X / n.
 
 Rows are independent given H, so linears that read the same input (q/k/v,
-gate/up) are quantized as one fused matrix. Columns go in their natural order
-(no act-order), so groups stay contiguous and every kernel reads the result.
+gate/up) are quantized as one fused matrix. Columns go in their natural order, or
+with act-order (the default) by decreasing Hessian diagonal; groups are contiguous
+in that order, and the weight records it as `perm`. Each group's grid is chosen when
+the loop reaches it, from the weights as updated by then.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def gptq(
             col = b0 + i
             if col % group_size == 0:
                 g = col // group_size
-                # The grid of a group is set from its weights as updated so far.
+                # The grid of a group is set from its weights as updated so far (its
+                # min/max: a range searched on the group's Hessian block, as AWQ's,
+                # scored worse here, +4.42% against +4.00% on 8,192 tokens).
                 s, z = grid(wb[:, i : i + group_size], bits, sym)
                 scales[:, g], zeros[:, g] = s, z
             g = col // group_size
