@@ -104,12 +104,12 @@ def _quantized_weights(folder: Path) -> dict:
 
 
 def test_calibration_tokens_default_by_method_and_are_reported(tiny_llama, tmp_path) -> None:
-    """AWQ calibrates on 16,384 tokens unless told (GPTQ on 8,192: spec.DEFAULT_CALIB_TOKENS)
+    """AWQ calibrates on 32,768 tokens unless told (GPTQ on 8,192: spec.DEFAULT_CALIB_TOKENS)
     and the report says how many it took: whole windows of 511 tokens (the tiny model
     holds 512 positions), or all of a shorter text, which is said on stderr."""
     args = ["--int4", "--group-size", "32"]
     awq_report = _quantize(tiny_llama, tmp_path / "awq", *args, "--method", "awq")
-    assert awq_report["calib_tokens"] == 16384 // 511 * 511
+    assert awq_report["calib_tokens"] == 32768 // 511 * 511
     short = tmp_path / "short.txt"
     short.write_text("A short calibration text, a few dozen tokens long. " * 20)
     r = llmopt("quantize", str(tiny_llama), "-o", str(tmp_path / "gptq"), "--no-eval", "--json",
