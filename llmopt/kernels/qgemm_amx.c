@@ -180,7 +180,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
             const int n0 = b * AMX_T, rows = N - n0 < AMX_T ? N - n0 : AMX_T;
             blocked16(sc, scale, n0, ng, rows, meta != META_F32);
             if (meta == META_ZERO) { /* offsets from the zero points, in the same layout */
-                const float base = bits == 8 ? 128.0f : 0.0f;
+                const float base = code_base(bits);
                 for (int n = 0; n < rows; n++)
                     for (int g = 0; g < ng; g++) {
                         const size_t at = ((size_t)(n0 / FS + n / FS) * ng + g) * FS + n % FS;
@@ -190,7 +190,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                 for (int n = rows; n < AMX_T; n++)
                     for (int g = 0; g < ng; g++) of[g * AMX_T + n] = 0.0f;
             } else {
-                blocked16(of, offset, n0, ng, rows, meta);
+                blocked16(of, offset, n0, ng, rows, meta == META_F16);
             }
             const uint8_t *wb = w + (size_t)n0 * w_row;
             for (int t = 0; t < nt; t++) {

@@ -60,11 +60,13 @@
 
 enum { META_F32 = 0, META_F16 = 1, META_ZERO = 2 }; /* the forms of scale and offset above */
 
+/* META_ZERO's base: the stored code of weight 0 when zero is 0 (int8 codes are q - 128). */
+static inline float code_base(int bits) { return bits == 8 ? 128.0f : 0.0f; }
+
 /* Element i of META_ZERO's offsets (an index into the blocked layout): scale * (base -
  * zero). */
 static inline float zero_offset(const void *scale, const void *zero, size_t i, int bits) {
-    const float base = bits == 8 ? 128.0f : 0.0f;
-    return load_meta(scale, i, 1) * (base - (float)((const uint8_t *)zero)[i]);
+    return load_meta(scale, i, 1) * (code_base(bits) - (float)((const uint8_t *)zero)[i]);
 }
 
 /* u8 x s8 dot products of 4 into int32 lanes, where the CPU has VNNI (AVX512-VNNI with
@@ -237,7 +239,7 @@ static inline __attribute__((always_inline)) void block8(
     float made[meta == META_F32 ? 1 : FS * ng];
     const float *of = meta == META_F32 ? (const float *)offset : made;
     if (meta == META_ZERO) {
-        const __m256 base = _mm256_set1_ps(bits == 8 ? 128.0f : 0.0f);
+        const __m256 base = _mm256_set1_ps(code_base(bits));
         for (int g = 0; g < ng; g++) {
             const __m128i z = _mm_loadl_epi64((const __m128i *)((const uint8_t *)offset + FS * g));
             const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
@@ -427,7 +429,7 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
             const int g = k0 / group;
             const float s = load_meta(scale, on + FS * g, meta != META_F32);
             const float o = meta == META_ZERO ? zero_offset(scale, offset, on + FS * g, bits)
-                                              : load_meta(offset, on + FS * g, meta);
+                                              : load_meta(offset, on + FS * g, meta == META_F16);
             float *yk = out_bf16 ? buf : (float *)out + (size_t)n * K + k0;
             if (bits == 4) { /* inputs k0..k0+31 are the low or the high nibbles of a chunk */
                 const uint8_t *b = wn + (k0 / QB) * 32;

@@ -54,7 +54,7 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
 _META_FORMS = {
     (torch.float32, torch.float32): 0,  # fp32 scales, blocked fp32 offsets
     (torch.float16, torch.float16): 1,  # both in fp16 (a GGUF file's own numbers)
-    (torch.float16, torch.uint8): 2,  # fp16 scales, (N, G) integer zero points
+    (torch.float16, torch.uint8): 2,  # fp16 scales, integer zero points
 }
 
 
