@@ -110,7 +110,7 @@ def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
     torch.manual_seed(3)
     w, up = torch.randn(16, 32), torch.randn(32, 8)
     x = torch.randn(64, 32).abs() + 0.1
-    s = awq.search_scale(w, x.T @ x, x.abs().mean(0), 4, 32, False)
+    s = awq.search_scale(w, x.T @ x, x.abs().mean(0), awq.weight_magnitude(w, 32), 4, 32, False)
     tensors = {"down": w.clone(), "up": up.clone()}
     site = _site(x, ["down"], owner="up")
     awq._apply_scale(site, tensors, s)
@@ -245,7 +245,7 @@ def test_calibration_goes_block_by_block_with_drift_correction_by_default() -> N
     one_pass = QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=False)
     # Drift correction goes with block by block, where it has a full-precision stream.
     assert QuantSpec(bits=4, method="gptq", group_size=64, sym=False).drift == 0.25
-    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).drift == 0.25
+    assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).drift == 0.5
     assert one_pass.drift == 0
     assert QuantSpec(bits=4, method="rtn", group_size=64, sym=False).drift == 0
 
@@ -267,3 +267,15 @@ def test_capturing_with_stop_skips_the_rest_of_the_pass() -> None:
         y = net(x)
     assert calls == ["second"] and torch.equal(got["second"], torch.relu(first(x)))
     assert y.shape == (3, 4)
+
+
+def test_awq_weight_magnitude_is_relative_to_each_group() -> None:
+    w = torch.randn(64, 128)
+    w[:, 5] *= 50  # one input channel's weights dominate their group
+    m = awq.weight_magnitude(w, 32)
+    assert m.shape == (128,) and bool((m > 0).all()) and bool((m <= 1).all())
+    assert m[5] > 0.95 and int(m[:32].argmax()) == 5
+    # Scaling a whole group leaves it unchanged: the measure is relative to the group.
+    w2 = w.clone()
+    w2[:, 32:64] *= 7
+    torch.testing.assert_close(awq.weight_magnitude(w2, 32), m)

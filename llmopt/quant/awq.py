@@ -9,11 +9,14 @@ v_proj before o_proj (with grouped-query attention each v channel feeds several
 heads, and their scales are tied; AutoAWQ skips o_proj there). The model's function
 is unchanged before rounding.
 
-Per site: s = mean|x|^alpha, alpha from a grid of 20, chosen by the output error
-||X (W - Q(W s) / s)^T||^2; then each group's range [lo, hi] is shrunk where that
-lowers the group's output error, each end by its own factor. Both errors are read
-off the inputs' X^T X (for an error d, ||X d||^2 = d^T X^T X d), so every calibration
-row scores every candidate at a cost that does not grow with the rows. q and k rows
+Per site: s = mean|x|^alpha, or mean|x|^alpha / mean|w|^(1 - alpha) (the weight's
+magnitude per input channel, relative to its group's largest: a channel whose weights
+are already large in their groups needs less help), alpha from a grid of 20, the
+candidate chosen by the output error ||X (W - Q(W s) / s)^T||^2; then each group's
+range [lo, hi] is shrunk where that lowers the group's output error, each end by its
+own factor. Both errors are read off the inputs' X^T X (for an error d,
+||X d||^2 = d^T X^T X d), so every calibration row scores every candidate at a cost
+that does not grow with the rows. q and k rows
 are not clipped: attention logits amplify them.
 """
 
@@ -33,20 +36,35 @@ def _rtn_dequant(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Ten
     return quantize_rtn(w, bits, group, sym).dequantize()
 
 
+def weight_magnitude(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Mean over output rows of |w| relative to its group's largest |w|: (in,)."""
+    out, n = w.shape
+    wg = w.abs().reshape(out, n // group, group)
+    return (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(out, n).mean(0)
+
+
 def search_scale(
-    w: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, bits: int, group: int, sym: bool
+    w: torch.Tensor,
+    gram: torch.Tensor,
+    x_mean: torch.Tensor,
+    w_mean: torch.Tensor,
+    bits: int,
+    group: int,
+    sym: bool,
 ) -> torch.Tensor:
     """The per-input-channel scale (in,) that minimises ||x W^T - x Q(W s)^T / s|| over
-    the calibration rows x, from their gram = x^T x (in, in) and x_mean (in,) = mean |x|.
-    """
+    the calibration rows x, from their gram = x^T x (in, in), x_mean (in,) = mean |x|
+    and w_mean (in,) = weight_magnitude(w)."""
     best_err, best = float("inf"), torch.ones_like(x_mean)
+    x_mean = x_mean.clamp(min=1e-4)
     for k in range(SCALE_GRID):
-        s = x_mean.clamp(min=1e-4).pow(k / SCALE_GRID)
-        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
-        d = _rtn_dequant(w * s, bits, group, sym) / s - w  # (out, in)
-        err = ((d @ gram) * d).sum().item()  # sum over rows of ||x d^T||^2
-        if err < best_err:
-            best_err, best = err, s
+        a = k / SCALE_GRID
+        for s in (x_mean.pow(a), x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)):
+            s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+            d = _rtn_dequant(w * s, bits, group, sym) / s - w  # (out, in)
+            err = ((d @ gram) * d).sum().item()  # sum over rows of ||x d^T||^2
+            if err < best_err:
+                best_err, best = err, s
     return best
 
 
@@ -136,8 +154,9 @@ def fold_scales(
         w = site.fused(tensors)
         group = spec.group_for(w.shape[1])
         stats = site.stats
-        x_mean = site.tie(stats.abs_mean())  # tied scales follow from tied magnitudes
-        return search_scale(w, stats.gram(), x_mean, spec.bits, group, spec.sym)
+        # Tied scales follow from tied magnitudes.
+        x_mean, w_mean = site.tie(stats.abs_mean()), site.tie(weight_magnitude(w, group))
+        return search_scale(w, stats.gram(), x_mean, w_mean, spec.bits, group, spec.sym)
 
     scales = [search(site) for site in sites]
     for site, s in zip(sites, scales, strict=True):
