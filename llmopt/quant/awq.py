@@ -16,8 +16,8 @@ candidate chosen by the output error ||X (W - Q(W s) / s)^T||^2; then each group
 range [lo, hi] is shrunk where that lowers the group's output error, each end by its
 own factor. Both errors are read off the inputs' X^T X (for an error d,
 ||X d||^2 = d^T X^T X d), so every calibration row scores every candidate at a cost
-that does not grow with the rows. q and k rows
-are not clipped: attention logits amplify them.
+that does not grow with the rows. q and k rows are not clipped: attention logits
+amplify them.
 """
 
 from __future__ import annotations
