@@ -94,29 +94,19 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int rows, int
     }
 }
 
-/* dst[i] = metadata element at + i for i < n, widened from fp16 (F16C) or copied. */
-static void meta_to_f32(float *dst, const void *src, size_t at, int n, int f16) {
-    if (!f16) {
-        memcpy(dst, (const float *)src + at, sizeof(float) * n);
-        return;
-    }
-    const uint16_t *h = (const uint16_t *)src + at;
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-    for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
-}
-
-/* The (ng, 16) fp32 copy dst[g * 16 + n] of rows n0 .. n0 + 15 of blocked metadata
- * (qgemv.c's layout: 8 rows side by side per group), zeros past the `rows` real ones. */
-static void blocked16(float *dst, const void *src, int n0, int ng, int rows, int f16) {
+/* The (ng, 16) fp32 copy dst[g * 16 + n] of rows n0 .. n0 + 15 of the blocked scales,
+ * or with `offsets` of the offsets in any form (offset8), zeros past the `rows` real
+ * rows (a block of 8 past N is not stored). Vector conversions: scalar fp16 ones here
+ * cost more than the tiles' arithmetic. */
+static void blocked16(float *dst, const void *scale, const void *offset, int meta, int bits,
+                      int offsets, int n0, int ng, int rows) {
     for (int h = 0; h < 2; h++)
         for (int g = 0; g < ng; g++) {
-            float *d = dst + g * AMX_T + FS * h;
-            if (FS * h < rows)
-                meta_to_f32(d, src, ((size_t)(n0 / FS + h) * ng + g) * FS, FS, f16);
-            else
-                memset(d, 0, FS * sizeof(float));
+            const size_t at = ((size_t)(n0 / FS + h) * ng + g) * FS;
+            const __m256 v = FS * h >= rows ? _mm256_setzero_ps()
+                             : offsets      ? offset8(scale, offset, at, meta, bits)
+                                            : load_meta8(scale, at, meta != META_F32);
+            _mm256_storeu_ps(dst + g * AMX_T + FS * h, v);
         }
 }
 
@@ -172,26 +162,13 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
 #pragma omp parallel
     {
         amx_configure();
-        /* The block's scales sc[g][n] and offsets of[g][n] in fp32 (converted once per
-         * block: scalar fp16 conversions here cost more than the tiles' arithmetic) */
+        /* The block's scales sc[g][n] and offsets of[g][n] in fp32, once per block */
         float sc[ng * AMX_T], of[ng * AMX_T];
 #pragma omp for schedule(static)
         for (int b = 0; b < nb; b++) {
             const int n0 = b * AMX_T, rows = N - n0 < AMX_T ? N - n0 : AMX_T;
-            blocked16(sc, scale, n0, ng, rows, meta != META_F32);
-            if (meta == META_ZERO) { /* offsets from the zero points, in the same layout */
-                const float base = code_base(bits);
-                for (int n = 0; n < rows; n++)
-                    for (int g = 0; g < ng; g++) {
-                        const size_t at = ((size_t)(n0 / FS + n / FS) * ng + g) * FS + n % FS;
-                        of[g * AMX_T + n] =
-                            sc[g * AMX_T + n] * (base - ((const uint8_t *)offset)[at]);
-                    }
-                for (int n = rows; n < AMX_T; n++)
-                    for (int g = 0; g < ng; g++) of[g * AMX_T + n] = 0.0f;
-            } else {
-                blocked16(of, offset, n0, ng, rows, meta == META_F16);
-            }
+            blocked16(sc, scale, offset, meta, bits, 0, n0, ng, rows);
+            blocked16(of, scale, offset, meta, bits, 1, n0, ng, rows);
             const uint8_t *wb = w + (size_t)n0 * w_row;
             for (int t = 0; t < nt; t++) {
                 __m512 acc[AMX_T];

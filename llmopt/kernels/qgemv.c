@@ -213,6 +213,15 @@ static inline __m256 load_meta8(const void *p, size_t i, int f16) {
     return _mm256_loadu_ps((const float *)p + i);
 }
 
+/* 8 consecutive offsets from element i in fp32, in any form: widened, or made from the
+ * zero points as zero_offset does (exact in fp32, so the same values). */
+static inline __m256 offset8(const void *scale, const void *offset, size_t i, int meta, int bits) {
+    if (meta != META_ZERO) return load_meta8(offset, i, meta == META_F16);
+    const __m128i z = _mm_loadl_epi64((const __m128i *)((const uint8_t *)offset + i));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
+    return _mm256_mul_ps(load_meta8(scale, i, 1), _mm256_sub_ps(_mm256_set1_ps(code_base(bits)), zf));
+}
+
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
  * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
  * accumulator chains, so that FMA latency does not set the pace: int4 group 32 at 16
@@ -238,17 +247,9 @@ static inline __attribute__((always_inline)) void block8(
      * from the zero points once for every row of x. */
     float made[meta == META_F32 ? 1 : FS * ng];
     const float *of = meta == META_F32 ? (const float *)offset : made;
-    if (meta == META_ZERO) {
-        const __m256 base = _mm256_set1_ps(code_base(bits));
-        for (int g = 0; g < ng; g++) {
-            const __m128i z = _mm_loadl_epi64((const __m128i *)((const uint8_t *)offset + FS * g));
-            const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
-            _mm256_storeu_ps(made + FS * g,
-                             _mm256_mul_ps(_mm256_sub_ps(base, zf), load_meta8(scale, FS * g, 1)));
-        }
-    } else if (meta == META_F16) {
-        for (int g = 0; g < ng; g++) _mm256_storeu_ps(made + FS * g, load_meta8(offset, FS * g, 1));
-    }
+    if (meta != META_F32)
+        for (int g = 0; g < ng; g++)
+            _mm256_storeu_ps(made + FS * g, offset8(scale, offset, FS * g, meta, bits));
     /* The factors of two rows of x against the block's rows, (nf, 8): fa[8 j + i] =
      * xd[m, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
     float fa[FS * nf], fb[FS * nf];
