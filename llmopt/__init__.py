@@ -6,7 +6,7 @@ imported on first use so that `import llmopt.errors` and the like stay light.
 
 from typing import Any
 
-__all__ = ["LLM", "Completion", "SamplingParams"]
+__all__ = ["LLM", "Completion", "EngineConfig", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,6 +14,10 @@ def __getattr__(name: str) -> Any:
         from llmopt.engine import llm
 
         return getattr(llm, name)
+    if name == "EngineConfig":
+        from llmopt.engine.config import EngineConfig
+
+        return EngineConfig
     if name == "SamplingParams":
         from llmopt.engine.sampling_params import SamplingParams
 

@@ -29,8 +29,8 @@ from llmopt.bench.decode import (
 )
 from llmopt.bench.offline import run_batch
 from llmopt.bench.setup import bench_model, machine_info
-from llmopt.engine.llm import build_engine
-from llmopt.engine.scheduler import SchedulerConfig
+from llmopt.engine.config import EngineConfig
+from llmopt.engine.factory import build_engine
 from llmopt.loader.load import LoadedModel, load_model
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -51,13 +51,14 @@ def prompts_for(loaded: LoadedModel, batch: int) -> list[list[int]]:
 
 def llmopt_batch(loaded: LoadedModel, prompts: list[list[int]], n: int) -> float:
     """Generated tokens/s for all prompts submitted at once (prefix cache off)."""
-    engine = build_engine(
-        loaded,
-        2048,
+    config = EngineConfig(
+        max_context=2048,
         kv_cache_memory=4.0,
-        scheduler_config=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096),
+        max_num_seqs=len(prompts),
+        max_num_batched_tokens=4096,
         prefix_cache=False,
     )
+    engine = build_engine(loaded, config)
     _, total = run_batch(engine, prompts, n)
     return len(prompts) * n / total
 

@@ -20,10 +20,10 @@ import torch
 from rich.console import Console
 
 from llmopt.bench.setup import bench_model, machine_info
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
-from llmopt.engine.llm import build_engine
+from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel, load_model
 
 console = Console(stderr=True)
@@ -101,13 +101,8 @@ def offline(loaded: LoadedModel, n: int, tokens: int) -> dict:
         chat_ids(loaded, f"Write a short poem about {TOPICS[i % len(TOPICS)]}.") for i in range(n)
     ]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    engine = build_engine(
-        loaded,
-        2048,
-        kv_cache_memory=1.0,
-        prefix_cache=False,
-        scheduler_config=SchedulerConfig(max_num_seqs=n),
-    )
+    config = EngineConfig(max_context=2048, kv_cache_memory=1.0, prefix_cache=False, max_num_seqs=n)
+    engine = build_engine(loaded, config)
     batched = drive(engine, [(0.0, p, params) for p in prompts])
     t = time.perf_counter()
     for p in prompts:
@@ -143,8 +138,10 @@ def policies(loaded: LoadedModel, n: int, rate: float, seed: int) -> dict:
         arrivals.append((t, chat_ids(loaded, f"Tell me about {TOPICS[i % len(TOPICS)]}."), params))
     out = {}
     for policy in ("static", "dynamic", "continuous"):
-        cfg = SchedulerConfig(max_num_seqs=8, policy=policy, max_wait_s=2.0)
-        engine = build_engine(loaded, 2048, kv_cache_memory=1.0, scheduler_config=cfg)
+        cfg = EngineConfig(
+            max_context=2048, kv_cache_memory=1.0, max_num_seqs=8, batching=policy, max_wait_s=2.0
+        )
+        engine = build_engine(loaded, cfg)
         out[policy] = drive(engine, arrivals)
         out[policy].pop("peak")
         console.print(f"{policy}: {out[policy]}")
@@ -165,7 +162,9 @@ def prefix(loaded: LoadedModel, n: int, rate: float, seed: int) -> dict:
         arrivals.append((t, p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)))
     out = {"system_prompt_tokens": len(chat_ids(loaded, "", system)), "requests": n}
     for name, on in (("prefix_cache_off", False), ("prefix_cache_on", True)):
-        engine = build_engine(loaded, 2048, kv_cache_memory=1.0, prefix_cache=on)
+        engine = build_engine(
+            loaded, EngineConfig(max_context=2048, kv_cache_memory=1.0, prefix_cache=on)
+        )
         res = drive(engine, arrivals)
         res.pop("peak")
         res["hit_rate"] = round(engine.blocks.hit_rate, 3)

@@ -21,10 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from llmopt.bench.setup import machine_info
-from llmopt.layers.attention_backend import DecodeBatch, NativeCpuAttention, TorchAttention
+from llmopt.layers.attention_backend import TorchAttention
+from llmopt.layers.attention_metadata import DecodeBatch
 from llmopt.layers.linear import Linear
+from llmopt.layers.native_attention import NativeCpuAttention
 from llmopt.layers.quant_linear import QuantLinear
-from llmopt.quant.qweight import quantize_rtn
+from llmopt.weights.qweight import quantize_rtn
 
 LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # (out, in)
 CONTEXTS = [64, 512, 2048]

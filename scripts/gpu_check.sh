@@ -17,6 +17,7 @@ status=0
 # quantize-on-CPU tests need nothing of the GPU.
 timeout 330 "$py" -m pytest -q -p no:cacheprovider --junitxml "$out/junit.xml" \
   tests/test_cuda.py tests/test_engine.py tests/test_parity.py tests/test_server.py \
+  tests/test_server_errors.py tests/test_server_caches.py \
   tests/test_quantize.py::test_cuda_quantizes_and_runs_like_the_cpu \
   tests/test_quantize.py::test_cuda_bf16_runs_int4_on_torchs_kernel \
   -k "not semantic" 2>&1 | tee "$out/pytest.log" || status=1

@@ -12,16 +12,47 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
 from rich.console import Console
 
-from llmopt.store.store import Store, llmopt_home
+from llmopt.home import llmopt_home
+from llmopt.kernels.build import c_compiler
+from llmopt.store.store import Store
 
 REAL_HOME = llmopt_home()  # read before the autouse fixture points it elsewhere
 TEST_DEVICE = torch.device(os.environ.get("LLMOPT_TEST_DEVICE", "cpu"))
+T = TypeVar("T")
+# The instruction sets a kernel path may need, by the macro its C code tests with #ifdef.
+ISA_MACROS = {"AVX-512": "__AVX512F__", "AMX": "__AMX_INT8__"}
+
+
+@cache
+def native_isa_macros() -> frozenset[str]:
+    """The macros the C compiler predefines for -march=native, as the kernels are built
+    (kernels/build.py): what their #ifdef branches see of this CPU."""
+    cmd = [c_compiler() or "cc", "-march=native", "-dM", "-E", "-x", "c", os.devnull]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return frozenset(line.split()[1] for line in out.splitlines() if line.startswith("#define"))
+
+
+def require_kernel(loaded: T | None, isa: str | None = None) -> T:
+    """A native kernel's loader result, for a test of that kernel. The test is skipped
+    only where the kernel cannot exist: no C compiler, or a CPU without the instruction
+    set `isa` ("AVX-512", "AMX") its path needs. Anywhere else a None is a kernel that
+    failed to compile, and the test fails instead of passing over it."""
+    if c_compiler() is None:
+        pytest.skip("no C compiler")
+    if isa is not None and ISA_MACROS[isa] not in native_isa_macros():
+        pytest.skip(f"no {isa} on this CPU")
+    need = f" and {isa}" if isa else ""
+    assert loaded is not None, f"the kernel failed to build on a machine with a C compiler{need}"
+    return loaded
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +118,15 @@ def write_tiny_model(folder: Path, tokenizer_from: Path, **overrides) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tokenizer_from / name).read_bytes())
     return folder
+
+
+@pytest.fixture(scope="module")
+def live(smollm_fp32):
+    """llmopt's server on the real model (tests/server_helpers.py), one per test module."""
+    from tests.server_helpers import start
+
+    with start(smollm_fp32) as server:
+        yield server
 
 
 @pytest.fixture

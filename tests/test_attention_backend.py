@@ -7,22 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmopt.layers.attention_backend import (
-    AttentionMetadata,
-    DecodeBatch,
-    NativeCpuAttention,
-    PrefillChunk,
-    TorchAttention,
-)
+from llmopt.layers.attention_backend import TorchAttention
+from llmopt.layers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from llmopt.layers.native_attention import NativeCpuAttention
 from llmopt.layers.rotary import RotaryEmbedding
+from tests.conftest import require_kernel
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("lens", [[37, 5, 120, 1], [300], [390, 3]])  # the last two: split-K
 @pytest.mark.parametrize("dim", [64, 128, 40])  # AVX2 value loops for 64 and 128; 40 generic
 def test_native_decode_matches_torch(heads, kv_heads, lens, dim) -> None:
-    native = NativeCpuAttention.load()
-    assert native is not None, "the kernel should build where a C compiler exists"
+    native = require_kernel(NativeCpuAttention.load())
     torch.manual_seed(0)
     slots_total = 400
     k = torch.randn(slots_total, kv_heads, dim)
@@ -58,8 +54,7 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared, dim) -> None:
     token, one that diverges inside a chunk), and a sequence alone. 63 shared keys: under
     the minimum, nothing is shared. 300: a range of 256 keys and one of 44 (a partial
     chunk); three members of 3 query heads each: 9 rows, not a whole number of tiles."""
-    native = NativeCpuAttention.load()
-    assert native is not None
+    native = require_kernel(NativeCpuAttention.load())
     torch.manual_seed(2)
     heads = 9
     k, v, prefix_a, prefix_b, tails = _cache_with_two_prefixes(2400, shared, 40, dim)
@@ -91,11 +86,8 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype)
     alone. A group of three (one that diverges inside the prefix: the group shares up to
     there), a chunk behind another prefix, and a first chunk (nothing cached). 40 (37
     shared): under the minimum, per-chunk calls."""
-    from llmopt.layers.attention_backend import (
-        CASCADE_MIN_SHARED,
-        PrefillChunk,
-        _shared_prefix_groups,
-    )
+    from llmopt.layers.attention_metadata import PrefillChunk
+    from llmopt.layers.cascade import CASCADE_MIN_SHARED, shared_prefix_groups
 
     torch.manual_seed(3)
     heads = 9
@@ -112,7 +104,7 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype)
         slots = torch.cat([cached, next(own)[:n]])
         chunks.append(PrefillChunk(at, n, len(cached), 0, slots))
         at += n
-    groups, alone = _shared_prefix_groups(chunks)
+    groups, alone = shared_prefix_groups(chunks)
     cascades = shared - 3 >= CASCADE_MIN_SHARED
     assert [(len(g), n) for g, n in groups] == ([(3, shared - 3)] if cascades else [])
     assert len(alone) == (2 if cascades else 5)
@@ -134,8 +126,7 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype)
 def test_native_rope_and_store_matches_torch(dtype) -> None:
     """Rotary + KV store in one native call: bit-identical to the torch ops in bf16 (the
     rounding of every product is part of the model), to fp32 rounding in fp32."""
-    native = NativeCpuAttention.load()
-    assert native is not None
+    native = require_kernel(NativeCpuAttention.load())
     torch.manual_seed(1)
     heads, kv_heads, dim, n = 9, 3, 64, 5
     rotary = RotaryEmbedding(dim, 10000.0, None, 64)
@@ -162,10 +153,8 @@ def test_native_prefill_matches_torch(dim) -> None:
     Chunks: a first one (nothing cached) longer than a run of 64 tokens, one behind a
     cached prefix that is not a whole number of key chunks, one of a single token, one
     behind 512 cached keys in scattered slots."""
-    native = NativeCpuAttention.load()
-    assert native is not None
-    if native.prefill is None:
-        pytest.skip("the native prefill kernel needs AVX-512")
+    native = require_kernel(NativeCpuAttention.load(), isa="AVX-512")
+    assert native.prefill is not None, "paged_prefill.c should build with AVX-512"
     torch.manual_seed(4)
     heads, kv_heads, total = 9, 3, 3000
     k, v = torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)

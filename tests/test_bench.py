@@ -9,21 +9,49 @@ import io
 import json
 import math
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from rich.console import Console
 from typer.testing import CliRunner
 
-from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load
+from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load, send
 from llmopt.bench.metrics import SLO, percentile, summarize, tpot
 from llmopt.bench.workloads import random_workload, shared_prefix_workload
-from llmopt.cli.bench import _with_prefixes
+from llmopt.cli.bench_serving import _with_prefixes
 from llmopt.cli.main import app as cli
 from llmopt.errors import UsageError
 from tests.live_server import LiveServer
 
 TTFT_S, ITL_S, TOKENS = 0.2, 0.05, 8
+TEXT = "".join(f"t{i} " for i in range(TOKENS))  # what a stream of the fake server says
+
+
+def sse(i: int | None) -> str:
+    """Server-sent event: content chunk i, or (None) the usage chunk and [DONE]."""
+    if i is not None:
+        chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+        return f"data: {json.dumps(chunk)}\n\n"
+    usage = {"prompt_tokens": 5, "completion_tokens": TOKENS, "total_tokens": 13}
+    return f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+
+
+class InFlight:
+    """Streams the fake server is sending at the moment, and the most at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def __enter__(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        self.now -= 1
+
+
+IN_FLIGHT = InFlight()
 
 
 def fake_app() -> FastAPI:
@@ -39,17 +67,15 @@ def fake_app() -> FastAPI:
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
 
         async def events():
-            await asyncio.sleep(TTFT_S)
-            for i in range(TOKENS):
-                if i:
-                    await asyncio.sleep(ITL_S)
-                if text == "drop" and i == 3:
-                    raise RuntimeError("connection dropped")  # uvicorn closes the socket
-                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            usage = {"prompt_tokens": 5, "completion_tokens": TOKENS, "total_tokens": 13}
-            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
+            with IN_FLIGHT:
+                await asyncio.sleep(TTFT_S)
+                for i in range(TOKENS):
+                    if i:
+                        await asyncio.sleep(ITL_S)
+                    if text == "drop" and i == 3:
+                        raise RuntimeError("connection dropped")  # uvicorn closes the socket
+                    yield sse(i)
+                yield sse(None)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -120,17 +146,64 @@ def test_workloads_are_seeded_and_shaped() -> None:
     assert sp[0].system != sp[1].system  # interleaved across prefixes
 
 
-def test_client_side_timings_match_injected_delays(fake) -> None:
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_client_side_timings_are_read_on_the_clock() -> None:
+    """send() times a stream on its clock: TTFT from the request to the first content
+    chunk, a gap per later chunk, e2e to [DONE], start from the run's t0. The stream
+    moves an injected clock on by TTFT_S before its first chunk, ITL_S before each next
+    one and 0.01 before the usage: through httpx's MockTransport the client reads each
+    chunk before the next is made, so every timing is exact arithmetic."""
+    clock = Clock(100.0)
+
+    async def events():
+        for i in range(TOKENS):
+            clock.now += TTFT_S if i == 0 else ITL_S
+            yield sse(i).encode()
+        clock.now += 0.01
+        yield sse(None).encode()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["max_tokens"] == TOKENS
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    async def main() -> RequestResult:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            messages = [{"role": "user", "content": "hi"}]
+            return await send(
+                client, Target("http://fake", "m"), messages, TOKENS, True, 98.5, clock
+            )
+
+    r = asyncio.run(main())
+    assert r.ok and r.text == TEXT
+    assert r.start == pytest.approx(1.5)
+    assert r.ttft == pytest.approx(TTFT_S)
+    assert r.itl == pytest.approx([ITL_S] * (TOKENS - 1))
+    assert r.e2e == pytest.approx(TTFT_S + (TOKENS - 1) * ITL_S + 0.01)
+    assert r.output_tokens == TOKENS and r.prompt_tokens == 5
+
+
+def test_fixed_concurrency_keeps_that_many_streams_in_flight(fake) -> None:
+    """Six conversations at concurrency 3: the fake server sees three streams at once,
+    never more, so the run takes two of them back to back at least (sleeps never end
+    early; 1 ms for the two clocks' resolution)."""
     convs = random_workload(6, 4, TOKENS, 0.0, seed=0)
+    IN_FLIGHT.peak = 0
     results, elapsed = asyncio.run(run_load(Target(fake.url, "m"), convs, LoadSpec(concurrency=3)))
     assert len(results) == 6 and all(r.ok for r in results)
-    for r in results:
-        assert r.ttft == pytest.approx(TTFT_S, abs=0.08)
-        assert len(r.itl) == TOKENS - 1
-        assert sum(r.itl) / len(r.itl) == pytest.approx(ITL_S, abs=0.02)
-        assert r.output_tokens == TOKENS and r.prompt_tokens == 5
+    assert IN_FLIGHT.peak == 3
     one = TTFT_S + (TOKENS - 1) * ITL_S
-    assert elapsed == pytest.approx(2 * one, abs=0.4)  # two waves of three
+    assert elapsed >= 2 * one - 1e-3
+    for r in results:
+        assert r.text == TEXT and len(r.itl) == TOKENS - 1
+        assert r.output_tokens == TOKENS and r.prompt_tokens == 5
+        assert r.ttft >= TTFT_S - 1e-3 and r.e2e >= one - 1e-3
 
 
 def test_errors_and_dropped_connections_are_failures(fake) -> None:
@@ -138,15 +211,16 @@ def test_errors_and_dropped_connections_are_failures(fake) -> None:
 
     convs = [Conversation([Turn(t, 8)]) for t in ("fail", "drop", "fine")]
     results, _ = asyncio.run(run_load(Target(fake.url, "m"), convs, LoadSpec()))
-    by_text = dict(
-        zip(("fail", "drop", "fine"), sorted(results, key=lambda r: r.start), strict=True)
-    )
+    assert len(results) == 3  # the run finished instead of raising
+    fine = [r for r in results if r.ok]
+    assert len(fine) == 1 and fine[0].text == TEXT and fine[0].output_tokens == TOKENS
     s = summarize(results, 1.0)
     assert s["completed"] == 1 and s["failed"] == 2
-    reasons = " ".join(s["failure_reasons"])
-    assert "HTTP 500: boom" in reasons
-    assert "RemoteProtocolError" in reasons or "before [DONE]" in reasons, reasons
-    assert by_text  # the run finished instead of raising
+    reasons = sorted(r.error or "" for r in results if not r.ok)
+    assert reasons[0] == "HTTP 500: boom"
+    dropped = reasons[1]
+    assert dropped.startswith("RemoteProtocolError") or "before [DONE]" in dropped, dropped
+    assert s["failure_reasons"] == {reason: 1 for reason in reasons}
     # nobody listening: a connection error, counted
     dead, _ = asyncio.run(run_load(Target("http://127.0.0.1:9", "m"), convs[2:], LoadSpec()))
     assert not dead[0].ok and "ConnectError" in dead[0].error
@@ -306,17 +380,19 @@ def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) 
 
     from llmopt.bench.perplexity import perplexity
     from llmopt.corpus import held_out_text
-    from llmopt.engine.llm import LLM
+    from llmopt.engine.config import EngineConfig
+    from llmopt.engine.factory import load
+    from llmopt.models.scoring import Scorer
 
-    llm = LLM(str(tiny_llama), dtype="float32", prefix_cache=False, kv_cache_memory=0.05)
-    ids = llm.loaded.tokenizer.encode(held_out_text())[:300]
+    _, loaded = load(EngineConfig(model=str(tiny_llama), dtype="float32"))
+    ids = loaded.tokenizer.encode(held_out_text())[:300]
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
         loss = ref(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
-    whole = perplexity(llm.engine, ids, window=512, stride=256)  # one window
+    whole = perplexity(Scorer(loaded.model, 512).logits, ids, window=512, stride=256)  # one window
     assert whole["scored_tokens"] == 299
     assert whole["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
-    sliding = perplexity(llm.engine, ids, window=128, stride=64)
+    sliding = perplexity(Scorer(loaded.model, 128).logits, ids, window=128, stride=64)
     assert sliding["scored_tokens"] == 299  # every token once, whatever the windows
     assert sliding["perplexity"] == pytest.approx(whole["perplexity"], rel=0.2)
     r = bench(

@@ -9,8 +9,9 @@ import torch
 from rich.console import Console
 
 from llmopt.cli.chat import Chat
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
-from llmopt.engine.llm import build_engine
+from llmopt.engine.factory import build_engine
 from llmopt.engine.runner import Runner
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import load_model
@@ -22,7 +23,7 @@ def engine(smollm_folder) -> Engine:
     loaded = load_model(
         smollm_folder, torch.bfloat16, torch.device("cpu"), Store(), Console(stderr=True)
     )
-    return build_engine(loaded, 2048, kv_cache_memory=0.05)
+    return build_engine(loaded, EngineConfig(max_context=2048, kv_cache_memory=0.05))
 
 
 def scripted(monkeypatch, lines: list[str]) -> None:
@@ -117,7 +118,8 @@ def test_next_turn_reuses_cached_prefix_and_answers_the_same(engine) -> None:
     # The whole first exchange (prompt and answer) is already in the KV cache.
     assert second.cached_prompt_tokens >= first.prompt_tokens + first.completion_tokens - 2
     # Reusing the cache changes nothing in the answer: a fresh engine agrees.
-    fresh = Engine(Runner(engine.runner.model, 64, 16), engine.tokenizer, engine.eos_ids, 2048)
+    runner = Runner(engine.runner.model, 64, 16)
+    fresh = Engine(runner, engine.tokenizer, engine.eos_ids, 2048, EngineConfig())
     replay = Chat(fresh, "smollm", params, None, Console(stderr=True))
     replay.history = chat.history[:2]
     prompt = replay.prompt_ids("Name another one.")

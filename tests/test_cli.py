@@ -53,21 +53,48 @@ def test_piped_stdin_is_the_prompt(smollm_folder) -> None:
     assert "Paris" in r.stdout
 
 
+def answer(model: Path, prompt: str, *options: str, max_tokens: int = 20) -> str:
+    """`llmopt run MODEL PROMPT --json --max-tokens N OPTIONS...`'s text."""
+    r = llmopt("run", str(model), prompt, "--max-tokens", str(max_tokens), "--json", *options)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)["text"]
+
+
 def test_same_seed_same_text(smollm_folder) -> None:
-    args = (
-        "run",
-        str(smollm_folder),
-        "Tell me a story.",
-        "--seed",
-        "11",
-        "--max-tokens",
-        "20",
-        "--temperature",
-        "1.0",
-        "--json",
-    )
-    a, b = llmopt(*args), llmopt(*args)
-    assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]
+    sampled = ("--temperature", "1.0", "--seed")
+    a = answer(smollm_folder, "Tell me a story.", *sampled, "11")
+    assert answer(smollm_folder, "Tell me a story.", *sampled, "11") == a
+    assert answer(smollm_folder, "Tell me a story.", *sampled, "12") != a  # another seed
+
+
+HOT = ("--temperature", "1.5", "--seed", "3")  # a sample far from greedy, reproducibly
+
+
+def test_top_k_and_min_p_reach_the_sampler(smollm_folder) -> None:
+    """--top-k 1, or --min-p 1, leaves only the likeliest token: at temperature 1.5 the
+    answer is then the greedy one, which the same seed without them does not give."""
+    greedy = answer(smollm_folder, QUESTION, "--temperature", "0")
+    assert answer(smollm_folder, QUESTION, *HOT, "--top-k", "1") == greedy
+    assert answer(smollm_folder, QUESTION, *HOT, "--min-p", "1") == greedy
+    assert answer(smollm_folder, QUESTION, *HOT) != greedy  # the control
+
+
+@pytest.mark.parametrize(
+    "prompt,penalty",
+    [
+        ("Count: 1, 2, 3,", ("--frequency-penalty", "2")),
+        ("Once upon a time", ("--presence-penalty", "2")),
+        ("Count: 1, 2, 3,", ("--repetition-penalty", "1.5")),
+    ],
+)
+def test_penalties_change_a_greedy_answer_that_repeats(smollm_folder, prompt, penalty) -> None:
+    """Greedy continues "Count: 1, 2, 3," with " 4, 5, ..., 12," and "Once upon a time"
+    with a sentence of several commas; each penalty turns it elsewhere (which way, token
+    by token: test_server.py's test_penalties_turn_greedy_away_from_a_repeat)."""
+    raw_greedy = ("--raw", "--temperature", "0")
+    greedy = answer(smollm_folder, prompt, *raw_greedy, max_tokens=32)
+    penalized = answer(smollm_folder, prompt, *raw_greedy, *penalty, max_tokens=32)
+    assert penalized != greedy
 
 
 def test_stop_string_is_not_shown(smollm_folder) -> None:

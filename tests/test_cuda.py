@@ -14,9 +14,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from llmopt.engine.llm import LLM, build_engine
+from llmopt.engine.config import EngineConfig
+from llmopt.engine.factory import build_engine
+from llmopt.engine.llm import LLM
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel, load_model
+from llmopt.models.scoring import Scorer
 from llmopt.store.store import Store
 from tests.conftest import REAL_HOME
 
@@ -38,7 +41,7 @@ def chat(loaded: LoadedModel, text: str) -> list[int]:
 
 
 def greedy(loaded: LoadedModel, ids: list[int], n: int) -> list[int]:
-    engine = build_engine(loaded, 2048, kv_cache_memory=0.05)
+    engine = build_engine(loaded, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     return [t for d in engine.generate(ids, params) for t in d.token_ids]
 
@@ -52,8 +55,8 @@ def pair(smollm_folder) -> tuple[LoadedModel, LoadedModel]:
 def test_fp32_logits_and_greedy_tokens_match_the_cpu(pair) -> None:
     gpu, cpu = pair
     ids = chat(gpu, "Explain briefly why the sky is blue.")
-    on_gpu = build_engine(gpu, 2048, kv_cache_memory=0.05).prompt_logits(ids)
-    on_cpu = build_engine(cpu, 2048, kv_cache_memory=0.05).prompt_logits(ids)
+    on_gpu = Scorer(gpu.model, 2048).logits(ids)
+    on_cpu = Scorer(cpu.model, 2048).logits(ids)
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
     # Different GEMM kernels, same fp32 arithmetic (TF32 is off by default).
     assert (on_gpu.cpu() - on_cpu).abs().max().item() < 2e-3
@@ -64,7 +67,7 @@ def test_fp32_logits_and_greedy_tokens_match_the_cpu(pair) -> None:
 def test_default_kv_budget_comes_from_free_gpu_memory(smollm_folder) -> None:
     loaded = load(smollm_folder, torch.bfloat16, "cuda")
     free = torch.cuda.mem_get_info()[0]
-    engine = build_engine(loaded, 2048)
+    engine = build_engine(loaded, EngineConfig(max_context=2048))
     cache = engine.runner.cache
     assert cache.k.is_cuda and cache.k.dtype == torch.bfloat16  # the KV in the model's dtype
     held = 2 * cache.k.numel() * cache.k.element_size()

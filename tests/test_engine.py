@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
-from llmopt.engine.llm import build_engine
+from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel
 from tests.conftest import TEST_DEVICE
 
@@ -46,13 +46,13 @@ def run_all(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict[str
 
 
 def alone(loaded: LoadedModel, prompt: list[int], params=GREEDY) -> list[int]:
-    engine = build_engine(loaded, 2048, kv_cache_memory=0.05)
+    engine = build_engine(loaded, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     return [t for d in engine.generate(prompt, params) for t in d.token_ids]
 
 
 def test_batched_greedy_equals_each_request_alone(fp32) -> None:
     prompts = [chat(fp32, p) for p in PROMPTS]
-    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    engine = build_engine(fp32, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     batched = run_all(engine, prompts)
     assert batched == [alone(fp32, p) for p in prompts]
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
@@ -63,9 +63,13 @@ def test_forced_preemption_and_small_chunks_change_nothing(fp32) -> None:
     # Prompts of 35-41 tokens growing by 24: four 16-token blocks each. Seven blocks
     # admit two at a time, which then outgrow the cache: the scheduler must preempt
     # and recompute. Prefill runs in chunks of at most 9 tokens.
-    engine = build_engine(
-        fp32, 2048, kv_cache_memory=7 * 16 * 46080 / 1e9, scheduler_config=SchedulerConfig(8, 9)
+    config = EngineConfig(
+        max_context=2048,
+        kv_cache_memory=7 * 16 * 46080 / 1e9,
+        max_num_seqs=8,
+        max_num_batched_tokens=9,
     )
+    engine = build_engine(fp32, config)
     assert engine.blocks.num_blocks == 7
     preempted = []
     original = engine.scheduler.schedule
@@ -82,7 +86,7 @@ def test_forced_preemption_and_small_chunks_change_nothing(fp32) -> None:
 
 def test_shared_system_prompt_hits_prefix_cache(fp32) -> None:
     system = "You are a meticulous assistant. " * 20
-    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    engine = build_engine(fp32, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     first = list(engine.generate(chat(fp32, PROMPTS[0], system), GREEDY))[-1].stats
     second = list(engine.generate(chat(fp32, PROMPTS[1], system), GREEDY))[-1].stats
     assert first is not None and second is not None
@@ -93,7 +97,7 @@ def test_shared_system_prompt_hits_prefix_cache(fp32) -> None:
 
 
 def test_abort_mid_batch_frees_blocks_and_others_finish(fp32) -> None:
-    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    engine = build_engine(fp32, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     ids = [engine.add_request(chat(fp32, p), GREEDY) for p in PROMPTS[:3]]
     engine.step()
     engine.step()
@@ -114,7 +118,7 @@ def test_llm_offline_api(smollm_folder) -> None:
 
     params = SamplingParams(temperature=0, max_tokens=16)
     static = LLM(smollm_folder, kv_cache_memory=0.05, batching="static", max_num_seqs=2)
-    assert static.engine.scheduler.config.policy == "static"
+    assert static.engine.scheduler.config.batching == "static"
     one = static.generate(["What is the capital of France?", "Name a color."], params, chat=True)
     llm = LLM(smollm_folder, kv_cache_memory=0.05)
     outs = llm.generate(["What is the capital of France?", "Name a color."], params, chat=True)
@@ -132,7 +136,7 @@ def test_async_streams_equal_sync_and_cancel_frees_blocks(fp32) -> None:
     from llmopt.engine.async_engine import AsyncEngine
 
     prompts = [chat(fp32, p) for p in PROMPTS[:4]]
-    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    engine = build_engine(fp32, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     async_engine = AsyncEngine(engine)
 
     async def collect(p: list[int]) -> list[int]:
@@ -160,7 +164,7 @@ def test_async_step_failure_fails_requests_and_engine_recovers(fp32) -> None:
 
     from llmopt.engine.async_engine import AsyncEngine
 
-    engine = build_engine(fp32, 2048, kv_cache_memory=0.05)
+    engine = build_engine(fp32, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     async_engine = AsyncEngine(engine)
     real_step, calls = engine.step, {"n": 0}
 
@@ -193,11 +197,16 @@ def test_engine_process_streams_cancels_and_reports_its_death(fp32, smollm_folde
     import asyncio
 
     from llmopt.engine.async_engine import AsyncEngine, GenerationError
-    from llmopt.engine.engine_process import EngineSpec
 
-    device = TEST_DEVICE.type
-    spec = EngineSpec(smollm_folder, device, "float32", 2048, 0.05, SchedulerConfig(), True, 2)
-    engine = AsyncEngine.spawn(spec)
+    config = EngineConfig(
+        model=str(smollm_folder),
+        device=TEST_DEVICE.type,
+        dtype="float32",
+        max_context=2048,
+        kv_cache_memory=0.05,
+        threads=2,
+    )
+    engine = AsyncEngine.spawn(config)
     prompts = [chat(fp32, p) for p in PROMPTS[:3]]
 
     async def collect(p: list[int]) -> list[int]:
@@ -234,12 +243,11 @@ def test_engine_process_streams_cancels_and_reports_its_death(fp32, smollm_folde
 
 def test_engine_process_start_failure_is_one_clear_error(tmp_path) -> None:
     from llmopt.engine.async_engine import AsyncEngine
-    from llmopt.engine.engine_process import EngineSpec
     from llmopt.errors import LlmoptError
 
-    spec = EngineSpec(
-        tmp_path / "nothing", "cpu", "float32", None, 0.05, SchedulerConfig(), True, 1
+    config = EngineConfig(
+        model=str(tmp_path / "nothing"), device="cpu", dtype="float32", kv_cache_memory=0.05
     )
     with pytest.raises(LlmoptError) as e:
-        AsyncEngine.spawn(spec)
+        AsyncEngine.spawn(config)
     assert "nothing" in e.value.message

@@ -3,6 +3,7 @@ Hugging Face folder the file was made from."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,12 @@ from rich.console import Console
 
 from llmopt.device import resolve_dtype
 from llmopt.errors import ModelFormatError
+from llmopt.kernels.build import c_compiler
 from llmopt.layers.quant_linear import QuantLinear, use_exact_arithmetic
 from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
 from llmopt.loader.gguf import GGUFFile
 from llmopt.loader.gguf_weights import INDEX, unpermute
-from llmopt.loader.load import load_model, runs_quantized
+from llmopt.loader.load import load_model, open_source
 from llmopt.store.store import Store
 from tests.conftest import REAL_HOME, write_tiny_model
 from tests.test_parity import full_logits
@@ -130,7 +132,7 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) ->
     )
     assert from_gguf.config.num_kv_heads == from_hf.config.num_kv_heads
     # An F32 file has no blocks for the int kernels: dense, bf16 activations by default.
-    assert not runs_quantized(gguf_path, torch.device("cpu"), store, console)
+    assert not open_source(gguf_path, torch.device("cpu"), store, console).runs_quantized
     ids = list(range(500, 530))
     diff = (full_logits(from_hf, ids) - full_logits(from_gguf, ids)).abs().max().item()
     assert diff < 1e-4
@@ -183,8 +185,12 @@ def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None
     kernels = full_logits(blocks, ids)
     use_exact_arithmetic(model)  # the dense path: dequantized blocks in fp32
     assert (full_logits(blocks, ids) - want).abs().max().item() < 1e-4
-    # The int kernels round activations to int8 per 64 inputs (as llama.cpp's Q8 blocks do).
+    # The int kernels round activations to int8 per 64 inputs (as llama.cpp's Q8 blocks do):
+    # close to the dense model's logits, and not equal (the kernels ran; without a C
+    # compiler the layers fall back to dense arithmetic).
     assert ((kernels - want).norm() / want.norm()).item() < 0.04
+    if c_compiler() is not None:
+        assert model.lm_head.kernel == "qgemv" and not torch.equal(kernels, want)
     # Later loads read the tensors through the conversion cache's index; one is written
     # for a cache that predates it.
     index = store.converted_dir(gguf_path) / INDEX
@@ -194,19 +200,21 @@ def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None
     assert torch.equal(full_logits(again, ids), kernels)
 
 
-def test_quantized_models_default_to_fp32_activations(tmp_path, smollm_gguf) -> None:
+def test_quantized_models_default_to_fp32_activations(tmp_path, smollm_gguf, smollm_folder) -> None:
     """--dtype auto: fp32 where the linears run on the CPU's int kernels (no speed to
     gain from bf16 there), bf16 for dense weights and for --dequantize."""
     cpu, store, console = torch.device("cpu"), Store(REAL_HOME), Console(stderr=True)
-    assert runs_quantized(smollm_gguf, cpu, store, console)
-    assert not runs_quantized(smollm_gguf, cpu, store, console, dequantize=True)
+    assert open_source(smollm_gguf, cpu, store, console).runs_quantized
+    assert not open_source(smollm_gguf, cpu, store, console, dequantize=True).runs_quantized
     assert resolve_dtype("auto", cpu, quantized=True) == torch.float32
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("bfloat16", cpu, quantized=True) == torch.bfloat16  # as asked
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    (folder / "config.json").write_text('{"quantization_config": {"quant_method": "gptq"}}')
-    assert runs_quantized(folder, cpu, store, console)
+    cfg = json.loads((smollm_folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert open_source(folder, cpu, store, console).runs_quantized
 
 
 def test_a_quantized_head_writes_fp32_logits(smollm_gguf) -> None:

@@ -12,8 +12,9 @@ import torch
 from rich.console import Console
 
 from llmopt.corpus import calibration_text
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
-from llmopt.engine.llm import build_engine
+from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Step
 from llmopt.engine.sequence import Sequence
@@ -21,7 +22,7 @@ from llmopt.loader.load import load_model
 from llmopt.quant.pipeline import quantize_folder
 from llmopt.quant.spec import QuantSpec
 from llmopt.store.store import Store
-from tests.conftest import write_tiny_model
+from tests.conftest import require_kernel, write_tiny_model
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 9, 13, 200, 31], list(range(40, 61)), list(range(100, 140))]  # 5, 21, 40
@@ -29,7 +30,7 @@ PROMPTS = [[5, 9, 13, 200, 31], list(range(40, 61)), list(range(100, 140))]  # 5
 
 def _engine(folder: Path, dtype: torch.dtype) -> Engine:
     loaded = load_model(folder, dtype, CPU, Store(), Console(stderr=True))
-    return build_engine(loaded, 512, kv_cache_memory=0.01)
+    return build_engine(loaded, EngineConfig(max_context=512, kv_cache_memory=0.01))
 
 
 def _decode_logits(engine: Engine, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
@@ -49,8 +50,7 @@ def _decode_logits(engine: Engine, prompts: list[list[int]]) -> tuple[torch.Tens
     step = Step()
     for seq in seqs:
         step.add(seq, 1)
-    native = runner.model.native_decode
-    assert native is not None
+    native = require_kernel(runner.model.native_decode)
     out = []
     for decoder in (native, None):
         runner.model.native_decode = decoder

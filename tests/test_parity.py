@@ -8,11 +8,12 @@ import pytest
 import torch
 from rich.console import Console
 
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
-from llmopt.engine.llm import build_engine
+from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.loader.load import LoadedModel, load_model
+from llmopt.models.scoring import Scorer
 from llmopt.store.store import Store
 from tests.conftest import TEST_DEVICE, write_tiny_model
 
@@ -27,18 +28,13 @@ def reference(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def engine_for(loaded: LoadedModel, **scheduler) -> Engine:
-    return build_engine(
-        loaded,
-        4096,
-        kv_cache_memory=0.05,
-        scheduler_config=SchedulerConfig(**scheduler) if scheduler else None,
-    )
+def engine_for(loaded: LoadedModel, **settings) -> Engine:
+    return build_engine(loaded, EngineConfig(max_context=4096, kv_cache_memory=0.05, **settings))
 
 
 def full_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     """Logits at every position from our model in one prefill: (T, V), on the CPU."""
-    return engine_for(loaded).prompt_logits(ids).cpu()
+    return Scorer(loaded.model, len(ids)).logits(ids).cpu()
 
 
 def greedy_ids(loaded: LoadedModel, ids: list[int], n: int, **scheduler) -> list[int]:

@@ -13,10 +13,15 @@ from torch import nn
 from llmopt.kernels import qgemv
 from llmopt.kernels.qgemv import Operands
 from llmopt.layers.quant_linear import QGEMV_MAX_ROWS, QuantLinear, use_decode_arithmetic
-from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
+from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
+from tests.conftest import require_kernel
 
 KERNEL = qgemv.load()
-pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_built() -> None:
+    require_kernel(KERNEL)  # skips without a C compiler; a failed build fails
 
 
 FORMS = ["f32", "f16", "zero"]  # the kernels' forms of scale and offset
@@ -121,9 +126,12 @@ def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, 
     as the row kernel, summed in another order, so equal to float rounding; partial
     tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11). On the CPU's
     tiles where it has AMX, and everywhere (with AVX-512) on tiles emulated in C."""
-    amx = qgemv.load(emulate_amx=tiles == "emulated")
-    if amx is None or not amx.amx:
-        pytest.skip("no AMX on this CPU" if tiles == "cpu" else "no AVX-512 on this CPU")
+    amx = require_kernel(
+        qgemv.load(emulate_amx=tiles == "emulated"), isa="AMX" if tiles == "cpu" else "AVX-512"
+    )
+    if tiles == "cpu" and not amx.amx:  # the CPU has AMX; Linux did not grant its state
+        pytest.skip("AMX tile state not granted to this process (arch_prctl)")
+    assert amx.amx, "with AVX-512 the emulated build runs on tiles"
     w_k, scale, offset, w = _operands(43, 384, bits, group, seed=8, form=form)
     weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(43)
     x = torch.randn(37, 384)

@@ -8,9 +8,10 @@ import torch
 
 from llmopt.layers.linear import cpu_has_amx
 from llmopt.layers.quant_linear import QuantLinear
-from llmopt.quant.layouts import awq, gptq, native
-from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
+from llmopt.quant.checkpoint import quantization_config
 from llmopt.quant.spec import QuantSpec
+from llmopt.weights.layouts import awq, gptq, native
+from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
 
 
 def _random_qweight(out: int, n: int, bits: int, group: int, seed: int = 0) -> QuantizedWeight:
@@ -37,7 +38,7 @@ def _assert_same(a: QuantizedWeight, b: QuantizedWeight) -> None:
 def test_native_round_trip(bits: int, group: int) -> None:
     qw = _random_qweight(64, 256, bits, group)
     spec = QuantSpec(bits, "rtn", group, sym=False)
-    _assert_same(native.unpack(native.pack(qw), native.config(spec)), qw)
+    _assert_same(native.unpack(native.pack(qw), quantization_config("llmopt", spec)), qw)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
@@ -49,7 +50,8 @@ def test_gptq_round_trip(bits: int, group: int) -> None:
     assert packed["qzeros"].shape == (256 // group, 64 // f)
     assert packed["scales"].shape == (256 // group, 64) and packed["scales"].dtype == torch.float16
     assert torch.equal(packed["g_idx"], torch.arange(256, dtype=torch.int32) // group)
-    _assert_same(gptq.unpack(packed, gptq.config(QuantSpec(bits, "gptq", group, False))), qw)
+    spec = QuantSpec(bits, "gptq", group, False)
+    _assert_same(gptq.unpack(packed, quantization_config("gptq", spec)), qw)
 
 
 def test_gptq_layout_bits_are_where_the_format_says() -> None:
@@ -68,10 +70,10 @@ def test_gptq_act_order_round_trip_and_v2_zeros() -> None:
     spec = QuantSpec(4, "gptq", 32, False, act_order=True)
     packed = gptq.pack(qw)
     assert (packed["g_idx"][1:] < packed["g_idx"][:-1]).any()  # really unsorted
-    back = gptq.unpack(packed, gptq.config(spec))
+    back = gptq.unpack(packed, quantization_config("gptq", spec))
     torch.testing.assert_close(back.dequantize(), qw.dequantize(), rtol=0, atol=0)
     v2 = dict(packed, qzeros=gptq._pack_int32(qw.zero.long(), 4).T.contiguous())  # no offset
-    back2 = gptq.unpack(v2, {**gptq.config(spec), "checkpoint_format": "gptq_v2"})
+    back2 = gptq.unpack(v2, {**quantization_config("gptq", spec), "checkpoint_format": "gptq_v2"})
     torch.testing.assert_close(back2.dequantize(), qw.dequantize(), rtol=0, atol=0)
 
 
@@ -84,7 +86,7 @@ def test_gptq_zero_point_of_zero_borrows_like_other_tools() -> None:
     word = int(packed["qzeros"][0, 0]) & 0xFFFFFFFF
     assert word & 0xF == 0xF and (word >> 4) & 0xF == 5 - 1 - 1  # the borrow
     spec = QuantSpec(4, "gptq", 32, False)
-    _assert_same(gptq.unpack(packed, gptq.config(spec)), qw)
+    _assert_same(gptq.unpack(packed, quantization_config("gptq", spec)), qw)
 
 
 def test_awq_round_trip_and_interleaving() -> None:
@@ -94,7 +96,8 @@ def test_awq_round_trip_and_interleaving() -> None:
     word = int(packed["qweight"][5, 1]) & 0xFFFFFFFF  # input 5, outputs 8..15
     nibbles = [(word >> (4 * k)) & 0xF for k in range(8)]
     assert nibbles == [int(qw.q[8 + j, 5]) for j in (0, 2, 4, 6, 1, 3, 5, 7)]
-    _assert_same(awq.unpack(packed, awq.config(QuantSpec(4, "awq", 64, False))), qw)
+    spec = QuantSpec(4, "awq", 64, False)
+    _assert_same(awq.unpack(packed, quantization_config("awq", spec)), qw)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import torch
 from llmopt.quant import awq, gptq, rtn
 from llmopt.quant.calibration import InputStats
 from llmopt.quant.drift import correct_drift
-from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 from llmopt.quant.spec import QuantSpec, Site
+from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
 
 
 def _correlated_inputs(rows: int, dim: int, seed: int = 0) -> torch.Tensor:

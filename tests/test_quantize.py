@@ -32,13 +32,13 @@ def _logits(path: Path, ids: list[int], dense: bool = False) -> torch.Tensor:
     """dense: quantized linears dequantize for every row count, so that the logits are
     those of the dequantized weights (short prompts otherwise go through qgemv, whose
     activations are rounded to int8)."""
-    from llmopt.engine.llm import build_engine
     from llmopt.layers.quant_linear import use_exact_arithmetic
+    from llmopt.models.scoring import Scorer
 
     loaded = _load(path)
     if dense:
         use_exact_arithmetic(loaded.model)
-    return build_engine(loaded, max_context=64).prompt_logits(ids)
+    return Scorer(loaded.model, 64).logits(ids)
 
 
 def _quantize(src: Path, out: Path, *extra: str) -> dict:
@@ -77,7 +77,7 @@ def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(
 
     from llmopt.loader.hf import read_tensors
     from llmopt.loader.quantized import unpack_checkpoint
-    from llmopt.quant.qweight import QuantizedWeight
+    from llmopt.weights.qweight import QuantizedWeight
 
     raw = json.loads((out / "config.json").read_text())
     weights = unpack_checkpoint(read_tensors(out), raw["quantization_config"])
@@ -106,11 +106,11 @@ def _quantized_weights(folder: Path) -> dict:
 
 def test_calibration_tokens_default_by_method_and_are_reported(tiny_llama, tmp_path) -> None:
     """AWQ calibrates on 32,768 tokens unless told (GPTQ on 8,192: spec.DEFAULT_CALIB_TOKENS)
-    and the report says how many it took: whole windows of 511 tokens (the tiny model
+    and the report says how many it took: whole windows of 512 tokens (the tiny model
     holds 512 positions), or all of a shorter text, which is said on stderr."""
     args = ["--int4", "--group-size", "32"]
     awq_report = _quantize(tiny_llama, tmp_path / "awq", *args, "--method", "awq")
-    assert awq_report["calib_tokens"] == 32768 // 511 * 511
+    assert awq_report["calib_tokens"] == 32768 // 512 * 512
     short = tmp_path / "short.txt"
     short.write_text("A short calibration text, a few dozen tokens long. " * 20)
     r = llmopt("quantize", str(tiny_llama), "-o", str(tmp_path / "gptq"), "--no-eval", "--json",
@@ -219,13 +219,13 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
 ) -> None:
     import llmopt.quant.pipeline as pipeline
 
-    real = pipeline._write_checkpoint
+    real = pipeline.write_checkpoint
 
     def crash(folder, tmp, *args):
         real(folder, tmp, *args)  # everything written ... then the user hits Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_write_checkpoint", crash)
+    monkeypatch.setattr(pipeline, "write_checkpoint", crash)
     out = tmp_path / "q"
     r = llmopt("quantize", str(tiny_llama), "--int8", "-o", str(out), "--no-eval")
     assert r.exit_code != 0
@@ -274,30 +274,30 @@ def test_quantizing_a_quantized_model_is_refused(tiny_llama, tmp_path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_quantizes_and_runs_like_the_cpu(tiny_llama, tmp_path) -> None:
-    from llmopt.engine.llm import build_engine
     from llmopt.loader.load import load_model
+    from llmopt.models.scoring import Scorer
 
     args = ["--int4", "--method", "gptq", "--group-size", "32", "--calib-tokens", "1024"]
     _quantize(tiny_llama, tmp_path / "gpu", *args, "--device", "cuda")
     cuda = torch.device("cuda")
     loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
-    on_gpu = build_engine(loaded, max_context=64).prompt_logits(IDS).cpu()
+    on_gpu = Scorer(loaded.model, 64).logits(IDS).cpu()
     on_cpu = _logits(tmp_path / "gpu", IDS, dense=True)  # CUDA multiplies dequantized weights
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_runs_int4_on_torchs_kernel(tiny_llama, tmp_path) -> None:
-    from llmopt.engine.llm import build_engine
     from llmopt.layers.quant_linear import QuantLinear
     from llmopt.loader.load import load_model
+    from llmopt.models.scoring import Scorer
 
     _quantize(tiny_llama, tmp_path / "q", "--int4", "--method", "rtn", "--group-size", "32")
     cuda = torch.device("cuda")
     loaded = load_model(tmp_path / "q", torch.bfloat16, cuda, Store(), Console(stderr=True))
     kernels = {m.kernel for m in loaded.model.modules() if isinstance(m, QuantLinear)}
     assert kernels == {"int4-cuda"}  # the load-time check of the packing passed
-    got = build_engine(loaded, max_context=64).prompt_logits(IDS).float().cpu()
+    got = Scorer(loaded.model, 64).logits(IDS).float().cpu()
     want = _logits(tmp_path / "q", IDS, dense=True)  # fp32 on the CPU, same integers
     assert (got - want).norm() < 3e-2 * want.norm()  # bf16 activations
 

@@ -26,6 +26,8 @@ def test_ttl_cache_expires_and_evicts_least_recently_used() -> None:
     assert c.get("a") == 1  # a is now the most recently used
     c.put("c", 3)  # evicts b
     assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
+    clock.now = 9.5  # reading does not extend an entry's life: 10 s from its put
+    assert c.get("a") == 1 and len(c.live_items()) == 2
     clock.now = 10.0
     assert c.get("a") is None and len(c.live_items()) == 0
 

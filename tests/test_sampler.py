@@ -72,6 +72,24 @@ def test_greedy_is_argmax() -> None:
     assert sample(logits, SamplingParams(temperature=0), g, EMPTY, EMPTY) == int(logits.argmax())
 
 
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"presence_penalty": 1.0},
+        {"frequency_penalty": 1.0},
+        {"repetition_penalty": 2.0},  # 5 / 2 < 4.5
+    ],
+)
+def test_greedy_sample_applies_penalties_and_leaves_the_logits(penalty) -> None:
+    logits = torch.tensor([5.0, 4.5, 0.0])
+    g = make_generator(0, CPU)
+    assert sample(logits, SamplingParams(temperature=0), g, EMPTY, torch.tensor([0])) == 0
+    params = SamplingParams(temperature=0, **penalty)
+    assert sample(logits, params, g, EMPTY, torch.tensor([0])) == 1  # token 0 was generated
+    assert sample(logits, params, g, EMPTY, torch.tensor([2])) == 0  # another one was
+    assert torch.equal(logits, torch.tensor([5.0, 4.5, 0.0]))
+
+
 def test_same_seed_same_draws_and_other_seed_differs() -> None:
     logits = torch.zeros(1000)  # uniform: draws depend only on the generator
     params = SamplingParams(temperature=1.0)

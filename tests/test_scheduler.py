@@ -9,9 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmopt.engine.block_manager import BlockManager
+from llmopt.engine.config import POLICIES, EngineConfig
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import POLICIES, Scheduler, SchedulerConfig
+from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import Sequence, SequenceStatus
+
+
+def config(
+    max_num_seqs: int, max_num_batched_tokens: int, batching: str = "continuous", **kw: float
+) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        batching=batching,
+        **kw,
+    )
 
 
 def seq(rid: str, prompt: list[int], max_tokens: int = 4) -> Sequence:
@@ -72,7 +84,7 @@ def test_random_workloads_keep_invariants_and_leak_nothing(
 ) -> None:
     rng = random.Random(seed)
     bm = BlockManager(num_blocks, block_size, prefix_cache)
-    sched = Scheduler(SchedulerConfig(max_seqs, budget, policy, max_wait_s=0), bm)
+    sched = Scheduler(config(max_seqs, budget, policy, max_wait_s=0), bm)
     shared = [rng.randrange(50) for _ in range(30)]  # common prefix, to exercise the cache
     seqs, done = [], []
     for i, n in enumerate(lengths):
@@ -99,7 +111,7 @@ def test_random_workloads_keep_invariants_and_leak_nothing(
 
 def test_shared_system_prompt_hits_the_prefix_cache() -> None:
     bm = BlockManager(64, 4)
-    sched = Scheduler(SchedulerConfig(8, 256), bm)
+    sched = Scheduler(config(8, 256), bm)
     system = list(range(100, 140))  # 40 tokens = 10 full blocks
     a = seq("a", [*system, 1, 2, 3])
     sched.add(a)
@@ -113,7 +125,7 @@ def test_shared_system_prompt_hits_the_prefix_cache() -> None:
 
 def test_cache_survives_the_request_and_is_evicted_lru() -> None:
     bm = BlockManager(6, 4)
-    sched = Scheduler(SchedulerConfig(4, 64), bm)
+    sched = Scheduler(config(4, 64), bm)
     first = seq("a", list(range(12)), max_tokens=1)
     sched.add(first)
     run_step(sched, random.Random(0), [])  # prefill, sample, finish
@@ -132,7 +144,7 @@ def test_cache_survives_the_request_and_is_evicted_lru() -> None:
 
 def test_multi_turn_reuses_previous_turn() -> None:
     bm = BlockManager(32, 4)
-    sched = Scheduler(SchedulerConfig(4, 64), bm)
+    sched = Scheduler(config(4, 64), bm)
     rng = random.Random(1)
     turn1 = seq("t1", list(range(10)), max_tokens=8)
     sched.add(turn1)
@@ -147,7 +159,7 @@ def test_multi_turn_reuses_previous_turn() -> None:
 
 def test_chunked_prefill_does_not_stall_decodes() -> None:
     bm = BlockManager(64, 4)
-    sched = Scheduler(SchedulerConfig(4, 8), bm)
+    sched = Scheduler(config(4, 8), bm)
     rng = random.Random(0)
     short = seq("short", [1, 2, 3], max_tokens=50)
     sched.add(short)
@@ -167,7 +179,7 @@ def test_chunked_prefill_does_not_stall_decodes() -> None:
 
 def test_preemption_frees_blocks_and_requeues_first() -> None:
     bm = BlockManager(4, 2)
-    sched = Scheduler(SchedulerConfig(4, 64), bm)
+    sched = Scheduler(config(4, 64), bm)
     a, b = seq("a", [1, 2, 3, 4], max_tokens=8), seq("b", [5, 6, 7, 8], max_tokens=8)
     sched.add(a)
     sched.add(b)
@@ -180,25 +192,27 @@ def test_preemption_frees_blocks_and_requeues_first() -> None:
     assert step.seqs == [a] and len(a.block_table) == 3
 
 
-def test_fork_shares_blocks_and_copies_on_write() -> None:
+def test_shared_prefix_blocks_are_never_written() -> None:
+    """No copy-on-write exists: a block shared through the prefix cache must lie wholly
+    before the tokens its sharers still compute."""
     bm = BlockManager(16, 4)
-    parent = seq("p", [1, 2, 3, 4, 5, 6])
-    assert bm.allocate(parent)
-    parent.num_computed_tokens = 6
-    child = seq("c", [1, 2, 3, 4, 5, 6])
-    bm.fork(parent, child)
-    assert [bm.blocks[b].ref_count for b in parent.block_table] == [2, 2]
-    child.append(9)
-    copies = bm.reserve(child, 1)  # writes position 6, in the shared second block
-    assert copies == [(parent.block_table[1], child.block_table[1])]
-    assert child.block_table[0] == parent.block_table[0]
-    assert bm.blocks[parent.block_table[1]].ref_count == 1
+    first = seq("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert bm.allocate(first)
+    first.num_computed_tokens = first.num_tokens
+    bm.register_full_blocks(first)
+    second = seq("b", [1, 2, 3, 4, 5, 6, 7, 8], 4)  # the last token ends a cached block
+    assert bm.allocate(second)
+    assert second.num_computed_tokens == 4  # block two is not shared: its last token runs
+    written = second.block_table[second.num_computed_tokens // 4 :]
+    assert all(bm.blocks[b].ref_count == 1 for b in written)
+    assert second.block_table[0] == first.block_table[0]
+    assert bm.blocks[first.block_table[0]].ref_count == 2
 
 
 def test_static_and_dynamic_batches_run_to_completion() -> None:
     for policy in ("static", "dynamic"):
         bm = BlockManager(64, 4)
-        sched = Scheduler(SchedulerConfig(2, 64, policy, max_wait_s=60), bm)
+        sched = Scheduler(config(2, 64, policy, max_wait_s=60), bm)
         sched.add(seq("a", [1, 2, 3], max_tokens=3))
         if policy == "static":
             assert not sched.schedule().seqs  # waits for a full batch of two
@@ -228,7 +242,7 @@ def test_a_prefix_in_flight_is_computed_once() -> None:
     """Requests that arrive together with one long shared prompt: the first computes it,
     the others wait for its blocks and then take them from the cache."""
     bm = BlockManager(num_blocks=64, block_size=16)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32), bm)
+    sched = Scheduler(config(8, 32), bm)
     shared = list(range(100, 164))  # 4 full blocks
     seqs = [seq(f"r{i}", [*shared, 900 + i]) for i in range(3)]
     for s in seqs:
@@ -246,7 +260,7 @@ def test_a_prefix_in_flight_is_computed_once() -> None:
     assert bm.hit_tokens == 128 and bm.miss_tokens == 65 + 1 + 1
     # Without the prefix cache nothing is held back.
     bm2 = BlockManager(num_blocks=64, block_size=16, prefix_cache=False)
-    sched2 = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256), bm2)
+    sched2 = Scheduler(config(8, 256), bm2)
     for i in range(3):
         sched2.add(seq(f"s{i}", [*shared, 900 + i]))
     assert len(sched2.schedule().seqs) == 3

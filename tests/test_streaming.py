@@ -58,6 +58,14 @@ def test_detokenizer_streams_exact_text_with_multibyte_characters(smollm_folder)
     text = "Émojis 🤖🎉 and 漢字, spaced  out.\nNew line 123."
     ids = tok.encode(text, add_bos=False)
     d = Detokenizer(tok)
-    deltas = [d.add(i) for i in ids]
-    assert all("\ufffd" not in x for x in deltas)  # never half a character
-    assert "".join(deltas) + d.flush() == text
+    shown = ""
+    for n, token in enumerate(ids, 1):
+        delta = d.add(token)
+        assert "\ufffd" not in delta  # never half a character
+        shown += delta
+        # ... and nothing held back longer than that: all of the text decoded so far but
+        # a tail that ends in an incomplete character.
+        so_far = tok.decode(ids[:n])
+        held = so_far[len(shown) :]
+        assert so_far.startswith(shown) and (held == "" or held.endswith("\ufffd")), n
+    assert shown == text and d.flush() == ""

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmopt.engine.llm import build_engine
+from llmopt.engine.config import EngineConfig
+from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.layers.linear import Linear, cpu_has_amx
 from llmopt.layers.quant_linear import QuantLinear
@@ -64,7 +65,7 @@ def kv_bytes_per_step(loaded: LoadedModel, context: int, kv_elem: int) -> int:
 
 
 def llmopt_decode(loaded: LoadedModel, ids: list[int], n: int) -> float:
-    engine = build_engine(loaded, 4096, kv_cache_memory=0.5)
+    engine = build_engine(loaded, EngineConfig(max_context=4096, kv_cache_memory=0.5))
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     *_, last = engine.generate(ids, params)
     assert last.stats is not None
@@ -94,7 +95,7 @@ def open_llama(path: Path, repack: bool, **kwargs):
     """llama_cpp.Llama on PATH, weight repacking (llama.cpp's "extra buffer types") on or
     off. Off where the CPU has AMX: the llama.cpp vendored by llama-cpp-python 0.3.36,
     built for such a machine, takes AMX for Q4_1/Q8_0 after repacking and dies of an
-    illegal instruction (tileloadd) at the first product (a 2-core Xeon VM, 2026-11-27).
+    illegal instruction (tileloadd) at the first product.
     Raises ImportError without llama-cpp-python."""
     from unittest.mock import patch
 

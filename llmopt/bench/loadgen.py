@@ -60,6 +60,7 @@ async def send(
     max_tokens: int,
     ignore_eos: bool,
     t0: float,
+    clock: Callable[[], float] = time.perf_counter,  # seconds; t0 is on it
 ) -> RequestResult:
     payload = {
         "messages": messages,
@@ -73,7 +74,7 @@ async def send(
     if target.model:
         payload["model"] = target.model
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    start = time.perf_counter()
+    start = clock()
     res = RequestResult(start=start - t0)
     pieces: list[str] = []
     chunks = 0
@@ -107,7 +108,7 @@ async def send(
                 for choice in obj.get("choices") or []:
                     content = (choice.get("delta") or {}).get("content")
                     if content:
-                        now = time.perf_counter()
+                        now = clock()
                         if res.ttft is None:
                             res.ttft = now - start
                         else:
@@ -118,7 +119,7 @@ async def send(
     except (httpx.HTTPError, ValueError, OSError) as e:
         res.error = _reason(e)
         return res
-    res.e2e = time.perf_counter() - start
+    res.e2e = clock() - start
     res.output_tokens = res.output_tokens or chunks  # a server without usage: chunks
     res.text = "".join(pieces)
     # A stream cut short (no [DONE]) or one without any text is a failure: every request

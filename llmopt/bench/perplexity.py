@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from llmopt.engine.engine import Engine
 from llmopt.errors import UsageError
+from llmopt.models.llama import LlamaForCausalLM
+from llmopt.models.scoring import Scorer
 from llmopt.tokenizer import Tokenizer
 
 
-def perplexity(engine: Engine, ids: list[int], window: int, stride: int) -> dict[str, Any]:
+def perplexity(
+    logits_of: Callable[[list[int]], torch.Tensor], ids: list[int], window: int, stride: int
+) -> dict[str, Any]:
+    """logits_of(ids): next-token logits (T, V) at every position of a text."""
     if len(ids) < 2:
         raise UsageError("the text is too short to score (fewer than 2 tokens)")
     if not 1 <= stride <= window:
@@ -32,7 +37,7 @@ def perplexity(engine: Engine, ids: list[int], window: int, stride: int) -> dict
     begin = 0
     while scored_to < len(ids):
         end = min(begin + window, len(ids))
-        logits = engine.prompt_logits(ids[begin:end])  # (T, V): position t predicts t + 1
+        logits = logits_of(ids[begin:end])  # (T, V): position t predicts t + 1
         targets = torch.tensor(ids[begin + 1 : end], device=logits.device)
         nll = -logits[:-1].log_softmax(-1).gather(1, targets[:, None])[:, 0]  # (T - 1,)
         new = nll[max(0, scored_to - begin - 1) :]  # the tokens no earlier window scored
@@ -51,13 +56,19 @@ def perplexity(engine: Engine, ids: list[int], window: int, stride: int) -> dict
 
 
 def evaluate(
-    engine: Engine, tokenizer: Tokenizer, text: str, tokens: int, window: int, stride: int | None
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    text: str,
+    tokens: int,
+    window: int,
+    stride: int | None,
 ) -> dict[str, Any]:
-    """Perplexity of the first `tokens` tokens of `text`, the window capped by what the
-    engine holds and the stride defaulting to half the window."""
+    """Perplexity of the first `tokens` tokens of `text`, the window capped by the
+    model's context and the stride defaulting to half the window. Binds the model to a
+    scoring cache of its own (models/scoring.py)."""
     if min(tokens, window) < 2:
         raise UsageError("--ppl-tokens and --window must be at least 2")
     ids = tokenizer.encode(text)[:tokens]
-    window = min(window, engine.max_context, engine.kv_capacity_tokens)
+    window = min(window, model.config.max_position_embeddings)
     stride = min(stride or max(1, window // 2), window)
-    return perplexity(engine, ids, window, stride)
+    return perplexity(Scorer(model, window).logits, ids, window, stride)

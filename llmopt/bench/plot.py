@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmopt.atomic import atomic_file
 from llmopt.errors import UsageError
-from llmopt.loader.atomic import atomic_file
 
 PANELS = [("ttft", "time to first token (ms)"), ("tpot", "time per output token (ms)")]
 

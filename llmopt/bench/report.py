@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from llmopt.loader.atomic import atomic_file
+from llmopt.atomic import atomic_file
 
 # (label, key, unit) rows of the terminal table; percentile rows are added per run
 HEADLINE = [

@@ -1,214 +1,27 @@
 """`llmopt bench`: serving benchmarks against any OpenAI-compatible server (--url), or
 against the local engine (`llmopt bench MODEL` starts `llmopt serve MODEL` for the
-run), with side-by-side comparisons of engine configurations and sweeps.
+run); `--offline` measures the in-process engine, `--perplexity` a model's quality.
+Each mode has its own module and options (bench_serving, bench_offline,
+bench_perplexity); this one declares the flags and dispatches.
 
 The table and progress go to stderr; --json / --csv print to stdout (or --output).
-Exit code 1 when an --slo is missed, so that scripts can gate on it.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from llmopt.bench.workloads import (
-    Conversation,
-    chat_file_workload,
-    multi_turn_workload,
-    random_workload,
-    shared_prefix_workload,
-)
-from llmopt.cli import options
-from llmopt.errors import UsageError
-
-WORKLOADS = ("random", "shared-prefix", "chat", "multi-turn")
-# The optimization stack: each configuration adds one layer to the one before.
-STACK = [
-    ("static batching", ["--batching", "static", "--no-prefix-cache"]),
-    ("+ continuous batching", ["--batching", "continuous", "--no-prefix-cache"]),
-    ("+ prefix cache", ["--batching", "continuous", "--prefix-cache"]),
-]
-COMPARE_AXES = {
-    "batching": lambda v: ["--batching", v],
-    "prefix-cache": lambda v: [
-        "--prefix-cache" if v in ("on", "true", "1") else "--no-prefix-cache"
-    ],
-    "dtype": lambda v: ["--dtype", v],
-    "weights": lambda v: ["--dequantize"] if v == "dense" else [],  # or "gguf": as stored
-    "max-num-seqs": lambda v: ["--max-num-seqs", v],
-}
+from llmopt.cli.bench_offline import OfflineOptions, run_offline
+from llmopt.cli.bench_perplexity import PerplexityOptions, run_perplexity
+from llmopt.cli.bench_serving import WORKLOADS, ServingOptions, run_serving
+from llmopt.cli.engine_options import engine_options
+from llmopt.engine.config import EngineConfig
 
 
-def _configs(compare: str | None) -> list[tuple[str, list[str]]]:
-    if compare is None:
-        return [("llmopt", [])]
-    if compare == "stack":
-        return STACK
-    key, _, values = compare.partition("=")
-    if key not in COMPARE_AXES or not values:
-        raise UsageError(
-            f"bad --compare '{compare}': use 'stack' or KEY=V1,V2 with KEY one of "
-            f"{', '.join(COMPARE_AXES)}"
-        )
-    return [(f"{key}={v}", COMPARE_AXES[key](v)) for v in values.split(",")]
-
-
-def _with_prefixes(measured: list[Conversation], pool: list[Conversation]) -> list[Conversation]:
-    """One warm-up request per distinct system prompt of `measured`: the pool's own
-    questions under those system prompts, so that only the shared prefixes are cached."""
-    systems = list(dict.fromkeys(c.system for c in measured if c.system))
-    return [replace(c, system=s) for c, s in zip(pool, systems, strict=False)]
-
-
-def _sweep(sweep: str | None) -> list[tuple[str, float]]:
-    if sweep is None:
-        return []
-    key, _, values = sweep.partition("=")
-    try:
-        points = [float(v) for v in values.split(",")]
-    except ValueError:
-        points = []
-    if key not in ("concurrency", "request-rate") or not points or min(points) <= 0:
-        raise UsageError(f"bad --sweep '{sweep}': use concurrency=1,2,4 or request-rate=1,2,4")
-    return [(key, p) for p in points]
-
-
-def _workload(
-    kind: str,
-    num: int,
-    input_len: int,
-    output_len: int,
-    range_ratio: float,
-    num_prefixes: int,
-    prefix_len: int,
-    dataset: Path | None,
-    turns: int,
-    seed: int,
-) -> list[Conversation]:
-    if kind == "random":
-        return random_workload(num, input_len, output_len, range_ratio, seed)
-    if kind == "shared-prefix":
-        per = max(1, num // num_prefixes)
-        return shared_prefix_workload(num_prefixes, per, prefix_len, 16, output_len, seed)
-    if kind == "multi-turn":
-        return multi_turn_workload(num, turns, input_len, output_len, seed)
-    if kind == "chat":
-        if dataset is None:
-            raise UsageError("--workload chat needs --dataset FILE.jsonl")
-        return chat_file_workload(dataset, output_len, num)
-    raise UsageError(f"unknown --workload '{kind}'; use one of {', '.join(WORKLOADS)}")
-
-
-def _emit(result: dict, as_json: bool, output: Path | None) -> None:
-    """One result object as JSON: to --output (atomically) and/or stdout."""
-    from llmopt.bench.report import write
-
-    text = json.dumps(result, indent=2) + "\n"
-    if output is not None:
-        write(output, text)
-    if as_json:
-        sys.stdout.write(text)
-
-
-def _perplexity(
-    model: str | None,
-    text: Path | None,
-    tokens: int,
-    window: int,
-    stride: int,
-    device: str,
-    dtype: str,
-    dequantize: bool,
-    threads: int | None,
-    decode_arithmetic: bool,
-    as_json: bool,
-    output: Path | None,
-    console: Console,
-) -> None:
-    from llmopt.bench.perplexity import evaluate
-    from llmopt.cli.run import set_threads
-    from llmopt.corpus import held_out_text, read_text
-    from llmopt.engine.llm import LLM
-    from llmopt.layers.quant_linear import use_decode_arithmetic
-
-    set_threads(threads)
-    llm = LLM(model, device=device, dtype=dtype, prefix_cache=False, dequantize=dequantize)
-    if decode_arithmetic and use_decode_arithmetic(llm.loaded.model) == 0:
-        raise UsageError(
-            "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
-        )
-    scores = evaluate(
-        llm.engine,
-        llm.loaded.tokenizer,
-        read_text(text, held_out_text, "--text"),
-        tokens,
-        window,
-        stride,
-    )
-    result = {"model": llm.name, "decode_arithmetic": decode_arithmetic} | scores
-    console.print(
-        f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "
-        f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",
-        highlight=False,
-    )
-    _emit(result, as_json, output)
-
-
-def _offline(
-    model: str | None,
-    pp: int,
-    tg: int,
-    batch: int,
-    repeats: int,
-    device: str,
-    dtype: str,
-    dequantize: bool,
-    threads: int | None,
-    seed: int,
-    as_json: bool,
-    output: Path | None,
-    console: Console,
-) -> None:
-    import torch
-    from rich.table import Table
-
-    from llmopt.bench.offline import offline_bench
-    from llmopt.bench.setup import machine_info
-    from llmopt.cli.run import set_threads
-    from llmopt.engine.llm import LLM
-
-    if min(pp, tg, batch, repeats) < 1:
-        raise UsageError("--pp, --tg, --batch and --repeats must be at least 1")
-    set_threads(threads)
-    llm = LLM(
-        model,
-        device=device,
-        dtype=dtype,
-        max_num_seqs=max(batch, 1),
-        prefix_cache=False,
-        max_num_batched_tokens=max(pp, 512),
-        dequantize=dequantize,
-    )
-    dtype_name = str(next(llm.loaded.model.parameters()).dtype).removeprefix("torch.")
-    result = (
-        {"model": llm.name, "dtype": dtype_name}
-        | offline_bench(llm.engine, pp, tg, batch, repeats, seed)
-        | machine_info(torch.get_num_threads(), llm.engine.runner.device)
-    )
-    t = Table("test", "tokens/s", header_style="bold")
-    for key, v in result.items():
-        if isinstance(v, dict):
-            t.add_row(key.removesuffix("_tokens_per_s"), f"{v['mean']:.2f} ± {v['std']:.2f}")
-    console.print(t)
-    _emit(result, as_json, output)
-
-
+@engine_options("device", "dtype", "threads", "dequantize")
 def bench(
     model: str = typer.Argument(None, help="Local model to serve and measure (no --url)."),
     url: str = typer.Option(None, "--url", help="Measure this OpenAI-compatible server."),
@@ -251,12 +64,6 @@ def bench(
     tg: int = typer.Option(128, "--tg", help="--offline: tokens to generate."),
     batch: int = typer.Option(16, "--batch", help="--offline: sequences for batch tg."),
     repeats: int = typer.Option(3, "--repeats", help="--offline: repetitions."),
-    device: str = options.DEVICE,
-    dtype: str = typer.Option("auto", "--dtype", help="--offline: model dtype."),
-    dequantize: bool = typer.Option(
-        False, "--dequantize", help="--offline, --perplexity: a GGUF's weights dense."
-    ),
-    threads: int = typer.Option(None, "--threads", help="--offline: torch threads."),
     perplexity: bool = typer.Option(False, "--perplexity", help="Perplexity of MODEL."),
     text: Path = typer.Option(
         None,
@@ -274,120 +81,24 @@ def bench(
         help="--perplexity: quantized linears compute every row as decode does "
         "(int8-rounded activations; slower).",
     ),
+    *,
+    engine: EngineConfig,
 ) -> None:
     """Measure TTFT, ITL, TPOT, latency percentiles and throughput of a server."""
-    # Imported here: the HTTP client and reports are not needed by other commands.
-    from llmopt.bench.loadgen import LoadSpec, Target
-    from llmopt.bench.metrics import DEFAULT_PERCENTILES, SLO
-    from llmopt.bench.report import failures, table, to_csv, to_json, write
-    from llmopt.bench.serving import local_server, run_benchmark
-
     console = Console(stderr=True)
+    engine = engine.replace(model=model)
     if perplexity:
-        _perplexity(
-            model, text, ppl_tokens, window, stride, device, dtype, dequantize, threads,
-            decode_arithmetic, as_json, output, console,
-        )  # fmt: skip
-        return
-    if offline:
-        _offline(
-            model, pp, tg, batch, repeats, device, dtype, dequantize, threads, seed, as_json,
-            output, console,
-        )  # fmt: skip
-        return
-    checks = [
-        (num_prompts >= 1, "--num-prompts must be at least 1"),
-        (concurrency is None or concurrency >= 1, "--concurrency must be at least 1"),
-        (request_rate is None or request_rate > 0, "--request-rate must be positive"),
-        (duration is None or duration > 0, "--duration must be positive"),
-        (num_devices >= 1, "--num-devices must be at least 1"),
-        (0 < slo_target <= 1, "--slo-target must be in (0, 1]"),
-        (
-            not (url and (compare or model or device != "auto")),
-            "--url measures a running server: drop MODEL, --compare and --device "
-            "(they start local servers)",
-        ),
-        (not (as_json and as_csv), "choose one of --json and --csv"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    try:
-        pcts = tuple(float(p) for p in percentiles.split(",")) or DEFAULT_PERCENTILES
-    except ValueError:
-        raise UsageError(f"bad --percentiles '{percentiles}': use e.g. 50,90,99") from None
-    slo_spec = SLO.parse(slo) if slo else None
-
-    def conversations_for(seed: int) -> list[Conversation]:
-        return _workload(
-            workload,
-            num_prompts,
-            input_len,
-            output_len,
-            range_ratio,
-            num_prefixes,
-            prefix_len,
-            dataset,
-            turns,
-            seed,
+        opts = PerplexityOptions(
+            text, ppl_tokens, window, stride, decode_arithmetic, as_json, output
         )
-
-    # Each sweep point gets prompts of its own, and the warm-up others again: a prefix
-    # cache must not serve one measurement from an earlier one.
-    warm_pool = conversations_for(seed + 1_000_003)
-    warm = warm_pool[:warmup]
-    if warm_prefixes and not any(c.system for c in warm_pool):
-        raise UsageError("--warm-prefixes needs a workload with system prompts (shared-prefix)")
-    points: list[tuple[str, float | None]] = [*_sweep(sweep)] or [("concurrency", concurrency)]
-    device_arg = [] if device == "auto" else ["--device", device]  # for the local servers
-    runs: list[tuple[str, dict]] = []
-    for name, args in _configs(compare):
-        server = (
-            nullcontext(Target(url, served_model, api_key, timeout))
-            if url
-            else (local_server(model, [*args, *device_arg, *(serve_arg or [])], console))
-        )
-        with server as target:
-            target = Target(target.url, served_model or target.model, api_key, timeout)
-            for i, (key, value) in enumerate(points):
-                spec = LoadSpec(
-                    concurrency=int(value) if key == "concurrency" and value else concurrency,
-                    request_rate=value if key == "request-rate" else request_rate,
-                    duration_s=duration,
-                    seed=seed,
-                )
-                label = name if len(points) == 1 else f"{name} {key}={value:g}"
-                measured = conversations_for(seed + i)
-                summary, _ = run_benchmark(
-                    target,
-                    measured,
-                    spec,
-                    _with_prefixes(measured, warm_pool) if warm_prefixes else warm,
-                    pcts,
-                    slo_spec,
-                    num_devices,
-                    console,
-                    label,
-                )
-                runs.append((label, summary))
-    console.print(table(runs, pcts))
-    failures(runs, console)
-    if plot is not None:
-        from llmopt.bench.plot import plot_runs
-
-        swept = sweep is not None and compare is None  # one line per configuration otherwise
-        plot_runs(runs, pcts, plot, (points[0][0], [v for _, v in points]) if swept else None)
-    if output is not None:
-        write(output, to_csv(runs) if output.suffix == ".csv" else to_json(runs) + "\n")
-    if as_json:
-        sys.stdout.write(to_json(runs) + "\n")
-    elif as_csv:
-        sys.stdout.write(to_csv(runs))
-    if slo_spec is not None:
-        missed = [n for n, r in runs if r["slo_met_fraction"] < slo_target]
-        if missed:
-            console.print(
-                f"[red]SLO missed ({slo}, target {slo_target:.0%}): {', '.join(missed)}[/red]",
-                highlight=False,
-            )
-            raise typer.Exit(1)
+        run_perplexity(engine, opts, console)
+    elif offline:
+        run_offline(engine, OfflineOptions(pp, tg, batch, repeats, seed, as_json, output), console)
+    else:
+        serving = ServingOptions(
+            url, served_model, api_key, workload, num_prompts, input_len, output_len,
+            range_ratio, num_prefixes, prefix_len, dataset, turns, concurrency, request_rate,
+            duration, warmup, warm_prefixes, seed, timeout, percentiles, slo, slo_target,
+            num_devices, compare, sweep, serve_arg, as_json, as_csv, output, plot,
+        )  # fmt: skip
+        run_serving(model, engine.device, serving, console)

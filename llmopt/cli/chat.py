@@ -16,6 +16,7 @@ import threading
 
 from rich.console import Console
 
+from llmopt.cli.common import format_stats
 from llmopt.engine.engine import Engine
 from llmopt.engine.outputs import Delta, RequestStats
 from llmopt.engine.sampling_params import SamplingParams
@@ -117,8 +118,6 @@ class Chat:
             settings = {k: getattr(self.params, k) for k in _SETTABLE}
             self.console.print(f"model {self.name}; system {self.system!r}; {settings}")
         elif cmd == "/stats":
-            from llmopt.cli.run import format_stats
-
             s = self.last_stats
             self.console.print(format_stats(s) if s else "no answer yet", highlight=False)
         elif cmd == "/set":

@@ -14,8 +14,9 @@ import torch
 import typer
 from rich.console import Console
 
-from llmopt.cli.options import DEVICE, THREADS
+from llmopt.cli.engine_options import engine_options
 from llmopt.corpus import calibration_text, read_text
+from llmopt.engine.config import EngineConfig
 from llmopt.errors import UsageError
 from llmopt.quant.spec import DEFAULT_CALIB_TOKENS, QuantSpec, default_group_size
 
@@ -25,18 +26,17 @@ FORMATS = ("llmopt", "gptq", "awq", "gguf")
 def _perplexity(path: Path, tokens: int, console: Console) -> float:
     from llmopt.bench.perplexity import evaluate
     from llmopt.corpus import held_out_text
-    from llmopt.engine.llm import LLM
+    from llmopt.engine.factory import load
     from llmopt.layers.quant_linear import use_exact_arithmetic
 
-    llm = LLM(path, dtype="float32", prefix_cache=False)
+    _, loaded = load(EngineConfig(model=str(path), dtype="float32"), console)
     # The weights' cost alone, the same on every CPU: dequantized and multiplied in fp32,
-    # not the runtime's int8 activations or (on AMX) bf16 GEMMs: those moved SmolLM2's
-    # GPTQ g32 checkpoint from 18.29 to 18.32 on a Xeon with AMX.
-    use_exact_arithmetic(llm.loaded.model)
+    # not the runtime's int8 activations or (on AMX) bf16 GEMMs, whose rounding depends on
+    # the CPU and would move the score with the machine.
+    use_exact_arithmetic(loaded.model)
     with console.status(f"Perplexity of {path.name} on {tokens} held-out tokens"):
-        return evaluate(llm.engine, llm.loaded.tokenizer, held_out_text(), tokens, 1024, 512)[
-            "perplexity"
-        ]
+        text = held_out_text()
+        return evaluate(loaded.model, loaded.tokenizer, text, tokens, 1024, 512)["perplexity"]
 
 
 def _check_format(fmt: str, spec: QuantSpec) -> None:
@@ -60,6 +60,7 @@ def _check_format(fmt: str, spec: QuantSpec) -> None:
         )
 
 
+@engine_options("device", "threads")
 def quantize(
     model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
@@ -109,12 +110,11 @@ def quantize(
     # bench --perplexity's default too; on 2,048 tokens SmolLM2's int4 change moves by
     # a point or more between near-identical checkpoints (BENCHMARKS.md).
     ppl_tokens: int = typer.Option(8192, "--ppl-tokens", help="Held-out tokens to score."),
-    device: str = DEVICE,
-    threads: int = THREADS,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    *,
+    engine: EngineConfig,
 ) -> None:
     """Quantize a model to int8 or int4 (RTN, GPTQ, AWQ; or GGUF), report size and quality."""
-    from llmopt.cli.run import set_threads
     from llmopt.device import resolve_device
     from llmopt.loader.hf import read_config
     from llmopt.loader.load import hf_folder_for
@@ -126,7 +126,8 @@ def quantize(
         raise UsageError("choose one of --int8 or --int4")
     if (calib_tokens is not None and calib_tokens < 1) or ppl_tokens < 2:
         raise UsageError("--calib-tokens must be positive and --ppl-tokens at least 2")
-    set_threads(threads)
+    if engine.threads is not None:
+        torch.set_num_threads(engine.threads)
     bits = 8 if int8 else 4
     store = Store()
     src_name, src_path = resolve(model, store, console)
@@ -162,9 +163,9 @@ def quantize(
     calib_text = read_text(calib, calibration_text, "--calib") if spec.method != "rtn" else ""
     report: dict[str, Any] = {"source": src_name, "output": str(out), "name": name, "format": fmt}
     if fmt == "gguf":
-        report |= _quantize_gguf(folder, out, gguf_type, threads)
+        report |= _quantize_gguf(folder, out, gguf_type, engine.threads)
     else:
-        dev = resolve_device(device)
+        dev = resolve_device(engine.device)
         report |= _quantize_checkpoint(
             folder, out, spec, fmt, calib_text, calib_tokens, console, dev
         )

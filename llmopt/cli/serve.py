@@ -13,12 +13,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from llmopt.cli import options
-from llmopt.cli.run import check_engine_options, set_threads
+from llmopt.cli.engine_options import engine_options
 from llmopt.config import ServerConfig
+from llmopt.device import resolve_device
 from llmopt.engine.async_engine import AsyncEngine
-from llmopt.engine.engine_process import EngineSpec
-from llmopt.engine.scheduler import SchedulerConfig
+from llmopt.engine.config import EngineConfig
 from llmopt.errors import UsageError
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
@@ -38,6 +37,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@engine_options(
+    "device",
+    "dtype",
+    "max_context",
+    "kv_cache_memory",
+    "threads",
+    "dequantize",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "batching",
+    "prefix_cache",
+)
 def serve(
     model: str = typer.Argument(None, help="Registry name, .gguf file or HF folder."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0: all)."),
@@ -46,18 +57,6 @@ def serve(
         None, "--api-key", envvar="LLMOPT_API_KEY", help="Require 'Authorization: Bearer KEY'."
     ),
     served_name: str = typer.Option(None, "--served-model-name", help="Model id for clients."),
-    device: str = options.DEVICE,
-    dtype: str = options.DTYPE,
-    ctx_size: int = options.CTX_SIZE,
-    kv_cache_memory: float = options.KV_CACHE_MEMORY,
-    threads: int = options.THREADS,
-    dequantize: bool = options.DEQUANTIZE,
-    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most requests in a batch."),
-    max_num_batched_tokens: int = typer.Option(
-        512, "--max-num-batched-tokens", help="Token budget of one step (prefill chunk size)."
-    ),
-    batching: str = typer.Option("continuous", "--batching", help="continuous|dynamic|static"),
-    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache"),
     max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before 429."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds."),
     response_cache: bool = typer.Option(True, "--response-cache/--no-response-cache"),
@@ -73,19 +72,17 @@ def serve(
         None, "--embedding-model", help="all-MiniLM-L6-v2 folder (default: the PyPI package)."
     ),
     log_level: str = typer.Option("info", "--log-level"),
+    *,
+    engine: EngineConfig,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     import uvicorn
 
-    from llmopt.server.app import Server, create_app
+    from llmopt.server.app import create_app
     from llmopt.server.embedder import MiniLMEmbedder
+    from llmopt.server.service import Server
 
     console = Console(stderr=True)
-    set_threads(threads)
-    try:
-        sched = SchedulerConfig(max_num_seqs, max_num_batched_tokens, batching)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     config = ServerConfig(
         model_name=served_name or "",
         api_key=api_key,
@@ -98,19 +95,18 @@ def serve(
     )
     # Everything that can be refused is refused before the model loads.
     embedder = MiniLMEmbedder(embedding_model) if semantic_cache else None
-    check_engine_options(device, dtype, ctx_size, kv_cache_memory)
+    resolve_device(engine.device)  # e.g. --device cuda without CUDA
     sock = _bind(host, port)
     name, path = resolve(model, Store(), console)
-    spec = EngineSpec(
-        path, device, dtype, ctx_size, kv_cache_memory, sched, prefix_cache, threads, dequantize
-    )
-    engine = AsyncEngine.spawn(spec)  # the engine runs in a process of its own
+    # The engine runs in a process of its own, loading the model resolved here.
+    generator = AsyncEngine.spawn(engine.replace(model=str(path)))
     config = dataclasses.replace(config, model_name=served_name or name)
-    app = create_app(Server(engine, config, embedder))
+    app = create_app(Server(generator, config, embedder))
     url = f"http://{host}:{sock.getsockname()[1]}/v1"
     console.print(
         f"serving [bold]{config.model_name}[/bold] at {url} "
-        f"(context {engine.max_context} tokens, KV cache {engine.kv_capacity_tokens} tokens"
+        f"(context {generator.max_context} tokens, "
+        f"KV cache {generator.kv_capacity_tokens} tokens"
         f"{', API key required' if api_key else ''})",
         highlight=False,
     )

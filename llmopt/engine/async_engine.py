@@ -2,7 +2,7 @@
 an asyncio queue, while the engine loop (engine_loop.py) runs elsewhere:
 
 - in a thread of this process (`AsyncEngine(engine)`), for tests and embedding;
-- in a process of its own (`AsyncEngine.spawn(spec)`, what `llmopt serve` uses), so
+- in a process of its own (`AsyncEngine.spawn(config)`, what `llmopt serve` uses), so
   that neither the GIL nor OpenMP's thread pools of the HTTP side slow its steps.
 
     async for delta in async_engine.stream(prompt_ids, params):
@@ -33,7 +33,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from llmopt.engine.engine_process import EngineSpec
+    from llmopt.engine.config import EngineConfig
 
 
 class GenerationError(RuntimeError):
@@ -70,12 +70,12 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def spawn(cls, spec: EngineSpec) -> AsyncEngine:
+    def spawn(cls, config: EngineConfig) -> AsyncEngine:
         """Load the model in an engine process of its own and serve it from there."""
         from llmopt.engine.engine_process import EngineProcess
 
         self = cls()
-        proc = EngineProcess(spec, self._deliver, self._fail_all)
+        proc = EngineProcess(config, self._deliver, self._fail_all)
         self.tokenizer = proc.tokenizer
         self.max_context = proc.max_context
         self.kv_capacity_tokens = proc.kv_capacity_tokens

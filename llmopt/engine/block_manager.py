@@ -1,10 +1,12 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, reference counts, a global prefix
-cache, and copy-on-write. It sees token ids and block ids, never tensors.
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts and a global prefix
+cache. It sees token ids and block ids, never tensors.
 
 Prefix cache: a full block is identified by a hash chained over (parent block's hash,
 the block's token ids), so equal hashes mean equal whole prefixes. Any sequence whose
 prompt starts with a cached prefix shares those blocks. Blocks no sequence references
 stay cached until their space is needed, then are evicted least recently used first.
+A shared block is never written: a prefix match always leaves the block of the
+prompt's last token to the sequence itself (see _match_prefix), so no block is copied.
 """
 
 from __future__ import annotations
@@ -108,39 +110,14 @@ class BlockManager:
         self.miss_tokens += seq.num_tokens - seq.num_cached_tokens
         return True
 
-    def reserve(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
-        """Make room for the next `num_new_tokens` tokens of a running sequence.
-
-        Returns the (source, destination) block copies the runner must make first (a
-        shared block about to be written is copied: copy-on-write), or None, changing
-        nothing, when there are not enough free blocks.
-        """
-        end = seq.num_computed_tokens + num_new_tokens
-        extra = max(0, self.blocks_for(end) - len(seq.block_table))
-        first = seq.num_computed_tokens // self.block_size
-        shared = [
-            i
-            for i in range(first, min(len(seq.block_table), self.blocks_for(end)))
-            if self.blocks[seq.block_table[i]].ref_count > 1
-        ]
-        if extra + len(shared) > self.num_free_blocks:
-            return None
-        copies = []
-        for i in shared:
-            src = seq.block_table[i]
-            self.blocks[src].ref_count -= 1
-            seq.block_table[i] = dst = self._take()
-            copies.append((src, dst))
-        seq.block_table += [self._take() for _ in range(extra)]
-        return copies
-
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let `child` share all of `parent`'s blocks (parallel samples of one prompt)."""
-        for bid in parent.block_table:
-            self._ref(bid)
-        child.block_table = list(parent.block_table)
-        child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
+    def reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Make room for the next `num_new_tokens` tokens of a running sequence; False,
+        changing nothing, when there are not enough free blocks."""
+        extra = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if extra > self.num_free_blocks:
+            return False
+        seq.block_table += [self._take() for _ in range(max(extra, 0))]
+        return True
 
     # -- after a step -----------------------------------------------------------------
 

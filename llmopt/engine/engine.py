@@ -12,19 +12,18 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from llmopt.engine.block_manager import BlockManager
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.detokenizer import Detokenizer
 from llmopt.engine.outputs import Delta, RequestStats, TokenLogprob
 from llmopt.engine.runner import Runner
 from llmopt.engine.sampler import make_generator, sample, token_logprob
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import Scheduler, SchedulerConfig, Step
+from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import Sequence, SequenceStatus
 from llmopt.engine.stop import StopMatcher
 from llmopt.errors import ContextLengthError
@@ -70,15 +69,15 @@ class Engine:
         tokenizer: Tokenizer,
         eos_ids: set[int],
         max_context: int,
-        scheduler_config: SchedulerConfig | None = None,
-        prefix_cache: bool = True,
+        config: EngineConfig,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_context = max_context
-        self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size, prefix_cache)
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.blocks)
+        self.config = config
+        self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size, config.prefix_cache)
+        self.scheduler = Scheduler(config, self.blocks)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
 
@@ -209,32 +208,6 @@ class Engine:
         if req.finished:
             del self.requests[request_id]
         return out
-
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Next-token logits (T, V) fp32 at every position of one text, in one prefill
-        outside the schedule (for scoring: perplexity, parity). Needs an idle engine."""
-        with self.prefill_inputs(token_ids) as inputs, torch.inference_mode():
-            hidden = self.runner.model(cache=self.runner.cache, **inputs)
-            return self.runner.model.logits(hidden)
-
-    @contextmanager
-    def prefill_inputs(self, token_ids: list[int]) -> Iterator[dict[str, Any]]:
-        """The model's inputs (input_ids, positions, meta) for one prefill of the whole
-        text outside the schedule, its KV blocks held until exit. Needs an idle engine."""
-        if self.has_unfinished():
-            raise RuntimeError("scoring a prompt needs an engine with no requests in flight")
-        self.check_fits(len(token_ids), None)
-        seq = Sequence.from_prompt("score", token_ids, SamplingParams())
-        if not self.blocks.allocate(seq):
-            raise ContextLengthError(f"{len(token_ids)} tokens do not fit the free KV cache")
-        try:
-            seq.num_computed_tokens = 0  # every position, cached prefix or not
-            step = Step()
-            step.add(seq, len(token_ids))
-            _, _, inputs = self.runner.prepare(step)
-            yield inputs
-        finally:
-            self.blocks.free(seq)
 
     def generate(
         self,

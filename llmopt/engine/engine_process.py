@@ -1,10 +1,9 @@
 """The engine in a process of its own, as `llmopt serve` runs it.
 
-Why: in one process, the HTTP side's threads slow the engine's steps. Measured here
-(SmolLM2-135M fp32, 16 streams, 2 threads): the same engine generates 82-94 tokens/s
-from the main thread and 52 from a second thread, because two OpenMP thread pools on
-two cores make libgomp stop spinning and every parallel region pays a futex wake-up.
-In its own process the engine loop is the main thread and owns the cores' pool.
+Why: in one process, the HTTP side's threads slow the engine's steps: two OpenMP
+thread pools on the same cores make libgomp stop spinning, and every parallel region
+then pays a futex wake-up. In its own process the engine loop is the main thread and
+owns the cores' pool.
 
 The child loads the model and runs engine_loop.run_engine_loop; commands go to it
 and (outputs, load) come back over a pipe, read by a thread of the parent. If the
@@ -17,62 +16,26 @@ import contextlib
 import multiprocessing as mp
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine_loop import Command, EngineLoad, Outputs, run_engine_loop
-from llmopt.engine.scheduler import SchedulerConfig
 from llmopt.errors import LlmoptError
 from llmopt.tokenizer import Tokenizer
 
 
-@dataclass(frozen=True)
-class EngineSpec:
-    """What the child needs to build the engine (picklable)."""
-
-    path: Path  # a GGUF file or a Hugging Face folder, resolved by the parent
-    device: str
-    dtype: str
-    max_context: int | None
-    kv_cache_memory: float | None
-    scheduler_config: SchedulerConfig
-    prefix_cache: bool
-    threads: int | None
-    dequantize: bool = False  # a GGUF's weights dense instead of in their blocks
-
-
-def _child(conn: Connection, spec: EngineSpec) -> None:
+def _child(conn: Connection, config: EngineConfig) -> None:
     import signal
 
-    import torch
-    from rich.console import Console
-
-    from llmopt.device import resolve_device, resolve_dtype
-    from llmopt.engine.llm import build_engine
-    from llmopt.loader.load import load_model, runs_quantized
-    from llmopt.store.store import Store
+    from llmopt.engine.factory import open_engine
 
     # Ctrl-C and SIGTERM reach the whole process group: the parent decides when to stop
     # (after draining the requests in flight) and says so over the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        dev = resolve_device(spec.device)
-        console = Console(stderr=True)
-        store = Store()
-        quantized = runs_quantized(spec.path, dev, store, console, spec.dequantize)
-        dtype = resolve_dtype(spec.dtype, dev, batched=True, quantized=quantized)
-        loaded = load_model(spec.path, dtype, dev, store, console, spec.dequantize)
-        engine = build_engine(
-            loaded,
-            spec.max_context,
-            spec.kv_cache_memory,
-            spec.scheduler_config,
-            prefix_cache=spec.prefix_cache,
-        )
+        _, engine, loaded = open_engine(config)
     except LlmoptError as e:  # reported by the parent as its own error
         conn.send(("failed", e))
         return
@@ -102,14 +65,14 @@ class EngineProcess:
 
     def __init__(
         self,
-        spec: EngineSpec,
+        config: EngineConfig,  # its model already resolved to a path by the caller
         deliver: Callable[[Outputs, EngineLoad], None],
         fail: Callable[[Exception], None],
     ) -> None:
         ctx = mp.get_context("spawn")  # fork after torch (or CUDA) init is unsafe
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
-            target=_child, args=(child_conn, spec), name="llmopt-engine", daemon=True
+            target=_child, args=(child_conn, config), name="llmopt-engine", daemon=True
         )
         self.process.start()
         child_conn.close()

@@ -9,22 +9,9 @@ import torch
 
 from llmopt.engine.scheduler import Step
 from llmopt.engine.sequence import Sequence
-from llmopt.layers.attention_backend import (
-    AttentionMetadata,
-    DecodeBatch,
-    NativeCpuAttention,
-    PagedKVCache,
-    PrefillChunk,
-)
-from llmopt.layers.linear import cpu_has_amx
+from llmopt.layers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from llmopt.layers.kv_cache import PagedKVCache, kv_dtype_for
 from llmopt.models.llama import LlamaForCausalLM
-from llmopt.models.native_decode import NativeDecoder
-
-
-def kv_dtype_for(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # On the CPU, attention runs in fp32: small bf16/fp16 batched matmuls take a slow
-    # path there (4x slower for one decode step on AVX2).
-    return torch.float32 if device.type == "cpu" else model_dtype
 
 
 class Runner:
@@ -44,22 +31,7 @@ class Runner:
             kv_dtype_for(p.dtype, p.device),
             p.device,
         )
-        if self.cache.k.device.type == "cpu" and self.cache.k.dtype == torch.float32:
-            # Batched decode reads the paged cache in place when the kernel builds.
-            native = NativeCpuAttention.load()
-            if native is not None:
-                for layer in model.layers:
-                    layer.self_attn.backend = native
-                # Decode-only steps: every block in one native call where the model's
-                # linears all have a native kernel.
-                model.native_decode = NativeDecoder.build(model, self.cache)
-        if self.device.type == "cpu" and p.dtype == torch.bfloat16 and cpu_has_amx():
-            # A bf16 model's queries, keys and values are bf16 values already (the fp32
-            # cache holds them exactly): prefill attends in bf16 on AMX at no cost in
-            # precision. Models with fp32 activations keep fp32 attention: in bf16 the
-            # Q4_1 SmolLM2 answers "What is the capital of France?" in French.
-            for layer in model.layers:
-                layer.self_attn.backend.prefill_dtype = torch.bfloat16
+        model.bind_cache(self.cache)
 
     def _slots(self, seq: Sequence, lo: int, hi: int) -> tuple[torch.Tensor, int | None]:
         """Cache slots of positions lo..hi-1, and the first one if they are consecutive."""
@@ -129,12 +101,12 @@ class Runner:
     @torch.inference_mode()
     def execute(self, step: Step) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the step; return the sequences to sample and their logits (M, V) fp32."""
-        if step.copies:
-            self.cache.copy_blocks(step.copies)
         if not step.seqs:
             return [], None
         seqs, rows, inputs = self.prepare(step)
-        hidden = self.model(cache=self.cache, **inputs)
+        if self.model.cache is not self.cache:  # a scorer (models/scoring.py) used it since
+            self.model.bind_cache(self.cache)
+        hidden = self.model(**inputs)
         if not seqs:
             return [], None
         return seqs, self.model.logits(hidden[rows])

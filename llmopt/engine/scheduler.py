@@ -24,23 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmopt.engine.block_manager import BlockManager
+from llmopt.engine.config import EngineConfig
 from llmopt.engine.sequence import Sequence, SequenceStatus
-
-POLICIES = ("continuous", "dynamic", "static")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    policy: str = "continuous"
-    max_wait_s: float = 1.0  # static batching: the longest a partial batch waits
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
-        if self.policy not in POLICIES:
-            raise ValueError(f"batching policy {self.policy!r}; use one of {', '.join(POLICIES)}")
 
 
 @dataclass
@@ -49,7 +34,6 @@ class Step:
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     preempted: list[Sequence] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
@@ -62,7 +46,7 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
@@ -89,13 +73,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
-            copies = self._reserve_or_preempt(seq, n, step)
-            if copies is None:
+            if not self._reserve_or_preempt(seq, n, step):
                 continue
-            step.copies += copies
             step.add(seq, n)
             budget -= n
-        continuous = self.config.policy == "continuous"
+        continuous = self.config.batching == "continuous"
         if not continuous and (self.running or not self._batch_ready()):
             return step  # run the current batch to completion first
         while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -133,21 +115,21 @@ class Scheduler:
         )
 
     def _batch_ready(self) -> bool:
-        if self.config.policy == "dynamic" or not self.waiting:
+        if self.config.batching == "dynamic" or not self.waiting:
             return True
         waited = time.monotonic() - self.waiting[0].arrival_time
         return len(self.waiting) >= self.config.max_num_seqs or waited >= self.config.max_wait_s
 
-    def _reserve_or_preempt(
-        self, seq: Sequence, n: int, step: Step
-    ) -> list[tuple[int, int]] | None:
-        while (copies := self.blocks.reserve(seq, n)) is None:
+    def _reserve_or_preempt(self, seq: Sequence, n: int, step: Step) -> bool:
+        """Room for seq's next n tokens, preempting the latest admitted sequences as
+        needed; False if seq itself was preempted."""
+        while not self.blocks.reserve(seq, n):
             victim = self.running[-1]
             self._preempt(victim)
             step.preempted.append(victim)
             if victim is seq:
-                return None
-        return copies
+                return False
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

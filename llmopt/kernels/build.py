@@ -12,7 +12,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from llmopt.store.store import llmopt_home
+from llmopt.home import llmopt_home
 
 # -fno-math-errno lets expf vectorise (glibc libmvec) under omp simd.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]

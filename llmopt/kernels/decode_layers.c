@@ -64,7 +64,7 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
 
 /* a = silu(g) * u rounded as torch rounds in the dtype: silu's result, then the product.
  * silu(g) = g * sigmoid(g), with sigmoid from e^-|g| (exp_nonpositive from
- * paged_decode.c, vectorised; libm's scalar expf here cost a tenth of the step). */
+ * paged_decode.c, which vectorises; libm's expf stays scalar, a tenth of the step). */
 static void silu_mul(const void *gu, void *a, int M, int I, int bf16, float *s /* (I,) */) {
     for (int m = 0; m < M; m++) {
         const size_t row = (size_t)m * 2 * I;

@@ -1,7 +1,7 @@
 /* y = x W^T (+ b) for a bf16 weight W (N, K) and a few rows of x, on the CPU.
  *
- * torch's bf16 matmul reads one-row decode weights at about 15 GB/s on this AVX2
- * machine (no native bf16 arithmetic: oneDNN widens as it goes); this widens eight
+ * On CPUs without native bf16 arithmetic (AVX2) torch's bf16 matmul reads one-row
+ * decode weights well below memory speed (oneDNN widens as it goes); this widens eight
  * weights with a zero-extend and a shift and multiplies in fp32, two rows of W at a time
  * so each load of x serves both, at the memory's speed. Sums in fp32; the result is
  * rounded to y's dtype once. Rows of x go GEMV_ROWS at a time (their accumulators fill

@@ -32,8 +32,8 @@
 #include <immintrin.h>
 
 /* q . k for 8 keys at once (D % 8 == 0): eight independent FMA chains, then one
- * transpose-and-add. One key at a time, the dot product was a single chain of D / 8
- * dependent FMAs and a horizontal sum per key, latency-bound. */
+ * transpose-and-add. One key at a time, the dot product would be a single chain of
+ * D / 8 dependent FMAs and a horizontal sum per key, latency-bound. */
 static inline __m256 dot8(const float *restrict q, const float *const kp[8], int D) {
     __m256 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
@@ -45,8 +45,8 @@ static inline __m256 dot8(const float *restrict q, const float *const kp[8], int
 }
 
 /* acc (D8 * 8 floats) = sum_j p[j] * v[slot j] for one head: the accumulator stays in
- * registers across keys (D8 constant). Keys outer and heads inner kept all heads'
- * accumulators in memory, a load and a store per FMA. */
+ * registers across keys (D8 constant). Keys outer and heads inner would keep all
+ * heads' accumulators in memory, a load and a store per FMA. */
 static inline __attribute__((always_inline)) void weighted_values(
     float *restrict acc, const float *restrict p, const float *restrict v,
     const int64_t *restrict sl, int64_t j0, int64_t j1, int KV, int kvh, int D8) {
@@ -142,9 +142,8 @@ static void attend_range(const float *restrict qs, const float *restrict k,
  * whole group and from cache for the rest (16 requests behind a 1,000-token system
  * prompt read its KV once a step instead of 16 times). A chunk's keys and values for
  * one KV head (64 x 64 dims x 4 bytes, twice: 32 KB) stay in L1 while the group's
- * queries pass over them: SmolLM2, 16 sequences of 1,040 keys sharing 1,008, per layer
- * 2.0-2.3 ms unshared, 1.5 with chunks of 256 keys, 1.07 with 64. Groups of one and
- * prefixes under SHARED_MIN keys share nothing. */
+ * queries pass over them; longer chunks spill to L2. Groups of one and prefixes under
+ * SHARED_MIN keys share nothing. */
 #define SHARED_CHUNK 64
 #define SHARED_MIN 64
 #define SHARED_RANGE 256 /* shared keys per work item with AVX-512 tiles (below) */
@@ -152,12 +151,10 @@ static void attend_range(const float *restrict qs, const float *restrict k,
 #ifdef __AVX512F__
 /* With AVX-512, a group's shared keys go through attn_tiles.h instead: the G query
  * heads of all its members are the rows of one block, each chunk of keys transposed
- * once for all of them, over a range of SHARED_RANGE keys per work item. SmolLM2, 16
- * sequences of 1,040 keys sharing 1,008, one layer, 2 threads: 0.87-0.94 ms with the
- * per-sequence loop, 0.40-0.58 this way (the loop's scalar exps and maximum were half
- * of its time). For D a multiple of 64; other head sizes, and keys of a sequence's own,
- * take the per-sequence loop (for 3 query heads a tile would be mostly transposing
- * keys). */
+ * once for all of them, over a range of SHARED_RANGE keys per work item, with the
+ * exps and maxima in vectors where the per-sequence loop takes them one score at a
+ * time. For D a multiple of 64; other head sizes, and keys of a sequence's own, take
+ * the per-sequence loop (for 3 query heads a tile would be mostly transposing keys). */
 
 /* Keys j0 .. j1-1 (slots sl, shared by the group) of KV head kvh for the queries of
  * members[0 .. nm-1]: per member and head, record r = (max, sum of exps, weighted
@@ -234,9 +231,8 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
     }
     /* Own keys split into ranges when there are few (sequence, KV head) pairs (one
      * sequence: SmolLM2 has 3 KV heads for 2 threads), each range with its own maximum,
-     * sum and weighted values, merged at the end (split-K, as flash-decoding does). Short
-     * ranges: the merge costs more than the imbalance (64 keys: 22 us against 18
-     * unsplit; 1024 keys: 182 against 225, one sequence of SmolLM2). */
+     * sum and weighted values, merged at the end (split-K, as flash-decoding does). Under
+     * 256 keys no split: there the merge costs more than the idle thread. */
     const int splits = B * KV >= 2 * threads || L < 256
                            ? 1
                            : (2 * threads + B * KV - 1) / (B * KV);
@@ -269,7 +265,7 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
         }
     /* Per (b, kvh, record, g): the range's max score, sum of exps, weighted values (D).
      * Records no item writes stay empty: their sums are zeroed here (the merge reads
-     * nothing else of an empty record; zeroing all of it cost 20 MB a step at 16
+     * nothing else of an empty record; zeroing all of it would write 20 MB a step at 16
      * sequences behind a 1,008-token prefix). */
     const size_t rec = (size_t)D + 2, n_rec = (size_t)B * KV * R * G;
     float *part = malloc(sizeof(float) * n_rec * rec);

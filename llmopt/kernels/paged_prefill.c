@@ -10,12 +10,10 @@
  *
  * Work item: a run of up to ROW_TOKENS tokens of one chunk for one KV head, its
  * tokens' G query heads the rows of one tile block, attending to every key chunk up to
- * its last token's position. Measured on a 2-core Xeon, SmolLM2 (9 query heads, 3 KV
- * heads of 64), one layer, against torch's flash kernel with its key gathers: 512 tokens
- * behind 512 cached keys 5.1-6.7 ms against 8.3-12.4 (about 180 GFLOP/s); 15 chunks of
- * 27 tokens behind one cached 1,008-token prefix 6.1-7.7 against 12.1-12.6 (torch's
- * cascade of attention_backend.py). Each item transposes its keys again, the shared
- * prefix's too: grouping the chunks behind one prefix, as decode does, would save that.
+ * its last token's position. Torch's flash kernel needs each chunk's keys gathered
+ * into a copy first; this reads them where they lie, for every chunk of the step at
+ * once. Each item transposes its keys again, the shared prefix's too: grouping the
+ * chunks behind one prefix, as decode does, would save that.
  *
  * Returns 0, or -1 when built without AVX-512 or for D % 64 != 0 (the caller falls
  * back to torch). */

@@ -20,7 +20,7 @@
  * so that y is exactly the weights times the rounded x, and the rounding error of an
  * input is multiplied by its weight (centred on zero) rather than by its code q
  * (0..15, all of one sign): with the exact float sum instead, an asymmetric int4 grid
- * made about twice the error. llama.cpp's Q8_1 activation blocks keep the same sum.
+ * makes about twice the error. llama.cpp's Q8_1 activation blocks keep the same sum.
  * The rounding of x (half a step of max|x|/127 per input) is the error this adds.
  *
  * Where the CPU has AMX-INT8, calls of AMX_MIN_ROWS rows or more go to qgemm_amx.c: the
@@ -224,13 +224,12 @@ static inline __m256 offset8(const void *scale, const void *offset, size_t i, in
 
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
  * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
- * accumulator chains, so that FMA latency does not set the pace: int4 group 32 at 16
- * rows, 669 -> 520 us for 3072 x 576 on 2 threads). scale and offset are the block's
- * (K / group, 8) slices of the blocked layouts, so the rest is vector operations over
- * the block's 8 rows: the factors, the offsets (from zero points: once per block), the
- * row scales, the bias and the epilogue
+ * accumulator chains, so that FMA latency does not set the pace). scale and offset
+ * are the block's (K / group, 8) slices of the blocked layouts, so the rest is vector
+ * operations over the block's 8 rows: the factors, the offsets (from zero points: once
+ * per block), the row scales, the bias and the epilogue
  *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
- * (sum8, one transpose-add for the 8 rows: a horizontal sum per row cost as much as a
+ * (sum8, one transpose-add for the 8 rows: a horizontal sum per row costs as much as a
  * row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng,
@@ -359,7 +358,7 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     }
     float *xsum = xd + (size_t)M * nc;
     /* Group of each chunk, looked up instead of divided in the inner loop (a division
-     * by the runtime group size there cost half the kernel's time). */
+     * by the runtime group size there costs half the kernel's time). */
     int gi[nc];
     for (int c = 0; c < nc; c++) gi[c] = c * QB / group;
     const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
@@ -412,9 +411,9 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
 
 /* W (N, K) in fp32 or bf16 (out_bf16) from qgemv's operands (same layouts), written in
  * one pass: the dense path of calls with more rows than the kernel serves well
- * multiplies this copy (a 3072 x 576 int4 matrix: 0.3 ms, against 3.4 for unpacking,
- * widening, scaling and offsetting it in torch). bf16 rounds as torch does (nearest
- * even). Returns 0, or -1 for shapes qgemv does not take. */
+ * multiplies this copy (in torch, unpacking, widening, scaling and offsetting would
+ * each be a pass over the matrix: about ten times the time). bf16 rounds as torch does
+ * (nearest even). Returns 0, or -1 for shapes qgemv does not take. */
 int qdequant(const void *w, int bits, const void *scale, const void *offset, int group,
              int meta, int N, int K, void *out, int out_bf16) {
     if (K % QB || K % group || !(group == 32 || group % QB == 0) || (bits != 4 && bits != 8) ||

@@ -10,8 +10,8 @@
  * In torch this is a dozen ops per layer (slice, negate, concatenate, two multiplies,
  * an add, split, two casts, two index copies), each a few microseconds of dispatch at
  * decode. For bf16 every product and sum is rounded to bf16 as torch's ops round them,
- * so the result is bit-identical to the torch path: the rounding is part of the model
- * as it was checked (a greedy answer of SmolLM2 in bf16 flipped without it).
+ * so the result is bit-identical to the torch path, whose rounding is part of the
+ * model's behaviour: more precise rotary changes greedy answers in bf16.
  *
  * qkv: (N, row) fp32 or bf16 with `row` elements between tokens and q, k, v heads
  * side by side ((H + 2 KV) * D used); cos, sin: (N, D) in qkv's dtype;

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmopt.layers.attention_backend import AttentionBackend, AttentionMetadata, TorchAttention
+from llmopt.layers.attention_backend import AttentionBackend, TorchAttention
+from llmopt.layers.attention_metadata import AttentionMetadata
 from llmopt.layers.linear import Linear
 
 

@@ -1,21 +1,17 @@
 """Dense linear layer (quantized weights are layers/quant_linear.py).
 
 Kernel choice by shape: on CPUs without native bf16/fp16 arithmetic (AVX2: oneDNN
-reports no bf16 support) a bf16 GEMM runs at about 17 GFLOPS here, against 110-120
-for fp32. One-token decode is memory-bound, so it keeps the half-precision weights
-(half the bytes): bf16 weights with fewer than UPCAST_MIN_ROWS rows go through
-llmopt's gemv kernel (kernels/gemv_bf16.c: widen and multiply in fp32 at memory
-speed; 1.85x torch's bf16 matmul on the 49152x576 lm_head, 1.3-2x on the block
-matrices, scripts/bench_kernels.py). From UPCAST_MIN_ROWS rows on, the weight is
-widened to fp32 into a reused scratch buffer (about 0.4 ms for a 3072x576 matrix) and
-the GEMM runs in fp32: 1.6x faster at 8 rows, 3.6x at 64, 6.4x at 512 (prefill) on
-this machine.
+reports no bf16 support) a bf16 GEMM is emulated, several times slower than an fp32
+one. One-token decode is memory-bound, so it keeps the half-precision weights (half
+the bytes): bf16 weights with fewer than UPCAST_MIN_ROWS rows go through llmopt's
+gemv kernel (kernels/gemv_bf16.c: widen and multiply in fp32 at memory speed, where
+torch's bf16 matmul does not reach it). From UPCAST_MIN_ROWS rows on, arithmetic
+outweighs reading: the weight is widened to fp32 into a reused scratch buffer and the
+GEMM runs in fp32, which pays for the copy from a few rows on.
 
 fp32 weights on the CPU are reordered once, at load, into oneDNN's blocked layout
-(`prepack`), and the dense copy is dropped. Measured here, 2 threads, ms per call,
-MKL's sgemm -> oneDNN prepacked: 49152x576 (the lm_head) 9.0 -> 5.1 at 1 row,
-23 -> 10 at 16, 45 -> 28 at 64; 3072x576 0.31 -> 0.22 at 1 row, 0.84 -> 0.55 at 16;
-equal within noise at 512 rows.
+(`prepack`), which multiplies faster than MKL's sgemm on the plain one at decode's
+row counts, and the dense copy is dropped. BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -41,8 +37,7 @@ def _cpu_lacks_native_half() -> bool:
 @cache
 def cpu_has_amx() -> bool:
     """Whether oneDNN multiplies bf16 on this CPU's AMX tiles (Sapphire Rapids and later):
-    a bf16 GEMM then runs about 5x an fp32 one (2 threads, 128-512 rows of 3072 x 576:
-    280-580 against 55-115 GFLOP/s)."""
+    a bf16 GEMM then runs several times faster than an fp32 one."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe()) and not _cpu_lacks_native_half()
 

@@ -1,20 +1,19 @@
 """Weight-only int8 / int4 linear layers: y = x dequant(W)^T (+ b).
 
-Kernel choice by device and rows (measured on the 2-core AVX2 machine, see
-BENCHMARKS.md). Decode reads every weight once per step, so with few rows the speed
-is the speed of reading the integers:
+Kernel choice by device and rows (the measurements behind it are in BENCHMARKS.md).
+Decode reads every weight once per step, so with few rows the speed is the speed of
+reading the integers:
 
 - CPU, up to QGEMV_MAX_ROWS rows (decode steps, short prompts): llmopt's qgemv
-  kernel (kernels/qgemv.c: integer dot products against int8-quantized activations;
-  1.7x torch's int4 kernel and 1.6x its int8 one on a 3072x576 matrix at one row,
-  scripts/bench_kernels.py). Without a C compiler, torch's packed kernels
-  (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations, for
-  fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are 4-8x slower than
-  fp32.
+  kernel (kernels/qgemv.c: integer dot products against int8-quantized activations,
+  faster than torch's int4 and int8 kernels). Without a C compiler, torch's packed
+  kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
+  activations, for fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are
+  slower than a dense fp32 matmul.
 - CPU with AMX-INT8 (Sapphire Rapids and later): the same kernel runs calls of 4 rows
   and more on AMX tiles (kernels/qgemm_amx.c: the same integer products, 16 rows of W
-  by 16 rows of x per instruction), up to AMX_MAX_ROWS rows (a 16-sequence decode step
-  of SmolLM2's int4 g32 3072 x 576: 0.73 -> 0.11 ms).
+  by 16 rows of x per instruction, where the row kernel repeats its arithmetic per
+  row), up to AMX_MAX_ROWS rows.
 - CUDA with bf16 activations, int4 with group 32-256: torch's tinygemm kernel
   (`_weight_int4pack_mm`, sm80+) for every row count, checked against the codes once
   at load (a layout torch changed falls back below instead of computing garbage).
@@ -36,18 +35,15 @@ from torch import nn
 
 from llmopt.kernels import qgemv
 from llmopt.layers.linear import UPCAST_MIN_ROWS, cpu_has_amx
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.weights.qweight import QuantizedWeight
 
-# qgemv against dequantize-and-GEMM (2 threads, bf16 rows): int4 g64 3072 x 576 at
-# 8 / 32 / 64 / 128 rows 0.33 / 1.27 / 2.78 / 5.41 ms against 1.83 / 2.57 / 3.56 / 5.09;
-# the int8 49152 x 576 output projection 5.7 / 23 / 46 / 89 ms against 95 / 102 / 114 /
-# 149. Dequantizing writes the whole weight in fp32 every call, which few rows never
-# pay back.
+# qgemv up to here, then dequantize-and-GEMM: dequantizing writes the whole weight in
+# fp32 every call, which few rows never pay back, and the GEMM's arithmetic catches up
+# with the row kernel's only past this.
 QGEMV_MAX_ROWS = 64
 # With AMX (qgemm_amx.c) the kernel keeps the lead longer, against oneDNN's bf16 GEMM on
-# AMX (2 threads, int4 g32 3072 x 576 at 64 / 128 / 256 / 512 rows: 0.67 / 1.28 / 2.48 /
-# 4.62 ms against 1.25 / 1.53 / 2.48 / 2.89): the kernel's per-32-input float scaling
-# costs more than oneDNN's dequantized copy from about 256 rows on.
+# AMX: its per-32-input float scaling costs more than oneDNN's dequantized copy from
+# about 256 rows on.
 AMX_MAX_ROWS = 256
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.weights.qweight import QuantizedWeight
 
 BLOCK = 32  # weights a block of the types below
 # Types whose blocks are one affine grid of 32 weights: bits of their codes.

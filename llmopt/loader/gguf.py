@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmopt.atomic import atomic_dir
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
-from llmopt.loader.atomic import atomic_dir
 from llmopt.loader.gguf_tokenizer import build_tokenizer
 from llmopt.loader.gguf_weights import INDEX, Weight, hf_weights, records_of, write_index
 from llmopt.models.registry import hf_architecture_for_gguf

@@ -17,11 +17,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from llmopt.atomic import atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
-from llmopt.loader.atomic import atomic_file
 from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
 INDEX = "gguf_tensors.json"  # in the conversion cache folder
@@ -90,19 +90,23 @@ def write_index(reader: Any, arch: str, path: Path) -> None:
         tmp.write_text(json.dumps({"architecture": arch, "tensors": entries}))
 
 
-def has_kept_blocks(path: Path) -> bool:
+def load_index(path: Path) -> dict[str, Any]:
+    """The conversion cache's index of a GGUF file's tensors (write_index's JSON)."""
+    return json.loads(path.read_text())
+
+
+def has_kept_blocks(index: dict[str, Any]) -> bool:
     """Whether the file an index describes has block matrices of a type the int kernels
     run (most GGUF files in the wild are K-quants, which are dequantized)."""
     kept = {int(t) for t in AFFINE_BITS}
     return any(
         e["name"].startswith("blk.") and len(e["shape"]) == 2 and e["type"] in kept
-        for e in json.loads(path.read_text())["tensors"]
+        for e in index["tensors"]
     )
 
 
-def read_index(gguf: Path, path: Path) -> tuple[str, list[Record]]:
+def read_index(gguf: Path, index: dict[str, Any]) -> tuple[str, list[Record]]:
     """The file's tensors through its index, the file memory-mapped."""
-    index = json.loads(path.read_text())
     raw = np.memmap(gguf, dtype=np.uint8, mode="r")
     records = []
     for e in index["tensors"]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -12,7 +12,7 @@ from rich.console import Console
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, ModelNotFoundError
 from llmopt.loader.hf import read_config, read_tensors
-from llmopt.loader.quantized import Weights, unpack_checkpoint
+from llmopt.loader.quantized import unpack_checkpoint
 from llmopt.models.registry import builder_for
 from llmopt.store.store import Store
 from llmopt.tokenizer import Tokenizer
@@ -50,43 +50,75 @@ def hf_folder_for(path: Path, store: Store, console: Console) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A model found and read up to its weights: what it is and how it will run,
+    known before any weight is loaded (the activations' dtype is chosen from it)."""
+
+    path: Path  # the GGUF file or Hugging Face folder given
+    folder: Path  # the Hugging Face folder: config and tokenizer (a GGUF's converted copy)
+    config: ModelConfig
+    # The GGUF tensor index (gguf_weights.write_index) when the file's blocks stay packed.
+    gguf_index: dict[str, Any] | None
+    runs_quantized: bool  # linears on the int kernels (device.resolve_dtype reads it)
+
+
+def open_source(
+    path: Path, device: torch.device, store: Store, console: Console, dequantize: bool = False
+) -> ModelSource:
+    """Find the model's config and tokenizer (converting a GGUF file into the store
+    once) and decide how its linears run on `device`. A GGUF file's Q4_0/Q4_1/Q8_0
+    linears run as they are stored, with the int kernels (a quarter to an eighth of
+    fp32's bytes), where the device has them; `dequantize` (or a device without them)
+    multiplies dense copies. A quantized checkpoint runs its int kernels on the CPU."""
+    folder = hf_folder_for(path, store, console)
+    cfg = read_config(folder)
+    builder_for(cfg.architecture)  # an unsupported architecture is refused before loading
+    index = None
+    if _keeps_gguf_blocks(path, device, dequantize):
+        from llmopt.loader.gguf_weights import has_kept_blocks, load_index
+
+        index = load_index(_tensor_index(path, folder))
+        if not has_kept_blocks(index):
+            index = None
+    quantized = index is not None or (device.type == "cpu" and cfg.quantization is not None)
+    return ModelSource(path, folder, cfg, index, quantized)
+
+
 def load_model(
-    path: Path,
+    path: Path | ModelSource,
     dtype: torch.dtype,
     device: torch.device,
-    store: Store,
-    console: Console,
+    store: Store | None = None,
+    console: Console | None = None,
     dequantize: bool = False,
 ) -> LoadedModel:
-    """dtype: the activations' and dense weights' type. A GGUF file's Q4_0/Q4_1/Q8_0
-    linears run as they are stored, with the int kernels (the weights llama.cpp
-    computes with, at a quarter to an eighth of fp32's bytes), where the device has
-    them; `dequantize` (or a device without them) multiplies dense copies in `dtype`."""
-    folder = hf_folder_for(path, store, console)  # config and tokenizer for a GGUF too
-    cfg = read_config(folder)
-    build = builder_for(cfg.architecture)
-    tokenizer = Tokenizer(folder)
-    if _keeps_gguf_blocks(path, device, dequantize):
-        weights = gguf_blocks(path, folder, cfg)
+    """The model at `path` (or an opened source) built on `device`; dtype: the
+    activations' and dense weights' type."""
+    source = (
+        path
+        if isinstance(path, ModelSource)
+        else open_source(
+            path, device, store or Store(), console or Console(stderr=True), dequantize
+        )
+    )
+    cfg = source.config
+    if source.gguf_index is not None:
+        from llmopt.loader.gguf_weights import hf_weights, read_index
+
+        arch, records = read_index(source.path, source.gguf_index)
+        weights = hf_weights(records, cfg, arch, source.path.name, keep_quantized=True)
         if "lm_head.weight" in weights:  # the tied head kept in the embedding's blocks
             cfg = replace(cfg, tie_word_embeddings=False)
     else:
-        tensors = read_tensors(folder)
+        tensors = read_tensors(source.folder)
         weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
-    model = build(cfg, weights, dtype, device)
+    model = builder_for(cfg.architecture)(cfg, weights, dtype, device)
+    tokenizer = Tokenizer(source.folder)
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)
-    return LoadedModel(model, tokenizer, cfg, folder, eos)
-
-
-def gguf_blocks(path: Path, folder: Path, cfg: ModelConfig) -> Weights:
-    """A GGUF file's weights with its int-kernel types kept quantized, read through the
-    conversion cache's tensor index."""
-    from llmopt.loader.gguf_weights import hf_weights, read_index
-
-    arch, records = read_index(path, _tensor_index(path, folder))
-    return hf_weights(records, cfg, arch, path.name, keep_quantized=True)
+    return LoadedModel(model, tokenizer, cfg, source.folder, eos)
 
 
 def _tensor_index(path: Path, folder: Path) -> Path:
@@ -100,27 +132,6 @@ def _tensor_index(path: Path, folder: Path) -> Path:
         g = GGUFFile(path)
         write_index(g.reader, g.arch, folder / INDEX)
     return folder / INDEX
-
-
-def runs_quantized(
-    path: Path, device: torch.device, store: Store, console: Console, dequantize: bool = False
-) -> bool:
-    """Whether the model at path will run linears quantized on this device's int kernels
-    (a GGUF's Q4_0/Q4_1/Q8_0 blocks as stored, or a quantized checkpoint on the CPU),
-    known before loading it: the activations' dtype is chosen from it
-    (device.resolve_dtype). A GGUF file is converted into the store here if it was not."""
-    if device.type != "cpu":
-        return False
-    if path.suffix == ".gguf":
-        if not _keeps_gguf_blocks(path, device, dequantize):
-            return False
-        from llmopt.loader.gguf_weights import has_kept_blocks
-
-        return has_kept_blocks(_tensor_index(path, hf_folder_for(path, store, console)))
-    try:  # only the one key: a malformed folder is load_model's to report
-        return json.loads((path / "config.json").read_text()).get("quantization_config") is not None
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _keeps_gguf_blocks(path: Path, device: torch.device, dequantize: bool) -> bool:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from llmopt.errors import ModelFormatError
-from llmopt.quant.layouts import layout_for
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.weights.layouts import layout_for
+from llmopt.weights.qweight import QuantizedWeight
 
 Weights = dict[str, torch.Tensor | QuantizedWeight]
 

@@ -1,8 +1,9 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks of grouped-query
 attention with rotary embeddings and a SwiGLU MLP.
 
-The forward pass takes a flat batch of new tokens from any number of sequences, the
-paged KV cache and the attention metadata, and returns hidden states; `logits`
+The model is bound to a paged KV cache (`bind_cache`, which also chooses its kernels
+for it). The forward pass takes a flat batch of new tokens from any number of
+sequences and the attention metadata, and returns hidden states; `logits`
 projects only the rows the caller samples from (each sequence's last), which saves
 the (V, hidden) matmul for every prompt token.
 """
@@ -15,15 +16,17 @@ from torch import nn
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.layers.attention import Attention
-from llmopt.layers.attention_backend import AttentionMetadata, PagedKVCache
+from llmopt.layers.attention_metadata import AttentionMetadata
 from llmopt.layers.embedding import Embedding
+from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.layers.linear import Linear, can_prepack, prepack_linears
 from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
 from llmopt.layers.quant_linear import QuantLinear
 from llmopt.layers.rotary import RotaryEmbedding
+from llmopt.models.kernel_choice import choose_kernels
 from llmopt.models.native_decode import MAX_ROWS, NativeDecoder
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
 
@@ -77,17 +80,24 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # All blocks of a decode-only step in one native call; the runner sets it where
-        # it applies (models/native_decode.py).
+        self.cache: PagedKVCache | None = None  # bound by bind_cache
+        # All blocks of a decode-only step in one native call, where kernel_choice finds
+        # that it applies (models/native_decode.py).
         self.native_decode: NativeDecoder | None = None
+
+    def bind_cache(self, cache: PagedKVCache) -> None:
+        """Run over `cache` from now on, with the kernels chosen for it."""
+        self.cache = cache
+        choose_kernels(self, cache)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # (N,) the flat batch of new tokens of all sequences
         positions: torch.Tensor,  # (N,) their positions within their own sequences
-        cache: PagedKVCache,
         meta: AttentionMetadata,  # where keys go and which each query reads
     ) -> torch.Tensor:
+        cache = self.cache
+        assert cache is not None, "bind_cache first"
         x = self.embed_tokens(input_ids)  # (N, hidden), a new tensor the blocks add into
         cos, sin = self.rotary(positions, x.dtype)
         if self.native_decode is not None and not meta.prefills and x.shape[0] <= MAX_ROWS:

@@ -16,17 +16,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmopt.layers.attention_backend import MAX_GROUP_DIM, AttentionMetadata, PagedKVCache
+from llmopt.layers.attention_metadata import AttentionMetadata
+from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.layers.linear import Linear
+from llmopt.layers.native_attention import MAX_GROUP_DIM
 from llmopt.layers.quant_linear import QuantLinear
 
 if TYPE_CHECKING:
     from llmopt.models.llama import LlamaForCausalLM
 
-# Sequences per step (the row kernels take any number). SmolLM2 bf16, 64-token
-# batches: 16 sequences 121 tokens/s native against 78 on the Python path (which
-# widens bf16 weights to fp32 for 6+ rows), 32 sequences 132 against 122; int4 about
-# equal from 16 on (QuantLinear's own qgemv rows).
+# Sequences per step (the row kernels take any number). Past this the Python path
+# (bf16 weights widened to fp32 for 6+ rows, QuantLinear's own qgemv rows) catches up:
+# its per-op dispatch no longer weighs against that many rows.
 MAX_ROWS = 32
 _ptr, _i32 = ctypes.c_void_p, ctypes.c_int
 

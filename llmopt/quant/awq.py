@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.qweight import QuantizedWeight, grid, quantize_rtn, quantize_to
 from llmopt.quant.spec import QuantSpec, Site
+from llmopt.weights.qweight import QuantizedWeight, grid, quantize_rtn, quantize_to
 
 SCALE_GRID = 20
 CLIP_GRID = 20

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmopt.engine.engine import Engine
+from llmopt.models.scoring import Scorer
 
 
 def calibration_windows(ids: list[int], num_tokens: int, window: int) -> list[list[int]]:
@@ -124,7 +124,7 @@ def capturing(
 
 
 def collect(
-    engine: Engine,
+    scorer: Scorer,
     modules: dict[str, nn.Module],
     windows: list[list[int]],
     progress: Callable[[], None] = lambda: None,
@@ -132,6 +132,6 @@ def collect(
     """Run every window through the model, recording the inputs of `modules`."""
     with recording(modules) as stats:
         for ids in windows:
-            engine.prompt_logits(ids)
+            scorer.logits(ids)
             progress()
     return stats

@@ -11,12 +11,10 @@ gives it, unconstrained, is the least-squares fit
 
 since ||W X - Q X~||^2 = ||(W* - Q) X~||^2 + a constant. The method then quantizes
 W + alpha W D H^-1 on H as usual. The fit has `in` unknowns per output row from a few
-thousand calibration rows, and the full step (alpha 1) overfits them: on SmolLM2 it
-took GPTQ g32's perplexity change from +7.5% to +3,357%; alpha 0.125, 0.25, 0.35 and
-0.5 gave +7.1, +5.8, +6.2 and +6.1% (block at once; BENCHMARKS.md), so GPTQ's default
-(spec.DEFAULT_DRIFT) is a quarter of the step. AWQ's is half: it calibrates on four
-times the rows (32,768 tokens), which likely bear a longer step, and its g32 change
-went from +4.6% to +3.9% on SmolLM2. D and H cost two (in, in) float64 sums per linear.
+thousand calibration rows, and the full step (alpha 1) overfits them, so the method
+takes a fraction of it (spec.DEFAULT_DRIFT): a quarter for GPTQ, half for AWQ, whose
+four times as many calibration rows bear a longer step (the sweeps are in
+BENCHMARKS.md). D and H cost two (in, in) float64 sums per linear.
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
+from llmopt.atomic import atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.layers.rotary import inv_frequencies
-from llmopt.loader.atomic import atomic_file
 from llmopt.loader.gguf_weights import HF_NAMES
 from llmopt.loader.hf import read_config, safetensor_files
 from llmopt.quant.gguf_vocab import add_vocab

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from llmopt.quant.qweight import QuantizedWeight, check_group_size, grid, quantize_to
 from llmopt.quant.spec import QuantSpec, Site
+from llmopt.weights.qweight import QuantizedWeight, check_group_size, grid, quantize_to
 
 DAMP = 0.01  # of the mean Hessian diagonal, added for a stable Cholesky factor
 BLOCK = 128  # columns updated together before the lazy update of the rest
@@ -38,8 +38,8 @@ def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """The column loop is thousands of small ops: with two threads each one waits on
-    the other, 29x slower on this 2-core VM under load (0.48 s -> 13.9 s a layer)."""
+    """The column loop is thousands of small ops, each too small to split: with more
+    threads each op waits on the others, many times slower than one thread alone."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -84,7 +84,7 @@ def gptq(
                 g = col // group_size
                 # The grid of a group is set from its weights as updated so far (its
                 # min/max: a range searched on the group's Hessian block, as AWQ's,
-                # scored worse here, +4.42% against +4.00% on 8,192 tokens).
+                # does not score better).
                 s, z = grid(wb[:, i : i + group_size], bits, sym)
                 scales[:, g], zeros[:, g] = s, z
             g = col // group_size

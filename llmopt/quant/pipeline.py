@@ -8,7 +8,6 @@ loader swaps QuantLinear modules in at load time (models/llama.py).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,30 +18,21 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from llmopt.atomic import atomic_dir
 from llmopt.config import ModelConfig
-from llmopt.engine.engine import Engine
 from llmopt.errors import ModelFormatError, UsageError
-from llmopt.loader.atomic import atomic_dir
 from llmopt.loader.hf import read_config, read_tensors
 from llmopt.models.registry import builder_for
+from llmopt.models.scoring import Scorer
 from llmopt.quant import awq, gptq, rtn
 from llmopt.quant.calibration import InputStats, calibration_windows, collect
-from llmopt.quant.layouts import layout_for
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.quant.checkpoint import write_checkpoint
 from llmopt.quant.sequential import quantize_sequential
 from llmopt.quant.spec import QuantSpec, Site, calibrated_modules, llama_sites
+from llmopt.weights.qweight import QuantizedWeight
 
 METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
 CALIB_WINDOW = 512  # tokens per calibration sequence
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-)
-# Dense tensors of a GPTQ/AWQ checkpoint are fp16, what those tools' kernels expect.
-DENSE_DTYPE = {"llmopt": torch.bfloat16, "gptq": torch.float16, "awq": torch.float16}
 
 
 @dataclass
@@ -68,22 +58,20 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _calibration_engine(
+def _calibration_scorer(
     folder: Path, cfg: ModelConfig, text: str, tokens: int, console: Console, device: torch.device
-) -> tuple[Engine, list[list[int]]]:
-    """An engine over the fp32 model, and the calibration text in windows."""
-    from llmopt.engine.llm import build_engine
+) -> tuple[Scorer, list[list[int]]]:
+    """The fp32 model bound to a scoring cache of one window, and the calibration text
+    in windows."""
     from llmopt.loader.load import load_model
-    from llmopt.store.store import Store
 
-    loaded = load_model(folder, torch.float32, device, Store(), console)
-    window = min(CALIB_WINDOW, cfg.max_position_embeddings - 1)  # + 1: check_fits' token
-    engine = build_engine(loaded, max_context=window + 1, prefix_cache=False)
+    loaded = load_model(folder, torch.float32, device, console=console)
+    window = min(CALIB_WINDOW, cfg.max_position_embeddings)
     ids = loaded.tokenizer.encode(text)
     if len(ids) < tokens:
         console.print(f"the calibration text has {len(ids)} tokens, fewer than the {tokens} "
                       "asked for: calibrating on all of it")  # fmt: skip
-    return engine, calibration_windows(ids, tokens, window)
+    return Scorer(loaded.model, window), calibration_windows(ids, tokens, window)
 
 
 def calibrate(
@@ -97,12 +85,11 @@ def calibrate(
 ) -> tuple[dict[str, InputStats], int]:
     """Inputs of every linear over the calibration text, from the fp32 model, and the
     number of tokens they came from."""
-    engine, windows = _calibration_engine(folder, cfg, text, tokens, console, device)
-    model = engine.runner.model
-    modules = {n: model.get_submodule(n) for n in calibrated_modules(cfg, lm_head)}
+    scorer, windows = _calibration_scorer(folder, cfg, text, tokens, console, device)
+    modules = {n: scorer.model.get_submodule(n) for n in calibrated_modules(cfg, lm_head)}
     with _progress(console) as progress:
         task = progress.add_task("Calibrating", total=len(windows))
-        stats = collect(engine, modules, windows, progress=lambda: progress.advance(task))
+        stats = collect(scorer, modules, windows, progress=lambda: progress.advance(task))
     return stats, sum(len(w) for w in windows)
 
 
@@ -131,37 +118,6 @@ def _untie_head(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
 
 
-def _write_checkpoint(
-    folder: Path, tmp: Path, raw_cfg: dict, weights: dict, spec: QuantSpec, fmt: str
-) -> tuple[int, int]:
-    """Write the checkpoint into `tmp`; return the bytes of (quantized, dense) tensors."""
-    from safetensors.torch import save_file
-
-    layout = layout_for(fmt)
-    dense = DENSE_DTYPE[fmt]
-    flat: dict[str, torch.Tensor] = {}
-    quantized_bytes = dense_bytes = 0
-    for name, w in weights.items():
-        if isinstance(w, QuantizedWeight):
-            prefix = name.removesuffix(".weight")
-            packed = layout.pack(w)
-            quantized_bytes += sum(t.numel() * t.itemsize for t in packed.values())
-            flat.update({f"{prefix}.{k}": v for k, v in packed.items()})
-        else:
-            flat[name] = w.to(dense).contiguous()
-            dense_bytes += flat[name].numel() * dense.itemsize
-    save_file(flat, str(tmp / "model.safetensors"), {"format": "pt"})
-    qcfg = layout.config(spec)
-    cfg = {**raw_cfg, "quantization_config": qcfg, "torch_dtype": str(dense).removeprefix("torch.")}
-    if spec.lm_head:
-        cfg["tie_word_embeddings"] = False  # the quantized head is a copy of its own
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in TOKENIZER_FILES:
-        if (folder / f).is_file():
-            shutil.copy2(folder / f, tmp / f)
-    return quantized_bytes, dense_bytes
-
-
 def quantize_folder(
     folder: Path,
     out: Path,
@@ -186,14 +142,14 @@ def quantize_folder(
     weights: dict[str, torch.Tensor | QuantizedWeight]
     calibrated = 0
     if spec.method != "rtn" and spec.sequential:
-        engine, windows = _calibration_engine(
+        scorer, windows = _calibration_scorer(
             folder, cfg, calib_text, calib_tokens, console, device
         )
         calibrated = sum(len(w) for w in windows)
         with _progress(console) as progress:
             task = progress.add_task(f"Quantizing block by block ({spec.label})", total=total)
             weights = quantize_sequential(
-                engine, cfg, tensors, spec, METHODS[spec.method], windows,
+                scorer, cfg, tensors, spec, METHODS[spec.method], windows,
                 lambda: progress.advance(task),
             )  # fmt: skip
     else:
@@ -213,7 +169,7 @@ def quantize_folder(
     if not quantized:
         raise ModelFormatError(f"{folder}: found no linear layer to quantize")
     with atomic_dir(out) as tmp:
-        quantized_bytes, dense_bytes = _write_checkpoint(folder, tmp, raw_cfg, weights, spec, fmt)
+        quantized_bytes, dense_bytes = write_checkpoint(folder, tmp, raw_cfg, weights, spec, fmt)
     params = sum(w.shape[0] * w.shape[1] for w in quantized)
     return QuantizeResult(
         out,

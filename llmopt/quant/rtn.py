@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.qweight import QuantizedWeight, quantize_rtn
 from llmopt.quant.spec import QuantSpec, Site
+from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
 
 
 def quantize_layer(

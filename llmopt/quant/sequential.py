@@ -16,9 +16,9 @@ target is refit to map its drifted inputs to the full-precision outputs; the blo
 then quantized linear by linear ("true sequential": o_proj calibrated on the output
 of the quantized q/k/v, gate/up on the quantized attention's, down_proj on the
 quantized gate/up's), so that each linear also corrects the linears before it in its
-own block. Without the correction, linear by linear was worse (GPTQ g32 +7.59%
-against +6.28% block at once); with it, GPTQ g32 goes from +7.47% to +4.35% on this
-machine (BENCHMARKS.md).
+own block. Linear by linear goes with the correction only: fitting each linear to the
+partly quantized model's own outputs bakes the earlier linears' error in, where the
+full-precision outputs undo some of it.
 
 All windows have the same length and start at position 0, so one set of attention
 inputs (rotary tables, slots, metadata) serves every window: a block's call writes a
@@ -35,20 +35,20 @@ import torch
 from torch import nn
 
 from llmopt.config import ModelConfig
-from llmopt.engine.engine import Engine
 from llmopt.layers.linear import Linear
 from llmopt.models.llama import fuse_hf_layer
+from llmopt.models.scoring import Scorer
 from llmopt.quant import awq
 from llmopt.quant.calibration import InputStats, capturing, recording
 from llmopt.quant.drift import correct_drift
-from llmopt.quant.qweight import QuantizedWeight
 from llmopt.quant.spec import CALIBRATED, QuantSpec, head_site, layer_sites
+from llmopt.weights.qweight import QuantizedWeight
 
 State = tuple[torch.Tensor, torch.Tensor | None]  # a block's input: (x, residual)
 
 
 def quantize_sequential(
-    engine: Engine,
+    scorer: Scorer,
     cfg: ModelConfig,
     tensors: dict[str, torch.Tensor],
     spec: QuantSpec,
@@ -58,14 +58,15 @@ def quantize_sequential(
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every decoder linear (and the output projection if spec.lm_head, already untied
     in `tensors`) quantized with `method`, block by block; `tensors` (Hugging Face
-    names, fp32) are the weights the engine's fp32 model was loaded from, and AWQ may
+    names, fp32) are the weights the scorer's fp32 model was loaded from, and AWQ may
     rescale them in place."""
-    model, cache = engine.runner.model, engine.runner.cache
+    model, cache = scorer.model, scorer.cache
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
-    with engine.prefill_inputs(windows[0]) as inputs, torch.inference_mode():
-        meta = inputs["meta"]
-        cos, sin = model.rotary(inputs["positions"], torch.float32)
-        device = inputs["input_ids"].device
+    inputs = scorer.inputs(windows[0])
+    with torch.inference_mode():
+        meta = inputs.meta
+        cos, sin = model.rotary(inputs.positions, torch.float32)
+        device = inputs.input_ids.device
         states: list[State] = [
             (model.embed_tokens(torch.tensor(ids, device=device)), None) for ids in windows
         ]

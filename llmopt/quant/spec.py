@@ -9,18 +9,16 @@ import torch
 from llmopt.config import ModelConfig
 from llmopt.errors import UsageError
 from llmopt.quant.calibration import InputStats
-from llmopt.quant.qweight import QuantizedWeight
+from llmopt.weights.qweight import QuantizedWeight
 
 METHODS = ("rtn", "gptq", "awq")
 DEFAULT_GROUPS = (128, 64, 32)  # for int4, the first that divides every input width
-# quant/drift.py: the step's fraction by method, measured best on SmolLM2 g32 (GPTQ:
-# 0.25 +3.97%, 0.35 +4.22%, 0.5 +4.15% on 8,192 held-out tokens; AWQ on all 62,942:
-# 0.25 +4.61%, 0.5 +3.92%).
+# quant/drift.py: the step's fraction by method. AWQ, calibrated on four times GPTQ's
+# tokens, bears a longer step (BENCHMARKS.md, "Quantization" has the sweeps).
 DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5}
-# Calibration tokens by method. AWQ's searches and the drift correction's fit gain from
-# more (SmolLM2 g32 on 8,192 held-out tokens: 8,192 calibration tokens +5.1%, 16,384
-# +4.4%, 32,768 +4.1%; on another CPU 16,384 +5.0%, 32,768 +4.7%); GPTQ's do not (+3.8%
-# -> +4.2% at 16,384), and the tokens cost time linearly (BENCHMARKS.md).
+# Calibration tokens by method. AWQ's scale and range searches and its drift fit read
+# the same statistics, with no error feedback to make up for noisy ones, so they gain
+# from more tokens; GPTQ does not, and the tokens cost time linearly.
 DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768}
 
 
@@ -49,7 +47,7 @@ class QuantSpec:
     # GPTQ/AWQ: calibrate each block on the outputs of the blocks before it, already
     # quantized (quant/sequential.py), rather than all blocks in one full-precision pass.
     # None: block by block for both (AWQ's reference goes in one pass, but block by
-    # block with drift correction is ahead here: SmolLM2 g32 +7.2% against +10.6%).
+    # block with drift correction scores better).
     sequential: bool | None = None
     # Block by block: the fraction of the step that refits each linear's target to the
     # full-precision model's outputs (quant/drift.py); 0 is off. None: the method's

@@ -26,8 +26,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from llmopt.atomic import atomic_dir, atomic_file
 from llmopt.errors import DownloadError
-from llmopt.loader.atomic import atomic_dir, atomic_file
 from llmopt.store.registry import ModelEntry, Source
 from llmopt.store.store import Store
 

@@ -9,8 +9,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from llmopt.atomic import atomic_file
 from llmopt.errors import UsageError
-from llmopt.loader.atomic import atomic_file
 from llmopt.store.registry import LOCAL_REGISTRY
 
 HEADER = "# Models made by llmopt (quantize). Rewritten by llmopt: edit models.toml instead.\n"

@@ -10,17 +10,13 @@ Layout:
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmopt.errors import ModelNotFoundError
+from llmopt.home import llmopt_home
 from llmopt.store.registry import ModelEntry, Registry
-
-
-def llmopt_home() -> Path:
-    return Path(os.environ.get("LLMOPT_HOME") or Path.home() / ".cache" / "llmopt")
 
 
 @dataclass(frozen=True)

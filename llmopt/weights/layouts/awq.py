@@ -14,28 +14,11 @@ from typing import Any
 import torch
 
 from llmopt.errors import ModelFormatError
-from llmopt.quant.qweight import QuantizedWeight
-from llmopt.quant.spec import QuantSpec
+from llmopt.weights.qweight import QuantizedWeight
 
 SUFFIXES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # which of 8 consecutive columns sits in nibble k
 SHIFTS = torch.arange(8, dtype=torch.int64) * 4
-
-
-def config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.bits != 4 or spec.sym or spec.act_order or spec.lm_head:
-        raise ModelFormatError(
-            "the AWQ layout holds 4-bit weights with zero points, without act-order, "
-            "and leaves the output projection unquantized"
-        )
-    return {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": spec.group_size,
-        "zero_point": True,
-        "version": "gemm",
-        "quantizer": f"llmopt:{spec.method}",
-    }
 
 
 def _pack(values: torch.Tensor) -> torch.Tensor:

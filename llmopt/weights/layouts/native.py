@@ -17,26 +17,9 @@ from typing import Any
 import torch
 
 from llmopt.errors import ModelFormatError
-from llmopt.quant.qweight import QuantizedWeight
-from llmopt.quant.spec import QuantSpec
+from llmopt.weights.qweight import QuantizedWeight
 
 SUFFIXES = ("qweight", "scales", "qzeros", "perm")  # perm: only with act-order
-
-
-def config(spec: QuantSpec) -> dict[str, Any]:
-    return {
-        "quant_method": "llmopt",
-        "bits": spec.bits,
-        "group_size": spec.group_size,  # 0: one group per row
-        "sym": spec.sym,
-        "method": spec.method,
-        "act_order": spec.act_order,
-        "sequential": spec.sequential,
-        "drift_correction": spec.drift,
-        "lm_head": spec.lm_head,
-        "lm_head_bits": spec.head_bits,  # may differ from "bits" (see loader/quantized.py)
-        "version": 1,
-    }
 
 
 def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

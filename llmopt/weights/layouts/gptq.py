@@ -20,29 +20,9 @@ from typing import Any
 import torch
 
 from llmopt.errors import ModelFormatError
-from llmopt.quant.qweight import QuantizedWeight
-from llmopt.quant.spec import QuantSpec
+from llmopt.weights.qweight import QuantizedWeight
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.head_bits not in (0, spec.bits):
-        raise ModelFormatError(
-            "the GPTQ layout quantizes the output projection with the model's bits"
-        )
-    return {
-        "quant_method": "gptq",
-        "bits": spec.bits,
-        "group_size": spec.group_size or -1,  # -1: one group per row, GPTQ's convention
-        "desc_act": spec.act_order,
-        "sym": spec.sym,
-        "true_sequential": False,
-        "damp_percent": 0.01,
-        "checkpoint_format": "gptq",
-        "lm_head": spec.lm_head,
-        "quantizer": [f"llmopt:{spec.method}"],
-    }
 
 
 def _ones(bits: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from llmopt.errors import ModelFormatError
-from llmopt.quant.layouts import awq, gptq, native
+from llmopt.weights.layouts import awq, gptq, native
 
 LAYOUTS: dict[str, ModuleType] = {"llmopt": native, "gptq": gptq, "awq": awq}
 

@@ -1,0 +1,46 @@
+"""`llmopt bench MODEL --perplexity`: perplexity on a held-out text (see
+llmopt/bench/perplexity.py), through a scoring pass, not an engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from llmopt.cli.common import emit_json
+from llmopt.engine.config import EngineConfig
+from llmopt.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PerplexityOptions:
+    text: Path | None  # default: the held-out half of pydoc_data.topics
+    tokens: int
+    window: int
+    stride: int | None  # default: half the window
+    decode_arithmetic: bool  # quantized linears compute every row as decode does
+    as_json: bool
+    output: Path | None
+
+
+def run_perplexity(engine: EngineConfig, o: PerplexityOptions, console: Console) -> None:
+    from llmopt.bench.perplexity import evaluate
+    from llmopt.corpus import held_out_text, read_text
+    from llmopt.engine.factory import load
+    from llmopt.layers.quant_linear import use_decode_arithmetic
+
+    name, loaded = load(engine, console)
+    if o.decode_arithmetic and use_decode_arithmetic(loaded.model) == 0:
+        raise UsageError(
+            "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
+        )
+    text = read_text(o.text, held_out_text, "--text")
+    scores = evaluate(loaded.model, loaded.tokenizer, text, o.tokens, o.window, o.stride)
+    result = {"model": name, "decode_arithmetic": o.decode_arithmetic} | scores
+    console.print(
+        f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "
+        f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",
+        highlight=False,
+    )
+    emit_json(result, o.as_json, o.output)

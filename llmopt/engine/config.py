@@ -1,0 +1,87 @@
+"""EngineConfig: every setting of an engine, declared once.
+
+`LLM`, `run`, `serve`, `bench` and the engine process all build one and hand it to
+`engine.factory.open_engine`. Each field's metadata names its command-line flag and
+help, so that the CLI maps flags onto fields in one place (cli/engine_options.py)
+and a bad value is refused here with the flag named, whoever built the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmopt.device import check_device_name, check_dtype_name
+from llmopt.errors import UsageError
+
+POLICIES = ("continuous", "dynamic", "static")
+
+
+def setting(default: Any, flag: str | None = None, help: str = "") -> Any:
+    """A field with its CLI flag (None: not a flag) and help text."""
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = setting(None, help="Registry name, .gguf file or HF folder.")
+    device: str = setting("auto", "--device", "auto, cpu or cuda.")
+    dtype: str = setting("auto", "--dtype", "auto, bfloat16, float16 or float32.")
+    threads: int | None = setting(None, "--threads", "CPU threads for torch.")
+    dequantize: bool = setting(
+        False,
+        "--dequantize",
+        "Run a GGUF file's weights dequantized to --dtype (default on CPU: its "
+        "Q4_0/Q4_1/Q8_0 blocks as they are, with int kernels).",
+    )
+    max_context: int | None = setting(None, "--ctx-size", "Cap the context length.")
+    kv_cache_memory: float | None = setting(
+        None, "--kv-cache-memory", "GB for the KV cache (default: 10% of free RAM)."
+    )
+    block_size: int = setting(16, None, "Tokens per KV cache block.")
+    batching: str = setting("continuous", "--batching", "continuous, dynamic or static.")
+    max_num_seqs: int = setting(64, "--max-num-seqs", "Most requests in a batch.")
+    max_num_batched_tokens: int = setting(
+        512, "--max-num-batched-tokens", "Token budget of one step (prefill chunk size)."
+    )
+    max_wait_s: float = setting(1.0, None, "Static batching: the longest a partial batch waits.")
+    prefix_cache: bool = setting(True, "--prefix-cache/--no-prefix-cache", "Reuse shared prefixes.")
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        check_dtype_name(self.dtype)
+        checks = [
+            ("threads", self.threads is None or self.threads >= 1, "must be at least 1"),
+            ("max_context", self.max_context is None or self.max_context >= 1, "must be positive"),
+            (
+                "kv_cache_memory",
+                self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                "must be a positive number of GB",
+            ),
+            ("block_size", self.block_size >= 1, "must be positive"),
+            ("batching", self.batching in POLICIES, f"must be one of {', '.join(POLICIES)}"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be at least 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be at least 1"),
+            ("max_wait_s", self.max_wait_s >= 0, "must not be negative"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise UsageError(f"{self.describe(name)} {message}, not {getattr(self, name)!r}")
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        """How a setting is named to the user: its flag where it has one."""
+        flag = _FIELDS[name].metadata["flag"]
+        return flag.partition("/")[0] if flag else name
+
+    @property
+    def batched(self) -> bool:
+        """Whether the engine serves several sequences at once (it picks the dtype)."""
+        return self.max_num_seqs > 1
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}

@@ -1,0 +1,83 @@
+"""From an EngineConfig to a loaded model, and to an engine over it: each step (resolve
+the name, open the source, choose the dtype, load, size the KV cache) done once, here,
+for every surface (`LLM`, `run`, `serve`'s engine process, `bench`, perplexity)."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from rich.console import Console
+
+from llmopt.device import resolve_device, resolve_dtype
+from llmopt.engine.config import EngineConfig
+from llmopt.engine.engine import Engine
+from llmopt.engine.runner import Runner
+from llmopt.errors import UsageError
+from llmopt.layers.kv_cache import PagedKVCache, kv_dtype_for
+from llmopt.loader.load import LoadedModel, load_model, open_source
+from llmopt.store.resolve import resolve
+from llmopt.store.store import Store
+
+CPU_MEMORY_FRACTION = 0.1  # of available RAM, when kv_cache_memory is not given
+GPU_MEMORY_FRACTION = 0.5  # of free GPU memory after the weights
+
+
+class Loaded(NamedTuple):
+    name: str  # the registry name, or the file or folder name
+    model: LoadedModel
+
+
+def load(config: EngineConfig, console: Console | None = None) -> Loaded:
+    """Resolve config.model, open it, choose the dtype and load it on the device
+    (with config.threads applied to torch)."""
+    console = console or Console(stderr=True)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    store = Store()
+    name, path = resolve(config.model, store, console)
+    device = resolve_device(config.device)
+    source = open_source(path, device, store, console, config.dequantize)
+    dtype = resolve_dtype(config.dtype, device, config.batched, source.runs_quantized)
+    return Loaded(name, load_model(source, dtype, device))
+
+
+def default_kv_memory(device: torch.device) -> int:
+    """Bytes for the KV cache when the config does not say."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * GPU_MEMORY_FRACTION)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * CPU_MEMORY_FRACTION)
+
+
+def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
+    """An engine over a loaded model, its KV cache sized from the config."""
+    cfg = loaded.config
+    context = min(cfg.max_position_embeddings, config.max_context or cfg.max_position_embeddings)
+    p = next(loaded.model.parameters())
+    per_token = PagedKVCache.bytes_per_token(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype_for(p.dtype, p.device)
+    )
+    gb = config.kv_cache_memory
+    budget = gb * 1e9 if gb is not None else default_kv_memory(p.device)
+    num_blocks = int(budget // (per_token * config.block_size))
+    if num_blocks < 2:
+        raise UsageError(
+            f"--kv-cache-memory {budget / 1e9:.3f} GB holds under two blocks of "
+            f"{config.block_size} tokens ({per_token} bytes a token); give it more"
+        )
+    runner = Runner(loaded.model, num_blocks, config.block_size)
+    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, config)
+
+
+class Opened(NamedTuple):
+    name: str
+    engine: Engine
+    loaded: LoadedModel
+
+
+def open_engine(config: EngineConfig, console: Console | None = None) -> Opened:
+    """The model of config.model, loaded, in an engine built from the config."""
+    name, loaded = load(config, console)
+    return Opened(name, build_engine(loaded, config), loaded)
