@@ -6,7 +6,9 @@ arithmetic speed; whole-model decode is scripts/bench_decode.py and bench_quant.
 
 Rows: one-row linears (bf16; int4 group 64; int8 per row), and decode attention of
 one sequence over its paged KV cache at several context lengths. Each pair is timed
-alternately, best of 5 rounds.
+alternately, best of 5 rounds. Then the quantized GEMM at M = 1 .. 256 rows (int4 group
+32 with fp16 scales and minimums, Q4_1's form), in multiply-adds per second against
+the CPU's int8 peak with the same instructions (kernels/int8_peak.c).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from llmopt.weights.qweight import quantize_rtn
 
 LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # (out, in)
 CONTEXTS = [64, 512, 2048]
+GEMM_ROWS = [1, 4, 16, 64, 256]
 
 
 def best_us(fn: Callable[[], object], repeats: int) -> float:
@@ -97,6 +100,45 @@ def attention_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def int8_peak_macs() -> float:
+    """Multiply-adds per second of the int8 instructions qgemv uses, all threads."""
+    import ctypes
+
+    from llmopt.kernels.build import function
+
+    fn = function("int8_peak", [ctypes.c_int64, ctypes.c_int], ctypes.c_int64)
+    if fn is None or fn(1000, 1) == 0:
+        return float("nan")
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        macs = fn(2_000_000, 1)
+        best = max(best, macs / (time.perf_counter() - t))
+    return best
+
+
+def gemm_rows(repeats: int) -> list[dict]:
+    """The quantized linears of one SmolLM2 block at M rows: GMAC/s and share of peak."""
+    peak = int8_peak_macs()
+    rows = []
+    for m in GEMM_ROWS:
+        macs = seconds = 0.0
+        for out, n in LINEARS[:4]:
+            layer = QuantLinear(quantize_rtn(torch.randn(out, n) * 0.02, 4, 32, False), None,
+                                torch.device("cpu"))  # fmt: skip
+            if layer.kernel != "qgemv":
+                return []
+            x = torch.randn(m, n)
+            seconds += best_us(lambda x=x, layer=layer: layer.qgemv(x), max(3, repeats // m)) / 1e6
+            macs += m * out * n
+        rows.append(
+            {"kernel": "int4 g32 GEMM, one block", "shape": f"M={m}",
+             "llmopt_us": round(seconds * 1e6, 1), "GMAC_per_s": round(macs / seconds / 1e9, 1),
+             "peak_fraction": round(macs / seconds / peak, 3)}
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -107,8 +149,9 @@ def main() -> None:
     info = machine_info(args.threads)
     with torch.inference_mode():
         rows = linear_rows(args.repeats) + attention_rows(args.repeats)
+        gemm = gemm_rows(args.repeats)
     if args.json:
-        print(json.dumps({**info, "rows": rows}, indent=2))
+        print(json.dumps({**info, "rows": rows, "gemm": gemm}, indent=2))
         return
     table = Table(title=f"native kernels vs torch, {info['machine']}, {args.threads} threads")
     for col in ("kernel", "shape", "llmopt us", "torch us", "speedup"):
@@ -118,6 +161,14 @@ def main() -> None:
             r["kernel"], r["shape"], str(r["llmopt_us"]), str(r["torch_us"]), f"{r['speedup']}x"
         )
     Console().print(table)
+    gemm_table = Table(title="quantized GEMM (qgemv), int4 g32, SmolLM2 block's linears")
+    for col in ("rows", "us", "GMAC/s", "of int8 peak"):
+        gemm_table.add_column(col)
+    for r in gemm:
+        gemm_table.add_row(
+            r["shape"], str(r["llmopt_us"]), str(r["GMAC_per_s"]), f"{r['peak_fraction']:.0%}"
+        )
+    Console().print(gemm_table)
 
 
 if __name__ == "__main__":

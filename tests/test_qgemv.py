@@ -12,7 +12,11 @@ from torch import nn
 
 from llmopt.kernels import qgemv
 from llmopt.kernels.qgemv import Operands
-from llmopt.layers.quant_linear import QGEMV_MAX_ROWS, QuantLinear, use_decode_arithmetic
+from llmopt.layers.quant_linear import (
+    QuantLinear,
+    use_decode_arithmetic,
+    use_exact_arithmetic,
+)
 from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
 from tests.conftest import require_kernel
 
@@ -158,21 +162,24 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().T
     assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
-    # A batched decode step (or a short prompt) is still the kernel's: dequantizing the
-    # whole weight for a few rows costs far more.
-    batch = torch.randn(QGEMV_MAX_ROWS, 256)
-    assert layer.kernel_rows >= QGEMV_MAX_ROWS
-    assert torch.equal(layer(batch), layer.qgemv(batch))
+    # A batched decode step and a prefill chunk are the kernel's too (without AMX, any
+    # number of rows: one arithmetic for every step).
+    batch = torch.randn(512, 256)
+    assert layer.kernel_rows >= (256 if KERNEL.amx else 512)
+    assert torch.equal(layer(batch[:64]), layer.qgemv(batch[:64]))
+    if not KERNEL.amx:
+        assert torch.equal(layer(batch), layer.qgemv(batch))
 
 
 def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
     torch.manual_seed(3)
     layer = QuantLinear(quantize_rtn(torch.randn(32, 256), 4, 64, False), None, torch.device("cpu"))
-    x = torch.randn(layer.kernel_rows + 1, 256)  # prefill-sized: the dense path by default
-    dense = layer(x)
+    x = torch.randn(300, 256)  # past AMX_MAX_ROWS: the dense path there by default
     assert use_decode_arithmetic(nn.Sequential(layer)) == 1
     as_decode = layer(x)
     assert torch.equal(as_decode, layer.qgemv(x))
+    use_exact_arithmetic(nn.Sequential(layer))
+    dense = layer(x)
     assert not torch.equal(as_decode, dense)  # int8-rounded activations
     assert ((as_decode - dense).norm() / dense.norm()).item() < 0.02
 

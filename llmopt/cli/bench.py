@@ -79,7 +79,7 @@ def bench(
         False,
         "--decode-arithmetic",
         help="--perplexity: quantized linears compute every row as decode does "
-        "(int8-rounded activations; slower).",
+        "(int8-rounded activations), also where AMX would take long windows densely.",
     ),
     *,
     engine: EngineConfig,

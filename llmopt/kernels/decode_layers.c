@@ -25,6 +25,7 @@
 #include "qgemv.c"
 #include "rmsnorm.c"
 #include "rope_store.c"
+#include "silu_mul.c"
 
 typedef struct {
     int bits;           /* 16: dense bf16; 4 or 8: qgemv's layouts */
@@ -62,24 +63,6 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
     return rc;
 }
 
-/* a = silu(g) * u rounded as torch rounds in the dtype: silu's result, then the product.
- * silu(g) = g * sigmoid(g), with sigmoid from e^-|g| (exp_nonpositive from
- * paged_decode.c, which vectorises; libm's expf stays scalar, a tenth of the step). */
-static void silu_mul(const void *gu, void *a, int M, int I, int bf16, float *s /* (I,) */) {
-    for (int m = 0; m < M; m++) {
-        const size_t row = (size_t)m * 2 * I;
-#pragma omp simd
-        for (int i = 0; i < I; i++) {
-            const float g = load_elem(gu, row + i, bf16);
-            const float e = exp_nonpositive(-fabsf(g)); /* e^-|g| in (0, 1] */
-            const float sig = g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-            s[i] = round_to(g * sig, bf16);
-        }
-        for (int i = 0; i < I; i++)
-            store_elem(a, (size_t)m * I + i, s[i] * load_elem(gu, row + I + i, bf16), bf16);
-    }
-}
-
 int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
                   int H, int KV, int D, int I, float eps, int bf16, const void *cos,
                   const void *sin, float *k_cache, float *v_cache, int64_t layer_stride,
@@ -90,8 +73,7 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     char *h = malloc(el * M * E), *qkv = malloc(el * M * qkv_n), *gu = malloc(el * M * 2 * I);
     char *act = malloc(el * M * (I > H * D ? I : H * D));
     float *q = malloc(sizeof(float) * M * H * D), *att = malloc(sizeof(float) * M * H * D);
-    float *sil = malloc(sizeof(float) * I);
-    int rc = (h && qkv && gu && act && q && att && sil) ? 0 : -1;
+    int rc = (h && qkv && gu && act && q && att) ? 0 : -1;
     for (int i = 0; i < n_layers && rc == 0; i++) {
         const DLayer *ly = layers + i;
         float *kc = k_cache + (size_t)i * layer_stride, *vc = v_cache + (size_t)i * layer_stride;
@@ -108,7 +90,7 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
         rc |= linear(&ly->o, act, bf16, M, x, bf16);
         rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);
         rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16);
-        silu_mul(gu, act, M, I, bf16, sil);
+        silu_mul(gu, act, M, I, bf16);
         rc |= linear(&ly->down, act, bf16, M, x, bf16);
     }
     free(h);
@@ -117,6 +99,5 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     free(act);
     free(q);
     free(att);
-    free(sil);
     return rc;
 }

@@ -17,7 +17,6 @@
  * compiler keeps the float sum in order, one FMA at a time), then exp; then one pass
  * over the values for all G heads. The caller guarantees G * D <= MAX_GD.
  */
-#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -147,6 +146,7 @@ static void attend_range(const float *restrict qs, const float *restrict k,
 #define SHARED_CHUNK 64
 #define SHARED_MIN 64
 #define SHARED_RANGE 256 /* shared keys per work item with AVX-512 tiles (below) */
+#define SPLIT_KEYS 256   /* a sequence's own keys per work item, at multiples of it */
 
 #ifdef __AVX512F__
 /* With AVX-512, a group's shared keys go through attn_tiles.h instead: the G query
@@ -199,7 +199,7 @@ typedef struct {
 void paged_decode(const float *restrict q, const float *restrict k, const float *restrict v,
                   const int64_t *restrict slots, const int64_t *restrict lens, int B, int L,
                   int H, int KV, int D, float scale, float *restrict out) {
-    const int G = H / KV, threads = omp_get_max_threads();
+    const int G = H / KV;
     int *leader = malloc(sizeof(int) * B);
     int64_t *shared = calloc(B, sizeof(int64_t));
     for (int b = 0; b < B; b++) {
@@ -229,13 +229,17 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
         for (int b = a; b < B; b++)
             if (leader[b] == a) shared[b] = p;
     }
-    /* Own keys split into ranges when there are few (sequence, KV head) pairs (one
-     * sequence: SmolLM2 has 3 KV heads for 2 threads), each range with its own maximum,
-     * sum and weighted values, merged at the end (split-K, as flash-decoding does). Under
-     * 256 keys no split: there the merge costs more than the idle thread. */
-    const int splits = B * KV >= 2 * threads || L < 256
-                           ? 1
-                           : (2 * threads + B * KV - 1) / (B * KV);
+    /* Own keys in ranges at fixed key positions (multiples of SPLIT_KEYS), each with its
+     * own maximum, sum and weighted values, merged at the end (split-K, as
+     * flash-decoding does): the ranges give the threads work when there are few
+     * (sequence, KV head) pairs, and since they depend on nothing but the sequence, its
+     * sums are the same whatever shares the step and however many threads run it. */
+    int splits = 1;
+    for (int b = 0; b < B; b++) {
+        const int64_t first = shared[b] / SPLIT_KEYS, last = (lens[b] - 1) / SPLIT_KEYS;
+        const int n = lens[b] > shared[b] ? (int)(last - first) + 1 : 1;
+        splits = n > splits ? n : splits;
+    }
 #ifdef __AVX512F__
     const int tiles = D % 64 == 0; /* attend_group's register tiles */
 #else
@@ -258,10 +262,12 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
                     const int64_t j1 = j0 + span < shared[b] ? j0 + span : shared[b];
                     items[n_items++] = (Item){b, kvh, c, 1, j0, j1};
                 }
-            const int64_t n = lens[b] - shared[b];
-            for (int sp = 0; sp < splits; sp++)
-                items[n_items++] = (Item){b, kvh, chunks + sp, 0, shared[b] + n * sp / splits,
-                                          shared[b] + n * (sp + 1) / splits};
+            for (int sp = 0; sp < splits; sp++) { /* empty past the sequence's end */
+                const int64_t at = (shared[b] / SPLIT_KEYS + sp) * SPLIT_KEYS;
+                const int64_t j0 = at > shared[b] ? at : shared[b];
+                const int64_t end = at + SPLIT_KEYS < lens[b] ? at + SPLIT_KEYS : lens[b];
+                if (j0 < end) items[n_items++] = (Item){b, kvh, chunks + sp, 0, j0, end};
+            }
         }
     /* Per (b, kvh, record, g): the range's max score, sum of exps, weighted values (D).
      * Records no item writes stay empty: their sums are zeroed here (the merge reads

@@ -120,19 +120,23 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
 #define FS 8
 
 #ifdef __AVX2__
-/* One 64-input chunk c of a row of W against `nrows` (1 or 2) rows of x, added into
+/* Rows of x a block's weights are unpacked once for (the register block over x). */
+#define MR 4
+
+/* One 64-input chunk c of a row of W against `nrows` (1 .. MR) rows of x, added into
  * acc[r][slot] (or acc[r][0] / acc[r][1] for the two halves of group 32, which have
  * factors of their own): acc += dot(q[c], xq[c]) * f[c], f[c] = xd[c] * scale[g(c)],
  * the factors FS apart (block8 keeps them for its 8 rows side by side).
- * The weights are loaded and unpacked once for both rows. Products are int16 pair sums
- * (vpmaddubsw: 32 multiply-adds in one instruction; it wants one unsigned operand, so
- * int8 weights give |w| and each row of x takes w's sign; a pair is at most
- * 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones), then fp32. */
-static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int slot, int nrows,
+ * The weights are loaded and unpacked once for all the rows. Products are int16 pair
+ * sums (vpmaddubsw: 32 multiply-adds in one instruction; it wants one unsigned operand,
+ * so int8 weights give |w| and each row of x takes w's sign; a pair is at most
+ * 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones), then fp32. Each row's
+ * operations are the same whatever `nrows` is: a row's result does not depend on the
+ * rows beside it. */
+static inline __attribute__((always_inline)) void chunk(__m256 acc[MR][2], int slot, int nrows,
                                                         const uint8_t *w, int bits, int halves,
-                                                        const float *fa, const float *fb,
-                                                        const int8_t *xa, const int8_t *xb,
-                                                        int c) {
+                                                        const float *const f[MR],
+                                                        const int8_t *const x[MR], int c) {
     const uint8_t *wc = w + (size_t)c * QB * bits / 8;
     __m256i w0, w1, s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     if (bits == 4) { /* byte j: input j in the low nibble, j + 32 in the high one */
@@ -147,8 +151,7 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
         w1 = _mm256_abs_epi8(s1);
     }
     for (int r = 0; r < nrows; r++) {
-        const int8_t *xc = (r ? xb : xa) + c * QB;
-        const float *f = r ? fb : fa;
+        const int8_t *xc = x[r] + c * QB;
         __m256i x0 = _mm256_loadu_si256((const __m256i *)xc);
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(xc + 32));
         if (bits == 8) {
@@ -162,12 +165,13 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
         if (halves) {
             const __m256 p0 = _mm256_cvtepi32_ps(DPBUSD(zero, w0, x0));
             const __m256 p1 = _mm256_cvtepi32_ps(DPBUSD(zero, w1, x1));
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f[r] + FS * 2 * c), acc[r][0]);
+            acc[r][1] =
+                _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f[r] + FS * (2 * c + 1)), acc[r][1]);
         } else {
             const __m256i p = DPBUSD(DPBUSD(zero, w0, x0), w1, x1);
-            acc[r][slot] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
+            const __m256 fc = _mm256_broadcast_ss(f[r] + FS * c);
+            acc[r][slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fc, acc[r][slot]);
         }
 #else
         const __m256i ones = _mm256_set1_epi16(1);
@@ -177,34 +181,32 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
             const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
             /* each half on its own chain: one FMA per chain per chunk (FMA latency,
              * not arithmetic, set the pace with two on one chain) */
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f[r] + FS * 2 * c), acc[r][0]);
+            acc[r][1] =
+                _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f[r] + FS * (2 * c + 1)), acc[r][1]);
         } else { /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow */
             const __m256i p = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                                         : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
                                                            _mm256_madd_epi16(h1, ones));
-            acc[r][slot] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
+            const __m256 fc = _mm256_broadcast_ss(f[r] + FS * c);
+            acc[r][slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fc, acc[r][slot]);
         }
 #endif
     }
 }
 
-/* The chunks of one row of W against `nrows` (1 or 2, a constant once inlined) rows of
- * x, into four chains: acc[row][even/odd chunk], or acc[row][half] for group 32. One
- * row alone sums in the order two rows do, so a row's result does not depend on the
- * rows beside it. */
-static inline __attribute__((always_inline)) void row_chunks(__m256 acc[2][2], int nrows,
+/* The chunks of one row of W against `nrows` (1 .. MR, a constant once inlined) rows of
+ * x, into two chains per row: acc[row][even/odd chunk], or acc[row][half] for group 32. */
+static inline __attribute__((always_inline)) void row_chunks(__m256 acc[MR][2], int nrows,
                                                              const uint8_t *w, int bits,
-                                                             int halves, const float *fa,
-                                                             const float *fb, const int8_t *xa,
-                                                             const int8_t *xb, int nc) {
+                                                             int halves, const float *const f[MR],
+                                                             const int8_t *const x[MR], int nc) {
     int c = 0;
     for (; c + 1 < nc; c += 2) {
-        chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
-        chunk(acc, 1, nrows, w, bits, halves, fa, fb, xa, xb, c + 1);
+        chunk(acc, 0, nrows, w, bits, halves, f, x, c);
+        chunk(acc, 1, nrows, w, bits, halves, f, x, c + 1);
     }
-    if (c < nc) chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
+    if (c < nc) chunk(acc, 0, nrows, w, bits, halves, f, x, c);
 }
 
 /* 8 consecutive metadata values from element i, fp16 (f16 = 1) or fp32. */
@@ -222,12 +224,30 @@ static inline __m256 offset8(const void *scale, const void *offset, size_t i, in
     return _mm256_mul_ps(load_meta8(scale, i, 1), _mm256_sub_ps(_mm256_set1_ps(code_base(bits)), zf));
 }
 
+/* One row of x's outputs for a block of 8 rows of W (`rows` of them real), from the
+ * block's per-row dot accumulators: y[at .. at + rows - 1] = sum8(dots) * row_scale + b
+ * + sum_g of[:, g] * xs[g], in fp32 or bf16. */
+static inline void store8(const __m256 dots[8], __m256 row_scale, __m256 b, const float *of,
+                          const float *xs, int ng, int rows, size_t at, void *y, int y_bf16) {
+    __m256 v = _mm256_fmadd_ps(sum8(dots), row_scale, b);
+    for (int g = 0; g < ng; g++)
+        v = _mm256_fmadd_ps(_mm256_loadu_ps(of + FS * g), _mm256_broadcast_ss(xs + g), v);
+    float out[8];
+    _mm256_storeu_ps(out, v);
+    for (int i = 0; i < rows; i++) {
+        if (y_bf16)
+            ((uint16_t *)y)[at + i] = f32_to_bf16(out[i]);
+        else
+            ((float *)y)[at + i] = out[i];
+    }
+}
+
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
- * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
- * accumulator chains, so that FMA latency does not set the pace). scale and offset
- * are the block's (K / group, 8) slices of the blocked layouts, so the rest is vector
- * operations over the block's 8 rows: the factors, the offsets (from zero points: once
- * per block), the row scales, the bias and the epilogue
+ * x, MR rows of x at a time (`chunk`: each chunk of W unpacked once for all of them; two
+ * accumulator chains per row, so that FMA latency does not set the pace). scale and
+ * offset are the block's (K / group, 8) slices of the blocked layouts, so the rest is
+ * vector operations over the block's 8 rows: the factors, the offsets (from zero
+ * points: once per block), the row scales, the bias and the epilogue
  *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
  * (sum8, one transpose-add for the 8 rows: a horizontal sum per row costs as much as a
  * row's dot products at K = 576). */
@@ -249,51 +269,161 @@ static inline __attribute__((always_inline)) void block8(
     if (meta != META_F32)
         for (int g = 0; g < ng; g++)
             _mm256_storeu_ps(made + FS * g, offset8(scale, offset, FS * g, meta, bits));
-    /* The factors of two rows of x against the block's rows, (nf, 8): fa[8 j + i] =
-     * xd[m, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
-    float fa[FS * nf], fb[FS * nf];
-    for (int m = 0; m < M; m += 2) {
-        const int two = m + 1 < M;
-        const int8_t *xa = xq + (size_t)m * K, *xb = two ? xa + K : xa;
-        const float *da = xd + (size_t)m * nc, *db = two ? da + nc : da;
-        for (int j = 0; j < nf; j++) {
-            const int c = halves ? j / 2 : j;
-            const __m256 s =
-                per_row ? _mm256_set1_ps(1.0f) : load_meta8(scale, FS * (halves ? j : gi[j]), m16);
-            _mm256_storeu_ps(fa + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(da + c), s));
-            if (two) _mm256_storeu_ps(fb + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(db + c), s));
+    /* The factors of MR rows of x against the block's rows, (nf, 8) each: f[r][8 j + i]
+     * = xd[m + r, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
+    float fbuf[MR][FS * nf];
+    for (int m = 0; m < M; m += MR) {
+        const int nr = M - m < MR ? M - m : MR;
+        const int8_t *x[MR];
+        const float *f[MR];
+        for (int r = 0; r < MR; r++) {
+            const int mr = m + (r < nr ? r : 0); /* unused slots repeat the first row */
+            x[r] = xq + (size_t)mr * K;
+            f[r] = fbuf[r];
+            if (r >= nr) continue;
+            const float *d = xd + (size_t)mr * nc;
+            for (int j = 0; j < nf; j++) {
+                const int c = halves ? j / 2 : j;
+                const __m256 s = per_row ? _mm256_set1_ps(1.0f)
+                                         : load_meta8(scale, FS * (halves ? j : gi[j]), m16);
+                _mm256_storeu_ps(fbuf[r] + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(d + c), s));
+            }
         }
-        __m256 acc_a[8], acc_b[8];
+        __m256 sums[MR][8];
         for (int i = 0; i < 8; i++) {
-            acc_a[i] = acc_b[i] = _mm256_setzero_ps();
+            for (int r = 0; r < MR; r++) sums[r][i] = _mm256_setzero_ps();
             if (i >= rows) continue;
             const uint8_t *wi = w + (size_t)i * w_row;
-            __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()},
-                                {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-            if (two) /* the last row of an odd M goes alone */
-                row_chunks(acc, 2, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
-            else
-                row_chunks(acc, 1, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
-            acc_a[i] = _mm256_add_ps(acc[0][0], acc[0][1]);
-            acc_b[i] = _mm256_add_ps(acc[1][0], acc[1][1]);
-        }
-        for (int r = 0; r <= two; r++) {
-            const int mm = m + r;
-            __m256 v = _mm256_fmadd_ps(sum8(r ? acc_b : acc_a), row_scale, b);
-            const float *xs = xsum + (size_t)mm * ng;
-            for (int g = 0; g < ng; g++)
-                v = _mm256_fmadd_ps(_mm256_loadu_ps(of + FS * g), _mm256_broadcast_ss(xs + g), v);
-            _mm256_storeu_ps(tail, v);
-            for (int i = 0; i < rows; i++) {
-                const size_t at = (size_t)mm * N + n0 + i;
-                if (y_bf16)
-                    ((uint16_t *)y)[at] = f32_to_bf16(tail[i]);
-                else
-                    ((float *)y)[at] = tail[i];
+            __m256 acc[MR][2];
+            for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            const float *fi[MR];
+            for (int r = 0; r < MR; r++) fi[r] = f[r] + i;
+            /* Constant row counts: each its own unrolled loop. */
+            switch (nr) {
+            case 4: row_chunks(acc, 4, wi, bits, halves, fi, x, nc); break;
+            case 3: row_chunks(acc, 3, wi, bits, halves, fi, x, nc); break;
+            case 2: row_chunks(acc, 2, wi, bits, halves, fi, x, nc); break;
+            default: row_chunks(acc, 1, wi, bits, halves, fi, x, nc); break;
             }
+            for (int r = 0; r < nr; r++) sums[r][i] = _mm256_add_ps(acc[r][0], acc[r][1]);
+        }
+        for (int r = 0; r < nr; r++)
+            store8(sums[r], row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
+                   (size_t)(m + r) * N + n0, y, y_bf16);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* int4 weights with AVX-512 VNNI: a whole 64-input chunk per instruction. The chunk's
+ * 32 bytes become 64 codes in input order (low nibbles then high ones, as the layout
+ * holds them), one vpdpbusd against the row of x's 64 int8 gives 16 int32 lanes (0-7
+ * from inputs 0-31, 8-15 from 32-63), converted and multiplied into one 16-lane
+ * accumulator by the factor xd * scale, lanes 0-7 and 8-15 each with their own group's
+ * scale for group 32. One accumulator chain per row of x, ZMR rows of x per unpacked
+ * chunk; each row's operations are the same whatever the number of rows beside it. */
+#define ZMR 8
+
+static inline __m512i q4_chunk(const uint8_t *wc) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
+    const __m256i lo = _mm256_and_si256(v, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* x's rows for q4_rows, packed by blocks of ZMR rows: block b holds, per chunk c, the
+ * ZMR rows' 64 int8 one after the other ((nc, ZMR, 64) bytes), and their activation
+ * scales ((nc, ZMR) floats), so that one pointer and constant offsets reach them all. */
+static void pack_x(const int8_t *xq, const float *xd, int M, int K, int8_t *xp, float *dp) {
+    const int nc = K / QB;
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < nc; c++) {
+            const size_t at = ((size_t)(m / ZMR) * nc + c) * ZMR + m % ZMR;
+            memcpy(xp + at * QB, xq + (size_t)m * K + (size_t)c * QB, QB);
+            dp[at] = xd[(size_t)m * nc + c];
+        }
+}
+
+/* One row of W (its chunks at w, its fp32 scales at sf, FS apart per group) against
+ * `nrows` rows of a packed block of x (a constant once inlined), into acc[r]. */
+static inline __attribute__((always_inline)) void q4_rows(__m512 acc[ZMR], int nrows,
+                                                          const uint8_t *w, int halves,
+                                                          int per_row, const float *sf,
+                                                          const int *gi, const int8_t *xb,
+                                                          const float *db, int nc) {
+    for (int c = 0; c < nc; c++) {
+        const __m512i wq = q4_chunk(w + (size_t)c * 32);
+        __m512 sv; /* the chunk's weight scales per lane (1 with a row scale) */
+        if (per_row)
+            sv = _mm512_set1_ps(1.0f);
+        else if (halves)
+            sv = _mm512_insertf32x8(_mm512_set1_ps(sf[FS * 2 * c]),
+                                    _mm256_set1_ps(sf[FS * (2 * c + 1)]), 1);
+        else
+            sv = _mm512_set1_ps(sf[FS * gi[c]]);
+        const int8_t *xc = xb + (size_t)c * ZMR * QB;
+        const float *dc = db + (size_t)c * ZMR;
+        for (int r = 0; r < nrows; r++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(xc + r * QB));
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
+            const __m512 f = _mm512_mul_ps(_mm512_set1_ps(dc[r]), sv);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc[r]);
         }
     }
 }
+
+/* block8 for int4 weights on AVX-512 VNNI (q4_rows), the same layouts and epilogue; x
+ * packed by pack_x. */
+static inline __attribute__((always_inline)) void block8_q4(
+    const uint8_t *w, size_t w_row, int halves, const void *scale, int ng, const void *offset,
+    int meta, const int8_t *xp, const float *dp, const float *xsum, int M, int K,
+    const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
+    const int nc = K / QB, m16 = meta != META_F32;
+    const int per_row = !halves && gi[nc - 1] == 0;
+    float tail[8];
+    for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
+    const __m256 b = _mm256_loadu_ps(tail);
+    const __m256 row_scale = per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f);
+    /* The block's scales and offsets in fp32, (ng, 8), once for every row of x. */
+    float sf[FS * ng], of[FS * ng];
+    for (int g = 0; g < ng; g++) {
+        _mm256_storeu_ps(sf + FS * g, load_meta8(scale, FS * g, m16));
+        _mm256_storeu_ps(of + FS * g, offset8(scale, offset, FS * g, meta, 4));
+    }
+    for (int m = 0; m < M; m += ZMR) {
+        const int nr = M - m < ZMR ? M - m : ZMR;
+        const int8_t *xb = xp + (size_t)m * K; /* block m / ZMR: (nc, ZMR, 64) */
+        const float *db = dp + (size_t)m * nc;
+        __m256 sums[ZMR][8];
+        for (int i = 0; i < 8; i++) {
+            __m512 acc[ZMR];
+            for (int r = 0; r < ZMR; r++) acc[r] = _mm512_setzero_ps();
+            if (i < rows) {
+                const uint8_t *wi = w + (size_t)i * w_row;
+                switch (nr) { /* constant row counts: each its own unrolled loop */
+#define Q4_ROWS(R) q4_rows(acc, R, wi, halves, per_row, sf + i, gi, xb, db, nc)
+                case 8: Q4_ROWS(8); break;
+                case 7: Q4_ROWS(7); break;
+                case 6: Q4_ROWS(6); break;
+                case 5: Q4_ROWS(5); break;
+                case 4: Q4_ROWS(4); break;
+                case 3: Q4_ROWS(3); break;
+                case 2: Q4_ROWS(2); break;
+                default: Q4_ROWS(1); break;
+#undef Q4_ROWS
+                }
+            }
+            for (int r = 0; r < nr; r++)
+                sums[r][i] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+                                           _mm512_extractf32x8_ps(acc[r], 1));
+        }
+        for (int r = 0; r < nr; r++)
+            store8(sums[r], row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
+                   (size_t)(m + r) * N + n0, y, y_bf16);
+    }
+}
+#define HAVE_BLOCK8_Q4 1
+#endif
 #else
 static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
                           const void *scale, int ng, const void *offset, int meta,
@@ -373,6 +503,23 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
         free(xd);
         return rc;
     }
+    int8_t *xp = NULL;
+    float *dp = NULL;
+#ifdef HAVE_BLOCK8_Q4
+    if (bits == 4) { /* x packed for q4_rows: whole blocks of ZMR rows, the last padded */
+        const size_t m_pad = (size_t)(M + ZMR - 1) / ZMR * ZMR;
+        xp = malloc(m_pad * K);
+        dp = malloc(sizeof(float) * m_pad * nc);
+        if (!xp || !dp) {
+            free(xp);
+            free(dp);
+            free(xq);
+            free(xd);
+            return -1;
+        }
+        pack_x(xq, xd, M, K, xp, dp);
+    }
+#endif
     /* Rows of W in blocks of 8: the offset terms, scales and sums of 8 rows are then
      * vector operations, and the offsets of a block lie together (see the layout). A
      * block's weights stay in cache while every row of x passes over them, so W is read
@@ -393,10 +540,26 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
      : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
                         : BLOCK8(B, H, META_F32))
+#ifdef HAVE_BLOCK8_Q4
+#define BLOCK8_Q4(H, META)                                                                     \
+    block8_q4(wb, w_row, H, sb, ng, ob, META, xp, dp, xsum, M, K, gi, bias, rows, n0, N, y, \
+              y_bf16)
+#define BY_META_Q4(H)                                \
+    (meta == META_ZERO  ? BLOCK8_Q4(H, META_ZERO) \
+     : meta == META_F16 ? BLOCK8_Q4(H, META_F16)  \
+                        : BLOCK8_Q4(H, META_F32))
+        if (bits == 4 && halves)
+            BY_META_Q4(1);
+        else if (bits == 4)
+            BY_META_Q4(0);
+#undef BY_META_Q4
+#undef BLOCK8_Q4
+#else
         if (bits == 4 && halves)
             BY_META(4, 1);
         else if (bits == 4)
             BY_META(4, 0);
+#endif
         else if (halves)
             BY_META(8, 1);
         else
@@ -404,6 +567,8 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
 #undef BY_META
 #undef BLOCK8
     }
+    free(xp);
+    free(dp);
     free(xq);
     free(xd);
     return 0;

@@ -1,10 +1,26 @@
 """SwiGLU feed-forward block."""
 
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmopt.layers.linear import Linear
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@cache
+def _kernel():
+    """kernels/silu_mul.c, or None without a C compiler."""
+    from llmopt.kernels.build import function
+
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    return function("silu_mul", [ptr, ptr, i32, i32, i32])  # gu, a, rows, I, bf16
 
 
 class SwiGLU(nn.Module):
@@ -16,5 +32,14 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # each (T, I)
+        gu = self.gate_up_proj(x)  # (T, 2I): gate, then up
+        kernel = _kernel() if gu.device.type == "cpu" and gu.dtype in _NATIVE_DTYPES else None
+        if kernel is not None and gu.is_contiguous():
+            # The native decode step's own activation (kernels/silu_mul.c): a row's
+            # values do not depend on which path its step takes.
+            a = gu.new_empty(*gu.shape[:-1], self.intermediate)
+            kernel(gu.data_ptr(), a.data_ptr(), gu.numel() // gu.shape[-1], self.intermediate,
+                   int(gu.dtype == torch.bfloat16))  # fmt: skip
+            return self.down_proj(a)
+        gate, up = gu.split(self.intermediate, dim=-1)  # each (T, I)
         return self.down_proj(F.silu(gate) * up)

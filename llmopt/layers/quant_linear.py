@@ -4,22 +4,24 @@ Kernel choice by device and rows (the measurements behind it are in BENCHMARKS.m
 Decode reads every weight once per step, so with few rows the speed is the speed of
 reading the integers:
 
-- CPU, up to QGEMV_MAX_ROWS rows (decode steps, short prompts): llmopt's qgemv
-  kernel (kernels/qgemv.c: integer dot products against int8-quantized activations,
-  faster than torch's int4 and int8 kernels). Without a C compiler, torch's packed
+- CPU, any number of rows (decode steps and prefill chunks): llmopt's qgemv kernel
+  (kernels/qgemv.c: integer dot products against int8-quantized activations, faster
+  than torch's int4 and int8 kernels, and than dequantizing for a float GEMM). Every
+  row goes through the same arithmetic whatever the step holds, so a request's output
+  does not depend on what is batched with it. Without a C compiler, torch's packed
   kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
   activations, for fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are
   slower than a dense fp32 matmul.
 - CPU with AMX-INT8 (Sapphire Rapids and later): the same kernel runs calls of 4 rows
   and more on AMX tiles (kernels/qgemm_amx.c: the same integer products, 16 rows of W
-  by 16 rows of x per instruction, where the row kernel repeats its arithmetic per
-  row), up to AMX_MAX_ROWS rows.
+  by 16 rows of x per instruction, summed in another order: there a row's last bits
+  depend on whether its step had 4 rows), up to AMX_MAX_ROWS rows.
 - CUDA with bf16 activations, int4 with group 32-256: torch's tinygemm kernel
   (`_weight_int4pack_mm`, sm80+) for every row count, checked against the codes once
   at load (a layout torch changed falls back below instead of computing garbage).
-- otherwise (longer prompts, fp32 on CUDA, layouts no kernel takes): the weight is
-  dequantized into a reused scratch buffer and multiplied densely; on the CPU from
-  about 100 rows on a dense fp32 GEMM wins, and on AMX a bf16 one (cpu_gemm_dtype).
+- otherwise (AMX past AMX_MAX_ROWS, fp32 on CUDA, layouts no kernel takes): the weight
+  is dequantized into a reused scratch buffer and multiplied densely (on AMX in bf16:
+  cpu_gemm_dtype).
 
 Storage stays int8/int4 either way: the dense copy lives only for one call.
 """
@@ -37,10 +39,6 @@ from llmopt.kernels import qgemv
 from llmopt.layers.linear import UPCAST_MIN_ROWS, cpu_has_amx
 from llmopt.weights.qweight import QuantizedWeight
 
-# qgemv up to here, then dequantize-and-GEMM: dequantizing writes the whole weight in
-# fp32 every call, which few rows never pay back, and the GEMM's arithmetic catches up
-# with the row kernel's only past this.
-QGEMV_MAX_ROWS = 64
 # With AMX (qgemm_amx.c) the kernel keeps the lead longer, against oneDNN's bf16 GEMM on
 # AMX: its per-32-input float scaling costs more than oneDNN's dequantized copy from
 # about 256 rows on.
@@ -92,7 +90,7 @@ class QuantLinear(nn.Module):
         self.kernel_rows = UPCAST_MIN_ROWS - 1
         if self.kernel == "qgemv":
             amx = qgemv.load().amx  # type: ignore[union-attr]  (loaded: the kernel chosen)
-            self.kernel_rows = AMX_MAX_ROWS if amx else QGEMV_MAX_ROWS
+            self.kernel_rows = AMX_MAX_ROWS if amx else sys.maxsize
         # The dense path's GEMM on the CPU: bf16 on AMX (inputs and outputs rounded to
         # bf16, finer than the row kernel's int8 activations), else fp32. A check of the
         # dequantized weights' exact logits sets fp32.

@@ -25,7 +25,7 @@ from llmopt.layers.norm import RMSNorm
 from llmopt.layers.quant_linear import QuantLinear
 from llmopt.layers.rotary import RotaryEmbedding
 from llmopt.models.kernel_choice import choose_kernels
-from llmopt.models.native_decode import MAX_ROWS, NativeDecoder
+from llmopt.models.native_decode import NativeDecoder
 from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -100,8 +100,9 @@ class LlamaForCausalLM(nn.Module):
         assert cache is not None, "bind_cache first"
         x = self.embed_tokens(input_ids)  # (N, hidden), a new tensor the blocks add into
         cos, sin = self.rotary(positions, x.dtype)
-        if self.native_decode is not None and not meta.prefills and x.shape[0] <= MAX_ROWS:
-            x, residual = self.native_decode(x, cos, sin, cache, meta)
+        native = self.native_decode
+        if native is not None and not meta.prefills and x.shape[0] <= native.max_rows:
+            x, residual = native(x, cos, sin, cache, meta)
             return self.norm(x, residual)
         residual = None
         for i, layer in enumerate(self.layers):

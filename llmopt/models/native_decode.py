@@ -5,7 +5,7 @@ dispatch costs more than reading a small model's weights. `NativeDecoder` hands 
 whole stack of blocks to one C function that runs the same kernels the Python path
 calls (RMSNorm, the int4/int8/bf16 one-row linears, rotary + KV store, paged
 attention), with the same rounding. `LlamaForCausalLM` uses it for steps that only
-decode (at most MAX_ROWS sequences) when `build` accepts the model: CPU, an fp32 KV
+decode (at most `max_rows` sequences) when `build` accepts the model: CPU, an fp32 KV
 cache, every block linear either a bf16 weight or a quantized one with the qgemv kernel.
 """
 
@@ -25,10 +25,12 @@ from llmopt.layers.quant_linear import QuantLinear
 if TYPE_CHECKING:
     from llmopt.models.llama import LlamaForCausalLM
 
-# Sequences per step (the row kernels take any number). Past this the Python path
-# (bf16 weights widened to fp32 for 6+ rows, QuantLinear's own qgemv rows) catches up:
-# its per-op dispatch no longer weighs against that many rows.
-MAX_ROWS = 32
+# Sequences per step. With bf16 dense weights, past this the Python path catches up
+# (it widens the weights to fp32 for a GEMM from 6 rows on, and its per-op dispatch no
+# longer weighs against that many rows). Quantized linears run the same qgemv kernel on
+# either path, so there the native step has no limit short of a prefill-sized batch.
+DENSE_MAX_ROWS = 32
+QUANT_MAX_ROWS = 256
 _ptr, _i32 = ctypes.c_void_p, ctypes.c_int
 
 
@@ -92,6 +94,7 @@ class NativeDecoder:
         self.eps = cfg.rms_norm_eps
         self.scale = model.layers[0].self_attn.scale
         self.keep: list[torch.Tensor] = []  # tensors whose pointers the table holds
+        self.max_rows = QUANT_MAX_ROWS  # most sequences a step it runs (see build)
         self.layers = (_DLayer * cfg.num_layers)()
 
     @classmethod
@@ -124,6 +127,8 @@ class NativeDecoder:
             if any(n.dtype != dtype for n in norms) or any(lin is None for lin in linears):
                 return None
             native.layers[i] = _DLayer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
+            if any(lin.bits == 16 for lin in linears):  # type: ignore[union-attr]
+                native.max_rows = DENSE_MAX_ROWS
             native.keep += norms
         return native
 

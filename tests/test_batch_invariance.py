@@ -1,0 +1,98 @@
+"""Batch invariance on the packed path: a request's greedy output does not depend on
+what shares its steps. The real SmolLM2 Q4_1 file runs as stored (int kernels, fp32
+activations); each prompt alone, on an engine of its own, must give exactly the tokens
+it gets inside batches of every shape: one large step of many prompts, small prefill
+chunks, preemption and recompute, prefix-cache hits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rich.console import Console
+
+from llmopt.engine.config import EngineConfig
+from llmopt.engine.engine import Engine
+from llmopt.engine.factory import build_engine
+from llmopt.engine.sampling_params import SamplingParams
+from llmopt.loader.load import LoadedModel, load_model
+from llmopt.models.native_decode import NativeDecoder
+from llmopt.store.store import Store
+from tests.conftest import REAL_HOME, require_kernel
+
+TOPICS = [
+    "the tides", "a violin", "bread", "glaciers", "owls", "the printing press", "saffron",
+    "volcanoes", "chess openings", "coral reefs", "the abacus", "lighthouses", "silk",
+    "comets", "honeybees", "the Silk Road",
+]  # fmt: skip
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+BYTES_PER_KV_BLOCK = 16 * 46080  # SmolLM2: 16 tokens of 30 layers x 3 heads x 64, fp32 K and V
+
+
+@pytest.fixture(scope="module")
+def packed(smollm_gguf) -> LoadedModel:
+    from llmopt.kernels import qgemv
+
+    require_kernel(qgemv.load())
+    return load_model(smollm_gguf, torch.float32, torch.device("cpu"), Store(REAL_HOME), Console())
+
+
+def prompts(loaded: LoadedModel, system: str | None = None) -> list[list[int]]:
+    head = [{"role": "system", "content": system}] if system else []
+    return [
+        loaded.tokenizer.encode_chat([*head, {"role": "user", "content": f"Tell me about {t}."}])
+        for t in TOPICS
+    ]
+
+
+def run(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
+    ids = [engine.add_request(p, GREEDY) for p in batch]
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for rid in engine.step():
+            for d in engine.take(rid):
+                out[rid] += d.token_ids
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    return [out[rid] for rid in ids]
+
+
+def alone(loaded: LoadedModel, batch: list[list[int]]) -> list[list[int]]:
+    config = EngineConfig(max_context=2048, kv_cache_memory=0.05, prefix_cache=False)
+    return [run(build_engine(loaded, config), [p])[0] for p in batch]
+
+
+def test_the_packed_path_runs_natively(packed) -> None:
+    linears = {type(m).__name__ for m in packed.model.modules() if hasattr(m, "kernel")}
+    assert linears == {"QuantLinear"}
+    engine = build_engine(packed, EngineConfig(max_context=2048, kv_cache_memory=0.05))
+    assert isinstance(engine.runner.model.native_decode, NativeDecoder)
+    assert engine.runner.model.native_decode.max_rows >= len(TOPICS)
+
+
+def test_one_large_batch_equals_each_alone(packed) -> None:
+    batch = prompts(packed)
+    engine = build_engine(packed, EngineConfig(max_context=2048, kv_cache_memory=0.1))
+    assert run(engine, batch) == alone(packed, batch)
+
+
+def test_small_chunks_preemption_and_prefix_hits_equal_each_alone(packed) -> None:
+    # The chat template's system part is shared: cached blocks are hit. Eight blocks of
+    # KV for up to eight sequences force preemption; 24-token steps cut the prompts.
+    batch = prompts(packed, "Answer briefly.")
+    config = EngineConfig(
+        max_context=2048,
+        kv_cache_memory=8 * BYTES_PER_KV_BLOCK / 1e9,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+    )
+    engine = build_engine(packed, config)
+    preempted = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        step = schedule()
+        preempted.extend(step.preempted)
+        return step
+
+    engine.scheduler.schedule = spy
+    assert run(engine, batch[:8]) == alone(packed, batch[:8])
+    assert preempted and engine.blocks.hit_tokens > 0
