@@ -12,7 +12,6 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from llmopt.cli.main import app
-from llmopt.layers.linear import cpu_has_amx
 from llmopt.store.store import Store
 
 runner = CliRunner()
@@ -350,6 +349,7 @@ def test_quantize_reports_perplexity_before_and_after_as_bench_measures_it(
                    "float32", "--json")  # fmt: skip
         assert b.exit_code == 0, b.stderr
         # quantize scores the dequantized weights in fp32; bench runs the model as it
-        # runs: 300 rows take a dense fp32 GEMM, the same, except on a CPU with AMX (bf16).
-        tol = 1e-2 if path == out and cpu_has_amx() else 1e-5
+        # runs: the quantized linears' kernel with int8-rounded activations (on AMX, a
+        # bf16 GEMM for 300 rows): close, not equal. The source model is the same.
+        tol = 5e-2 if path == out else 1e-5
         assert json.loads(b.stdout)["perplexity"] == pytest.approx(want, rel=tol)
