@@ -118,24 +118,31 @@ def int8_peak_macs() -> float:
 
 
 def gemm_rows(repeats: int) -> list[dict]:
-    """The quantized linears of one SmolLM2 block at M rows: GMAC/s and share of peak."""
+    """Quantized linears at M rows, in SmolLM2's Q4_1 file's forms: one block's linears
+    in int4 group 32, the output projection in int8 group 32 (Q8_0). GMAC/s and their
+    share of the int8 peak."""
     peak = int8_peak_macs()
+    cases = [("int4 g32, one block", 4, LINEARS[:4]), ("int8 g32, output head", 8, LINEARS[4:])]
     rows = []
-    for m in GEMM_ROWS:
-        macs = seconds = 0.0
-        for out, n in LINEARS[:4]:
-            layer = QuantLinear(quantize_rtn(torch.randn(out, n) * 0.02, 4, 32, False), None,
-                                torch.device("cpu"))  # fmt: skip
-            if layer.kernel != "qgemv":
-                return []
-            x = torch.randn(m, n)
-            seconds += best_us(lambda x=x, layer=layer: layer.qgemv(x), max(3, repeats // m)) / 1e6
-            macs += m * out * n
-        rows.append(
-            {"kernel": "int4 g32 GEMM, one block", "shape": f"M={m}",
-             "llmopt_us": round(seconds * 1e6, 1), "GMAC_per_s": round(macs / seconds / 1e9, 1),
-             "peak_fraction": round(macs / seconds / peak, 3)}
-        )  # fmt: skip
+    for label, bits, shapes in cases:
+        layers = []
+        for out, n in shapes:
+            qw = quantize_rtn(torch.randn(out, n) * 0.02, bits, 32, bits == 8)
+            layers.append(QuantLinear(qw, None, torch.device("cpu")))
+        if any(layer.kernel != "qgemv" for layer in layers):
+            return []
+        for m in GEMM_ROWS:
+            seconds = macs = 0.0
+            for layer in layers:
+                x = torch.randn(m, layer.in_features)
+                calls = max(3, repeats // m)
+                seconds += best_us(lambda x=x, layer=layer: layer.qgemv(x), calls) / 1e6
+                macs += m * layer.out_features * layer.in_features
+            rows.append(
+                {"kernel": f"GEMM {label}", "shape": f"M={m}",
+                 "llmopt_us": round(seconds * 1e6, 1), "GMAC_per_s": round(macs / seconds / 1e9, 1),
+                 "peak_fraction": round(macs / seconds / peak, 3)}
+            )  # fmt: skip
     return rows
 
 
@@ -161,13 +168,14 @@ def main() -> None:
             r["kernel"], r["shape"], str(r["llmopt_us"]), str(r["torch_us"]), f"{r['speedup']}x"
         )
     Console().print(table)
-    gemm_table = Table(title="quantized GEMM (qgemv), int4 g32, SmolLM2 block's linears")
-    for col in ("rows", "us", "GMAC/s", "of int8 peak"):
+    gemm_table = Table(title="quantized GEMM (qgemv) at SmolLM2's shapes, against the int8 peak")
+    for col in ("kernel", "rows", "us", "GMAC/s", "of int8 peak"):
         gemm_table.add_column(col)
     for r in gemm:
         gemm_table.add_row(
-            r["shape"], str(r["llmopt_us"]), str(r["GMAC_per_s"]), f"{r['peak_fraction']:.0%}"
-        )
+            r["kernel"], r["shape"], str(r["llmopt_us"]), str(r["GMAC_per_s"]),
+            f"{r['peak_fraction']:.0%}",
+        )  # fmt: skip
     Console().print(gemm_table)
 
 

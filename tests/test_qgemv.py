@@ -106,13 +106,14 @@ def test_shapes_it_does_not_take() -> None:
         KERNEL(x, Operands(w_k, 4, scale.float(), zero, 64))
 
 
-def test_rows_are_independent() -> None:
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256)])
+def test_rows_are_independent(bits: int, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
     the other rows hold; without AMX also the same as the row alone (one arithmetic for
     every row count)."""
-    w_k, scale, offset, _ = _operands(24, 256, 4, 64)
-    x = torch.randn(19, 256)  # more than one 8-row register block, and a partial one
-    weight = Operands(w_k, 4, scale, offset, 64)
+    w_k, scale, offset, _ = _operands(24, 256, bits, group)
+    x = torch.randn(19, 256)  # more than two 8-row register blocks, and a partial one
+    weight = Operands(w_k, bits, scale, offset, group)
     whole = KERNEL(x, weight)
     others = torch.cat([x[:5], torch.randn(14, 256)])
     assert torch.equal(KERNEL(others, weight)[:5], whole[:5])
@@ -120,6 +121,21 @@ def test_rows_are_independent() -> None:
     if not KERNEL.amx:
         assert torch.equal(whole, one_by_one)
     torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) -> None:
+    """Where the CPU has AVX-512 VNNI its blocks run; the AVX2 ones (what other CPUs
+    run) are built apart and checked here: the same integer products, summed in
+    another order, and a row's result independent of the rows beside it."""
+    avx2 = qgemv.load(avx2=True)
+    assert avx2 is not None
+    w_k, scale, offset, _ = _operands(24, 384, bits, group, seed=7)
+    weight = Operands(w_k, bits, scale, offset, group)
+    x = torch.randn(13, 384)
+    whole = avx2(x, weight)
+    torch.testing.assert_close(whole, KERNEL(x, weight), rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.cat([avx2(row[None], weight) for row in x]), whole)
 
 
 @pytest.mark.parametrize("tiles", ["cpu", "emulated"])

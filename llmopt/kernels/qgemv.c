@@ -23,8 +23,13 @@
  * makes about twice the error. llama.cpp's Q8_1 activation blocks keep the same sum.
  * The rounding of x (half a step of max|x|/127 per input) is the error this adds.
  *
- * Where the CPU has AMX-INT8, calls of AMX_MIN_ROWS rows or more go to qgemm_amx.c: the
- * same quantized x and the same integer products on AMX tiles, summed in another order.
+ * The same kernel serves one row (decode) and hundreds (a batch, a prefill chunk): the
+ * weights of a block of 8 rows of W are unpacked once per chunk for several rows of x
+ * (4 on AVX2, 8 with AVX-512 VNNI, block8 and block8_z below), and a row of x goes
+ * through the same operations whatever the rows beside it, so that a request's result
+ * does not depend on what shares its step. Where the CPU has AMX-INT8, calls of
+ * AMX_MIN_ROWS rows or more go to qgemm_amx.c instead: the same quantized x and the
+ * same integer products on AMX tiles, summed in another order.
  *
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
@@ -313,17 +318,24 @@ static inline __attribute__((always_inline)) void block8(
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* int4 weights with AVX-512 VNNI: a whole 64-input chunk per instruction. The chunk's
- * 32 bytes become 64 codes in input order (low nibbles then high ones, as the layout
- * holds them), one vpdpbusd against the row of x's 64 int8 gives 16 int32 lanes (0-7
- * from inputs 0-31, 8-15 from 32-63), converted and multiplied into one 16-lane
- * accumulator by the factor xd * scale, lanes 0-7 and 8-15 each with their own group's
- * scale for group 32. One accumulator chain per row of x, ZMR rows of x per unpacked
- * chunk; each row's operations are the same whatever the number of rows beside it. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    !defined(LLMOPT_QGEMV_AVX2) /* a build for testing the AVX2 blocks (qgemv.load) */
+/* AVX-512 VNNI: a whole 64-input chunk per instruction. A chunk's weights become 64
+ * unsigned codes in input order (int4: the 32 bytes' low nibbles then high ones, as the
+ * layout holds them; int8: the stored q - 128 with its sign bit flipped, q itself, the
+ * offsets taking the 128 back), one vpdpbusd against the row of x's 64 int8 gives 16
+ * int32 lanes (0-7 from inputs 0-31, 8-15 from 32-63), converted and multiplied into
+ * one 16-lane accumulator by the factor xd * scale, lanes 0-7 and 8-15 each with their
+ * own group's scale for group 32. One accumulator chain per row of x, ZMR rows of x per
+ * unpacked chunk; each row's operations are the same whatever the number of rows
+ * beside it. */
 #define ZMR 8
 
-static inline __m512i q4_chunk(const uint8_t *wc) {
+static inline __m512i z_chunk(const uint8_t *w, int c, int bits) {
+    if (bits == 8)
+        return _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (size_t)c * QB)),
+                                _mm512_set1_epi8((char)0x80));
+    const uint8_t *wc = w + (size_t)c * 32;
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
     const __m256i lo = _mm256_and_si256(v, low);
@@ -331,7 +343,7 @@ static inline __m512i q4_chunk(const uint8_t *wc) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* x's rows for q4_rows, packed by blocks of ZMR rows: block b holds, per chunk c, the
+/* x's rows for z_rows, packed by blocks of ZMR rows: block b holds, per chunk c, the
  * ZMR rows' 64 int8 one after the other ((nc, ZMR, 64) bytes), and their activation
  * scales ((nc, ZMR) floats), so that one pointer and constant offsets reach them all. */
 static void pack_x(const int8_t *xq, const float *xd, int M, int K, int8_t *xp, float *dp) {
@@ -346,13 +358,13 @@ static void pack_x(const int8_t *xq, const float *xd, int M, int K, int8_t *xp, 
 
 /* One row of W (its chunks at w, its fp32 scales at sf, FS apart per group) against
  * `nrows` rows of a packed block of x (a constant once inlined), into acc[r]. */
-static inline __attribute__((always_inline)) void q4_rows(__m512 acc[ZMR], int nrows,
-                                                          const uint8_t *w, int halves,
+static inline __attribute__((always_inline)) void z_rows(__m512 acc[ZMR], int nrows,
+                                                          const uint8_t *w, int bits, int halves,
                                                           int per_row, const float *sf,
                                                           const int *gi, const int8_t *xb,
                                                           const float *db, int nc) {
     for (int c = 0; c < nc; c++) {
-        const __m512i wq = q4_chunk(w + (size_t)c * 32);
+        const __m512i wq = z_chunk(w, c, bits);
         __m512 sv; /* the chunk's weight scales per lane (1 with a row scale) */
         if (per_row)
             sv = _mm512_set1_ps(1.0f);
@@ -372,10 +384,9 @@ static inline __attribute__((always_inline)) void q4_rows(__m512 acc[ZMR], int n
     }
 }
 
-/* block8 for int4 weights on AVX-512 VNNI (q4_rows), the same layouts and epilogue; x
- * packed by pack_x. */
-static inline __attribute__((always_inline)) void block8_q4(
-    const uint8_t *w, size_t w_row, int halves, const void *scale, int ng, const void *offset,
+/* block8 on AVX-512 VNNI (z_rows), the same layouts and epilogue; x packed by pack_x. */
+static inline __attribute__((always_inline)) void block8_z(
+    const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng, const void *offset,
     int meta, const int8_t *xp, const float *dp, const float *xsum, int M, int K,
     const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB, m16 = meta != META_F32;
@@ -384,11 +395,15 @@ static inline __attribute__((always_inline)) void block8_q4(
     for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
     const __m256 b = _mm256_loadu_ps(tail);
     const __m256 row_scale = per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f);
-    /* The block's scales and offsets in fp32, (ng, 8), once for every row of x. */
+    /* The block's scales and offsets in fp32, (ng, 8), once for every row of x; int8's
+     * offsets for the unsigned codes q = stored + 128 (zero points: made with base 0). */
     float sf[FS * ng], of[FS * ng];
     for (int g = 0; g < ng; g++) {
-        _mm256_storeu_ps(sf + FS * g, load_meta8(scale, FS * g, m16));
-        _mm256_storeu_ps(of + FS * g, offset8(scale, offset, FS * g, meta, 4));
+        const __m256 sc = load_meta8(scale, FS * g, m16);
+        __m256 o = offset8(scale, offset, FS * g, meta, meta == META_ZERO ? 4 : bits);
+        if (bits == 8 && meta != META_ZERO) o = _mm256_fnmadd_ps(_mm256_set1_ps(128.0f), sc, o);
+        _mm256_storeu_ps(sf + FS * g, sc);
+        _mm256_storeu_ps(of + FS * g, o);
     }
     for (int m = 0; m < M; m += ZMR) {
         const int nr = M - m < ZMR ? M - m : ZMR;
@@ -401,16 +416,16 @@ static inline __attribute__((always_inline)) void block8_q4(
             if (i < rows) {
                 const uint8_t *wi = w + (size_t)i * w_row;
                 switch (nr) { /* constant row counts: each its own unrolled loop */
-#define Q4_ROWS(R) q4_rows(acc, R, wi, halves, per_row, sf + i, gi, xb, db, nc)
-                case 8: Q4_ROWS(8); break;
-                case 7: Q4_ROWS(7); break;
-                case 6: Q4_ROWS(6); break;
-                case 5: Q4_ROWS(5); break;
-                case 4: Q4_ROWS(4); break;
-                case 3: Q4_ROWS(3); break;
-                case 2: Q4_ROWS(2); break;
-                default: Q4_ROWS(1); break;
-#undef Q4_ROWS
+#define Z_ROWS(R) z_rows(acc, R, wi, bits, halves, per_row, sf + i, gi, xb, db, nc)
+                case 8: Z_ROWS(8); break;
+                case 7: Z_ROWS(7); break;
+                case 6: Z_ROWS(6); break;
+                case 5: Z_ROWS(5); break;
+                case 4: Z_ROWS(4); break;
+                case 3: Z_ROWS(3); break;
+                case 2: Z_ROWS(2); break;
+                default: Z_ROWS(1); break;
+#undef Z_ROWS
                 }
             }
             for (int r = 0; r < nr; r++)
@@ -422,7 +437,7 @@ static inline __attribute__((always_inline)) void block8_q4(
                    (size_t)(m + r) * N + n0, y, y_bf16);
     }
 }
-#define HAVE_BLOCK8_Q4 1
+#define HAVE_BLOCK8_Z 1
 #endif
 #else
 static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
@@ -505,8 +520,8 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     }
     int8_t *xp = NULL;
     float *dp = NULL;
-#ifdef HAVE_BLOCK8_Q4
-    if (bits == 4) { /* x packed for q4_rows: whole blocks of ZMR rows, the last padded */
+#ifdef HAVE_BLOCK8_Z
+    { /* x packed for z_rows: whole blocks of ZMR rows, the last padded */
         const size_t m_pad = (size_t)(M + ZMR - 1) / ZMR * ZMR;
         xp = malloc(m_pad * K);
         dp = malloc(sizeof(float) * m_pad * nc);
@@ -540,30 +555,34 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
      : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
                         : BLOCK8(B, H, META_F32))
-#ifdef HAVE_BLOCK8_Q4
-#define BLOCK8_Q4(H, META)                                                                     \
-    block8_q4(wb, w_row, H, sb, ng, ob, META, xp, dp, xsum, M, K, gi, bias, rows, n0, N, y, \
-              y_bf16)
-#define BY_META_Q4(H)                                \
-    (meta == META_ZERO  ? BLOCK8_Q4(H, META_ZERO) \
-     : meta == META_F16 ? BLOCK8_Q4(H, META_F16)  \
-                        : BLOCK8_Q4(H, META_F32))
+#ifdef HAVE_BLOCK8_Z
+#define BLOCK8_Z(B, H, META)                                                                   \
+    block8_z(wb, w_row, B, H, sb, ng, ob, META, xp, dp, xsum, M, K, gi, bias, rows, n0, N, y, \
+             y_bf16)
+#define BY_META_Z(B, H)                                 \
+    (meta == META_ZERO  ? BLOCK8_Z(B, H, META_ZERO) \
+     : meta == META_F16 ? BLOCK8_Z(B, H, META_F16)  \
+                        : BLOCK8_Z(B, H, META_F32))
         if (bits == 4 && halves)
-            BY_META_Q4(1);
+            BY_META_Z(4, 1);
         else if (bits == 4)
-            BY_META_Q4(0);
-#undef BY_META_Q4
-#undef BLOCK8_Q4
+            BY_META_Z(4, 0);
+        else if (halves)
+            BY_META_Z(8, 1);
+        else
+            BY_META_Z(8, 0);
+#undef BY_META_Z
+#undef BLOCK8_Z
 #else
         if (bits == 4 && halves)
             BY_META(4, 1);
         else if (bits == 4)
             BY_META(4, 0);
-#endif
         else if (halves)
             BY_META(8, 1);
         else
             BY_META(8, 0);
+#endif
 #undef BY_META
 #undef BLOCK8
     }

@@ -166,13 +166,15 @@ class QGemv:
 
 
 @cache
-def load(emulate_amx: bool = False) -> QGemv | None:
-    """The kernel, or None without a C compiler. emulate_amx: a build whose AMX path
-    (qgemm_amx.c) runs on AMX tiles emulated in C (amx_emulated.h), on any CPU with
-    AVX-512: slow, for testing that path where the CPU has no AMX."""
+def load(emulate_amx: bool = False, avx2: bool = False) -> QGemv | None:
+    """The kernel, or None without a C compiler. Builds for testing: emulate_amx, whose
+    AMX path (qgemm_amx.c) runs on AMX tiles emulated in C (amx_emulated.h), on any CPU
+    with AVX-512 (slow); avx2, which keeps to the AVX2 blocks where the CPU has AVX-512
+    VNNI (what a CPU without it runs)."""
     from llmopt.kernels.build import function
 
     defines = ("LLMOPT_AMX_EMULATED",) if emulate_amx else ()
+    defines += ("LLMOPT_QGEMV_AVX2",) if avx2 else ()
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     # x, x_bf16, M, K, w, bits, scale, offset, group, meta, N, bias, y, y_bf16
     argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, ptr, ptr, i32]
