@@ -7,13 +7,11 @@ import asyncio
 import csv
 import io
 import json
-import math
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from rich.console import Console
 from typer.testing import CliRunner
 
 from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load, send
@@ -22,7 +20,6 @@ from llmopt.bench.workloads import random_workload, shared_prefix_workload
 from llmopt.cli.bench_serving import _with_prefixes
 from llmopt.cli.main import app as cli
 from llmopt.errors import UsageError
-from llmopt.kernels import qgemv
 from tests.live_server import LiveServer
 
 TTFT_S, ITL_S, TOKENS = 0.2, 0.05, 8
@@ -321,30 +318,6 @@ def test_local_model_compare_starts_llmopt_serve_per_configuration(smollm_folder
     assert bench(str(smollm_folder), "--compare", "colour=red").exit_code == 2
 
 
-def test_offline_pp_tg_batch(tiny_llama) -> None:
-    r = bench(
-        str(tiny_llama),
-        "--offline",
-        "--pp",
-        "32",
-        "--tg",
-        "8",
-        "--batch",
-        "2",
-        "--repeats",
-        "2",
-        "--dtype",
-        "float32",
-        "--json",
-    )
-    assert r.exit_code == 0, r.stderr
-    out = json.loads(r.stdout)
-    for key in ("pp32_tokens_per_s", "tg8_tokens_per_s", "batch2_tg8_tokens_per_s"):
-        assert out[key]["mean"] > 0 and out[key]["std"] >= 0
-    assert out["repeats"] == 2 and out["dtype"] == "float32"
-    assert bench(str(tiny_llama), "--offline", "--pp", "4096").exit_code == 5  # too long
-
-
 def test_chat_file_and_multi_turn_workloads(fake, tmp_path) -> None:
     from llmopt.bench.workloads import chat_file_workload, multi_turn_workload
 
@@ -373,72 +346,3 @@ def test_chat_file_and_multi_turn_workloads(fake, tmp_path) -> None:
         "--url", fake.url, "--workload", "chat", "--dataset", str(data), "--warmup", "0", "--json"
     )
     assert r.exit_code == 0 and json.loads(r.stdout)["completed"] == 3
-
-
-def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llmopt.bench.perplexity import perplexity
-    from llmopt.corpus import held_out_text
-    from llmopt.engine.config import EngineConfig
-    from llmopt.engine.factory import load
-    from llmopt.models.scoring import Scorer
-
-    _, loaded = load(EngineConfig(model=str(tiny_llama), dtype="float32"))
-    ids = loaded.tokenizer.encode(held_out_text())[:300]
-    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    with torch.no_grad():
-        loss = ref(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
-    whole = perplexity(Scorer(loaded.model, 512).logits, ids, window=512, stride=256)  # one window
-    assert whole["scored_tokens"] == 299
-    assert whole["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
-    sliding = perplexity(Scorer(loaded.model, 128).logits, ids, window=128, stride=64)
-    assert sliding["scored_tokens"] == 299  # every token once, whatever the windows
-    assert sliding["perplexity"] == pytest.approx(whole["perplexity"], rel=0.2)
-    r = bench(
-        str(tiny_llama),
-        "--perplexity",
-        "--ppl-tokens",
-        "100",
-        "--window",
-        "64",
-        "--dtype",
-        "float32",
-        "--json",
-    )
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["scored_tokens"] == 99
-    missing = bench(str(tiny_llama), "--perplexity", "--text", "/nonexistent.txt")
-    assert missing.exit_code == 2 and "cannot read" in missing.stderr
-    dense = bench(str(tiny_llama), "--perplexity", "--decode-arithmetic")
-    assert dense.exit_code == 2 and "no quantized linears" in dense.stderr
-    on_cpu = bench(str(tiny_llama), "--perplexity", "--ppl-tokens", "50", "--device", "cpu")
-    assert on_cpu.exit_code == 0, on_cpu.stderr
-    if not torch.cuda.is_available():  # the device is passed on, not ignored
-        gpu = bench(str(tiny_llama), "--perplexity", "--device", "cuda")
-        assert gpu.exit_code == 2 and "no CUDA device" in gpu.stderr
-
-
-def test_perplexity_with_decode_arithmetic(tiny_llama, tmp_path) -> None:
-    """The quantized linears score through their decode kernel: a close perplexity
-    (the activations rounded to int8), not the same number, and the JSON says so."""
-    from llmopt.quant.pipeline import quantize_folder
-    from llmopt.quant.spec import QuantSpec
-
-    out = tmp_path / "int4"
-    spec = QuantSpec(4, "rtn", 32, sym=False)
-    quantize_folder(tiny_llama, out, spec, "llmopt", "", 0, Console(stderr=True))
-    # Without AMX every row already runs the kernel; with AMX, windows past
-    # AMX_MAX_ROWS take the dense path unless decode arithmetic is asked.
-    args = [str(out), "--perplexity", "--ppl-tokens", "400", "--window", "300"]
-    args += ["--dtype", "float32", "--json"]
-    dense, decode = bench(*args), bench(*args, "--decode-arithmetic")
-    assert dense.exit_code == 0 and decode.exit_code == 0, decode.stderr
-    a, b = json.loads(dense.stdout), json.loads(decode.stdout)
-    assert (a["decode_arithmetic"], b["decode_arithmetic"]) == (False, True)
-    if qgemv.load().amx:  # type: ignore[union-attr]
-        assert a["perplexity"] != b["perplexity"]
-        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=0.05)
-    else:
-        assert a["perplexity"] == b["perplexity"]

@@ -25,7 +25,7 @@
  *
  * The same kernel serves one row (decode) and hundreds (a batch, a prefill chunk): the
  * weights of a block of 8 rows of W are unpacked once per chunk for several rows of x
- * (4 on AVX2, 8 with AVX-512 VNNI, block8 and block8_z below), and a row of x goes
+ * (4 in block8; 8 in block8_z, for int4 with AVX-512 VNNI), and a row of x goes
  * through the same operations whatever the rows beside it, so that a request's result
  * does not depend on what shares its step. Where the CPU has AMX-INT8, calls of
  * AMX_MIN_ROWS rows or more go to qgemm_amx.c instead: the same quantized x and the
@@ -125,23 +125,19 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
 #define FS 8
 
 #ifdef __AVX2__
-/* Rows of x a block's weights are unpacked once for (the register block over x). */
-#define MR 4
-
-/* One 64-input chunk c of a row of W against `nrows` (1 .. MR) rows of x, added into
+/* One 64-input chunk c of a row of W against `nrows` (1 or 2) rows of x, added into
  * acc[r][slot] (or acc[r][0] / acc[r][1] for the two halves of group 32, which have
  * factors of their own): acc += dot(q[c], xq[c]) * f[c], f[c] = xd[c] * scale[g(c)],
  * the factors FS apart (block8 keeps them for its 8 rows side by side).
- * The weights are loaded and unpacked once for all the rows. Products are int16 pair
- * sums (vpmaddubsw: 32 multiply-adds in one instruction; it wants one unsigned operand,
- * so int8 weights give |w| and each row of x takes w's sign; a pair is at most
- * 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones), then fp32. Each row's
- * operations are the same whatever `nrows` is: a row's result does not depend on the
- * rows beside it. */
-static inline __attribute__((always_inline)) void chunk(__m256 acc[MR][2], int slot, int nrows,
+ * The weights are loaded and unpacked once for both rows. Products are int16 pair sums
+ * (vpmaddubsw: 32 multiply-adds in one instruction; it wants one unsigned operand, so
+ * int8 weights give |w| and each row of x takes w's sign; a pair is at most
+ * 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones), then fp32. */
+static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int slot, int nrows,
                                                         const uint8_t *w, int bits, int halves,
-                                                        const float *const f[MR],
-                                                        const int8_t *const x[MR], int c) {
+                                                        const float *fa, const float *fb,
+                                                        const int8_t *xa, const int8_t *xb,
+                                                        int c) {
     const uint8_t *wc = w + (size_t)c * QB * bits / 8;
     __m256i w0, w1, s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     if (bits == 4) { /* byte j: input j in the low nibble, j + 32 in the high one */
@@ -156,7 +152,8 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[MR][2], int s
         w1 = _mm256_abs_epi8(s1);
     }
     for (int r = 0; r < nrows; r++) {
-        const int8_t *xc = x[r] + c * QB;
+        const int8_t *xc = (r ? xb : xa) + c * QB;
+        const float *f = r ? fb : fa;
         __m256i x0 = _mm256_loadu_si256((const __m256i *)xc);
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(xc + 32));
         if (bits == 8) {
@@ -170,13 +167,12 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[MR][2], int s
         if (halves) {
             const __m256 p0 = _mm256_cvtepi32_ps(DPBUSD(zero, w0, x0));
             const __m256 p1 = _mm256_cvtepi32_ps(DPBUSD(zero, w1, x1));
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f[r] + FS * 2 * c), acc[r][0]);
-            acc[r][1] =
-                _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f[r] + FS * (2 * c + 1)), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
         } else {
             const __m256i p = DPBUSD(DPBUSD(zero, w0, x0), w1, x1);
-            const __m256 fc = _mm256_broadcast_ss(f[r] + FS * c);
-            acc[r][slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fc, acc[r][slot]);
+            acc[r][slot] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
         }
 #else
         const __m256i ones = _mm256_set1_epi16(1);
@@ -186,32 +182,34 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[MR][2], int s
             const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
             /* each half on its own chain: one FMA per chain per chunk (FMA latency,
              * not arithmetic, set the pace with two on one chain) */
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f[r] + FS * 2 * c), acc[r][0]);
-            acc[r][1] =
-                _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f[r] + FS * (2 * c + 1)), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
         } else { /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow */
             const __m256i p = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                                         : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
                                                            _mm256_madd_epi16(h1, ones));
-            const __m256 fc = _mm256_broadcast_ss(f[r] + FS * c);
-            acc[r][slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fc, acc[r][slot]);
+            acc[r][slot] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
         }
 #endif
     }
 }
 
-/* The chunks of one row of W against `nrows` (1 .. MR, a constant once inlined) rows of
- * x, into two chains per row: acc[row][even/odd chunk], or acc[row][half] for group 32. */
-static inline __attribute__((always_inline)) void row_chunks(__m256 acc[MR][2], int nrows,
+/* The chunks of one row of W against `nrows` (1 or 2, a constant once inlined) rows of
+ * x, into four chains: acc[row][even/odd chunk], or acc[row][half] for group 32. One
+ * row alone sums in the order two rows do, so a row's result does not depend on the
+ * rows beside it. */
+static inline __attribute__((always_inline)) void row_chunks(__m256 acc[2][2], int nrows,
                                                              const uint8_t *w, int bits,
-                                                             int halves, const float *const f[MR],
-                                                             const int8_t *const x[MR], int nc) {
+                                                             int halves, const float *fa,
+                                                             const float *fb, const int8_t *xa,
+                                                             const int8_t *xb, int nc) {
     int c = 0;
     for (; c + 1 < nc; c += 2) {
-        chunk(acc, 0, nrows, w, bits, halves, f, x, c);
-        chunk(acc, 1, nrows, w, bits, halves, f, x, c + 1);
+        chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
+        chunk(acc, 1, nrows, w, bits, halves, fa, fb, xa, xb, c + 1);
     }
-    if (c < nc) chunk(acc, 0, nrows, w, bits, halves, f, x, c);
+    if (c < nc) chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
 }
 
 /* 8 consecutive metadata values from element i, fp16 (f16 = 1) or fp32. */
@@ -248,13 +246,14 @@ static inline void store8(const __m256 dots[8], __m256 row_scale, __m256 b, cons
 }
 
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
- * x, MR rows of x at a time (`chunk`: each chunk of W unpacked once for all of them; two
- * accumulator chains per row, so that FMA latency does not set the pace). scale and
- * offset are the block's (K / group, 8) slices of the blocked layouts, so the rest is
- * vector operations over the block's 8 rows: the factors, the offsets (from zero
- * points: once per block), the row scales, the bias and the epilogue
+ * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
+ * accumulator chains, so that FMA latency does not set the pace: int4 group 32 at 16
+ * rows, 669 -> 520 us for 3072 x 576 on 2 threads). scale and offset are the block's
+ * (K / group, 8) slices of the blocked layouts, so the rest is vector operations over
+ * the block's 8 rows: the factors, the offsets (from zero points: once per block), the
+ * row scales, the bias and the epilogue
  *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
- * (sum8, one transpose-add for the 8 rows: a horizontal sum per row costs as much as a
+ * (sum8, one transpose-add for the 8 rows: a horizontal sum per row cost as much as a
  * row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng,
@@ -274,67 +273,55 @@ static inline __attribute__((always_inline)) void block8(
     if (meta != META_F32)
         for (int g = 0; g < ng; g++)
             _mm256_storeu_ps(made + FS * g, offset8(scale, offset, FS * g, meta, bits));
-    /* The factors of MR rows of x against the block's rows, (nf, 8) each: f[r][8 j + i]
-     * = xd[m + r, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
-    float fbuf[MR][FS * nf];
-    for (int m = 0; m < M; m += MR) {
-        const int nr = M - m < MR ? M - m : MR;
-        const int8_t *x[MR];
-        const float *f[MR];
-        for (int r = 0; r < MR; r++) {
-            const int mr = m + (r < nr ? r : 0); /* unused slots repeat the first row */
-            x[r] = xq + (size_t)mr * K;
-            f[r] = fbuf[r];
-            if (r >= nr) continue;
-            const float *d = xd + (size_t)mr * nc;
-            for (int j = 0; j < nf; j++) {
-                const int c = halves ? j / 2 : j;
-                const __m256 s = per_row ? _mm256_set1_ps(1.0f)
-                                         : load_meta8(scale, FS * (halves ? j : gi[j]), m16);
-                _mm256_storeu_ps(fbuf[r] + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(d + c), s));
-            }
+    /* The factors of two rows of x against the block's rows, (nf, 8): fa[8 j + i] =
+     * xd[m, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
+    float fa[FS * nf], fb[FS * nf];
+    for (int m = 0; m < M; m += 2) {
+        const int two = m + 1 < M;
+        const int8_t *xa = xq + (size_t)m * K, *xb = two ? xa + K : xa;
+        const float *da = xd + (size_t)m * nc, *db = two ? da + nc : da;
+        for (int j = 0; j < nf; j++) {
+            const int c = halves ? j / 2 : j;
+            const __m256 s =
+                per_row ? _mm256_set1_ps(1.0f) : load_meta8(scale, FS * (halves ? j : gi[j]), m16);
+            _mm256_storeu_ps(fa + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(da + c), s));
+            if (two) _mm256_storeu_ps(fb + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(db + c), s));
         }
-        __m256 sums[MR][8];
+        __m256 acc_a[8], acc_b[8];
         for (int i = 0; i < 8; i++) {
-            for (int r = 0; r < MR; r++) sums[r][i] = _mm256_setzero_ps();
+            acc_a[i] = acc_b[i] = _mm256_setzero_ps();
             if (i >= rows) continue;
             const uint8_t *wi = w + (size_t)i * w_row;
-            __m256 acc[MR][2];
-            for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-            const float *fi[MR];
-            for (int r = 0; r < MR; r++) fi[r] = f[r] + i;
-            /* Constant row counts: each its own unrolled loop. */
-            switch (nr) {
-            case 4: row_chunks(acc, 4, wi, bits, halves, fi, x, nc); break;
-            case 3: row_chunks(acc, 3, wi, bits, halves, fi, x, nc); break;
-            case 2: row_chunks(acc, 2, wi, bits, halves, fi, x, nc); break;
-            default: row_chunks(acc, 1, wi, bits, halves, fi, x, nc); break;
-            }
-            for (int r = 0; r < nr; r++) sums[r][i] = _mm256_add_ps(acc[r][0], acc[r][1]);
+            __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()},
+                                {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+            if (two) /* the last row of an odd M goes alone */
+                row_chunks(acc, 2, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
+            else
+                row_chunks(acc, 1, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
+            acc_a[i] = _mm256_add_ps(acc[0][0], acc[0][1]);
+            acc_b[i] = _mm256_add_ps(acc[1][0], acc[1][1]);
         }
-        for (int r = 0; r < nr; r++)
-            store8(sums[r], row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
+        for (int r = 0; r <= two; r++)
+            store8(r ? acc_b : acc_a, row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
                    (size_t)(m + r) * N + n0, y, y_bf16);
     }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
     !defined(LLMOPT_QGEMV_AVX2) /* a build for testing the AVX2 blocks (qgemv.load) */
-/* AVX-512 VNNI: a whole 64-input chunk per instruction. A chunk's weights become 64
- * unsigned codes in input order (int4: the 32 bytes' low nibbles then high ones, as the
- * layout holds them; int8: the stored q - 128 with its sign bit flipped, q itself, the
- * offsets taking the 128 back), one vpdpbusd against the row of x's 64 int8 gives 16
- * int32 lanes (0-7 from inputs 0-31, 8-15 from 32-63), converted and multiplied into
- * one 16-lane accumulator by the factor xd * scale, lanes 0-7 and 8-15 each with their
- * own group's scale for group 32. One accumulator chain per row of x, ZMR rows of x per
- * unpacked chunk; each row's operations are the same whatever the number of rows
- * beside it. */
+/* int4 on AVX-512 VNNI, for calls of ZMIN_ROWS rows and more: a whole 64-input chunk
+ * per instruction, ZMR rows of x per unpacked chunk. A chunk's 32 bytes become 64 codes
+ * in input order (low nibbles then high ones, as the layout holds them); one vpdpbusd
+ * against a row of x's 64 int8 gives 16 int32 lanes, 0-7 from inputs 0-31 and 8-15
+ * from 32-63. The arithmetic is block8's, bit for bit, so that a row's result does not
+ * depend on which of the two a call takes: for group 32 the lanes are block8's two
+ * half chains side by side (each converted and scaled by its own factor xd * scale);
+ * for larger groups the two halves' integer sums are added first, then converted and
+ * scaled into block8's two chains of even and odd chunks. */
 #define ZMR 8
+#define ZMIN_ROWS 4 /* fewer rows: block8, faster there and bit for bit the same */
 
-static inline __m512i z_chunk(const uint8_t *w, int c, int bits) {
-    if (bits == 8)
-        return _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (size_t)c * QB)),
-                                _mm512_set1_epi8((char)0x80));
+static inline __m512i q4_chunk(const uint8_t *w, int c) {
     const uint8_t *wc = w + (size_t)c * 32;
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
@@ -357,36 +344,46 @@ static void pack_x(const int8_t *xq, const float *xd, int M, int K, int8_t *xp, 
 }
 
 /* One row of W (its chunks at w, its fp32 scales at sf, FS apart per group) against
- * `nrows` rows of a packed block of x (a constant once inlined), into acc[r]. */
-static inline __attribute__((always_inline)) void z_rows(__m512 acc[ZMR], int nrows,
-                                                          const uint8_t *w, int bits, int halves,
-                                                          int per_row, const float *sf,
-                                                          const int *gi, const int8_t *xb,
-                                                          const float *db, int nc) {
+ * `nrows` rows of a packed block of x (a constant once inlined): for group 32 into
+ * acc[r] (16 lanes: both halves), else into chains[r][c % 2] (8 lanes). */
+static inline __attribute__((always_inline)) void z_rows(__m512 acc[ZMR],
+                                                         __m256 chains[ZMR][2], int nrows,
+                                                         const uint8_t *w, int halves,
+                                                         int per_row, const float *sf,
+                                                         const int *gi, const int8_t *xb,
+                                                         const float *db, int nc) {
     for (int c = 0; c < nc; c++) {
-        const __m512i wq = z_chunk(w, c, bits);
-        __m512 sv; /* the chunk's weight scales per lane (1 with a row scale) */
-        if (per_row)
-            sv = _mm512_set1_ps(1.0f);
-        else if (halves)
-            sv = _mm512_insertf32x8(_mm512_set1_ps(sf[FS * 2 * c]),
-                                    _mm256_set1_ps(sf[FS * (2 * c + 1)]), 1);
-        else
-            sv = _mm512_set1_ps(sf[FS * gi[c]]);
+        const __m512i wq = q4_chunk(w, c);
         const int8_t *xc = xb + (size_t)c * ZMR * QB;
         const float *dc = db + (size_t)c * ZMR;
-        for (int r = 0; r < nrows; r++) {
-            const __m512i xv = _mm512_loadu_si512((const void *)(xc + r * QB));
-            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
-            const __m512 f = _mm512_mul_ps(_mm512_set1_ps(dc[r]), sv);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc[r]);
+        if (halves) {
+            const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(sf[FS * 2 * c]),
+                                                 _mm256_set1_ps(sf[FS * (2 * c + 1)]), 1);
+            for (int r = 0; r < nrows; r++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xc + r * QB));
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
+                const __m512 f = _mm512_mul_ps(_mm512_set1_ps(dc[r]), sv);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc[r]);
+            }
+        } else {
+            const float s = per_row ? 1.0f : sf[FS * gi[c]];
+            for (int r = 0; r < nrows; r++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xc + r * QB));
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
+                const __m256i p8 = _mm256_add_epi32(_mm512_castsi512_si256(p),
+                                                    _mm512_extracti64x4_epi64(p, 1));
+                const __m256 f = _mm256_set1_ps(dc[r] * s);
+                chains[r][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p8), f, chains[r][c & 1]);
+            }
         }
     }
 }
 
-/* block8 on AVX-512 VNNI (z_rows), the same layouts and epilogue; x packed by pack_x. */
+/* block8 for int4 on AVX-512 VNNI (z_rows), the same layouts and epilogue; x packed by
+ * pack_x. (int8 stays on the AVX2 blocks: with 64 bytes a chunk, a single row runs
+ * slower here.) */
 static inline __attribute__((always_inline)) void block8_z(
-    const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng, const void *offset,
+    const uint8_t *w, size_t w_row, int halves, const void *scale, int ng, const void *offset,
     int meta, const int8_t *xp, const float *dp, const float *xsum, int M, int K,
     const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB, m16 = meta != META_F32;
@@ -395,15 +392,11 @@ static inline __attribute__((always_inline)) void block8_z(
     for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
     const __m256 b = _mm256_loadu_ps(tail);
     const __m256 row_scale = per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f);
-    /* The block's scales and offsets in fp32, (ng, 8), once for every row of x; int8's
-     * offsets for the unsigned codes q = stored + 128 (zero points: made with base 0). */
+    /* The block's scales and offsets in fp32, (ng, 8), once for every row of x. */
     float sf[FS * ng], of[FS * ng];
     for (int g = 0; g < ng; g++) {
-        const __m256 sc = load_meta8(scale, FS * g, m16);
-        __m256 o = offset8(scale, offset, FS * g, meta, meta == META_ZERO ? 4 : bits);
-        if (bits == 8 && meta != META_ZERO) o = _mm256_fnmadd_ps(_mm256_set1_ps(128.0f), sc, o);
-        _mm256_storeu_ps(sf + FS * g, sc);
-        _mm256_storeu_ps(of + FS * g, o);
+        _mm256_storeu_ps(sf + FS * g, load_meta8(scale, FS * g, m16));
+        _mm256_storeu_ps(of + FS * g, offset8(scale, offset, FS * g, meta, 4));
     }
     for (int m = 0; m < M; m += ZMR) {
         const int nr = M - m < ZMR ? M - m : ZMR;
@@ -412,11 +405,15 @@ static inline __attribute__((always_inline)) void block8_z(
         __m256 sums[ZMR][8];
         for (int i = 0; i < 8; i++) {
             __m512 acc[ZMR];
-            for (int r = 0; r < ZMR; r++) acc[r] = _mm512_setzero_ps();
+            __m256 chains[ZMR][2];
+            for (int r = 0; r < ZMR; r++) {
+                acc[r] = _mm512_setzero_ps();
+                chains[r][0] = chains[r][1] = _mm256_setzero_ps();
+            }
             if (i < rows) {
                 const uint8_t *wi = w + (size_t)i * w_row;
                 switch (nr) { /* constant row counts: each its own unrolled loop */
-#define Z_ROWS(R) z_rows(acc, R, wi, bits, halves, per_row, sf + i, gi, xb, db, nc)
+#define Z_ROWS(R) z_rows(acc, chains, R, wi, halves, per_row, sf + i, gi, xb, db, nc)
                 case 8: Z_ROWS(8); break;
                 case 7: Z_ROWS(7); break;
                 case 6: Z_ROWS(6); break;
@@ -428,9 +425,10 @@ static inline __attribute__((always_inline)) void block8_z(
 #undef Z_ROWS
                 }
             }
-            for (int r = 0; r < nr; r++)
-                sums[r][i] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
-                                           _mm512_extractf32x8_ps(acc[r], 1));
+            for (int r = 0; r < nr; r++) /* block8's acc[0] + acc[1] */
+                sums[r][i] = halves ? _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+                                                    _mm512_extractf32x8_ps(acc[r], 1))
+                                    : _mm256_add_ps(chains[r][0], chains[r][1]);
         }
         for (int r = 0; r < nr; r++)
             store8(sums[r], row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
@@ -521,9 +519,10 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     int8_t *xp = NULL;
     float *dp = NULL;
 #ifdef HAVE_BLOCK8_Z
-    { /* x packed for z_rows: whole blocks of ZMR rows, the last padded */
+    if (bits == 4 && M >= ZMIN_ROWS) { /* x packed for z_rows: whole blocks of ZMR rows */
         const size_t m_pad = (size_t)(M + ZMR - 1) / ZMR * ZMR;
-        xp = malloc(m_pad * K);
+        /* on cache lines: a 64-byte load across two costs a split */
+        xp = aligned_alloc(64, m_pad * K);
         dp = malloc(sizeof(float) * m_pad * nc);
         if (!xp || !dp) {
             free(xp);
@@ -556,21 +555,25 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
      : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
                         : BLOCK8(B, H, META_F32))
 #ifdef HAVE_BLOCK8_Z
-#define BLOCK8_Z(B, H, META)                                                                   \
-    block8_z(wb, w_row, B, H, sb, ng, ob, META, xp, dp, xsum, M, K, gi, bias, rows, n0, N, y, \
+#define BLOCK8_Z(H, META)                                                                   \
+    block8_z(wb, w_row, H, sb, ng, ob, META, xp, dp, xsum, M, K, gi, bias, rows, n0, N, y, \
              y_bf16)
-#define BY_META_Z(B, H)                                 \
-    (meta == META_ZERO  ? BLOCK8_Z(B, H, META_ZERO) \
-     : meta == META_F16 ? BLOCK8_Z(B, H, META_F16)  \
-                        : BLOCK8_Z(B, H, META_F32))
-        if (bits == 4 && halves)
-            BY_META_Z(4, 1);
+#define BY_META_Z(H)                                 \
+    (meta == META_ZERO  ? BLOCK8_Z(H, META_ZERO) \
+     : meta == META_F16 ? BLOCK8_Z(H, META_F16)  \
+                        : BLOCK8_Z(H, META_F32))
+        if (bits == 4 && M >= ZMIN_ROWS && halves)
+            BY_META_Z(1);
+        else if (bits == 4 && M >= ZMIN_ROWS)
+            BY_META_Z(0);
+        else if (bits == 4 && halves)
+            BY_META(4, 1);
         else if (bits == 4)
-            BY_META_Z(4, 0);
-        else if (halves)
-            BY_META_Z(8, 1);
+            BY_META(4, 0);
+        else if (halves) /* int8: the AVX2 blocks (64 bytes a chunk gain nothing here) */
+            BY_META(8, 1);
         else
-            BY_META_Z(8, 0);
+            BY_META(8, 0);
 #undef BY_META_Z
 #undef BLOCK8_Z
 #else
