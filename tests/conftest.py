@@ -142,3 +142,17 @@ def registry_with(home: Path, text: str) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def spy_preemptions(engine) -> list:
+    """The sequences the engine's scheduler preempts from now on (appended as it runs)."""
+    preempted: list = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        step = schedule()
+        preempted.extend(step.preempted)
+        return step
+
+    engine.scheduler.schedule = spy
+    return preempted

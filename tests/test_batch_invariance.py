@@ -17,7 +17,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.models.native_decode import NativeDecoder
 from llmopt.store.store import Store
-from tests.conftest import REAL_HOME, require_kernel
+from tests.conftest import REAL_HOME, require_kernel, spy_preemptions
 
 TOPICS = [
     "the tides", "a violin", "bread", "glaciers", "owls", "the printing press", "saffron",
@@ -85,14 +85,6 @@ def test_small_chunks_preemption_and_prefix_hits_equal_each_alone(packed) -> Non
         max_num_batched_tokens=24,
     )
     engine = build_engine(packed, config)
-    preempted = []
-    schedule = engine.scheduler.schedule
-
-    def spy():
-        step = schedule()
-        preempted.extend(step.preempted)
-        return step
-
-    engine.scheduler.schedule = spy
+    preempted = spy_preemptions(engine)
     assert run(engine, batch[:8]) == alone(packed, batch[:8])
     assert preempted and engine.blocks.hit_tokens > 0

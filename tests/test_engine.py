@@ -10,7 +10,7 @@ from llmopt.engine.engine import Engine
 from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel
-from tests.conftest import TEST_DEVICE
+from tests.conftest import TEST_DEVICE, spy_preemptions
 
 PROMPTS = [
     "What is the capital of France?",
@@ -71,15 +71,7 @@ def test_forced_preemption_and_small_chunks_change_nothing(fp32) -> None:
     )
     engine = build_engine(fp32, config)
     assert engine.blocks.num_blocks == 7
-    preempted = []
-    original = engine.scheduler.schedule
-
-    def spy():
-        step = original()
-        preempted.extend(step.preempted)
-        return step
-
-    engine.scheduler.schedule = spy
+    preempted = spy_preemptions(engine)
     assert run_all(engine, prompts) == [alone(fp32, p) for p in prompts]
     assert preempted, "the workload was meant to force preemption"
 
