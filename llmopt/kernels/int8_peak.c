@@ -31,8 +31,8 @@ int64_t int8_peak(int64_t iters, int seed) {
                 acc[i] = DPBUSD(acc[i], u, s);
 #else
                 /* the products read the chain itself, so nothing is hoisted out of the loop */
-                acc[i] = _mm256_add_epi32(
-                    acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, acc[i]), _mm256_set1_epi16(1)));
+                const __m256i pairs = _mm256_maddubs_epi16(u, acc[i]);
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 #endif
             }
         __m256i sum = acc[0];
