@@ -22,13 +22,13 @@ int64_t int8_peak(int64_t iters, int seed) {
     int64_t total = 0;
 #pragma omp parallel reduction(+ : total)
     {
-        const __m256i u = _mm256_set1_epi8((char)(seed | 1)), s = _mm256_set1_epi8(3);
+        const __m256i u = _mm256_set1_epi8((char)(seed | 1));
         __m256i acc[CHAINS];
         for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_set1_epi32(i);
         for (int64_t n = 0; n < iters; n++)
             for (int i = 0; i < CHAINS; i++) {
 #ifdef DPBUSD
-                acc[i] = DPBUSD(acc[i], u, s);
+                acc[i] = DPBUSD(acc[i], u, _mm256_set1_epi8(3));
 #else
                 /* the products read the chain itself, so nothing is hoisted out of the loop */
                 const __m256i pairs = _mm256_maddubs_epi16(u, acc[i]);
