@@ -156,3 +156,15 @@ def spy_preemptions(engine) -> list:
 
     engine.scheduler.schedule = spy
     return preempted
+
+
+def run_to_completion(engine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Submit every prompt at once, step the engine until all finish; each request's
+    generated token ids, in prompt order."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for rid in engine.step():
+            for d in engine.take(rid):
+                out[rid] += d.token_ids
+    return [out[rid] for rid in ids]

@@ -17,7 +17,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.models.native_decode import NativeDecoder
 from llmopt.store.store import Store
-from tests.conftest import REAL_HOME, require_kernel, spy_preemptions
+from tests.conftest import REAL_HOME, require_kernel, run_to_completion, spy_preemptions
 
 TOPICS = [
     "the tides", "a violin", "bread", "glaciers", "owls", "the printing press", "saffron",
@@ -45,14 +45,9 @@ def prompts(loaded: LoadedModel, system: str | None = None) -> list[list[int]]:
 
 
 def run(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
-    ids = [engine.add_request(p, GREEDY) for p in batch]
-    out: dict[str, list[int]] = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for rid in engine.step():
-            for d in engine.take(rid):
-                out[rid] += d.token_ids
+    out = run_to_completion(engine, batch, GREEDY)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    return [out[rid] for rid in ids]
+    return out
 
 
 def alone(loaded: LoadedModel, batch: list[list[int]]) -> list[list[int]]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 
 from llmopt.engine.config import EngineConfig
-from llmopt.engine.engine import Engine
 from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import LoadedModel
-from tests.conftest import TEST_DEVICE, spy_preemptions
+from tests.conftest import TEST_DEVICE, run_to_completion, spy_preemptions
 
 PROMPTS = [
     "What is the capital of France?",
@@ -35,16 +34,6 @@ def chat(loaded: LoadedModel, text: str, system: str | None = None) -> list[int]
     return loaded.tokenizer.encode_chat(msgs)
 
 
-def run_all(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict[str, list[int]]:
-    ids = [engine.add_request(p, params) for p in prompts]
-    out: dict[str, list[int]] = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for rid in engine.step():
-            for d in engine.take(rid):
-                out[rid] += d.token_ids
-    return [out[rid] for rid in ids]
-
-
 def alone(loaded: LoadedModel, prompt: list[int], params=GREEDY) -> list[int]:
     engine = build_engine(loaded, EngineConfig(max_context=2048, kv_cache_memory=0.05))
     return [t for d in engine.generate(prompt, params) for t in d.token_ids]
@@ -53,7 +42,7 @@ def alone(loaded: LoadedModel, prompt: list[int], params=GREEDY) -> list[int]:
 def test_batched_greedy_equals_each_request_alone(fp32) -> None:
     prompts = [chat(fp32, p) for p in PROMPTS]
     engine = build_engine(fp32, EngineConfig(max_context=2048, kv_cache_memory=0.05))
-    batched = run_all(engine, prompts)
+    batched = run_to_completion(engine, prompts, GREEDY)
     assert batched == [alone(fp32, p) for p in prompts]
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
@@ -72,7 +61,7 @@ def test_forced_preemption_and_small_chunks_change_nothing(fp32) -> None:
     engine = build_engine(fp32, config)
     assert engine.blocks.num_blocks == 7
     preempted = spy_preemptions(engine)
-    assert run_all(engine, prompts) == [alone(fp32, p) for p in prompts]
+    assert run_to_completion(engine, prompts, GREEDY) == [alone(fp32, p) for p in prompts]
     assert preempted, "the workload was meant to force preemption"
 
 

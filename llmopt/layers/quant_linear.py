@@ -241,11 +241,10 @@ class QuantLinear(nn.Module):
 
 
 def use_decode_arithmetic(model: nn.Module) -> int:
-    """Make every quantized linear compute any number of rows the way it computes decode's
-    few: through its row kernel (rows are independent there), so that a prefill-based
-    measurement such as perplexity sees decode's arithmetic, activation rounding
-    included. Slower than the dense path; for measuring. Returns how many linears
-    switched."""
+    """Make every quantized linear compute any number of rows through its kernel, as
+    decode does: already so without AMX; on AMX it also takes the calls past
+    AMX_MAX_ROWS that would otherwise multiply densely in bf16. For measuring
+    (perplexity with decode's arithmetic). Returns how many linears switched."""
     switched = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel is not None:
