@@ -108,16 +108,17 @@ def test_awq_beats_rtn_when_a_few_channels_dominate() -> None:
 
 def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
     torch.manual_seed(3)
-    w, up = torch.randn(16, 32), torch.randn(32, 8)
+    w, up, bias = torch.randn(16, 32), torch.randn(32, 8), torch.randn(32)
     x = torch.randn(64, 32).abs() + 0.1
     s = awq.search_scale(w, x.T @ x, x.abs().mean(0), awq.weight_magnitude(w, 32), 4, 32, False)
-    tensors = {"down": w.clone(), "up": up.clone()}
-    site = _site(x, ["down"], owner="up")
+    assert not torch.allclose(s, torch.ones_like(s))
+    tensors = {"down.weight": w.clone(), "up.weight": up.clone(), "up.bias": bias.clone()}
+    site = _site(x, ["down.weight"], owner="up.weight")
     awq._apply_scale(site, tensors, s)
-    # up's rows produce down's input channels: dividing them by s undoes w * s.
+    # up's rows and bias produce down's input channels: dividing both by s undoes w * s.
     h = torch.randn(5, 8)
-    before = (h @ up.T) @ w.T
-    after = (h @ tensors["up"].T) @ tensors["down"].T
+    before = (h @ up.T + bias) @ w.T
+    after = (h @ tensors["up.weight"].T + tensors["up.bias"]) @ tensors["down.weight"].T
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 

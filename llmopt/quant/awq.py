@@ -6,8 +6,9 @@ weight columns by s > 1 before rounding (so their relative error shrinks) and
 divides the input by s, folding 1/s into whatever produced the input: the RMSNorm
 weight before q/k/v and gate/up, the rows of up_proj before down_proj, the rows of
 v_proj before o_proj (with grouped-query attention each v channel feeds several
-heads, and their scales are tied; AutoAWQ skips o_proj there). The model's function
-is unchanged before rounding.
+heads, and their scales are tied; AutoAWQ skips o_proj there), and a linear owner's
+bias with its rows (Qwen2's v_proj). The model's function is unchanged before
+rounding.
 
 Per site: s = mean|x|^alpha, or mean|x|^alpha / mean|w|^(1 - alpha) (the weight's
 magnitude per input channel, relative to its group's largest: a channel whose weights
@@ -129,12 +130,19 @@ def quantize_on(
 
 
 def _apply_scale(site: Site, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> None:
-    """Multiply the site's weight columns by s and fold 1/s into the owner."""
+    """Multiply the site's weight columns by s and fold 1/s into the owner: its weight
+    and, where it has one, its bias."""
     for name in site.names:
         tensors[name] = tensors[name].float() * s
-    owner, s = tensors[site.owner], site.owner_part(s)
-    # A norm weight (in,) scales its output channels; a linear (in, k) its rows.
-    tensors[site.owner] = (owner.float() / (s if owner.dim() == 1 else s[:, None])).to(owner.dtype)
+    assert site.owner is not None, "a site without an owner has nothing to fold into"
+    s, bias = site.owner_part(s), site.owner_bias
+    # The owner's output channels are its first dimension: a norm weight's (in,), a
+    # linear's rows (in, k) and its bias (in,). Dividing the rows and not the bias
+    # would hand the site x / s + b instead of (x + b) / s.
+    owned = [site.owner] + ([bias] if bias in tensors else [])
+    for name in owned:
+        t = tensors[name]
+        tensors[name] = (t.float() / s.view(-1, *(1,) * (t.dim() - 1))).to(t.dtype)
 
 
 def fold_scales(

@@ -106,7 +106,8 @@ class Site:
     """Linears that read the same input (q/k/v; gate/up; o; down) and that input.
 
     owner: the tensor whose output channels are this input's channels, so that AWQ can
-    fold a per-channel scale into it (a norm's weight, or the rows of up_proj).
+    fold a per-channel scale into it (a norm's weight, or the rows of up_proj or v_proj,
+    with the bias of those rows where there is one: owner_bias).
     """
 
     names: list[str]  # Hugging Face weight names, e.g. model.layers.0.self_attn.q_proj.weight
@@ -126,6 +127,12 @@ class Site:
             return v
         heads = v.view(-1, self.share, self.head_dim)  # (kv, share, head_dim)
         return heads.mean(1, keepdim=True).expand_as(heads).reshape(-1)
+
+    @property
+    def owner_bias(self) -> str | None:
+        """The name the owner's bias has if it has one (v_proj.weight: v_proj.bias, as
+        Qwen2's q/k/v biases): it adds into the same channels as the owner's rows."""
+        return None if self.owner is None else self.owner.removesuffix(".weight") + ".bias"
 
     def owner_part(self, s: torch.Tensor) -> torch.Tensor:
         """A tied per-input-channel vector (in,) as the owner's channels see it."""
