@@ -106,7 +106,7 @@ def test_shapes_it_does_not_take() -> None:
         KERNEL(x, Operands(w_k, 4, scale.float(), zero, 64))
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 256), (8, 32), (8, 256)])
 def test_rows_are_independent(bits: int, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
     the other rows hold; without AMX also the same as the row alone (one arithmetic for
@@ -125,17 +125,22 @@ def test_rows_are_independent(bits: int, group: int) -> None:
 
 @pytest.mark.parametrize("bits,group", CASES)
 def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) -> None:
-    """Where the CPU has AVX-512 VNNI its blocks run; the AVX2 ones (what other CPUs
-    run) are built apart and checked here: the same integer products, summed in
-    another order, and a row's result independent of the rows beside it."""
+    """Where the CPU has AVX-512 VNNI its tiles run from 4 rows on; the AVX2 blocks
+    (what other CPUs run) are built apart and checked here: the same integers and the
+    same float operations in the same order, so the same bits (AMX aside), and a row's
+    result independent of the rows beside it. 40 rows of W: two 16-row tiles and a
+    partial one."""
     avx2 = qgemv.load(avx2=True)
     assert avx2 is not None
-    w_k, scale, offset, _ = _operands(24, 384, bits, group, seed=7)
-    weight = Operands(w_k, bits, scale, offset, group)
+    w_k, scale, offset, _ = _operands(40, 384, bits, group, seed=7)
+    weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(40)
     x = torch.randn(13, 384)
-    whole = avx2(x, weight)
-    torch.testing.assert_close(whole, KERNEL(x, weight), rtol=1e-5, atol=1e-4)
-    assert torch.equal(torch.cat([avx2(row[None], weight) for row in x]), whole)
+    whole = avx2(x, weight, bias)
+    if KERNEL.amx:
+        torch.testing.assert_close(whole, KERNEL(x, weight, bias), rtol=1e-5, atol=1e-4)
+    else:
+        assert torch.equal(whole, KERNEL(x, weight, bias))
+    assert torch.equal(torch.cat([avx2(row[None], weight, bias) for row in x]), whole)
 
 
 @pytest.mark.parametrize("tiles", ["cpu", "emulated"])

@@ -24,10 +24,12 @@
  * The rounding of x (half a step of max|x|/127 per input) is the error this adds.
  *
  * The same kernel serves one row (decode) and hundreds (a batch, a prefill chunk): the
- * weights of a block of 8 rows of W are unpacked once per chunk for several rows of x
- * (4 in block8; 8 in block8_z, for int4 with AVX-512 VNNI), and a row of x goes
- * through the same operations whatever the rows beside it, so that a request's result
- * does not depend on what shares its step. Where the CPU has AMX-INT8, calls of
+ * weights of a block of 8 rows of W are unpacked once per chunk for two rows of x
+ * (block8, AVX2), or, with AVX-512 VNNI, a tile of 16 rows of W is transposed once for
+ * every row of x (tile16). Each row of x goes through the same
+ * arithmetic whichever runs it and whatever the rows beside it (see "The arithmetic
+ * every block below shares"), so that a request's result does not depend on what shares
+ * its step. Where the CPU has AMX-INT8, calls of
  * AMX_MIN_ROWS rows or more go to qgemm_amx.c instead: the same quantized x and the
  * same integer products on AMX tiles, summed in another order.
  *
@@ -125,21 +127,28 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
 #define FS 8
 
 #ifdef __AVX2__
-/* One 64-input chunk c of a row of W against `nrows` (1 or 2) rows of x, added into
- * acc[r][slot] (or acc[r][0] / acc[r][1] for the two halves of group 32, which have
- * factors of their own): acc += dot(q[c], xq[c]) * f[c], f[c] = xd[c] * scale[g(c)],
- * the factors FS apart (block8 keeps them for its 8 rows side by side).
- * The weights are loaded and unpacked once for both rows. Products are int16 pair sums
- * (vpmaddubsw: 32 multiply-adds in one instruction; it wants one unsigned operand, so
- * int8 weights give |w| and each row of x takes w's sign; a pair is at most
- * 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones), then fp32. */
-static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int slot, int nrows,
-                                                        const uint8_t *w, int bits, int halves,
-                                                        const float *fa, const float *fb,
-                                                        const int8_t *xa, const int8_t *xb,
-                                                        int c) {
-    const uint8_t *wc = w + (size_t)c * QB * bits / 8;
-    __m256i w0, w1, s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+/* The arithmetic every block below shares, so that a row of x gets the same bits from
+ * each of them whatever the rows beside it (and from one row to the next call):
+ *   - a unit is a 32-input half of a chunk for group 32, else a whole 64-input chunk;
+ *   - I[m, n, u] = dot(q[n, u], xq[m, u]), exact in int32 (however the lanes split it);
+ *   - F[m, n, u] = xd[m, chunk] * scale[n, group] in fp32 (xd alone with a row scale);
+ *   - v = fma(float(I), F, v) over the units in order, from 0: one chain per output;
+ *   - the epilogue (store8): y = v * row scale + bias + sum_g offset[n, g] * xsum[m, g].
+ * Only the order of integer additions differs between the blocks, and that is exact. */
+
+/* The integer partial sums of one chunk of a row of W (its bytes at wc) against `nrows`
+ * (1 or 2, a constant once inlined) rows of x: d[r][h], 8 int32 lanes for each half h
+ * (group 32), or d[r][0] for the whole chunk; a unit's dot product is the sum of its
+ * lanes. The weights are loaded and unpacked once for both rows. Without VNNI, products
+ * are int16 pair sums (vpmaddubsw: 32 multiply-adds in one instruction; it wants one
+ * unsigned operand, so int8 weights give |w| and each row of x takes w's sign; a pair
+ * is at most 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones). */
+static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][2], int nrows,
+                                                             const uint8_t *wc, int bits,
+                                                             int halves, const int8_t *xa,
+                                                             const int8_t *xb) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i w0, w1, s0 = zero, s1 = zero;
     if (bits == 4) { /* byte j: input j in the low nibble, j + 32 in the high one */
         const __m256i low = _mm256_set1_epi8(0x0f);
         const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
@@ -152,8 +161,7 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
         w1 = _mm256_abs_epi8(s1);
     }
     for (int r = 0; r < nrows; r++) {
-        const int8_t *xc = (r ? xb : xa) + c * QB;
-        const float *f = r ? fb : fa;
+        const int8_t *xc = r ? xb : xa;
         __m256i x0 = _mm256_loadu_si256((const __m256i *)xc);
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(xc + 32));
         if (bits == 8) {
@@ -161,55 +169,71 @@ static inline __attribute__((always_inline)) void chunk(__m256 acc[2][2], int sl
             x1 = _mm256_sign_epi8(x1, s1);
         }
 #ifdef DPBUSD
-        /* VNNI: each half's 32 multiply-adds straight into int32 lanes, one instruction
-         * (the same integers as the two-step AVX2 sum below: no pair saturates there) */
-        const __m256i zero = _mm256_setzero_si256();
         if (halves) {
-            const __m256 p0 = _mm256_cvtepi32_ps(DPBUSD(zero, w0, x0));
-            const __m256 p1 = _mm256_cvtepi32_ps(DPBUSD(zero, w1, x1));
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
+            d[r][0] = DPBUSD(zero, w0, x0);
+            d[r][1] = DPBUSD(zero, w1, x1);
         } else {
-            const __m256i p = DPBUSD(DPBUSD(zero, w0, x0), w1, x1);
-            acc[r][slot] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
+            d[r][0] = DPBUSD(DPBUSD(zero, w0, x0), w1, x1);
         }
 #else
         const __m256i ones = _mm256_set1_epi16(1);
         const __m256i h0 = _mm256_maddubs_epi16(w0, x0), h1 = _mm256_maddubs_epi16(w1, x1);
         if (halves) {
-            const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h0, ones));
-            const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(h1, ones));
-            /* each half on its own chain: one FMA per chain per chunk (FMA latency,
-             * not arithmetic, set the pace with two on one chain) */
-            acc[r][0] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(f + FS * 2 * c), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(f + FS * (2 * c + 1)), acc[r][1]);
+            d[r][0] = _mm256_madd_epi16(h0, ones);
+            d[r][1] = _mm256_madd_epi16(h1, ones);
         } else { /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow */
-            const __m256i p = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
-                                        : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
-                                                           _mm256_madd_epi16(h1, ones));
-            acc[r][slot] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + FS * c), acc[r][slot]);
+            d[r][0] = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
+                                : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
+                                                   _mm256_madd_epi16(h1, ones));
         }
 #endif
     }
 }
 
-/* The chunks of one row of W against `nrows` (1 or 2, a constant once inlined) rows of
- * x, into four chains: acc[row][even/odd chunk], or acc[row][half] for group 32. One
- * row alone sums in the order two rows do, so a row's result does not depend on the
- * rows beside it. */
-static inline __attribute__((always_inline)) void row_chunks(__m256 acc[2][2], int nrows,
-                                                             const uint8_t *w, int bits,
-                                                             int halves, const float *fa,
-                                                             const float *fb, const int8_t *xa,
-                                                             const int8_t *xb, int nc) {
-    int c = 0;
-    for (; c + 1 < nc; c += 2) {
-        chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
-        chunk(acc, 1, nrows, w, bits, halves, fa, fb, xa, xb, c + 1);
+/* The lane sums of a[0..7], as lane i of the result (the integer sum8). */
+static inline __m256i sum8i(const __m256i a[8]) {
+    const __m256i s01 = _mm256_hadd_epi32(a[0], a[1]), s23 = _mm256_hadd_epi32(a[2], a[3]);
+    const __m256i s45 = _mm256_hadd_epi32(a[4], a[5]), s67 = _mm256_hadd_epi32(a[6], a[7]);
+    const __m256i s0123 = _mm256_hadd_epi32(s01, s23), s4567 = _mm256_hadd_epi32(s45, s67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                            _mm256_permute2x128_si256(s0123, s4567, 0x31));
+}
+
+/* v[r] (8 lanes: the block's rows of W) for `nrows` (a constant) rows of x, xa and xb,
+ * their chunk scales da and db: each row of W (wi[i]) once for both rows of x, chunk
+ * after chunk (one stream at a time, as the prefetcher likes), its units' lane sums kept
+ * in lanes (nu, 8, 8 int32 per row of x); then per unit one transpose-add (sum8i) into a
+ * vector of 8 dot products, folded into v by the shared arithmetic. sf: the block's fp32
+ * scales, (ng, 8). */
+static inline __attribute__((always_inline)) void rows8(__m256 v[2], int nrows,
+                                                        const uint8_t *const wi[8], int bits,
+                                                        int halves, int per_row, const float *sf,
+                                                        const int *gi, const int8_t *xa,
+                                                        const int8_t *xb, const float *da,
+                                                        const float *db, int nc,
+                                                        __m256i *lanes) {
+    const size_t chunk_bytes = (size_t)QB * bits / 8;
+    const int nu = halves ? 2 * nc : nc;
+    for (int i = 0; i < 8; i++)
+        for (int c = 0; c < nc; c++) {
+            __m256i d[2][2];
+            chunk_dots(d, nrows, wi[i] + c * chunk_bytes, bits, halves, xa + c * QB,
+                       xb + c * QB);
+            for (int r = 0; r < nrows; r++)
+                for (int h = 0; h <= halves; h++)
+                    lanes[((size_t)r * nu + (halves ? 2 * c + h : c)) * 8 + i] = d[r][h];
+        }
+    v[0] = v[1] = _mm256_setzero_ps();
+    for (int r = 0; r < nrows; r++) {
+        const float *dr = r ? db : da;
+        for (int u = 0; u < nu; u++) {
+            const int c = halves ? u / 2 : u, g = halves ? u : gi[c];
+            const __m256 xdc = _mm256_broadcast_ss(dr + c);
+            const __m256 f = per_row ? xdc : _mm256_mul_ps(xdc, _mm256_loadu_ps(sf + FS * g));
+            const __m256i dots = sum8i(lanes + ((size_t)r * nu + u) * 8);
+            v[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), f, v[r]);
+        }
     }
-    if (c < nc) chunk(acc, 0, nrows, w, bits, halves, fa, fb, xa, xb, c);
 }
 
 /* 8 consecutive metadata values from element i, fp16 (f16 = 1) or fp32. */
@@ -227,17 +251,40 @@ static inline __m256 offset8(const void *scale, const void *offset, size_t i, in
     return _mm256_mul_ps(load_meta8(scale, i, 1), _mm256_sub_ps(_mm256_set1_ps(code_base(bits)), zf));
 }
 
-/* One row of x's outputs for a block of 8 rows of W (`rows` of them real), from the
- * block's per-row dot accumulators: y[at .. at + rows - 1] = sum8(dots) * row_scale + b
- * + sum_g of[:, g] * xs[g], in fp32 or bf16. */
-static inline void store8(const __m256 dots[8], __m256 row_scale, __m256 b, const float *of,
-                          const float *xs, int ng, int rows, size_t at, void *y, int y_bf16) {
-    __m256 v = _mm256_fmadd_ps(sum8(dots), row_scale, b);
+/* What the epilogue needs of a block of 8 rows of W (`rows` of them real): the row
+ * scales (1 unless one scale covers a row), the bias, and the offsets in fp32, (ng, 8);
+ * with the scales in fp32 too, (ng, 8), for the units' factors. */
+typedef struct {
+    __m256 row_scale, bias;
+    int rows;
+} Block8;
+
+static inline Block8 block8_meta(const void *scale, const void *offset, int meta, int bits,
+                                 int ng, int per_row, const float *bias, int n0, int rows,
+                                 float *sf, float *of) {
+    const int m16 = meta != META_F32;
+    float tail[8];
+    for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
+    for (int g = 0; g < ng; g++) {
+        _mm256_storeu_ps(sf + FS * g, load_meta8(scale, FS * g, m16));
+        _mm256_storeu_ps(of + FS * g, offset8(scale, offset, FS * g, meta, bits));
+    }
+    const Block8 b = {per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f),
+                      _mm256_loadu_ps(tail), rows};
+    return b;
+}
+
+/* One row of x's outputs for a block of 8 rows of W, from its accumulated v:
+ * y[at .. at + rows - 1] = v * row_scale + bias + sum_g of[:, g] * xs[g], in fp32 or
+ * bf16. */
+static inline void store8(__m256 v, const Block8 *blk, const float *of, const float *xs, int ng,
+                          size_t at, void *y, int y_bf16) {
+    v = _mm256_fmadd_ps(v, blk->row_scale, blk->bias);
     for (int g = 0; g < ng; g++)
         v = _mm256_fmadd_ps(_mm256_loadu_ps(of + FS * g), _mm256_broadcast_ss(xs + g), v);
     float out[8];
     _mm256_storeu_ps(out, v);
-    for (int i = 0; i < rows; i++) {
+    for (int i = 0; i < blk->rows; i++) {
         if (y_bf16)
             ((uint16_t *)y)[at + i] = f32_to_bf16(out[i]);
         else
@@ -246,231 +293,303 @@ static inline void store8(const __m256 dots[8], __m256 row_scale, __m256 b, cons
 }
 
 /* y[m, n0 .. n0 + 7] for a block of 8 rows of W (`rows` of them real) and every row m of
- * x, two rows of x at a time (`chunk`: each chunk of W unpacked once for both; four
- * accumulator chains, so that FMA latency does not set the pace: int4 group 32 at 16
- * rows, 669 -> 520 us for 3072 x 576 on 2 threads). scale and offset are the block's
- * (K / group, 8) slices of the blocked layouts, so the rest is vector operations over
- * the block's 8 rows: the factors, the offsets (from zero points: once per block), the
- * row scales, the bias and the epilogue
- *   y = sum8(row dots) [* row scales] + bias + sum_g offset[:, g] * xsum[m, g]
- * (sum8, one transpose-add for the 8 rows: a horizontal sum per row cost as much as a
- * row's dot products at K = 576). */
+ * x, two rows of x at a time (rows8). scale and offset are the block's (K / group, 8)
+ * slices of the blocked layouts, so the factors, offsets and epilogue are vector
+ * operations over the block's 8 rows, and one transpose-add (sum8i) per unit turns the
+ * rows' lane sums into a vector of 8 dot products (a horizontal sum per row would cost
+ * as much as the row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng,
     const void *offset, int meta, const int8_t *xq, const float *xd, const float *xsum, int M,
     int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
-    const int nc = K / QB, m16 = meta != META_F32;
+    const int nc = K / QB;
     const int per_row = !halves && gi[nc - 1] == 0; /* one scale for the whole row */
-    const int nf = halves ? 2 * nc : nc;             /* factors: per chunk, or per half */
-    float tail[8];
-    for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
-    const __m256 b = _mm256_loadu_ps(tail);
-    const __m256 row_scale = per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f);
-    /* The block's offsets in fp32, (ng, 8): fp32 ones as stored, others widened or made
-     * from the zero points once for every row of x. */
-    float made[meta == META_F32 ? 1 : FS * ng];
-    const float *of = meta == META_F32 ? (const float *)offset : made;
-    if (meta != META_F32)
-        for (int g = 0; g < ng; g++)
-            _mm256_storeu_ps(made + FS * g, offset8(scale, offset, FS * g, meta, bits));
-    /* The factors of two rows of x against the block's rows, (nf, 8): fa[8 j + i] =
-     * xd[m, chunk of j] * scale[n0 + i, group of j] (xd alone with a row scale). */
-    float fa[FS * nf], fb[FS * nf];
+    float sf[FS * ng], of[FS * ng];
+    const Block8 blk = block8_meta(scale, offset, meta, bits, ng, per_row, bias, n0, rows, sf, of);
+    const uint8_t *wi[8]; /* a partial block repeats its first row; those lanes go unstored */
+    for (int i = 0; i < 8; i++) wi[i] = w + (size_t)(i < rows ? i : 0) * w_row;
+    __m256i lanes[2 * 8 * (halves ? 2 * nc : nc)]; /* rows8's, for two rows of x */
     for (int m = 0; m < M; m += 2) {
-        const int two = m + 1 < M;
-        const int8_t *xa = xq + (size_t)m * K, *xb = two ? xa + K : xa;
-        const float *da = xd + (size_t)m * nc, *db = two ? da + nc : da;
-        for (int j = 0; j < nf; j++) {
-            const int c = halves ? j / 2 : j;
-            const __m256 s =
-                per_row ? _mm256_set1_ps(1.0f) : load_meta8(scale, FS * (halves ? j : gi[j]), m16);
-            _mm256_storeu_ps(fa + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(da + c), s));
-            if (two) _mm256_storeu_ps(fb + FS * j, _mm256_mul_ps(_mm256_broadcast_ss(db + c), s));
-        }
-        __m256 acc_a[8], acc_b[8];
-        for (int i = 0; i < 8; i++) {
-            acc_a[i] = acc_b[i] = _mm256_setzero_ps();
-            if (i >= rows) continue;
-            const uint8_t *wi = w + (size_t)i * w_row;
-            __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()},
-                                {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-            if (two) /* the last row of an odd M goes alone */
-                row_chunks(acc, 2, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
-            else
-                row_chunks(acc, 1, wi, bits, halves, fa + i, fb + i, xa, xb, nc);
-            acc_a[i] = _mm256_add_ps(acc[0][0], acc[0][1]);
-            acc_b[i] = _mm256_add_ps(acc[1][0], acc[1][1]);
-        }
-        for (int r = 0; r <= two; r++)
-            store8(r ? acc_b : acc_a, row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
-                   (size_t)(m + r) * N + n0, y, y_bf16);
+        const int8_t *xa = xq + (size_t)m * K;
+        const float *da = xd + (size_t)m * nc;
+        __m256 v[2];
+        if (m + 1 < M)
+            rows8(v, 2, wi, bits, halves, per_row, sf, gi, xa, xa + K, da, da + nc, nc, lanes);
+        else
+            rows8(v, 1, wi, bits, halves, per_row, sf, gi, xa, xa, da, da, nc, lanes);
+        for (int r = 0; r < 2 && m + r < M; r++)
+            store8(v[r], &blk, of, xsum + (size_t)(m + r) * ng, ng, (size_t)(m + r) * N + n0, y,
+                   y_bf16);
     }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
     !defined(LLMOPT_QGEMV_AVX2) /* a build for testing the AVX2 blocks (qgemv.load) */
-/* int4 on AVX-512 VNNI, for calls of ZMIN_ROWS rows and more: a whole 64-input chunk
- * per instruction, ZMR rows of x per unpacked chunk. A chunk's 32 bytes become 64 codes
- * in input order (low nibbles then high ones, as the layout holds them); one vpdpbusd
- * against a row of x's 64 int8 gives 16 int32 lanes, 0-7 from inputs 0-31 and 8-15
- * from 32-63. The arithmetic is block8's, bit for bit, so that a row's result does not
- * depend on which of the two a call takes: for group 32 the lanes are block8's two
- * half chains side by side (each converted and scaled by its own factor xd * scale);
- * for larger groups the two halves' integer sums are added first, then converted and
- * scaled into block8's two chains of even and odd chunks. */
-#define ZMR 8
-#define ZMIN_ROWS 4 /* fewer rows: block8, faster there and bit for bit the same */
+/* AVX-512 VNNI, for every call: a GEMM micro-kernel whose lanes are 16 rows of W
+ * (outputs) rather than inputs. A tile of 16 rows of W is transposed, each chunk into
+ * 16 vectors (t = 0..15) holding the 16 rows' codes for inputs 4t .. 4t + 3 (as
+ * unsigned bytes: int4 codes are, int8 ones are made so by adding 128); then every row
+ * of x passes over it, one vpdpbusd per vector against x's 4 inputs broadcast, into
+ * int32 accumulators that hold a unit's exact dot products for 16 outputs (int8 then
+ * subtracts 128 times the unit's sum of x). A unit then costs one conversion, one
+ * multiply and one FMA per 16 outputs instead of per output, and the transpose is paid
+ * once for all rows of x (at one row it costs about what block8's per-unit reductions
+ * do). The arithmetic is block8's (the integer sums are exact): a CPU without these
+ * instructions computes the same bits. */
+#define QT_ROWS 8 /* rows of x per register block: 8 int32 and 8 fp32 accumulators */
 
-static inline __m512i q4_chunk(const uint8_t *w, int c) {
-    const uint8_t *wc = w + (size_t)c * 32;
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
-    const __m256i lo = _mm256_and_si256(v, low);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+/* In-lane steps of a 4 x 4 dword transpose over groups of 4 vectors (unpacks, cheaper
+ * than cross-lane permutes): v[4q + j]'s 128-bit lane l then holds dword j of lane l
+ * of v[4q .. 4q + 3]. */
+static inline void transpose4_in_lanes(__m512i *v, int n) {
+    for (int q = 0; q < n; q += 4) {
+        const __m512i t0 = _mm512_unpacklo_epi32(v[q], v[q + 1]);
+        const __m512i t1 = _mm512_unpackhi_epi32(v[q], v[q + 1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(v[q + 2], v[q + 3]);
+        const __m512i t3 = _mm512_unpackhi_epi32(v[q + 2], v[q + 3]);
+        v[q] = _mm512_unpacklo_epi64(t0, t2);
+        v[q + 1] = _mm512_unpackhi_epi64(t0, t2);
+        v[q + 2] = _mm512_unpacklo_epi64(t1, t3);
+        v[q + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
 }
 
-/* x's rows for z_rows, packed by blocks of ZMR rows: block b holds, per chunk c, the
- * ZMR rows' 64 int8 one after the other ((nc, ZMR, 64) bytes), and their activation
- * scales ((nc, ZMR) floats), so that one pointer and constant offsets reach them all. */
-static void pack_x(const int8_t *xq, const float *xd, int M, int K, int8_t *xp, float *dp) {
-    const int nc = K / QB;
-    for (int m = 0; m < M; m++)
-        for (int c = 0; c < nc; c++) {
-            const size_t at = ((size_t)(m / ZMR) * nc + c) * ZMR + m % ZMR;
-            memcpy(xp + at * QB, xq + (size_t)m * K + (size_t)c * QB, QB);
-            dp[at] = xd[(size_t)m * nc + c];
+/* Chunk c of the tile's 16 rows (wr[i]) into out[t], t = 0..15: lane i holds row i's
+ * codes for inputs 4t .. 4t + 3. int8: vector i is row i's 16 dwords; 4 x 4 blocks are
+ * transposed in lanes, then two levels of 128-bit lane shuffles (0x88: lanes 0 and 2 of
+ * each source, 0xdd: lanes 1 and 3) gather them. int4: the packed bytes are transposed
+ * before they are unpacked (half the data): vector p holds two rows' 8 dwords (rows p
+ * and p + 4, or p + 4 and p + 8 from p = 4, so that the lanes come out in row order;
+ * dword t packs inputs 4t .. 4t + 3 and 32 + 4t .. 32 + 4t + 3), one shuffle level
+ * gathers, and vector t's low nibbles are then out[t], its high ones out[8 + t]. */
+static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int c,
+                                   __m512i out[16]) {
+    if (bits == 8) {
+        __m512i v[16], h[16];
+        for (int i = 0; i < 16; i++) /* q - 128 as stored, to the code q */
+            v[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr[i] + (size_t)c * QB)),
+                                    _mm512_set1_epi8((char)0x80));
+        transpose4_in_lanes(v, 16);
+        for (int half = 0; half < 2; half++)
+            for (int j = 0; j < 4; j++) {
+                const __m512i a = v[8 * half + j], b = v[8 * half + 4 + j];
+                h[8 * half + j] = _mm512_shuffle_i32x4(a, b, 0x88);
+                h[8 * half + 4 + j] = _mm512_shuffle_i32x4(a, b, 0xdd);
+            }
+        for (int j = 0; j < 8; j++) {
+            out[j] = _mm512_shuffle_i32x4(h[j], h[8 + j], 0x88);
+            out[8 + j] = _mm512_shuffle_i32x4(h[j], h[8 + j], 0xdd);
+        }
+        return;
+    }
+    __m512i z[8];
+    for (int p = 0; p < 8; p++) {
+        const int a = p < 4 ? p : p + 4; /* rows a and a + 4 */
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(wr[a] + (size_t)c * 32));
+        const __m256i hi = _mm256_loadu_si256((const __m256i *)(wr[a + 4] + (size_t)c * 32));
+        z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    transpose4_in_lanes(z, 8);
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int j = 0; j < 4; j++)
+        for (int odd = 0; odd < 2; odd++) {
+            const int t = 4 * odd + j;
+            const __m512i g = _mm512_shuffle_i32x4(z[j], z[4 + j], odd ? 0xdd : 0x88);
+            out[t] = _mm512_and_si512(g, low);
+            out[8 + t] = _mm512_and_si512(_mm512_srli_epi16(g, 4), low);
         }
 }
 
-/* One row of W (its chunks at w, its fp32 scales at sf, FS apart per group) against
- * `nrows` rows of a packed block of x (a constant once inlined): for group 32 into
- * acc[r] (16 lanes: both halves), else into chains[r][c % 2] (8 lanes). */
-static inline __attribute__((always_inline)) void z_rows(__m512 acc[ZMR],
-                                                         __m256 chains[ZMR][2], int nrows,
-                                                         const uint8_t *w, int halves,
-                                                         int per_row, const float *sf,
-                                                         const int *gi, const int8_t *xb,
-                                                         const float *db, int nc) {
+/* Software prefetch of the next tile, its weights a share per chunk and its metadata
+ * at the start: the transpose reads 16 rows side by side, and the metadata all at once,
+ * patterns the hardware prefetcher does not follow, and with one row of x the
+ * arithmetic is too short to hide a miss. (An asm statement: GCC drops the
+ * __builtin_prefetch of these loops.) */
+static inline void prefetch(const char *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) __asm__ volatile("prefetcht0 %0" : : "m"(*(p + o)));
+}
+
+typedef struct {
+    const char *at; /* the next tile's weights, or NULL past the end */
+    size_t per_chunk, bytes;
+} Ahead;
+
+static inline void prefetch_share(Ahead a, int c) {
+    const size_t from = (size_t)c * a.per_chunk;
+    if (a.at && from < a.bytes)
+        prefetch(a.at + from, a.bytes - from < a.per_chunk ? a.bytes - from : a.per_chunk);
+}
+
+/* v[r] (16 lanes: the tile's rows of W) for `nr` (a constant) rows of x from xq (row
+ * stride K) and their chunk scales xd (row stride nc): per unit, the int32 dot products
+ * over the unit's vectors of the transposed tile (wt, or with wr, the tile's rows, each
+ * chunk transposed here as the pass reaches it), then block8's factor and FMA. sv: the
+ * tile's fp32 scales per group, (ng, 16); xi: for int8, each row's sums of xq per unit
+ * (row stride nu). */
+static inline __attribute__((always_inline)) void tile_pass(
+    __m512 v[QT_ROWS], int nr, const __m512i *wt, const uint8_t *const *wr, Ahead ahead,
+    int bits, int halves, int per_row, const __m512 *sv, const int *gi, const int8_t *xq,
+    const float *xd, const int32_t *xi, int K, int nc) {
+    const int nu = halves ? 2 * nc : nc;
+    for (int r = 0; r < nr; r++) v[r] = _mm512_setzero_ps();
     for (int c = 0; c < nc; c++) {
-        const __m512i wq = q4_chunk(w, c);
-        const int8_t *xc = xb + (size_t)c * ZMR * QB;
-        const float *dc = db + (size_t)c * ZMR;
-        if (halves) {
-            const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(sf[FS * 2 * c]),
-                                                 _mm256_set1_ps(sf[FS * (2 * c + 1)]), 1);
-            for (int r = 0; r < nrows; r++) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(xc + r * QB));
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
-                const __m512 f = _mm512_mul_ps(_mm512_set1_ps(dc[r]), sv);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc[r]);
-            }
-        } else {
-            const float s = per_row ? 1.0f : sf[FS * gi[c]];
-            for (int r = 0; r < nrows; r++) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(xc + r * QB));
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
-                const __m256i p8 = _mm256_add_epi32(_mm512_castsi512_si256(p),
-                                                    _mm512_extracti64x4_epi64(p, 1));
-                const __m256 f = _mm256_set1_ps(dc[r] * s);
-                chains[r][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p8), f, chains[r][c & 1]);
-            }
+        __m512i own[16];
+        const __m512i *wc = wt + (size_t)c * 16;
+        if (wr) { /* fused: this chunk transposed here */
+            prefetch_share(ahead, c);
+            transpose_chunk(wr, bits, c, own);
+            wc = own;
         }
-    }
-}
-
-/* block8 for int4 on AVX-512 VNNI (z_rows), the same layouts and epilogue; x packed by
- * pack_x. (int8 stays on the AVX2 blocks: with 64 bytes a chunk, a single row runs
- * slower here.) */
-static inline __attribute__((always_inline)) void block8_z(
-    const uint8_t *w, size_t w_row, int halves, const void *scale, int ng, const void *offset,
-    int meta, const int8_t *xp, const float *dp, const float *xsum, int M, int K,
-    const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
-    const int nc = K / QB, m16 = meta != META_F32;
-    const int per_row = !halves && gi[nc - 1] == 0;
-    float tail[8];
-    for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
-    const __m256 b = _mm256_loadu_ps(tail);
-    const __m256 row_scale = per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f);
-    /* The block's scales and offsets in fp32, (ng, 8), once for every row of x. */
-    float sf[FS * ng], of[FS * ng];
-    for (int g = 0; g < ng; g++) {
-        _mm256_storeu_ps(sf + FS * g, load_meta8(scale, FS * g, m16));
-        _mm256_storeu_ps(of + FS * g, offset8(scale, offset, FS * g, meta, 4));
-    }
-    for (int m = 0; m < M; m += ZMR) {
-        const int nr = M - m < ZMR ? M - m : ZMR;
-        const int8_t *xb = xp + (size_t)m * K; /* block m / ZMR: (nc, ZMR, 64) */
-        const float *db = dp + (size_t)m * nc;
-        __m256 sums[ZMR][8];
-        for (int i = 0; i < 8; i++) {
-            __m512 acc[ZMR];
-            __m256 chains[ZMR][2];
-            for (int r = 0; r < ZMR; r++) {
-                acc[r] = _mm512_setzero_ps();
-                chains[r][0] = chains[r][1] = _mm256_setzero_ps();
-            }
-            if (i < rows) {
-                const uint8_t *wi = w + (size_t)i * w_row;
-                switch (nr) { /* constant row counts: each its own unrolled loop */
-#define Z_ROWS(R) z_rows(acc, chains, R, wi, halves, per_row, sf + i, gi, xb, db, nc)
-                case 8: Z_ROWS(8); break;
-                case 7: Z_ROWS(7); break;
-                case 6: Z_ROWS(6); break;
-                case 5: Z_ROWS(5); break;
-                case 4: Z_ROWS(4); break;
-                case 3: Z_ROWS(3); break;
-                case 2: Z_ROWS(2); break;
-                default: Z_ROWS(1); break;
-#undef Z_ROWS
+        const int8_t *xc = xq + (size_t)c * QB;
+        for (int h = 0; h <= halves; h++) {
+            __m512i acc[QT_ROWS];
+            for (int r = 0; r < nr; r++) acc[r] = _mm512_setzero_si512();
+            const int t0 = halves ? 8 * h : 0, t1 = halves ? t0 + 8 : 16;
+#pragma GCC unroll 16 /* unrolled, the accumulators stay put (rolled, GCC copies them) */
+            for (int t = t0; t < t1; t++) {
+                const __m512i wv = _mm512_load_si512(wc + t);
+                for (int r = 0; r < nr; r++) {
+                    int32_t x4; /* inputs 4t .. 4t + 3 of row r, broadcast */
+                    memcpy(&x4, xc + (size_t)r * K + 4 * t, 4);
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], wv, _mm512_set1_epi32(x4));
                 }
             }
-            for (int r = 0; r < nr; r++) /* block8's acc[0] + acc[1] */
-                sums[r][i] = halves ? _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
-                                                    _mm512_extractf32x8_ps(acc[r], 1))
-                                    : _mm256_add_ps(chains[r][0], chains[r][1]);
+            const __m512 s = sv[halves ? 2 * c + h : gi[c]];
+            const int u = halves ? 2 * c + h : c;
+            if (bits == 8) /* the codes were q, the weights q - 128 */
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm512_sub_epi32(acc[r],
+                                              _mm512_set1_epi32(128 * xi[(size_t)r * nu + u]));
+            for (int r = 0; r < nr; r++) {
+                const __m512 xdc = _mm512_set1_ps(xd[(size_t)r * nc + c]);
+                const __m512 f = per_row ? xdc : _mm512_mul_ps(xdc, s);
+                v[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), f, v[r]);
+            }
         }
-        for (int r = 0; r < nr; r++)
-            store8(sums[r], row_scale, b, of, xsum + (size_t)(m + r) * ng, ng, rows,
-                   (size_t)(m + r) * N + n0, y, y_bf16);
     }
 }
-#define HAVE_BLOCK8_Z 1
+
+/* y[m, n0 .. n0 + 15] for a tile of up to 16 rows of W and every row of x (layouts and
+ * epilogue as block8's, whose 8-row metadata slices the tile's two halves are). */
+static inline __attribute__((always_inline)) void tile16(
+    const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, const void *offset,
+    int meta, int ng, const int8_t *xq, const float *xd, const float *xsum, const int32_t *xi,
+    int M, int K, const int *gi, const float *bias, int n0, int N, void *y, int y_bf16,
+    __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
+    const int nc = K / QB, rows = N - n0 < 16 ? N - n0 : 16;
+    const int per_row = !halves && gi[nc - 1] == 0;
+    const uint8_t *wr[16]; /* a partial tile repeats its first row; those lanes go unstored */
+    for (int i = 0; i < 16; i++) wr[i] = w + (size_t)(n0 + (i < rows ? i : 0)) * w_row;
+    /* One pass of x's rows (M <= QT_ROWS, decode) transposes each chunk as it goes,
+     * so that loading the weights overlaps the arithmetic; more passes transpose the
+     * whole tile first, once for all of them. */
+    const int fused = M <= QT_ROWS;
+    const size_t tile_bytes = 16 * w_row, end = (size_t)N * w_row;
+    const size_t ahead_at = (size_t)(n0 + 16) * w_row;
+    const Ahead ahead = {ahead_at < end ? (const char *)w + ahead_at : NULL,
+                         (tile_bytes / nc + 63) / 64 * 64,
+                         end - ahead_at < tile_bytes ? end - ahead_at : tile_bytes};
+    if (ahead.at) { /* the next tile's scales and offsets: ng values per row */
+        const int next = N - n0 - 16 < 16 ? N - n0 - 16 : 16;
+        const size_t at = (size_t)(n0 + 16) * ng, n = (size_t)next * ng;
+        const size_t ss = meta ? 2 : 4, os = meta == META_ZERO ? 1 : ss;
+        prefetch((const char *)scale + at * ss, n * ss);
+        prefetch((const char *)offset + at * os, n * os);
+    }
+    if (!fused)
+        for (int c = 0; c < nc; c++) {
+            prefetch_share(ahead, c);
+            transpose_chunk(wr, bits, c, wt + (size_t)c * 16);
+        }
+    Block8 blk[2];
+    __m512 sv[ng];         /* the tile's scales per group, fp32 */
+    float of[2 * FS * ng]; /* its two blocks' offsets, (ng, 8) each */
+    float sf[2][FS * ng];
+    const int nb = rows > 8 ? 2 : 1;
+    for (int b = 0; b < nb; b++) {
+        const size_t at = (size_t)(n0 + 8 * b) * ng; /* the block's metadata slices */
+        blk[b] = block8_meta((const char *)scale + at * (meta ? 2 : 4),
+                             (const char *)offset + at * (meta == META_ZERO ? 1 : meta ? 2 : 4),
+                             meta, bits, ng, per_row, bias, n0 + 8 * b,
+                             rows - 8 * b < 8 ? rows - 8 * b : 8, sf[b], of + b * FS * ng);
+    }
+    for (int g = 0; g < ng; g++) {
+        const __m256 s0 = _mm256_loadu_ps(sf[0] + FS * g);
+        const __m256 s1 = nb > 1 ? _mm256_loadu_ps(sf[1] + FS * g) : s0;
+        sv[g] = _mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1);
+    }
+    for (int m = 0; m < M; m += QT_ROWS) {
+        const int nr = M - m < QT_ROWS ? M - m : QT_ROWS;
+        const int8_t *xm = xq + (size_t)m * K;
+        const float *dm = xd + (size_t)m * nc;
+        const int32_t *im = xi ? xi + (size_t)m * (halves ? 2 * nc : nc) : NULL;
+        __m512 v[QT_ROWS];
+        switch (nr) { /* constant row counts: each its own unrolled loop */
+#define QT_PASS(R) \
+    tile_pass(v, R, wt, fused ? wr : NULL, ahead, bits, halves, per_row, sv, gi, xm, dm, im, \
+              K, nc)
+        case 8: QT_PASS(8); break;
+        case 7: QT_PASS(7); break;
+        case 6: QT_PASS(6); break;
+        case 5: QT_PASS(5); break;
+        case 4: QT_PASS(4); break;
+        case 3: QT_PASS(3); break;
+        case 2: QT_PASS(2); break;
+        default: QT_PASS(1); break;
+#undef TILE_ROWS_
+        }
+        for (int r = 0; r < nr; r++) {
+            const float *xs = xsum + (size_t)(m + r) * ng;
+            const size_t at = (size_t)(m + r) * N + n0;
+            store8(_mm512_castps512_ps256(v[r]), &blk[0], of, xs, ng, at, y, y_bf16);
+            if (nb > 1)
+                store8(_mm512_extractf32x8_ps(v[r], 1), &blk[1], of + FS * ng, xs, ng,
+                       at + 8, y, y_bf16);
+        }
+    }
+}
+#define HAVE_TILE16 1
 #endif
 #else
+/* Without AVX2: the same arithmetic one output at a time. */
 static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
                           const void *scale, int ng, const void *offset, int meta,
                           const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                           const int *gi, const float *bias, int rows, int n0, int N, void *y,
                           int y_bf16) {
     const int nc = K / QB, m16 = meta != META_F32;
+    const int per_row = !halves && gi[nc - 1] == 0;
     for (int m = 0; m < M; m++) {
         for (int i = 0; i < rows; i++) {
             const uint8_t *wn = w + (size_t)i * w_row;
-            float acc = 0.0f;
+            float v = 0.0f;
             for (int c = 0; c < nc; c++) {
-                for (int half = 0; half < 2; half++) {
-                    int32_t dot = 0;
+                int32_t dot[2] = {0, 0}; /* the chunk's halves */
+                for (int half = 0; half < 2; half++)
                     for (int j = 0; j < 32; j++) {
                         const int k = c * QB + half * 32 + j;
                         const int q = bits == 4 ? (wn[c * 32 + j] >> (4 * half)) & 15
                                                 : ((const int8_t *)wn)[k];
-                        dot += q * xq[(size_t)m * K + k];
+                        dot[half] += q * xq[(size_t)m * K + k];
                     }
-                    const int g = halves ? 2 * c + half : gi[c];
-                    acc += load_meta(scale, FS * g + i, m16) * xd[m * nc + c] * (float)dot;
+                const float xdc = xd[(size_t)m * nc + c];
+                for (int h = 0; h <= halves; h++) {
+                    const int32_t unit = halves ? dot[h] : dot[0] + dot[1];
+                    const int g = halves ? 2 * c + h : gi[c];
+                    const float f = per_row ? xdc : xdc * load_meta(scale, FS * g + i, m16);
+                    v = fmaf((float)unit, f, v);
                 }
             }
+            v = fmaf(v, per_row ? load_meta(scale, i, m16) : 1.0f, bias ? bias[n0 + i] : 0.0f);
             for (int g = 0; g < ng; g++)
-                acc += (meta == META_ZERO ? zero_offset(scale, offset, FS * g + i, bits)
-                                          : load_meta(offset, FS * g + i, m16)) *
-                       xsum[(size_t)m * ng + g];
-            acc += bias ? bias[n0 + i] : 0.0f;
+                v = fmaf(meta == META_ZERO ? zero_offset(scale, offset, FS * g + i, bits)
+                                           : load_meta(offset, FS * g + i, m16),
+                         xsum[(size_t)m * ng + g], v);
             const size_t at = (size_t)m * N + n0 + i;
             if (y_bf16)
-                ((uint16_t *)y)[at] = f32_to_bf16(acc);
+                ((uint16_t *)y)[at] = f32_to_bf16(v);
             else
-                ((float *)y)[at] = acc;
+                ((float *)y)[at] = v;
         }
     }
 }
@@ -484,6 +603,102 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
 /* 1 when calls of AMX_MIN_ROWS rows or more run on AMX tiles. */
 int qgemv_amx(void) { return amx_ready(); }
 
+/* The operands of a call once x is quantized (xq, xd, xsum: quantize_row's, per row). */
+typedef struct {
+    const int8_t *xq;
+    const float *xd, *xsum;
+    int M, K, nc, ng, halves;
+    const int *gi;
+    const uint8_t *w;
+    size_t w_row;
+    int bits, meta, N;
+    const void *scale, *offset;
+    const float *bias;
+    void *y;
+    int y_bf16;
+} Call;
+
+#ifdef HAVE_TILE16
+/* Tiles of 16 rows of W, each thread with room for one: W is read from memory once, x
+ * from cache once per tile. */
+static int run_tiles(const Call *a) {
+    const int nc = a->nc, ng = a->ng, nu = a->halves ? 2 * nc : nc, per = a->K / nu;
+    int rc = 0;
+    /* int8: each row's sums of xq per unit (tile_pass' xi) */
+    int32_t *xi = a->bits == 8 ? malloc(sizeof(int32_t) * (size_t)a->M * nu) : NULL;
+    if (a->bits == 8 && !xi) return -1;
+    for (size_t u = 0; xi && u < (size_t)a->M * nu; u++) {
+        int32_t sum = 0;
+        for (int j = 0; j < per; j++) sum += a->xq[u * per + j];
+        xi[u] = sum;
+    }
+#pragma omp parallel reduction(| : rc)
+    {
+        /* one pass of x's rows transposes as it goes (tile16), more keep the tile */
+        __m512i *wt = a->M > QT_ROWS ? aligned_alloc(64, (size_t)nc * 16 * 64) : NULL;
+        const int ok = a->M <= QT_ROWS || wt;
+        if (!ok) rc = -1;
+#pragma omp for schedule(static)
+        for (int n0 = 0; n0 < a->N; n0 += 16) {
+            if (!ok) continue;
+            /* Constant arguments: each case is its own specialised loop. */
+#define TILE16(B, H)                                                                          \
+    tile16(a->w, a->w_row, B, H, a->scale, a->offset, a->meta, ng, a->xq, a->xd, a->xsum, xi, \
+           a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
+            if (a->bits == 4 && a->halves)
+                TILE16(4, 1);
+            else if (a->bits == 4)
+                TILE16(4, 0);
+            else if (a->halves)
+                TILE16(8, 1);
+            else
+                TILE16(8, 0);
+#undef TILE16
+        }
+        free(wt);
+    }
+    free(xi);
+    return rc;
+}
+#else
+/* Rows of W in blocks of 8: the offset terms, scales and sums of 8 rows are then vector
+ * operations, and the offsets of a block lie together (see the layout). A block's
+ * weights stay in cache while every row of x passes over them, so W is read from memory
+ * once however many rows x has. */
+static int run_blocks(const Call *a) {
+    const int ng = a->ng;
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < a->N; n0 += 8) {
+        const int rows = a->N - n0 < 8 ? a->N - n0 : 8;
+        const uint8_t *wb = a->w + n0 * a->w_row;
+        /* the block's slices of the metadata, blocked by 8 rows */
+        const size_t at = (size_t)n0 * ng;
+        const int meta = a->meta;
+        const void *sb = (const char *)a->scale + at * (meta ? 2 : 4);
+        const void *ob = (const char *)a->offset + at * (meta == META_ZERO ? 1 : meta ? 2 : 4);
+        /* Constant arguments: each case is its own specialised loop. */
+#define BLOCK8(B, H, META)                                                                   \
+    block8(wb, a->w_row, B, H, sb, ng, ob, META, a->xq, a->xd, a->xsum, a->M, a->K, a->gi, \
+           a->bias, rows, n0, a->N, a->y, a->y_bf16)
+#define BY_META(B, H)                  \
+    (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
+     : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
+                        : BLOCK8(B, H, META_F32))
+        if (a->bits == 4 && a->halves)
+            BY_META(4, 1);
+        else if (a->bits == 4)
+            BY_META(4, 0);
+        else if (a->halves)
+            BY_META(8, 1);
+        else
+            BY_META(8, 0);
+#undef BY_META
+#undef BLOCK8
+    }
+    return 0;
+}
+#endif
+
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
 int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
           const void *offset, int group, int meta, int N, const float *bias, void *y,
@@ -491,7 +706,7 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     if (M < 1 || K % QB || K % group || !(group == 32 || group % QB == 0) ||
         (bits != 4 && bits != 8) || meta < META_F32 || meta > META_ZERO)
         return -1;
-    const int nc = K / QB, ng = K / group, halves = group == 32;
+    const int nc = K / QB, ng = K / group;
     int8_t *xq = malloc((size_t)M * K);
     float *xd = malloc(sizeof(float) * (size_t)M * (nc + ng));
     if (!xq || !xd) {
@@ -508,92 +723,22 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     for (int m = 0; m < M; m++)
         quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
-    const size_t w_row = (size_t)K * bits / 8;
+    int rc;
     if (M >= AMX_MIN_ROWS && amx_ready()) {
-        const int rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta, N,
-                                 bias, y, y_bf16);
-        free(xq);
-        free(xd);
-        return rc;
-    }
-    int8_t *xp = NULL;
-    float *dp = NULL;
-#ifdef HAVE_BLOCK8_Z
-    if (bits == 4 && M >= ZMIN_ROWS) { /* x packed for z_rows: whole blocks of ZMR rows */
-        const size_t m_pad = (size_t)(M + ZMR - 1) / ZMR * ZMR;
-        /* on cache lines: a 64-byte load across two costs a split */
-        xp = aligned_alloc(64, m_pad * K);
-        dp = malloc(sizeof(float) * m_pad * nc);
-        if (!xp || !dp) {
-            free(xp);
-            free(dp);
-            free(xq);
-            free(xd);
-            return -1;
-        }
-        pack_x(xq, xd, M, K, xp, dp);
-    }
-#endif
-    /* Rows of W in blocks of 8: the offset terms, scales and sums of 8 rows are then
-     * vector operations, and the offsets of a block lie together (see the layout). A
-     * block's weights stay in cache while every row of x passes over them, so W is read
-     * from memory once however many rows x has. */
-#pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += 8) {
-        const int rows = N - n0 < 8 ? N - n0 : 8;
-        const uint8_t *wb = (const uint8_t *)w + n0 * w_row;
-        /* the block's slices of the metadata, blocked by 8 rows */
-        const size_t at = (size_t)n0 * ng;
-        const void *sb = (const char *)scale + at * (meta ? 2 : 4);
-        const void *ob = (const char *)offset + at * (meta == META_ZERO ? 1 : meta ? 2 : 4);
-        /* Constant arguments: each case is its own specialised loop. */
-#define BLOCK8(B, H, META)                                                                      \
-    block8(wb, w_row, B, H, sb, ng, ob, META, xq, xd, xsum, M, K, gi, bias, rows, n0, N, y, \
-           y_bf16)
-#define BY_META(B, H)                  \
-    (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
-     : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
-                        : BLOCK8(B, H, META_F32))
-#ifdef HAVE_BLOCK8_Z
-#define BLOCK8_Z(H, META)                                                                   \
-    block8_z(wb, w_row, H, sb, ng, ob, META, xp, dp, xsum, M, K, gi, bias, rows, n0, N, y, \
-             y_bf16)
-#define BY_META_Z(H)                                 \
-    (meta == META_ZERO  ? BLOCK8_Z(H, META_ZERO) \
-     : meta == META_F16 ? BLOCK8_Z(H, META_F16)  \
-                        : BLOCK8_Z(H, META_F32))
-        if (bits == 4 && M >= ZMIN_ROWS && halves)
-            BY_META_Z(1);
-        else if (bits == 4 && M >= ZMIN_ROWS)
-            BY_META_Z(0);
-        else if (bits == 4 && halves)
-            BY_META(4, 1);
-        else if (bits == 4)
-            BY_META(4, 0);
-        else if (halves) /* int8: the AVX2 blocks (64 bytes a chunk gain nothing here) */
-            BY_META(8, 1);
-        else
-            BY_META(8, 0);
-#undef BY_META_Z
-#undef BLOCK8_Z
+        rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta, N, bias, y,
+                       y_bf16);
+    } else {
+        const Call call = {xq, xd, xsum, M, K, nc, ng, group == 32, gi, (const uint8_t *)w,
+                           (size_t)K * bits / 8, bits, meta, N, scale, offset, bias, y, y_bf16};
+#ifdef HAVE_TILE16
+        rc = run_tiles(&call);
 #else
-        if (bits == 4 && halves)
-            BY_META(4, 1);
-        else if (bits == 4)
-            BY_META(4, 0);
-        else if (halves)
-            BY_META(8, 1);
-        else
-            BY_META(8, 0);
+        rc = run_blocks(&call);
 #endif
-#undef BY_META
-#undef BLOCK8
     }
-    free(xp);
-    free(dp);
     free(xq);
     free(xd);
-    return 0;
+    return rc;
 }
 
 /* W (N, K) in fp32 or bf16 (out_bf16) from qgemv's operands (same layouts), written in
