@@ -346,3 +346,33 @@ def test_chat_file_and_multi_turn_workloads(fake, tmp_path) -> None:
         "--url", fake.url, "--workload", "chat", "--dataset", str(data), "--warmup", "0", "--json"
     )
     assert r.exit_code == 0 and json.loads(r.stdout)["completed"] == 3
+
+
+def test_server_stats_before_the_engine_has_stepped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An llmopt server whose engine never stepped (every request refused) reports 0
+    KV blocks in all: the summary says 0% used instead of dividing by zero."""
+    from llmopt.bench.server_stats import ServerStats
+
+    zeros = {
+        name: 0.0
+        for name in (
+            "llmopt_kv_blocks_total", "llmopt_kv_blocks_used", "llmopt_requests_running",
+            "llmopt_requests_waiting", "llmopt_prefix_cache_hit_tokens_total",
+            "llmopt_prefix_cache_miss_tokens_total",
+        )
+    }  # fmt: skip
+
+    async def read(self: ServerStats, client: httpx.AsyncClient) -> dict[str, float]:
+        return dict(zeros)
+
+    monkeypatch.setattr(ServerStats, "_read", read)
+
+    async def run() -> dict[str, float]:
+        stats = ServerStats(Target("http://127.0.0.1:9", None), interval_s=0.01)
+        stats.start()
+        await asyncio.sleep(0.05)
+        return await stats.stop()
+
+    summary = asyncio.run(run())
+    assert summary["server_peak_kv_blocks_used_fraction"] == 0.0
+    assert summary["server_prefix_cache_hit_rate"] == 0.0

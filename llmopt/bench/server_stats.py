@@ -78,10 +78,12 @@ class ServerStats:
             final["llmopt_prefix_cache_miss_tokens_total"]
             - self.first["llmopt_prefix_cache_miss_tokens_total"]
         )
-        total = final["llmopt_kv_blocks_total"]
+        total = final["llmopt_kv_blocks_total"]  # 0 until the engine's first step
         return {
             "server_prefix_cache_hit_rate": hit / (hit + miss) if hit + miss else 0.0,
-            "server_peak_kv_blocks_used_fraction": self.peak["llmopt_kv_blocks_used"] / total,
+            "server_peak_kv_blocks_used_fraction": (
+                self.peak["llmopt_kv_blocks_used"] / total if total else 0.0
+            ),
             "server_peak_requests_running": self.peak["llmopt_requests_running"],
             "server_peak_requests_waiting": self.peak["llmopt_requests_waiting"],
         }
