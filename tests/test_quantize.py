@@ -308,6 +308,7 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int8", "--format", "awq"], 2, "--format awq"),
         (["--int4", "--method", "hqq"], 2, "unknown method"),
         (["--int4", "--format", "gguf", "--method", "gptq"], 2, "--method rtn"),
+        (["--int4", "--format", "gguf", "--method", "awq"], 2, "--method rtn"),
         (["--int4", "--format", "onnx"], 2, "unknown --format"),
         (["--int4", "--format", "gptq", "--lm-head"], 2, "--lm-head-bits 4"),
         (["--int8", "--lm-head", "--lm-head-bits", "4"], 2, "--lm-head-bits must be"),
@@ -388,6 +389,25 @@ def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder) -> None:
     got = GGUFFile(out).hf_tensors()["model.layers.0.mlp.down_proj.weight"]
     want = read_tensors(src)["model.layers.0.mlp.down_proj.weight"].float()
     assert (got - want).abs().max() <= want.abs().max() / 127 + 1e-6
+
+
+def test_int4_gguf_defaults_to_q4_1_and_says_so(tmp_path, smollm_folder) -> None:
+    """`--int4 --format gguf` alone writes a file (it was refused: int4's default
+    method is GPTQ, which GGUF does not take): Q4_1, named on stderr, run packed."""
+    from tests.test_gguf_export import small_tiny_model
+
+    src = small_tiny_model(tmp_path / "tiny", smollm_folder)
+    out = tmp_path / "tiny-q4.gguf"
+    r = llmopt("quantize", str(src), "--int4", "--format", "gguf", "-o", str(out), "--no-eval",
+               "--name", "tiny-q4", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["gguf_type"] == "Q4_1" and "Q4_1" in r.stderr
+    from llmopt.loader.gguf import GGUFFile
+
+    types = {t.name: t.tensor_type.name for t in GGUFFile(out).reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_1", types
+    run = llmopt("run", "tiny-q4", "Hello", "--max-tokens", "3", "--temperature", "0", "--json")
+    assert run.exit_code == 0, run.stderr
 
 
 def test_default_name_comes_from_the_source(tiny_llama, tmp_path) -> None:

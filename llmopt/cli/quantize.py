@@ -39,6 +39,15 @@ def _perplexity(path: Path, tokens: int, console: Console) -> float:
         return evaluate(loaded.model, loaded.tokenizer, text, tokens, 1024, 512)["perplexity"]
 
 
+# Why each width's default GGUF type, printed when --gguf-type is not given.
+GGUF_DEFAULT_WHY = {
+    "Q8_0": "GGUF type Q8_0: llama.cpp's 8-bit blocks of 32, one scale each",
+    "Q4_1": "GGUF type Q4_1: llama.cpp's 4-bit blocks of 32 with a scale and a minimum "
+    "(asymmetric, closer than Q4_0), which llmopt and llama.cpp both run packed; "
+    "--gguf-type picks another (Q4_0, or K-quants such as Q4_K_M with llama-cpp-python)",
+}
+
+
 def _check_format(fmt: str, spec: QuantSpec) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -64,8 +73,12 @@ def _check_format(fmt: str, spec: QuantSpec) -> None:
 def quantize(
     model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
-    int4: bool = typer.Option(False, "--int4", help="4-bit weights in groups (default GPTQ)."),
-    method: str = typer.Option(None, "--method", help="rtn, gptq or awq (int4: gptq; int8: rtn)."),
+    int4: bool = typer.Option(
+        False, "--int4", help="4-bit weights in groups (default GPTQ; GGUF: Q4_1 blocks)."
+    ),
+    method: str = typer.Option(
+        None, "--method", help="rtn, gptq or awq (int4: gptq; int8 and gguf: rtn)."
+    ),
     group_size: int = typer.Option(
         None,
         "--group-size",
@@ -133,7 +146,9 @@ def quantize(
     src_name, src_path = resolve(model, store, console)
     folder = hf_folder_for(src_path, store, console)
     cfg = read_config(folder)
-    method = method or ("gptq" if bits == 4 else "rtn")
+    # GGUF files are written in llama.cpp's own block formats, rounded to nearest: that is
+    # the method a gguf request means unless it names another (which is refused below).
+    method = method or ("gptq" if bits == 4 and fmt != "gguf" else "rtn")
     spec = QuantSpec(
         bits=bits,
         method=method,
@@ -149,7 +164,10 @@ def quantize(
     _check_format(fmt, spec)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     if fmt == "gguf":
-        gguf_type = (gguf_type or ("Q8_0" if bits == 8 else "Q4_0")).upper()
+        if gguf_type is None:
+            gguf_type = "Q8_0" if bits == 8 else "Q4_1"
+            console.print(f"[dim]{GGUF_DEFAULT_WHY[gguf_type]}[/dim]")
+        gguf_type = gguf_type.upper()
     elif gguf_type:
         raise UsageError("--gguf-type goes with --format gguf")
     label = (
