@@ -536,7 +536,7 @@ static inline __attribute__((always_inline)) void tile16(
         case 3: QT_PASS(3); break;
         case 2: QT_PASS(2); break;
         default: QT_PASS(1); break;
-#undef TILE_ROWS_
+#undef QT_PASS
         }
         for (int r = 0; r < nr; r++) {
             const float *xs = xsum + (size_t)(m + r) * ng;
