@@ -401,7 +401,14 @@ def test_int4_gguf_defaults_to_q4_1_and_says_so(tmp_path, smollm_folder) -> None
     r = llmopt("quantize", str(src), "--int4", "--format", "gguf", "-o", str(out), "--no-eval",
                "--name", "tiny-q4", "--json")  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["gguf_type"] == "Q4_1" and "Q4_1" in r.stderr
+    report = json.loads(r.stdout)
+    assert report["gguf_type"] == "Q4_1" and "Q4_1" in r.stderr
+    # the whole file against the whole model in bf16 (every tensor the folder stores)
+    from llmopt.loader.hf import read_tensors
+
+    bf16 = 2 * sum(t.numel() for t in read_tensors(src).values())
+    assert report["model_bytes_bf16"] == bf16
+    assert report["file_ratio"] == pytest.approx(out.stat().st_size / bf16)
     from llmopt.loader.gguf import GGUFFile
 
     types = {t.name: t.tensor_type.name for t in GGUFFile(out).reader.tensors}

@@ -129,7 +129,7 @@ def quantize(
 ) -> None:
     """Quantize a model to int8 or int4 (RTN, GPTQ, AWQ; or GGUF), report size and quality."""
     from llmopt.device import resolve_device
-    from llmopt.loader.hf import read_config
+    from llmopt.loader.hf import parameter_count, read_config
     from llmopt.loader.load import hf_folder_for
     from llmopt.store.resolve import resolve
     from llmopt.store.store import Store
@@ -180,6 +180,7 @@ def quantize(
         raise UsageError(f"{out} exists; pass --force to replace it")
     calib_text = read_text(calib, calibration_text, "--calib") if spec.method != "rtn" else ""
     report: dict[str, Any] = {"source": src_name, "output": str(out), "name": name, "format": fmt}
+    report["model_bytes_bf16"] = 2 * parameter_count(folder)  # the whole model, every tensor
     if fmt == "gguf":
         report |= _quantize_gguf(folder, out, gguf_type, engine.threads)
     else:
@@ -187,6 +188,7 @@ def quantize(
         report |= _quantize_checkpoint(
             folder, out, spec, fmt, calib_text, calib_tokens, console, dev
         )
+    report["file_ratio"] = report["file_bytes"] / report["model_bytes_bf16"]
     if evaluate:
         before = _perplexity(folder, ppl_tokens, console)
         after = _perplexity(out, ppl_tokens, console)
@@ -254,7 +256,10 @@ def _register(store: Any, name: str, out: Path, fmt: str, label: str, source: st
 
 def _print_report(r: dict[str, Any], console: Console) -> None:
     mb = 1e6
-    lines = [f"wrote {r['output']} ({r['file_bytes'] / mb:.1f} MB), registered as {r['name']}"]
+    lines = [
+        f"wrote {r['output']} ({r['file_bytes'] / mb:.1f} MB, {r['file_ratio']:.3f}x the "
+        f"whole model's {r['model_bytes_bf16'] / mb:.1f} MB in bf16), registered as {r['name']}"
+    ]
     if "linear_bytes" in r:
         lines.append(
             f"linear weights: {r['linear_bytes_bf16'] / mb:.1f} MB in bf16 -> "

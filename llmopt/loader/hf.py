@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,19 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"{f} is damaged or incomplete ({e})") from e
     return out
+
+
+def parameter_count(folder: Path) -> int:
+    """Elements of every tensor the folder stores, read from the safetensors headers
+    (a tied embedding is stored, and counted, once)."""
+    from safetensors import SafetensorError, safe_open
+
+    n = 0
+    for f in safetensor_files(folder):
+        try:
+            with safe_open(str(f), "pt") as st:
+                names = st.keys()  # a list: safe_open is not a mapping
+                n += sum(math.prod(st.get_slice(name).get_shape()) for name in names)
+        except (SafetensorError, OSError) as e:
+            raise ModelFormatError(f"{f} is damaged or incomplete ({e})") from e
+    return n
