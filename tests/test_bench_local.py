@@ -108,3 +108,30 @@ def test_perplexity_with_decode_arithmetic(tiny_llama, tmp_path) -> None:
         assert b["perplexity"] == pytest.approx(a["perplexity"], rel=0.05)
     else:
         assert a["perplexity"] == b["perplexity"]
+
+
+def test_perplexity_against_a_reference(tiny_llama, tmp_path) -> None:
+    """--reference scores the same windows with a second model: against itself the KL
+    divergence is 0 and the perplexities agree; against the unquantized model an int4
+    copy diverges (KL > 0), and the change is the ratio of the two perplexities."""
+    from llmopt.quant.pipeline import quantize_folder
+    from llmopt.quant.spec import QuantSpec
+
+    out = tmp_path / "int4"
+    quantize_folder(tiny_llama, out, QuantSpec(4, "rtn", 32, sym=False), "llmopt", "", 0, Console())
+    args = ["--perplexity", "--ppl-tokens", "300", "--window", "128", "--dtype", "float32"]
+    same = bench(str(tiny_llama), *args, "--reference", str(tiny_llama), "--json")
+    assert same.exit_code == 0, same.stderr
+    s = json.loads(same.stdout)
+    assert s["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert s["perplexity"] == pytest.approx(s["reference_perplexity"], rel=1e-6)
+    quant = bench(str(out), *args, "--reference", str(tiny_llama), "--json")
+    assert quant.exit_code == 0, quant.stderr
+    q = json.loads(quant.stdout)
+    assert q["kl_divergence"] > 1e-4 and "KL divergence" in quant.stderr
+    assert q["reference_perplexity"] == pytest.approx(s["perplexity"], rel=1e-6)
+    assert q["perplexity_change_pct"] == pytest.approx(
+        100 * (q["perplexity"] / q["reference_perplexity"] - 1)
+    )
+    missing = bench(str(out), *args, "--reference", str(tmp_path / "nothing"))
+    assert missing.exit_code != 0 and "Traceback" not in missing.stderr

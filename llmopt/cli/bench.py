@@ -81,6 +81,12 @@ def bench(
         help="--perplexity: quantized linears compute every row as decode does "
         "(int8-rounded activations), also where AMX would take long windows densely.",
     ),
+    reference: str = typer.Option(
+        None,
+        "--reference",
+        help="--perplexity: also score this model (the unquantized one, same tokenizer): "
+        "its perplexity and the KL divergence from it.",
+    ),
     *,
     engine: EngineConfig,
 ) -> None:
@@ -89,7 +95,7 @@ def bench(
     engine = engine.replace(model=model)
     if perplexity:
         opts = PerplexityOptions(
-            text, ppl_tokens, window, stride, decode_arithmetic, as_json, output
+            text, ppl_tokens, window, stride, decode_arithmetic, reference, as_json, output
         )
         run_perplexity(engine, opts, console)
     elif offline:

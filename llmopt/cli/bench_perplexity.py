@@ -20,6 +20,7 @@ class PerplexityOptions:
     window: int
     stride: int | None  # default: half the window
     decode_arithmetic: bool  # quantized linears compute every row as decode does
+    reference: str | None  # a model to compare with (KL divergence), the same tokenizer
     as_json: bool
     output: Path | None
 
@@ -36,11 +37,27 @@ def run_perplexity(engine: EngineConfig, o: PerplexityOptions, console: Console)
             "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
         )
     text = read_text(o.text, held_out_text, "--text")
-    scores = evaluate(loaded.model, loaded.tokenizer, text, o.tokens, o.window, o.stride)
+    reference = None
+    if o.reference is not None:
+        ref_name, ref = load(engine.replace(model=o.reference), console)
+        probe = text[:4000]
+        if ref.tokenizer.encode(probe) != loaded.tokenizer.encode(probe):
+            raise UsageError(f"--reference {ref_name} has another tokenizer than {name}")
+        reference = ref.model
+    scores = evaluate(loaded.model, loaded.tokenizer, text, o.tokens, o.window, o.stride, reference)
     result = {"model": name, "decode_arithmetic": o.decode_arithmetic} | scores
+    against = ""
+    if reference is not None:
+        result["reference"] = o.reference
+        against = (
+            f"; the reference's {result['reference_perplexity']:.3f} "
+            f"({result['perplexity_change_pct']:+.2f}%), KL divergence from it "
+            f"{result['kl_divergence']:.4f} nats/token"
+        )
     console.print(
         f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens "
-        f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)",
+        f"(window {result['window']}, stride {result['stride']}, {result['seconds']:.0f} s)"
+        + against,
         highlight=False,
     )
     emit_json(result, o.as_json, o.output)
