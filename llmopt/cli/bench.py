@@ -84,8 +84,8 @@ def bench(
     reference: str = typer.Option(
         None,
         "--reference",
-        help="--perplexity: also score this model (the unquantized one, same tokenizer): "
-        "its perplexity and the KL divergence from it.",
+        help="--perplexity: also score this model (the unquantized one, same tokenizer; "
+        "run dense): its perplexity and the KL divergence from it.",
     ),
     *,
     engine: EngineConfig,

@@ -39,7 +39,8 @@ def run_perplexity(engine: EngineConfig, o: PerplexityOptions, console: Console)
     text = read_text(o.text, held_out_text, "--text")
     reference = None
     if o.reference is not None:
-        ref_name, ref = load(engine.replace(model=o.reference), console)
+        # the reference runs dense: a GGUF or packed checkpoint is dequantized
+        ref_name, ref = load(engine.replace(model=o.reference, dequantize=True), console)
         probe = text[:4000]
         if ref.tokenizer.encode(probe) != loaded.tokenizer.encode(probe):
             raise UsageError(f"--reference {ref_name} has another tokenizer than {name}")
