@@ -369,52 +369,40 @@ def test_cuda_bf16_runs_int4_on_torchs_kernel(tiny_llama, tmp_path) -> None:
     assert (got - want).norm() < 3e-2 * want.norm()  # bf16 activations
 
 
-def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder) -> None:
+@pytest.mark.parametrize("width,qtype,levels", [("--int8", "Q8_0", 127), ("--int4", "Q4_1", 15)])
+def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width, qtype, levels):
+    """`--format gguf` rounds to nearest in llama.cpp's blocks: Q8_0 for --int8 and, by
+    default, Q4_1 for --int4 (it was refused: int4's default method is GPTQ), named on
+    stderr; the file is registered and runs, and the report sets it against the whole
+    model in bf16."""
     from tests.test_gguf_export import small_tiny_model
 
     src = small_tiny_model(tmp_path / "tiny", smollm_folder)
-    out = tmp_path / "tiny-q8.gguf"
-    r = llmopt("quantize", str(src), "--int8", "--format", "gguf", "-o", str(out), "--no-eval",
-               "--name", "tiny-q8", "--json")  # fmt: skip
+    name = f"tiny-{qtype.lower()}"
+    out = tmp_path / f"{name}.gguf"
+    r = llmopt("quantize", str(src), width, "--format", "gguf", "-o", str(out), "--no-eval",
+               "--name", name, "--json")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["gguf_type"] == "Q8_0" and report["file_bytes"] == out.stat().st_size
-    assert Store().registry.get("tiny-q8").file == out.name
-    run = llmopt("run", "tiny-q8", "Hello", "--max-tokens", "3", "--temperature", "0", "--json")
-    assert run.exit_code == 0, run.stderr
-    # Our GGUF reader gets the weights back: Q8_0 of the source, within its rounding.
+    assert report["gguf_type"] == qtype and qtype in r.stderr
+    assert report["file_bytes"] == out.stat().st_size
+    assert Store().registry.get(name).file == out.name
     from llmopt.loader.gguf import GGUFFile
     from llmopt.loader.hf import read_tensors
 
-    got = GGUFFile(out).hf_tensors()["model.layers.0.mlp.down_proj.weight"]
-    want = read_tensors(src)["model.layers.0.mlp.down_proj.weight"].float()
-    assert (got - want).abs().max() <= want.abs().max() / 127 + 1e-6
-
-
-def test_int4_gguf_defaults_to_q4_1_and_says_so(tmp_path, smollm_folder) -> None:
-    """`--int4 --format gguf` alone writes a file (it was refused: int4's default
-    method is GPTQ, which GGUF does not take): Q4_1, named on stderr, run packed."""
-    from tests.test_gguf_export import small_tiny_model
-
-    src = small_tiny_model(tmp_path / "tiny", smollm_folder)
-    out = tmp_path / "tiny-q4.gguf"
-    r = llmopt("quantize", str(src), "--int4", "--format", "gguf", "-o", str(out), "--no-eval",
-               "--name", "tiny-q4", "--json")  # fmt: skip
-    assert r.exit_code == 0, r.stderr
-    report = json.loads(r.stdout)
-    assert report["gguf_type"] == "Q4_1" and "Q4_1" in r.stderr
-    # the whole file against the whole model in bf16 (every tensor the folder stores)
-    from llmopt.loader.hf import read_tensors
-
-    bf16 = 2 * sum(t.numel() for t in read_tensors(src).values())
+    source = read_tensors(src)
+    bf16 = 2 * sum(t.numel() for t in source.values())  # every tensor the folder stores
     assert report["model_bytes_bf16"] == bf16
     assert report["file_ratio"] == pytest.approx(out.stat().st_size / bf16)
-    from llmopt.loader.gguf import GGUFFile
-
-    types = {t.name: t.tensor_type.name for t in GGUFFile(out).reader.tensors}
-    assert types["blk.0.ffn_down.weight"] == "Q4_1", types
-    run = llmopt("run", "tiny-q4", "Hello", "--max-tokens", "3", "--temperature", "0", "--json")
+    run = llmopt("run", name, "Hello", "--max-tokens", "3", "--temperature", "0", "--json")
     assert run.exit_code == 0, run.stderr
+    # Our GGUF reader gets the weights back, in the type asked, within its rounding.
+    gguf = GGUFFile(out)
+    types = {t.name: t.tensor_type.name for t in gguf.reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == qtype
+    got = gguf.hf_tensors()["model.layers.0.mlp.down_proj.weight"]
+    want = source["model.layers.0.mlp.down_proj.weight"].float()
+    assert (got - want).abs().max() <= want.abs().max() / levels + 1e-6
 
 
 def test_default_name_comes_from_the_source(tiny_llama, tmp_path) -> None:
