@@ -119,6 +119,24 @@ def test_calibration_tokens_default_by_method_and_are_reported(tiny_llama, tmp_p
     assert 0 < json.loads(r.stdout)["calib_tokens"] < 511
 
 
+def test_int4_defaults_are_the_measured_best_and_said(tiny_llama, tmp_path) -> None:
+    """`--int4` alone is AWQ with groups of 32 (GPTQ for --format gptq, whose readers
+    expect it), and one line on stderr says so and why; naming a method or a group
+    makes it the user's choice, and the line goes."""
+    r = llmopt("quantize", str(tiny_llama), "--int4", "-o", str(tmp_path / "d"), "--no-eval",
+               "--json", "--calib-tokens", "512")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["method"], report["group_size"], report["sym"]) == ("awq", 32, False)
+    assert "int4 defaults: AWQ, group 32, asymmetric" in " ".join(r.stderr.split())
+    gptq = llmopt("quantize", str(tiny_llama), "--int4", "--format", "gptq", "-o",
+                  str(tmp_path / "g"), "--no-eval", "--calib-tokens", "512")  # fmt: skip
+    assert gptq.exit_code == 0 and "int4 defaults: GPTQ" in " ".join(gptq.stderr.split())
+    own = llmopt("quantize", str(tiny_llama), "--int4", "--method", "rtn", "-o",
+                 str(tmp_path / "r"), "--no-eval")  # fmt: skip
+    assert own.exit_code == 0 and "int4 defaults" not in own.stderr
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
     """One quantization written in our, GPTQ's and AWQ's layout: the same integers,

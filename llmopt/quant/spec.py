@@ -12,7 +12,11 @@ from llmopt.quant.calibration import InputStats
 from llmopt.weights.qweight import QuantizedWeight
 
 METHODS = ("rtn", "gptq", "awq")
-DEFAULT_GROUPS = (128, 64, 32)  # for int4, the first that divides every input width
+# int4's defaults, the configuration that measured best on four held-out texts, three of
+# which no calibration or tuning saw (BENCHMARKS.md, "The int4 defaults, judged on unseen
+# text"): AWQ over GPTQ, group 32 over 64, on every text, at the same decode speed.
+DEFAULT_INT4_METHOD = "awq"
+DEFAULT_GROUPS = (32,)  # for int4, the first that divides every input width (else per row)
 # quant/drift.py: the step's fraction by method. AWQ, calibrated on four times GPTQ's
 # tokens, bears a longer step (BENCHMARKS.md, "Quantization" has the sweeps).
 DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5}
@@ -23,8 +27,9 @@ DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768}
 
 
 def default_group_size(cfg: ModelConfig, bits: int) -> int:
-    """int8: one scale per row (what torch's int8 kernel takes). int4: 128 where it
-    divides the hidden and intermediate widths, else 64 or 32 (SmolLM2's 576 needs 64)."""
+    """int8: one scale per row (what torch's int8 kernel takes). int4: 32 where it
+    divides the hidden and intermediate widths (llama.cpp's Q4 blocks are 32 wide too),
+    else one scale per row."""
     if bits == 8:
         return 0
     for g in DEFAULT_GROUPS:
