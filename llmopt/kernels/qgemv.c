@@ -26,12 +26,12 @@
  * The same kernel serves one row (decode) and hundreds (a batch, a prefill chunk): the
  * weights of a block of 8 rows of W are unpacked once per chunk for two rows of x
  * (block8, AVX2), or, with AVX-512 VNNI, a tile of 16 rows of W is transposed once for
- * every row of x (tile16). Each row of x goes through the same
- * arithmetic whichever runs it and whatever the rows beside it (see "The arithmetic
- * every block below shares"), so that a request's result does not depend on what shares
- * its step. Where the CPU has AMX-INT8, calls of
- * AMX_MIN_ROWS rows or more go to qgemm_amx.c instead: the same quantized x and the
- * same integer products on AMX tiles, summed in another order.
+ * every row of x (tile16). Each row of x goes through the same arithmetic whichever
+ * runs it and whatever the rows beside it (see "The arithmetic every block below
+ * shares"), so that a request's result does not depend on what shares its step. Where
+ * the CPU has AMX-INT8, calls of AMX_MIN_ROWS rows or more go to qgemm_amx.c instead:
+ * the same quantized x and the same integer products on AMX tiles, summed in another
+ * order.
  *
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
@@ -66,6 +66,10 @@
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
 
 enum { META_F32 = 0, META_F16 = 1, META_ZERO = 2 }; /* the forms of scale and offset above */
+
+/* Bytes per element of the scales and of the offsets (or zero points) in form `meta`. */
+static inline size_t scale_bytes(int meta) { return meta == META_F32 ? 4 : 2; }
+static inline size_t offset_bytes(int meta) { return meta == META_ZERO ? 1 : scale_bytes(meta); }
 
 /* META_ZERO's base: the stored code of weight 0 when zero is 0 (int8 codes are q - 128). */
 static inline float code_base(int bits) { return bits == 8 ? 128.0f : 0.0f; }
@@ -492,9 +496,8 @@ static inline __attribute__((always_inline)) void tile16(
     if (ahead.at) { /* the next tile's scales and offsets: ng values per row */
         const int next = N - n0 - 16 < 16 ? N - n0 - 16 : 16;
         const size_t at = (size_t)(n0 + 16) * ng, n = (size_t)next * ng;
-        const size_t ss = meta ? 2 : 4, os = meta == META_ZERO ? 1 : ss;
-        prefetch((const char *)scale + at * ss, n * ss);
-        prefetch((const char *)offset + at * os, n * os);
+        prefetch((const char *)scale + at * scale_bytes(meta), n * scale_bytes(meta));
+        prefetch((const char *)offset + at * offset_bytes(meta), n * offset_bytes(meta));
     }
     if (!fused)
         for (int c = 0; c < nc; c++) {
@@ -508,8 +511,8 @@ static inline __attribute__((always_inline)) void tile16(
     const int nb = rows > 8 ? 2 : 1;
     for (int b = 0; b < nb; b++) {
         const size_t at = (size_t)(n0 + 8 * b) * ng; /* the block's metadata slices */
-        blk[b] = block8_meta((const char *)scale + at * (meta ? 2 : 4),
-                             (const char *)offset + at * (meta == META_ZERO ? 1 : meta ? 2 : 4),
+        blk[b] = block8_meta((const char *)scale + at * scale_bytes(meta),
+                             (const char *)offset + at * offset_bytes(meta),
                              meta, bits, ng, per_row, bias, n0 + 8 * b,
                              rows - 8 * b < 8 ? rows - 8 * b : 8, sf[b], of + b * FS * ng);
     }
@@ -674,8 +677,8 @@ static int run_blocks(const Call *a) {
         /* the block's slices of the metadata, blocked by 8 rows */
         const size_t at = (size_t)n0 * ng;
         const int meta = a->meta;
-        const void *sb = (const char *)a->scale + at * (meta ? 2 : 4);
-        const void *ob = (const char *)a->offset + at * (meta == META_ZERO ? 1 : meta ? 2 : 4);
+        const void *sb = (const char *)a->scale + at * scale_bytes(meta);
+        const void *ob = (const char *)a->offset + at * offset_bytes(meta);
         /* Constant arguments: each case is its own specialised loop. */
 #define BLOCK8(B, H, META)                                                                   \
     block8(wb, a->w_row, B, H, sb, ng, ob, META, a->xq, a->xd, a->xsum, a->M, a->K, a->gi, \
