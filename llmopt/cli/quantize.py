@@ -98,15 +98,17 @@ def quantize(
     model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
     int4: bool = typer.Option(
-        False, "--int4", help="4-bit weights in groups (default GPTQ; GGUF: Q4_1 blocks)."
+        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_1 blocks)."
     ),
     method: str = typer.Option(
-        None, "--method", help="rtn, gptq or awq (int4: gptq; int8 and gguf: rtn)."
+        None,
+        "--method",
+        help="rtn, gptq or awq (int4: awq, gptq for --format gptq; int8 and gguf: rtn).",
     ),
     group_size: int = typer.Option(
         None,
         "--group-size",
-        help="Input channels per scale (int4: 128, or 64/32 if 128 does "
+        help="Input channels per scale (int4: 32, or one per row where 32 does "
         "not divide the model's widths; 0: one per row).",
     ),
     sym: bool = typer.Option(

@@ -16,7 +16,7 @@ METHODS = ("rtn", "gptq", "awq")
 # which no calibration or tuning saw (BENCHMARKS.md, "The int4 defaults, judged on unseen
 # text"): AWQ over GPTQ, group 32 over 64, on every text, at the same decode speed.
 DEFAULT_INT4_METHOD = "awq"
-DEFAULT_GROUPS = (32,)  # for int4, the first that divides every input width (else per row)
+DEFAULT_GROUP = 32  # for int4 where it divides every input width (else one scale per row)
 # quant/drift.py: the step's fraction by method. AWQ, calibrated on four times GPTQ's
 # tokens, bears a longer step (BENCHMARKS.md, "Quantization" has the sweeps).
 DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5}
@@ -32,10 +32,8 @@ def default_group_size(cfg: ModelConfig, bits: int) -> int:
     else one scale per row."""
     if bits == 8:
         return 0
-    for g in DEFAULT_GROUPS:
-        if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0:
-            return g
-    return 0
+    g = DEFAULT_GROUP
+    return g if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0 else 0
 
 
 @dataclass(frozen=True)
