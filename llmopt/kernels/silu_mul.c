@@ -1,9 +1,9 @@
 /* SwiGLU's activation for M rows: a = silu(g) * u, from the fused gate/up projection's
  * output gu (M, 2I): g = gu[:, :I], u = gu[:, I:]; a (M, I). fp32 or bf16 (both), rounded
  * as torch rounds in the dtype: silu's result, then the product. silu(g) = g * sigmoid(g),
- * sigmoid from e^-|g| (exp_approx.h: libm's expf stays scalar). The
- * decode step (decode_layers.c) and the layer-by-layer path (layers/mlp.py) both call
- * this, so a row's activations are the same whichever path its step takes. */
+ * sigmoid from e^-|g| (exp_approx.h: libm's expf stays scalar). The decode step
+ * (decode_layers.c) and the layer-by-layer path (layers/mlp.py) both call this, so a
+ * row's activations are the same whichever path its step takes. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
