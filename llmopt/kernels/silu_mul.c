@@ -26,7 +26,8 @@ static inline __m512 silu512(__m512 g) {
     const __m512 one = _mm512_set1_ps(1.0f);
     const __m512 e = exp512_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
     const __mmask16 pos = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
-    return _mm512_mul_ps(g, _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e)));
+    const __m512 num = _mm512_mask_blend_ps(pos, e, one); /* g >= 0 ? 1 : e */
+    return _mm512_mul_ps(g, _mm512_div_ps(num, _mm512_add_ps(one, e)));
 }
 #endif
 
