@@ -109,8 +109,8 @@ def test_shapes_it_does_not_take() -> None:
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 256), (8, 32), (8, 256)])
 def test_rows_are_independent(bits: int, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
-    the other rows hold; without AMX also the same as the row alone (one arithmetic for
-    every row count)."""
+    the other rows hold, and the same as the row alone (one arithmetic for every row
+    count, AMX tiles included)."""
     w_k, scale, offset, _ = _operands(24, 256, bits, group)
     x = torch.randn(19, 256)  # more than two 8-row register blocks, and a partial one
     weight = Operands(w_k, bits, scale, offset, group)
@@ -118,17 +118,15 @@ def test_rows_are_independent(bits: int, group: int) -> None:
     others = torch.cat([x[:5], torch.randn(14, 256)])
     assert torch.equal(KERNEL(others, weight)[:5], whole[:5])
     one_by_one = torch.cat([KERNEL(row[None], weight) for row in x])
-    if not KERNEL.amx:
-        assert torch.equal(whole, one_by_one)
-    torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)
+    assert torch.equal(whole, one_by_one)
 
 
 @pytest.mark.parametrize("bits,group", CASES)
 def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) -> None:
     """Where the CPU has AVX-512 VNNI its tiles run from 4 rows on; the AVX2 blocks
     (what other CPUs run) are built apart and checked here: the same integers and the
-    same float operations in the same order, so the same bits (AMX aside), and a row's
-    result independent of the rows beside it. 40 rows of W: two 16-row tiles and a
+    same float operations in the same order, so the same bits, and a row's result
+    independent of the rows beside it. 40 rows of W: two 16-row tiles and a
     partial one."""
     avx2 = qgemv.load(avx2=True)
     assert avx2 is not None
@@ -136,10 +134,7 @@ def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) 
     weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(40)
     x = torch.randn(13, 384)
     whole = avx2(x, weight, bias)
-    if KERNEL.amx:
-        torch.testing.assert_close(whole, KERNEL(x, weight, bias), rtol=1e-5, atol=1e-4)
-    else:
-        assert torch.equal(whole, KERNEL(x, weight, bias))
+    assert torch.equal(whole, KERNEL(x, weight, bias))
     assert torch.equal(torch.cat([avx2(row[None], weight, bias) for row in x]), whole)
 
 
@@ -147,8 +142,8 @@ def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("form", FORMS)
 def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, form: str) -> None:
-    """From 4 rows on the kernel runs on AMX tiles: the same integer products and terms
-    as the row kernel, summed in another order, so equal to float rounding; partial
+    """From 4 rows on the kernel runs on AMX tiles: the same integer products and the
+    same float operations in the same order as the row kernel, so the same bits; partial
     tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11). On the CPU's
     tiles where it has AMX, and everywhere (with AVX-512) on tiles emulated in C."""
     amx = require_kernel(
@@ -162,10 +157,10 @@ def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, 
     x = torch.randn(37, 384)
     on_tiles = amx(x, weight, bias)
     rows = torch.cat([KERNEL(x[i : i + 3], weight, bias) for i in range(0, 37, 3)])
-    torch.testing.assert_close(on_tiles, rows, rtol=1e-5, atol=1e-5)
+    assert torch.equal(on_tiles, rows)
     tiles_bf16 = amx(x.bfloat16(), weight, bias)
     rows_bf16 = torch.cat([KERNEL(r[None], weight, bias) for r in x.bfloat16()])
-    torch.testing.assert_close(tiles_bf16, rows_bf16, rtol=1e-2, atol=1e-2)
+    assert torch.equal(tiles_bf16, rows_bf16)
     xi = torch.randint(-127, 128, (20, 384)).float()
     xi[:, ::64] = 127  # integer activations: exact but for float rounding
     ref = xi.double() @ w.T + bias.double()
@@ -183,19 +178,16 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().T
     assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
-    # A batched decode step and a prefill chunk are the kernel's too (without AMX, any
-    # number of rows: one arithmetic for every step).
+    # A batched decode step and a prefill chunk are the kernel's too (any number of
+    # rows: one arithmetic for every step).
     batch = torch.randn(512, 256)
-    assert layer.kernel_rows >= (256 if KERNEL.amx else 512)
-    assert torch.equal(layer(batch[:64]), layer.qgemv(batch[:64]))
-    if not KERNEL.amx:
-        assert torch.equal(layer(batch), layer.qgemv(batch))
+    assert torch.equal(layer(batch), layer.qgemv(batch))
 
 
 def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
     torch.manual_seed(3)
     layer = QuantLinear(quantize_rtn(torch.randn(32, 256), 4, 64, False), None, torch.device("cpu"))
-    x = torch.randn(300, 256)  # past AMX_MAX_ROWS: the dense path there by default
+    x = torch.randn(300, 256)
     assert use_decode_arithmetic(nn.Sequential(layer)) == 1
     as_decode = layer(x)
     assert torch.equal(as_decode, layer.qgemv(x))

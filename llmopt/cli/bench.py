@@ -79,7 +79,8 @@ def bench(
         False,
         "--decode-arithmetic",
         help="--perplexity: quantized linears compute every row as decode does "
-        "(int8-rounded activations), also where AMX would take long windows densely.",
+        "(int8-rounded activations), also where a fallback kernel would take long "
+        "windows densely.",
     ),
     reference: str = typer.Option(
         None,

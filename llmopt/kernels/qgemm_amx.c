@@ -12,11 +12,13 @@
  * W's rows load as they are stored (A operand: 16 rows x 32 codes, int4 unpacked to
  * one byte each) and x, quantized per call anyway, is laid out in the B operand's
  * VNNI order (8 rows of 4 inputs x 16 rows of x). A 16 x 16 tile of C per 32 inputs:
- *   y[m, n] = sum_c xd[m, c] * (scale[n, g] * C_c0[n][m] + scale[n, g'] * C_c1[n][m])
+ *   y[m, n] = sum_u float(C_u[n][m]) * (xd[m, c(u)] * scale[n, g(u)])
  *           + sum_g offset[n, g] * xsum[m, g] + bias[n]
- * the same terms as qgemv's, in another order of the float sums (the integer dot
- * products are exact either way). Accumulators: acc[n] holds y[., n0 + n] for the 16
- * rows of the x tile, one zmm per row of W.
+ * over units u (32-input halves for group 32, else 64-input chunks), in qgemv's order of
+ * the float operations too ("The arithmetic every block below shares" in qgemv.c), so
+ * that a row of x gets the same bits here as from the row kernels, whatever else shares
+ * the call. Accumulators: acc[n] holds y[., n0 + n] for the 16 rows of the x tile, one
+ * zmm per row of W.
  */
 #if (defined(__AMX_INT8__) && defined(__AMX_TILE__) || defined(LLMOPT_AMX_EMULATED)) && \
     defined(__AVX512F__)
@@ -110,21 +112,15 @@ static void blocked16(float *dst, const void *scale, const void *offset, int met
         }
 }
 
-/* acc[n] += the tile products of chunk c scaled: C0 (and C1 for group 32, whose halves
- * have scales of their own) times scale[n, g] (s0[n], s1[n]) times xd of the tile's
- * rows. */
-static inline __attribute__((always_inline)) void scale_chunk(__m512 acc[AMX_T], int halves,
-                                                              const int32_t c0[AMX_T][AMX_T],
-                                                              const int32_t c1[AMX_T][AMX_T],
-                                                              const float *s0,
-                                                              const float *s1, __m512 xdv) {
+/* acc[n] = fma(float(C[n]), xd * scale[n, g], acc[n]) for one unit's tile products C:
+ * qgemv's shared arithmetic (qgemv.c), lanes the tile's rows of x. sg: the unit's
+ * scales (16,), NULL where one scale covers each row (applied in the epilogue). */
+static inline __attribute__((always_inline)) void fold_unit(__m512 acc[AMX_T],
+                                                            const int32_t c[AMX_T][AMX_T],
+                                                            const float *sg, __m512 xdv) {
     for (int n = 0; n < AMX_T; n++) {
-        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c0[n])),
-                                 _mm512_set1_ps(s0[n]));
-        if (halves)
-            t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c1[n])),
-                                _mm512_set1_ps(s1[n]), t);
-        acc[n] = _mm512_fmadd_ps(t, xdv, acc[n]);
+        const __m512 f = sg ? _mm512_mul_ps(xdv, _mm512_set1_ps(sg[n])) : xdv;
+        acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c[n])), f, acc[n]);
     }
 }
 
@@ -135,6 +131,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                      const uint8_t *w, int bits, const void *scale, const void *offset,
                      int group, int meta, int N, const float *bias, void *y, int y_bf16) {
     const int nc = K / QB, ng = K / group, halves = group == 32, nt = (M + AMX_T - 1) / AMX_T;
+    const int per_row = !halves && ng == 1; /* one scale per row of W, as block8's per_row */
     const int ns = K / 32; /* 32-input halves */
     /* x in the B operand's order, per tile of 16 rows and half: xv[t][s] is 8 rows of
      * 16 dwords, dword (kk, m) = inputs 32 s + 4 kk .. + 3 of row 16 t + m (zero rows
@@ -194,8 +191,14 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                     if (halves) _tile_stored(1, c1, 64);
                     const __m512 xdv = _mm512_loadu_ps(xdt + ((size_t)t * nc + c) * AMX_T);
                     const int g0 = halves ? 2 * c : c * QB / group;
-                    scale_chunk(acc, halves, c0, c1, sc + g0 * AMX_T, sc + (g0 + 1) * AMX_T,
-                                xdv);
+                    fold_unit(acc, c0, per_row ? NULL : sc + g0 * AMX_T, xdv);
+                    if (halves) fold_unit(acc, c1, sc + (g0 + 1) * AMX_T, xdv);
+                }
+                /* The epilogue, as store8's: v * row scale + bias, then the offsets. */
+                for (int n = 0; n < AMX_T; n++) {
+                    const float b = n < rows && bias ? bias[n0 + n] : 0.0f;
+                    acc[n] = _mm512_fmadd_ps(acc[n], _mm512_set1_ps(per_row ? sc[n] : 1.0f),
+                                             _mm512_set1_ps(b));
                 }
                 for (int g = 0; g < ng; g++) {
                     const __m512 xs = _mm512_loadu_ps(xst + ((size_t)t * ng + g) * AMX_T);
@@ -209,7 +212,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                 for (int r = 0; r < mrows; r++) {
                     const size_t at = (size_t)(t * AMX_T + r) * N + n0;
                     for (int n = 0; n < rows; n++) {
-                        const float v = tr[n][r] + (bias ? bias[n0 + n] : 0.0f);
+                        const float v = tr[n][r];
                         if (y_bf16)
                             ((uint16_t *)y)[at + n] = f32_to_bf16(v);
                         else

@@ -30,8 +30,8 @@
  * runs it and whatever the rows beside it (see "The arithmetic every block below
  * shares"), so that a request's result does not depend on what shares its step. Where
  * the CPU has AMX-INT8, calls of AMX_MIN_ROWS rows or more go to qgemm_amx.c instead:
- * the same quantized x and the same integer products on AMX tiles, summed in another
- * order.
+ * the same quantized x, the same integer products on AMX tiles, the same float
+ * arithmetic after them.
  *
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low

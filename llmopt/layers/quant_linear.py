@@ -14,12 +14,15 @@ reading the integers:
   slower than a dense fp32 matmul.
 - CPU with AMX-INT8 (Sapphire Rapids and later): the same kernel runs calls of 4 rows
   and more on AMX tiles (kernels/qgemm_amx.c: the same integer products, 16 rows of W
-  by 16 rows of x per instruction, summed in another order: there a row's last bits
-  depend on whether its step had 4 rows), up to AMX_MAX_ROWS rows.
+  by 16 rows of x per instruction, and the same float arithmetic after them, so a row's
+  bits still do not depend on its step). For long prefill chunks oneDNN's bf16 GEMM
+  over a dequantized copy would be faster from about 256 rows on, but its rounding
+  differs from decode's, and a request's output would then depend on how its prompt
+  was batched.
 - CUDA with bf16 activations, int4 with group 32-256: torch's tinygemm kernel
   (`_weight_int4pack_mm`, sm80+) for every row count, checked against the codes once
   at load (a layout torch changed falls back below instead of computing garbage).
-- otherwise (AMX past AMX_MAX_ROWS, fp32 on CUDA, layouts no kernel takes): the weight
+- otherwise (fp32 on CUDA, layouts no kernel takes): the weight
   is dequantized into a reused scratch buffer and multiplied densely (on AMX in bf16:
   cpu_gemm_dtype).
 
@@ -38,11 +41,6 @@ from torch import nn
 from llmopt.kernels import qgemv
 from llmopt.layers.linear import UPCAST_MIN_ROWS, cpu_has_amx
 from llmopt.weights.qweight import QuantizedWeight
-
-# With AMX (qgemm_amx.c) the kernel keeps the lead longer, against oneDNN's bf16 GEMM on
-# AMX: its per-32-input float scaling costs more than oneDNN's dequantized copy from
-# about 256 rows on.
-AMX_MAX_ROWS = 256
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
 _QGEMV_DTYPES = (torch.bfloat16, torch.float32)  # activations qgemv reads and writes
@@ -88,9 +86,8 @@ class QuantLinear(nn.Module):
             self.kernel = self._pack_cuda_kernel(qw) if dtype == torch.bfloat16 else None
         # The most rows the row kernels take before the dense path does.
         self.kernel_rows = UPCAST_MIN_ROWS - 1
-        if self.kernel == "qgemv":
-            amx = qgemv.load().amx  # type: ignore[union-attr]  (loaded: the kernel chosen)
-            self.kernel_rows = AMX_MAX_ROWS if amx else sys.maxsize
+        if self.kernel == "qgemv":  # one arithmetic for every step (see the top)
+            self.kernel_rows = sys.maxsize
         # The dense path's GEMM on the CPU: bf16 on AMX (inputs and outputs rounded to
         # bf16, finer than the row kernel's int8 activations), else fp32. A check of the
         # dequantized weights' exact logits sets fp32.
@@ -242,9 +239,9 @@ class QuantLinear(nn.Module):
 
 def use_decode_arithmetic(model: nn.Module) -> int:
     """Make every quantized linear compute any number of rows through its kernel, as
-    decode does: already so without AMX; on AMX it also takes the calls past
-    AMX_MAX_ROWS that would otherwise multiply densely in bf16. For measuring
-    (perplexity with decode's arithmetic). Returns how many linears switched."""
+    decode does: already so for qgemv; torch's packed fallback kernels otherwise leave
+    calls of UPCAST_MIN_ROWS rows and more to the dense path. For measuring (perplexity
+    with decode's arithmetic). Returns how many linears switched."""
     switched = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel is not None:
