@@ -1,6 +1,6 @@
 """The native CPU attention kernels against the torch backend: decode reads the paged
-cache in place and agrees with gather-then-matmul; rotary + KV store agrees with the
-torch ops."""
+cache in place, in each of its element types, and agrees with gather-then-matmul over
+the dequantized rows; rotary + KV store writes the torch path's bits."""
 
 from __future__ import annotations
 
@@ -9,15 +9,35 @@ import torch
 
 from llmopt.layers.attention_backend import TorchAttention
 from llmopt.layers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from llmopt.layers.kv_cache import LayerKV
+from llmopt.layers.kv_types import KV_TYPES
 from llmopt.layers.native_attention import NativeCpuAttention
 from llmopt.layers.rotary import RotaryEmbedding
 from tests.conftest import require_kernel
+
+# (K, V) cache types: each type on both halves, and mixed pairs.
+TYPE_PAIRS = [
+    ("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("int8", "int8"), ("fp8", "fp8"),
+    ("int8", "fp32"), ("fp8", "bf16"),
+]  # fmt: skip
+
+
+def layer_kv(k: torch.Tensor, v: torch.Tensor, types=("fp32", "fp32")) -> LayerKV:
+    """A layer's cache holding k, v (S, KV, D) stored in the given (K, V) types."""
+    kt, vt = KV_TYPES[types[0]], KV_TYPES[types[1]]
+    (kc, ks), (vc, vs) = kt.quantize(k), vt.quantize(v)
+    return LayerKV(kc, vc, ks, vs, kt, vt, torch.float32)
+
+
+def empty_kv(slots: int, kv_heads: int, dim: int, types=("fp32", "fp32")) -> LayerKV:
+    return layer_kv(torch.zeros(slots, kv_heads, dim), torch.zeros(slots, kv_heads, dim), types)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("lens", [[37, 5, 120, 1], [300], [390, 3]])  # the last two: split-K
 @pytest.mark.parametrize("dim", [64, 128, 40])  # AVX2 value loops for 64 and 128; 40 generic
-def test_native_decode_matches_torch(heads, kv_heads, lens, dim) -> None:
+@pytest.mark.parametrize("types", TYPE_PAIRS)
+def test_native_decode_matches_torch(heads, kv_heads, lens, dim, types) -> None:
     native = require_kernel(NativeCpuAttention.load())
     torch.manual_seed(0)
     slots_total = 400
@@ -31,8 +51,9 @@ def test_native_decode_matches_torch(heads, kv_heads, lens, dim) -> None:
     lengths = torch.tensor(lens)
     valid = torch.arange(longest)[None, :] < lengths[:, None]
     batch = DecodeBatch(padded, lengths, valid)
-    expected = TorchAttention()._decode(q, k, v, batch, 0.125)
-    got = native._decode(q, k, v, batch, 0.125)
+    kv = layer_kv(k, v, types)
+    expected = TorchAttention()._decode(q, kv, batch, 0.125)
+    got = native._decode(q, kv, batch, 0.125)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -47,7 +68,8 @@ def _cache_with_two_prefixes(total: int, shared: int, tail: int, dim: int = 64):
 
 @pytest.mark.parametrize("dim", [64, 128, 40])  # with AVX-512, 64 and 128 go through tiles
 @pytest.mark.parametrize("shared", [300, 64, 63, 600])
-def test_native_decode_over_shared_prefixes_matches_torch(shared, dim) -> None:
+@pytest.mark.parametrize("types", TYPE_PAIRS)
+def test_native_decode_over_shared_prefixes_matches_torch(shared, dim, types) -> None:
     """Sequences whose first keys lie in the same slots (a cached prefix) are attended a
     chunk of the prefix at a time for the whole group (cascade): two groups of different
     prefixes, own tails of different lengths (one empty past the prefix but for its new
@@ -73,14 +95,16 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared, dim) -> None:
     valid = torch.arange(longest)[None, :] < lengths[:, None]
     batch = DecodeBatch(padded, lengths, valid)
     q = torch.randn(len(rows), heads, dim)
-    expected = TorchAttention()._decode(q, k, v, batch, 0.125)
-    got = native._decode(q, k, v, batch, 0.125)
+    kv = layer_kv(k, v, types)
+    expected = TorchAttention()._decode(q, kv, batch, 0.125)
+    got = native._decode(q, kv, batch, 0.125)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared", [100, 67, 40])
-def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype) -> None:
+@pytest.mark.parametrize("types", [("fp32", "fp32"), ("int8", "fp8")])
+def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype, types) -> None:
     """Prefill chunks behind one cached prefix go through one call over the prefix plus
     one per chunk over its own keys, merged (cascade): the same as attending each chunk
     alone. A group of three (one that diverges inside the prefix: the group shares up to
@@ -111,21 +135,25 @@ def test_prefill_over_a_shared_prefix_matches_per_chunk_attention(shared, dtype)
     q = torch.randn(at, heads, 64)
     backend = TorchAttention()
     backend.prefill_dtype = dtype  # bf16: what runs on CPUs with AMX
-    got = backend.attend(q, k, v, AttentionMetadata(torch.zeros(at), prefills=chunks), 0.125, None)
+    kv = layer_kv(k, v, types)
+    got = backend.attend(q, kv, AttentionMetadata(torch.zeros(at), prefills=chunks), 0.125, None)
     assert got.dtype == torch.float32  # computed in bf16, handed back in the cache's type
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2}
     for c in chunks:
         rows = slice(c.q_start, c.q_start + c.q_len)
-        want = backend._prefill(q[rows], k, v, c, 0.125, None, dtype)
+        want = backend._prefill(q[rows], kv, c, 0.125, None, dtype)
         torch.testing.assert_close(got[rows], want, **tol)
-        exact = backend._prefill(q[rows], k, v, c, 0.125, None, torch.float32)
+        exact = backend._prefill(q[rows], kv, c, 0.125, None, torch.float32)
         torch.testing.assert_close(got[rows], exact, rtol=0, atol=2e-2)  # bf16's rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_rope_and_store_matches_torch(dtype) -> None:
+@pytest.mark.parametrize("types", TYPE_PAIRS)
+def test_native_rope_and_store_matches_torch(dtype, types) -> None:
     """Rotary + KV store in one native call: bit-identical to the torch ops in bf16 (the
-    rounding of every product is part of the model), to fp32 rounding in fp32."""
+    rounding of every product is part of the model), to fp32 rounding in fp32. The
+    stored codes and scales are the torch path's bits where the values rotated are
+    (bf16, and the values half in fp32), else within one step of the type."""
     native = require_kernel(NativeCpuAttention.load())
     torch.manual_seed(1)
     heads, kv_heads, dim, n = 9, 3, 64, 5
@@ -138,16 +166,33 @@ def test_native_rope_and_store_matches_torch(dtype) -> None:
     meta = AttentionMetadata(torch.tensor([7, 1, 30, 9, 2]))
     results = []
     for backend in (TorchAttention(), native):
-        k, v = torch.zeros(32, kv_heads, dim), torch.zeros(32, kv_heads, dim)
-        q = backend.rope_and_store(qkv, cos, sin, k, v, meta, heads)
-        results.append((q.float(), k, v))
-    tol = 0 if dtype == torch.bfloat16 else 1e-5
-    for got, expected in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+        kv = empty_kv(32, kv_heads, dim, types)
+        q = backend.rope_and_store(qkv, cos, sin, kv, meta, heads)
+        results.append((q.float(), kv))
+    (q_native, native_kv), (q_torch, torch_kv) = results[1], results[0]
+    exact = dtype == torch.bfloat16
+    tol = 0 if exact else 1e-5
+    torch.testing.assert_close(q_native, q_torch, rtol=tol, atol=tol)
+    slots = meta.slot_mapping
+    # Values are copied, not computed: the same bits in either dtype.
+    assert torch.equal(native_kv.v[slots].view(torch.uint8), torch_kv.v[slots].view(torch.uint8))
+    if types[1] in ("int8", "fp8"):
+        assert torch.equal(native_kv.v_scale[slots], torch_kv.v_scale[slots])
+    if exact:
+        assert torch.equal(
+            native_kv.k[slots].view(torch.uint8), torch_kv.k[slots].view(torch.uint8)
+        )
+    # The keys read back agree to the type's step (fp32 rotary may differ in the last bit,
+    # which can move a code by one).
+    step = {"fp32": 1e-5, "bf16": 2**-7, "fp16": 2**-10, "int8": 1 / 127, "fp8": 2**-3}
+    k_native, k_torch = native_kv.keys(slots), torch_kv.keys(slots)
+    bound = step[types[0]] * k_torch.abs().amax(-1, keepdim=True) + 1e-6
+    assert ((k_native - k_torch).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("dim", [64, 128])
-def test_native_prefill_matches_torch(dim) -> None:
+@pytest.mark.parametrize("types", TYPE_PAIRS)
+def test_native_prefill_matches_torch(dim, types) -> None:
     """Every prefill chunk of a step in one native call (AVX-512 CPUs), reading the cache
     in place: the same as torch's per-chunk attention, next to decodes in the same step.
     Chunks: a first one (nothing cached) longer than a run of 64 tokens, one behind a
@@ -176,6 +221,7 @@ def test_native_prefill_matches_torch(dim) -> None:
         copies = [PrefillChunk(c.q_start, c.q_len, c.start, c.lo, c.slots) for c in chunks]
         return AttentionMetadata(torch.zeros(at), DecodeBatch(padded, lens, valid), copies)
 
-    got = native.attend(q, k, v, meta(), 0.125, None)
-    expected = TorchAttention().attend(q, k, v, meta(), 0.125, None)
+    kv = layer_kv(k, v, types)
+    got = native.attend(q, kv, meta(), 0.125, None)
+    expected = TorchAttention().attend(q, kv, meta(), 0.125, None)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -50,8 +50,10 @@ def run(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def alone(loaded: LoadedModel, batch: list[list[int]]) -> list[list[int]]:
-    config = EngineConfig(max_context=2048, kv_cache_memory=0.05, prefix_cache=False)
+def alone(loaded: LoadedModel, batch: list[list[int]], kv: str = "auto") -> list[list[int]]:
+    config = EngineConfig(
+        max_context=2048, kv_cache_memory=0.05, prefix_cache=False, kv_cache_dtype=kv
+    )
     return [run(build_engine(loaded, config), [p])[0] for p in batch]
 
 
@@ -63,10 +65,11 @@ def test_the_packed_path_runs_natively(packed) -> None:
     assert engine.runner.model.native_decode.max_rows >= len(TOPICS)
 
 
-def test_one_large_batch_equals_each_alone(packed) -> None:
+@pytest.mark.parametrize("kv", ["auto", "int8"])  # an int8 cache: a scale per token
+def test_one_large_batch_equals_each_alone(packed, kv) -> None:
     batch = prompts(packed)
-    engine = build_engine(packed, EngineConfig(max_context=2048, kv_cache_memory=0.1))
-    assert run(engine, batch) == alone(packed, batch)
+    config = EngineConfig(max_context=2048, kv_cache_memory=0.1, kv_cache_dtype=kv)
+    assert run(build_engine(packed, config), batch) == alone(packed, batch, kv)
 
 
 def test_small_chunks_preemption_and_prefix_hits_equal_each_alone(packed) -> None:

@@ -57,6 +57,10 @@ def _flags(command: str) -> list[str]:
             ["device", "max_num_seqs", "max_num_batched_tokens", "batching", "prefix_cache"],
         ),
         ("bench", ["device", "dtype", "threads", "dequantize"]),
+        *(
+            (command, ["kv_cache_dtype", "k_cache_dtype", "v_cache_dtype"])
+            for command in ("run", "serve", "bench")
+        ),
         ("quantize", ["device", "threads"]),
     ],
 )

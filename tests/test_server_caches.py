@@ -122,5 +122,9 @@ def test_metrics_count_what_a_request_did(live) -> None:
     assert looked_up == prompt
     engine = load(live)
     assert after["llmopt_kv_blocks_total"] == engine.kv_blocks_total > 0
+    tokens = after["llmopt_kv_cache_tokens_total"]
+    assert tokens == engine.kv_blocks_total * engine.kv_block_size
+    assert tokens == live.app_server.engine.kv_capacity_tokens
+    assert after["llmopt_kv_cache_tokens_used"] == 0
     assert after["llmopt_kv_blocks_used"] == after["llmopt_requests_running"] == 0
     assert after["llmopt_requests_waiting"] == 0

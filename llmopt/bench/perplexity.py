@@ -87,15 +87,18 @@ def evaluate(
     window: int,
     stride: int | None,
     reference: LlamaForCausalLM | None = None,
+    kv_types: tuple[str, str] = ("auto", "auto"),
+    reference_kv_types: tuple[str, str] = ("auto", "auto"),
 ) -> dict[str, Any]:
     """Perplexity of the first `tokens` tokens of `text`, the window capped by the
     model's context and the stride defaulting to half the window; with a reference
-    model (the same tokenizer), its perplexity and the KL divergence from it. Binds
-    each model to a scoring cache of its own (models/scoring.py)."""
+    model (the same tokenizer; it may be `model` itself over another KV cache type),
+    its perplexity and the KL divergence from it. Binds each model to a scoring cache
+    of its own (models/scoring.py) of the given (K, V) types."""
     if min(tokens, window) < 2:
         raise UsageError("--ppl-tokens and --window must be at least 2")
     ids = tokenizer.encode(text)[:tokens]
     window = min(window, model.config.max_position_embeddings)
     stride = min(stride or max(1, window // 2), window)
-    ref = None if reference is None else Scorer(reference, window).logits
-    return perplexity(Scorer(model, window).logits, ids, window, stride, ref)
+    ref = None if reference is None else Scorer(reference, window, reference_kv_types).logits
+    return perplexity(Scorer(model, window, kv_types).logits, ids, window, stride, ref)

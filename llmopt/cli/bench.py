@@ -20,8 +20,13 @@ from llmopt.cli.bench_serving import WORKLOADS, ServingOptions, run_serving
 from llmopt.cli.engine_options import engine_options
 from llmopt.engine.config import EngineConfig
 
+# The engine settings a local server gets from bench's own flags.
+SERVER_SETTINGS = ("device", "kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")
 
-@engine_options("device", "dtype", "threads", "dequantize")
+
+@engine_options(
+    "device", "dtype", "threads", "dequantize", "kv_cache_dtype", "k_cache_dtype", "v_cache_dtype"
+)
 def bench(
     model: str = typer.Argument(None, help="Local model to serve and measure (no --url)."),
     url: str = typer.Option(None, "--url", help="Measure this OpenAI-compatible server."),
@@ -108,4 +113,4 @@ def bench(
             duration, warmup, warm_prefixes, seed, timeout, percentiles, slo, slo_target,
             num_devices, compare, sweep, serve_arg, as_json, as_csv, output, plot,
         )  # fmt: skip
-        run_serving(model, engine.device, serving, console)
+        run_serving(model, engine.flags(*SERVER_SETTINGS), serving, console)

@@ -37,21 +37,29 @@ def run_perplexity(engine: EngineConfig, o: PerplexityOptions, console: Console)
             "--decode-arithmetic: the model has no quantized linears with a CPU decode kernel"
         )
     text = read_text(o.text, held_out_text, "--text")
-    reference = None
-    if o.reference is not None:
+    reference, reference_kv, against_what = None, ("auto", "auto"), "the reference"
+    if o.reference is None and engine.kv_types != ("auto", "auto"):
+        # A KV cache type's cost: the same model over a full-precision cache.
+        reference, reference_kv, against_what = loaded.model, ("fp32", "fp32"), "the fp32 KV cache"
+    elif o.reference is not None:
         # the reference runs dense: a GGUF or packed checkpoint is dequantized
         ref_name, ref = load(engine.replace(model=o.reference, dequantize=True), console)
         probe = text[:4000]
         if ref.tokenizer.encode(probe) != loaded.tokenizer.encode(probe):
             raise UsageError(f"--reference {ref_name} has another tokenizer than {name}")
         reference = ref.model
-    scores = evaluate(loaded.model, loaded.tokenizer, text, o.tokens, o.window, o.stride, reference)
-    result = {"model": name, "decode_arithmetic": o.decode_arithmetic} | scores
+    scores = evaluate(
+        loaded.model, loaded.tokenizer, text, o.tokens, o.window, o.stride, reference,
+        engine.kv_types, reference_kv,
+    )  # fmt: skip
+    kv = "/".join(engine.kv_types)
+    result = {"model": name, "decode_arithmetic": o.decode_arithmetic, "kv_cache_dtype": kv}
+    result |= scores
     against = ""
     if reference is not None:
-        result["reference"] = o.reference
+        result["reference"] = o.reference or f"{name}, KV cache fp32/fp32"
         against = (
-            f"; the reference's {result['reference_perplexity']:.3f} "
+            f"; {against_what}'s {result['reference_perplexity']:.3f} "
             f"({result['perplexity_change_pct']:+.2f}%), KL divergence from it "
             f"{result['kl_divergence']:.4f} nats/token"
         )

@@ -135,9 +135,11 @@ def _workload(
     raise UsageError(f"unknown --workload '{kind}'; use one of {', '.join(WORKLOADS)}")
 
 
-def run_serving(model: str | None, device: str, o: ServingOptions, console: Console) -> None:
-    """Measure TTFT, ITL, TPOT, latency percentiles and throughput; device: the local
-    servers' --device."""
+def run_serving(
+    model: str | None, server_flags: list[str], o: ServingOptions, console: Console
+) -> None:
+    """Measure TTFT, ITL, TPOT, latency percentiles and throughput; server_flags: the
+    engine settings bench was given (--device, the KV cache types), for local servers."""
     from llmopt.bench.loadgen import LoadSpec, Target
     from llmopt.bench.metrics import DEFAULT_PERCENTILES, SLO
     from llmopt.bench.report import failures, table, to_csv, to_json, write
@@ -151,8 +153,9 @@ def run_serving(model: str | None, device: str, o: ServingOptions, console: Cons
         (o.num_devices >= 1, "--num-devices must be at least 1"),
         (0 < o.slo_target <= 1, "--slo-target must be in (0, 1]"),
         (
-            not (o.url and (o.compare or model or device != "auto")),
-            "--url measures a running server: drop MODEL, --compare and --device "
+            not (o.url and (o.compare or model or server_flags)),
+            "--url measures a running server: drop MODEL, --compare, --device and the KV "
+            "cache types "
             "(they start local servers)",
         ),
         (not (o.as_json and o.as_csv), "choose one of --json and --csv"),
@@ -187,13 +190,12 @@ def run_serving(model: str | None, device: str, o: ServingOptions, console: Cons
     if o.warm_prefixes and not any(c.system for c in warm_pool):
         raise UsageError("--warm-prefixes needs a workload with system prompts (shared-prefix)")
     points: list[tuple[str, float | None]] = [*_sweep(o.sweep)] or [("concurrency", o.concurrency)]
-    device_arg = [] if device == "auto" else ["--device", device]  # for the local servers
     runs: list[tuple[str, dict]] = []
     for name, args in _configs(o.compare):
         server = (
             nullcontext(Target(o.url, o.served_model, o.api_key, o.timeout))
             if o.url
-            else (local_server(model, [*args, *device_arg, *(o.serve_arg or [])], console))
+            else (local_server(model, [*args, *server_flags, *(o.serve_arg or [])], console))
         )
         with server as target:
             target = Target(target.url, o.served_model or target.model, o.api_key, o.timeout)

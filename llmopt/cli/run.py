@@ -22,7 +22,17 @@ from llmopt.store.resolve import is_model_ref
 from llmopt.store.store import Store
 
 
-@engine_options("device", "dtype", "max_context", "kv_cache_memory", "threads", "dequantize")
+@engine_options(
+    "device",
+    "dtype",
+    "max_context",
+    "kv_cache_memory",
+    "kv_cache_dtype",
+    "k_cache_dtype",
+    "v_cache_dtype",
+    "threads",
+    "dequantize",
+)
 def run(
     model: str = typer.Argument(None, help="Registry name, .gguf file or HF folder."),
     prompt: str = typer.Argument(None, help="Prompt for a one-shot answer; '-' reads stdin."),

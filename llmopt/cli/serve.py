@@ -42,6 +42,9 @@ def _bind(host: str, port: int) -> socket.socket:
     "dtype",
     "max_context",
     "kv_cache_memory",
+    "kv_cache_dtype",
+    "k_cache_dtype",
+    "v_cache_dtype",
     "threads",
     "dequantize",
     "max_num_seqs",
@@ -106,7 +109,7 @@ def serve(
     console.print(
         f"serving [bold]{config.model_name}[/bold] at {url} "
         f"(context {generator.max_context} tokens, "
-        f"KV cache {generator.kv_capacity_tokens} tokens"
+        f"KV cache {generator.kv_capacity_tokens} tokens: {generator.kv_cache_description}"
         f"{', API key required' if api_key else ''})",
         highlight=False,
     )

@@ -44,12 +44,13 @@ class AsyncEngine:
     def __init__(self, engine: Engine | None = None) -> None:
         # request id -> (its event loop, its queue of deltas or the error that ended it)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._load = EngineLoad(0, 0, 0, 0, 0, 0)
+        self._load = EngineLoad(0, 0, 0, 0, 0, 0, 0)
         if engine is None:
             return  # spawn() sets up the process transport
         self.tokenizer: Tokenizer = engine.tokenizer
         self.max_context = engine.max_context
         self.kv_capacity_tokens = engine.kv_capacity_tokens
+        self.kv_cache_description = engine.kv_cache_description
         self._load = load_of(engine)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # torch's thread count is per OS thread: the engine thread keeps its creator's.
@@ -79,6 +80,7 @@ class AsyncEngine:
         self.tokenizer = proc.tokenizer
         self.max_context = proc.max_context
         self.kv_capacity_tokens = proc.kv_capacity_tokens
+        self.kv_cache_description = proc.kv_cache_description
         self._send = proc.send
         self._thread = proc
         return self

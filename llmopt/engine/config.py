@@ -14,6 +14,7 @@ from typing import Any
 
 from llmopt.device import check_device_name, check_dtype_name
 from llmopt.errors import UsageError
+from llmopt.layers.kv_types import check_kv_type_name
 
 POLICIES = ("continuous", "dynamic", "static")
 
@@ -38,6 +39,18 @@ class EngineConfig:
     max_context: int | None = setting(None, "--ctx-size", "Cap the context length.")
     kv_cache_memory: float | None = setting(
         None, "--kv-cache-memory", "GB for the KV cache (default: 10% of free RAM)."
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "--kv-cache-dtype",
+        "KV cache element type: auto, fp32, bf16, fp16, fp8 or int8 (auto: fp32 on CPU, "
+        "the model's dtype on CUDA).",
+    )
+    k_cache_dtype: str | None = setting(
+        None, "--k-cache-dtype", "The keys' type, where it differs from --kv-cache-dtype."
+    )
+    v_cache_dtype: str | None = setting(
+        None, "--v-cache-dtype", "The values' type, where it differs from --kv-cache-dtype."
     )
     block_size: int = setting(16, None, "Tokens per KV cache block.")
     batching: str = setting("continuous", "--batching", "continuous, dynamic or static.")
@@ -65,6 +78,9 @@ class EngineConfig:
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be at least 1"),
             ("max_wait_s", self.max_wait_s >= 0, "must not be negative"),
         ]
+        for name in ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype"):
+            if getattr(self, name) is not None:
+                check_kv_type_name(getattr(self, name), self.describe(name))
         for name, ok, message in checks:
             if not ok:
                 raise UsageError(f"{self.describe(name)} {message}, not {getattr(self, name)!r}")
@@ -79,6 +95,23 @@ class EngineConfig:
     def batched(self) -> bool:
         """Whether the engine serves several sequences at once (it picks the dtype)."""
         return self.max_num_seqs > 1
+
+    @property
+    def kv_types(self) -> tuple[str, str]:
+        """The KV cache's (K, V) type names."""
+        return (
+            self.k_cache_dtype or self.kv_cache_dtype,
+            self.v_cache_dtype or self.kv_cache_dtype,
+        )
+
+    def flags(self, *names: str) -> list[str]:
+        """The settings `names` that differ from their defaults, as command-line flags
+        (`--flag=value`), to hand to another llmopt command."""
+        return [
+            f"{self.describe(n)}={getattr(self, n)}"
+            for n in names
+            if getattr(self, n) != _FIELDS[n].default
+        ]
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

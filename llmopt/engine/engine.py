@@ -85,6 +85,10 @@ class Engine:
     def kv_capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
 
+    @property
+    def kv_cache_description(self) -> str:
+        return self.runner.cache.describe()
+
     def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> None:
         check_fits(prompt_tokens, max_tokens, self.max_context, self.kv_capacity_tokens)
 

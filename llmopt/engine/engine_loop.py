@@ -28,6 +28,7 @@ class EngineLoad(NamedTuple):
     waiting: int  # accepted, not yet scheduled (or preempted)
     kv_blocks_used: int  # referenced by a request (cached, unreferenced blocks are free)
     kv_blocks_total: int
+    kv_block_size: int  # tokens a block holds
     prefix_hit_tokens: int
     prefix_miss_tokens: int
 
@@ -39,6 +40,7 @@ def load_of(engine: Engine) -> EngineLoad:
         waiting=len(sched.waiting),
         kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks,
         kv_blocks_total=blocks.num_blocks,
+        kv_block_size=blocks.block_size,
         prefix_hit_tokens=blocks.hit_tokens,
         prefix_miss_tokens=blocks.miss_tokens,
     )

@@ -42,7 +42,12 @@ def _child(conn: Connection, config: EngineConfig) -> None:
     except Exception as e:
         conn.send(("failed", LlmoptError(f"the engine could not start: {type(e).__name__}: {e}")))
         return
-    conn.send(("ready", str(loaded.folder), engine.max_context, engine.kv_capacity_tokens))
+    conn.send(
+        (
+            "ready", str(loaded.folder), engine.max_context, engine.kv_capacity_tokens,
+            engine.kv_cache_description,
+        )
+    )  # fmt: skip
 
     def receive(block: bool) -> list[Command]:
         commands = []
@@ -85,7 +90,7 @@ class EngineProcess:
         if msg[0] == "failed":
             self.process.join(timeout=5)
             raise msg[1]
-        _, folder, self.max_context, self.kv_capacity_tokens = msg
+        _, folder, self.max_context, self.kv_capacity_tokens, self.kv_cache_description = msg
         self.tokenizer = Tokenizer(Path(folder))
         self._lock = threading.Lock()  # send() is called from the loop and from abort paths
         self._deliver, self._fail = deliver, fail

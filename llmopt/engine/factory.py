@@ -15,7 +15,7 @@ from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
 from llmopt.engine.runner import Runner
 from llmopt.errors import UsageError
-from llmopt.layers.kv_cache import PagedKVCache, kv_dtype_for
+from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.loader.load import LoadedModel, load_model, open_source
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
@@ -56,9 +56,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
     cfg = loaded.config
     context = min(cfg.max_position_embeddings, config.max_context or cfg.max_position_embeddings)
     p = next(loaded.model.parameters())
-    per_token = PagedKVCache.bytes_per_token(
-        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype_for(p.dtype, p.device)
-    )
+    per_token = PagedKVCache.model_bytes_per_token(cfg, p.dtype, p.device, config.kv_types)
     gb = config.kv_cache_memory
     budget = gb * 1e9 if gb is not None else default_kv_memory(p.device)
     num_blocks = int(budget // (per_token * config.block_size))
@@ -67,7 +65,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
             f"--kv-cache-memory {budget / 1e9:.3f} GB holds under two blocks of "
             f"{config.block_size} tokens ({per_token} bytes a token); give it more"
         )
-    runner = Runner(loaded.model, num_blocks, config.block_size)
+    runner = Runner(loaded.model, num_blocks, config.block_size, config.kv_types)
     return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, config)
 
 

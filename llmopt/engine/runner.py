@@ -10,26 +10,26 @@ import torch
 from llmopt.engine.scheduler import Step
 from llmopt.engine.sequence import Sequence
 from llmopt.layers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
-from llmopt.layers.kv_cache import PagedKVCache, kv_dtype_for
+from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.models.llama import LlamaForCausalLM
 
 
 class Runner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_types: tuple[str, str] = ("auto", "auto"),  # the cache's K and V types
+    ) -> None:
         self.model = model
         cfg = model.config
         p = next(model.parameters())
         self.device = p.device
         self.block_size = block_size
         self.window = cfg.sliding_window
-        self.cache = PagedKVCache(
-            cfg.num_layers,
-            num_blocks,
-            block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            kv_dtype_for(p.dtype, p.device),
-            p.device,
+        self.cache = PagedKVCache.for_model(
+            cfg, num_blocks, block_size, p.dtype, p.device, kv_types
         )
         model.bind_cache(self.cache)
 

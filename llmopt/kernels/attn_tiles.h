@@ -9,7 +9,11 @@
  * FMAs per load), with an online softmax per row across chunks (flash attention's
  * recurrence). Causality is a per-row key limit. Needs D % 64 == 0.
  *
- * Shapes: k, v (S, KV, D) fp32; slots int64 cache slots of the chunk's keys. */
+ * Keys and values are read in place in the cache's types (kv_types.h): a key row is
+ * widened into its column of the transposed chunk, scale applied; value rows are widened
+ * in registers, their scale on the loaded vector.
+ *
+ * Shapes: the layer's cache kv (S, KV, D); slots int64 cache slots of the chunk's keys. */
 #ifndef LLMOPT_ATTN_TILES_H
 #define LLMOPT_ATTN_TILES_H
 #ifdef __AVX512F__
@@ -20,6 +24,7 @@
 #include <string.h>
 
 #include "exp_approx.h"
+#include "kv_types.h"
 
 #define TILE_ROWS 4
 #define TILE_KEYS 64
@@ -82,22 +87,43 @@ static inline void tile_scores(const float *restrict q, const float *restrict kt
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + r * TILE_KEYS + 16 * c, a[r][c]);
 }
 
-/* acc[r][d0 .. d0+63] += sum_j p[r][j] v[j][d0 ..] for TILE_ROWS rows, keys j < n. */
-static inline void tile_values(const float *restrict p, const float *restrict v,
-                               const int64_t *restrict sl, int n, int KV, int kvh, int D,
-                               int d0, float *restrict acc) {
+/* acc[r][d0 .. d0+63] += sum_j p[r][j] v[j][d0 ..] for TILE_ROWS rows, keys j < n;
+ * v of type t (a constant where inlined: KV_DISPATCH). */
+static inline __attribute__((always_inline)) void tile_values(
+    const float *restrict p, const void *restrict v, const uint16_t *restrict vs,
+    const int64_t *restrict sl, int n, int KV, int kvh, int D, int d0, float *restrict acc,
+    int t) {
     __m512 a[TILE_ROWS][4];
     for (int r = 0; r < TILE_ROWS; r++)
         for (int c = 0; c < 4; c++) a[r][c] = _mm512_loadu_ps(acc + r * D + d0 + 16 * c);
     for (int j = 0; j < n; j++) {
-        const float *vj = v + (sl[j] * KV + kvh) * D + d0;
-        const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16),
-                     v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
+        const int64_t row = sl[j] * KV + kvh;
+        const void *vj = kv_row(v, t, row, D);
+        __m512 v0 = kv_load16(vj, t, d0), v1 = kv_load16(vj, t, d0 + 16),
+               v2 = kv_load16(vj, t, d0 + 32), v3 = kv_load16(vj, t, d0 + 48);
+        if (kv_scaled(t)) {
+            const __m512 s = _mm512_set1_ps(kv_scale(vs, t, row));
+            v0 = _mm512_mul_ps(v0, s), v1 = _mm512_mul_ps(v1, s);
+            v2 = _mm512_mul_ps(v2, s), v3 = _mm512_mul_ps(v3, s);
+        }
         for (int r = 0; r < TILE_ROWS; r++)
             tile_row_fma(a[r], _mm512_set1_ps(p[r * TILE_KEYS + j]), v0, v1, v2, v3);
     }
     for (int r = 0; r < TILE_ROWS; r++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + r * D + d0 + 16 * c, a[r][c]);
+}
+
+/* kt[:, j] = key row `row` (D codes of type t), widened and scaled, for j < n. */
+static inline __attribute__((always_inline)) void tile_key(float *restrict kt, int j,
+                                                           const void *k, const uint16_t *ks,
+                                                           int64_t row, int D, int t) {
+    const void *kj = kv_row(k, t, row, D);
+    const __m512 s = _mm512_set1_ps(kv_scale(ks, t, row));
+    float w[16];
+    for (int d = 0; d < D; d += 16) {
+        _mm512_storeu_ps(w, _mm512_mul_ps(kv_load16(kj, t, d), s));
+        for (int i = 0; i < 16; i++) kt[(d + i) * TILE_KEYS + j] = w[i];
+    }
 }
 
 /* Lanes of the 16-key group c that are among the first `visible` keys of a chunk. */
@@ -110,11 +136,13 @@ static inline __mmask16 tile_lanes(int64_t visible, int c) {
  * c0 .. c0+n-1 with cache slots sl[0 .. n-1], of KV head kvh. Row x sees the keys
  * before position limit0 + x / G (causal: its token's position + 1); INT64_MAX: all. */
 static void tiles_chunk(const Tiles *t, int64_t used, int G, int64_t limit0, int64_t c0,
-                        const float *restrict k, const float *restrict v,
-                        const int64_t *restrict sl, int n, int KV, int kvh, int D) {
+                        const KVLayer *kv, const int64_t *restrict sl, int n, int KV, int kvh,
+                        int D) {
     for (int j = 0; j < TILE_KEYS; j++) {
-        const float *kj = j < n ? k + (sl[j] * KV + kvh) * D : NULL;
-        for (int d = 0; d < D; d++) t->kt[d * TILE_KEYS + j] = kj ? kj[d] : 0.0f;
+        if (j < n)
+            KV_DISPATCH(kv->kt, tile_key, t->kt, j, kv->k, kv->ks, sl[j] * KV + kvh, D);
+        else
+            for (int d = 0; d < D; d++) t->kt[d * TILE_KEYS + j] = 0.0f;
     }
     const int64_t rows = tile_rows(used);
     for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS)
@@ -152,16 +180,17 @@ static void tiles_chunk(const Tiles *t, int64_t used, int G, int64_t limit0, int
     }
     for (int64_t r0 = 0; r0 < used; r0 += TILE_ROWS)
         for (int d0 = 0; d0 < D; d0 += 64)
-            tile_values(t->s + r0 * TILE_KEYS, v, sl, n, KV, kvh, D, d0, t->acc + r0 * D);
+            KV_DISPATCH(kv->vt, tile_values, t->s + r0 * TILE_KEYS, kv->v, kv->vs, sl, n, KV,
+                        kvh, D, d0, t->acc + r0 * D);
 }
 
 /* Attend rows 0 .. used-1 to keys j0 .. j1-1 (slots sl[j0 ..]), chunk by chunk. */
 static void tiles_attend(const Tiles *t, int64_t used, int G, int64_t limit0, int64_t j0,
-                         int64_t j1, const float *k, const float *v, const int64_t *sl,
-                         int KV, int kvh, int D) {
+                         int64_t j1, const KVLayer *kv, const int64_t *sl, int KV, int kvh,
+                         int D) {
     for (int64_t c0 = j0; c0 < j1; c0 += TILE_KEYS) {
         const int n = j1 - c0 < TILE_KEYS ? (int)(j1 - c0) : TILE_KEYS;
-        tiles_chunk(t, used, G, limit0, c0, k, v, sl + c0, n, KV, kvh, D);
+        tiles_chunk(t, used, G, limit0, c0, kv, sl + c0, n, KV, kvh, D);
     }
 }
 #endif

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "gemv_bf16.c"
+#include "kv_types.h"
 #include "paged_decode.c"
 #include "qgemv.c"
 #include "rmsnorm.c"
@@ -65,8 +66,8 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
 
 int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
                   int H, int KV, int D, int I, float eps, int bf16, const void *cos,
-                  const void *sin, float *k_cache, float *v_cache, int64_t layer_stride,
-                  const int64_t *write_slots, const int64_t *read_slots, const int64_t *lens,
+                  const void *sin, const KVLayer *kv, const int64_t *write_slots,
+                  const int64_t *read_slots, const int64_t *lens,
                   int L, float scale) {
     const size_t el = bf16 ? 2 : 4;
     const int qkv_n = (H + 2 * KV) * D;
@@ -76,7 +77,6 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     int rc = (h && qkv && gu && act && q && att) ? 0 : -1;
     for (int i = 0; i < n_layers && rc == 0; i++) {
         const DLayer *ly = layers + i;
-        float *kc = k_cache + (size_t)i * layer_stride, *vc = v_cache + (size_t)i * layer_stride;
         if (i == 0) {
             memcpy(residual, x, el * M * E);
             rmsnorm(x, NULL, ly->norm1, h, M, E, eps, bf16);
@@ -84,8 +84,8 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
             rmsnorm(x, residual, ly->norm1, h, M, E, eps, bf16);
         }
         rc |= linear(&ly->qkv, h, bf16, M, qkv, bf16);
-        rope_store(qkv, qkv_n, cos, sin, bf16, M, H, KV, D, kc, vc, write_slots, q);
-        paged_decode(q, kc, vc, read_slots, lens, M, L, H, KV, D, scale, att);
+        rope_store(qkv, qkv_n, cos, sin, bf16, M, H, KV, D, kv + i, write_slots, q);
+        paged_decode(q, kv + i, read_slots, lens, M, L, H, KV, D, scale, att);
         for (size_t j = 0; j < (size_t)M * H * D; j++) store_elem(act, j, att[j], bf16);
         rc |= linear(&ly->o, act, bf16, M, x, bf16);
         rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);

@@ -5,8 +5,9 @@
  * slots into a new tensor first, copying every sequence's whole KV each step; this
  * reads each key and value once, where it lies.
  *
- * Shapes (fp32, contiguous): q (B, H, D); k, v (S, KV, D); slots (B, L) int64;
- * lens (B,) int64; out (B, H, D). Query head h reads KV head h / (H / KV).
+ * Shapes (contiguous): q (B, H, D) fp32; kv the layer's cache, k and v (S, KV, D) in
+ * their types (kv_types.h), read in place, widened in registers; slots (B, L) int64;
+ * lens (B,) int64; out (B, H, D) fp32. Query head h reads KV head h / (H / KV).
  *
  * Work item: a range of keys of one KV head, for one sequence or for every sequence
  * of a group that shares those keys (a cached prefix: see "Shared prefixes" below),
@@ -26,78 +27,122 @@
 
 #include "attn_tiles.h"
 #include "exp_approx.h"
+#include "kv_types.h"
 
+/* q . (codes of key j) for the keys j0 .. j1-1 of KV head kvh, scaled: s[j]; and
+ * their maximum. Keys of type t (a constant where inlined: KV_DISPATCH). */
+static inline __attribute__((always_inline)) float key_scores(
+    const float *restrict q, const void *restrict k, const uint16_t *restrict ks,
+    const int64_t *restrict sl, int64_t j0, int64_t j1, int KV, int kvh, int D,
+    float *restrict s, int t) {
+    float mx = -INFINITY;
+    int64_t j = j0;
 #ifdef __AVX2__
-#include <immintrin.h>
-
-/* q . k for 8 keys at once (D % 8 == 0): eight independent FMA chains, then one
- * transpose-and-add. One key at a time, the dot product would be a single chain of
- * D / 8 dependent FMAs and a horizontal sum per key, latency-bound. */
-static inline __m256 dot8(const float *restrict q, const float *const kp[8], int D) {
-    __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i] + d), a[i]);
+    if (D % 8 == 0) {
+        /* 8 keys at once: eight independent FMA chains, then one transpose-and-add. One
+         * key at a time, the dot product would be a single chain of D / 8 dependent FMAs
+         * and a horizontal sum per key, latency-bound. */
+        __m256 vmx = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= j1; j += 8) {
+            const void *kp[8];
+            float sc[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t row = sl[j + i] * KV + kvh;
+                kp[i] = kv_row(k, t, row, D);
+                sc[i] = kv_scale(ks, t, row);
+            }
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, kv_load8(kp[i], t, d), a[i]);
+            }
+            __m256 s8 = sum8(a);
+            if (kv_scaled(t)) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(sc));
+            _mm256_storeu_ps(s + j, s8);
+            vmx = _mm256_max_ps(vmx, s8);
+        }
+        float m8[8];
+        _mm256_storeu_ps(m8, vmx);
+        for (int i = 0; i < 8; i++) mx = m8[i] > mx ? m8[i] : mx;
     }
-    return sum8(a);
+#endif
+    for (; j < j1; j++) {
+        const int64_t row = sl[j] * KV + kvh;
+        const void *kj = kv_row(k, t, row, D);
+        float x = 0.0f;
+#pragma omp simd reduction(+ : x)
+        for (int d = 0; d < D; d++) x += q[d] * kv_load1(kj, t, d);
+        s[j] = x * kv_scale(ks, t, row);
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    return mx;
 }
 
+#ifdef __AVX2__
 /* acc (D8 * 8 floats) = sum_j p[j] * v[slot j] for one head: the accumulator stays in
  * registers across keys (D8 constant). Keys outer and heads inner would keep all
  * heads' accumulators in memory, a load and a store per FMA. */
 static inline __attribute__((always_inline)) void weighted_values(
-    float *restrict acc, const float *restrict p, const float *restrict v,
-    const int64_t *restrict sl, int64_t j0, int64_t j1, int KV, int kvh, int D8) {
+    float *restrict acc, const float *restrict p, const void *restrict v,
+    const uint16_t *restrict vs, const int64_t *restrict sl, int64_t j0, int64_t j1, int KV,
+    int kvh, int D8, int t) {
     __m256 a[16];
     for (int i = 0; i < D8; i++) a[i] = _mm256_setzero_ps();
     for (int64_t j = j0; j < j1; j++) {
-        const float *restrict vj = v + (sl[j] * KV + kvh) * D8 * 8;
-        const __m256 pj = _mm256_set1_ps(p[j]);
-        for (int i = 0; i < D8; i++) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), a[i]);
+        const int64_t row = sl[j] * KV + kvh;
+        const void *vj = kv_row(v, t, row, D8 * 8);
+        const __m256 pj = _mm256_set1_ps(kv_scaled(t) ? p[j] * kv_scale(vs, t, row) : p[j]);
+        for (int i = 0; i < D8; i++) a[i] = _mm256_fmadd_ps(pj, kv_load8(vj, t, 8 * i), a[i]);
     }
     for (int i = 0; i < D8; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
 }
 #endif
+
+/* rp[g] (records of D + 2) gets sum_j p_g[j] v[slot j] for the G heads, from offset 2;
+ * p: (G, L) exps. Values of type t (a constant where inlined). */
+static inline __attribute__((always_inline)) void head_values(
+    const float *restrict p, const void *restrict v, const uint16_t *restrict vs,
+    const int64_t *restrict sl, int64_t j0, int64_t j1, int L, int G, int KV, int kvh, int D,
+    float *restrict rp, int t) {
+    const size_t rec = (size_t)D + 2;
+#ifdef __AVX2__
+    if (D == 64 || D == 128) {
+        for (int g = 0; g < G; g++)
+            weighted_values(rp + g * rec + 2, p + (int64_t)g * L, v, vs, sl, j0, j1, KV, kvh,
+                            D / 8, t);
+        return;
+    }
+#endif
+    for (int g = 0; g < G; g++)
+        for (int d = 0; d < D; d++) rp[g * rec + 2 + d] = 0.0f;
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t row = sl[j] * KV + kvh;
+        const void *vj = kv_row(v, t, row, D);
+        const float sc = kv_scale(vs, t, row);
+        for (int g = 0; g < G; g++) {
+            const float pj = p[(int64_t)g * L + j] * sc;
+            float *restrict a = rp + g * rec + 2;
+#pragma omp simd
+            for (int d = 0; d < D; d++) a[d] += pj * kv_load1(vj, t, d);
+        }
+    }
+}
 
 #define MAX_GD 4096 /* G * D held in registers/stack per work item: 16 heads x 256 */
 
 /* Partial attention of one sequence's G query heads (qs: (G, D), scaled) over its keys
  * j0 .. j1-1 (slots sl), for KV head kvh: per head g, rec[g] = (max score, sum of
  * exps, sum of exp-weighted values (D)). scores: (G, L) scratch. */
-static void attend_range(const float *restrict qs, const float *restrict k,
-                         const float *restrict v, const int64_t *restrict sl, int64_t j0,
-                         int64_t j1, int L, int G, int KV, int kvh, int D,
-                         float *restrict scores, float *restrict rp) {
+static void attend_range(const float *restrict qs, const KVLayer *kv,
+                         const int64_t *restrict sl, int64_t j0, int64_t j1, int L, int G,
+                         int KV, int kvh, int D, float *restrict scores, float *restrict rp) {
     const size_t rec = (size_t)D + 2;
     for (int g = 0; g < G; g++) {
-        const float *restrict qh = qs + g * D;
         float *restrict sg = scores + (int64_t)g * L;
         float mx = -INFINITY;
-        int64_t j = j0;
-#ifdef __AVX2__
-        if (D % 8 == 0) {
-            __m256 vmx = _mm256_set1_ps(-INFINITY);
-            for (; j + 8 <= j1; j += 8) {
-                const float *kp[8];
-                for (int i = 0; i < 8; i++) kp[i] = k + (sl[j + i] * KV + kvh) * D;
-                const __m256 s8 = dot8(qh, kp, D);
-                _mm256_storeu_ps(sg + j, s8);
-                vmx = _mm256_max_ps(vmx, s8);
-            }
-            float m8[8];
-            _mm256_storeu_ps(m8, vmx);
-            for (int i = 0; i < 8; i++) mx = m8[i] > mx ? m8[i] : mx;
-        }
-#endif
-        for (; j < j1; j++) {
-            const float *restrict kj = k + (sl[j] * KV + kvh) * D;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int d = 0; d < D; d++) s += qh[d] * kj[d];
-            sg[j] = s;
-            mx = s > mx ? s : mx;
-        }
+        KV_DISPATCH(kv->kt, mx = key_scores, qs + g * D, kv->k, kv->ks, sl, j0, j1, KV, kvh, D,
+                    sg);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = j0; j < j1; j++) {
@@ -107,30 +152,7 @@ static void attend_range(const float *restrict qs, const float *restrict k,
         rp[g * rec] = mx;
         rp[g * rec + 1] = sum;
     }
-#ifdef __AVX2__
-    if (D == 64 || D == 128) {
-        for (int g = 0; g < G; g++) {
-            const float *pg = scores + (int64_t)g * L;
-            float *acc = rp + g * rec + 2;
-            if (D == 64)
-                weighted_values(acc, pg, v, sl, j0, j1, KV, kvh, 8);
-            else
-                weighted_values(acc, pg, v, sl, j0, j1, KV, kvh, 16);
-        }
-        return;
-    }
-#endif
-    for (int g = 0; g < G; g++)
-        for (int d = 0; d < D; d++) rp[g * rec + 2 + d] = 0.0f;
-    for (int64_t j = j0; j < j1; j++) {
-        const float *restrict vj = v + (sl[j] * KV + kvh) * D;
-        for (int g = 0; g < G; g++) {
-            const float p = scores[(int64_t)g * L + j];
-            float *restrict a = rp + g * rec + 2;
-#pragma omp simd
-            for (int d = 0; d < D; d++) a[d] += p * vj[d];
-        }
-    }
+    KV_DISPATCH(kv->vt, head_values, scores, kv->v, kv->vs, sl, j0, j1, L, G, KV, kvh, D, rp);
 }
 
 /* Shared prefixes (cascade): sequences whose first key lies in the same slot belong to
@@ -159,8 +181,8 @@ static void attend_range(const float *restrict qs, const float *restrict k,
 /* Keys j0 .. j1-1 (slots sl, shared by the group) of KV head kvh for the queries of
  * members[0 .. nm-1]: per member and head, record r = (max, sum of exps, weighted
  * values), as attend_range writes them. */
-static void attend_group(const float *restrict q, const float *restrict k,
-                         const float *restrict v, const int64_t *restrict sl, int64_t j0,
+static void attend_group(const float *restrict q, const KVLayer *kv,
+                         const int64_t *restrict sl, int64_t j0,
                          int64_t j1, const int *restrict members, int nm, int H, int G,
                          int KV, int kvh, int D, float scale, int R, int r, const Tiles *t,
                          float *restrict part) {
@@ -170,7 +192,7 @@ static void attend_group(const float *restrict q, const float *restrict k,
         for (int x = 0; x < G * D; x++) t->q[(int64_t)i * G * D + x] = src[x] * scale;
     }
     tiles_reset(t, used, D);
-    tiles_attend(t, used, G, INT64_MAX, j0, j1, k, v, sl, KV, kvh, D);
+    tiles_attend(t, used, G, INT64_MAX, j0, j1, kv, sl, KV, kvh, D);
     const size_t rec = (size_t)D + 2;
     for (int i = 0; i < nm; i++)
         for (int g = 0; g < G; g++) {
@@ -196,8 +218,7 @@ typedef struct {
     int64_t j0, j1;
 } Item;
 
-void paged_decode(const float *restrict q, const float *restrict k, const float *restrict v,
-                  const int64_t *restrict slots, const int64_t *restrict lens, int B, int L,
+void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *restrict slots, const int64_t *restrict lens, int B, int L,
                   int H, int KV, int D, float scale, float *restrict out) {
     const int G = H / KV;
     int *leader = malloc(sizeof(int) * B);
@@ -296,7 +317,7 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
                 int nm = 0;
                 for (int b = it.b; b < B; b++)
                     if (leader[b] == it.b) members[nm++] = b;
-                attend_group(q, k, v, slots + (int64_t)it.b * L, it.j0, it.j1, members, nm, H,
+                attend_group(q, kv, slots + (int64_t)it.b * L, it.j0, it.j1, members, nm, H,
                              G, KV, it.kvh, D, scale, R, it.r, &w, part);
                 continue;
             }
@@ -307,7 +328,7 @@ void paged_decode(const float *restrict q, const float *restrict k, const float 
                 float *rp = part + (((size_t)b * KV + it.kvh) * R + it.r) * G * rec;
                 for (int x = 0; x < G * D; x++) qs[x] = q[head0 * D + x] * scale;
                 if (it.j1 > it.j0)
-                    attend_range(qs, k, v, slots + (int64_t)b * L, it.j0, it.j1, L, G, KV,
+                    attend_range(qs, kv, slots + (int64_t)b * L, it.j0, it.j1, L, G, KV,
                                  it.kvh, D, scores, rp);
             }
         }

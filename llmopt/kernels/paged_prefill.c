@@ -1,10 +1,10 @@
-/* Causal prefill attention over a paged KV cache, fp32, reading keys and values in
- * place (attn_tiles.h). For every prefill chunk of a step in one call.
+/* Causal prefill attention over a paged KV cache, in fp32, reading keys and values in
+ * place in the cache's types (attn_tiles.h, kv_types.h). For every prefill chunk of a step in one call.
  *
  * Chunk c: its queries are rows q_start .. q_start+q_len-1 of the step's flat batch, at
  * positions start .. start+q_len-1; its keys are positions 0 .. start+q_len-1, in the
  * cache slots slots[slot_off ..] (the keys of this step's own tokens already written).
- * Query at position p sees keys 0 .. p. Shapes: q, out (N, H, D); k, v (S, KV, D);
+ * Query at position p sees keys 0 .. p. Shapes: q, out (N, H, D) fp32; kv the layer's cache (S, KV, D);
  * chunks (n_chunks, 4) int64: q_start, q_len, start, slot_off. Query head h reads KV
  * head h / (H / KV).
  *
@@ -22,12 +22,13 @@
 #include <stdlib.h>
 
 #include "attn_tiles.h"
+#include "kv_types.h"
 
 #define ROW_TOKENS 64
 
-int paged_prefill(const float *restrict q, const float *restrict k, const float *restrict v,
-                  const int64_t *restrict slots, const int64_t *restrict chunks, int n_chunks,
-                  int H, int KV, int D, float scale, float *restrict out) {
+int paged_prefill(const float *restrict q, const KVLayer *kv, const int64_t *restrict slots,
+                  const int64_t *restrict chunks, int n_chunks, int H, int KV, int D,
+                  float scale, float *restrict out) {
 #ifdef __AVX512F__
     if (D % 64 != 0) return -1;
     const int G = H / KV;
@@ -61,8 +62,8 @@ int paged_prefill(const float *restrict q, const float *restrict k, const float 
             /* Row x: token t0 + x / G at position start + t0 + x / G sees the keys
              * before start + t0 + x / G + 1. */
             const int64_t limit0 = start + t0 + 1;
-            tiles_attend(&t, used, G, limit0, 0, limit0 + tokens - 1, k, v, slots + ch[3], KV,
-                         kvh, D);
+            tiles_attend(&t, used, G, limit0, 0, limit0 + tokens - 1, kv, slots + ch[3], KV, kvh,
+                         D);
             for (int64_t r = 0; r < tokens; r++)
                 for (int g = 0; g < G; g++) {
                     const int64_t x = r * G + g;
@@ -78,7 +79,7 @@ int paged_prefill(const float *restrict q, const float *restrict k, const float 
     free(items);
     return 0;
 #else
-    (void)q, (void)k, (void)v, (void)slots, (void)chunks, (void)n_chunks, (void)H, (void)KV,
+    (void)q, (void)kv, (void)slots, (void)chunks, (void)n_chunks, (void)H, (void)KV,
         (void)D, (void)scale, (void)out;
     return -1;
 #endif

@@ -2,7 +2,7 @@
  * values into the paged KV cache, in one pass over the fused qkv projection:
  *
  *   q_out[t, h]                 = rotate(q[t, h], pos t)   (fp32, for the attention)
- *   k_cache[slots[t], kv]      = rotate(k[t, kv], pos t)  (fp32 cache)
+ *   k_cache[slots[t], kv]      = rotate(k[t, kv], pos t)  (in the cache's type)
  *   v_cache[slots[t], kv]      = v[t, kv]
  *
  * rotate is the rotate-half form: pairs (i, i + D/2), x1 * cos - x2 * sin and
@@ -15,23 +15,25 @@
  *
  * qkv: (N, row) fp32 or bf16 with `row` elements between tokens and q, k, v heads
  * side by side ((H + 2 KV) * D used); cos, sin: (N, D) in qkv's dtype;
- * k_cache, v_cache: (S, KV, D) fp32; slots: (N,) int64; q_out: (N, H, D) fp32.
+ * kv: the layer's cache (kv_types.h), each key and value row stored in its type by
+ * kv_store; slots: (N,) int64; q_out: (N, H, D) fp32. Needs D <= MAX_HEAD_DIM.
  */
 #include <stdint.h>
 #include <string.h>
 
 #include "dtype.h"
+#include "kv_types.h"
 
+#define MAX_HEAD_DIM 512
 
 void rope_store(const void *qkv, int64_t row, const void *cos, const void *sin, int bf16, int N,
-                int H, int KV, int D, float *k_cache, float *v_cache, const int64_t *slots,
-                float *q_out) {
+                int H, int KV, int D, const KVLayer *kv, const int64_t *slots, float *q_out) {
     const int half = D / 2;
+    float kr[MAX_HEAD_DIM]; /* a rotated key, before the store rounds it to the cache's type */
     for (int t = 0; t < N; t++) {
         const size_t base = (size_t)t * row;
         for (int h = 0; h < H + KV; h++) {
-            float *dst = h < H ? q_out + ((size_t)t * H + h) * D
-                               : k_cache + ((size_t)slots[t] * KV + (h - H)) * D;
+            float *dst = h < H ? q_out + ((size_t)t * H + h) * D : kr;
             const size_t src = base + (size_t)h * D;
 #pragma omp simd
             for (int i = 0; i < half; i++) {
@@ -42,9 +44,12 @@ void rope_store(const void *qkv, int64_t row, const void *cos, const void *sin, 
                 dst[i] = round_to(round_to(x1 * c1, bf16) - round_to(x2 * s1, bf16), bf16);
                 dst[i + half] = round_to(round_to(x2 * c2, bf16) + round_to(x1 * s2, bf16), bf16);
             }
+            if (h >= H) kv_store(kv->k, kv->ks, kv->kt, slots[t] * KV + (h - H), kr, D);
         }
-        float *vd = v_cache + (size_t)slots[t] * KV * D;
-        const size_t vs = base + (size_t)(H + KV) * D;
-        for (int i = 0; i < KV * D; i++) vd[i] = load_elem(qkv, vs + i, bf16);
+        for (int h = 0; h < KV; h++) {
+            const size_t vs = base + (size_t)(H + KV + h) * D;
+            for (int i = 0; i < D; i++) kr[i] = load_elem(qkv, vs + i, bf16);
+            kv_store(kv->v, kv->vs, kv->vt, slots[t] * KV + h, kr, D);
+        }
     }
 }

@@ -11,6 +11,7 @@ from torch import nn
 
 from llmopt.layers.attention_backend import AttentionBackend, TorchAttention
 from llmopt.layers.attention_metadata import AttentionMetadata
+from llmopt.layers.kv_cache import LayerKV
 from llmopt.layers.linear import Linear
 
 
@@ -39,12 +40,11 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (N, hidden), the flat batch of new tokens
         cos: torch.Tensor,  # (N, D) in x's dtype
         sin: torch.Tensor,  # (N, D)
-        k_cache: torch.Tensor,  # (S, KV, D), this layer's slots of the paged cache
-        v_cache: torch.Tensor,  # (S, KV, D)
+        kv: LayerKV,  # this layer's slots of the paged cache
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # (N, (H + 2 KV) * D)
-        q = self.backend.rope_and_store(qkv, cos, sin, k_cache, v_cache, meta, self.num_heads)
-        out = self.backend.attend(q, k_cache, v_cache, meta, self.scale, self.window)
+        q = self.backend.rope_and_store(qkv, cos, sin, kv, meta, self.num_heads)
+        out = self.backend.attend(q, kv, meta, self.scale, self.window)
         return self.o_proj(out.reshape(n, self.q_size).to(x.dtype))

@@ -3,9 +3,10 @@
 The runner lays a step out as one flat run of N new tokens: first the sequences that
 decode (one query token each), then the chunks of sequences that prefill. Keys and
 values live in a cache of fixed-size blocks, addressed by slot = block * block_size +
-offset; `AttentionMetadata` says where each new token's key goes and which slots each
-query reads. A backend implements the two operations below; `TorchAttention` does it
-with plain torch ops on CPU and CUDA, and a faster kernel can replace it.
+offset, in the cache's element types (a layer's view: `LayerKV`); `AttentionMetadata`
+says where each new token's key goes and which slots each query reads. A backend
+implements the two operations below; `TorchAttention` does it with plain torch ops on
+CPU and CUDA, and a faster kernel can replace it.
 
 Shapes: N new tokens, H query heads, KV key/value heads, G = H / KV, D head dim,
 S cache slots, B decoding sequences, L their longest key count.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from llmopt.layers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from llmopt.layers.cascade import cascade_prefill, shared_prefix_groups
+from llmopt.layers.kv_cache import LayerKV
 from llmopt.layers.rotary import apply_rotary
 
 
@@ -29,39 +31,25 @@ class AttentionBackend(ABC):
         qkv: torch.Tensor,  # (N, (H + 2 KV) * D): the fused projection of the new tokens
         cos: torch.Tensor,  # (N, D)
         sin: torch.Tensor,  # (N, D)
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
         num_heads: int,
     ) -> torch.Tensor:
-        """Rotate the new queries and keys, store keys and values (`write`); returns the
-        queries (N, H, D) for `attend`."""
-        n, kv, d = qkv.shape[0], k_cache.shape[1], k_cache.shape[2]
-        qk_size = (num_heads + kv) * d
+        """Rotate the new queries and keys, store keys and values; returns the queries
+        (N, H, D) for `attend`."""
+        n, heads, d = qkv.shape[0], kv.num_kv_heads, kv.head_dim
+        qk_size = (num_heads + heads) * d
         # q and k heads rotated together: (N, H + KV, D) in one pass.
         qk = apply_rotary(qkv[:, :qk_size].view(n, -1, d), cos, sin)
-        q, k = qk.split([num_heads, kv], dim=1)
-        self.write(k_cache, v_cache, k, qkv[:, qk_size:].view(n, kv, d), meta)
+        q, k = qk.split([num_heads, heads], dim=1)
+        kv.store(meta.slot_mapping, k, qkv[:, qk_size:].view(n, heads, d))
         return q
-
-    @abstractmethod
-    def write(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        """Store the new tokens' keys and values, k/v: (N, KV, D), into their slots of
-        k_cache/v_cache: (S, KV, D)."""
 
     @abstractmethod
     def attend(
         self,
         q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
@@ -78,41 +66,37 @@ class TorchAttention(AttentionBackend):
     # type: there attention reads far more than it computes.
     prefill_dtype: torch.dtype | None = None
 
-    def write(self, k_cache, v_cache, k, v, meta) -> None:
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-
-    def attend(self, q, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
-        q = q.to(k_cache.dtype)
+    def attend(self, q, kv, meta, scale, window) -> torch.Tensor:
+        q = q.to(kv.dtype)
         if not meta.prefills:  # all decodes (the steady state): no assembly copy
             assert meta.decode is not None
-            return self._decode(q, k_cache, v_cache, meta.decode, scale)
+            return self._decode(q, kv, meta.decode, scale)
         out = torch.empty_like(q)
         if meta.decode is not None:
             b = meta.num_decode
-            out[:b] = self._decode(q[:b], k_cache, v_cache, meta.decode, scale)
+            out[:b] = self._decode(q[:b], kv, meta.decode, scale)
         chunks = meta.prefills
         dtype = self.prefill_dtype or q.dtype
         if window is None and q.device.type == "cpu":
             groups, chunks = shared_prefix_groups(chunks)
             for group, shared in groups:
-                cascade_prefill(q, k_cache, v_cache, group, shared, scale, dtype, out)
+                cascade_prefill(q, kv, group, shared, scale, dtype, out)
         for c in chunks:
             rows = slice(c.q_start, c.q_start + c.q_len)
-            out[rows] = self._prefill(q[rows], k_cache, v_cache, c, scale, window, dtype)
+            out[rows] = self._prefill(q[rows], kv, c, scale, window, dtype)
         return out
 
-    def _decode(self, q, k_cache, v_cache, d: DecodeBatch, scale: float) -> torch.Tensor:
+    def _decode(self, q, kv: LayerKV, d: DecodeBatch, scale: float) -> torch.Tensor:
         b, h, dim = q.shape
-        kv = k_cache.shape[1]
+        heads = kv.num_kv_heads
         if d.contiguous is not None:
-            # A single sequence stored in consecutive slots: read views, copy nothing.
-            n = d.slots.shape[1]
-            keys = k_cache[d.contiguous : d.contiguous + n].unsqueeze(0)  # (1, L, KV, D)
-            values = v_cache[d.contiguous : d.contiguous + n].unsqueeze(0)
+            # A single sequence stored in consecutive slots: read views (of a cache in
+            # the attention's type), copy nothing.
+            run = slice(d.contiguous, d.contiguous + d.slots.shape[1])
+            keys, values = kv.keys(run).unsqueeze(0), kv.values(run).unsqueeze(0)  # (1, L, KV, D)
         else:
-            keys, values = k_cache[d.slots], v_cache[d.slots]  # gathered: (B, L, KV, D)
-        qh = q.view(b, kv, h // kv, dim) * scale  # (B, KV, G, D)
+            keys, values = kv.keys(d.slots), kv.values(d.slots)  # gathered: (B, L, KV, D)
+        qh = q.view(b, heads, h // heads, dim) * scale  # (B, KV, G, D)
         scores = torch.matmul(qh, keys.permute(0, 2, 3, 1)).float()  # (B, KV, G, L)
         if d.valid is not None:
             scores = scores.masked_fill(~d.valid[:, None, None, :], float("-inf"))
@@ -121,15 +105,12 @@ class TorchAttention(AttentionBackend):
         return out.reshape(b, h, dim)
 
     @staticmethod
-    def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale, window, dtype) -> torch.Tensor:
+    def _prefill(q, kv: LayerKV, c: PrefillChunk, scale, window, dtype) -> torch.Tensor:
         if c.contiguous is not None:
-            n = c.slots.shape[0]
-            keys, values = (
-                k_cache[c.contiguous : c.contiguous + n],
-                v_cache[c.contiguous : c.contiguous + n],
-            )
+            run = slice(c.contiguous, c.contiguous + c.slots.shape[0])
+            keys, values = kv.keys(run), kv.values(run)
         else:
-            keys, values = k_cache[c.slots], v_cache[c.slots]  # (S, KV, D)
+            keys, values = kv.keys(c.slots), kv.values(c.slots)  # (S, KV, D)
         out_dtype = q.dtype
         q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
         if c.start == 0 and c.lo == 0 and (window is None or keys.shape[0] <= window):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmopt.layers.attention_metadata import PrefillChunk
+from llmopt.layers.kv_cache import LayerKV
 
 # Prefill chunks of several sequences behind one cached prefix (16 requests with a
 # 1,000-token system prompt, each with a question of its own): attended as one batched
@@ -46,7 +47,7 @@ def _heads(x: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).transpose(0, 1).repeat_interleave(heads // x.shape[1], dim=0)[None]
 
 
-def cascade_prefill(q, k_cache, v_cache, chunks, shared: int, scale, dtype, out) -> None:
+def cascade_prefill(q, kv: LayerKV, chunks, shared: int, scale, dtype, out) -> None:
     """out[rows of chunks] = attention of their queries over the shared prefix (keys
     0 .. shared-1, the same slots for all) and their own keys, causal; computed in dtype,
     merged in q's."""
@@ -56,7 +57,7 @@ def cascade_prefill(q, k_cache, v_cache, chunks, shared: int, scale, dtype, out)
     qs = torch.cat([q[r] for r in rows]).to(dtype).transpose(0, 1)[None]  # (1, H, N, D)
     prefix = chunks[0].slots[:shared]
     o_pre, lse_pre = flash(
-        qs, _heads(k_cache[prefix], h, dtype), _heads(v_cache[prefix], h, dtype), scale=scale
+        qs, _heads(kv.keys(prefix), h, dtype), _heads(kv.values(prefix), h, dtype), scale=scale
     )  # (1, H, N, D), (1, H, N) fp32
     o_pre = o_pre.to(q.dtype)
     at = 0
@@ -68,8 +69,8 @@ def cascade_prefill(q, k_cache, v_cache, chunks, shared: int, scale, dtype, out)
         mask.masked_fill_(kpos > qpos, float("-inf"))
         o_own, lse_own = flash(
             qs[:, :, at : at + c.q_len],
-            _heads(k_cache[own], h, dtype),
-            _heads(v_cache[own], h, dtype),
+            _heads(kv.keys(own), h, dtype),
+            _heads(kv.values(own), h, dtype),
             attn_mask=mask,
             scale=scale,
         )

@@ -23,8 +23,9 @@ def choose_kernels(model: LlamaForCausalLM, cache: PagedKVCache) -> None:
     """Set each layer's attention backend and the model's native decode step for
     `cache`, from the device, the cache's type and the model's dtype."""
     native = None
-    if cache.k.device.type == "cpu" and cache.k.dtype == torch.float32:
-        # Attention reads the fp32 paged cache in place where the C kernels build.
+    if cache.device.type == "cpu":
+        # Attention reads the paged cache in place, whatever its element types, where the
+        # C kernels build.
         native = NativeCpuAttention.load()
     model.native_decode = None
     if native is not None:

@@ -18,7 +18,7 @@ from llmopt.errors import ModelFormatError
 from llmopt.layers.attention import Attention
 from llmopt.layers.attention_metadata import AttentionMetadata
 from llmopt.layers.embedding import Embedding
-from llmopt.layers.kv_cache import PagedKVCache
+from llmopt.layers.kv_cache import LayerKV, PagedKVCache
 from llmopt.layers.linear import Linear, can_prepack, prepack_linears
 from llmopt.layers.mlp import SwiGLU
 from llmopt.layers.norm import RMSNorm
@@ -52,8 +52,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,  # (N, hidden): the stream before it; None in block 0
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this block's MLP output, the residual stream before it). Each residual
@@ -62,7 +61,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h = self.input_layernorm(x, residual)
-        a = self.self_attn(h, cos, sin, k_cache, v_cache, meta)
+        a = self.self_attn(h, cos, sin, kv, meta)
         h = self.post_attention_layernorm(a, residual)
         return self.mlp(h), residual
 
@@ -102,11 +101,11 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         native = self.native_decode
         if native is not None and not meta.prefills and x.shape[0] <= native.max_rows:
-            x, residual = native(x, cos, sin, cache, meta)
+            x, residual = native(x, cos, sin, meta)
             return self.norm(x, residual)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, cache.k[i], cache.v[i], meta)
+            x, residual = layer(x, residual, cos, sin, cache.layers[i], meta)
         return self.norm(x, residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@ dispatch costs more than reading a small model's weights. `NativeDecoder` hands 
 whole stack of blocks to one C function that runs the same kernels the Python path
 calls (RMSNorm, the int4/int8/bf16 one-row linears, rotary + KV store, paged
 attention), with the same rounding. `LlamaForCausalLM` uses it for steps that only
-decode (at most `max_rows` sequences) when `build` accepts the model: CPU, an fp32 KV
-cache, every block linear either a bf16 weight or a quantized one with the qgemv kernel.
+decode (at most `max_rows` sequences) when `build` accepts the model: a CPU KV cache
+(of any element type), every block linear either a bf16 weight or a quantized one with
+the qgemv kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from llmopt.layers.attention_metadata import AttentionMetadata
 from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.layers.linear import Linear
-from llmopt.layers.native_attention import MAX_GROUP_DIM
+from llmopt.layers.native_attention import MAX_GROUP_DIM, MAX_HEAD_DIM, KVLayerStruct
 from llmopt.layers.quant_linear import QuantLinear
 
 if TYPE_CHECKING:
@@ -75,17 +76,17 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
     return _DLinear(*args, *ptrs, n, k)
 
 
-# layers, n_layers, x, residual; M, E, H, KV, D, I; eps, bf16, cos, sin, k_cache, v_cache;
-# layer_stride, write_slots, read_slots, lens, L, scale
+# layers, n_layers, x, residual; M, E, H, KV, D, I; eps, bf16, cos, sin, kv (one
+# KVLayer a layer); write_slots, read_slots, lens, L, scale
 _ARGTYPES = (
-    [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr, _ptr, _ptr]
-    + [ctypes.c_int64, _ptr, _ptr, _ptr, _i32, ctypes.c_float]
+    [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr, _ptr]
+    + [_ptr, _ptr, _ptr, _i32, ctypes.c_float]
 )  # fmt: skip
 
 
 class NativeDecoder:
-    def __init__(self, fn, model: LlamaForCausalLM) -> None:  # fn: decode_layers
-        self.fn = fn
+    def __init__(self, fn, model: LlamaForCausalLM, cache: PagedKVCache) -> None:
+        self.fn = fn  # decode_layers
         cfg = model.config
         self.dims = (
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
@@ -96,6 +97,8 @@ class NativeDecoder:
         self.keep: list[torch.Tensor] = []  # tensors whose pointers the table holds
         self.max_rows = QUANT_MAX_ROWS  # most sequences a step it runs (see build)
         self.layers = (_DLayer * cfg.num_layers)()
+        self.cache = cache  # the cache whose pointers `kv` holds
+        self.kv = (KVLayerStruct * cfg.num_layers)(*map(KVLayerStruct.of, cache.layers))
 
     @classmethod
     def build(cls, model: LlamaForCausalLM, cache: PagedKVCache) -> NativeDecoder | None:
@@ -103,8 +106,8 @@ class NativeDecoder:
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
         if (
-            cache.k.device.type != "cpu"
-            or cache.k.dtype != torch.float32
+            cache.device.type != "cpu"
+            or cfg.head_dim > MAX_HEAD_DIM
             or dtype not in (torch.float32, torch.bfloat16)
             or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > MAX_GROUP_DIM
         ):
@@ -114,7 +117,7 @@ class NativeDecoder:
         fn = function("decode_layers", _ARGTYPES, _i32)
         if fn is None:
             return None
-        native = cls(fn, model)
+        native = cls(fn, model, cache)
         for i, block in enumerate(model.layers):
             norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
             linears = [
@@ -137,10 +140,10 @@ class NativeDecoder:
         x: torch.Tensor,  # (M, hidden): the new tokens' embeddings, overwritten
         cos: torch.Tensor,  # (M, D) in x's dtype
         sin: torch.Tensor,
-        cache: PagedKVCache,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run every block; returns (last block's MLP output, residual stream before it)."""
+        """Run every block over the cache it was built for; returns (last block's MLP
+        output, residual stream before it)."""
         d = meta.decode
         assert d is not None and x.is_contiguous()
         m = x.shape[0]
@@ -149,9 +152,8 @@ class NativeDecoder:
             ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), residual.data_ptr(), m,
             *self.dims,
             self.eps, int(x.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(),
-            cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(0),
-            meta.slot_mapping.data_ptr(), d.slots.data_ptr(), d.lens.data_ptr(), d.slots.shape[1],
-            self.scale,
+            ctypes.addressof(self.kv), meta.slot_mapping.data_ptr(), d.slots.data_ptr(),
+            d.lens.data_ptr(), d.slots.shape[1], self.scale,
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError("the native decode step refused its inputs")

@@ -14,7 +14,7 @@ import torch
 
 from llmopt.errors import ContextLengthError
 from llmopt.layers.attention_metadata import AttentionMetadata, PrefillChunk
-from llmopt.layers.kv_cache import PagedKVCache, kv_dtype_for
+from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.models.llama import LlamaForCausalLM
 
 BLOCK_SIZE = 16
@@ -30,16 +30,18 @@ class Scorer:
     """Runs texts of up to `max_tokens` tokens through `model` (which it binds to a
     cache of its own; bind it elsewhere and this scorer no longer applies)."""
 
-    def __init__(self, model: LlamaForCausalLM, max_tokens: int) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        max_tokens: int,
+        kv_types: tuple[str, str] = ("auto", "auto"),  # the cache's K and V types
+    ) -> None:
         cfg = model.config
         p = next(model.parameters())
         self.model = model
         self.max_tokens = min(max_tokens, cfg.max_position_embeddings)
         blocks = -(-self.max_tokens // BLOCK_SIZE)
-        kv_dtype = kv_dtype_for(p.dtype, p.device)
-        self.cache = PagedKVCache(
-            cfg.num_layers, blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, kv_dtype, p.device
-        )
+        self.cache = PagedKVCache.for_model(cfg, blocks, BLOCK_SIZE, p.dtype, p.device, kv_types)
         model.bind_cache(self.cache)
 
     def inputs(self, token_ids: list[int]) -> PrefillInputs:
@@ -50,7 +52,7 @@ class Scorer:
             raise ContextLengthError(
                 f"{n} tokens to score; this scorer holds 1 to {self.max_tokens}"
             )
-        device = self.cache.k.device
+        device = self.cache.device
         slots = torch.arange(n, device=device)
         meta = AttentionMetadata(slots, None, [PrefillChunk(0, n, 0, 0, slots, 0)])
         ids = torch.tensor(token_ids, device=device)

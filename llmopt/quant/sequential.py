@@ -79,7 +79,7 @@ def quantize_sequential(
                 # Blocks add into the residual stream in place: each call gets copies.
                 x, r = state
                 return block(x.clone(), None if r is None else r.clone(), cos, sin,
-                             cache.k[i], cache.v[i], meta)  # fmt: skip
+                             cache.layers[i], meta)  # fmt: skip
 
             if full is None:
                 with recording(names) as stats:

@@ -34,6 +34,16 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("llmopt_requests_waiting", "Requests queued", s.waiting)
         yield GaugeMetricFamily("llmopt_kv_blocks_used", "KV blocks in use", s.kv_blocks_used)
         yield GaugeMetricFamily("llmopt_kv_blocks_total", "KV blocks in all", s.kv_blocks_total)
+        yield GaugeMetricFamily(
+            "llmopt_kv_cache_tokens_total",
+            "Tokens the KV cache holds (its element types set how many fit)",
+            s.kv_blocks_total * s.kv_block_size,
+        )
+        yield GaugeMetricFamily(
+            "llmopt_kv_cache_tokens_used",
+            "Tokens of KV cache held by requests",
+            s.kv_blocks_used * s.kv_block_size,
+        )
         looked_up = s.prefix_hit_tokens + s.prefix_miss_tokens
         yield GaugeMetricFamily(
             "llmopt_prefix_cache_hit_rate",
