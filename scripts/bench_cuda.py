@@ -59,7 +59,7 @@ def llmopt_batch(loaded: LoadedModel, prompts: list[list[int]], n: int) -> float
         prefix_cache=False,
     )
     engine = build_engine(loaded, config)
-    _, total = run_batch(engine, prompts, n)
+    total = run_batch(engine, prompts, n).total
     return len(prompts) * n / total
 
 

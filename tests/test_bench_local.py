@@ -38,7 +38,22 @@ def test_offline_pp_tg_batch(tiny_llama) -> None:
     for key in ("pp32_tokens_per_s", "tg8_tokens_per_s", "batch2_tg8_tokens_per_s"):
         assert out[key]["mean"] > 0 and out[key]["std"] >= 0
     assert out["repeats"] == 2 and out["dtype"] == "float32"
+    assert out["kv_cache"].startswith("fp32, ") and out["kv_cache_tokens"] > 0
     assert bench(str(tiny_llama), "--offline", "--pp", "4096").exit_code == 5  # too long
+
+
+def test_offline_decode_at_depth_over_an_int8_cache(tiny_llama) -> None:
+    """--depth: tg and batch decode after contexts of their own; the cache type is the
+    bench's --kv-cache-dtype, and an int8 cache holds more tokens than fp32's."""
+    args = [str(tiny_llama), "--offline", "--pp", "16", "--tg", "6", "--batch", "3"]
+    args += ["--repeats", "1", "--depth", "100", "--dtype", "float32", "--json"]
+    fp32, int8 = bench(*args), bench(*args, "--kv-cache-dtype", "int8")
+    assert fp32.exit_code == 0 and int8.exit_code == 0, int8.stderr
+    a, b = json.loads(fp32.stdout), json.loads(int8.stdout)
+    for key in ("tg6_d100_tokens_per_s", "batch3_tg6_d100_tokens_per_s"):
+        assert a[key]["mean"] > 0 and b[key]["mean"] > 0
+    assert b["kv_cache"].startswith("int8, ")
+    assert b["kv_cache_tokens"] > 3 * a["kv_cache_tokens"]
 
 
 def test_perplexity_matches_transformers_and_scores_each_token_once(tiny_llama) -> None:

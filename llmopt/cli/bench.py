@@ -69,6 +69,9 @@ def bench(
     tg: int = typer.Option(128, "--tg", help="--offline: tokens to generate."),
     batch: int = typer.Option(16, "--batch", help="--offline: sequences for batch tg."),
     repeats: int = typer.Option(3, "--repeats", help="--offline: repetitions."),
+    depth: int = typer.Option(
+        0, "--depth", help="--offline: context tokens of each sequence's own before tg."
+    ),
     perplexity: bool = typer.Option(False, "--perplexity", help="Perplexity of MODEL."),
     text: Path = typer.Option(
         None,
@@ -105,7 +108,9 @@ def bench(
         )
         run_perplexity(engine, opts, console)
     elif offline:
-        run_offline(engine, OfflineOptions(pp, tg, batch, repeats, seed, as_json, output), console)
+        run_offline(
+            engine, OfflineOptions(pp, tg, batch, repeats, seed, depth, as_json, output), console
+        )
     else:
         serving = ServingOptions(
             url, served_model, api_key, workload, num_prompts, input_len, output_len,

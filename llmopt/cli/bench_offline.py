@@ -20,6 +20,7 @@ class OfflineOptions:
     batch: int  # sequences for batch tg
     repeats: int
     seed: int
+    depth: int  # context tokens before tg (llama-bench's -d)
     as_json: bool
     output: Path | None
 
@@ -32,17 +33,19 @@ def run_offline(engine: EngineConfig, o: OfflineOptions, console: Console) -> No
     from llmopt.bench.setup import machine_info
     from llmopt.engine.factory import open_engine
 
-    if min(o.pp, o.tg, o.batch, o.repeats) < 1:
-        raise UsageError("--pp, --tg, --batch and --repeats must be at least 1")
+    if min(o.pp, o.tg, o.batch, o.repeats) < 1 or o.depth < 0:
+        raise UsageError("--pp, --tg, --batch and --repeats must be at least 1, --depth 0 or more")
     # Every repetition does the same work: no prefix cache; a prompt in one chunk.
     config = engine.replace(
         max_num_seqs=o.batch, max_num_batched_tokens=max(o.pp, 512), prefix_cache=False
     )
     name, gen, loaded = open_engine(config, console)
     dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    cache = {"kv_cache": gen.kv_cache_description, "kv_cache_tokens": gen.kv_capacity_tokens}
     result = (
         {"model": name, "dtype": dtype_name}
-        | offline_bench(gen, o.pp, o.tg, o.batch, o.repeats, o.seed)
+        | cache
+        | offline_bench(gen, o.pp, o.tg, o.batch, o.repeats, o.seed, o.depth)
         | machine_info(torch.get_num_threads(), gen.runner.device)
     )
     t = Table("test", "tokens/s", header_style="bold")
