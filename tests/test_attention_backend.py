@@ -37,8 +37,9 @@ def empty_kv(slots: int, kv_heads: int, dim: int, types=("fp32", "fp32")) -> Lay
 @pytest.mark.parametrize("lens", [[37, 5, 120, 1], [300], [390, 3]])  # the last two: split-K
 @pytest.mark.parametrize("dim", [64, 128, 40])  # AVX2 value loops for 64 and 128; 40 generic
 @pytest.mark.parametrize("types", TYPE_PAIRS)
-def test_native_decode_matches_torch(heads, kv_heads, lens, dim, types) -> None:
-    native = require_kernel(NativeCpuAttention.load())
+@pytest.mark.parametrize("avx2", [False, True])  # True: the AVX2 loops where AVX-512 runs
+def test_native_decode_matches_torch(heads, kv_heads, lens, dim, types, avx2) -> None:
+    native = require_kernel(NativeCpuAttention.load(avx2=avx2))
     torch.manual_seed(0)
     slots_total = 400
     k = torch.randn(slots_total, kv_heads, dim)
@@ -69,14 +70,15 @@ def _cache_with_two_prefixes(total: int, shared: int, tail: int, dim: int = 64):
 @pytest.mark.parametrize("dim", [64, 128, 40])  # with AVX-512, 64 and 128 go through tiles
 @pytest.mark.parametrize("shared", [300, 64, 63, 600])
 @pytest.mark.parametrize("types", TYPE_PAIRS)
-def test_native_decode_over_shared_prefixes_matches_torch(shared, dim, types) -> None:
+@pytest.mark.parametrize("avx2", [False, True])
+def test_native_decode_over_shared_prefixes_matches_torch(shared, dim, types, avx2) -> None:
     """Sequences whose first keys lie in the same slots (a cached prefix) are attended a
     chunk of the prefix at a time for the whole group (cascade): two groups of different
     prefixes, own tails of different lengths (one empty past the prefix but for its new
     token, one that diverges inside a chunk), and a sequence alone. 63 shared keys: under
     the minimum, nothing is shared. 300: a range of 256 keys and one of 44 (a partial
     chunk); three members of 3 query heads each: 9 rows, not a whole number of tiles."""
-    native = require_kernel(NativeCpuAttention.load())
+    native = require_kernel(NativeCpuAttention.load(avx2=avx2))
     torch.manual_seed(2)
     heads = 9
     k, v, prefix_a, prefix_b, tails = _cache_with_two_prefixes(2400, shared, 40, dim)

@@ -16,7 +16,8 @@
  * sum and weighted values, merged at the end (split-K, as flash-decoding does on GPUs).
  * Per query head, scores (dot products vectorised with omp simd: without it the
  * compiler keeps the float sum in order, one FMA at a time), then exp; then one pass
- * over the values for all G heads. The caller guarantees G * D <= MAX_GD.
+ * over the values for all G heads (with AVX-512, the heads of a group together: see
+ * attend_range_groups). The caller guarantees G * D <= MAX_GD.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,6 +29,12 @@
 #include "attn_tiles.h"
 #include "exp_approx.h"
 #include "kv_types.h"
+
+/* The AVX-512 paths (head groups below, the shared-prefix tiles); a build for testing
+ * the AVX2 ones turns them off (NativeCpuAttention.load(avx2=True)). */
+#if defined(__AVX512F__) && !defined(LLMOPT_ATTN_AVX2)
+#define ATTN_AVX512 1
+#endif
 
 /* q . (codes of key j) for the keys j0 .. j1-1 of KV head kvh, scaled: s[j]; and
  * their maximum. Keys of type t (a constant where inlined: KV_DISPATCH). */
@@ -129,6 +136,153 @@ static inline __attribute__((always_inline)) void head_values(
     }
 }
 
+#ifdef ATTN_AVX512
+/* With AVX-512 and D of 64 or 128, the heads of a KV head's group are attended together:
+ * each key or value row is loaded and widened once for up to GB heads, where the loops
+ * above take it once per head (for int8 or fp8 rows, the widening costs more than the
+ * FMAs it feeds). */
+#define GB_KEYS 3 /* heads per pass over the keys: 3 x 8 accumulators, 3 queries, a key */
+
+/* s[g * L + j] = q_g . key j (scaled) for the gb heads q (gb rows of D) and the keys
+ * j0 .. j1-1, mx[g] their maxima; 8 keys at a time, a 16-lane accumulator per (head,
+ * key), folded to 8 lanes and transpose-added (sum8). gb and t constants once inlined. */
+static inline __attribute__((always_inline)) void group_scores(
+    const float *restrict q, int gb, const void *restrict k, const uint16_t *restrict ks,
+    const int64_t *restrict sl, int64_t j0, int64_t j1, int KV, int kvh, int D, int L,
+    float *restrict s, float *restrict mx, int t) {
+    __m256 vmx[GB_KEYS];
+    for (int g = 0; g < gb; g++) vmx[g] = _mm256_set1_ps(-INFINITY);
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        const void *kp[8];
+        float sc[8];
+        for (int i = 0; i < 8; i++) {
+            const int64_t row = sl[j + i] * KV + kvh;
+            kp[i] = kv_row(k, t, row, D);
+            sc[i] = kv_scale(ks, t, row);
+        }
+        __m512 a[GB_KEYS][8];
+        for (int g = 0; g < gb; g++)
+            for (int i = 0; i < 8; i++) a[g][i] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            __m512 qv[GB_KEYS];
+            for (int g = 0; g < gb; g++) qv[g] = _mm512_loadu_ps(q + g * D + d);
+            for (int i = 0; i < 8; i++) {
+                const __m512 kv = kv_load16(kp[i], t, d);
+                for (int g = 0; g < gb; g++) a[g][i] = _mm512_fmadd_ps(qv[g], kv, a[g][i]);
+            }
+        }
+        for (int g = 0; g < gb; g++) {
+            __m256 h[8];
+            for (int i = 0; i < 8; i++)
+                h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[g][i]),
+                                     _mm512_extractf32x8_ps(a[g][i], 1));
+            __m256 s8 = sum8(h);
+            if (kv_scaled(t)) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(sc));
+            _mm256_storeu_ps(s + (int64_t)g * L + j, s8);
+            vmx[g] = _mm256_max_ps(vmx[g], s8);
+        }
+    }
+    for (int g = 0; g < gb; g++) {
+        float m8[8];
+        _mm256_storeu_ps(m8, vmx[g]);
+        float m = -INFINITY;
+        for (int i = 0; i < 8; i++) m = m8[i] > m ? m8[i] : m;
+        for (int64_t x = j; x < j1; x++) { /* the last keys, one at a time */
+            const int64_t row = sl[x] * KV + kvh;
+            const void *kx = kv_row(k, t, row, D);
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += q[g * D + d] * kv_load1(kx, t, d);
+            s[(int64_t)g * L + x] = dot * kv_scale(ks, t, row);
+            m = s[(int64_t)g * L + x] > m ? s[(int64_t)g * L + x] : m;
+        }
+        mx[g] = m;
+    }
+}
+
+/* rp[g] values (offset 2 of records of D + 2) = sum_j p[g * L + j] v[slot j] for the gb
+ * heads, D16 = D / 16 zmm per head held across the keys; each value row loaded once. */
+static inline __attribute__((always_inline)) void group_values(
+    const float *restrict p, int gb, const void *restrict v, const uint16_t *restrict vs,
+    const int64_t *restrict sl, int64_t j0, int64_t j1, int KV, int kvh, int D16, int L,
+    float *restrict rp, int t) {
+    __m512 acc[16]; /* (gb, D16), gb * D16 <= 16 */
+    for (int x = 0; x < gb * D16; x++) acc[x] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t row = sl[j] * KV + kvh;
+        const void *vj = kv_row(v, t, row, D16 * 16);
+        const float sc = kv_scale(vs, t, row);
+        __m512 vals[8];
+        for (int c = 0; c < D16; c++) vals[c] = kv_load16(vj, t, 16 * c);
+        for (int g = 0; g < gb; g++) {
+            const __m512 pg = _mm512_set1_ps(kv_scaled(t) ? p[(int64_t)g * L + j] * sc
+                                                          : p[(int64_t)g * L + j]);
+            for (int c = 0; c < D16; c++)
+                acc[g * D16 + c] = _mm512_fmadd_ps(pg, vals[c], acc[g * D16 + c]);
+        }
+    }
+    const size_t rec = (size_t)D16 * 16 + 2;
+    for (int g = 0; g < gb; g++)
+        for (int c = 0; c < D16; c++) _mm512_storeu_ps(rp + g * rec + 2 + 16 * c, acc[g * D16 + c]);
+}
+
+/* The group's scores and values, heads GB_KEYS (scores) and 16 / D16 (values) at a time;
+ * gb and D made constants for the register allocation, t from KV_DISPATCH. */
+static inline __attribute__((always_inline)) void group_scores_t(
+    const float *q, int gb, const void *k, const uint16_t *ks, const int64_t *sl, int64_t j0,
+    int64_t j1, int KV, int kvh, int D, int L, float *s, float *mx, int t) {
+    if (gb == 3) group_scores(q, 3, k, ks, sl, j0, j1, KV, kvh, D, L, s, mx, t);
+    else if (gb == 2) group_scores(q, 2, k, ks, sl, j0, j1, KV, kvh, D, L, s, mx, t);
+    else group_scores(q, 1, k, ks, sl, j0, j1, KV, kvh, D, L, s, mx, t);
+}
+
+static inline __attribute__((always_inline)) void group_values_t(
+    const float *p, int gb, const void *v, const uint16_t *vs, const int64_t *sl, int64_t j0,
+    int64_t j1, int KV, int kvh, int D, int L, float *rp, int t) {
+    if (D == 64) {
+        if (gb == 4) group_values(p, 4, v, vs, sl, j0, j1, KV, kvh, 4, L, rp, t);
+        else if (gb == 3) group_values(p, 3, v, vs, sl, j0, j1, KV, kvh, 4, L, rp, t);
+        else if (gb == 2) group_values(p, 2, v, vs, sl, j0, j1, KV, kvh, 4, L, rp, t);
+        else group_values(p, 1, v, vs, sl, j0, j1, KV, kvh, 4, L, rp, t);
+    } else {
+        if (gb == 2) group_values(p, 2, v, vs, sl, j0, j1, KV, kvh, 8, L, rp, t);
+        else group_values(p, 1, v, vs, sl, j0, j1, KV, kvh, 8, L, rp, t);
+    }
+}
+
+/* attend_range for D of 64 or 128 on AVX-512: the same records. */
+static void attend_range_groups(const float *restrict qs, const KVLayer *kv,
+                                const int64_t *restrict sl, int64_t j0, int64_t j1, int L, int G,
+                                int KV, int kvh, int D, float *restrict scores,
+                                float *restrict rp) {
+    const size_t rec = (size_t)D + 2;
+    for (int g0 = 0; g0 < G; g0 += GB_KEYS) {
+        const int gb = G - g0 < GB_KEYS ? G - g0 : GB_KEYS;
+        float mx[GB_KEYS];
+        KV_DISPATCH(kv->kt, group_scores_t, qs + (size_t)g0 * D, gb, kv->k, kv->ks, sl, j0, j1,
+                    KV, kvh, D, L, scores + (int64_t)g0 * L, mx);
+        for (int g = 0; g < gb; g++) {
+            float *restrict sg = scores + (int64_t)(g0 + g) * L;
+            const float m = mx[g];
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = j0; j < j1; j++) {
+                sg[j] = exp_nonpositive(sg[j] - m);
+                sum += sg[j];
+            }
+            rp[(g0 + g) * rec] = m;
+            rp[(g0 + g) * rec + 1] = sum;
+        }
+    }
+    const int gv = D == 64 ? 4 : 2; /* heads per pass over the values */
+    for (int g0 = 0; g0 < G; g0 += gv) {
+        const int gb = G - g0 < gv ? G - g0 : gv;
+        KV_DISPATCH(kv->vt, group_values_t, scores + (int64_t)g0 * L, gb, kv->v, kv->vs, sl, j0,
+                    j1, KV, kvh, D, L, rp + g0 * rec);
+    }
+}
+#endif
+
 #define MAX_GD 4096 /* G * D held in registers/stack per work item: 16 heads x 256 */
 
 /* Partial attention of one sequence's G query heads (qs: (G, D), scaled) over its keys
@@ -137,6 +291,12 @@ static inline __attribute__((always_inline)) void head_values(
 static void attend_range(const float *restrict qs, const KVLayer *kv,
                          const int64_t *restrict sl, int64_t j0, int64_t j1, int L, int G,
                          int KV, int kvh, int D, float *restrict scores, float *restrict rp) {
+#ifdef ATTN_AVX512
+    if (D == 64 || D == 128) {
+        attend_range_groups(qs, kv, sl, j0, j1, L, G, KV, kvh, D, scores, rp);
+        return;
+    }
+#endif
     const size_t rec = (size_t)D + 2;
     for (int g = 0; g < G; g++) {
         float *restrict sg = scores + (int64_t)g * L;
@@ -170,7 +330,7 @@ static void attend_range(const float *restrict qs, const KVLayer *kv,
 #define SHARED_RANGE 256 /* shared keys per work item with AVX-512 tiles (below) */
 #define SPLIT_KEYS 256   /* a sequence's own keys per work item, at multiples of it */
 
-#ifdef __AVX512F__
+#ifdef ATTN_AVX512
 /* With AVX-512, a group's shared keys go through attn_tiles.h instead: the G query
  * heads of all its members are the rows of one block, each chunk of keys transposed
  * once for all of them, over a range of SHARED_RANGE keys per work item, with the
@@ -261,7 +421,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
         const int n = lens[b] > shared[b] ? (int)(last - first) + 1 : 1;
         splits = n > splits ? n : splits;
     }
-#ifdef __AVX512F__
+#ifdef ATTN_AVX512
     const int tiles = D % 64 == 0; /* attend_group's register tiles */
 #else
     const int tiles = 0;
@@ -301,7 +461,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
     {
         float *restrict scores = malloc(sizeof(float) * (size_t)G * (size_t)L); /* (G, L) */
         float qs[MAX_GD]; /* (G, D): the scaled queries of a sequence */
-#ifdef __AVX512F__
+#ifdef ATTN_AVX512
         Tiles w = {0};
         int *members = NULL;
         if (tiles && chunks) {
@@ -312,7 +472,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_items; i++) {
             const Item it = items[i];
-#ifdef __AVX512F__
+#ifdef ATTN_AVX512
             if (it.group && tiles) {
                 int nm = 0;
                 for (int b = it.b; b < B; b++)
@@ -333,7 +493,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
             }
         }
         free(scores);
-#ifdef __AVX512F__
+#ifdef ATTN_AVX512
         free(w.q);
         free(members);
 #endif

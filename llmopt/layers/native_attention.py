@@ -42,12 +42,17 @@ class NativeCpuAttention(TorchAttention):
         self.fn, self.rope, self.prefill = decode, rope, prefill
 
     @classmethod
-    def load(cls) -> NativeCpuAttention | None:
+    def load(cls, avx2: bool = False) -> NativeCpuAttention | None:
+        """The kernels, or None without a C compiler; avx2: a decode build that keeps to
+        the AVX2 loops where the CPU has AVX-512 (for testing them)."""
         from llmopt.kernels.build import function
 
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         # q, kv, slots, lens; B, L, H, KV, D; scale; out
-        decode = function("paged_decode", [ptr] * 4 + [i32] * 5 + [ctypes.c_float, ptr])
+        defines = ("LLMOPT_ATTN_AVX2",) if avx2 else ()
+        decode = function(
+            "paged_decode", [ptr] * 4 + [i32] * 5 + [ctypes.c_float, ptr], defines=defines
+        )
         # qkv, row, cos, sin, bf16, N, H, KV, D, kv, slots, q_out
         rope = function("rope_store", [ptr, i64, ptr, ptr] + [i32] * 5 + [ptr] * 3)
         # q, kv, slots, chunks; n_chunks, H, KV, D; scale; out -> 0, or -1 unsupported
