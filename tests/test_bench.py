@@ -316,6 +316,12 @@ def test_local_model_compare_starts_llmopt_serve_per_configuration(smollm_folder
     assert all(x["total_output_tokens"] == 8 for x in runs)
     assert "server_peak_kv_blocks_used_fraction" in runs[0]  # read from our /metrics
     assert bench(str(smollm_folder), "--compare", "colour=red").exit_code == 2
+    from llmopt.cli.bench_serving import _configs
+
+    assert _configs("kv-cache-dtype=fp32,int8") == [
+        ("kv-cache-dtype=fp32", ["--kv-cache-dtype", "fp32"]),
+        ("kv-cache-dtype=int8", ["--kv-cache-dtype", "int8"]),
+    ]
 
 
 def test_chat_file_and_multi_turn_workloads(fake, tmp_path) -> None:

@@ -96,3 +96,15 @@ def test_cli_runs_on_cuda(smollm_gguf) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in json.loads(r.stdout)["text"]
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8", "bf16"])
+def test_low_precision_caches_on_the_gpu_match_the_cpus(pair, kv) -> None:
+    """On CUDA the torch path stores each type and dequantizes what it gathers: the same
+    codes as the CPU's C kernels, so the fp32 model's logits over that cache agree
+    across devices as closely as over an fp32 cache."""
+    gpu, cpu = pair
+    ids = chat(gpu, "Explain briefly why the sky is blue.")
+    on_gpu = Scorer(gpu.model, 2048, (kv, kv)).logits(ids).cpu()
+    on_cpu = Scorer(cpu.model, 2048, (kv, kv)).logits(ids)
+    assert (on_gpu - on_cpu).abs().max().item() < 5e-2  # a code may round the other way

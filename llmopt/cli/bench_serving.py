@@ -72,6 +72,7 @@ COMPARE_AXES = {
     "dtype": lambda v: ["--dtype", v],
     "weights": lambda v: ["--dequantize"] if v == "dense" else [],  # or "gguf": as stored
     "max-num-seqs": lambda v: ["--max-num-seqs", v],
+    "kv-cache-dtype": lambda v: ["--kv-cache-dtype", v],
 }
 
 
@@ -195,7 +196,7 @@ def run_serving(
         server = (
             nullcontext(Target(o.url, o.served_model, o.api_key, o.timeout))
             if o.url
-            else (local_server(model, [*args, *server_flags, *(o.serve_arg or [])], console))
+            else (local_server(model, [*server_flags, *args, *(o.serve_arg or [])], console))
         )
         with server as target:
             target = Target(target.url, o.served_model or target.model, o.api_key, o.timeout)
