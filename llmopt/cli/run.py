@@ -13,7 +13,7 @@ from rich.console import Console
 
 from llmopt.cli.chat import Chat
 from llmopt.cli.common import format_stats
-from llmopt.cli.engine_options import engine_options
+from llmopt.cli.engine_options import LOADING, engine_options
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.factory import open_engine
 from llmopt.engine.sampling_params import SamplingParams
@@ -22,17 +22,7 @@ from llmopt.store.resolve import is_model_ref
 from llmopt.store.store import Store
 
 
-@engine_options(
-    "device",
-    "dtype",
-    "max_context",
-    "kv_cache_memory",
-    "kv_cache_dtype",
-    "k_cache_dtype",
-    "v_cache_dtype",
-    "threads",
-    "dequantize",
-)
+@engine_options(*LOADING)
 def run(
     model: str = typer.Argument(None, help="Registry name, .gguf file or HF folder."),
     prompt: str = typer.Argument(None, help="Prompt for a one-shot answer; '-' reads stdin."),

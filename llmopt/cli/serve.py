@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from llmopt.cli.engine_options import engine_options
+from llmopt.cli.engine_options import LOADING, engine_options
 from llmopt.config import ServerConfig
 from llmopt.device import resolve_device
 from llmopt.engine.async_engine import AsyncEngine
@@ -38,15 +38,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @engine_options(
-    "device",
-    "dtype",
-    "max_context",
-    "kv_cache_memory",
-    "kv_cache_dtype",
-    "k_cache_dtype",
-    "v_cache_dtype",
-    "threads",
-    "dequantize",
+    *LOADING,
     "max_num_seqs",
     "max_num_batched_tokens",
     "batching",

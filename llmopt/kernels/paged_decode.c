@@ -36,6 +36,18 @@
 #define ATTN_AVX512 1
 #endif
 
+/* The codes and scales of the 8 keys at slots sl[0 .. 7], KV head kvh. */
+static inline __attribute__((always_inline)) void key_rows8(const void *k, const uint16_t *ks,
+                                                            int t, const int64_t *sl, int KV,
+                                                            int kvh, int D, const void *kp[8],
+                                                            float sc[8]) {
+    for (int i = 0; i < 8; i++) {
+        const int64_t row = sl[i] * KV + kvh;
+        kp[i] = kv_row(k, t, row, D);
+        sc[i] = kv_scale(ks, t, row);
+    }
+}
+
 /* q . (codes of key j) for the keys j0 .. j1-1 of KV head kvh, scaled: s[j]; and
  * their maximum. Keys of type t (a constant where inlined: KV_DISPATCH). */
 static inline __attribute__((always_inline)) float key_scores(
@@ -53,11 +65,7 @@ static inline __attribute__((always_inline)) float key_scores(
         for (; j + 8 <= j1; j += 8) {
             const void *kp[8];
             float sc[8];
-            for (int i = 0; i < 8; i++) {
-                const int64_t row = sl[j + i] * KV + kvh;
-                kp[i] = kv_row(k, t, row, D);
-                sc[i] = kv_scale(ks, t, row);
-            }
+            key_rows8(k, ks, t, sl + j, KV, kvh, D, kp, sc);
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int d = 0; d < D; d += 8) {
@@ -156,11 +164,7 @@ static inline __attribute__((always_inline)) void group_scores(
     for (; j + 8 <= j1; j += 8) {
         const void *kp[8];
         float sc[8];
-        for (int i = 0; i < 8; i++) {
-            const int64_t row = sl[j + i] * KV + kvh;
-            kp[i] = kv_row(k, t, row, D);
-            sc[i] = kv_scale(ks, t, row);
-        }
+        key_rows8(k, ks, t, sl + j, KV, kvh, D, kp, sc);
         __m512 a[GB_KEYS][8];
         for (int g = 0; g < gb; g++)
             for (int i = 0; i < 8; i++) a[g][i] = _mm512_setzero_ps();

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from llmopt.config import ModelConfig
-from llmopt.layers.kv_types import SCALE_DTYPE, KVType, resolve_kv_type
+from llmopt.layers.kv_types import SCALE_DTYPE, KVType, resolve_kv_types
 
 
 def kv_dtype_for(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -116,7 +116,7 @@ class PagedKVCache:
         kv_types: tuple[str, str] = ("auto", "auto"),
     ) -> PagedKVCache:
         """A cache for a model, its halves of the types named by kv_types (K, V)."""
-        k_type, v_type = (resolve_kv_type(n, model_dtype, device) for n in kv_types)
+        k_type, v_type = resolve_kv_types(kv_types, model_dtype, device)
         return cls(
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
             k_type, v_type, kv_dtype_for(model_dtype, device), device,
@@ -129,7 +129,7 @@ class PagedKVCache:
         device: torch.device,
         kv_types: tuple[str, str] = ("auto", "auto"),
     ) -> int:
-        k_type, v_type = (resolve_kv_type(n, model_dtype, device) for n in kv_types)
+        k_type, v_type = resolve_kv_types(kv_types, model_dtype, device)
         return PagedKVCache.bytes_per_token(
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, k_type, v_type
         )

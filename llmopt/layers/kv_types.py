@@ -86,3 +86,11 @@ def resolve_kv_type(name: str, model_dtype: torch.dtype, device: torch.device) -
     if device.type == "cpu" or model_dtype == torch.float32:
         return KV_TYPES["fp32"]
     return KV_TYPES["bf16" if model_dtype == torch.bfloat16 else "fp16"]
+
+
+def resolve_kv_types(
+    names: tuple[str, str], model_dtype: torch.dtype, device: torch.device
+) -> tuple[KVType, KVType]:
+    """The (K, V) types a pair of settings names."""
+    k, v = (resolve_kv_type(n, model_dtype, device) for n in names)
+    return k, v
