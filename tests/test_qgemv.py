@@ -142,7 +142,7 @@ def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("form", FORMS)
 def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, form: str) -> None:
-    """From 4 rows on the kernel runs on AMX tiles: the same integer products and the
+    """From 9 rows on the kernel runs on AMX tiles: the same integer products and the
     same float operations in the same order as the row kernel, so the same bits; partial
     tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11). On the CPU's
     tiles where it has AMX, and everywhere (with AVX-512) on tiles emulated in C."""

@@ -12,7 +12,7 @@ reading the integers:
   kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
   activations, for fewer than UPCAST_MIN_ROWS rows: with fp32 activations they are
   slower than a dense fp32 matmul.
-- CPU with AMX-INT8 (Sapphire Rapids and later): the same kernel runs calls of 4 rows
+- CPU with AMX-INT8 (Sapphire Rapids and later): the same kernel runs calls of 9 rows
   and more on AMX tiles (kernels/qgemm_amx.c: the same integer products, 16 rows of W
   by 16 rows of x per instruction, and the same float arithmetic after them, so a row's
   bits still do not depend on its step). For long prefill chunks oneDNN's bf16 GEMM
