@@ -28,9 +28,10 @@ CPU = torch.device("cpu")
 PROMPTS = [[5, 9, 13, 200, 31], list(range(40, 61)), list(range(100, 140))]  # 5, 21, 40
 
 
-def _engine(folder: Path, dtype: torch.dtype) -> Engine:
+def _engine(folder: Path, dtype: torch.dtype, kv: str = "auto") -> Engine:
     loaded = load_model(folder, dtype, CPU, Store(), Console(stderr=True))
-    return build_engine(loaded, EngineConfig(max_context=512, kv_cache_memory=0.01))
+    config = EngineConfig(max_context=512, kv_cache_memory=0.01, kv_cache_dtype=kv)
+    return build_engine(loaded, config)
 
 
 def _decode_logits(engine: Engine, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
@@ -103,6 +104,17 @@ def test_native_step_matches_the_python_loop(tiny_models, model, dtype, batch) -
     # of max|x| / 127); bf16 rounds silu's result first and absorbs it.
     tol = 5e-2 if dtype == torch.float32 and model in ("int4", "int8", "gptq") else 1e-2
     torch.testing.assert_close(native, python, rtol=1e-2, atol=tol)
+    assert torch.equal(native.argmax(-1), python.argmax(-1))
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8", "bf16"])
+def test_native_step_reads_low_precision_caches_as_the_loop_does(tiny_models, kv) -> None:
+    """decode_layers.c over an int8, fp8 or bf16 cache (rope_store writing the codes,
+    paged_decode reading them) against the Python loop over the same cache."""
+    engine = _engine(tiny_models["int4"], torch.bfloat16, kv)
+    assert engine.runner.cache.k_type.name == kv
+    native, python = _decode_logits(engine, PROMPTS)
+    torch.testing.assert_close(native, python, rtol=1e-2, atol=1e-2)
     assert torch.equal(native.argmax(-1), python.argmax(-1))
 
 
