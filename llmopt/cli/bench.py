@@ -17,8 +17,8 @@ from rich.console import Console
 from llmopt.cli.bench_offline import OfflineOptions, run_offline
 from llmopt.cli.bench_perplexity import PerplexityOptions, run_perplexity
 from llmopt.cli.bench_serving import WORKLOADS, ServingOptions, run_serving
-from llmopt.cli.engine_options import KV_CACHE_TYPES, engine_options
-from llmopt.engine.config import EngineConfig
+from llmopt.cli.engine_options import engine_options
+from llmopt.engine.config import KV_CACHE_TYPES, EngineConfig
 
 # The engine settings a local server gets from bench's own flags.
 SERVER_SETTINGS = ("device", *KV_CACHE_TYPES)

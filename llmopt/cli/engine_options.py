@@ -17,11 +17,9 @@ from typing import Any, TypeVar
 
 import typer
 
-from llmopt.engine.config import EngineConfig
+from llmopt.engine.config import KV_CACHE_TYPES, EngineConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
-# The KV cache's element types: every command that opens an engine takes all three.
-KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")
 # What loading a model and sizing its cache take: `run` and `serve` both.
 LOADING = (
     "device", "dtype", "max_context", "kv_cache_memory", *KV_CACHE_TYPES, "threads",

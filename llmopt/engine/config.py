@@ -17,6 +17,7 @@ from llmopt.errors import UsageError
 from llmopt.layers.kv_types import check_kv_type_name
 
 POLICIES = ("continuous", "dynamic", "static")
+KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cache's types
 
 
 def setting(default: Any, flag: str | None = None, help: str = "") -> Any:
@@ -78,7 +79,7 @@ class EngineConfig:
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be at least 1"),
             ("max_wait_s", self.max_wait_s >= 0, "must not be negative"),
         ]
-        for name in ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype"):
+        for name in KV_CACHE_TYPES:
             if getattr(self, name) is not None:
                 check_kv_type_name(getattr(self, name), self.describe(name))
         for name, ok, message in checks:

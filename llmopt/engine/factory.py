@@ -16,6 +16,7 @@ from llmopt.engine.engine import Engine
 from llmopt.engine.runner import Runner
 from llmopt.errors import UsageError
 from llmopt.layers.kv_cache import PagedKVCache
+from llmopt.layers.kv_types import resolve_kv_types
 from llmopt.loader.load import LoadedModel, load_model, open_source
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
@@ -56,7 +57,10 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
     cfg = loaded.config
     context = min(cfg.max_position_embeddings, config.max_context or cfg.max_position_embeddings)
     p = next(loaded.model.parameters())
-    per_token = PagedKVCache.model_bytes_per_token(cfg, p.dtype, p.device, config.kv_types)
+    k_type, v_type = resolve_kv_types(config.kv_types, p.dtype, p.device)
+    per_token = PagedKVCache.bytes_per_token(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, k_type, v_type
+    )
     gb = config.kv_cache_memory
     budget = gb * 1e9 if gb is not None else default_kv_memory(p.device)
     num_blocks = int(budget // (per_token * config.block_size))

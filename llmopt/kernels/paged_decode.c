@@ -48,6 +48,33 @@ static inline __attribute__((always_inline)) void key_rows8(const void *k, const
     }
 }
 
+/* q . key row `row` (D codes of type t), scaled: one key alone, for the keys left over
+ * after the blocks of 8. */
+static inline __attribute__((always_inline)) float key_dot(const float *restrict q,
+                                                           const void *restrict k,
+                                                           const uint16_t *restrict ks, int t,
+                                                           int64_t row, int D) {
+    const void *kj = kv_row(k, t, row, D);
+    float x = 0.0f;
+#pragma omp simd reduction(+ : x)
+    for (int d = 0; d < D; d++) x += q[d] * kv_load1(kj, t, d);
+    return x * kv_scale(ks, t, row);
+}
+
+/* s[j] = exp(s[j] - m) for the keys j0 .. j1-1 of one head, and its record's max and
+ * sum of exps: rec[0] = m, rec[1] = the sum. */
+static inline void exp_record(float *restrict s, int64_t j0, int64_t j1, float m,
+                              float *restrict rec) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = j0; j < j1; j++) {
+        s[j] = exp_nonpositive(s[j] - m);
+        sum += s[j];
+    }
+    rec[0] = m;
+    rec[1] = sum;
+}
+
 /* q . (codes of key j) for the keys j0 .. j1-1 of KV head kvh, scaled: s[j]; and
  * their maximum. Keys of type t (a constant where inlined: KV_DISPATCH). */
 static inline __attribute__((always_inline)) float key_scores(
@@ -83,12 +110,7 @@ static inline __attribute__((always_inline)) float key_scores(
     }
 #endif
     for (; j < j1; j++) {
-        const int64_t row = sl[j] * KV + kvh;
-        const void *kj = kv_row(k, t, row, D);
-        float x = 0.0f;
-#pragma omp simd reduction(+ : x)
-        for (int d = 0; d < D; d++) x += q[d] * kv_load1(kj, t, d);
-        s[j] = x * kv_scale(ks, t, row);
+        s[j] = key_dot(q, k, ks, t, sl[j] * KV + kvh, D);
         mx = s[j] > mx ? s[j] : mx;
     }
     return mx;
@@ -193,12 +215,9 @@ static inline __attribute__((always_inline)) void group_scores(
         float m = -INFINITY;
         for (int i = 0; i < 8; i++) m = m8[i] > m ? m8[i] : m;
         for (int64_t x = j; x < j1; x++) { /* the last keys, one at a time */
-            const int64_t row = sl[x] * KV + kvh;
-            const void *kx = kv_row(k, t, row, D);
-            float dot = 0.0f;
-            for (int d = 0; d < D; d++) dot += q[g * D + d] * kv_load1(kx, t, d);
-            s[(int64_t)g * L + x] = dot * kv_scale(ks, t, row);
-            m = s[(int64_t)g * L + x] > m ? s[(int64_t)g * L + x] : m;
+            const float dot = key_dot(q + g * D, k, ks, t, sl[x] * KV + kvh, D);
+            s[(int64_t)g * L + x] = dot;
+            m = dot > m ? dot : m;
         }
         mx[g] = m;
     }
@@ -265,18 +284,8 @@ static void attend_range_groups(const float *restrict qs, const KVLayer *kv,
         float mx[GB_KEYS];
         KV_DISPATCH(kv->kt, group_scores_t, qs + (size_t)g0 * D, gb, kv->k, kv->ks, sl, j0, j1,
                     KV, kvh, D, L, scores + (int64_t)g0 * L, mx);
-        for (int g = 0; g < gb; g++) {
-            float *restrict sg = scores + (int64_t)(g0 + g) * L;
-            const float m = mx[g];
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = j0; j < j1; j++) {
-                sg[j] = exp_nonpositive(sg[j] - m);
-                sum += sg[j];
-            }
-            rp[(g0 + g) * rec] = m;
-            rp[(g0 + g) * rec + 1] = sum;
-        }
+        for (int g = 0; g < gb; g++)
+            exp_record(scores + (int64_t)(g0 + g) * L, j0, j1, mx[g], rp + (g0 + g) * rec);
     }
     const int gv = D == 64 ? 4 : 2; /* heads per pass over the values */
     for (int g0 = 0; g0 < G; g0 += gv) {
@@ -307,14 +316,7 @@ static void attend_range(const float *restrict qs, const KVLayer *kv,
         float mx = -INFINITY;
         KV_DISPATCH(kv->kt, mx = key_scores, qs + g * D, kv->k, kv->ks, sl, j0, j1, KV, kvh, D,
                     sg);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = j0; j < j1; j++) {
-            sg[j] = exp_nonpositive(sg[j] - mx);
-            sum += sg[j];
-        }
-        rp[g * rec] = mx;
-        rp[g * rec + 1] = sum;
+        exp_record(sg, j0, j1, mx, rp + g * rec);
     }
     KV_DISPATCH(kv->vt, head_values, scores, kv->v, kv->vs, sl, j0, j1, L, G, KV, kvh, D, rp);
 }

@@ -69,12 +69,16 @@ class LayerKV:
         return kind.dequantize(rows, None if scales is None else scales[index], self.dtype)
 
 
+def _layer(scales: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if scales is None else scales[i]
+
+
 class PagedKVCache:
     """Keys and values of every layer in fixed-size blocks.
 
     k, v: (layers, num_blocks * block_size, KV, D) codes in k_type / v_type's storage;
     k_scale, v_scale: (layers, S, KV) bf16 for scaled types, else None. Slot s of layer
-    i is k[i, s]; `layer(i)` is that layer's view.
+    i is k[i, s]; `layers[i]` is that layer's view.
     """
 
     def __init__(
@@ -99,10 +103,10 @@ class PagedKVCache:
         self.v = torch.empty(shape, dtype=v_type.storage, device=device)
         self.k_scale = self._scales(shape, k_type, device)
         self.v_scale = self._scales(shape, v_type, device)
-        ks, vs = (None if s is None else list(s) for s in (self.k_scale, self.v_scale))
+        scales = [(_layer(self.k_scale, i), _layer(self.v_scale, i)) for i in range(num_layers)]
         self.layers = [
-            LayerKV(self.k[i], self.v[i], ks and ks[i], vs and vs[i], k_type, v_type, dtype)
-            for i in range(num_layers)
+            LayerKV(self.k[i], self.v[i], ks, vs, k_type, v_type, dtype)
+            for i, (ks, vs) in enumerate(scales)
         ]
 
     @classmethod
@@ -121,18 +125,6 @@ class PagedKVCache:
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
             k_type, v_type, kv_dtype_for(model_dtype, device), device,
         )  # fmt: skip
-
-    @staticmethod
-    def model_bytes_per_token(
-        cfg: ModelConfig,
-        model_dtype: torch.dtype,
-        device: torch.device,
-        kv_types: tuple[str, str] = ("auto", "auto"),
-    ) -> int:
-        k_type, v_type = resolve_kv_types(kv_types, model_dtype, device)
-        return PagedKVCache.bytes_per_token(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, k_type, v_type
-        )
 
     @staticmethod
     def _scales(shape, kind: KVType, device: torch.device) -> torch.Tensor | None:

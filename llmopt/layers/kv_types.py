@@ -37,7 +37,7 @@ class KVType:
 
     def bytes_per_row(self, head_dim: int) -> int:
         """Bytes one token takes for one KV head: codes, and its bf16 scale."""
-        return head_dim * self.storage.itemsize + (2 if self.scaled else 0)
+        return head_dim * self.storage.itemsize + (SCALE_DTYPE.itemsize if self.scaled else 0)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (..., D) -> (codes (..., D) in `storage`, scales (...) bf16 or None)."""
