@@ -141,17 +141,28 @@ class BlockManager:
         # Reverse order: a prefix's tail is evicted before its head, which more
         # requests are likely to share.
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {bid} freed twice"
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free_ids.append(bid)
-                else:
-                    self.evictable[bid] = None
+            self._release(bid)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past those the sequence's tokens fill (reserved for drafts
+        that were rejected). They hold no accepted token, so none is in the prefix cache."""
+        keep = self.blocks_for(seq.num_tokens)
+        for bid in reversed(seq.block_table[keep:]):
+            self._release(bid)
+        del seq.block_table[keep:]
+
+    def _release(self, bid: int) -> None:
+        block = self.blocks[bid]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {bid} freed twice"
+        if block.ref_count == 0:
+            if block.hash is None:
+                self.free_ids.append(bid)
+            else:
+                self.evictable[bid] = None
 
     @property
     def hit_rate(self) -> float:

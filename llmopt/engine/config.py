@@ -17,6 +17,7 @@ from llmopt.errors import UsageError
 from llmopt.layers.kv_types import check_kv_type_name
 
 POLICIES = ("continuous", "dynamic", "static")
+SPECULATIVE = ("off", "ngram", "draft")
 KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cache's types
 
 
@@ -61,6 +62,18 @@ class EngineConfig:
     )
     max_wait_s: float = setting(1.0, None, "Static batching: the longest a partial batch waits.")
     prefix_cache: bool = setting(True, "--prefix-cache/--no-prefix-cache", "Reuse shared prefixes.")
+    speculative: str | None = setting(
+        None,
+        "--speculative",
+        "Speculative decoding: off, ngram (prompt lookup) or draft (--draft's model). "
+        "Default: draft when --draft is given, else off.",
+    )
+    draft: str | None = setting(
+        None, "--draft", "Draft model for --speculative draft (registry name, .gguf or folder)."
+    )
+    num_speculative_tokens: int = setting(
+        8, "--num-speculative-tokens", "Most tokens a sequence proposes a step (adapted below it)."
+    )
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -78,6 +91,12 @@ class EngineConfig:
             ("max_num_seqs", self.max_num_seqs >= 1, "must be at least 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be at least 1"),
             ("max_wait_s", self.max_wait_s >= 0, "must not be negative"),
+            (
+                "speculative",
+                self.speculative in (None, *SPECULATIVE),
+                f"must be one of {', '.join(SPECULATIVE)}",
+            ),
+            ("num_speculative_tokens", 1 <= self.num_speculative_tokens <= 64, "must be 1 to 64"),
         ]
         for name in KV_CACHE_TYPES:
             if getattr(self, name) is not None:
@@ -85,6 +104,10 @@ class EngineConfig:
         for name, ok, message in checks:
             if not ok:
                 raise UsageError(f"{self.describe(name)} {message}, not {getattr(self, name)!r}")
+        if self.speculation == "draft" and self.draft is None:
+            raise UsageError("--speculative draft needs a draft model: --draft MODEL")
+        if self.speculation != "draft" and self.draft is not None:
+            raise UsageError(f"--draft is used by --speculative draft, not {self.speculation}")
 
     @classmethod
     def describe(cls, name: str) -> str:
@@ -96,6 +119,13 @@ class EngineConfig:
     def batched(self) -> bool:
         """Whether the engine serves several sequences at once (it picks the dtype)."""
         return self.max_num_seqs > 1
+
+    @property
+    def speculation(self) -> str:
+        """The speculative decoding method in effect: off, ngram or draft."""
+        if self.speculative is None:
+            return "off" if self.draft is None else "draft"
+        return self.speculative
 
     @property
     def kv_types(self) -> tuple[str, str]:

@@ -21,10 +21,18 @@ from llmopt.engine.config import EngineConfig
 from llmopt.engine.detokenizer import Detokenizer
 from llmopt.engine.outputs import Delta, RequestStats, TokenLogprob
 from llmopt.engine.runner import Runner
-from llmopt.engine.sampler import make_generator, sample, token_logprob
+from llmopt.engine.sampler import (
+    make_generator,
+    probabilities,
+    sample,
+    token_logprob,
+    verify_token,
+)
 from llmopt.engine.sampling_params import SamplingParams
-from llmopt.engine.scheduler import Scheduler
+from llmopt.engine.scheduler import Scheduler, Step
 from llmopt.engine.sequence import Sequence, SequenceStatus
+from llmopt.engine.spec.adaptive import SpecController
+from llmopt.engine.spec.drafter import Drafter
 from llmopt.engine.stop import StopMatcher
 from llmopt.errors import ContextLengthError
 from llmopt.tokenizer import Tokenizer
@@ -44,6 +52,7 @@ class _Request:
     scheduled: bool = False  # has it been in a step yet (for its queue time)
     pending: list[Delta] = field(default_factory=list)  # produced, not yet consumed
     finished: bool = False
+    draft_probs: torch.Tensor | None = None  # (k, V): the distributions seq.draft_ids came from
 
 
 def check_fits(
@@ -70,7 +79,9 @@ class Engine:
         eos_ids: set[int],
         max_context: int,
         config: EngineConfig,
+        drafter: Drafter | None = None,
     ) -> None:
+        """drafter: proposes tokens for speculative decoding (None: off)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -80,6 +91,8 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self.drafter = drafter
+        self.spec = SpecController(config.num_speculative_tokens) if drafter else None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -131,6 +144,8 @@ class Engine:
 
     def step(self) -> list[str]:
         """Run one scheduled step; return the ids of requests that produced output."""
+        if self.spec is not None:
+            self._propose()
         step = self.scheduler.schedule()
         now = time.perf_counter()
         for seq in step.seqs:
@@ -139,28 +154,112 @@ class Engine:
                 req.scheduled = True
                 req.stats.queue_s = now - req.arrival
         seqs, logits = self.runner.execute(step)
+        self._observe_cost(step, now)
         self.scheduler.computed(step)
         # Plain greedy rows take their argmax in one call and one device read for the
         # whole batch, not one per sequence (each a GPU sync).
         plain = [s.params.greedy and not s.params.penalized for s in seqs]
         argmax = logits.argmax(-1).tolist() if logits is not None and any(plain) else []
         touched = []
+        row = 0
         for i, seq in enumerate(seqs):
             req = self.requests[seq.request_id]
+            n = 1 + len(seq.draft_ids)  # its rows of logits: 1, or k + 1 when verified
+            rows, row = slice(row, row + n), row + n
             if req.seq.num_uncomputed_tokens != 0 or req.finished:
                 continue
-            self._advance(req, logits[i], argmax[i] if plain[i] else None)  # type: ignore[index]
+            assert logits is not None
+            greedy = argmax[rows] if plain[i] else None
+            if seq.draft_ids:
+                self._verify(req, logits[rows], greedy)
+            else:
+                self._advance(req, logits[rows.start], greedy[0] if greedy else None)
             touched.append(seq.request_id)
         return touched
 
-    def _advance(self, req: _Request, logits: torch.Tensor, token: int | None) -> None:
-        """Append the next token (drawn from logits (V,) unless given) and emit it."""
+    def _propose(self) -> None:
+        """Have the drafter propose tokens for the decoding sequences, as many each as
+        the controller allows (speculative decoding)."""
+        assert self.drafter is not None and self.spec is not None
+        seqs = [
+            s for s in self.scheduler.running
+            if s.num_uncomputed_tokens == 1 and s.status is SequenceStatus.RUNNING
+        ]  # fmt: skip
+        if not seqs:
+            return
+        # A sequence proposes no more than it may still generate, less the token that
+        # verification adds: its positions stay inside the context.
+        caps = [self.requests[s.request_id].limit - s.num_output_tokens - 1 for s in seqs]
+        ks = self.spec.budgets([s.request_id for s in seqs], caps)
+        for seq, k, draft in zip(seqs, ks, self.drafter.propose(seqs, ks), strict=True):
+            seq.draft_ids = draft.tokens[:k]
+            probs = draft.probs
+            self.requests[seq.request_id].draft_probs = None if probs is None else probs[:k]
+
+    def _observe_cost(self, step: Step, started: float) -> None:
+        """Feed the controller a decode step's time against its rows."""
+        if (
+            self.spec is not None
+            and step.seqs
+            and all(
+                n == 1 + len(s.draft_ids) for s, n in zip(step.seqs, step.num_tokens, strict=True)
+            )
+        ):
+            self.spec.cost.observe(step.total_tokens, time.perf_counter() - started)
+
+    def _verify(self, req: _Request, logits: torch.Tensor, greedy: list[int] | None) -> None:
+        """Judge req's drafts against the target's logits (k + 1, V), in order: accept a
+        prefix of them, then append the target's own token at the first rejection (or
+        after the last draft). Greedy: a draft is accepted when it is the token plain
+        decoding would pick, so the output is the same token for token. Sampling:
+        `verify_token`, so the output follows the target's distribution."""
+        seq, params = req.seq, req.seq.params
+        drafts, q = list(seq.draft_ids), req.draft_probs
+        req.draft_probs = None
+        judged = accepted = 0
+        for j, d in enumerate(drafts):
+            judged += 1
+            if params.greedy:
+                token = greedy[j] if greedy else self._sample(req, logits[j])
+                ok = token == d
+            else:
+                p = probabilities(logits[j], params, req.prompt_t, self._history(req))
+                replacement = verify_token(p, d, None if q is None else q[j], req.generator)
+                ok, token = replacement is None, replacement
+            if not ok:
+                self._advance(req, logits[j], token)
+                break
+            accepted += 1
+            self._advance(req, logits[j], d, draft=True)
+            if req.finished:
+                break
+        else:
+            k = len(drafts)
+            self._advance(req, logits[k], greedy[k] if greedy else None)
+        assert self.spec is not None
+        self.spec.observe_round(seq.request_id, judged, accepted)
+        req.stats.spec_rounds += 1
+        req.stats.spec_draft_tokens += len(drafts)
+        req.stats.spec_accepted_tokens += accepted
+        self.scheduler.verified(seq)
+
+    def _history(self, req: _Request) -> torch.Tensor:
+        """The generated tokens (N,) on the logits' device where a penalty reads them."""
+        seq = req.seq
+        history = seq.output_ids if seq.params.penalized else []
+        return torch.tensor(history, dtype=torch.long, device=req.prompt_t.device)
+
+    def _sample(self, req: _Request, logits: torch.Tensor) -> int:
+        return sample(logits, req.seq.params, req.generator, req.prompt_t, self._history(req))
+
+    def _advance(
+        self, req: _Request, logits: torch.Tensor, token: int | None, draft: bool = False
+    ) -> None:
+        """Append the next token (drawn from logits (V,) unless given) and emit it.
+        draft: it is an accepted draft, whose keys the step already stored."""
         seq = req.seq
         if token is None:
-            # The history tensor is rebuilt each token only when a penalty reads it.
-            history = seq.output_ids if seq.params.penalized else []
-            output_t = torch.tensor(history, dtype=torch.long, device=logits.device)
-            token = sample(logits, seq.params, req.generator, req.prompt_t, output_t)
+            token = self._sample(req, logits)
         k = seq.params.logprobs
         lp = None if k is None else [token_logprob(logits, token, k)]
         now = time.perf_counter()
@@ -171,6 +270,8 @@ class Engine:
             req.stats.itl_s.append(now - req.last_token_time)
         req.last_token_time = now
         seq.append(token)
+        if draft:
+            self.scheduler.accept_draft(seq)
         if token in self.eos_ids and not seq.params.ignore_eos:
             self._finish(req, "stop", self._tail(req), token, lp)
             return
@@ -198,6 +299,10 @@ class Engine:
         if req.seq.status is not SequenceStatus.FINISHED:
             self.scheduler.finish(req.seq)
         req.finished = True
+        if self.spec is not None:
+            assert self.drafter is not None
+            self.drafter.release(req.seq.request_id)
+            self.spec.release(req.seq.request_id)
         req.stats.completion_tokens = req.seq.num_output_tokens
         req.stats.total_s = time.perf_counter() - req.arrival
         ids = [] if token is None else [token]

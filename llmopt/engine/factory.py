@@ -14,6 +14,8 @@ from llmopt.device import resolve_device, resolve_dtype
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
 from llmopt.engine.runner import Runner
+from llmopt.engine.spec.drafter import Drafter
+from llmopt.engine.spec.ngram import NgramDrafter
 from llmopt.errors import UsageError
 from llmopt.layers.kv_cache import PagedKVCache
 from llmopt.layers.kv_types import resolve_kv_types
@@ -70,7 +72,14 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
             f"{config.block_size} tokens ({per_token} bytes a token); give it more"
         )
     runner = Runner(loaded.model, num_blocks, config.block_size, config.kv_types)
-    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, config)
+    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, config, make_drafter(config))
+
+
+def make_drafter(config: EngineConfig) -> Drafter | None:
+    """The drafter that config.speculation names (None: speculation off)."""
+    if config.speculation == "ngram":
+        return NgramDrafter()
+    return None
 
 
 class Opened(NamedTuple):

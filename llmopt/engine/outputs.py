@@ -14,6 +14,20 @@ class RequestStats:
     ttft_s: float = 0.0  # request start to first generated token
     total_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens
+    # Speculative decoding: verification rounds, tokens drafted, drafts accepted.
+    spec_rounds: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens that were accepted."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verification round produces: its accepted drafts plus the target's."""
+        return 1 + self.spec_accepted_tokens / self.spec_rounds if self.spec_rounds else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -36,6 +50,17 @@ class RequestStats:
             "mean_itl_ms": round(1000 * sum(self.itl_s) / len(self.itl_s), 2) if self.itl_s else 0,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+        } | self.spec_dict()
+
+    def spec_dict(self) -> dict[str, float | int]:
+        """Speculation's counts, where it ran."""
+        if not self.spec_rounds:
+            return {}
+        return {
+            "spec_draft_tokens": self.spec_draft_tokens,
+            "spec_accepted_tokens": self.spec_accepted_tokens,
+            "spec_acceptance_rate": round(self.acceptance_rate, 4),
+            "spec_mean_accepted_length": round(self.mean_accepted_length, 3),
         }
 
 

@@ -50,8 +50,15 @@ class Runner:
         return 0 if self.window is None else max(0, end - self.window)
 
     def prepare(self, step: Step) -> tuple[list[Sequence], list[int], dict]:
-        """Order the step (decodes first) and build the model inputs."""
-        order = sorted(range(len(step.seqs)), key=lambda i: step.num_tokens[i] != 1)
+        """Order the step (decode rows first) and build the model inputs.
+
+        A sequence that carries k drafted tokens (`draft_ids`) is verified as k + 1
+        decode rows: its last token and the drafts, row j reading the keys up to its
+        own position. The rows' keys are all stored before any row attends, so one pass
+        scores every position with exactly the arithmetic of k + 1 separate decodes."""
+        pairs = zip(step.seqs, step.num_tokens, strict=True)
+        decodes = [len(s.draft_ids) + 1 == n for s, n in pairs]  # one row per position
+        order = sorted(range(len(step.seqs)), key=lambda i: not decodes[i])
         ids, positions, writes = [], [], []
         decode_slots: list[torch.Tensor] = []
         decode_first: int | None = None
@@ -61,20 +68,21 @@ class Runner:
         for i in order:
             seq, n = step.seqs[i], step.num_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids[start:end]
+            ids += (seq.token_ids[start:] + seq.draft_ids)[:n]
             positions += range(start, end)
             lo = self._lo(start + 1)
             slots, first = self._slots(seq, lo, end)
             writes.append(slots[start - lo :])
-            if n == 1:
-                decode_slots.append(slots)
+            if decodes[i]:
+                for pos in range(start, end):
+                    decode_slots.append(slots[self._lo(pos + 1) - lo : pos + 1 - lo])
                 decode_first = first
             else:
                 prefills.append(PrefillChunk(row, n, start, lo, slots, first))
             row += n
-            if end == seq.num_tokens:
+            if end >= seq.num_tokens:  # caught up: sample its last row (every row verified)
                 sample_seqs.append(seq)
-                sample_rows.append(row - 1)
+                sample_rows += range(row - len(seq.draft_ids) - 1, row)
         decode = None
         if decode_slots:
             decode = self._decode_batch(decode_slots, decode_first)
@@ -100,7 +108,8 @@ class Runner:
 
     @torch.inference_mode()
     def execute(self, step: Step) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run the step; return the sequences to sample and their logits (M, V) fp32."""
+        """Run the step; return the sequences to sample and their logits (M, V) fp32:
+        one row each, or 1 + len(draft_ids) consecutive rows for a verified sequence."""
         if not step.seqs:
             return [], None
         seqs, rows, inputs = self.prepare(step)

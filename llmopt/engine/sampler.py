@@ -65,13 +65,51 @@ def sample(
     prompt_ids: torch.Tensor,
     output_ids: torch.Tensor,
 ) -> int:
-    if params.penalized:
-        logits = logits.clone()  # the caller's logits stay untouched
-        apply_penalties(logits, params, prompt_ids, output_ids)
     if params.greedy:
-        return int(logits.argmax())
-    probs = filter_logits(logits, params).softmax(-1)
-    return draw(probs, generator)
+        return int(penalized(logits, params, prompt_ids, output_ids).argmax())
+    return draw(probabilities(logits, params, prompt_ids, output_ids), generator)
+
+
+def penalized(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: torch.Tensor
+) -> torch.Tensor:
+    """logits (V,) with the penalties applied, in a copy: the caller's stay untouched."""
+    if not params.penalized:
+        return logits
+    logits = logits.clone()
+    apply_penalties(logits, params, prompt_ids, output_ids)
+    return logits
+
+
+def probabilities(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: torch.Tensor
+) -> torch.Tensor:
+    """The distribution (V,) fp32 that `sample` draws from at temperature > 0."""
+    return filter_logits(penalized(logits, params, prompt_ids, output_ids), params).softmax(-1)
+
+
+def verify_token(
+    p: torch.Tensor,  # (V,) the target's distribution at this position
+    token: int,  # the drafted token
+    q: torch.Tensor | None,  # (V,) the draft's distribution; None: it proposed `token` surely
+    generator: torch.Generator,
+) -> int | None:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): accept the draft
+    with probability min(1, p/q) at its token; None when accepted, else a replacement
+    drawn from max(p - q, 0) renormalized. Accepted or replaced, the token that comes out
+    is distributed exactly as p."""
+    q_token = 1.0 if q is None else float(q[token])
+    u = float(torch.rand(1, generator=generator, device=p.device, dtype=torch.float64))
+    if u * q_token < float(p[token]):
+        return None
+    if q is None:
+        residual = p.clone()
+        residual[token] = 0
+    else:
+        residual = (p - q).clamp_(min=0)
+    if not bool(residual.any()):  # p == q up to rounding: nothing to correct
+        return draw(p, generator)
+    return draw(residual, generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:

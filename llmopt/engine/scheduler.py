@@ -72,7 +72,12 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens + len(seq.draft_ids), budget)
+            if seq.draft_ids:
+                del seq.draft_ids[n - 1 :]  # what the budget leaves room to verify
+                if not self.blocks.reserve(seq, n):  # drafts never preempt anyone
+                    seq.draft_ids.clear()
+                    n = 1
             if not self._reserve_or_preempt(seq, n, step):
                 continue
             step.add(seq, n)
@@ -132,16 +137,29 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft_ids.clear()
         self.blocks.free(seq)
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
     def computed(self, step: Step) -> None:
-        """Record that the runner ran the step's tokens."""
+        """Record that the runner ran the step's tokens. A verified sequence's drafts
+        count only as they are accepted (`accept_draft`)."""
         for seq, n in zip(step.seqs, step.num_tokens, strict=True):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_ids)
             self.blocks.register_full_blocks(seq)
+
+    def accept_draft(self, seq: Sequence) -> None:
+        """seq's last appended token was an accepted draft: its keys are in the cache."""
+        seq.num_computed_tokens += 1
+        self.blocks.register_full_blocks(seq)
+
+    def verified(self, seq: Sequence) -> None:
+        """seq's drafts are judged: free the blocks that only rejected ones used."""
+        seq.draft_ids.clear()
+        if seq.status is SequenceStatus.RUNNING:
+            self.blocks.trim(seq)
 
     def finish(self, seq: Sequence) -> None:
         """A sequence is done (EOS, stop, length): free its blocks at once."""
@@ -150,6 +168,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        seq.draft_ids.clear()
         seq.status = SequenceStatus.FINISHED
 
     def abort(self, request_id: str) -> bool:
