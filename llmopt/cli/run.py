@@ -14,7 +14,7 @@ from rich.console import Console
 from llmopt.cli.chat import Chat
 from llmopt.cli.common import format_stats
 from llmopt.cli.engine_options import LOADING, engine_options
-from llmopt.engine.config import EngineConfig
+from llmopt.engine.config import SPECULATION, EngineConfig
 from llmopt.engine.factory import open_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.errors import UsageError
@@ -22,7 +22,7 @@ from llmopt.store.resolve import is_model_ref
 from llmopt.store.store import Store
 
 
-@engine_options(*LOADING)
+@engine_options(*LOADING, *SPECULATION)
 def run(
     model: str = typer.Argument(None, help="Registry name, .gguf file or HF folder."),
     prompt: str = typer.Argument(None, help="Prompt for a one-shot answer; '-' reads stdin."),

@@ -17,7 +17,7 @@ from llmopt.cli.engine_options import LOADING, engine_options
 from llmopt.config import ServerConfig
 from llmopt.device import resolve_device
 from llmopt.engine.async_engine import AsyncEngine
-from llmopt.engine.config import EngineConfig
+from llmopt.engine.config import SPECULATION, EngineConfig
 from llmopt.errors import UsageError
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
@@ -39,6 +39,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 @engine_options(
     *LOADING,
+    *SPECULATION,
     "max_num_seqs",
     "max_num_batched_tokens",
     "batching",

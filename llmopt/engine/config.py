@@ -19,6 +19,7 @@ from llmopt.layers.kv_types import check_kv_type_name
 POLICIES = ("continuous", "dynamic", "static")
 SPECULATIVE = ("off", "ngram", "draft")
 KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cache's types
+SPECULATION = ("speculative", "draft", "num_speculative_tokens")  # speculative decoding
 
 
 def setting(default: Any, flag: str | None = None, help: str = "") -> Any:
