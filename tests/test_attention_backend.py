@@ -103,6 +103,36 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared, dim, types, av
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("start", [70, 300, 509])  # past the group minimum; across 512
+@pytest.mark.parametrize("dim", [64, 40])
+@pytest.mark.parametrize("avx2", [False, True])
+def test_verification_rows_attend_as_each_position_alone(start, dim, avx2) -> None:
+    """Speculative verification: k + 1 rows of one sequence (positions start .. start +
+    k, each reading the keys up to its own) give each row's decode alone, bit for bit,
+    also beside another sequence that shares their prefix."""
+    native = require_kernel(NativeCpuAttention.load(avx2=avx2))
+    torch.manual_seed(3)
+    k, v, prefix, _, tails = _cache_with_two_prefixes(2400, start, 8, dim)
+    seq = torch.cat([prefix, next(tails)])  # keys of positions 0 .. start + 7
+    other = torch.cat([prefix, next(tails)[:2]])  # a sibling behind the same prefix
+    rows = [seq[: start + 1 + j] for j in range(6)] + [other]
+    q = torch.randn(len(rows), 9, dim)
+    kv = layer_kv(k, v)
+
+    def attend(rows: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+        longest = max(len(r) for r in rows)
+        padded = torch.stack([torch.cat([r, r[:1].expand(longest - len(r))]) for r in rows])
+        lens = torch.tensor([len(r) for r in rows])
+        valid = torch.arange(longest)[None, :] < lens[:, None]
+        return native._decode(q, kv, DecodeBatch(padded, lens, valid), 0.125)
+
+    together = attend(rows[:6], q[:6])
+    for j in range(6):
+        assert torch.equal(together[j], attend([rows[j]], q[j : j + 1])[0]), j
+    with_sibling = attend(rows, q)
+    assert torch.allclose(with_sibling[:6], together, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared", [100, 67, 40])
 @pytest.mark.parametrize("types", [("fp32", "fp32"), ("int8", "fp8")])

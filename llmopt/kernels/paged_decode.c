@@ -371,6 +371,16 @@ static void attend_group(const float *restrict q, const KVLayer *kv,
 }
 #endif
 
+/* Rows a and b are rows of one sequence (the k + 1 rows of a speculative verification):
+ * the shorter one's last key, its own new token, sits in the same slot in the longer
+ * one. Two sequences never share that slot: a token being written is in a block of the
+ * sequence's own. Such rows are never grouped: a verification row must attend exactly
+ * as the decode of that position alone would, and the group path sums in another order. */
+static int same_sequence(const int64_t *slots, const int64_t *lens, int L, int a, int b) {
+    const int64_t n = lens[a] < lens[b] ? lens[a] : lens[b];
+    return n > 0 && slots[(int64_t)a * L + n - 1] == slots[(int64_t)b * L + n - 1];
+}
+
 static int64_t common_prefix(const int64_t *a, const int64_t *b, int64_t n) {
     int64_t j = 0;
     while (j < n && a[j] == b[j]) j++;
@@ -396,7 +406,9 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
     for (int b = 0; b < B; b++) {
         leader[b] = b;
         for (int a = 0; a < b; a++)
-            if (leader[a] == a && lens[a] > 0 && lens[b] > 0 && slots[(int64_t)a * L] == slots[(int64_t)b * L]) {
+            if (leader[a] == a && lens[a] > 0 && lens[b] > 0 &&
+                slots[(int64_t)a * L] == slots[(int64_t)b * L] &&
+                !same_sequence(slots, lens, L, a, b)) {
                 leader[b] = a;
                 break;
             }
