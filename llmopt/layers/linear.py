@@ -87,24 +87,8 @@ class Linear(nn.Module):
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         w = self.weight
-        if (
-            x.shape[0] < UPCAST_MIN_ROWS
-            and w.dtype == torch.bfloat16
-            and x.dtype in (torch.bfloat16, torch.float32)
-            and w.device.type == "cpu"
-            and x.is_contiguous()
-            and w.is_contiguous()
-            and w.shape[1] % 8 == 0
-            and (gemv := _gemv_bf16()) is not None
-        ):
-            y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-            bias = None if self.bias is None else self.bias.float()
-            bf16 = int(x.dtype == torch.bfloat16)
-            gemv(
-                x.data_ptr(), bf16, x.shape[0], w.shape[1], w.data_ptr(), w.shape[0],
-                None if bias is None else bias.data_ptr(), y.data_ptr(), bf16,
-            )  # fmt: skip
-            return y
+        if x.shape[0] < UPCAST_MIN_ROWS and self.takes_rowwise(x):
+            return self.rowwise(x, x.dtype)
         if (
             x.shape[0] >= UPCAST_MIN_ROWS
             and w.device.type == "cpu"
@@ -114,6 +98,34 @@ class Linear(nn.Module):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), _fp32_copy(w), bias).to(x.dtype)
         return F.linear(x, w, self.bias)
+
+    def takes_rowwise(self, x: torch.Tensor) -> bool:
+        """Whether `rowwise` runs this weight with x: a bf16 CPU weight, K % 8 == 0."""
+        w = self.weight
+        return (
+            w.dtype == torch.bfloat16
+            and x.dtype in (torch.bfloat16, torch.float32)
+            and w.device.type == "cpu"
+            and x.is_contiguous()
+            and w.is_contiguous()
+            and w.shape[1] % 8 == 0
+            and _gemv_bf16() is not None
+        )
+
+    def rowwise(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x (M, in) -> (M, out) in out_dtype (fp32 or bf16) by gemv_bf16.c, which reads
+        W once for all rows and gives each row the same arithmetic whatever M is: a row's
+        result never depends on the others in its batch (`takes_rowwise` first)."""
+        w, gemv = self.weight, _gemv_bf16()
+        assert gemv is not None
+        y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype)
+        bias = None if self.bias is None else self.bias.float()
+        gemv(
+            x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], w.shape[1], w.data_ptr(),
+            w.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr(),
+            int(out_dtype == torch.bfloat16),
+        )  # fmt: skip
+        return y
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:

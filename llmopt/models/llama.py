@@ -114,6 +114,11 @@ class LlamaForCausalLM(nn.Module):
             # Written in fp32 by the kernel: bf16 would round logits of 16-32 to steps
             # of 1/8, enough to flip a near-tie between the top two tokens.
             return self.lm_head(hidden, out_dtype=torch.float32)
+        if self.lm_head.takes_rowwise(hidden):
+            # The same for a bf16 weight on the CPU, by a kernel whose rows do not depend
+            # on the batch: a sequence's logits are the same alone, in a batch of
+            # sequences or among its own verification rows.
+            return self.lm_head.rowwise(hidden, torch.float32)
         return self.lm_head(hidden).float()
 
 
