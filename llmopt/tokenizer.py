@@ -61,6 +61,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """Whether both map every token text to the same id (a draft model's check)."""
+        return self._tk.get_vocab(with_added_tokens=True) == other._tk.get_vocab(
+            with_added_tokens=True
+        )
+
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self._tk.token_to_id(token)
 

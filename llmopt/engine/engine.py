@@ -190,6 +190,9 @@ class Engine:
         # A sequence proposes no more than it may still generate, less the token that
         # verification adds: its positions stay inside the context.
         caps = [self.requests[s.request_id].limit - s.num_output_tokens - 1 for s in seqs]
+        fixed, _ = self.spec.cost.fit()
+        if self.drafter.step_seconds and fixed > 0:
+            self.spec.draft_cost = self.drafter.step_seconds / fixed
         ks = self.spec.budgets([s.request_id for s in seqs], caps)
         for seq, k, draft in zip(seqs, ks, self.drafter.propose(seqs, ks), strict=True):
             seq.draft_ids = draft.tokens[:k]

@@ -14,6 +14,7 @@ from llmopt.device import resolve_device, resolve_dtype
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
 from llmopt.engine.runner import Runner
+from llmopt.engine.spec.draft_model import DraftModelDrafter
 from llmopt.engine.spec.drafter import Drafter
 from llmopt.engine.spec.ngram import NgramDrafter
 from llmopt.errors import UsageError
@@ -54,7 +55,9 @@ def default_kv_memory(device: torch.device) -> int:
     return int(available * CPU_MEMORY_FRACTION)
 
 
-def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
+def build_engine(
+    loaded: LoadedModel, config: EngineConfig, console: Console | None = None
+) -> Engine:
     """An engine over a loaded model, its KV cache sized from the config."""
     cfg = loaded.config
     context = min(cfg.max_position_embeddings, config.max_context or cfg.max_position_embeddings)
@@ -72,14 +75,32 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
             f"{config.block_size} tokens ({per_token} bytes a token); give it more"
         )
     runner = Runner(loaded.model, num_blocks, config.block_size, config.kv_types)
-    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, config, make_drafter(config))
+    drafter = make_drafter(config, loaded, num_blocks, console)
+    return Engine(runner, loaded.tokenizer, loaded.eos_ids, context, config, drafter)
 
 
-def make_drafter(config: EngineConfig) -> Drafter | None:
-    """The drafter that config.speculation names (None: speculation off)."""
+def make_drafter(
+    config: EngineConfig, target: LoadedModel, num_blocks: int, console: Console | None
+) -> Drafter | None:
+    """The drafter that config.speculation names (None: speculation off). A draft
+    model's cache holds as many tokens as the target's."""
     if config.speculation == "ngram":
         return NgramDrafter()
-    return None
+    if config.speculation != "draft":
+        return None
+    # The draft runs as it is stored (a GGUF's blocks packed), whatever the target does.
+    draft_config = config.replace(
+        model=config.draft, speculative="off", draft=None, dequantize=False, dtype="auto"
+    )
+    _, draft = load(draft_config, console)
+    if not draft.tokenizer.same_vocabulary(target.tokenizer):
+        raise UsageError(
+            f"the draft model {config.draft} has another vocabulary than the target: "
+            "a draft must share the target's tokenizer"
+        )
+    runner = Runner(draft.model, num_blocks, config.block_size, config.kv_types)
+    context = min(draft.config.max_position_embeddings, config.max_context or 1 << 30)
+    return DraftModelDrafter(runner, context, config.prefix_cache)
 
 
 class Opened(NamedTuple):
@@ -91,4 +112,4 @@ class Opened(NamedTuple):
 def open_engine(config: EngineConfig, console: Console | None = None) -> Opened:
     """The model of config.model, loaded, in an engine built from the config."""
     name, loaded = load(config, console)
-    return Opened(name, build_engine(loaded, config), loaded)
+    return Opened(name, build_engine(loaded, config, console), loaded)

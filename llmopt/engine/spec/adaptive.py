@@ -47,15 +47,21 @@ class StepCost:
         s[3] += w * x * x
         s[4] += w * x * y
 
+    def fit(self) -> tuple[float, float]:
+        """(a, b) in seconds: a step's fixed cost and a row's; (0, 0) before any step."""
+        if self.sums is None:
+            return 0.0, 0.0
+        w, x, y, xx, xy = self.sums
+        var = w * xx - x * x
+        b = (w * xy - x * y) / var if var > 0 else 0.0
+        return (y - b * x) / w, b
+
     @property
     def row_ratio(self) -> float:
         """b / a: what one more row adds to a step, relative to a step's fixed cost."""
         if self.sums is None:
             return self.prior_ratio
-        w, x, y, xx, xy = self.sums
-        var = w * xx - x * x
-        b = (w * xy - x * y) / var if var > 0 else 0.0
-        a = (y - b * x) / w
+        a, b = self.fit()
         if a <= 0:
             return 1.0
         return min(max(b / a, 0.005), 1.0)

@@ -25,6 +25,7 @@ class Drafter(ABC):
     """Proposes continuations for running sequences. It never changes a sequence."""
 
     name: str = ""
+    step_seconds: float = 0.0  # what drafting one token for the batch costs (0: nothing)
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
