@@ -20,6 +20,7 @@ from llmopt.bench.workloads import random_workload, shared_prefix_workload
 from llmopt.cli.bench_serving import _with_prefixes
 from llmopt.cli.main import app as cli
 from llmopt.errors import UsageError
+from tests.conftest import EXTRACTIVE
 from tests.live_server import LiveServer
 
 TTFT_S, ITL_S, TOKENS = 0.2, 0.05, 8
@@ -278,6 +279,7 @@ def test_cli_refuses_bad_options(fake) -> None:
         (["--percentiles", "x"], "--percentiles"),
         (["--warm-prefixes"], "system prompts"),  # random prompts have none to warm
         (["--device", "cpu"], "--device"),  # a running server's device is its own
+        (["--speculative", "ngram"], "--speculative"),  # and so is its speculation
     ):
         r = bench("--url", fake.url, *args)
         assert r.exit_code == 2 and message in r.stderr, (args, r.stderr)
@@ -293,34 +295,57 @@ def test_warm_prefixes_sends_each_system_prompt_once_with_other_questions() -> N
 
 
 @pytest.mark.real_model
-def test_local_model_compare_starts_llmopt_serve_per_configuration(smollm_folder) -> None:
+def test_local_model_compare_starts_llmopt_serve_per_configuration(smollm_folder, tmp_path) -> None:
+    """One `llmopt serve` per configuration, with bench's own engine flags
+    (--num-speculative-tokens here) and the configuration's; the server's /metrics
+    give the figures that only it knows: its speculation's acceptance rate and mean
+    accepted length (at most 1 + 2 with 2 tokens a round) where it ran."""
+    data = tmp_path / "extractive.jsonl"
+    rows = [EXTRACTIVE, EXTRACTIVE.replace("river bank", "old mill")]
+    data.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in rows)
+    )
     r = bench(
         str(smollm_folder),
-        "-n",
-        "2",
-        "-c",
-        "2",
-        "--input-len",
-        "8",
-        "--output-len",
-        "4",
-        "--compare",
-        "prefix-cache=on,off",
-        "--serve-arg=--kv-cache-memory=0.1",
-        "--json",
-    )
+        "--workload", "chat", "--dataset", str(data), "--output-len", "24", "-c", "2",
+        "--warmup", "0", "--compare", "speculative=off,ngram", "--num-speculative-tokens", "2",
+        "--serve-arg=--kv-cache-memory=0.1", "--json",
+    )  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    runs = json.loads(r.stdout)
-    assert [x["name"] for x in runs] == ["prefix-cache=on", "prefix-cache=off"]
-    assert all(x["completed"] == 2 and x["failed"] == 0 for x in runs)
-    assert all(x["total_output_tokens"] == 8 for x in runs)
-    assert "server_peak_kv_blocks_used_fraction" in runs[0]  # read from our /metrics
+    assert "--num-speculative-tokens=2 --speculative ngram" in " ".join(r.stderr.split())
+    off, on = json.loads(r.stdout)
+    assert [off["name"], on["name"]] == ["speculative=off", "speculative=ngram"]
+    assert all(x["completed"] == 2 and x["failed"] == 0 for x in (off, on))
+    assert on["total_output_tokens"] == off["total_output_tokens"]  # greedy: the same answers
+    assert "server_peak_kv_blocks_used_fraction" in off  # read from our /metrics
+    assert not any(k.startswith("server_spec") for k in off)
+    drafted, accepted = on["server_spec_draft_tokens"], on["server_spec_accepted_tokens"]
+    assert 0 < accepted <= drafted
+    assert on["server_spec_acceptance_rate"] == round(accepted / drafted, 4)
+    assert 1 < on["server_spec_mean_accepted_length"] <= 3
+    assert "server_spec_acceptance_rate" in r.stderr  # a row of the table
     assert bench(str(smollm_folder), "--compare", "colour=red").exit_code == 2
+
+
+def test_compare_configurations_map_to_serve_flags() -> None:
+    """The stack's last layer adds prompt-lookup speculation to the prefix cache's
+    configuration; each axis value becomes `llmopt serve` flags."""
     from llmopt.cli.bench_serving import _configs
 
+    stack = _configs("stack")
+    assert [name for name, _ in stack][-2:] == ["+ prefix cache", "+ speculative (ngram)"]
+    assert stack[-1][1] == [*stack[-2][1], "--speculative", "ngram"]
+    assert _configs("speculative=off,ngram") == [
+        ("speculative=off", ["--speculative", "off"]),
+        ("speculative=ngram", ["--speculative", "ngram"]),
+    ]
     assert _configs("kv-cache-dtype=fp32,int8") == [
         ("kv-cache-dtype=fp32", ["--kv-cache-dtype", "fp32"]),
         ("kv-cache-dtype=int8", ["--kv-cache-dtype", "int8"]),
+    ]
+    assert _configs("prefix-cache=on,off") == [
+        ("prefix-cache=on", ["--prefix-cache"]),
+        ("prefix-cache=off", ["--no-prefix-cache"]),
     ]
 
 
@@ -382,3 +407,43 @@ def test_server_stats_before_the_engine_has_stepped(monkeypatch: pytest.MonkeyPa
     summary = asyncio.run(run())
     assert summary["server_peak_kv_blocks_used_fraction"] == 0.0
     assert summary["server_prefix_cache_hit_rate"] == 0.0
+    assert not any(k.startswith("server_spec") for k in summary)  # no speculation ran
+
+
+def test_server_stats_speculation_from_the_counters_across_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run's acceptance rate and mean accepted length come from what the server's
+    counters grew by during it (what they held before is another run's)."""
+    from llmopt.bench.server_stats import ServerStats
+
+    def reading(rounds: float, drafted: float, accepted: float) -> dict[str, float]:
+        return {
+            "llmopt_kv_blocks_total": 8.0, "llmopt_kv_blocks_used": 0.0,
+            "llmopt_requests_running": 0.0, "llmopt_requests_waiting": 0.0,
+            "llmopt_prefix_cache_hit_tokens_total": 0.0,
+            "llmopt_prefix_cache_miss_tokens_total": 0.0,
+            "llmopt_spec_decode_num_drafts_total": rounds,
+            "llmopt_spec_decode_num_draft_tokens_total": drafted,
+            "llmopt_spec_decode_num_accepted_tokens_total": accepted,
+        }  # fmt: skip
+
+    readings = iter([reading(10, 40, 36), reading(14, 56, 46)])
+
+    async def read(self: ServerStats, client: httpx.AsyncClient) -> dict[str, float]:
+        return next(readings)
+
+    monkeypatch.setattr(ServerStats, "_read", read)
+
+    async def run() -> dict[str, float]:
+        stats = ServerStats(Target("http://127.0.0.1:9", None), interval_s=60)
+        stats.start()
+        await asyncio.sleep(0.05)  # one poll: the first reading
+        return await stats.stop()
+
+    summary = asyncio.run(run())
+    # This run: 4 rounds drafted 16 tokens, 10 accepted.
+    assert summary["server_spec_draft_tokens"] == 16
+    assert summary["server_spec_accepted_tokens"] == 10
+    assert summary["server_spec_acceptance_rate"] == 0.625
+    assert summary["server_spec_mean_accepted_length"] == 3.5

@@ -39,7 +39,50 @@ def test_offline_pp_tg_batch(tiny_llama) -> None:
         assert out[key]["mean"] > 0 and out[key]["std"] >= 0
     assert out["repeats"] == 2 and out["dtype"] == "float32"
     assert out["kv_cache"].startswith("fp32, ") and out["kv_cache_tokens"] > 0
+    assert not any(k.startswith("spec_") for k in out)  # no speculation, no figures of it
     assert bench(str(tiny_llama), "--offline", "--pp", "4096").exit_code == 5  # too long
+
+
+def test_offline_speculation_figures_are_from_summed_counts() -> None:
+    """Over several requests, the acceptance rate is accepted over drafted tokens and
+    the mean accepted length 1 + accepted tokens over rounds, all summed: not the mean
+    of each request's (1/1 and 0/3 accepted: 25%, not 50%; 1.25 tokens, not 1.5)."""
+    from llmopt.bench.offline import spec_totals
+    from llmopt.engine.outputs import RequestStats
+
+    one = RequestStats(spec_rounds=1, spec_draft_tokens=1, spec_accepted_tokens=1)
+    three = RequestStats(spec_rounds=3, spec_draft_tokens=3, spec_accepted_tokens=0)
+    total = spec_totals([one, three])
+    assert (total.spec_rounds, total.spec_draft_tokens, total.spec_accepted_tokens) == (4, 4, 1)
+    assert total.acceptance_rate == 0.25 and total.mean_accepted_length == 1.25
+
+
+@pytest.mark.real_model
+def test_offline_speculation_counts_every_token_and_request(
+    smollm_fp32, eager_speculation, monkeypatch
+) -> None:
+    """With prompt lookup on prompts that repeat a pattern (which the model goes on
+    repeating, so drafts are accepted): a batch's decode figure counts tokens, several
+    a step, not sequences a step; offline_bench reports the measured requests' counts."""
+    from llmopt.bench import offline
+    from llmopt.engine.config import EngineConfig
+    from llmopt.engine.factory import build_engine
+
+    config = EngineConfig(
+        max_context=512, kv_cache_memory=0.05, max_num_seqs=2, prefix_cache=False,
+        speculative="ngram",
+    )  # fmt: skip
+    engine = build_engine(smollm_fp32, config)
+    pattern = engine.tokenizer.encode(" one two three four five", add_bos=False)
+    prompts = [pattern * 4, pattern[1:] * 4]
+    t = offline.run_batch(engine, prompts, 8)
+    assert [s.completion_tokens for s in t.stats] == [8, 8]
+    assert sum(s.spec_accepted_tokens for s in t.stats) > 0  # some steps gave several
+    assert t.decoded == 2 * 7  # all but each sequence's first token (in the same step)
+    monkeypatch.setattr(offline, "_random_ids", lambda engine, n, rng: (pattern * n)[:n])
+    result = offline.offline_bench(engine, pp=4, tg=8, batch=2, repeats=1, seed=0)
+    assert result.spec.spec_accepted_tokens > 0
+    assert result.spec.spec_dict()["spec_acceptance_rate"] > 0
 
 
 def test_offline_decode_at_depth_over_an_int8_cache(tiny_llama) -> None:

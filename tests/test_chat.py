@@ -16,13 +16,18 @@ from llmopt.engine.runner import Runner
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.loader.load import load_model
 from llmopt.store.store import Store
+from tests.conftest import EXTRACTIVE
 
 
 @pytest.fixture(scope="module")
-def engine(smollm_folder) -> Engine:
-    loaded = load_model(
+def loaded(smollm_folder):
+    return load_model(
         smollm_folder, torch.bfloat16, torch.device("cpu"), Store(), Console(stderr=True)
     )
+
+
+@pytest.fixture(scope="module")
+def engine(loaded) -> Engine:
     return build_engine(loaded, EngineConfig(max_context=2048, kv_cache_memory=0.05))
 
 
@@ -60,8 +65,25 @@ def test_chat_session(engine, monkeypatch, capsys) -> None:
     out = capsys.readouterr()
     assert "Paris" in out.out
     assert "time to first token" in out.err
+    assert "speculation" not in out.err  # none ran
     assert chat.params.temperature == 0 and chat.params.max_tokens == 24
     assert chat.history == []  # /clear ran after two exchanges
+
+
+def test_stats_show_what_speculation_achieved(loaded, eager_speculation, monkeypatch, capsys):
+    """/stats of an answer drafted by prompt lookup: its acceptance rate and mean
+    accepted length (tokens a verification round produced)."""
+    config = EngineConfig(max_context=2048, kv_cache_memory=0.05, speculative="ngram")
+    params = SamplingParams(temperature=0, max_tokens=24)
+    chat = Chat(build_engine(loaded, config), "smollm", params, None, Console(stderr=True))
+    scripted(monkeypatch, [EXTRACTIVE, "/stats"])
+    chat.repl()
+    s = chat.last_stats
+    assert s is not None and s.spec_rounds > 0 and s.spec_accepted_tokens > 0
+    err = " ".join(capsys.readouterr().err.split())  # as one line, however rich wrapped it
+    assert f"acceptance rate {s.acceptance_rate:.0%} " in err
+    assert f"({s.spec_accepted_tokens} of {s.spec_draft_tokens} drafted tokens)" in err
+    assert f"mean accepted length {s.mean_accepted_length:.2f}" in err
 
 
 def test_history_is_sent_with_each_turn(engine, monkeypatch) -> None:

@@ -1,10 +1,12 @@
-"""`llmopt serve`'s response caches (exact and semantic) and its /metrics, by value."""
+"""`llmopt serve`'s response caches (exact and semantic) and its /metrics, by value,
+speculative decoding's counters included."""
 
 from __future__ import annotations
 
 import pytest
 
 from llmopt.config import ServerConfig
+from tests.conftest import EXTRACTIVE
 from tests.server_helpers import MODEL, ask, client, load, metrics, start, wait_idle
 
 pytestmark = pytest.mark.real_model
@@ -14,6 +16,10 @@ pytestmark = pytest.mark.real_model
 
 
 GENERATED = "llmopt_generation_tokens_total"
+# vLLM's names: verification rounds, tokens drafted, drafts accepted.
+SPEC_COUNTERS = [
+    f"llmopt_spec_decode_num_{n}_total" for n in ("drafts", "draft_tokens", "accepted_tokens")
+]
 EXACT_HITS = 'llmopt_response_cache_total{kind="exact",result="hit"}'
 EXACT_MISSES = 'llmopt_response_cache_total{kind="exact",result="miss"}'
 
@@ -128,3 +134,27 @@ def test_metrics_count_what_a_request_did(live) -> None:
     assert after["llmopt_kv_cache_tokens_used"] == 0
     assert after["llmopt_kv_blocks_used"] == after["llmopt_requests_running"] == 0
     assert after["llmopt_requests_waiting"] == 0
+    assert [grew(name) for name in SPEC_COUNTERS] == [0, 0, 0]  # no speculation here
+
+
+def test_speculative_server_counts_drafts_and_answers_as_plain_decoding(
+    live, smollm_fp32, eager_speculation
+) -> None:
+    """A server whose engine drafts with prompt lookup: the same greedy answer as plain
+    decoding, streamed and not, and /metrics counts its rounds, drafts and accepted
+    drafts, from each request's stats as it finishes."""
+    plain = ask(client(live), EXTRACTIVE, max_tokens=24, extra_body={"cache": False})
+    with start(smollm_fp32, speculative="ngram") as s:
+        c = client(s)
+        whole = ask(c, EXTRACTIVE, max_tokens=24, extra_body={"cache": False})
+        counts = metrics(s.url)
+        stream = ask(c, EXTRACTIVE, max_tokens=24, stream=True, extra_body={"cache": False})
+        text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+        wait_idle(s)
+        twice = metrics(s.url)
+    answer = plain.choices[0].message.content
+    assert whole.choices[0].message.content == text == answer and "lazy dog" in answer
+    rounds, drafted, accepted = (counts[name] for name in SPEC_COUNTERS)
+    assert rounds > 0 and drafted >= rounds and 0 < accepted <= drafted
+    # The same prompt again drafts and accepts the same (greedy, drafts from the prompt).
+    assert [twice[name] for name in SPEC_COUNTERS] == [2 * rounds, 2 * drafted, 2 * accepted]

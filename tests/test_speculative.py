@@ -395,3 +395,60 @@ def test_speculation_settings_are_checked() -> None:
     ):
         with pytest.raises(UsageError):
             EngineConfig(**bad)  # type: ignore[arg-type]
+
+
+# -- a draft model ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_draft_model_leaves_greedy_output_unchanged(
+    smollm_fp32, smollm_gguf, adaptive, monkeypatch
+) -> None:
+    """The practical pair: the fp32 model drafted by its own packed Q4_1 file. Its
+    cache follows the target's (rollbacks after rejections), shares prompts through its
+    own prefix cache and is empty once every request has finished."""
+    from llmopt.engine.spec.draft_model import DraftModelDrafter
+
+    monkeypatch.setenv("LLMOPT_HOME", str(REAL_HOME))  # the GGUF's converted copy is there
+
+    batch = chat_prompts(smollm_fp32)
+    plain = build_engine(smollm_fp32, CONFIG)
+    # The first prompt again once the batch is done: a prefix-cache hit on both sides.
+    want = [*run_to_completion(plain, batch, GREEDY), *run_to_completion(plain, batch[:1], GREEDY)]
+    engine = build_engine(smollm_fp32, CONFIG.replace(draft=str(smollm_gguf)))
+    drafter = engine.drafter
+    assert isinstance(drafter, DraftModelDrafter) and engine.spec is not None
+    engine.spec.adaptive = adaptive
+    check_prefix_cache_holds_only_accepted_tokens(engine)
+    stats = []
+    got = []
+    for part in (batch, batch[:1]):
+        ids = [engine.add_request(p, GREEDY) for p in part]
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while engine.has_unfinished():
+            for rid in engine.step():
+                for d in engine.take(rid):
+                    out[rid] += d.token_ids
+                    stats += [d.stats] if d.stats else []
+        got += [out[rid] for rid in ids]
+    assert got == want
+    accepted = sum(s.spec_accepted_tokens for s in stats)
+    assert accepted > 40  # the int4 copy agrees with its fp32 model most of the time
+    assert drafter.blocks.hit_tokens > 0  # the repeated prompt's blocks in the draft's cache
+    assert drafter.blocks.num_free_blocks == drafter.blocks.num_blocks
+    assert drafter.step_seconds > 0
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(smollm_fp32, tmp_path) -> None:
+    import json
+
+    from tests.conftest import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "other-vocab", smollm_fp32.folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]  # two tokens trade ids: the same texts, other ids
+    a, b = (next(t for t in vocab if vocab[t] == i) for i in (1000, 1001))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UsageError, match="another vocabulary"):
+        build_engine(smollm_fp32, CONFIG.replace(draft=str(folder)))

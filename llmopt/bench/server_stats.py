@@ -1,5 +1,6 @@
 """Server-side figures, when the server is llmopt: read from its /metrics during a
-run (peak KV blocks and queue) and across it (prefix-cache hit rate of the run)."""
+run (peak KV blocks and queue) and across it (prefix-cache hit rate of the run, and
+speculative decoding's acceptance rate and mean accepted length where it ran)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import httpx
 
 from llmopt.bench.loadgen import Target
+from llmopt.engine.outputs import RequestStats
 
 
 def _parse(text: str) -> dict[str, float]:
@@ -70,13 +72,19 @@ class ServerStats:
             final = await self._read(client)
         if final is None or self.first is None:
             return {}
-        hit = (
-            final["llmopt_prefix_cache_hit_tokens_total"]
-            - self.first["llmopt_prefix_cache_hit_tokens_total"]
-        )
-        miss = (
-            final["llmopt_prefix_cache_miss_tokens_total"]
-            - self.first["llmopt_prefix_cache_miss_tokens_total"]
+        first = self.first
+
+        def grew(counter: str) -> float:
+            # .get: a server older than a counter lacks it
+            return final.get(counter, 0.0) - first.get(counter, 0.0)
+
+        hit = grew("llmopt_prefix_cache_hit_tokens_total")
+        miss = grew("llmopt_prefix_cache_miss_tokens_total")
+        # The run's speculation counts, into RequestStats for its rates' arithmetic.
+        spec = RequestStats(
+            spec_rounds=int(grew("llmopt_spec_decode_num_drafts_total")),
+            spec_draft_tokens=int(grew("llmopt_spec_decode_num_draft_tokens_total")),
+            spec_accepted_tokens=int(grew("llmopt_spec_decode_num_accepted_tokens_total")),
         )
         total = final["llmopt_kv_blocks_total"]  # 0 until the engine's first step
         return {
@@ -86,4 +94,4 @@ class ServerStats:
             ),
             "server_peak_requests_running": self.peak["llmopt_requests_running"],
             "server_peak_requests_waiting": self.peak["llmopt_requests_waiting"],
-        }
+        } | {f"server_{k}": v for k, v in spec.spec_dict().items()}

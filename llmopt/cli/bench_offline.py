@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmopt.cli.common import emit_json
+from llmopt.cli.common import emit_json, format_spec
 from llmopt.engine.config import EngineConfig
 from llmopt.errors import UsageError
 
@@ -42,10 +42,12 @@ def run_offline(engine: EngineConfig, o: OfflineOptions, console: Console) -> No
     name, gen, loaded = open_engine(config, console)
     dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     cache = {"kv_cache": gen.kv_cache_description, "kv_cache_tokens": gen.kv_capacity_tokens}
+    measured = offline_bench(gen, o.pp, o.tg, o.batch, o.repeats, o.seed, o.depth)
     result = (
         {"model": name, "dtype": dtype_name}
         | cache
-        | offline_bench(gen, o.pp, o.tg, o.batch, o.repeats, o.seed, o.depth)
+        | measured.rates
+        | measured.spec.spec_dict()
         | machine_info(torch.get_num_threads(), gen.runner.device)
     )
     t = Table("test", "tokens/s", header_style="bold")
@@ -53,4 +55,6 @@ def run_offline(engine: EngineConfig, o: OfflineOptions, console: Console) -> No
         if isinstance(v, dict):
             t.add_row(key.removesuffix("_tokens_per_s"), f"{v['mean']:.2f} ± {v['std']:.2f}")
     console.print(t)
+    if measured.spec.spec_rounds:
+        console.print(format_spec(measured.spec), highlight=False)
     emit_json(result, o.as_json, o.output)

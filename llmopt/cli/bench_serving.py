@@ -63,6 +63,10 @@ STACK = [
     ("static batching", ["--batching", "static", "--no-prefix-cache"]),
     ("+ continuous batching", ["--batching", "continuous", "--no-prefix-cache"]),
     ("+ prefix cache", ["--batching", "continuous", "--prefix-cache"]),
+    (
+        "+ speculative (ngram)",
+        ["--batching", "continuous", "--prefix-cache", "--speculative", "ngram"],
+    ),
 ]
 COMPARE_AXES = {
     "batching": lambda v: ["--batching", v],
@@ -73,6 +77,7 @@ COMPARE_AXES = {
     "weights": lambda v: ["--dequantize"] if v == "dense" else [],  # or "gguf": as stored
     "max-num-seqs": lambda v: ["--max-num-seqs", v],
     "kv-cache-dtype": lambda v: ["--kv-cache-dtype", v],
+    "speculative": lambda v: ["--speculative", v],  # off or ngram
 }
 
 
@@ -140,7 +145,8 @@ def run_serving(
     model: str | None, server_flags: list[str], o: ServingOptions, console: Console
 ) -> None:
     """Measure TTFT, ITL, TPOT, latency percentiles and throughput; server_flags: the
-    engine settings bench was given (--device, the KV cache types), for local servers."""
+    engine settings bench was given (--device, the KV cache types, speculative
+    decoding's), for local servers."""
     from llmopt.bench.loadgen import LoadSpec, Target
     from llmopt.bench.metrics import DEFAULT_PERCENTILES, SLO
     from llmopt.bench.report import failures, table, to_csv, to_json, write
@@ -155,9 +161,8 @@ def run_serving(
         (0 < o.slo_target <= 1, "--slo-target must be in (0, 1]"),
         (
             not (o.url and (o.compare or model or server_flags)),
-            "--url measures a running server: drop MODEL, --compare, --device and the KV "
-            "cache types "
-            "(they start local servers)",
+            "--url measures a running server: drop MODEL, --compare, --device, the KV "
+            "cache types and the --speculative options (they start local servers)",
         ),
         (not (o.as_json and o.as_csv), "choose one of --json and --csv"),
     ]

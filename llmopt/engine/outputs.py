@@ -57,6 +57,7 @@ class RequestStats:
         if not self.spec_rounds:
             return {}
         return {
+            "spec_rounds": self.spec_rounds,
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
             "spec_acceptance_rate": round(self.acceptance_rate, 4),

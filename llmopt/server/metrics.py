@@ -3,7 +3,9 @@ so that tests can run several).
 
 Engine state (requests running and waiting, KV blocks, prefix-cache tokens) is read
 at scrape time from the engine; latencies and token counts are recorded as each
-request finishes.
+request finishes, speculative decoding's counts too (under vLLM's names, so that its
+dashboards' acceptance rate and mean accepted length apply: accepted / draft tokens,
+and 1 + accepted tokens / drafts).
 """
 
 from __future__ import annotations
@@ -99,6 +101,21 @@ class ServerMetrics:
             buckets=E2E_BUCKETS,
             registry=r,
         )
+        self.spec_drafts = Counter(
+            "llmopt_spec_decode_num_drafts",
+            "Speculative decoding: verification rounds of drafted tokens",
+            registry=r,
+        )
+        self.spec_draft_tokens = Counter(
+            "llmopt_spec_decode_num_draft_tokens",
+            "Speculative decoding: tokens drafted",
+            registry=r,
+        )
+        self.spec_accepted_tokens = Counter(
+            "llmopt_spec_decode_num_accepted_tokens",
+            "Speculative decoding: drafted tokens accepted",
+            registry=r,
+        )
 
     def observe_generation(self, stats: RequestStats) -> None:
         """One engine request (one choice) finished."""
@@ -109,6 +126,9 @@ class ServerMetrics:
         for gap in stats.itl_s:
             self.itl.observe(gap)
         self.e2e.observe(stats.total_s)
+        self.spec_drafts.inc(stats.spec_rounds)
+        self.spec_draft_tokens.inc(stats.spec_draft_tokens)
+        self.spec_accepted_tokens.inc(stats.spec_accepted_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
