@@ -25,6 +25,8 @@ from rich.table import Table
 from llmopt.bench.setup import machine_info
 from llmopt.layers.attention_backend import TorchAttention
 from llmopt.layers.attention_metadata import DecodeBatch
+from llmopt.layers.kv_cache import LayerKV
+from llmopt.layers.kv_types import KV_TYPES
 from llmopt.layers.linear import Linear
 from llmopt.layers.native_attention import NativeCpuAttention
 from llmopt.layers.quant_linear import QuantLinear
@@ -85,14 +87,18 @@ def attention_rows(repeats: int) -> list[dict]:
     if native is None:
         return []
     heads, kv_heads, dim, slots = 9, 3, 64, 4096
-    k, v = torch.randn(slots, kv_heads, dim), torch.randn(slots, kv_heads, dim)
+    fp32 = KV_TYPES["fp32"]
+    kv = LayerKV(
+        torch.randn(slots, kv_heads, dim), torch.randn(slots, kv_heads, dim), None, None,
+        fp32, fp32, torch.float32,
+    )  # fmt: skip
     rows = []
     for n in CONTEXTS:
         q = torch.randn(1, heads, dim)
         order = torch.randperm(slots)[:n][None].contiguous()  # scattered blocks
         batch = DecodeBatch(order, torch.tensor([n]), None)
-        ours = best_us(lambda b=batch, q=q: native._decode(q, k, v, b, 0.125), repeats)
-        them = best_us(lambda b=batch, q=q: TorchAttention()._decode(q, k, v, b, 0.125), repeats)
+        ours = best_us(lambda b=batch, q=q: native._decode(q, kv, b, 0.125), repeats)
+        them = best_us(lambda b=batch, q=q: TorchAttention()._decode(q, kv, b, 0.125), repeats)
         rows.append(
             {"kernel": "decode attention", "shape": f"{n} keys", "llmopt_us": round(ours, 1),
              "torch_us": round(them, 1), "speedup": round(them / ours, 2)}

@@ -21,8 +21,13 @@ class Runner:
         num_blocks: int,
         block_size: int,
         kv_types: tuple[str, str] = ("auto", "auto"),  # the cache's K and V types
+        decode_chunk: int = 1,
     ) -> None:
+        """decode_chunk: a sequence's run of up to this many new tokens, after some in
+        the cache, goes as decode rows (the native step) rather than as a prefill chunk:
+        a draft model catching up on the tokens its target accepted."""
         self.model = model
+        self.decode_chunk = decode_chunk
         cfg = model.config
         p = next(model.parameters())
         self.device = p.device
@@ -57,7 +62,10 @@ class Runner:
         own position. The rows' keys are all stored before any row attends, so one pass
         scores every position with exactly the arithmetic of k + 1 separate decodes."""
         pairs = zip(step.seqs, step.num_tokens, strict=True)
-        decodes = [len(s.draft_ids) + 1 == n for s, n in pairs]  # one row per position
+        decodes = [  # one row per position
+            len(s.draft_ids) + 1 == n or (n <= self.decode_chunk and s.num_computed_tokens > 0)
+            for s, n in pairs
+        ]
         order = sorted(range(len(step.seqs)), key=lambda i: not decodes[i])
         ids, positions, writes = [], [], []
         decode_slots: list[torch.Tensor] = []

@@ -600,11 +600,13 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
 
 #include "qgemm_amx.c"
 
-/* Rows of x from which AMX tiles (where the CPU has them) beat the row kernel below:
- * SmolLM2's int4 g32 linears, against the VNNI tile, took 0.70x the AMX time at 4 rows,
- * 0.94x at 8, 1.13x at 10 and 1.43x at 16 (BENCHMARKS.md, "What the 16-stream step
- * spends"). The two give the same bits, so the crossing is a matter of speed alone. */
-#define AMX_MIN_ROWS 9
+/* Rows of x from which AMX tiles (where the CPU has them) beat the row kernel below.
+ * Linear by linear, SmolLM2's int4 g32 layers on the VNNI tile took 0.70x the AMX time
+ * at 4 rows, 0.94x at 8, 1.13x at 10 and 1.43x at 16; but whole decode steps of the
+ * model (BENCHMARKS.md, "Speculative decoding") ran 9 rows in 12.9 ms on VNNI against
+ * 16.6 ms on AMX, and the two met only at 16. The two give the same bits, so the
+ * crossing is a matter of speed alone. */
+#define AMX_MIN_ROWS 16
 
 /* 1 when calls of AMX_MIN_ROWS rows or more run on AMX tiles. */
 int qgemv_amx(void) { return amx_ready(); }

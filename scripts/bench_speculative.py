@@ -1,0 +1,187 @@
+"""Speculative decoding against plain decoding, batch 1, through `LLM.generate`.
+
+Each workload runs its configurations in one process, alternating them prompt by
+prompt (the machine's load drifts; alternation spreads it over both), after one
+warm-up request each. Reported per configuration: tokens/s over whole requests
+(prefill included, as a user waits for it) and decode tokens/s (after the first
+token), acceptance rate and mean accepted length
+(summed counts), and at temperature 0 whether every output equals the plain one.
+
+  extractive  temperature 0, rewrite / edit / summarise a supplied text of about 500
+              tokens (a code edit among them): off against --speculative ngram
+  chat        temperature 0, chat questions: the bf16 model (the GGUF dequantized)
+              alone against it drafted by its own packed Q4_1 file (--draft)
+  creative    temperature 0.8, stories and poems: off against ngram (adaptive
+              speculation must switch itself off)
+
+  python scripts/bench_speculative.py extractive --threads 2 --json out.json
+  python scripts/bench_speculative.py --write-chat-dataset chat.jsonl  # for llmopt bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL = "smollm2-135m-instruct"
+
+CHAT = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Explain photosynthesis simply.",
+    "How do I boil an egg?",
+    "What causes rain?",
+    "Write a short email asking my manager for a day off on Friday.",
+    "What is a prime number? Give examples.",
+    "Why is the sky blue?",
+    "How does a bicycle stay upright?",
+    "What is machine learning, in two sentences?",
+    "What should I pack for a weekend hiking trip?",
+    "Explain the difference between weather and climate.",
+    "How do vaccines work?",
+    "Give me a simple recipe for pancakes.",
+    "What are the planets of the solar system?",
+    "How can I improve my handwriting?",
+]
+CREATIVE = [
+    "Write a short story about a dragon who is afraid of the dark.",
+    "Write a poem about the sea at night.",
+    "Invent a new holiday and describe how people celebrate it.",
+    "Write a fairy tale about a clockmaker and a talking cat.",
+    "Describe an alien city as a travel guide would.",
+    "Write a short story that begins with a knock on the door.",
+    "Write a song about a lighthouse keeper.",
+    "Write a diary entry of a pirate who lost his ship.",
+]
+
+
+def extractive_prompts() -> list[str]:
+    """Tasks over texts the model did not see in tuning: reference prose (pydoc_data)
+    and standard-library code, about 500 tokens each."""
+    from pydoc_data.topics import topics
+
+    def prose(name: str) -> str:
+        return " ".join(topics[name].split())[:2000]
+
+    code = textwrap.dedent(inspect.getsource(textwrap.TextWrapper._wrap_chunks))[:2000]
+    return [
+        "Rewrite the following text, fixing any typos and changing nothing else:\n\n"
+        + prose("while"),
+        "Copy the following text, replacing the word 'statement' with 'instruction' "
+        "everywhere:\n\n" + prose("if"),
+        "Rename the variable `chunks` to `pieces` in this Python code and output the "
+        "whole function:\n\n" + code,
+        "Summarise the following text in a few sentences, quoting its key sentences:\n\n"
+        + prose("try"),
+        "Rewrite the following text in plain English, keeping every example:\n\n" + prose("with"),
+        "Reformat the following text as a bulleted list, keeping its wording:\n\n" + prose("for"),
+    ]
+
+
+# (name, LLM settings) per workload: the first is the baseline.
+CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "extractive": [("off", {}), ("ngram", {"speculative": "ngram"})],
+    "chat": [
+        ("bf16", {"dequantize": True, "dtype": "bfloat16"}),
+        ("bf16 + Q4_1 draft", {"dequantize": True, "dtype": "bfloat16", "draft": MODEL}),
+    ],
+    "creative": [("off", {}), ("ngram", {"speculative": "ngram"})],
+}
+
+
+def run(workload: str, threads: int, max_tokens: int, seed: int) -> dict[str, Any]:
+    from llmopt import LLM, SamplingParams
+
+    prompts = {"extractive": extractive_prompts(), "chat": CHAT, "creative": CREATIVE}[workload]
+    temperature = 0.8 if workload == "creative" else 0.0
+    llms = [
+        (name, LLM(MODEL, max_num_seqs=1, threads=threads, **kw)) for name, kw in CONFIGS[workload]
+    ]
+    totals = {
+        name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "drafted": 0, "accepted": 0,
+               "decode_tokens": 0, "decode_s": 0.0}
+        for name, _ in llms
+    }  # fmt: skip
+    outputs: dict[str, list[list[int]]] = {name: [] for name, _ in llms}
+    warm = SamplingParams(temperature=0, max_tokens=16)
+    for _, llm in llms:
+        llm.generate(prompts[0], warm, chat=True)
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i)
+        for name, llm in llms:
+            start = time.perf_counter()
+            out = llm.generate(prompt, params, chat=True)[0]
+            t = totals[name]
+            t["seconds"] += time.perf_counter() - start
+            t["tokens"] += out.stats.completion_tokens
+            t["decode_tokens"] += len(out.stats.itl_s)  # after the first token
+            t["decode_s"] += sum(out.stats.itl_s)
+            t["rounds"] += out.stats.spec_rounds
+            t["drafted"] += out.stats.spec_draft_tokens
+            t["accepted"] += out.stats.spec_accepted_tokens
+            outputs[name].append(out.token_ids)
+    base = llms[0][0]
+    result: dict[str, Any] = {
+        "workload": workload,
+        "prompts": len(prompts),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "threads": threads,
+        "load_average": os.getloadavg(),
+        "configs": {},
+    }
+    for name, _ in llms:
+        t = totals[name]
+        b = totals[base]
+        rate, base_rate = t["tokens"] / t["seconds"], b["tokens"] / b["seconds"]
+        decode, base_decode = t["decode_tokens"] / t["decode_s"], b["decode_tokens"] / b["decode_s"]
+        result["configs"][name] = {
+            "tokens": t["tokens"],
+            "tokens_per_s": round(rate, 1),
+            "vs_baseline": round(rate / base_rate, 3),
+            "decode_tokens_per_s": round(decode, 1),
+            "decode_vs_baseline": round(decode / base_decode, 3),
+            "acceptance_rate": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
+            "mean_accepted_length": round(1 + t["accepted"] / t["rounds"], 2)
+            if t["rounds"]
+            else None,
+            "same_output_as_baseline": sum(
+                a == b for a, b in zip(outputs[name], outputs[base], strict=True)
+            ),
+        }
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("workload", nargs="?", choices=sorted(CONFIGS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="Write the result here too.")
+    ap.add_argument("--write-chat-dataset", type=Path, help="JSONL of CHAT for llmopt bench.")
+    args = ap.parse_args()
+    if args.write_chat_dataset:
+        lines = [json.dumps({"messages": [{"role": "user", "content": q}]}) for q in CHAT]
+        args.write_chat_dataset.write_text("\n".join(lines) + "\n")
+        return
+    if args.workload is None:
+        ap.error("name a workload, or --write-chat-dataset")
+    torch.set_num_threads(args.threads)
+    result = run(args.workload, args.threads, args.max_tokens, args.seed)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
