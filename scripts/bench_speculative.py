@@ -24,12 +24,19 @@ import argparse
 import inspect
 import json
 import os
+import subprocess
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+
+from llmopt.engine.llm import Completion
+from llmopt.engine.outputs import RequestStats
+from llmopt.store.resolve import resolve
+from llmopt.store.store import Store
 
 MODEL = "smollm2-135m-instruct"
 
@@ -97,20 +104,80 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
-def run(workload: str, threads: int, max_tokens: int, seed: int) -> dict[str, Any]:
+class LlamaServer:
+    """llama.cpp's server on the same GGUF file, answering like `LLM.generate`: the
+    peer, with and without its own speculation (--spec-type)."""
+
+    def __init__(self, binary: Path, gguf: Path, threads: int, port: int, spec: list[str]):
+        import httpx
+
+        self.url = f"http://127.0.0.1:{port}"
+        args = [str(binary), "-m", str(gguf), "-t", str(threads), "-c", "4096", "--port",
+                str(port), "-np", "1", *spec]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{binary} did not start")
+
+    def generate(self, prompt: str, params: Any, chat: bool) -> list[Completion]:
+        import httpx
+
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "seed": params.seed,
+        }
+        r = httpx.post(self.url + "/v1/chat/completions", json=body, timeout=600).json()
+        t = r["timings"]
+        n = t["predicted_n"]
+        # Its generation time spread over the tokens after the first, as llmopt's stats
+        # count decode time.
+        itl = [t["predicted_ms"] / 1000 / n] * (n - 1)
+        stats = RequestStats(completion_tokens=n, itl_s=itl)
+        if t.get("draft_n"):  # it reports no rounds: no mean accepted length
+            stats.spec_draft_tokens = t["draft_n"]
+            stats.spec_accepted_tokens = t["draft_n_accepted"]
+        text = r["choices"][0]["message"]["content"]
+        return [Completion(text, [], "", stats)]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+# llama-server's own speculation on the same file: none, and prompt lookup.
+PEER_CONFIGS = [
+    ("llama.cpp off", ["--spec-type", "none"]),
+    ("llama.cpp ngram-simple", ["--spec-type", "ngram-simple", "--spec-draft-n-max", "8"]),
+]
+
+
+def run(
+    workload: str, threads: int, max_tokens: int, seed: int, llama_server: Path | None
+) -> dict[str, Any]:
     from llmopt import LLM, SamplingParams
 
     prompts = {"extractive": extractive_prompts(), "chat": CHAT, "creative": CREATIVE}[workload]
     temperature = 0.8 if workload == "creative" else 0.0
-    llms = [
+    llms: list[tuple[str, Any]] = [
         (name, LLM(MODEL, max_num_seqs=1, threads=threads, **kw)) for name, kw in CONFIGS[workload]
     ]
+    if llama_server is not None:
+        gguf = resolve(MODEL, Store(), Console(stderr=True))[1]
+        for i, (name, spec) in enumerate(PEER_CONFIGS):
+            llms.append((name, LlamaServer(llama_server, gguf, threads, 8190 + i, spec)))
     totals = {
         name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "drafted": 0, "accepted": 0,
                "decode_tokens": 0, "decode_s": 0.0}
         for name, _ in llms
     }  # fmt: skip
-    outputs: dict[str, list[list[int]]] = {name: [] for name, _ in llms}
+    outputs: dict[str, list[str]] = {name: [] for name, _ in llms}
     warm = SamplingParams(temperature=0, max_tokens=16)
     for _, llm in llms:
         llm.generate(prompts[0], warm, chat=True)
@@ -127,7 +194,7 @@ def run(workload: str, threads: int, max_tokens: int, seed: int) -> dict[str, An
             t["rounds"] += out.stats.spec_rounds
             t["drafted"] += out.stats.spec_draft_tokens
             t["accepted"] += out.stats.spec_accepted_tokens
-            outputs[name].append(out.token_ids)
+            outputs[name].append(out.text)
     base = llms[0][0]
     result: dict[str, Any] = {
         "workload": workload,
@@ -157,6 +224,9 @@ def run(workload: str, threads: int, max_tokens: int, seed: int) -> dict[str, An
                 a == b for a, b in zip(outputs[name], outputs[base], strict=True)
             ),
         }
+    for _, llm in llms:
+        if isinstance(llm, LlamaServer):
+            llm.close()
     return result
 
 
@@ -167,6 +237,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="Write the result here too.")
+    ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server: the peer.")
     ap.add_argument("--write-chat-dataset", type=Path, help="JSONL of CHAT for llmopt bench.")
     args = ap.parse_args()
     if args.write_chat_dataset:
@@ -176,7 +247,7 @@ def main() -> None:
     if args.workload is None:
         ap.error("name a workload, or --write-chat-dataset")
     torch.set_num_threads(args.threads)
-    result = run(args.workload, args.threads, args.max_tokens, args.seed)
+    result = run(args.workload, args.threads, args.max_tokens, args.seed, args.llama_server)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
