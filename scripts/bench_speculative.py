@@ -13,6 +13,7 @@ token), acceptance rate and mean accepted length
               alone against it drafted by its own packed Q4_1 file (--draft)
   creative    temperature 0.8, stories and poems: off against ngram (adaptive
               speculation must switch itself off)
+  rows        what a decode step of one sequence costs by its rows (a verification)
 
   python scripts/bench_speculative.py extractive --threads 2 --json out.json
   python scripts/bench_speculative.py --write-chat-dataset chat.jsonl  # for llmopt bench
@@ -35,6 +36,8 @@ from rich.console import Console
 
 from llmopt.engine.llm import Completion
 from llmopt.engine.outputs import RequestStats
+from llmopt.engine.sequence import Sequence
+from llmopt.engine.spec.drafter import Draft, Drafter
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
 
@@ -230,9 +233,48 @@ def run(
     return result
 
 
+class _Fixed(Drafter):
+    """Proposes k copies of one token: steps of exactly k + 1 rows."""
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
+        return [Draft([100] * k) for k in ks]
+
+
+def step_times(threads: int, rows: list[int]) -> dict[str, Any]:
+    """Median time of a decode step of one sequence by its rows (a verification of
+    rows - 1 drafts), over a short context."""
+    from llmopt import LLM, SamplingParams
+    from llmopt.engine.spec.adaptive import SpecController
+
+    llm = LLM(MODEL, max_num_seqs=1, threads=threads)
+    engine, execute = llm.engine, llm.engine.runner.execute
+    times: dict[int, list[float]] = {}
+
+    def timed(step: Any) -> Any:
+        start = time.perf_counter()
+        out = execute(step)
+        pairs = zip(step.seqs, step.num_tokens, strict=True)
+        if all(len(s.draft_ids) + 1 == k for s, k in pairs):  # decode rows only
+            times.setdefault(step.total_tokens, []).append(time.perf_counter() - start)
+        return out
+
+    engine.runner.execute = timed
+    prompt = llm.encode("Tell me a long story about a cat.", chat=True)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for r in rows * 2:
+        engine.drafter = _Fixed() if r > 1 else None
+        engine.spec = SpecController(r - 1, adaptive=False) if r > 1 else None
+        llm.generate([prompt], params)
+    return {
+        "threads": threads,
+        "load_average": os.getloadavg(),
+        "median_ms": {r: round(1000 * sorted(t)[len(t) // 2], 2) for r, t in sorted(times.items())},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("workload", nargs="?", choices=sorted(CONFIGS))
+    ap.add_argument("workload", nargs="?", choices=[*sorted(CONFIGS), "rows"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -247,6 +289,9 @@ def main() -> None:
     if args.workload is None:
         ap.error("name a workload, or --write-chat-dataset")
     torch.set_num_threads(args.threads)
+    if args.workload == "rows":
+        print(json.dumps(step_times(args.threads, [1, 2, 4, 5, 8, 9, 10, 13, 16]), indent=1))
+        return
     result = run(args.workload, args.threads, args.max_tokens, args.seed, args.llama_server)
     text = json.dumps(result, indent=1)
     print(text)

@@ -178,10 +178,20 @@ def spy_preemptions(engine) -> list:
 def run_to_completion(engine, prompts: list[list[int]], params) -> list[list[int]]:
     """Submit every prompt at once, step the engine until all finish; each request's
     generated token ids, in prompt order."""
-    ids = [engine.add_request(p, params) for p in prompts]
+    return run_with_stats(engine, prompts, params)[0]
+
+
+def run_with_stats(engine, prompts: list[list[int]], params) -> tuple[list[list[int]], list]:
+    """run_to_completion, and each request's final RequestStats. params: one
+    SamplingParams for all, or one per prompt."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, each, strict=True)]
     out: dict[str, list[int]] = {rid: [] for rid in ids}
+    stats: dict[str, object] = {}
     while engine.has_unfinished():
         for rid in engine.step():
             for d in engine.take(rid):
                 out[rid] += d.token_ids
-    return [out[rid] for rid in ids]
+                if d.stats is not None:
+                    stats[rid] = d.stats
+    return [out[rid] for rid in ids], [stats[rid] for rid in ids]

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from llmopt.bench.loadgen import LoadSpec, RequestResult, Target, run_load, send
 from llmopt.bench.metrics import SLO, percentile, summarize, tpot
+from llmopt.bench.server_stats import ServerStats
 from llmopt.bench.workloads import random_workload, shared_prefix_workload
 from llmopt.cli.bench_serving import _with_prefixes
 from llmopt.cli.main import app as cli
@@ -98,6 +99,18 @@ def result(ttft, itl, e2e, out, ok=True) -> RequestResult:
         prompt_tokens=10,
         error=None if ok else "HTTP 500: x",
     )
+
+
+def poll_server_stats(interval_s: float) -> dict[str, float]:
+    """ServerStats over a fake server for 50 ms (its readings patched in by the test)."""
+
+    async def run() -> dict[str, float]:
+        stats = ServerStats(Target("http://127.0.0.1:9", None), interval_s=interval_s)
+        stats.start()
+        await asyncio.sleep(0.05)
+        return await stats.stop()
+
+    return asyncio.run(run())
 
 
 def test_metric_math_by_hand() -> None:
@@ -398,13 +411,7 @@ def test_server_stats_before_the_engine_has_stepped(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(ServerStats, "_read", read)
 
-    async def run() -> dict[str, float]:
-        stats = ServerStats(Target("http://127.0.0.1:9", None), interval_s=0.01)
-        stats.start()
-        await asyncio.sleep(0.05)
-        return await stats.stop()
-
-    summary = asyncio.run(run())
+    summary = poll_server_stats(interval_s=0.01)
     assert summary["server_peak_kv_blocks_used_fraction"] == 0.0
     assert summary["server_prefix_cache_hit_rate"] == 0.0
     assert not any(k.startswith("server_spec") for k in summary)  # no speculation ran
@@ -435,13 +442,7 @@ def test_server_stats_speculation_from_the_counters_across_the_run(
 
     monkeypatch.setattr(ServerStats, "_read", read)
 
-    async def run() -> dict[str, float]:
-        stats = ServerStats(Target("http://127.0.0.1:9", None), interval_s=60)
-        stats.start()
-        await asyncio.sleep(0.05)  # one poll: the first reading
-        return await stats.stop()
-
-    summary = asyncio.run(run())
+    summary = poll_server_stats(interval_s=60)  # one poll: the first reading
     # This run: 4 rounds drafted 16 tokens, 10 accepted.
     assert summary["server_spec_draft_tokens"] == 16
     assert summary["server_spec_accepted_tokens"] == 10

@@ -23,7 +23,13 @@ from llmopt.engine.spec.ngram import NgramDrafter
 from llmopt.errors import UsageError
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.store.store import Store
-from tests.conftest import REAL_HOME, require_kernel, run_to_completion, spy_preemptions
+from tests.conftest import (
+    REAL_HOME,
+    require_kernel,
+    run_to_completion,
+    run_with_stats,
+    spy_preemptions,
+)
 
 # -- the drafter and the controller ------------------------------------------------------
 
@@ -181,15 +187,9 @@ def test_speculative_sampling_matches_plain_sampling_in_the_engine(tiny_small_vo
             )
             for i in range(draws)
         ]
-        ids = [engine.add_request(prompt, p) for p in params]
-        got: dict[str, list[int]] = {rid: [] for rid in ids}
-        rounds = 0
-        while engine.has_unfinished():
-            for rid in engine.step():
-                for d in engine.take(rid):
-                    got[rid] += d.token_ids
-                    rounds += d.stats.spec_rounds if d.stats else 0
-        outs[spec] = torch.tensor([got[rid] for rid in ids])
+        got, stats = run_with_stats(engine, [prompt] * draws, params)
+        rounds = sum(s.spec_rounds for s in stats)
+        outs[spec] = torch.tensor(got)
         assert (rounds >= draws) == spec  # each request verified drafts at least once
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     for pos in (1, 2, 3):
@@ -305,16 +305,8 @@ def test_greedy_output_is_unchanged_by_speculation(packed, reference, k) -> None
 def test_prompt_lookup_is_exact_and_accepts_copied_text(packed, reference, k) -> None:
     batch = chat_prompts(packed)
     engine = spec_engine(build_engine(packed, CONFIG), NgramDrafter(), k)
-    stats = []
-    ids = [engine.add_request(p, GREEDY) for p in batch]
-    out: dict[str, list[int]] = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for rid in engine.step():
-            for d in engine.take(rid):
-                out[rid] += d.token_ids
-                if d.stats is not None:
-                    stats.append(d.stats)
-    assert [out[rid] for rid in ids] == reference
+    out, stats = run_with_stats(engine, batch, GREEDY)
+    assert out == reference
     assert sum(s.spec_accepted_tokens for s in stats) > 20  # the copying tasks accept runs
 
 
@@ -420,18 +412,10 @@ def test_a_draft_model_leaves_greedy_output_unchanged(
     assert isinstance(drafter, DraftModelDrafter) and engine.spec is not None
     engine.spec.adaptive = adaptive
     check_prefix_cache_holds_only_accepted_tokens(engine)
-    stats = []
-    got = []
-    for part in (batch, batch[:1]):
-        ids = [engine.add_request(p, GREEDY) for p in part]
-        out: dict[str, list[int]] = {rid: [] for rid in ids}
-        while engine.has_unfinished():
-            for rid in engine.step():
-                for d in engine.take(rid):
-                    out[rid] += d.token_ids
-                    stats += [d.stats] if d.stats else []
-        got += [out[rid] for rid in ids]
-    assert got == want
+    got, stats = run_with_stats(engine, batch, GREEDY)
+    again, more = run_with_stats(engine, batch[:1], GREEDY)
+    assert got + again == want
+    stats += more
     accepted = sum(s.spec_accepted_tokens for s in stats)
     assert accepted > 40  # the int4 copy agrees with its fp32 model most of the time
     assert drafter.blocks.hit_tokens > 0  # the repeated prompt's blocks in the draft's cache
