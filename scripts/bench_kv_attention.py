@@ -3,7 +3,7 @@
 16-token blocks, SmolLM2's heads (9 query heads, 3 KV heads, D 64) unless told.
 
 Usage: python scripts/bench_kv_attention.py [--batch 16] [--keys 2000] [--threads 2]
-           [--types fp32,int8,bf16,fp8] [--rounds 2] [--layers 30]
+           [--types fp32,int8,bf16,fp8] [--rounds 2] [--layers 30] [--shared 0]
 Each layer has a cache of its own, and the calls go through the layers in turn, as a
 decode step does: the keys come from memory, not from a cache level that one layer's
 repeated calls would keep them in. Prints ms per layer call and per step of all layers,
@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--types", default="fp32,int8,bf16,fp8")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument(
+        "--shared", type=int, default=0, help="Keys every sequence shares (a cached prefix)."
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     native = NativeCpuAttention.load()
@@ -55,6 +58,8 @@ def main() -> None:
     for b in range(a.batch):
         blocks = order[b * blocks_each : (b + 1) * blocks_each]
         rows.append((blocks[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[: a.keys])
+    for row in rows[1:]:  # the first sequence's first keys are everyone's
+        row[: a.shared] = rows[0][: a.shared]
     batch = DecodeBatch(torch.stack(rows), torch.full((a.batch,), a.keys), None)
     q = torch.randn(a.batch, a.heads, a.dim, generator=g)
     shape = (slots_total, a.kv_heads, a.dim)

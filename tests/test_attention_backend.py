@@ -103,13 +103,14 @@ def test_native_decode_over_shared_prefixes_matches_torch(shared, dim, types, av
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("start", [70, 300, 509])  # past the group minimum; across 512
+@pytest.mark.parametrize("start", [70, 300, 509])  # under one range; over; across two
 @pytest.mark.parametrize("dim", [64, 40])
 @pytest.mark.parametrize("avx2", [False, True])
-def test_verification_rows_attend_as_each_position_alone(start, dim, avx2) -> None:
-    """Speculative verification: k + 1 rows of one sequence (positions start .. start +
-    k, each reading the keys up to its own) give each row's decode alone, bit for bit,
-    also beside another sequence that shares their prefix."""
+def test_rows_attend_as_each_alone_grouped_or_not(start, dim, avx2) -> None:
+    """Batch invariance of decode attention: k + 1 rows of one sequence (a speculative
+    verification: positions start .. start + k, each reading the keys up to its own)
+    give each row's decode alone, bit for bit, and so do they beside another sequence
+    that shares their prefix (grouped as a cached prefix, read once for all)."""
     native = require_kernel(NativeCpuAttention.load(avx2=avx2))
     torch.manual_seed(3)
     k, v, prefix, _, tails = _cache_with_two_prefixes(2400, start, 8, dim)
@@ -130,7 +131,8 @@ def test_verification_rows_attend_as_each_position_alone(start, dim, avx2) -> No
     for j in range(6):
         assert torch.equal(together[j], attend([rows[j]], q[j : j + 1])[0]), j
     with_sibling = attend(rows, q)
-    assert torch.allclose(with_sibling[:6], together, atol=1e-5, rtol=1e-4)
+    assert torch.equal(with_sibling[:6], together)
+    assert torch.equal(with_sibling[6], attend(rows[6:], q[6:])[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

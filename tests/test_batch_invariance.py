@@ -86,3 +86,16 @@ def test_small_chunks_preemption_and_prefix_hits_equal_each_alone(packed) -> Non
     preempted = spy_preemptions(engine)
     assert run(engine, batch[:8]) == alone(packed, batch[:8])
     assert preempted and engine.blocks.hit_tokens > 0
+
+
+def test_sequences_behind_a_long_shared_prompt_equal_each_alone(packed) -> None:
+    """A system prompt of over 256 tokens, shared through the prefix cache: decode
+    attends to its keys once for the whole group of sequences behind it, with the
+    arithmetic each sequence has alone."""
+    from pydoc_data.topics import topics
+
+    system = "Answer using this reference. " + " ".join((topics["while"] + topics["for"]).split())
+    batch = prompts(packed, system)[:6]
+    assert len(batch[0]) > 300
+    config = EngineConfig(max_context=2048, kv_cache_memory=0.1)
+    assert run(build_engine(packed, config), batch) == alone(packed, batch)

@@ -26,11 +26,10 @@
 
 #include "dtype.h"
 
-#include "attn_tiles.h"
 #include "exp_approx.h"
 #include "kv_types.h"
 
-/* The AVX-512 paths (head groups below, the shared-prefix tiles); a build for testing
+/* The AVX-512 paths (head groups, below); a build for testing
  * the AVX2 ones turns them off (NativeCpuAttention.load(avx2=True)). */
 #if defined(__AVX512F__) && !defined(LLMOPT_ATTN_AVX2)
 #define ATTN_AVX512 1
@@ -321,65 +320,21 @@ static void attend_range(const float *restrict qs, const KVLayer *kv,
     KV_DISPATCH(kv->vt, head_values, scores, kv->v, kv->vs, sl, j0, j1, L, G, KV, kvh, D, rp);
 }
 
-/* Shared prefixes (cascade): sequences whose first key lies in the same slot belong to
- * the group of the first of them (leader[b]); the keys 0 .. shared[b]-1 of b are the
- * group's common prefix, the same slots for every member (prefix-cached blocks). Those
- * keys are attended in chunks of SHARED_CHUNK, every member's queries one after the
- * other on the same thread, so each chunk of K and V comes from memory once for the
- * whole group and from cache for the rest (16 requests behind a 1,000-token system
- * prompt read its KV once a step instead of 16 times). A chunk's keys and values for
- * one KV head (64 x 64 dims x 4 bytes, twice: 32 KB) stay in L1 while the group's
- * queries pass over them; longer chunks spill to L2. Groups of one and prefixes under
- * SHARED_MIN keys share nothing. */
-#define SHARED_CHUNK 64
-#define SHARED_MIN 64
-#define SHARED_RANGE 256 /* shared keys per work item with AVX-512 tiles (below) */
-#define SPLIT_KEYS 256   /* a sequence's own keys per work item, at multiples of it */
-
-#ifdef ATTN_AVX512
-/* With AVX-512, a group's shared keys go through attn_tiles.h instead: the G query
- * heads of all its members are the rows of one block, each chunk of keys transposed
- * once for all of them, over a range of SHARED_RANGE keys per work item, with the
- * exps and maxima in vectors where the per-sequence loop takes them one score at a
- * time. For D a multiple of 64; other head sizes, and keys of a sequence's own, take
- * the per-sequence loop (for 3 query heads a tile would be mostly transposing keys). */
-
-/* Keys j0 .. j1-1 (slots sl, shared by the group) of KV head kvh for the queries of
- * members[0 .. nm-1]: per member and head, record r = (max, sum of exps, weighted
- * values), as attend_range writes them. */
-static void attend_group(const float *restrict q, const KVLayer *kv,
-                         const int64_t *restrict sl, int64_t j0,
-                         int64_t j1, const int *restrict members, int nm, int H, int G,
-                         int KV, int kvh, int D, float scale, int R, int r, const Tiles *t,
-                         float *restrict part) {
-    const int64_t used = (int64_t)nm * G;
-    for (int i = 0; i < nm; i++) {
-        const float *src = q + ((int64_t)members[i] * H + (int64_t)kvh * G) * D;
-        for (int x = 0; x < G * D; x++) t->q[(int64_t)i * G * D + x] = src[x] * scale;
-    }
-    tiles_reset(t, used, D);
-    tiles_attend(t, used, G, INT64_MAX, j0, j1, kv, sl, KV, kvh, D);
-    const size_t rec = (size_t)D + 2;
-    for (int i = 0; i < nm; i++)
-        for (int g = 0; g < G; g++) {
-            const int64_t x = (int64_t)i * G + g;
-            float *rp = part + (((size_t)members[i] * KV + kvh) * R + r) * G * rec + g * rec;
-            rp[0] = t->m[x];
-            rp[1] = t->l[x];
-            memcpy(rp + 2, t->acc + x * D, sizeof(float) * (size_t)D);
-        }
-}
-#endif
-
-/* Rows a and b are rows of one sequence (the k + 1 rows of a speculative verification):
- * the shorter one's last key, its own new token, sits in the same slot in the longer
- * one. Two sequences never share that slot: a token being written is in a block of the
- * sequence's own. Such rows are never grouped: a verification row must attend exactly
- * as the decode of that position alone would, and the group path sums in another order. */
-static int same_sequence(const int64_t *slots, const int64_t *lens, int L, int a, int b) {
-    const int64_t n = lens[a] < lens[b] ? lens[a] : lens[b];
-    return n > 0 && slots[(int64_t)a * L + n - 1] == slots[(int64_t)b * L + n - 1];
-}
+/* Keys are attended in ranges at fixed key positions, RANGE_KEYS apart (split-K, as
+ * flash-decoding does): each range gives a record (max, sum of exps, weighted values)
+ * and the records are merged in key order. A range's record depends on nothing but the
+ * sequence's query and keys, and the merge on the records, so a row's result is the
+ * same whatever shares the step and however many threads run it.
+ *
+ * Shared prefixes (cascade): sequences whose first key lies in the same slot belong to
+ * the group of the first of them (leader[b]); the whole ranges that lie inside the
+ * group's common prefix (prefix-cached blocks, the same slots for every member) are
+ * attended by one work item per range and KV head for all members, one after the other
+ * with the same arithmetic each would have alone, so each range's keys and values come
+ * from memory once for the group and from cache for the rest (16 requests behind a
+ * 1,000-token system prompt read its KV once a step instead of 16 times). The k + 1
+ * rows of a speculative verification are such a group too. */
+#define RANGE_KEYS 256
 
 static int64_t common_prefix(const int64_t *a, const int64_t *b, int64_t n) {
     int64_t j = 0;
@@ -407,8 +362,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
         leader[b] = b;
         for (int a = 0; a < b; a++)
             if (leader[a] == a && lens[a] > 0 && lens[b] > 0 &&
-                slots[(int64_t)a * L] == slots[(int64_t)b * L] &&
-                !same_sequence(slots, lens, L, a, b)) {
+                slots[(int64_t)a * L] == slots[(int64_t)b * L]) {
                 leader[b] = a;
                 break;
             }
@@ -424,7 +378,8 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
                 p = common_prefix(slots + (int64_t)a * L, slots + (int64_t)b * L, n);
                 members++;
             }
-        if (members == 0 || p < SHARED_MIN) {
+        p = p / RANGE_KEYS * RANGE_KEYS; /* whole ranges only: the alone path's ranges */
+        if (members == 0 || p == 0) {
             for (int b = a; b < B; b++)
                 if (leader[b] == a) leader[b] = b; /* nothing shared: each on its own */
             continue;
@@ -432,45 +387,25 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
         for (int b = a; b < B; b++)
             if (leader[b] == a) shared[b] = p;
     }
-    /* Own keys in ranges at fixed key positions (multiples of SPLIT_KEYS), each with its
-     * own maximum, sum and weighted values, merged at the end (split-K, as
-     * flash-decoding does): the ranges give the threads work when there are few
-     * (sequence, KV head) pairs, and since they depend on nothing but the sequence, its
-     * sums are the same whatever shares the step and however many threads run it. */
-    int splits = 1;
+    /* Record r of every row is its range r (keys r * RANGE_KEYS on): a group's items
+     * write the ranges inside its prefix, each row's own items the rest. */
+    int R = 1;
     for (int b = 0; b < B; b++) {
-        const int64_t first = shared[b] / SPLIT_KEYS, last = (lens[b] - 1) / SPLIT_KEYS;
-        const int n = lens[b] > shared[b] ? (int)(last - first) + 1 : 1;
-        splits = n > splits ? n : splits;
+        const int n = (int)((lens[b] + RANGE_KEYS - 1) / RANGE_KEYS);
+        R = n > R ? n : R;
     }
-#ifdef ATTN_AVX512
-    const int tiles = D % 64 == 0; /* attend_group's register tiles */
-#else
-    const int tiles = 0;
-#endif
-    const int64_t span = tiles ? SHARED_RANGE : SHARED_CHUNK; /* shared keys per item */
-    int chunks = 0; /* shared items of the longest group prefix */
-    for (int b = 0; b < B; b++) {
-        const int c = (int)((shared[b] + span - 1) / span);
-        chunks = c > chunks ? c : chunks;
-    }
-    const int R = chunks + splits; /* records per (sequence, KV head) */
-    Item *items = malloc(sizeof(Item) * (size_t)KV * (B * splits + B * chunks));
+    Item *items = malloc(sizeof(Item) * (size_t)(KV + 1) * B * R);
     int n_items = 0;
     for (int kvh = 0; kvh < KV; kvh++)
         for (int b = 0; b < B; b++)
             if (leader[b] == b)
-                for (int c = 0; c * span < shared[b]; c++) {
-                    const int64_t j0 = (int64_t)c * span;
-                    const int64_t j1 = j0 + span < shared[b] ? j0 + span : shared[b];
-                    items[n_items++] = (Item){b, kvh, c, 1, j0, j1};
-                }
+                for (int64_t j0 = 0; j0 < shared[b]; j0 += RANGE_KEYS)
+                    items[n_items++] =
+                        (Item){b, kvh, (int)(j0 / RANGE_KEYS), 1, j0, j0 + RANGE_KEYS};
     for (int b = 0; b < B; b++)
-        for (int sp = 0; sp < splits; sp++) { /* empty past the sequence's end */
-            const int64_t at = (shared[b] / SPLIT_KEYS + sp) * SPLIT_KEYS;
-            const int64_t j0 = at > shared[b] ? at : shared[b];
-            const int64_t end = at + SPLIT_KEYS < lens[b] ? at + SPLIT_KEYS : lens[b];
-            if (j0 < end) items[n_items++] = (Item){b, -1, chunks + sp, 0, j0, end};
+        for (int64_t j0 = shared[b]; j0 < lens[b]; j0 += RANGE_KEYS) {
+            const int64_t end = j0 + RANGE_KEYS < lens[b] ? j0 + RANGE_KEYS : lens[b];
+            items[n_items++] = (Item){b, -1, (int)(j0 / RANGE_KEYS), 0, j0, end};
         }
     /* Per (b, kvh, record, g): the range's max score, sum of exps, weighted values (D).
      * Records no item writes stay empty: their sums are zeroed here (the merge reads
@@ -483,27 +418,9 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
     {
         float *restrict scores = malloc(sizeof(float) * (size_t)G * (size_t)L); /* (G, L) */
         float qs[MAX_GD]; /* (G, D): the scaled queries of a sequence */
-#ifdef ATTN_AVX512
-        Tiles w = {0};
-        int *members = NULL;
-        if (tiles && chunks) {
-            w = tiles_alloc((int64_t)B * G, D);
-            members = malloc(sizeof(int) * (size_t)B);
-        }
-#endif
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_items; i++) {
             const Item it = items[i];
-#ifdef ATTN_AVX512
-            if (it.group && tiles) {
-                int nm = 0;
-                for (int b = it.b; b < B; b++)
-                    if (leader[b] == it.b) members[nm++] = b;
-                attend_group(q, kv, slots + (int64_t)it.b * L, it.j0, it.j1, members, nm, H,
-                             G, KV, it.kvh, D, scale, R, it.r, &w, part);
-                continue;
-            }
-#endif
             const int h0 = it.group ? it.kvh : 0, h1 = it.group ? it.kvh + 1 : KV;
             for (int b = it.b; b < (it.group ? B : it.b + 1); b++) {
                 if (it.group && leader[b] != it.b) continue;
@@ -518,10 +435,6 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
             }
         }
         free(scores);
-#ifdef ATTN_AVX512
-        free(w.q);
-        free(members);
-#endif
         /* Merge the ranges: out = sum_r acc_r e^(mx_r - M) / sum_r sum_r e^(mx_r - M). */
 #pragma omp for collapse(2)
         for (int b = 0; b < B; b++) {
