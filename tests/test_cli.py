@@ -200,3 +200,29 @@ def test_hub_failure_is_one_clean_line(isolated_home, monkeypatch) -> None:
     assert r.exit_code == 6 and "nobody/no-such-model" in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (isolated_home / "models" / "hub-test").exists()
+
+
+def test_speculative_run_reports_its_drafts(smollm_folder, eager_speculation) -> None:
+    from tests.conftest import EXTRACTIVE
+
+    plain = answer(smollm_folder, EXTRACTIVE, "--temperature", "0")
+    r = llmopt(
+        "run", str(smollm_folder), EXTRACTIVE, "--temperature", "0", "--max-tokens", "20",
+        "--json", "--speculative", "ngram", "--num-speculative-tokens", "4",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == plain
+    assert out["spec_draft_tokens"] > 0 and 0 < out["spec_acceptance_rate"] <= 1
+
+
+def test_bad_speculation_settings_are_one_line_errors(smollm_folder) -> None:
+    for options, named in (
+        (["--speculative", "draft"], "--draft MODEL"),
+        (["--speculative", "medusa"], "--speculative"),
+        (["--num-speculative-tokens", "0"], "--num-speculative-tokens"),
+    ):
+        r = llmopt("run", str(smollm_folder), "hi", *options)
+        assert r.exit_code == 2 and named in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = llmopt("run", str(smollm_folder), "hi", "--draft", "no-such-model")
+    assert r.exit_code == 3 and "Traceback" not in r.stderr
