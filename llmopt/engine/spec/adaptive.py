@@ -14,6 +14,7 @@ almost always right propose at all. Low acceptance switches a sequence off the s
 from __future__ import annotations
 
 import heapq
+import math
 
 PRIOR_ROW_COST = 0.08  # b / a before any measurement: a row against a 1-row step
 PRIOR_ACCEPTANCE = 0.5  # of a sequence's first proposals, before the global rate is known
@@ -83,6 +84,14 @@ class _Acceptance:
     def alpha(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
+    @property
+    def cautious(self) -> float:
+        """alpha less one standard error of its estimate: a sequence with few rounds
+        behind it (or a lucky run) proposes as if less sure, which is what keeps
+        speculation from costing where its margin is thin (a large batch)."""
+        a, n = self.alpha, self.accepted + self.rejected
+        return max(a - math.sqrt(a * (1 - a) / (n + 1)), 0.0)
+
 
 class SpecController:
     def __init__(self, max_tokens: int, draft_cost: float = 0.0, adaptive: bool = True) -> None:
@@ -102,7 +111,8 @@ class SpecController:
         ks = [0] * len(states)
         tokens, time = float(len(states)), 1 + r * len(states)  # the step without drafts
         # Each sequence's next proposal, best first: (-gain, index).
-        heap = [(-s.alpha, i) for i, s in enumerate(states) if caps[i] > 0 and self.max_tokens]
+        alphas = [s.cautious for s in states]
+        heap = [(-a, i) for i, a in enumerate(alphas) if caps[i] > 0 and self.max_tokens]
         heapq.heapify(heap)
         row = r + self.draft_cost
         threshold = tokens * row / time  # the gain a first proposal needs
@@ -113,7 +123,7 @@ class SpecController:
             ks[i] += 1
             tokens, time = tokens - neg_gain, time + row
             if ks[i] < min(caps[i], self.max_tokens):
-                heapq.heappush(heap, (neg_gain * states[i].alpha, i))
+                heapq.heappush(heap, (neg_gain * alphas[i], i))
         for i, s in enumerate(states):
             if ks[i] == 0 and caps[i] > 0 and self.max_tokens:
                 s.idle += 1
