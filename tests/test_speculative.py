@@ -365,6 +365,22 @@ def test_abort_in_the_middle_frees_everything(packed, reference) -> None:
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_seeded_sampling_with_speculation_reproduces_alone_or_batched(packed) -> None:
+    """A seeded request at temperature > 0 draws the same tokens alone and in a batch of
+    others, however the controller's timings come out: it decides its drafts on its own
+    acceptance and the prior row cost, not on the measured one or its neighbours'."""
+    batch = chat_prompts(packed)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=40, ignore_eos=True)
+    others = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True)
+    config = CONFIG.replace(speculative="ngram")
+    alone = run_to_completion(build_engine(packed, config), batch[:1], seeded)[0]
+    engine = build_engine(packed, config)
+    engine.spec.cost.prior_ratio = 0.9  # another machine: rows cost far more
+    mixed, stats = run_with_stats(engine, batch, [seeded] + [others] * (len(batch) - 1))
+    assert mixed[0] == alone
+    assert stats[0].spec_rounds > 0  # it did speculate
+
+
 def test_acceptance_stats_reach_the_request() -> None:
     from llmopt.engine.outputs import RequestStats
 

@@ -193,7 +193,9 @@ class Engine:
         fixed, _ = self.spec.cost.fit()
         if self.drafter.step_seconds and fixed > 0:
             self.spec.draft_cost = self.drafter.step_seconds / fixed
-        ks = self.spec.budgets([s.request_id for s in seqs], caps)
+        # Seeded sampling must draw the same whatever the timing and the batch.
+        reproducible = [s.params.seed is not None and not s.params.greedy for s in seqs]
+        ks = self.spec.budgets([s.request_id for s in seqs], caps, reproducible)
         for seq, k, draft in zip(seqs, ks, self.drafter.propose(seqs, ks), strict=True):
             seq.draft_ids = draft.tokens[:k]
             probs = draft.probs

@@ -102,20 +102,53 @@ class SpecController:
         self.overall = _Acceptance(PRIOR_ACCEPTANCE)  # all sequences: a new one's prior
         self._seqs: dict[str, _Acceptance] = {}
 
-    def budgets(self, request_ids: list[str], caps: list[int]) -> list[int]:
-        """Tokens each sequence may propose (at most its cap) this step."""
+    def budgets(
+        self, request_ids: list[str], caps: list[int], reproducible: list[bool] | None = None
+    ) -> list[int]:
+        """Tokens each sequence may propose (at most its cap) this step. A reproducible
+        sequence (seeded sampling) decides alone, on its own acceptance and the prior
+        row cost: what it draws then depends on its seed, not on the machine's timing
+        or on what shares its steps."""
         if not self.adaptive:
             return [max(0, min(c, self.max_tokens)) for c in caps]
-        r = self.cost.row_ratio
-        states = [self._state(rid) for rid in request_ids]
+        fixed = reproducible or [False] * len(caps)
+        states = [self._state(rid, f) for rid, f in zip(request_ids, fixed, strict=True)]
         ks = [0] * len(states)
-        tokens, time = float(len(states)), 1 + r * len(states)  # the step without drafts
+        r = self.cost.row_ratio
+        shared = [i for i, f in enumerate(fixed) if not f]
+        together = self._allocate(shared, states, caps, r, r + self.draft_cost, ks)
+        limit = dict.fromkeys(shared, together)
+        for i in (i for i, f in enumerate(fixed) if f):
+            limit[i] = self._allocate([i], states, caps, PRIOR_ROW_COST, PRIOR_ROW_COST, ks)
+        for i, s in enumerate(states):
+            if ks[i] == 0 and caps[i] > 0 and self.max_tokens:
+                s.idle += 1
+                # A probe, or a sequence once bad stays off for good; none where even a
+                # good sequence would not pay (a large batch).
+                if s.idle >= PROBE_EVERY and limit[i] < PRIOR_ACCEPTANCE:
+                    ks[i], s.idle = 1, 0
+            else:
+                s.idle = 0
+        return ks
+
+    def _allocate(
+        self,
+        seqs: list[int],
+        states: list[_Acceptance],
+        caps: list[int],
+        r: float,
+        row: float,
+        ks: list[int],
+    ) -> float:
+        """Add proposals to ks for the sequences `seqs` that share a step whose row costs
+        r (a drafted token: `row`), best first while they pay; returns the gain a first
+        proposal needed."""
+        tokens, time = float(len(seqs)), 1 + r * len(seqs)  # the step without drafts
         # Each sequence's next proposal, best first: (-gain, index).
-        alphas = [s.cautious for s in states]
-        heap = [(-a, i) for i, a in enumerate(alphas) if caps[i] > 0 and self.max_tokens]
+        alphas = {i: states[i].cautious for i in seqs}
+        heap = [(-alphas[i], i) for i in seqs if caps[i] > 0 and self.max_tokens]
         heapq.heapify(heap)
-        row = r + self.draft_cost
-        threshold = tokens * row / time  # the gain a first proposal needs
+        threshold = tokens * row / time
         while heap:
             neg_gain, i = heapq.heappop(heap)
             if -neg_gain * time <= tokens * row:
@@ -124,16 +157,7 @@ class SpecController:
             tokens, time = tokens - neg_gain, time + row
             if ks[i] < min(caps[i], self.max_tokens):
                 heapq.heappush(heap, (neg_gain * alphas[i], i))
-        for i, s in enumerate(states):
-            if ks[i] == 0 and caps[i] > 0 and self.max_tokens:
-                s.idle += 1
-                # A probe, or a sequence once bad stays off for good; none where even a
-                # good sequence would not pay (a large batch).
-                if s.idle >= PROBE_EVERY and threshold < PRIOR_ACCEPTANCE:
-                    ks[i], s.idle = 1, 0
-            else:
-                s.idle = 0
-        return ks
+        return threshold
 
     def observe_round(self, request_id: str, proposed: int, accepted: int) -> None:
         if proposed:
@@ -143,8 +167,9 @@ class SpecController:
     def release(self, request_id: str) -> None:
         self._seqs.pop(request_id, None)
 
-    def _state(self, request_id: str) -> _Acceptance:
+    def _state(self, request_id: str, reproducible: bool = False) -> _Acceptance:
         state = self._seqs.get(request_id)
         if state is None:
-            state = self._seqs[request_id] = _Acceptance(self.overall.alpha)
+            prior = PRIOR_ACCEPTANCE if reproducible else self.overall.alpha
+            state = self._seqs[request_id] = _Acceptance(prior)
         return state
