@@ -10,7 +10,6 @@ parity and server suites run there unchanged (scripts/gpu_check.sh).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -132,18 +131,6 @@ def live(smollm_fp32):
 
 # A prompt the answer copies from: prompt lookup (--speculative ngram) drafts from it.
 EXTRACTIVE = "Repeat exactly: The quick brown fox jumps over the lazy dog near the river bank."
-
-
-@pytest.fixture
-def eager_speculation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Engines built from now on in this process propose whenever their drafter has a
-    draft, instead of when the adaptive controller's timings say it pays: a test of
-    what speculation reports must not hang on how busy the machine is."""
-    from llmopt.engine.spec.adaptive import SpecController
-
-    monkeypatch.setattr(
-        "llmopt.engine.engine.SpecController", functools.partial(SpecController, adaptive=False)
-    )
 
 
 @pytest.fixture

@@ -322,10 +322,12 @@ def test_local_model_compare_starts_llmopt_serve_per_configuration(smollm_folder
         str(smollm_folder),
         "--workload", "chat", "--dataset", str(data), "--output-len", "24", "-c", "2",
         "--warmup", "0", "--compare", "speculative=off,ngram", "--num-speculative-tokens", "2",
+        "--no-speculative-adaptive",
         "--serve-arg=--kv-cache-memory=0.1", "--json",
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    assert "--num-speculative-tokens=2 --speculative ngram" in " ".join(r.stderr.split())
+    started = " ".join(r.stderr.split())
+    assert "--num-speculative-tokens=2 --no-speculative-adaptive --speculative ngram" in started
     off, on = json.loads(r.stdout)
     assert [off["name"], on["name"]] == ["speculative=off", "speculative=ngram"]
     assert all(x["completed"] == 2 and x["failed"] == 0 for x in (off, on))

@@ -58,9 +58,7 @@ def test_offline_speculation_figures_are_from_summed_counts() -> None:
 
 
 @pytest.mark.real_model
-def test_offline_speculation_counts_every_token_and_request(
-    smollm_fp32, eager_speculation, monkeypatch
-) -> None:
+def test_offline_speculation_counts_every_token_and_request(smollm_fp32, monkeypatch) -> None:
     """With prompt lookup on prompts that repeat a pattern (which the model goes on
     repeating, so drafts are accepted): a batch's decode figure counts tokens, several
     a step, not sequences a step; offline_bench reports the measured requests' counts."""
@@ -70,7 +68,7 @@ def test_offline_speculation_counts_every_token_and_request(
 
     config = EngineConfig(
         max_context=512, kv_cache_memory=0.05, max_num_seqs=2, prefix_cache=False,
-        speculative="ngram",
+        speculative="ngram", speculative_adaptive=False,
     )  # fmt: skip
     engine = build_engine(smollm_fp32, config)
     pattern = engine.tokenizer.encode(" one two three four five", add_bos=False)

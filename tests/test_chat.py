@@ -70,10 +70,12 @@ def test_chat_session(engine, monkeypatch, capsys) -> None:
     assert chat.history == []  # /clear ran after two exchanges
 
 
-def test_stats_show_what_speculation_achieved(loaded, eager_speculation, monkeypatch, capsys):
+def test_stats_show_what_speculation_achieved(loaded, monkeypatch, capsys):
     """/stats of an answer drafted by prompt lookup: its acceptance rate and mean
     accepted length (tokens a verification round produced)."""
-    config = EngineConfig(max_context=2048, kv_cache_memory=0.05, speculative="ngram")
+    config = EngineConfig(
+        max_context=2048, kv_cache_memory=0.05, speculative="ngram", speculative_adaptive=False
+    )
     params = SamplingParams(temperature=0, max_tokens=24)
     chat = Chat(build_engine(loaded, config), "smollm", params, None, Console(stderr=True))
     scripted(monkeypatch, [EXTRACTIVE, "/stats"])

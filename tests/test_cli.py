@@ -202,13 +202,14 @@ def test_hub_failure_is_one_clean_line(isolated_home, monkeypatch) -> None:
     assert not (isolated_home / "models" / "hub-test").exists()
 
 
-def test_speculative_run_reports_its_drafts(smollm_folder, eager_speculation) -> None:
+def test_speculative_run_reports_its_drafts(smollm_folder) -> None:
     from tests.conftest import EXTRACTIVE
 
     plain = answer(smollm_folder, EXTRACTIVE, "--temperature", "0")
     r = llmopt(
         "run", str(smollm_folder), EXTRACTIVE, "--temperature", "0", "--max-tokens", "20",
         "--json", "--speculative", "ngram", "--num-speculative-tokens", "4",
+        "--no-speculative-adaptive",
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)

@@ -137,14 +137,12 @@ def test_metrics_count_what_a_request_did(live) -> None:
     assert [grew(name) for name in SPEC_COUNTERS] == [0, 0, 0]  # no speculation here
 
 
-def test_speculative_server_counts_drafts_and_answers_as_plain_decoding(
-    live, smollm_fp32, eager_speculation
-) -> None:
+def test_speculative_server_counts_drafts_and_answers_as_plain_decoding(live, smollm_fp32) -> None:
     """A server whose engine drafts with prompt lookup: the same greedy answer as plain
     decoding, streamed and not, and /metrics counts its rounds, drafts and accepted
     drafts, from each request's stats as it finishes."""
     plain = ask(client(live), EXTRACTIVE, max_tokens=24, extra_body={"cache": False})
-    with start(smollm_fp32, speculative="ngram") as s:
+    with start(smollm_fp32, speculative="ngram", speculative_adaptive=False) as s:
         c = client(s)
         whole = ask(c, EXTRACTIVE, max_tokens=24, extra_body={"cache": False})
         counts = metrics(s.url)

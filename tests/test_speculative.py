@@ -432,10 +432,13 @@ def test_a_draft_model_leaves_greedy_output_unchanged(
     again, more = run_with_stats(engine, batch[:1], GREEDY)
     assert got + again == want
     stats += more
-    accepted = sum(s.spec_accepted_tokens for s in stats)
-    assert accepted > 40  # the int4 copy agrees with its fp32 model most of the time
-    assert drafter.blocks.hit_tokens > 0  # the repeated prompt's blocks in the draft's cache
     assert drafter.blocks.num_free_blocks == drafter.blocks.num_blocks
+    if adaptive:
+        return  # how much it drafted depends on this machine's timings
+    accepted = sum(s.spec_accepted_tokens for s in stats)
+    drafted = sum(s.spec_draft_tokens for s in stats)
+    assert accepted > 0.6 * drafted > 0  # the int4 copy agrees with its fp32 model mostly
+    assert drafter.blocks.hit_tokens > 0  # the repeated prompt's blocks in the draft's cache
     assert drafter.step_seconds > 0
 
 

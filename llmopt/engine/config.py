@@ -19,7 +19,8 @@ from llmopt.layers.kv_types import check_kv_type_name
 POLICIES = ("continuous", "dynamic", "static")
 SPECULATIVE = ("off", "ngram", "draft")
 KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cache's types
-SPECULATION = ("speculative", "draft", "num_speculative_tokens")  # speculative decoding
+# speculative decoding
+SPECULATION = ("speculative", "draft", "num_speculative_tokens", "speculative_adaptive")
 
 
 def setting(default: Any, flag: str | None = None, help: str = "") -> Any:
@@ -74,6 +75,12 @@ class EngineConfig:
     )
     num_speculative_tokens: int = setting(
         8, "--num-speculative-tokens", "Most tokens a sequence proposes a step (adapted below it)."
+    )
+    speculative_adaptive: bool = setting(
+        True,
+        "--speculative-adaptive/--no-speculative-adaptive",
+        "Propose as many tokens as measured acceptance and step cost say pay (off: always "
+        "--num-speculative-tokens).",
     )
 
     def __post_init__(self) -> None:
@@ -138,12 +145,19 @@ class EngineConfig:
 
     def flags(self, *names: str) -> list[str]:
         """The settings `names` that differ from their defaults, as command-line flags
-        (`--flag=value`), to hand to another llmopt command."""
-        return [
-            f"{self.describe(n)}={getattr(self, n)}"
-            for n in names
-            if getattr(self, n) != _FIELDS[n].default
-        ]
+        (`--flag=value`, or a switch's `--flag` / `--no-flag`), to hand to another llmopt
+        command."""
+        out = []
+        for n in names:
+            value = getattr(self, n)
+            if value == _FIELDS[n].default:
+                continue
+            if isinstance(value, bool):
+                on, _, off = _FIELDS[n].metadata["flag"].partition("/")
+                out.append(on if value else off)
+            else:
+                out.append(f"{self.describe(n)}={value}")
+        return out
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

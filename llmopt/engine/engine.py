@@ -92,7 +92,11 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.drafter = drafter
-        self.spec = SpecController(config.num_speculative_tokens) if drafter else None
+        self.spec = (
+            SpecController(config.num_speculative_tokens, adaptive=config.speculative_adaptive)
+            if drafter
+            else None
+        )
 
     @property
     def kv_capacity_tokens(self) -> int:

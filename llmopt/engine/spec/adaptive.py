@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 
-PRIOR_ROW_COST = 0.08  # b / a before any measurement: a row against a 1-row step
+PRIOR_ROW_COST = 0.2  # b / a before any measurement (0.18-0.29 measured: BENCHMARKS.md)
 PRIOR_ACCEPTANCE = 0.5  # of a sequence's first proposals, before the global rate is known
 FORGET = 0.98  # per observed step (StepCost) or verification round (acceptance)
 PROBE_EVERY = 16  # rounds: a switched-off sequence proposes one token this often
