@@ -253,8 +253,7 @@ def step_times(threads: int, rows: list[int]) -> dict[str, Any]:
     def timed(step: Any) -> Any:
         start = time.perf_counter()
         out = execute(step)
-        pairs = zip(step.seqs, step.num_tokens, strict=True)
-        if all(len(s.draft_ids) + 1 == k for s, k in pairs):  # decode rows only
+        if all(step.decode_rows()):  # decode and verification rows only
             times.setdefault(step.total_tokens, []).append(time.perf_counter() - start)
         return out
 

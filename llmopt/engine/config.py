@@ -17,9 +17,9 @@ from llmopt.errors import UsageError
 from llmopt.layers.kv_types import check_kv_type_name
 
 POLICIES = ("continuous", "dynamic", "static")
-SPECULATIVE = ("off", "ngram", "draft")
+SPECULATIVE_METHODS = ("off", "ngram", "draft")
 KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cache's types
-# speculative decoding
+# speculative decoding's settings
 SPECULATION = ("speculative", "draft", "num_speculative_tokens", "speculative_adaptive")
 
 
@@ -101,8 +101,8 @@ class EngineConfig:
             ("max_wait_s", self.max_wait_s >= 0, "must not be negative"),
             (
                 "speculative",
-                self.speculative in (None, *SPECULATIVE),
-                f"must be one of {', '.join(SPECULATIVE)}",
+                self.speculative in (None, *SPECULATIVE_METHODS),
+                f"must be one of {', '.join(SPECULATIVE_METHODS)}",
             ),
             ("num_speculative_tokens", 1 <= self.num_speculative_tokens <= 64, "must be 1 to 64"),
         ]

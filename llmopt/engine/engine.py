@@ -207,13 +207,7 @@ class Engine:
 
     def _observe_cost(self, step: Step, started: float) -> None:
         """Feed the controller a decode step's time against its rows."""
-        if (
-            self.spec is not None
-            and step.seqs
-            and all(
-                n == 1 + len(s.draft_ids) for s, n in zip(step.seqs, step.num_tokens, strict=True)
-            )
-        ):
+        if self.spec is not None and step.seqs and all(step.decode_rows()):
             self.spec.cost.observe(step.total_tokens, time.perf_counter() - started)
 
     def _verify(self, req: _Request, logits: torch.Tensor, greedy: list[int] | None) -> None:

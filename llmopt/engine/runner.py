@@ -61,10 +61,9 @@ class Runner:
         decode rows: its last token and the drafts, row j reading the keys up to its
         own position. The rows' keys are all stored before any row attends, so one pass
         scores every position with exactly the arithmetic of k + 1 separate decodes."""
-        pairs = zip(step.seqs, step.num_tokens, strict=True)
         decodes = [  # one row per position
-            len(s.draft_ids) + 1 == n or (n <= self.decode_chunk and s.num_computed_tokens > 0)
-            for s, n in pairs
+            d or (n <= self.decode_chunk and s.num_computed_tokens > 0)
+            for d, s, n in zip(step.decode_rows(), step.seqs, step.num_tokens, strict=True)
         ]
         order = sorted(range(len(step.seqs)), key=lambda i: not decodes[i])
         ids, positions, writes = [], [], []
@@ -76,7 +75,9 @@ class Runner:
         for i in order:
             seq, n = step.seqs[i], step.num_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += (seq.token_ids[start:] + seq.draft_ids)[:n]
+            ids += (
+                seq.token_ids[start:] + seq.draft_ids if seq.draft_ids else seq.token_ids[start:end]
+            )
             positions += range(start, end)
             lo = self._lo(start + 1)
             slots, first = self._slots(seq, lo, end)

@@ -44,6 +44,11 @@ class Step:
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
+    def decode_rows(self) -> list[bool]:
+        """Per sequence: does it run one query row a token of its own kind: a decode
+        (one token), or a verification (its last token and its drafts)."""
+        return [1 + len(s.draft_ids) == n for s, n in zip(self.seqs, self.num_tokens, strict=True)]
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:

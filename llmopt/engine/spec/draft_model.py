@@ -5,7 +5,8 @@ It has its own runner and paged KV cache, kept in step with the target lazily: e
 sequence has a mirror that holds the tokens the draft has seen. At every proposal the
 mirror is cut back to what it shares with the target's sequence (its rejected drafts
 drop out; their slots are overwritten later), the target's new tokens run through
-the draft as one chunk, then the draft decodes. Full blocks of tokens the target has
+the draft in one step (as decode rows, the native step, when few), then the draft
+decodes. Full blocks of tokens the target has
 accepted enter the draft cache's prefix cache, so requests that share a prompt share
 the draft's blocks too; blocks that ever held a draft token never do.
 
@@ -49,6 +50,7 @@ class DraftModelDrafter(Drafter):
                 if mirror is not None:
                     live.append((i, mirror, k))
         probs: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in live}
+        index = {id(m): i for i, m, _ in live}
         for j in range(max((k for _, _, k in live), default=0)):
             step = Step()
             for i, mirror, k in live:
@@ -62,10 +64,10 @@ class DraftModelDrafter(Drafter):
             for mirror, n in zip(step.seqs, step.num_tokens, strict=True):
                 mirror.num_computed_tokens += n
             assert logits is not None
-            index = {id(m): i for i, m, _ in live}
+            argmax = logits.argmax(-1).tolist()  # one call for the greedy rows
             for row, mirror in enumerate(out):
                 i = index[id(mirror)]
-                token, q = self._sample(mirror, logits[row])
+                token, q = self._sample(mirror, logits[row], argmax[row])
                 mirror.append(token)
                 drafts[i].tokens.append(token)
                 if q is not None:
@@ -104,15 +106,25 @@ class DraftModelDrafter(Drafter):
         self.blocks.trim(mirror)
         return mirror
 
-    def _sample(self, mirror: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """The draft's next token, and the distribution it came from (None: greedy)."""
+    def _sample(
+        self, mirror: Sequence, logits: torch.Tensor, argmax: int
+    ) -> tuple[int, torch.Tensor | None]:
+        """The draft's next token, and the distribution it came from (None: greedy,
+        where the token is the row's argmax; penalties do not steer a draft's guess)."""
         params = mirror.params
         if params.greedy:
-            return int(logits.argmax()), None
-        history = mirror.output_ids if params.penalized else []
+            return argmax, None
+        # The token history only where a penalty reads it.
+        pen = params.penalized
         device = logits.device
-        prompt = torch.tensor(mirror.token_ids[: mirror.num_prompt_tokens], device=device)
-        q = probabilities(logits, params, prompt, torch.tensor(history, device=device))
+        prompt = mirror.token_ids[: mirror.num_prompt_tokens] if pen else []
+        history = mirror.output_ids if pen else []
+        q = probabilities(
+            logits,
+            params,
+            torch.tensor(prompt, dtype=torch.long, device=device),
+            torch.tensor(history, dtype=torch.long, device=device),
+        )
         return draw(q, self._generators[mirror.request_id]), q
 
     def release(self, request_id: str) -> None:
