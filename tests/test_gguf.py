@@ -9,32 +9,64 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize
 from rich.console import Console
 
 from llmopt.device import resolve_dtype
 from llmopt.errors import ModelFormatError
+from llmopt.kernels import qgemv
 from llmopt.kernels.build import c_compiler
+from llmopt.layers.embedding import QuantEmbedding
 from llmopt.layers.quant_linear import QuantLinear, use_exact_arithmetic
-from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
+from llmopt.loader.dequant import dequantize, quantized_weight
 from llmopt.loader.gguf import GGUFFile
 from llmopt.loader.gguf_weights import INDEX, unpermute
 from llmopt.loader.load import load_model, open_source
 from llmopt.store.store import Store
-from tests.conftest import REAL_HOME, write_tiny_model
+from llmopt.weights.qweight import QuantizedWeight
+from tests.conftest import REAL_HOME, require_kernel, write_tiny_model
 from tests.test_parity import full_logits
 
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# Where each K-quant block keeps its fp16 super-block scales (d, and dmin but in Q6_K).
+_K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+
+def _blocks(qtype: Q, rows: int, n: int, seed: int = 0) -> np.ndarray:
+    """A (rows, n) tensor's bytes in qtype: quantized by the gguf package where it can;
+    K-quants (which it only decodes) as random blocks with sane fp16 scales, one
+    sub-block of each row's first block at scale 0."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    if qtype not in K_QUANTS:
+        w[3, 32:64] = 0.25  # a constant block: Q4_1 stores it with d = 0
+        return quantize(w, qtype)
+    size, per = GGML_QUANT_SIZES[qtype][1], GGML_QUANT_SIZES[qtype][0]
+    raw = rng.integers(0, 256, (rows * n // per, size), dtype=np.uint8)
+    for at in _K_SCALES[qtype]:
+        d = rng.uniform(1e-3, 1e-2, len(raw)).astype(np.float16)
+        raw[:, at : at + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qtype == Q.Q6_K:
+        raw[:, 192:208] |= 1  # int8 scales: none 0 by chance
+    first = raw[:: n // per]
+    if qtype == Q.Q6_K:
+        first[:, 192] = 0  # sub-block 0's int8 scale
+    else:
+        first[:, 4] &= 0xC0  # sub-block 0's 6-bit scale (its high bits serve sub-block 4)
+    return raw.reshape(rows, -1)
+
+
+BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *K_QUANTS]
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, *BLOCK_TYPES])
 def test_dequantize_matches_gguf_reference(qtype) -> None:
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 96)).astype(np.float32)
-    raw = quantize(w, qtype)
-    expected = reference_dequantize(raw, qtype).reshape(64, 96)
-    got = dequantize(raw, qtype, (64, 96))
+    raw = _blocks(qtype, 64, 512)
+    expected = reference_dequantize(raw, qtype).reshape(64, 512)
+    got = dequantize(raw, qtype, (64, 512))
     assert torch.equal(got, torch.from_numpy(expected.astype(np.float32)))
 
 
@@ -143,30 +175,80 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) ->
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+# The grid each block type runs on: bits of its codes (5-bit ones on the int8 kernels),
+# inputs per group, and the integer zero point of the symmetric ones.
+GRIDS = {
+    Q.Q8_0: (8, 32, 128),
+    Q.Q4_0: (4, 32, 8),
+    Q.Q5_0: (8, 32, 16),
+    Q.Q6_K: (8, 16, 32),
+    Q.Q4_1: (4, 32, None),
+    Q.Q5_1: (8, 32, None),
+    Q.Q4_K: (4, 32, None),
+    Q.Q5_K: (8, 32, None),
+}
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
 def test_quantized_blocks_hold_the_dequantized_weights(qtype) -> None:
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 96)).astype(np.float32)
-    w[3, 32:64] = 0.25  # a constant block: Q4_1 stores it with d = 0
-    raw = quantize(w, qtype)
-    qw = quantized_weight(raw, qtype, (64, 96))
-    dense = dequantize(raw, qtype, (64, 96))
-    assert (qw.bits, qw.group_size) == (AFFINE_BITS[qtype], 32)
-    assert int(qw.q.max()) < 2**qw.bits
-    if qtype == Q.Q4_1:  # a float minimum: fractional zero points, to fp32 rounding
-        torch.testing.assert_close(qw.dequantize(), dense, rtol=0, atol=1e-6)
-        assert qw.dequantize()[3, 32:64].eq(0.25).all()
+    raw = _blocks(qtype, 64, 512)
+    qw = quantized_weight(raw, qtype, (64, 512))
+    dense = dequantize(raw, qtype, (64, 512))
+    bits, group, zero = GRIDS[qtype]
+    assert (qw.bits, qw.group_size) == (bits, group)
+    assert int(qw.q.max()) < (32 if qtype in (Q.Q5_0, Q.Q5_1, Q.Q5_K) else 2**qw.bits)
+    if zero is None:  # a float minimum: fractional zero points, to fp32 rounding
+        torch.testing.assert_close(qw.dequantize(), dense, rtol=1e-6, atol=1e-6)
         with pytest.raises(ValueError, match="fractional"):
             qw.integer_zero()  # no checkpoint layout can store them
     else:
         assert torch.equal(qw.dequantize(), dense)
-        assert torch.equal(qw.integer_zero(), torch.full((64, 3), 128 if qtype == Q.Q8_0 else 8))
+        flat = 1 if qtype in K_QUANTS else 0  # a group at scale 0 becomes zero 0, scale 1
+        assert torch.equal(qw.integer_zero()[:, flat:], torch.full((64, 512 // group - flat), zero))
+    if qtype == Q.Q4_1:
+        assert qw.dequantize()[3, 32:64].eq(0.25).all()
+    if qtype in K_QUANTS:  # the sub-block at scale 0: its offset alone
+        assert torch.equal(qw.dequantize()[:, :group], dense[:, :group])
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_block_types_run_on_the_int_kernels(qtype) -> None:
+    """Each type's QuantLinear takes qgemv (int8 activations: close to the dense
+    product, not equal), and its embedding lookups are the dense rows."""
+    require_kernel(qgemv.load())
+    raw = _blocks(qtype, 48, 512, seed=1)
+    dense = dequantize(raw, qtype, (48, 512))
+    layer = QuantLinear(quantized_weight(raw, qtype, (48, 512)), None, torch.device("cpu"))
+    assert layer.kernel == "qgemv"
+    x = torch.randn(5, 512)
+    want = x @ dense.T
+    assert ((layer(x) - want).norm() / want.norm()).item() < 0.02
+    ids = torch.tensor([0, 47, 3, 3, 20])
+    # fp32 rounding of the offsets (int8's are scale * (128 - zero) for codes q - 128)
+    atol = 1e-6 * dense.abs().max().item()
+    torch.testing.assert_close(QuantEmbedding(layer)(ids), dense[ids], rtol=0, atol=atol)
+
+
+def test_fused_parts_on_different_grids_share_the_finest() -> None:
+    """q/k in Q5_0 and v in Q6_K fuse on int8 group 16, the same weights."""
+    cpu = torch.device("cpu")
+    parts = [
+        quantized_weight(_blocks(t, 32, 512, i), t, (32, 512))
+        for i, t in enumerate([Q.Q5_0, Q.Q4_K, Q.Q6_K])
+    ]
+    fused = QuantizedWeight.cat([p.regrid(8, 16) for p in parts])
+    assert (fused.bits, fused.group_size) == (8, 16)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert QuantLinear(fused, None, cpu).kernel in ("qgemv", None)
+    with pytest.raises(ValueError, match="finer grid"):
+        parts[2].regrid(8, 32)
 
 
 def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None:
-    """A GGUF's Q4_1/Q8_0 linears load as QuantLinears (a tied head in the embedding's
-    blocks), parts of one fused matrix in different types dense; the dequantized path of
-    those linears is the dequantized model, and the int kernels stay close to it."""
+    """A GGUF's Q4_1/Q8_0 linears load as QuantLinears (a tied head and the embedding
+    one, in the embedding's blocks), parts of one fused matrix in different types on
+    the finer grid; the dequantized path of those linears is the dequantized model,
+    and the int kernels stay close to it."""
     folder = write_tiny_model(tmp_path / "tiny", smollm_folder, tie_word_embeddings=True)
     gguf_path = tmp_path / "tiny.gguf"
     write_gguf(folder, gguf_path, smollm_gguf, Q.Q4_1, {"token_embd": Q.Q8_0, "attn_v": Q.Q8_0})
@@ -176,10 +258,13 @@ def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None
     model = blocks.model
     assert not blocks.config.tie_word_embeddings and dense.config.tie_word_embeddings
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
-    assert model.embed_tokens.weight.dtype == torch.float32
+    if model.lm_head.kernel == "qgemv":  # lookups in the head's own blocks
+        assert isinstance(model.embed_tokens, QuantEmbedding)
+        assert model.embed_tokens.table is model.lm_head
     assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
     assert model.layers[0].mlp.gate_up_proj.bits == 4
-    assert not isinstance(model.layers[0].self_attn.qkv_proj, QuantLinear)  # Q4_1 + Q8_0
+    qkv = model.layers[0].self_attn.qkv_proj  # Q4_1 q/k beside Q8_0 v: all on int8
+    assert isinstance(qkv, QuantLinear) and (qkv.bits, qkv.group_size) == (8, 32)
     ids = list(range(500, 530))
     want = full_logits(dense, ids)
     kernels = full_logits(blocks, ids)

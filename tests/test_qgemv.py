@@ -53,7 +53,7 @@ def _operands(n: int, k: int, bits: int, group: int, seed: int = 0, form: str = 
     return w_k, qgemv.block_rows(scale), qgemv.block_rows(offset), w
 
 
-CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192)]
+CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192), (8, 16), (4, 16)]
 
 
 @pytest.mark.parametrize("bits,group", CASES)
@@ -106,7 +106,7 @@ def test_shapes_it_does_not_take() -> None:
         KERNEL(x, Operands(w_k, 4, scale.float(), zero, 64))
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 256), (8, 32), (8, 256)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 256), (8, 16), (8, 32), (8, 256)])
 def test_rows_are_independent(bits: int, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
     the other rows hold, and the same as the row alone (one arithmetic for every row

@@ -37,7 +37,7 @@
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
  *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
- * scale, offset: per row and group of `group` inputs (32 or a multiple of 64), blocked by
+ * scale, offset: per row and group of `group` inputs (16, 32 or a multiple of 64), blocked by
  *   8 rows: (ceil(N / 8), K / group, 8), zero-padded, element [n / 8, g, n % 8] (one
  *   vector load gives a group's values for the 8 rows a block computes). Three forms
  *   (`meta`):
@@ -106,22 +106,23 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
         xd[c] = d;
         int8_t *q = xq + c * QB;
-        int s0 = 0, s1 = 0; /* sums of the two rounded halves */
-#pragma omp simd reduction(+ : s0)
-        for (int j = 0; j < 32; j++) {
-            q[j] = (int8_t)nearbyintf(buf[j] * inv);
-            s0 += q[j];
+        int s[4]; /* sums of the rounded quarters (exact: any grouping of them is too) */
+        for (int p = 0; p < 4; p++) {
+            int sp = 0;
+#pragma omp simd reduction(+ : sp)
+            for (int j = 16 * p; j < 16 * p + 16; j++) {
+                q[j] = (int8_t)nearbyintf(buf[j] * inv);
+                sp += q[j];
+            }
+            s[p] = sp;
         }
-#pragma omp simd reduction(+ : s1)
-        for (int j = 32; j < QB; j++) {
-            q[j] = (int8_t)nearbyintf(buf[j] * inv);
-            s1 += q[j];
-        }
-        if (group == 32) {
-            xsum[2 * c] = d * (float)s0;
-            xsum[2 * c + 1] = d * (float)s1;
+        if (group == 16) {
+            for (int p = 0; p < 4; p++) xsum[4 * c + p] = d * (float)s[p];
+        } else if (group == 32) {
+            xsum[2 * c] = d * (float)(s[0] + s[1]);
+            xsum[2 * c + 1] = d * (float)(s[2] + s[3]);
         } else {
-            xsum[c * QB / group] += d * (float)(s0 + s1);
+            xsum[c * QB / group] += d * (float)(s[0] + s[1] + s[2] + s[3]);
         }
     }
 }
@@ -133,7 +134,8 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
 #ifdef __AVX2__
 /* The arithmetic every block below shares, so that a row of x gets the same bits from
  * each of them whatever the rows beside it (and from one row to the next call):
- *   - a unit is a 32-input half of a chunk for group 32, else a whole 64-input chunk;
+ *   - a unit is a group for groups of 16 and 32 (`units` of them a 64-input chunk),
+ *     else a whole chunk (units = 1);
  *   - I[m, n, u] = dot(q[n, u], xq[m, u]), exact in int32 (however the lanes split it);
  *   - F[m, n, u] = xd[m, chunk] * scale[n, group] in fp32 (xd alone with a row scale);
  *   - v = fma(float(I), F, v) over the units in order, from 0: one chain per output;
@@ -141,15 +143,16 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
  * Only the order of integer additions differs between the blocks, and that is exact. */
 
 /* The integer partial sums of one chunk of a row of W (its bytes at wc) against `nrows`
- * (1 or 2, a constant once inlined) rows of x: d[r][h], 8 int32 lanes for each half h
- * (group 32), or d[r][0] for the whole chunk; a unit's dot product is the sum of its
- * lanes. The weights are loaded and unpacked once for both rows. Without VNNI, products
+ * (1 or 2, a constant once inlined) rows of x: d[r][u], 8 int32 lanes for each of the
+ * chunk's `units` units (lane i holds inputs 4i .. 4i + 3 of a 32-input half: a
+ * 16-input unit keeps its half's lanes 0-3 or 4-7, the others zeroed); a unit's dot
+ * product is the sum of its lanes. The weights are loaded and unpacked once for both rows. Without VNNI, products
  * are int16 pair sums (vpmaddubsw: 32 multiply-adds in one instruction; it wants one
  * unsigned operand, so int8 weights give |w| and each row of x takes w's sign; a pair
  * is at most 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones). */
-static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][2], int nrows,
+static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], int nrows,
                                                              const uint8_t *wc, int bits,
-                                                             int halves, const int8_t *xa,
+                                                             int units, const int8_t *xa,
                                                              const int8_t *xb) {
     const __m256i zero = _mm256_setzero_si256();
     __m256i w0, w1, s0 = zero, s1 = zero;
@@ -173,7 +176,7 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][2], in
             x1 = _mm256_sign_epi8(x1, s1);
         }
 #ifdef DPBUSD
-        if (halves) {
+        if (units > 1) {
             d[r][0] = DPBUSD(zero, w0, x0);
             d[r][1] = DPBUSD(zero, w1, x1);
         } else {
@@ -182,7 +185,7 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][2], in
 #else
         const __m256i ones = _mm256_set1_epi16(1);
         const __m256i h0 = _mm256_maddubs_epi16(w0, x0), h1 = _mm256_maddubs_epi16(w1, x1);
-        if (halves) {
+        if (units > 1) {
             d[r][0] = _mm256_madd_epi16(h0, ones);
             d[r][1] = _mm256_madd_epi16(h1, ones);
         } else { /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow */
@@ -191,6 +194,12 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][2], in
                                                    _mm256_madd_epi16(h1, ones));
         }
 #endif
+        if (units == 4) { /* quarters: each half's lanes 0-3, then 4-7 */
+            d[r][3] = _mm256_blend_epi32(d[r][1], zero, 0x0f);
+            d[r][2] = _mm256_blend_epi32(d[r][1], zero, 0xf0);
+            d[r][1] = _mm256_blend_epi32(d[r][0], zero, 0x0f);
+            d[r][0] = _mm256_blend_epi32(d[r][0], zero, 0xf0);
+        }
     }
 }
 
@@ -211,27 +220,27 @@ static inline __m256i sum8i(const __m256i a[8]) {
  * scales, (ng, 8). */
 static inline __attribute__((always_inline)) void rows8(__m256 v[2], int nrows,
                                                         const uint8_t *const wi[8], int bits,
-                                                        int halves, int per_row, const float *sf,
+                                                        int units, int per_row, const float *sf,
                                                         const int *gi, const int8_t *xa,
                                                         const int8_t *xb, const float *da,
                                                         const float *db, int nc,
                                                         __m256i *lanes) {
     const size_t chunk_bytes = (size_t)QB * bits / 8;
-    const int nu = halves ? 2 * nc : nc;
+    const int nu = units * nc;
     for (int i = 0; i < 8; i++)
         for (int c = 0; c < nc; c++) {
-            __m256i d[2][2];
-            chunk_dots(d, nrows, wi[i] + c * chunk_bytes, bits, halves, xa + c * QB,
+            __m256i d[2][4];
+            chunk_dots(d, nrows, wi[i] + c * chunk_bytes, bits, units, xa + c * QB,
                        xb + c * QB);
             for (int r = 0; r < nrows; r++)
-                for (int h = 0; h <= halves; h++)
-                    lanes[((size_t)r * nu + (halves ? 2 * c + h : c)) * 8 + i] = d[r][h];
+                for (int h = 0; h < units; h++)
+                    lanes[((size_t)r * nu + units * c + h) * 8 + i] = d[r][h];
         }
     v[0] = v[1] = _mm256_setzero_ps();
     for (int r = 0; r < nrows; r++) {
         const float *dr = r ? db : da;
         for (int u = 0; u < nu; u++) {
-            const int c = halves ? u / 2 : u, g = halves ? u : gi[c];
+            const int c = u / units, g = units > 1 ? u : gi[c];
             const __m256 xdc = _mm256_broadcast_ss(dr + c);
             const __m256 f = per_row ? xdc : _mm256_mul_ps(xdc, _mm256_loadu_ps(sf + FS * g));
             const __m256i dots = sum8i(lanes + ((size_t)r * nu + u) * 8);
@@ -303,24 +312,24 @@ static inline void store8(__m256 v, const Block8 *blk, const float *of, const fl
  * rows' lane sums into a vector of 8 dot products (a horizontal sum per row would cost
  * as much as the row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
-    const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, int ng,
+    const uint8_t *w, size_t w_row, int bits, int units, const void *scale, int ng,
     const void *offset, int meta, const int8_t *xq, const float *xd, const float *xsum, int M,
     int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
-    const int per_row = !halves && gi[nc - 1] == 0; /* one scale for the whole row */
+    const int per_row = units == 1 && gi[nc - 1] == 0; /* one scale for the whole row */
     float sf[FS * ng], of[FS * ng];
     const Block8 blk = block8_meta(scale, offset, meta, bits, ng, per_row, bias, n0, rows, sf, of);
     const uint8_t *wi[8]; /* a partial block repeats its first row; those lanes go unstored */
     for (int i = 0; i < 8; i++) wi[i] = w + (size_t)(i < rows ? i : 0) * w_row;
-    __m256i lanes[2 * 8 * (halves ? 2 * nc : nc)]; /* rows8's, for two rows of x */
+    __m256i lanes[2 * 8 * units * nc]; /* rows8's, for two rows of x */
     for (int m = 0; m < M; m += 2) {
         const int8_t *xa = xq + (size_t)m * K;
         const float *da = xd + (size_t)m * nc;
         __m256 v[2];
         if (m + 1 < M)
-            rows8(v, 2, wi, bits, halves, per_row, sf, gi, xa, xa + K, da, da + nc, nc, lanes);
+            rows8(v, 2, wi, bits, units, per_row, sf, gi, xa, xa + K, da, da + nc, nc, lanes);
         else
-            rows8(v, 1, wi, bits, halves, per_row, sf, gi, xa, xa, da, da, nc, lanes);
+            rows8(v, 1, wi, bits, units, per_row, sf, gi, xa, xa, da, da, nc, lanes);
         for (int r = 0; r < 2 && m + r < M; r++)
             store8(v[r], &blk, of, xsum + (size_t)(m + r) * ng, ng, (size_t)(m + r) * N + n0, y,
                    y_bf16);
@@ -432,9 +441,9 @@ static inline void prefetch_share(Ahead a, int c) {
  * (row stride nu). */
 static inline __attribute__((always_inline)) void tile_pass(
     __m512 v[QT_ROWS], int nr, const __m512i *wt, const uint8_t *const *wr, Ahead ahead,
-    int bits, int halves, int per_row, const __m512 *sv, const int *gi, const int8_t *xq,
+    int bits, int units, int per_row, const __m512 *sv, const int *gi, const int8_t *xq,
     const float *xd, const int32_t *xi, int K, int nc) {
-    const int nu = halves ? 2 * nc : nc;
+    const int nu = units * nc, per_unit = 16 / units; /* vectors of 4 inputs a unit */
     for (int r = 0; r < nr; r++) v[r] = _mm512_setzero_ps();
     for (int c = 0; c < nc; c++) {
         __m512i own[16];
@@ -445,10 +454,10 @@ static inline __attribute__((always_inline)) void tile_pass(
             wc = own;
         }
         const int8_t *xc = xq + (size_t)c * QB;
-        for (int h = 0; h <= halves; h++) {
+        for (int h = 0; h < units; h++) {
             __m512i acc[QT_ROWS];
             for (int r = 0; r < nr; r++) acc[r] = _mm512_setzero_si512();
-            const int t0 = halves ? 8 * h : 0, t1 = halves ? t0 + 8 : 16;
+            const int t0 = per_unit * h, t1 = t0 + per_unit;
 #pragma GCC unroll 16 /* unrolled, the accumulators stay put (rolled, GCC copies them) */
             for (int t = t0; t < t1; t++) {
                 const __m512i wv = _mm512_load_si512(wc + t);
@@ -458,8 +467,8 @@ static inline __attribute__((always_inline)) void tile_pass(
                     acc[r] = _mm512_dpbusd_epi32(acc[r], wv, _mm512_set1_epi32(x4));
                 }
             }
-            const __m512 s = sv[halves ? 2 * c + h : gi[c]];
-            const int u = halves ? 2 * c + h : c;
+            const int u = units * c + h;
+            const __m512 s = sv[units > 1 ? u : gi[c]];
             if (bits == 8) /* the codes were q, the weights q - 128 */
                 for (int r = 0; r < nr; r++)
                     acc[r] = _mm512_sub_epi32(acc[r],
@@ -476,12 +485,12 @@ static inline __attribute__((always_inline)) void tile_pass(
 /* y[m, n0 .. n0 + 15] for a tile of up to 16 rows of W and every row of x (layouts and
  * epilogue as block8's, whose 8-row metadata slices the tile's two halves are). */
 static inline __attribute__((always_inline)) void tile16(
-    const uint8_t *w, size_t w_row, int bits, int halves, const void *scale, const void *offset,
+    const uint8_t *w, size_t w_row, int bits, int units, const void *scale, const void *offset,
     int meta, int ng, const int8_t *xq, const float *xd, const float *xsum, const int32_t *xi,
     int M, int K, const int *gi, const float *bias, int n0, int N, void *y, int y_bf16,
     __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
     const int nc = K / QB, rows = N - n0 < 16 ? N - n0 : 16;
-    const int per_row = !halves && gi[nc - 1] == 0;
+    const int per_row = units == 1 && gi[nc - 1] == 0;
     const uint8_t *wr[16]; /* a partial tile repeats its first row; those lanes go unstored */
     for (int i = 0; i < 16; i++) wr[i] = w + (size_t)(n0 + (i < rows ? i : 0)) * w_row;
     /* One pass of x's rows (M <= QT_ROWS, decode) transposes each chunk as it goes,
@@ -525,11 +534,11 @@ static inline __attribute__((always_inline)) void tile16(
         const int nr = M - m < QT_ROWS ? M - m : QT_ROWS;
         const int8_t *xm = xq + (size_t)m * K;
         const float *dm = xd + (size_t)m * nc;
-        const int32_t *im = xi ? xi + (size_t)m * (halves ? 2 * nc : nc) : NULL;
+        const int32_t *im = xi ? xi + (size_t)m * units * nc : NULL;
         __m512 v[QT_ROWS];
         switch (nr) { /* constant row counts: each its own unrolled loop */
 #define QT_PASS(R) \
-    tile_pass(v, R, wt, fused ? wr : NULL, ahead, bits, halves, per_row, sv, gi, xm, dm, im, \
+    tile_pass(v, R, wt, fused ? wr : NULL, ahead, bits, units, per_row, sv, gi, xm, dm, im, \
               K, nc)
         case 8: QT_PASS(8); break;
         case 7: QT_PASS(7); break;
@@ -555,30 +564,31 @@ static inline __attribute__((always_inline)) void tile16(
 #endif
 #else
 /* Without AVX2: the same arithmetic one output at a time. */
-static inline void block8(const uint8_t *w, size_t w_row, int bits, int halves,
+static inline void block8(const uint8_t *w, size_t w_row, int bits, int units,
                           const void *scale, int ng, const void *offset, int meta,
                           const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                           const int *gi, const float *bias, int rows, int n0, int N, void *y,
                           int y_bf16) {
     const int nc = K / QB, m16 = meta != META_F32;
-    const int per_row = !halves && gi[nc - 1] == 0;
+    const int per_row = units == 1 && gi[nc - 1] == 0;
     for (int m = 0; m < M; m++) {
         for (int i = 0; i < rows; i++) {
             const uint8_t *wn = w + (size_t)i * w_row;
             float v = 0.0f;
             for (int c = 0; c < nc; c++) {
-                int32_t dot[2] = {0, 0}; /* the chunk's halves */
-                for (int half = 0; half < 2; half++)
-                    for (int j = 0; j < 32; j++) {
-                        const int k = c * QB + half * 32 + j;
-                        const int q = bits == 4 ? (wn[c * 32 + j] >> (4 * half)) & 15
-                                                : ((const int8_t *)wn)[k];
-                        dot[half] += q * xq[(size_t)m * K + k];
-                    }
+                int32_t dot[4] = {0, 0, 0, 0}; /* the chunk's quarters */
+                for (int j = 0; j < QB; j++) {
+                    const int k = c * QB + j;
+                    const int q = bits == 4 ? (wn[c * 32 + j % 32] >> (j < 32 ? 0 : 4)) & 15
+                                            : ((const int8_t *)wn)[k];
+                    dot[j / 16] += q * xq[(size_t)m * K + k];
+                }
                 const float xdc = xd[(size_t)m * nc + c];
-                for (int h = 0; h <= halves; h++) {
-                    const int32_t unit = halves ? dot[h] : dot[0] + dot[1];
-                    const int g = halves ? 2 * c + h : gi[c];
+                for (int h = 0; h < units; h++) {
+                    const int32_t unit = units == 4   ? dot[h]
+                                         : units == 2 ? dot[2 * h] + dot[2 * h + 1]
+                                                      : dot[0] + dot[1] + dot[2] + dot[3];
+                    const int g = units > 1 ? units * c + h : gi[c];
                     const float f = per_row ? xdc : xdc * load_meta(scale, FS * g + i, m16);
                     v = fmaf((float)unit, f, v);
                 }
@@ -615,7 +625,7 @@ int qgemv_amx(void) { return amx_ready(); }
 typedef struct {
     const int8_t *xq;
     const float *xd, *xsum;
-    int M, K, nc, ng, halves;
+    int M, K, nc, ng, units; /* units: a chunk's groups of 16 or 32 inputs, else 1 */
     const int *gi;
     const uint8_t *w;
     size_t w_row;
@@ -630,7 +640,7 @@ typedef struct {
 /* Tiles of 16 rows of W, each thread with room for one: W is read from memory once, x
  * from cache once per tile. */
 static int run_tiles(const Call *a) {
-    const int nc = a->nc, ng = a->ng, nu = a->halves ? 2 * nc : nc, per = a->K / nu;
+    const int nc = a->nc, ng = a->ng, nu = a->units * nc, per = a->K / nu;
     int rc = 0;
     /* int8: each row's sums of xq per unit (tile_pass' xi) */
     int32_t *xi = a->bits == 8 ? malloc(sizeof(int32_t) * (size_t)a->M * nu) : NULL;
@@ -653,14 +663,10 @@ static int run_tiles(const Call *a) {
 #define TILE16(B, H)                                                                          \
     tile16(a->w, a->w_row, B, H, a->scale, a->offset, a->meta, ng, a->xq, a->xd, a->xsum, xi, \
            a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
-            if (a->bits == 4 && a->halves)
-                TILE16(4, 1);
-            else if (a->bits == 4)
-                TILE16(4, 0);
-            else if (a->halves)
-                TILE16(8, 1);
+            if (a->bits == 4)
+                a->units == 4 ? TILE16(4, 4) : a->units == 2 ? TILE16(4, 2) : TILE16(4, 1);
             else
-                TILE16(8, 0);
+                a->units == 4 ? TILE16(8, 4) : a->units == 2 ? TILE16(8, 2) : TILE16(8, 1);
 #undef TILE16
         }
         free(wt);
@@ -692,14 +698,10 @@ static int run_blocks(const Call *a) {
     (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
      : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
                         : BLOCK8(B, H, META_F32))
-        if (a->bits == 4 && a->halves)
-            BY_META(4, 1);
-        else if (a->bits == 4)
-            BY_META(4, 0);
-        else if (a->halves)
-            BY_META(8, 1);
+        if (a->bits == 4)
+            a->units == 4 ? BY_META(4, 4) : a->units == 2 ? BY_META(4, 2) : BY_META(4, 1);
         else
-            BY_META(8, 0);
+            a->units == 4 ? BY_META(8, 4) : a->units == 2 ? BY_META(8, 2) : BY_META(8, 1);
 #undef BY_META
 #undef BLOCK8
     }
@@ -711,7 +713,7 @@ static int run_blocks(const Call *a) {
 int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
           const void *offset, int group, int meta, int N, const float *bias, void *y,
           int y_bf16) {
-    if (M < 1 || K % QB || K % group || !(group == 32 || group % QB == 0) ||
+    if (M < 1 || K % QB || K % group || !(group == 16 || group == 32 || group % QB == 0) ||
         (bits != 4 && bits != 8) || meta < META_F32 || meta > META_ZERO)
         return -1;
     const int nc = K / QB, ng = K / group;
@@ -734,11 +736,12 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
         quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     int rc;
-    if (M >= AMX_MIN_ROWS && amx_ready()) {
+    if (M >= AMX_MIN_ROWS && group >= 32 && amx_ready()) { /* its units are 32 or 64 */
         rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta, N, bias, y,
                        y_bf16);
     } else {
-        const Call call = {xq, xd, xsum, M, K, nc, ng, group == 32, gi, (const uint8_t *)w,
+        const int units = group < QB ? QB / group : 1;
+        const Call call = {xq, xd, xsum, M, K, nc, ng, units, gi, (const uint8_t *)w,
                            (size_t)K * bits / 8, bits, meta, N, scale, offset, bias, y, y_bf16};
 #ifdef HAVE_TILE16
         rc = run_tiles(&call);
@@ -758,7 +761,8 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
  * (nearest even). Returns 0, or -1 for shapes qgemv does not take. */
 int qdequant(const void *w, int bits, const void *scale, const void *offset, int group,
              int meta, int N, int K, void *out, int out_bf16) {
-    if (K % QB || K % group || !(group == 32 || group % QB == 0) || (bits != 4 && bits != 8) ||
+    if (K % QB || K % group || !(group == 16 || group == 32 || group % QB == 0) ||
+        (bits != 4 && bits != 8) ||
         meta < META_F32 || meta > META_ZERO)
         return -1;
     const int ng = K / group;
@@ -766,27 +770,27 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
     for (int n = 0; n < N; n++) {
         const uint8_t *wn = (const uint8_t *)w + (size_t)n * K * bits / 8;
         const size_t on = (size_t)(n / FS) * ng * FS + n % FS; /* group g at on + 8 g */
-        float buf[32];
-        for (int k0 = 0; k0 < K; k0 += 32) { /* 32 inputs share a group */
+        float buf[16];
+        for (int k0 = 0; k0 < K; k0 += 16) { /* 16 inputs share a group */
             const int g = k0 / group;
             const float s = load_meta(scale, on + FS * g, meta != META_F32);
             const float o = meta == META_ZERO ? zero_offset(scale, offset, on + FS * g, bits)
                                               : load_meta(offset, on + FS * g, meta == META_F16);
             float *yk = out_bf16 ? buf : (float *)out + (size_t)n * K + k0;
-            if (bits == 4) { /* inputs k0..k0+31 are the low or the high nibbles of a chunk */
-                const uint8_t *b = wn + (k0 / QB) * 32;
-                const int shift = (k0 % QB) ? 4 : 0;
+            if (bits == 4) { /* the low nibbles of a chunk's bytes, or the high ones */
+                const uint8_t *b = wn + (k0 / QB) * 32 + k0 % 32;
+                const int shift = (k0 % QB) >= 32 ? 4 : 0;
 #pragma omp simd
-                for (int j = 0; j < 32; j++) yk[j] = s * (float)((b[j] >> shift) & 15) + o;
+                for (int j = 0; j < 16; j++) yk[j] = s * (float)((b[j] >> shift) & 15) + o;
             } else {
                 const int8_t *q = (const int8_t *)wn + k0;
 #pragma omp simd
-                for (int j = 0; j < 32; j++) yk[j] = s * (float)q[j] + o;
+                for (int j = 0; j < 16; j++) yk[j] = s * (float)q[j] + o;
             }
             if (out_bf16) {
                 uint16_t *yb = (uint16_t *)out + (size_t)n * K + k0;
 #pragma omp simd
-                for (int j = 0; j < 32; j++) yb[j] = f32_to_bf16(buf[j]);
+                for (int j = 0; j < 16; j++) yb[j] = f32_to_bf16(buf[j]);
             }
         }
     }

@@ -21,7 +21,7 @@ def supports(bits: int, in_features: int, group_size: int) -> bool:
         bits in (4, 8)
         and in_features % CHUNK == 0
         and in_features % group_size == 0
-        and (group_size == 32 or group_size % CHUNK == 0)
+        and (group_size in (16, 32) or group_size % CHUNK == 0)
     )
 
 

@@ -72,9 +72,11 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
+        self.device, self.dtype = device, dtype
         self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
-        # Dequantization operands, kept for every path: (out, in) uint8 codes and the
-        # per-group affine terms w = q * scale + offset, offset = -zero * scale.
+        # Dequantization operands: (out, in) uint8 codes and the per-group affine terms
+        # w = q * scale + offset, offset = -zero * scale; a kernel whose operands give
+        # them back drops them (a GGUF file's weights must not be held twice).
         self.register_buffer("q", qw.q.to(device))
         self.register_buffer("scale", qw.scale.float().to(device))  # (out, G)
         self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
@@ -105,7 +107,7 @@ class QuantLinear(nn.Module):
             kscale, koffset = qgemv.kernel_metadata(self.scale, qw.zero.float(), self.bits)
             self.register_buffer("kscale", kscale)  # what decode reads: fp16 or fp32
             self.register_buffer("koffset", koffset)  # offsets, or uint8 zero points
-            self.q = None
+            self.q = self.scale = self.offset = None  # qdequant writes the weight from them
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
             self.operands = qgemv.Operands(
                 self.wq, self.bits, self.kscale, self.koffset, self.group_size
@@ -184,21 +186,38 @@ class QuantLinear(nn.Module):
         signed = self.wq if self.kernel == "qgemv" else self.w8  # int8 kernels: q - 128
         return signed.to(torch.int16) + 128
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) of the dense weight, (T, in) in the activations' dtype, decoded
+        from qgemv's operands alone: a quantized embedding table's lookups."""
+        assert self.kernel == "qgemv", "rows are decoded from qgemv's operands"
+        g = self.group_size
+        w = self.wq[ids]  # (T, in / 2) packed int4, or (T, in) int8 q - 128
+        codes = (qgemv.unpack_int4(w) if self.bits == 4 else w).float()
+        block, lane = ids // 8, ids % 8  # block_rows' layout: (N / 8, G, 8)
+        scale = self.kscale[block, :, lane].float()  # (T, G)
+        offset = self.koffset[block, :, lane]
+        if offset.dtype == torch.uint8:  # zero points: the offset as qgemv makes it
+            offset = scale * ((128.0 if self.bits == 8 else 0.0) - offset.float())
+        w = codes.view(len(ids), -1, g) * scale[..., None] + offset.float()[..., None]
+        return w.view(len(ids), -1).to(self.dtype)
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) weight in `dtype`, written into a per-thread scratch buffer."""
         out, n, g = self.out_features, self.in_features, self.group_size
-        if self.kernel == "qgemv" and dtype in (torch.float32, torch.bfloat16):
-            w = _buffer(out * n, dtype, self.scale.device).view(out, n)
+        # In fp32 unless bf16 is asked of qgemv (another dtype is the fp32 weight rounded
+        # once, as qdequant's bf16 is)
+        wide = dtype if self.kernel == "qgemv" and dtype == torch.bfloat16 else torch.float32
+        if self.kernel == "qgemv":
             kernel = qgemv.load()
             assert kernel is not None  # loaded when this layer chose it
-            return kernel.dequantize(self.operands, w)
-        # In fp32 (a bf16 or fp16 copy is the fp32 weight rounded once, as qdequant's)
-        w = _buffer(out * n, torch.float32, self.scale.device).view(out, n // g, g)
-        w.copy_(self.codes().view(out, n // g, g))
-        w.mul_(self.scale[..., None]).add_(self.offset[..., None])
-        if dtype == torch.float32:
-            return w.view(out, n)
-        return _buffer(out * n, dtype, self.scale.device).view(out, n).copy_(w.view(out, n))
+            w = kernel.dequantize(self.operands, _buffer(out * n, wide, self.device).view(out, n))
+        else:
+            w = _buffer(out * n, torch.float32, self.device).view(out, n // g, g)
+            w.copy_(self.codes().view(out, n // g, g))
+            w = w.mul_(self.scale[..., None]).add_(self.offset[..., None]).view(out, n)
+        if dtype == wide:
+            return w
+        return _buffer(out * n, dtype, self.device).view(out, n).copy_(w)
 
     def forward(
         self, x: torch.Tensor, out_dtype: torch.dtype | None = None

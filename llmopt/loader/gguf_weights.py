@@ -1,6 +1,6 @@
 """A GGUF file's tensors as the model's weights: GGUF names to Hugging Face names,
-Llama's q/k row order undone, each tensor dequantized to fp32 or, for the linears of
-a type the int kernels run, kept in its quantized blocks.
+Llama's q/k row order undone, each tensor dequantized to fp32 or, for the linears and
+the embedding of a type the int kernels run, kept in its quantized blocks.
 
 Parsing a GGUF's metadata is slow (SmolLM2's 49,152-token vocabulary: 7 s in the
 `gguf` reader), so the conversion cache keeps an index of the tensors (name, type,
@@ -20,7 +20,8 @@ import torch
 from llmopt.atomic import atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
-from llmopt.loader.dequant import AFFINE_BITS, dequantize, quantized_weight
+from llmopt.loader.dequant import dequantize, quantized_weight
+from llmopt.weights.gguf_blocks import BLOCKS
 from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -97,8 +98,8 @@ def load_index(path: Path) -> dict[str, Any]:
 
 def has_kept_blocks(index: dict[str, Any]) -> bool:
     """Whether the file an index describes has block matrices of a type the int kernels
-    run (most GGUF files in the wild are K-quants, which are dequantized)."""
-    kept = {int(t) for t in AFFINE_BITS}
+    run (weights/gguf_blocks.BLOCKS)."""
+    kept = {int(t) for t in BLOCKS}
     return any(
         e["name"].startswith("blk.") and len(e["shape"]) == 2 and e["type"] in kept
         for e in index["tensors"]
@@ -139,9 +140,9 @@ def hf_weights(
     records: list[Record], cfg: ModelConfig, arch: str, source: str, keep_quantized: bool
 ) -> dict[str, Weight]:
     """All weights under Hugging Face names, dequantized to fp32; with keep_quantized,
-    the linears stored in a type the int kernels run (dequant.AFFINE_BITS) stay
-    QuantizedWeights, and a tied output projection becomes its own `lm_head.weight`
-    of the embedding's blocks (the embedding itself is dequantized for lookups)."""
+    the linears and the embedding stored in a type the int kernels run
+    (gguf_blocks.BLOCKS) stay QuantizedWeights, and a tied output projection is the
+    embedding's own blocks, under `lm_head.weight` too (the same object)."""
     from gguf import GGMLQuantizationType
 
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
@@ -151,15 +152,12 @@ def hf_weights(
         if name is None:
             raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
         qtype = GGMLQuantizationType(r.qtype)
-        keep = keep_quantized and qtype in AFFINE_BITS and len(r.shape) == 2
+        matrix = name.endswith("proj.weight") or name.endswith(("lm_head.weight", "tokens.weight"))
         try:
-            linear = name.endswith("proj.weight") or name == "lm_head.weight"
-            if keep and linear:
+            if keep_quantized and qtype in BLOCKS and len(r.shape) == 2 and matrix:
                 w: Weight = quantized_weight(r.data, qtype, (r.shape[0], r.shape[1]))
             else:
                 w = dequantize(r.data, qtype, r.shape)
-            if keep and name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
-                out["lm_head.weight"] = quantized_weight(r.data, qtype, (r.shape[0], r.shape[1]))
         except (ValueError, RuntimeError) as e:
             raise ModelFormatError(
                 f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
@@ -168,24 +166,29 @@ def hf_weights(
         if arch in PERMUTED_QK and kind in heads:
             w = unpermute(w, heads[kind])
         out[name] = w
+    embedding = out.get("model.embed_tokens.weight")
+    if isinstance(embedding, QuantizedWeight) and cfg.tie_word_embeddings:
+        out["lm_head.weight"] = embedding
     if keep_quantized:
-        _dequantize_mixed(out, cfg.num_layers)
+        _common_grids(out, cfg.num_layers)
     return out
 
 
-def _dequantize_mixed(weights: dict[str, Weight], layers: int) -> None:
-    """The model fuses q/k/v and gate/up into one matrix each: where a file stores the
-    parts of one in different types (or only some quantized), dequantize them all."""
+def _common_grids(weights: dict[str, Weight], layers: int) -> None:
+    """The model fuses q/k/v and gate/up into one matrix each. Where a file stores the
+    parts of one on different grids, put them on the finest (most bits, smallest group:
+    the same weights); where only some are quantized, dequantize them all."""
     fused = (("self_attn.", ("q", "k", "v")), ("mlp.", ("gate", "up")))
     for i in range(layers):
         for sub, parts in fused:
             names = [f"model.layers.{i}.{sub}{p}_proj.weight" for p in parts]
-            grids = {
-                (w.bits, w.group_size) if isinstance(w, QuantizedWeight) else None
-                for w in (weights[n] for n in names)
-            }
-            if len(grids) > 1:
-                for n in names:
-                    w = weights[n]
-                    if isinstance(w, QuantizedWeight):
-                        weights[n] = w.dequantize()
+            qws = [w for n in names if isinstance(w := weights[n], QuantizedWeight)]
+            grids = {(w.bits, w.group_size) for w in qws}
+            if not qws or (len(qws) == len(names) and len(grids) == 1):
+                continue
+            bits, group = max(w.bits for w in qws), min(w.group_size for w in qws)
+            regrid = len(qws) == len(names) and all(w.group_size % group == 0 for w in qws)
+            for n in names:
+                w = weights[n]
+                if isinstance(w, QuantizedWeight):
+                    weights[n] = w.regrid(bits, group) if regrid else w.dequantize()

@@ -17,7 +17,7 @@ from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.layers.attention import Attention
 from llmopt.layers.attention_metadata import AttentionMetadata
-from llmopt.layers.embedding import Embedding
+from llmopt.layers.embedding import Embedding, QuantEmbedding
 from llmopt.layers.kv_cache import LayerKV, PagedKVCache
 from llmopt.layers.linear import Linear, can_prepack, prepack_linears
 from llmopt.layers.mlp import SwiGLU
@@ -166,12 +166,21 @@ def fuse_hf_layer(cfg: ModelConfig, hf: dict[str, Weight], i: int) -> dict[str, 
 def _swap_quantized(
     model: nn.Module, sd: dict[str, Weight], device: torch.device, dtype: torch.dtype
 ) -> None:
-    """Replace each Linear whose weight is quantized by a QuantLinear (taking its bias)."""
+    """Replace each Linear whose weight is quantized by a QuantLinear (taking its bias),
+    and a quantized embedding by lookups in its blocks (one QuantLinear with a tied
+    head; dequantized where no kernel keeps the blocks)."""
+    built: dict[int, QuantLinear] = {}  # by the QuantizedWeight's id: a tied pair's one
     for key in [k for k, v in sd.items() if isinstance(v, QuantizedWeight)]:
+        qw: QuantizedWeight = sd.pop(key)  # type: ignore[assignment]
         path = key.removesuffix(".weight")
         parent_path, _, attr = path.rpartition(".")
-        bias = sd.pop(path + ".bias", None)
-        layer = QuantLinear(sd.pop(key), bias, device, dtype)  # type: ignore[arg-type]
+        layer = built.get(id(qw)) or QuantLinear(qw, sd.pop(path + ".bias", None), device, dtype)
+        built[id(qw)] = layer
+        if path == "embed_tokens":
+            if layer.kernel != "qgemv":
+                sd[key] = qw.dequantize()
+                continue
+            layer = QuantEmbedding(layer)  # type: ignore[assignment]
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
 
 

@@ -104,7 +104,7 @@ class NativeDecoder:
     def build(cls, model: LlamaForCausalLM, cache: PagedKVCache) -> NativeDecoder | None:
         """The native stack for this model and cache, or None where it does not apply."""
         cfg = model.config
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype  # the activations' (the table may be quantized)
         if (
             cache.device.type != "cpu"
             or cfg.head_dim > MAX_HEAD_DIM

@@ -66,6 +66,22 @@ class QuantizedWeight:
             perm,
         )
 
+    def regrid(self, bits: int, group_size: int) -> QuantizedWeight:
+        """The same weights on a grid of more bits (the codes and zeros as they are) and
+        smaller groups (each group's scale and zero repeated): what fusing parts stored
+        on different grids needs (a GGUF Q4_K_M file's q/k in Q5_0 beside v in Q6_K)."""
+        if bits < self.bits or self.group_size % group_size:
+            raise ValueError(f"int{self.bits} group {self.group_size} is not on a finer grid")
+        r = self.group_size // group_size
+        return QuantizedWeight(
+            self.q,
+            self.scale.repeat_interleave(r, dim=1),
+            self.zero.repeat_interleave(r, dim=1),
+            bits,
+            group_size,
+            self.perm,
+        )
+
     def split(self, sizes: list[int]) -> list[QuantizedWeight]:
         """Slices along the output dimension (the inverse of `cat`)."""
         parts = zip(

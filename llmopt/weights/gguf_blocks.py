@@ -1,0 +1,138 @@
+"""GGML's quantized block types as QuantizedWeights: the codes and the per-group affine
+grid each block stores, decoded without rounding anything, so that the int kernels run
+a GGUF file's weights as the file holds them.
+
+Every type here is an affine grid over groups of 16 or 32 weights, w = scale * q +
+offset; they differ in how the numbers are packed (little-endian; d, dmin, m fp16):
+
+  Q8_0  34 B / 32:  d, q:int8[32]                      w = d * q
+  Q4_0  18 B / 32:  d, qs[16]                          w = d * (q - 8)
+  Q4_1  20 B / 32:  d, m, qs[16]                       w = d * q + m
+  Q5_0  22 B / 32:  d, qh:u32, qs[16]                  w = d * (q - 16)
+  Q5_1  24 B / 32:  d, m, qh:u32, qs[16]               w = d * q + m
+  Q4_K 144 B / 256: d, dmin, scales[12], qs[128]       w = d * sc_j * q - dmin * m_j
+  Q5_K 176 B / 256: d, dmin, scales[12], qh[32], qs[128]   (the same, q of 5 bits)
+  Q6_K 210 B / 256: ql[128], qh[64], sc:int8[16], d    w = d * sc_j * (q - 32)
+
+qs packs two 4-bit codes a byte. In the 32-weight types, byte j holds weight j (low
+nibble) and j + 16 (high); bit j of qh is weight j's fifth bit. In the K-quants, each
+64 weights take 32 bytes of qs, the low nibbles the first 32 (sub-block 2i), the high
+ones the next 32; Q5_K's fifth bit of sub-block j is bit j of qh[l]. The K-quants'
+sub-blocks are 32 weights with a 6-bit scale and minimum (12 bytes for 8 pairs), or,
+in Q6_K, 16 weights with an int8 scale. Q6_K's codes: 4 low bits in ql, 2 high in qh,
+weight l + 32k of each 128 taking ql's low nibble (k = 0, 1) or high (k = 2, 3) of byte
+l + 32 (k % 2) and bits 2k .. 2k + 1 of qh[l].
+
+A grid's scale d * sc is exact in fp32 (11 bits times 6 or 8); its offset becomes a
+zero point, zero = -offset / scale, which the kernels turn back into the offset to fp32
+rounding. A group whose scale is 0 (every weight equal to its offset) becomes code 0
+at scale 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from llmopt.weights.qweight import QuantizedWeight
+
+# Bytes and weights of one block, and the bits and group of the grid it decodes to (Q5
+# codes take the int8 kernels: they have no 5-bit ones).
+BLOCKS: dict[Q, tuple[int, int, int, int]] = {
+    Q.Q8_0: (34, 32, 8, 32),
+    Q.Q4_0: (18, 32, 4, 32),
+    Q.Q4_1: (20, 32, 4, 32),
+    Q.Q5_0: (22, 32, 8, 32),
+    Q.Q5_1: (24, 32, 8, 32),
+    Q.Q4_K: (144, 256, 4, 32),
+    Q.Q5_K: (176, 256, 8, 32),
+    Q.Q6_K: (210, 256, 8, 16),
+}
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(nb, 2) bytes -> (nb, 1) fp32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(nb, 16) bytes of a 32-weight block -> (nb, 32) codes: byte j is weights j, j + 16."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(nb, 4) bytes of a little-endian u32 -> (nb, 32) bits, bit j for weight j."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((qh[:, :, None] >> shifts) & 1).reshape(-1, 32)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nb, 12) packed bytes -> the 8 sub-blocks' 6-bit scales and minimums, (nb, 8)
+    each: the first 4 pairs in the low 6 bits of bytes 0-3 and 4-7; the last 4 from the
+    nibbles of bytes 8-11 with bytes 0-7's top 2 bits above them."""
+    s = s.to(torch.int32)
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 6) << 4)], dim=1)
+    m = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=1)
+    return sc, m
+
+
+def _q6_codes(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
+    """(nb, 128) low and (nb, 64) high bits -> (nb, 256) codes 0..63 (layout above)."""
+    ql = ql.reshape(-1, 2, 2, 32)  # (nb, half, byte l or l + 32, l)
+    qh = qh.reshape(-1, 2, 1, 32)
+    low = torch.stack([ql & 0x0F, ql >> 4], dim=2).reshape(-1, 2, 4, 32)  # k = 2 nib + b
+    high = (qh >> (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 4, 1)) & 3
+    return (low | (high << 4)).reshape(-1, 256)
+
+
+def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tensor's raw bytes -> codes (groups, group) uint8, and the groups' scale and
+    offset (groups, 1) fp32, with w = scale * code + offset exactly."""
+    width, per_block, _, group = BLOCKS[qtype]
+    b = data.reshape(-1, width)
+    if qtype == Q.Q8_0:  # int8 q as the code q + 128
+        d = _f16(b[:, :2])
+        return (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8), d, -128 * d
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        d, codes = _f16(b[:, :2]), _nibbles(b[:, width - 16 :])
+        if qtype in (Q.Q5_0, Q.Q5_1):
+            at = 2 if qtype == Q.Q5_0 else 4
+            codes = codes | (_fifth_bits(b[:, at : at + 4]) << 4)
+        if qtype in (Q.Q4_1, Q.Q5_1):
+            return codes, d, _f16(b[:, 2:4])
+        return codes, d, -(16 if qtype == Q.Q5_0 else 8) * d
+    subs = per_block // group
+    if qtype == Q.Q6_K:
+        codes = _q6_codes(b[:, :128], b[:, 128:192]).view(-1, group)
+        scale = _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()  # (nb, 16)
+        return codes, scale.view(-1, 1), (-32 * scale).view(-1, 1)
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, m = _k_scales(b[:, 4:16])
+    qs = b[:, width - 128 :].reshape(-1, 4, 1, 32)
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, subs, group)
+    if qtype == Q.Q5_K:
+        bits = (b[:, 16:48, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (nb, l, j)
+        codes = codes | (bits.transpose(1, 2) << 4)
+    scale, offset = d * sc.float(), -(dmin * m.float())
+    return codes.reshape(-1, group), scale.view(-1, 1), offset.view(-1, 1)
+
+
+def quantized_weight(data: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> QuantizedWeight:
+    """A matrix (out, in) of one of BLOCKS' types from its bytes, as it is stored."""
+    out, n = shape
+    _, per_block, bits, group = BLOCKS[qtype]
+    if n % per_block:
+        raise ValueError(f"rows of {n} weights do not fill {qtype.name} blocks of {per_block}")
+    codes, scale, offset = decode(data, qtype)
+    flat = scale == 0  # every weight of the group is its offset: code 0 at scale 1
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    scale = torch.where(flat, torch.ones_like(scale), scale)
+    groups = n // group
+    return QuantizedWeight(
+        codes.reshape(out, n).contiguous(),
+        scale.reshape(out, groups),
+        (-offset / scale).reshape(out, groups),
+        bits,
+        group,
+    )
