@@ -10,6 +10,7 @@ finish (up to --drain-timeout), then stops the spawned replicas the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -73,9 +74,11 @@ def router(
         raise UsageError("--spawn N needs N >= 1 and a MODEL")
     if model is not None and not spawn:
         raise UsageError("a MODEL is only for --spawn N; give replicas with --replica URL")
-    placeholder = ("http://spawned",) * spawn  # validated now, replaced once they run
+    if not urls and not spawn:
+        raise UsageError("give at least one --replica URL, a --replicas-file, or --spawn N MODEL")
+    # Everything that can be refused is refused before any replica starts.
     config = RouterConfig(
-        replicas=(*urls, *placeholder),
+        replicas=tuple(urls),
         policy=policy,
         api_key=api_key,
         replica_api_key=replica_api_key,
@@ -84,15 +87,13 @@ def router(
         request_timeout_s=request_timeout,
         drain_timeout_s=drain_timeout,
     )
-    if policy not in POLICIES:
-        raise UsageError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
     sock = _bind(host, port)
     local = None
     if spawn:
         local = LocalReplicas(model, spawn, threads or cpu_threads(), shlex.split(serve_args))
         console.print(f"starting {spawn} replicas of {model}: {', '.join(local.urls)}")
         local.wait_ready(timeout_s=300)
-        config = RouterConfig(**{**config.__dict__, "replicas": (*urls, *local.urls)})
+        config = dataclasses.replace(config, replicas=(*urls, *local.urls))
     try:
         console.print(
             f"routing at http://{host}:{sock.getsockname()[1]}/v1 over "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmopt.errors import UsageError
+from llmopt.router.policies import policy_class
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,6 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (len(self.replicas) > 0, "give at least one --replica URL (or --spawn N)"),
             (self.health_interval_s > 0, "--health-interval must be positive"),
             (self.max_attempts >= 1, "--max-attempts must be at least 1"),
             (self.request_timeout_s > 0, "--request-timeout must be positive"),
@@ -31,6 +31,7 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        policy_class(self.policy)
         for url in self.replicas:
             if not url.startswith(("http://", "https://")):
                 raise UsageError(f"replica '{url}' is not an http:// or https:// URL")

@@ -37,8 +37,9 @@ class Router:
         self.config, self.fleet, self.policy, self.metrics = config, fleet, policy, metrics
 
     def check_model(self, model: str | None) -> None:
-        """404 for a model no replica serves, with the list of those served."""
-        known = [c["id"] for c in self.fleet.models()]
+        """404 for a model no replica serves, with the list of those served. A model
+        whose replicas are all down is known: that is a 503, not a 404."""
+        known = [c["id"] for c in self.fleet.models(healthy_only=False)]
         if model is not None and known and model not in known:
             raise APIError(
                 404,

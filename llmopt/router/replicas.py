@@ -35,10 +35,10 @@ class Fleet:
     def by_name(self, name: str) -> Replica:
         return next(r for r in self.replicas if r.state.name == name)
 
-    def models(self) -> list[dict[str, Any]]:
-        """The union of the healthy replicas' model cards, one per id."""
+    def models(self, healthy_only: bool = True) -> list[dict[str, Any]]:
+        """The union of the (healthy) replicas' model cards, one per id."""
         cards: dict[str, dict[str, Any]] = {}
-        for r in self.healthy():
+        for r in self.healthy() if healthy_only else self.replicas:
             for card in r.cards:
                 cards.setdefault(card["id"], card)
         return list(cards.values())

@@ -45,6 +45,4 @@ def read_request(path: str, raw: bytes) -> RequestView:
     prompt = _prompt_text(path, body)
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     answer = limit if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_TOKENS
-    return RequestView(
-        model, prompt, len(prompt) // CHARS_PER_TOKEN + answer, body.get("stream") is True
-    )
+    return RequestView(model, prompt, len(prompt) // CHARS_PER_TOKEN + answer)

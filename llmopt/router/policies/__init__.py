@@ -16,8 +16,12 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, **options: Any) -> Policy:
-    """The policy called `name`, built with `options`; a UsageError lists the names."""
+def policy_class(name: str) -> type[Policy]:
+    """The policy called `name`; a UsageError lists the names."""
     if name not in POLICIES:
         raise UsageError(f"unknown policy '{name}'; choose one of: {', '.join(POLICIES)}")
-    return POLICIES[name](**options)
+    return POLICIES[name]
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    return policy_class(name)(**options)

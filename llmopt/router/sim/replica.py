@@ -31,6 +31,7 @@ class Job:
     route: RouteRequest
     cold: bool
     prefix_hit: bool = False
+    prefill_s: float = 0.0  # its own load and prefill: TTFT minus this is queueing
     first_token: float = 0.0
     end: float = 0.0
 
@@ -94,7 +95,8 @@ class SimReplica:
         if self.waiting and len(self.batch) < self.max_batch:
             job = self.waiting.popleft()
             self.activity = job
-            return now + self._prefill_s(job)
+            job.prefill_s = self._prefill_s(job)
+            return now + job.prefill_s
         if self.batch:
             steps = self.batch[0][0] - self.steps
             self.activity = steps
