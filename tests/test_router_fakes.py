@@ -61,6 +61,18 @@ def chat(url: str, model: str, **kw) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=10, **kw)
 
 
+def healthy_replicas(url: str) -> int:
+    return httpx.get(url + "/health").json()["healthy_replicas"]
+
+
+def wait_until(check, timeout: float = 10.0) -> None:
+    """Until `check()` holds: health checks run every 0.1 s, on a machine maybe busy."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the router never saw the change"
+        time.sleep(0.05)
+
+
 def total(series: dict[str, float], name: str) -> float:
     return sum(v for k, v in series.items() if k.startswith(name + "{"))
 
@@ -80,8 +92,7 @@ def test_unhealthy_replicas_leave_the_rotation_and_come_back(fakes) -> None:
     apps, urls = fakes
     with router(urls, policy="round-robin") as r:
         apps[0].state.healthy = False
-        time.sleep(0.4)
-        assert httpx.get(r.url + "/health").json()["healthy_replicas"] == 1
+        wait_until(lambda: healthy_replicas(r.url) == 1)
         for _ in range(4):
             assert chat(r.url, "a").status_code == 200
         served = metrics(r.url)
@@ -90,15 +101,14 @@ def test_unhealthy_replicas_leave_the_rotation_and_come_back(fakes) -> None:
             == 0
         )
         apps[1].state.healthy = False
-        time.sleep(0.4)
+        wait_until(lambda: healthy_replicas(r.url) == 0)
         down = chat(r.url, "a")
         assert down.status_code == 503 and down.headers["retry-after"] == "1"
         assert down.json()["error"]["code"] == "no_healthy_replica"
         assert httpx.get(r.url + "/health").status_code == 503
         apps[0].state.healthy = apps[1].state.healthy = True
-        time.sleep(0.4)
+        wait_until(lambda: healthy_replicas(r.url) == 2)
         assert chat(r.url, "b").status_code == 200
-        assert httpx.get(r.url + "/health").json()["healthy_replicas"] == 2
 
 
 def test_router_errors_in_the_openai_shape(fakes) -> None:
