@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
             "llmopt.tokenizer",
             "llmopt.atomic",
             "llmopt.home",
+            "llmopt.openai_wire",
         ),
     ),
     (("llmopt.store",),),  # 1
@@ -44,7 +45,8 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     # 7: peers. Quantization runs forward passes through models/scoring.py, never an
     # engine; the engine never needs quant/.
     (("llmopt.engine",), ("llmopt.quant",)),
-    (("llmopt.bench",), ("llmopt.server",)),  # 8: peers
+    # 8: peers. The router speaks HTTP to replicas: it never imports the engine.
+    (("llmopt.bench",), ("llmopt.server",), ("llmopt.router",)),
     (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 9 the surfaces
 )
 

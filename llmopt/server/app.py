@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions   POST /v1/completions   (streamed as SSE, or not)
     GET  /v1/models             GET  /health           GET  /metrics
+    GET  /v1/status             (per model: loaded, requests running and waiting, KV use;
+                                 what the router's model-aware policy reads)
 
 Every request passes, in order: auth, validation (400 in the OpenAI error shape),
 the model check (404), the context check (400 with the numbers), backpressure (429
@@ -12,7 +14,6 @@ cancels its request; a request past the timeout ends with an error.
 from __future__ import annotations
 
 import contextlib
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmopt.engine.async_engine import GenerationError
 from llmopt.errors import LlmoptError
+from llmopt.openai_wire import APIError, authorized, unauthorized
 from llmopt.server.generation import Event, RequestTimeout
 from llmopt.server.metrics import CONTENT_TYPE
 from llmopt.server.openai_format import (
@@ -30,7 +32,6 @@ from llmopt.server.openai_format import (
     CompletionFormatter,
 )
 from llmopt.server.protocol import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
 )
@@ -90,21 +91,9 @@ def create_app(server: Server) -> FastAPI:
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            # compare_digest takes the same time wherever the strings differ
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), api_key.encode()
-            ):
-                return _error_response(
-                    APIError(
-                        401,
-                        "a valid API key is required: Authorization: Bearer KEY",
-                        type="authentication_error",
-                        code="invalid_api_key",
-                    )
-                )
+        given = request.headers.get("authorization", "")
+        if request.url.path != "/health" and not authorized(given, api_key):
+            return _error_response(unauthorized())
         return await call_next(request)
 
     @app.get("/health")
@@ -129,6 +118,23 @@ def create_app(server: Server) -> FastAPI:
                 }
             ],
         }
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        s = server.engine.load()
+        tokens = s.kv_block_size
+        model = {
+            "id": server.config.model_name,
+            "loaded": True,
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_cache_tokens_used": s.kv_blocks_used * tokens,
+            "kv_cache_tokens_total": s.kv_blocks_total * tokens,
+            "prefix_cache_hit_tokens": s.prefix_hit_tokens,
+            "prefix_cache_miss_tokens": s.prefix_miss_tokens,
+        }
+        # One model, always loaded: no slots to count (None), as the router reads it.
+        return {"object": "status", "models": [model], "max_loaded_models": None}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
@@ -11,11 +10,6 @@ from typing import Any
 from llmopt.engine.outputs import Delta, TokenLogprob
 from llmopt.server.generation import ChoiceResult
 from llmopt.tokenizer import Tokenizer
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 def usage(results: list[ChoiceResult], prompts_tokens: list[int]) -> dict[str, Any]:

@@ -14,16 +14,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from llmopt.config import ServerConfig
 from llmopt.engine.async_engine import AsyncEngine, GenerationError
 from llmopt.errors import LlmoptError
+from llmopt.openai_wire import APIError, sse
 from llmopt.server.embedder import MiniLMEmbedder
 from llmopt.server.generation import ChoiceResult, Event, Job, RequestTimeout, replay, run_jobs
 from llmopt.server.metrics import ServerMetrics
-from llmopt.server.openai_format import (
-    Formatter,
-    sse,
-    usage,
-)
+from llmopt.server.openai_format import Formatter, usage
 from llmopt.server.protocol import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     cache_key_text,
