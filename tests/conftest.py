@@ -76,7 +76,7 @@ def smollm_folder(smollm_gguf: Path) -> Path:
     """Its converted Hugging Face folder (config, fp32 safetensors, tokenizer)."""
     from llmopt.loader.load import hf_folder_for
 
-    return hf_folder_for(smollm_gguf, Store(REAL_HOME), Console(stderr=True))
+    return hf_folder_for(smollm_gguf, Store(REAL_HOME), Console(stderr=True), dense=True)
 
 
 @pytest.fixture(scope="session")

@@ -168,11 +168,13 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) ->
     ids = list(range(500, 530))
     diff = (full_logits(from_hf, ids) - full_logits(from_gguf, ids)).abs().max().item()
     assert diff < 1e-4
-    # The converted copy is reused: a second load does not convert again.
+    # The converted copy is reused: a second load does not read the metadata again, and
+    # loading writes no dense copy of the weights (they are read from the file).
     converted = store.converted_dir(gguf_path)
-    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    stamp = (converted / "config.json").stat().st_mtime_ns
     load_model(gguf_path, torch.float32, torch.device("cpu"), store, console)
-    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (converted / "config.json").stat().st_mtime_ns == stamp
+    assert not (converted / "model.safetensors").exists()
 
 
 # The grid each block type runs on: bits of its codes (5-bit ones on the int8 kernels),

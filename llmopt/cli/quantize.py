@@ -170,7 +170,7 @@ def quantize(
     bits = 8 if int8 else 4
     store = Store()
     src_name, src_path = resolve(model, store, console)
-    folder = hf_folder_for(src_path, store, console)
+    folder = hf_folder_for(src_path, store, console, dense=True)
     cfg = read_config(folder)
     chosen = method is None and group_size is None  # int4: say what the defaults are
     method = method or default_method(bits, fmt)

@@ -278,8 +278,9 @@ def use_exact_arithmetic(model: nn.Module) -> None:
 
 
 def _signed_int8(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes -> int8 q - 128, what both int8 kernels read."""
-    return (q.to(torch.int16) - 128).to(torch.int8)
+    """uint8 codes -> int8 q - 128, what both int8 kernels read (the top bit flipped:
+    no wider copy of a table that may be a 262,144-row embedding)."""
+    return torch.bitwise_xor(q, 0x80).view(torch.int8)
 
 
 def _int4pack_codes(w4: torch.Tensor, out: int, n: int) -> torch.Tensor:

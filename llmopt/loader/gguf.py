@@ -5,10 +5,11 @@ that later loads skip dequantization and the tokenizer build."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmopt.atomic import atomic_dir
+from llmopt.atomic import atomic_dir, atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.loader.gguf_tokenizer import build_tokenizer
@@ -84,7 +85,7 @@ class GGUFFile:
             cfg["sliding_window"] = int(window)
         return cfg
 
-    def hf_tensors(self, keep_quantized: bool = False) -> dict[str, Weight]:
+    def hf_tensors(self, keep_quantized: bool = False) -> Mapping[str, Weight]:
         """All weights under Hugging Face names (see gguf_weights.hf_weights)."""
         cfg = ModelConfig.from_hf(self.hf_config())
         return hf_weights(records_of(self.reader), cfg, self.arch, self.path.name, keep_quantized)
@@ -106,15 +107,20 @@ class GGUFFile:
         }
 
     def convert(self, out_dir: Path) -> None:
-        """Write a Hugging Face folder (config, fp32 safetensors, tokenizer) atomically,
-        with the index of the file's tensors for loads that keep them quantized."""
-        from safetensors.torch import save_file
-
+        """Write a Hugging Face folder without weights (config, tokenizer) atomically,
+        with the index of the file's tensors, through which loads read them."""
         with atomic_dir(out_dir) as tmp:
             (tmp / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
-            save_file(self.hf_tensors(), str(tmp / "model.safetensors"), {"format": "pt"})
             build_tokenizer(self.meta, self.path, tmp).save(str(tmp / "tokenizer.json"))
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(self.tokenizer_config(), indent=2)
             )
             write_index(self.reader, self.arch, tmp / INDEX)
+
+    def write_dense(self, folder: Path) -> None:
+        """Add fp32 safetensors of every weight to a converted folder (what quantizing
+        and exporting read), under a temporary name renamed when complete."""
+        from safetensors.torch import save_file
+
+        with atomic_file(folder / "model.safetensors") as tmp:
+            save_file(dict(self.hf_tensors()), str(tmp), {"format": "pt"})

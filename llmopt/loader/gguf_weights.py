@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +24,7 @@ from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.loader.dequant import dequantize, quantized_weight
 from llmopt.weights.gguf_blocks import BLOCKS
+from llmopt.weights.lazy import LazyWeights
 from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -54,12 +57,12 @@ PERMUTED_QK = ("llama", "mistral")
 
 class Record(NamedTuple):
     """One tensor of the file: its GGUF name, GGML type, logical shape (rows first)
-    and raw bytes."""
+    and how to get its raw bytes."""
 
     name: str
     qtype: int
     shape: tuple[int, ...]
-    data: np.ndarray  # uint8
+    read: Callable[[], np.ndarray]  # the bytes, uint8
 
 
 def records_of(reader: Any) -> list[Record]:
@@ -69,7 +72,7 @@ def records_of(reader: Any) -> list[Record]:
             t.name,
             int(t.tensor_type),
             tuple(int(n) for n in reversed(t.shape)),  # GGUF lists dims fastest-first
-            t.data.view(np.uint8).reshape(-1),
+            partial(t.data.view(np.uint8).reshape, -1),
         )
         for t in reader.tensors
     ]
@@ -107,14 +110,17 @@ def has_kept_blocks(index: dict[str, Any]) -> bool:
 
 
 def read_index(gguf: Path, index: dict[str, Any]) -> tuple[str, list[Record]]:
-    """The file's tensors through its index, the file memory-mapped."""
-    raw = np.memmap(gguf, dtype=np.uint8, mode="r")
+    """The file's tensors through its index, each read from the file when asked for:
+    read, not memory-mapped, so that the file's pages are the page cache's and a
+    process holds only what it decoded (a mapping touched whole counts in its memory
+    until the last view of it goes)."""
+    size = gguf.stat().st_size
     records = []
     for e in index["tensors"]:
-        end = e["offset"] + e["nbytes"]
-        if end > raw.shape[0]:
+        if e["offset"] + e["nbytes"] > size:
             raise ModelFormatError(f"{gguf.name} is shorter than its tensor table; pull it again")
-        records.append(Record(e["name"], e["type"], tuple(e["shape"]), raw[e["offset"] : end]))
+        read = partial(np.fromfile, gguf, np.uint8, e["nbytes"], offset=e["offset"])
+        records.append(Record(e["name"], e["type"], tuple(e["shape"]), read))
     return index["architecture"], records
 
 
@@ -138,57 +144,74 @@ def unpermute(w: Weight, heads: int) -> Weight:
 
 def hf_weights(
     records: list[Record], cfg: ModelConfig, arch: str, source: str, keep_quantized: bool
-) -> dict[str, Weight]:
-    """All weights under Hugging Face names, dequantized to fp32; with keep_quantized,
-    the linears and the embedding stored in a type the int kernels run
-    (gguf_blocks.BLOCKS) stay QuantizedWeights, and a tied output projection is the
-    embedding's own blocks, under `lm_head.weight` too (the same object)."""
+) -> LazyWeights:
+    """All weights under Hugging Face names, each decoded when first read: dequantized to
+    fp32, or with keep_quantized, for the linears and the embedding stored in a type the
+    int kernels run (gguf_blocks.BLOCKS), QuantizedWeights as stored; a tied output
+    projection is then the embedding's own blocks, under `lm_head.weight` too."""
     from gguf import GGMLQuantizationType
 
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
-    out: dict[str, Weight] = {}
+    grids: dict[str, tuple[int, int] | None] = {}  # name -> (bits, group) where kept
+    loaders: dict[str, Callable[[], Weight]] = {}
     for r in records:
         name = hf_name(r.name)
         if name is None:
             raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
         qtype = GGMLQuantizationType(r.qtype)
-        matrix = name.endswith("proj.weight") or name.endswith(("lm_head.weight", "tokens.weight"))
-        try:
-            if keep_quantized and qtype in BLOCKS and len(r.shape) == 2 and matrix:
-                w: Weight = quantized_weight(r.data, qtype, (r.shape[0], r.shape[1]))
-            else:
-                w = dequantize(r.data, qtype, r.shape)
-        except (ValueError, RuntimeError) as e:
-            raise ModelFormatError(
-                f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
-            ) from e
+        matrix = name.endswith(("proj.weight", "lm_head.weight", "embed_tokens.weight"))
+        keep = keep_quantized and qtype in BLOCKS and len(r.shape) == 2 and matrix
+        grids[name] = BLOCKS[qtype][2:] if keep else None
         kind = r.name.split(".")[2] if r.name.startswith("blk.") else ""
-        if arch in PERMUTED_QK and kind in heads:
-            w = unpermute(w, heads[kind])
-        out[name] = w
-    embedding = out.get("model.embed_tokens.weight")
-    if isinstance(embedding, QuantizedWeight) and cfg.tie_word_embeddings:
-        out["lm_head.weight"] = embedding
+        heads_of = heads[kind] if arch in PERMUTED_QK and kind in heads else None
+        loaders[name] = partial(_decode, r, qtype, keep, heads_of, source)
+    if grids.get("model.embed_tokens.weight") and cfg.tie_word_embeddings:
+        loaders["lm_head.weight"] = lambda: weights["model.embed_tokens.weight"]
     if keep_quantized:
-        _common_grids(out, cfg.num_layers)
-    return out
+        _common_grids(loaders, grids, cfg.num_layers)
+    weights = LazyWeights(loaders)
+    return weights
 
 
-def _common_grids(weights: dict[str, Weight], layers: int) -> None:
+def _decode(r: Record, qtype: Any, keep: bool, heads: int | None, source: str) -> Weight:
+    """One tensor from the file: kept in its blocks or dequantized, the q/k row order
+    undone where the architecture permutes it (heads)."""
+    try:
+        data = r.read()
+        if keep:
+            w: Weight = quantized_weight(data, qtype, (r.shape[0], r.shape[1]))
+        else:
+            w = dequantize(data, qtype, r.shape)
+    except (ValueError, RuntimeError) as e:
+        raise ModelFormatError(
+            f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
+        ) from e
+    return w if heads is None else unpermute(w, heads)
+
+
+def _common_grids(
+    loaders: dict[str, Callable[[], Weight]],
+    grids: dict[str, tuple[int, int] | None],
+    layers: int,
+) -> None:
     """The model fuses q/k/v and gate/up into one matrix each. Where a file stores the
-    parts of one on different grids, put them on the finest (most bits, smallest group:
-    the same weights); where only some are quantized, dequantize them all."""
+    parts of one on different grids, their loaders put them on the finest (most bits,
+    smallest group: the same weights); where only some are kept, all dequantize."""
     fused = (("self_attn.", ("q", "k", "v")), ("mlp.", ("gate", "up")))
     for i in range(layers):
         for sub, parts in fused:
             names = [f"model.layers.{i}.{sub}{p}_proj.weight" for p in parts]
-            qws = [w for n in names if isinstance(w := weights[n], QuantizedWeight)]
-            grids = {(w.bits, w.group_size) for w in qws}
-            if not qws or (len(qws) == len(names) and len(grids) == 1):
+            kept = [g for n in names if (g := grids[n]) is not None]
+            if not kept or (len(kept) == len(names) and len(set(kept)) == 1):
                 continue
-            bits, group = max(w.bits for w in qws), min(w.group_size for w in qws)
-            regrid = len(qws) == len(names) and all(w.group_size % group == 0 for w in qws)
+            bits, group = max(b for b, _ in kept), min(g for _, g in kept)
+            regrid = len(kept) == len(names) and all(g % group == 0 for _, g in kept)
             for n in names:
-                w = weights[n]
-                if isinstance(w, QuantizedWeight):
-                    weights[n] = w.regrid(bits, group) if regrid else w.dequantize()
+                if grids[n] is not None:
+                    loaders[n] = partial(_on_grid, loaders[n], bits, group, regrid)
+
+
+def _on_grid(load: Callable[[], Weight], bits: int, group: int, regrid: bool) -> Weight:
+    w = load()
+    assert isinstance(w, QuantizedWeight)
+    return w.regrid(bits, group) if regrid else w.dequantize()

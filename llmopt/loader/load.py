@@ -27,8 +27,10 @@ class LoadedModel:
     eos_ids: set[int]
 
 
-def hf_folder_for(path: Path, store: Store, console: Console) -> Path:
-    """The Hugging Face folder to load: the folder itself, or a GGUF's converted copy."""
+def hf_folder_for(path: Path, store: Store, console: Console, dense: bool = False) -> Path:
+    """The Hugging Face folder to load: the folder itself, or a GGUF's converted copy
+    (config, tokenizer and the index of its tensors; with `dense`, fp32 safetensors of
+    them too, for the code that reads weights from a folder: quantize, export)."""
     if not path.exists():
         raise ModelNotFoundError(f"{path} does not exist")
     if path.is_dir():
@@ -40,13 +42,20 @@ def hf_folder_for(path: Path, store: Store, console: Console) -> Path:
         return path
     if path.suffix != ".gguf":
         raise ModelFormatError(f"{path}: expected a .gguf file or a Hugging Face folder")
+    from llmopt.loader.gguf_weights import INDEX
+
     folder = store.converted_dir(path)
-    if not (folder / "model.safetensors").is_file():
-        # Dequantizing takes seconds; the fp32 copy makes every later load instant.
+    # Parsing the metadata (the tokenizer's vocabulary) takes seconds: once.
+    if not (folder / "config.json").is_file() or not (folder / INDEX).is_file():
         from llmopt.loader.gguf import GGUFFile  # the gguf package is only needed here
 
-        with console.status(f"Converting {path.name} (once; cached in {folder.parent})"):
+        with console.status(f"Reading {path.name} (once; cached in {folder.parent})"):
             GGUFFile(path).convert(folder)
+    if dense and not (folder / "model.safetensors").is_file():
+        from llmopt.loader.gguf import GGUFFile
+
+        with console.status(f"Dequantizing {path.name} to fp32 (once)"):
+            GGUFFile(path).write_dense(folder)
     return folder
 
 
@@ -58,31 +67,33 @@ class ModelSource:
     path: Path  # the GGUF file or Hugging Face folder given
     folder: Path  # the Hugging Face folder: config and tokenizer (a GGUF's converted copy)
     config: ModelConfig
-    # The GGUF tensor index (gguf_weights.write_index) when the file's blocks stay packed.
+    # A GGUF file's tensor index (gguf_weights.write_index), through which its weights
+    # are read; None for a folder.
     gguf_index: dict[str, Any] | None
+    keeps_blocks: bool  # the GGUF's block linears stay packed, on the int kernels
     runs_quantized: bool  # linears on the int kernels (device.resolve_dtype reads it)
 
 
 def open_source(
     path: Path, device: torch.device, store: Store, console: Console, dequantize: bool = False
 ) -> ModelSource:
-    """Find the model's config and tokenizer (converting a GGUF file into the store
-    once) and decide how its linears run on `device`. A GGUF file's Q4_0/Q4_1/Q8_0
-    linears run as they are stored, with the int kernels (a quarter to an eighth of
-    fp32's bytes), where the device has them; `dequantize` (or a device without them)
-    multiplies dense copies. A quantized checkpoint runs its int kernels on the CPU."""
+    """Find the model's config and tokenizer (reading a GGUF file's metadata into the
+    store once) and decide how its linears run on `device`. A GGUF file's block
+    linears (Q4_0 .. Q8_0, the K-quants) run as they are stored, with the int kernels
+    (a quarter to an eighth of fp32's bytes), where the device has them; `dequantize`
+    (or a device without them) multiplies dense copies. A quantized checkpoint runs its
+    int kernels on the CPU."""
     folder = hf_folder_for(path, store, console)
     cfg = read_config(folder)
     builder_for(cfg.architecture)  # an unsupported architecture is refused before loading
-    index = None
-    if _keeps_gguf_blocks(path, device, dequantize):
-        from llmopt.loader.gguf_weights import has_kept_blocks, load_index
+    index, keep = None, False
+    if path.suffix == ".gguf":
+        from llmopt.loader.gguf_weights import INDEX, has_kept_blocks, load_index
 
-        index = load_index(_tensor_index(path, folder))
-        if not has_kept_blocks(index):
-            index = None
-    quantized = index is not None or (device.type == "cpu" and cfg.quantization is not None)
-    return ModelSource(path, folder, cfg, index, quantized)
+        index = load_index(folder / INDEX)
+        keep = _keeps_gguf_blocks(device, dequantize) and has_kept_blocks(index)
+    quantized = keep or (device.type == "cpu" and cfg.quantization is not None)
+    return ModelSource(path, folder, cfg, index, keep, quantized)
 
 
 def load_model(
@@ -107,7 +118,7 @@ def load_model(
         from llmopt.loader.gguf_weights import hf_weights, read_index
 
         arch, records = read_index(source.path, source.gguf_index)
-        weights = hf_weights(records, cfg, arch, source.path.name, keep_quantized=True)
+        weights = hf_weights(records, cfg, arch, source.path.name, source.keeps_blocks)
         if "lm_head.weight" in weights:  # the tied head kept in the embedding's blocks
             cfg = replace(cfg, tie_word_embeddings=False)
     else:
@@ -121,23 +132,10 @@ def load_model(
     return LoadedModel(model, tokenizer, cfg, source.folder, eos)
 
 
-def _tensor_index(path: Path, folder: Path) -> Path:
-    """The conversion cache's index of the file's tensors, written here for caches that
-    predate it."""
-    from llmopt.loader.gguf_weights import INDEX, write_index
-
-    if not (folder / INDEX).is_file():
-        from llmopt.loader.gguf import GGUFFile
-
-        g = GGUFFile(path)
-        write_index(g.reader, g.arch, folder / INDEX)
-    return folder / INDEX
-
-
-def _keeps_gguf_blocks(path: Path, device: torch.device, dequantize: bool) -> bool:
+def _keeps_gguf_blocks(device: torch.device, dequantize: bool) -> bool:
     """Whether a GGUF's blocks are loaded as they are: the int kernels are the CPU's (on
     CUDA a quantized linear dequantizes every call, slower than the dense weight)."""
-    if path.suffix != ".gguf" or dequantize or device.type != "cpu":
+    if dequantize or device.type != "cpu":
         return False
     from llmopt.kernels import qgemv
 

@@ -10,6 +10,8 @@ the (V, hidden) matmul for every prompt token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ from llmopt.layers.quant_linear import QuantLinear
 from llmopt.layers.rotary import RotaryEmbedding
 from llmopt.models.kernel_choice import choose_kernels
 from llmopt.models.native_decode import NativeDecoder
+from llmopt.weights.lazy import forget
 from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -128,25 +131,29 @@ def _cat(parts: list[Weight]) -> Weight:
     return torch.cat(parts)  # type: ignore[arg-type]
 
 
-def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, Weight]) -> dict[str, Weight]:
-    """Map a Hugging Face Llama state dict onto this module's names.
+def fuse_hf_parts(
+    cfg: ModelConfig, hf: Mapping[str, Weight]
+) -> Iterator[tuple[tuple[str, ...], dict[str, Weight]]]:
+    """Map a Hugging Face Llama state dict onto this module's names, part by part (the
+    embedding, norm and head, then each decoder layer): (the Hugging Face name prefixes
+    a part read, its weights under this module's names).
 
     q/k/v are concatenated into qkv_proj and gate/up into gate_up_proj, in the order
     the forward pass splits them; quantized weights are concatenated the same way.
     """
-    sd: dict[str, Weight] = {
+    top: dict[str, Weight] = {
         "embed_tokens.weight": hf["model.embed_tokens.weight"],
         "norm.weight": hf["model.norm.weight"],
     }
     if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = hf["lm_head.weight"]
+        top["lm_head.weight"] = hf["lm_head.weight"]
+    yield ("model.embed_tokens.", "model.norm.", "lm_head."), top
     for i in range(cfg.num_layers):
-        sd.update(fuse_hf_layer(cfg, hf, i))
-    return sd
+        yield (f"model.layers.{i}.",), fuse_hf_layer(cfg, hf, i)
 
 
-def fuse_hf_layer(cfg: ModelConfig, hf: dict[str, Weight], i: int) -> dict[str, Weight]:
-    """fuse_hf_weights for decoder layer i alone."""
+def fuse_hf_layer(cfg: ModelConfig, hf: Mapping[str, Weight], i: int) -> dict[str, Weight]:
+    """fuse_hf_parts for decoder layer i alone."""
     src, dst = f"model.layers.{i}.", f"layers.{i}."
     attn = src + "self_attn."
     sd: dict[str, Weight] = {}
@@ -185,20 +192,24 @@ def _swap_quantized(
 
 
 def build_model(
-    cfg: ModelConfig, hf: dict[str, Weight], dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig, hf: Mapping[str, Weight], dtype: torch.dtype, device: torch.device
 ) -> LlamaForCausalLM:
     """Instantiate without random initialisation and take the given weights (dense
-    tensors, or QuantizedWeights for linears of a quantized checkpoint)."""
+    tensors, or QuantizedWeights for linears of a quantized checkpoint). Part by part:
+    a lazily decoded `hf` (a GGUF file's) then holds one layer's decoded weights beside
+    the built ones, not the whole model's."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
+    sd: dict[str, torch.Tensor] = {}
     try:
-        sd = fuse_hf_weights(cfg, hf)
+        for read, part in fuse_hf_parts(cfg, hf):
+            _swap_quantized(model, part, device, dtype)
+            sd.update({k: v.to(device=device, dtype=dtype) for k, v in part.items()})  # type: ignore[union-attr]
+            forget(hf, read)
     except KeyError as e:
         raise ModelFormatError(
             f"the checkpoint has no tensor {e} that {cfg.architecture} needs"
         ) from None
-    _swap_quantized(model, sd, device, dtype)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}  # type: ignore[union-attr]
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -93,7 +93,7 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
     b = data.reshape(-1, width)
     if qtype == Q.Q8_0:  # int8 q as the code q + 128
         d = _f16(b[:, :2])
-        return (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8), d, -128 * d
+        return torch.bitwise_xor(b[:, 2:], 0x80), d, -128 * d
     if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
         d, codes = _f16(b[:, :2]), _nibbles(b[:, width - 16 :])
         if qtype in (Q.Q5_0, Q.Q5_1):

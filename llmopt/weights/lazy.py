@@ -1,0 +1,48 @@
+"""Weights decoded when the model builder reads them, and dropped once it has its copy.
+
+A GGUF file's linears are decoded into codes of a byte each, then packed by their
+layers to half that or less. Decoding every tensor before building (a dict of them)
+holds the whole model twice over at the peak; decoding each on first read and
+forgetting it when its layer is built holds one layer's worth beside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from llmopt.weights.qweight import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
+
+
+class LazyWeights(Mapping[str, Weight]):
+    """name -> weight, each made by its loader on first read and kept until `forget`
+    (so that names read twice, a tied embedding and head, get the one object)."""
+
+    def __init__(self, loaders: dict[str, Callable[[], Weight]]) -> None:
+        self._loaders = loaders
+        self._made: dict[str, Weight] = {}
+
+    def __getitem__(self, name: str) -> Weight:
+        if name not in self._made:
+            self._made[name] = self._loaders[name]()
+        return self._made[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def forget(self, prefix: str | tuple[str, ...]) -> None:
+        """Drop the weights made so far under names starting with `prefix` (or one of)."""
+        for name in [n for n in self._made if n.startswith(prefix)]:
+            del self._made[name]
+
+
+def forget(weights: Mapping[str, Weight], prefix: str | tuple[str, ...]) -> None:
+    """LazyWeights.forget where the weights are lazy; a plain dict is its owner's."""
+    if isinstance(weights, LazyWeights):
+        weights.forget(prefix)
