@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,37 @@ def test_bad_speculation_settings_are_one_line_errors(smollm_folder) -> None:
         assert r.exit_code == 2 and named in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = llmopt("run", str(smollm_folder), "hi", "--draft", "no-such-model")
     assert r.exit_code == 3 and "Traceback" not in r.stderr
+
+
+def _gguf_header(kvs: list[bytes]) -> bytes:
+    """A GGUF v3 header without tensors: magic, version, counts, then the key-values."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
+
+
+def _gguf_string(s: str) -> bytes:
+    return struct.pack("<Q", len(s)) + s.encode()
+
+
+def test_models_lists_each_architecture_read_from_the_header(tmp_path) -> None:
+    """`llmopt models` reads a GGUF's general.architecture past the arrays and numbers
+    before it (no gguf package, no tokenizer parse); an unreadable file has none."""
+    from llmopt.store.architecture import architecture
+
+    tokens = struct.pack("<IQ", 8, 3) + b"".join(_gguf_string(t) for t in ("a", "bc", "d"))
+    kvs = [
+        _gguf_string("tokenizer.ggml.tokens") + struct.pack("<I", 9) + tokens,
+        _gguf_string("x.scores") + struct.pack("<IIQ", 9, 6, 2) + struct.pack("<2f", 1, 2),
+        _gguf_string("x.count") + struct.pack("<II", 4, 7),
+        _gguf_string("general.architecture") + struct.pack("<I", 8) + _gguf_string("gemma3"),
+    ]
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf_header(kvs))
+    assert architecture(path) == "gemma3"
+    path.write_bytes(_gguf_header(kvs[:2]))
+    assert architecture(path) is None  # no such key
+    path.write_bytes(_gguf_header(kvs)[:40])
+    assert architecture(path) is None  # truncated
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen3"}')
+    assert architecture(folder) == "qwen3"

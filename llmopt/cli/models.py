@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmopt.store.architecture import architecture
 from llmopt.store.store import Store
 
 
@@ -20,19 +21,20 @@ def _size(n: int) -> str:
 def list_models(
     available: bool = typer.Option(False, "--all", help="Also list models not pulled yet."),
 ) -> None:
-    """List pulled models: name, format, quantization, size and path."""
+    """List pulled models: name, architecture, format, quantization, size and path."""
     store = Store()
     table = Table(box=None)
-    for col in ("NAME", "FORMAT", "QUANT", "SIZE", "PATH"):
+    for col in ("NAME", "ARCH", "FORMAT", "QUANT", "SIZE", "PATH"):
         table.add_column(col)
     pulled = {m.name: m for m in store.list()}
     for m in pulled.values():
-        table.add_row(m.name, m.format, m.quantization or "", _size(m.size), str(m.path))
+        arch = architecture(m.path) or ""
+        table.add_row(m.name, arch, m.format, m.quantization or "", _size(m.size), str(m.path))
     if available:
         for name, e in sorted(store.registry.models.items()):
             if name not in pulled:
                 size = _size(e.size) if e.size else ""
-                table.add_row(name, e.format, e.quantization or "", size, "(not pulled)")
+                table.add_row(name, "", e.format, e.quantization or "", size, "(not pulled)")
     if not table.row_count:
         Console(stderr=True).print("No models pulled yet: llmopt pull (or llmopt models --all)")
         return
