@@ -44,11 +44,26 @@ HF_NAMES = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+# Architectures whose Hugging Face names differ: Gemma 3 normalizes attention's output
+# and the MLP's output too, and calls the norm before the MLP (GGUF's ffn_norm, Llama's
+# post_attention_layernorm) pre_feedforward_layernorm.
+ARCH_HF_NAMES = {
+    "gemma3": {
+        "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+    },
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 # llama.cpp stores Llama q/k rows interleaved per rotary pair; these architectures
 # need the permutation undone to get the rotate-half layout back.
 PERMUTED_QK = ("llama", "mistral")
+# Gemma's norms multiply by 1 + w and its checkpoints store w; llama.cpp's converter
+# stores 1 + w. Hugging Face names get Hugging Face values: the one is taken off again.
+NORMS_PLUS_ONE = ("gemma3",)
 
 
 class Record(NamedTuple):
@@ -117,10 +132,10 @@ def read_index(gguf: Path, index: dict[str, Any]) -> tuple[str, list[Record]]:
     return index["architecture"], records
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, arch: str) -> str | None:
     m = _BLOCK.match(name)
     key = _BLOCK.sub("blk.{i}.", name) if m else name
-    target = HF_NAMES.get(key)
+    target = ARCH_HF_NAMES.get(arch, {}).get(key) or HF_NAMES.get(key)
     return target.format(i=m.group(1)) if (target and m) else target
 
 
@@ -147,7 +162,7 @@ def hf_weights(
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
     out: dict[str, Weight] = {}
     for r in records:
-        name = hf_name(r.name)
+        name = hf_name(r.name, arch)
         if name is None:
             raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
         qtype = GGMLQuantizationType(r.qtype)
@@ -167,6 +182,8 @@ def hf_weights(
         kind = r.name.split(".")[2] if r.name.startswith("blk.") else ""
         if arch in PERMUTED_QK and kind in heads:
             w = unpermute(w, heads[kind])
+        if arch in NORMS_PLUS_ONE and name.endswith("norm.weight") and isinstance(w, torch.Tensor):
+            w = w - 1
         out[name] = w
     if keep_quantized:
         _dequantize_mixed(out, cfg.num_layers)

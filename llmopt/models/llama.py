@@ -1,5 +1,6 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks of grouped-query
-attention with rotary embeddings and a SwiGLU MLP.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks of
+grouped-query attention with rotary embeddings (Qwen3: per-head q/k norms before them)
+and a SwiGLU MLP. Gemma 3 (models/gemma3.py) is built on it.
 
 The model is bound to a paged KV cache (`bind_cache`, which also chooses its kernels
 for it). The forward pass takes a flat batch of new tokens from any number of
@@ -9,6 +10,8 @@ the (V, hidden) matmul for every prompt token.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,18 +34,25 @@ from llmopt.weights.qweight import QuantizedWeight
 Weight = torch.Tensor | QuantizedWeight
 
 
+def attention_for(cfg: ModelConfig, i: int) -> Attention:
+    """Layer i's attention as the config describes it."""
+    return Attention(
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.attention_bias,
+        cfg.layer_window(i),
+        qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+        scale=cfg.attention_scale,
+    )
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, i: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.attention_bias,
-            cfg.sliding_window,
-        )
+        self.self_attn = attention_for(cfg, i)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -67,11 +77,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = DecoderLayer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
@@ -83,6 +95,13 @@ class LlamaForCausalLM(nn.Module):
         # All blocks of a decode-only step in one native call, where kernel_choice finds
         # that it applies (models/native_decode.py).
         self.native_decode: NativeDecoder | None = None
+
+    @property
+    def native_blocks(self) -> bool:
+        """Whether the native decode step computes these blocks: Llama's, without q/k
+        norms, every layer with the same window."""
+        cfg = self.config
+        return not cfg.qk_norm and len({cfg.layer_window(i) for i in range(cfg.num_layers)}) == 1
 
     def bind_cache(self, cache: PagedKVCache) -> None:
         """Run over `cache` from now on, with the kernels chosen for it."""
@@ -97,16 +116,26 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         cache = self.cache
         assert cache is not None, "bind_cache first"
-        x = self.embed_tokens(input_ids)  # (N, hidden), a new tensor the blocks add into
-        cos, sin = self.rotary(positions, x.dtype)
+        x = self.embed(input_ids)  # (N, hidden), a new tensor the blocks add into
+        rope = self.rope_tables(positions, x.dtype)
         native = self.native_decode
         if native is not None and not meta.prefills and x.shape[0] <= native.max_rows:
-            x, residual = native(x, cos, sin, meta)
+            x, residual = native(x, *rope[0], meta)
             return self.norm(x, residual)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, cache.layers[i], meta)
+            x, residual = layer(x, residual, *rope[i], cache.layers[i], meta)
         return self.norm(x, residual)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N,) token ids -> (N, hidden) inputs of the first block."""
+        return self.embed_tokens(input_ids)
+
+    def rope_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary (cos, sin), (N, D) each: one table shared by all."""
+        return [self.rotary(positions, dtype)] * len(self.layers)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden) -> (N, vocab) in fp32 for sampling."""
@@ -160,6 +189,9 @@ def fuse_hf_layer(cfg: ModelConfig, hf: dict[str, Weight], i: int) -> dict[str, 
     sd[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
     for norm in ("input_layernorm", "post_attention_layernorm"):
         sd[dst + f"{norm}.weight"] = hf[src + f"{norm}.weight"]
+    if cfg.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            sd[dst + f"self_attn.{norm}.weight"] = hf[attn + f"{norm}.weight"]
     return sd
 
 
@@ -176,14 +208,20 @@ def _swap_quantized(
 
 
 def build_model(
-    cfg: ModelConfig, hf: dict[str, Weight], dtype: torch.dtype, device: torch.device
+    model_class: type[LlamaForCausalLM],
+    state_dict: Callable[[ModelConfig, dict[str, Weight]], dict[str, Weight]],
+    cfg: ModelConfig,
+    hf: dict[str, Weight],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> LlamaForCausalLM:
-    """Instantiate without random initialisation and take the given weights (dense
-    tensors, or QuantizedWeights for linears of a quantized checkpoint)."""
+    """Instantiate `model_class` without random initialisation and take the given
+    weights (dense tensors, or QuantizedWeights for linears of a quantized checkpoint),
+    mapped onto its names by `state_dict`."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)
     try:
-        sd = fuse_hf_weights(cfg, hf)
+        sd = state_dict(cfg, hf)
     except KeyError as e:
         raise ModelFormatError(
             f"the checkpoint has no tensor {e} that {cfg.architecture} needs"
@@ -193,10 +231,18 @@ def build_model(
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.to(device)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelFormatError(f"the checkpoint lacks weights for: {', '.join(missing[:5])}")
     if can_prepack(device, dtype):
         prepack_linears(model)
     return model.eval()
+
+
+def build_llama(
+    cfg: ModelConfig, hf: dict[str, Weight], dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    return build_model(LlamaForCausalLM, fuse_hf_weights, cfg, hf, dtype, device)
