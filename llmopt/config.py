@@ -7,10 +7,13 @@ from typing import Any
 
 from llmopt.errors import ModelFormatError, UsageError
 
+GEMMA3 = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+QK_NORM = ("Qwen3ForCausalLM", *GEMMA3)  # per-head q/k RMSNorm
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture hyper-parameters of a Llama-family decoder.
+    """The architecture hyper-parameters of a decoder (Llama family, Qwen3, Gemma 3).
 
     Field names follow the meaning, not any one file format; `from_hf` reads a
     Hugging Face `config.json` dict and the GGUF loader builds the same dict.
@@ -31,6 +34,13 @@ class ModelConfig:
     attention_bias: bool = False
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
+    # Per layer "sliding_attention" or "full_attention" (Gemma 3's local and global
+    # layers); empty: every layer alike, windowed if sliding_window is set.
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # the sliding layers' own rotary base (Gemma 3)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before rotary
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     quantization: dict[str, Any] | None = None  # config.json's quantization_config
@@ -41,6 +51,22 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ModelFormatError(
+                f"layer_types lists {len(self.layer_types)} layers for {self.num_layers}"
+            )
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i; None where it sees the whole sequence."""
+        if self.layer_types and self.layer_types[i] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def widest_window(self) -> int | None:
+        """The most keys any layer sees (None: all of them): what the runner lays out."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return None if None in windows else max(windows)  # type: ignore[type-var]
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -48,12 +74,18 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ModelFormatError("config.json has no 'architectures' entry")
+        if "text_config" in cfg:  # Gemma3ForConditionalGeneration: its text decoder
+            cfg = {**cfg, **cfg["text_config"], "architectures": archs}
+        if cfg.get("attn_logit_softcapping"):
+            raise ModelFormatError("attention logit soft-capping (Gemma 2) is not supported")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             arch = archs[0]
+            gemma = arch in GEMMA3
+            rope = _rope_parameters(cfg)
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -64,13 +96,21 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(_rope_theta(cfg)),
+                rope_theta=float(rope.get("full_attention", {}).get("rope_theta") or 10000.0),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v biases; Llama declares it.
                 attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-                rope_scaling=_rope_scaling(cfg),
+                rope_scaling=_rope_scaling(rope.get("full_attention")),
                 sliding_window=_sliding_window(cfg),
+                layer_types=_layer_types(cfg, gemma),
+                local_rope_theta=_local_rope_theta(rope.get("sliding_attention")),
+                qk_norm=arch in QK_NORM,
+                # Gemma scales scores by query_pre_attn_scalar, not head_dim.
+                attention_scale=(
+                    float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None
+                ),
+                final_logit_softcap=cfg.get("final_logit_softcapping"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 quantization=cfg.get("quantization_config"),
@@ -79,20 +119,50 @@ class ModelConfig:
             raise ModelFormatError(f"config.json is missing or has a bad field: {e}") from e
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    # transformers 5 moved rope_theta into rope_parameters.
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rotary settings by layer type: "full_attention" (every layer of most models) and,
+    for Gemma 3, "sliding_attention". transformers 5 writes `rope_parameters`, flat or
+    per layer type; older configs `rope_theta` and `rope_scaling` (Gemma 3:
+    `rope_local_base_freq` for the local layers)."""
     params = cfg.get("rope_parameters") or {}
-    return cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    if "full_attention" in params or "sliding_attention" in params:
+        return params
+    full = {**(cfg.get("rope_scaling") or params)}
+    full["rope_theta"] = cfg.get("rope_theta") or params.get("rope_theta")
+    out = {"full_attention": full}
+    if cfg.get("rope_local_base_freq"):
+        out["sliding_attention"] = {"rope_theta": cfg["rope_local_base_freq"]}
+    return out
 
 
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+def _rope_scaling(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     if kind == "default":
         return None
-    return {**scaling, "rope_type": kind}
+    return {**params, "rope_type": kind}  # type: ignore[dict-item]
+
+
+def _local_rope_theta(params: dict[str, Any] | None) -> float | None:
+    if not params:
+        return None
+    if _rope_scaling(params) is not None:
+        raise ModelFormatError("rope scaling on sliding-window layers is not supported")
+    return float(params.get("rope_theta") or 10000.0)
+
+
+def _layer_types(cfg: dict[str, Any], gemma: bool) -> tuple[str, ...]:
+    types = cfg.get("layer_types")
+    if types:
+        return tuple(types)
+    if not gemma:
+        return ()
+    # Configs written before transformers listed layer types: every `pattern`-th layer
+    # global, the others local.
+    pattern = int(cfg.get("sliding_window_pattern") or 6)
+    layers = int(cfg["num_hidden_layers"])
+    return tuple(
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)
+    )
 
 
 def _sliding_window(cfg: dict[str, Any]) -> int | None:

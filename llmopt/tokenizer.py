@@ -91,9 +91,11 @@ class Tokenizer:
         return self._tk.decode(ids, skip_special_tokens=True)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat template applied to `messages`, ready for a reply.
-        No BOS is added: the template writes it where the model wants one."""
-        return self.encode(self.apply_chat_template(messages), add_bos=False)
+        """Token ids of the chat template applied to `messages`, ready for a reply. A
+        model's own template writes the BOS where the model wants one; the plain
+        transcript (a model without a template) gets it as any text does."""
+        text = self.apply_chat_template(messages)
+        return self.encode(text, add_bos=None if self.chat_template is None else False)
 
     @cached_property
     def _template(self) -> Any:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 
 def llama_bench(binary: str, path: Path, threads: int) -> float:
+    cmd = [binary, "-m", str(path), "-p", "0", "-n", "128", "-t", str(threads), "-r", "3"]
     out = subprocess.run(
-        [binary, "-m", str(path), "-p", "0", "-n", "128", "-t", str(threads), "-r", "3"]
-        + ["-o", "json"],
+        [*cmd, "-o", "json"],
         check=True,
         capture_output=True,
         text=True,
@@ -39,7 +39,8 @@ def llama_bench(binary: str, path: Path, threads: int) -> float:
 def llmopt_decode(path: Path, threads: int) -> float:
     cmd = [sys.executable, "-m", "llmopt", "bench", str(path), "--offline", "--pp", "16"]
     cmd += ["--tg", "128", "--batch", "1", "--repeats", "3", "--threads", str(threads)]
-    out = subprocess.run(cmd + ["--json"], check=True, capture_output=True, text=True).stdout
+    cmd.append("--json")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(json.loads(out)["tg128_tokens_per_s"]["mean"])
 
 
@@ -90,7 +91,7 @@ def main() -> None:
             print(f.name, r["llama_bench"][-1], r["llmopt"][-1], file=sys.stderr)
     for f in args.files:
         results[str(f)]["memory"] = memory(f, args.threads)
-    print("| file | llama-bench tg128 | llmopt | ratio | file MB | KV MB | held MB, less KV (x file) |")
+    print("| file | llama-bench tg128 | llmopt | ratio | file MB | KV MB | held MB, less KV |")
     print("|---|---|---|---|---|---|---|")
     for f in args.files:
         r = results[str(f)]

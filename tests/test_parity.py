@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
 from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.errors import ModelFormatError
 from llmopt.loader.load import LoadedModel, load_model
+from llmopt.models.registry import hf_architecture_for_gguf
 from llmopt.models.scoring import Scorer
 from llmopt.store.store import Store
 from tests.conftest import TEST_DEVICE, write_tiny_model
@@ -118,6 +121,12 @@ def test_bf16_answers_the_capital_question(smollm_folder) -> None:
         ),
         ("mistral", {"sliding_window": 8}),
         ("qwen2", {}),
+        ("qwen3", {"head_dim": 32, "random_norms": True}),
+        # Sliding layers above max_window_layers only: two windows in one model.
+        (
+            "qwen3",
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+        ),
     ],
 )
 def test_architectures_match_transformers(tmp_path, smollm_folder, arch, overrides) -> None:
@@ -133,3 +142,14 @@ def test_architectures_match_transformers(tmp_path, smollm_folder, arch, overrid
             torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False
         )
     assert greedy_ids(mine, ids, 12) == out[0, len(ids) :].tolist()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, smollm_folder) -> None:
+    folder = tmp_path / "gemma1"
+    folder.mkdir()
+    raw = json.loads((smollm_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "architectures": ["GemmaForCausalLM"]}))
+    with pytest.raises(ModelFormatError, match=r"'GemmaForCausalLM'.*Gemma3ForCausalLM.*Qwen3"):
+        ours(folder)
+    with pytest.raises(ModelFormatError, match=r"'gemma'.*gemma3.*qwen3"):
+        hf_architecture_for_gguf("gemma")

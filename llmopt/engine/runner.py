@@ -32,7 +32,9 @@ class Runner:
         p = next(model.parameters())
         self.device = p.device
         self.block_size = block_size
-        self.window = cfg.sliding_window
+        # Reads are laid out for the widest window; a layer with a narrower one reads
+        # its view of them (AttentionMetadata.for_window).
+        self.window = cfg.widest_window
         self.cache = PagedKVCache.for_model(
             cfg, num_blocks, block_size, p.dtype, p.device, kv_types
         )
@@ -95,7 +97,7 @@ class Runner:
         decode = None
         if decode_slots:
             decode = self._decode_batch(decode_slots, decode_first)
-        meta = AttentionMetadata(torch.cat(writes), decode, prefills)
+        meta = AttentionMetadata(torch.cat(writes), decode, prefills, self.window)
         inputs = {
             "input_ids": torch.tensor(ids, device=self.device),
             "positions": torch.tensor(positions, device=self.device),

@@ -77,7 +77,7 @@ class TorchAttention(AttentionBackend):
             out[:b] = self._decode(q[:b], kv, meta.decode, scale)
         chunks = meta.prefills
         dtype = self.prefill_dtype or q.dtype
-        if window is None and q.device.type == "cpu":
+        if q.device.type == "cpu" and all(c.sees_all(window) for c in chunks):
             groups, chunks = shared_prefix_groups(chunks)
             for group, shared in groups:
                 cascade_prefill(q, kv, group, shared, scale, dtype, out)
@@ -113,7 +113,7 @@ class TorchAttention(AttentionBackend):
             keys, values = kv.keys(c.slots), kv.values(c.slots)  # (S, KV, D)
         out_dtype = q.dtype
         q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
-        if c.start == 0 and c.lo == 0 and (window is None or keys.shape[0] <= window):
+        if c.start == 0 and c.sees_all(window):
             mask, causal = None, True
         else:
             mask, causal = c.additive_mask(window, dtype), False

@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward block."""
+"""Gated feed-forward blocks: SwiGLU (Llama family, Qwen) and GeGLU (Gemma)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,11 @@ class SwiGLU(nn.Module):
             return self.down_proj(a)
         gate, up = gu.split(self.intermediate, dim=-1)  # each (T, I)
         return self.down_proj(F.silu(gate) * up)
+
+
+class GeGLU(SwiGLU):
+    """The gated block with GELU (tanh approximation) on the gate: Gemma's MLP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # each (T, I)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)

@@ -65,7 +65,7 @@ class NativeCpuAttention(TorchAttention):
         if (
             not meta.prefills
             or self.prefill is None
-            or window is not None
+            or not all(c.sees_all(window) for c in meta.prefills)  # it masks causally only
             or self.prefill_dtype is not None  # bf16 on AMX: torch's kernel on tiles
             or q.shape[2] % 64
         ):

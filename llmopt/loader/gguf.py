@@ -83,7 +83,40 @@ class GGUFFile:
         window = self._get("attention.sliding_window")
         if window:
             cfg["sliding_window"] = int(window)
+        if self.arch == "gemma3":
+            cfg.update(self._gemma3_fields(cfg))
         return cfg
+
+    def _gemma3_fields(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """What a Gemma 3 text config adds, with transformers' defaults (and llama.cpp's
+        rules) where the file says nothing."""
+        layers = cfg["num_hidden_layers"]
+        # llama.cpp writes the pattern as one flag per layer (true: sliding), or not at
+        # all: then every sixth layer is global.
+        pattern = self._get("attention.sliding_window_pattern", 6)
+        sliding = (
+            [bool(p) for p in pattern]
+            if isinstance(pattern, list)
+            else [(i + 1) % int(pattern) != 0 for i in range(layers)]
+        )
+        full = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+        full.update(cfg.pop("rope_scaling", {}))
+        local = float(self._get("rope.freq_base_swa", 10000.0))
+        # Not in the file either: llama.cpp scales the 27B model (62 blocks) by
+        # hidden / heads, every other size by head_dim.
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+        scalar = hidden // heads if layers == 62 else cfg["head_dim"]
+        return {
+            "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "rope_parameters": {
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": local},
+            },
+            "query_pre_attn_scalar": scalar,
+            "final_logit_softcapping": self._get("final_logit_softcapping"),
+        }
 
     def hf_tensors(self, keep_quantized: bool = False) -> Mapping[str, Weight]:
         """All weights under Hugging Face names (see gguf_weights.hf_weights)."""

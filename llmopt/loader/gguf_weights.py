@@ -48,11 +48,26 @@ HF_NAMES = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+# Architectures whose Hugging Face names differ: Gemma 3 normalizes attention's output
+# and the MLP's output too, and calls the norm before the MLP (GGUF's ffn_norm, Llama's
+# post_attention_layernorm) pre_feedforward_layernorm.
+ARCH_HF_NAMES = {
+    "gemma3": {
+        "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+    },
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 # llama.cpp stores Llama q/k rows interleaved per rotary pair; these architectures
 # need the permutation undone to get the rotate-half layout back.
 PERMUTED_QK = ("llama", "mistral")
+# Gemma's norms multiply by 1 + w and its checkpoints store w; llama.cpp's converter
+# stores 1 + w. Hugging Face names get Hugging Face values: the one is taken off again.
+NORMS_PLUS_ONE = ("gemma3",)
 
 
 class Record(NamedTuple):
@@ -124,10 +139,10 @@ def read_index(gguf: Path, index: dict[str, Any]) -> tuple[str, list[Record]]:
     return index["architecture"], records
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, arch: str) -> str | None:
     m = _BLOCK.match(name)
     key = _BLOCK.sub("blk.{i}.", name) if m else name
-    target = HF_NAMES.get(key)
+    target = ARCH_HF_NAMES.get(arch, {}).get(key) or HF_NAMES.get(key)
     return target.format(i=m.group(1)) if (target and m) else target
 
 
@@ -155,7 +170,7 @@ def hf_weights(
     grids: dict[str, tuple[int, int] | None] = {}  # name -> (bits, group) where kept
     loaders: dict[str, Callable[[], Weight]] = {}
     for r in records:
-        name = hf_name(r.name)
+        name = hf_name(r.name, arch)
         if name is None:
             raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
         qtype = GGMLQuantizationType(r.qtype)
@@ -164,7 +179,9 @@ def hf_weights(
         grids[name] = BLOCKS[qtype][2:] if keep else None
         kind = r.name.split(".")[2] if r.name.startswith("blk.") else ""
         heads_of = heads[kind] if arch in PERMUTED_QK and kind in heads else None
-        loaders[name] = partial(_decode, r, qtype, keep, heads_of, source)
+        # llama.cpp stores these architectures' norms as 1 + w; the model adds the 1
+        plus_one = arch in NORMS_PLUS_ONE and name.endswith("norm.weight")
+        loaders[name] = partial(_decode, r, qtype, keep, heads_of, plus_one, source)
     if grids.get("model.embed_tokens.weight") and cfg.tie_word_embeddings:
         loaders["lm_head.weight"] = lambda: weights["model.embed_tokens.weight"]
     if keep_quantized:
@@ -173,9 +190,12 @@ def hf_weights(
     return weights
 
 
-def _decode(r: Record, qtype: Any, keep: bool, heads: int | None, source: str) -> Weight:
+def _decode(
+    r: Record, qtype: Any, keep: bool, heads: int | None, plus_one: bool, source: str
+) -> Weight:
     """One tensor from the file: kept in its blocks or dequantized, the q/k row order
-    undone where the architecture permutes it (heads)."""
+    undone where the architecture permutes it (heads), a norm stored as 1 + w back to
+    w (plus_one)."""
     try:
         data = r.read()
         if keep:
@@ -186,7 +206,9 @@ def _decode(r: Record, qtype: Any, keep: bool, heads: int | None, source: str) -
         raise ModelFormatError(
             f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
         ) from e
-    return w if heads is None else unpermute(w, heads)
+    if heads is not None:
+        w = unpermute(w, heads)
+    return w - 1 if plus_one and isinstance(w, torch.Tensor) else w
 
 
 def _common_grids(

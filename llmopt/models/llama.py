@@ -1,5 +1,6 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks of grouped-query
-attention with rotary embeddings and a SwiGLU MLP.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks of
+grouped-query attention with rotary embeddings (Qwen3: per-head q/k norms before them)
+and a SwiGLU MLP. Gemma 3 (models/gemma3.py) is built on it.
 
 The model is bound to a paged KV cache (`bind_cache`, which also chooses its kernels
 for it). The forward pass takes a flat batch of new tokens from any number of
@@ -10,7 +11,7 @@ the (V, hidden) matmul for every prompt token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -34,18 +35,25 @@ from llmopt.weights.qweight import QuantizedWeight
 Weight = torch.Tensor | QuantizedWeight
 
 
+def attention_for(cfg: ModelConfig, i: int) -> Attention:
+    """Layer i's attention as the config describes it."""
+    return Attention(
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.attention_bias,
+        cfg.layer_window(i),
+        qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+        scale=cfg.attention_scale,
+    )
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, i: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.attention_bias,
-            cfg.sliding_window,
-        )
+        self.self_attn = attention_for(cfg, i)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -70,11 +78,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = DecoderLayer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
@@ -86,6 +96,13 @@ class LlamaForCausalLM(nn.Module):
         # All blocks of a decode-only step in one native call, where kernel_choice finds
         # that it applies (models/native_decode.py).
         self.native_decode: NativeDecoder | None = None
+
+    @property
+    def native_blocks(self) -> bool:
+        """Whether the native decode step computes these blocks: Llama's, without q/k
+        norms, every layer with the same window."""
+        cfg = self.config
+        return not cfg.qk_norm and len({cfg.layer_window(i) for i in range(cfg.num_layers)}) == 1
 
     def bind_cache(self, cache: PagedKVCache) -> None:
         """Run over `cache` from now on, with the kernels chosen for it."""
@@ -100,16 +117,26 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         cache = self.cache
         assert cache is not None, "bind_cache first"
-        x = self.embed_tokens(input_ids)  # (N, hidden), a new tensor the blocks add into
-        cos, sin = self.rotary(positions, x.dtype)
+        x = self.embed(input_ids)  # (N, hidden), a new tensor the blocks add into
+        rope = self.rope_tables(positions, x.dtype)
         native = self.native_decode
         if native is not None and not meta.prefills and x.shape[0] <= native.max_rows:
-            x, residual = native(x, cos, sin, meta)
+            x, residual = native(x, *rope[0], meta)
             return self.norm(x, residual)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, cache.layers[i], meta)
+            x, residual = layer(x, residual, *rope[i], cache.layers[i], meta)
         return self.norm(x, residual)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N,) token ids -> (N, hidden) inputs of the first block."""
+        return self.embed_tokens(input_ids)
+
+    def rope_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary (cos, sin), (N, D) each: one table shared by all."""
+        return [self.rotary(positions, dtype)] * len(self.layers)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden) -> (N, vocab) in fp32 for sampling."""
@@ -131,12 +158,10 @@ def _cat(parts: list[Weight]) -> Weight:
     return torch.cat(parts)  # type: ignore[arg-type]
 
 
-def fuse_hf_parts(
-    cfg: ModelConfig, hf: Mapping[str, Weight]
-) -> Iterator[tuple[tuple[str, ...], dict[str, Weight]]]:
-    """Map a Hugging Face Llama state dict onto this module's names, part by part (the
-    embedding, norm and head, then each decoder layer): (the Hugging Face name prefixes
-    a part read, its weights under this module's names).
+def fuse_hf_parts(cfg: ModelConfig, hf: Mapping[str, Weight]) -> Iterator[dict[str, Weight]]:
+    """Map a Hugging Face Llama state dict onto this module's names, part by part: the
+    embedding, norm and head, then each decoder layer in order (no part reads another's
+    weights, so a part's may be dropped once it is built).
 
     q/k/v are concatenated into qkv_proj and gate/up into gate_up_proj, in the order
     the forward pass splits them; quantized weights are concatenated the same way.
@@ -147,9 +172,9 @@ def fuse_hf_parts(
     }
     if not cfg.tie_word_embeddings:
         top["lm_head.weight"] = hf["lm_head.weight"]
-    yield ("model.embed_tokens.", "model.norm.", "lm_head."), top
+    yield top
     for i in range(cfg.num_layers):
-        yield (f"model.layers.{i}.",), fuse_hf_layer(cfg, hf, i)
+        yield fuse_hf_layer(cfg, hf, i)
 
 
 def fuse_hf_layer(cfg: ModelConfig, hf: Mapping[str, Weight], i: int) -> dict[str, Weight]:
@@ -167,6 +192,9 @@ def fuse_hf_layer(cfg: ModelConfig, hf: Mapping[str, Weight], i: int) -> dict[st
     sd[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
     for norm in ("input_layernorm", "post_attention_layernorm"):
         sd[dst + f"{norm}.weight"] = hf[src + f"{norm}.weight"]
+    if cfg.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            sd[dst + f"self_attn.{norm}.weight"] = hf[attn + f"{norm}.weight"]
     return sd
 
 
@@ -192,20 +220,26 @@ def _swap_quantized(
 
 
 def build_model(
-    cfg: ModelConfig, hf: Mapping[str, Weight], dtype: torch.dtype, device: torch.device
+    model_class: type[LlamaForCausalLM],
+    parts: Callable[[ModelConfig, Mapping[str, Weight]], Iterator[dict[str, Weight]]],
+    cfg: ModelConfig,
+    hf: Mapping[str, Weight],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> LlamaForCausalLM:
-    """Instantiate without random initialisation and take the given weights (dense
-    tensors, or QuantizedWeights for linears of a quantized checkpoint). Part by part:
-    a lazily decoded `hf` (a GGUF file's) then holds one layer's decoded weights beside
-    the built ones, not the whole model's."""
+    """Instantiate `model_class` without random initialisation and take the given
+    weights (dense tensors, or QuantizedWeights for linears of a quantized checkpoint),
+    mapped onto its names part by part by `parts`. A lazily decoded `hf` (a GGUF
+    file's) then holds one part's decoded weights beside the built ones, not the whole
+    model's."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)
     sd: dict[str, torch.Tensor] = {}
     try:
-        for read, part in fuse_hf_parts(cfg, hf):
+        for part in parts(cfg, hf):
             _swap_quantized(model, part, device, dtype)
             sd.update({k: v.to(device=device, dtype=dtype) for k, v in part.items()})  # type: ignore[union-attr]
-            forget(hf, read)
+            forget(hf)
     except KeyError as e:
         raise ModelFormatError(
             f"the checkpoint has no tensor {e} that {cfg.architecture} needs"
@@ -213,10 +247,18 @@ def build_model(
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.to(device)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelFormatError(f"the checkpoint lacks weights for: {', '.join(missing[:5])}")
     if can_prepack(device, dtype):
         prepack_linears(model)
     return model.eval()
+
+
+def build_llama(
+    cfg: ModelConfig, hf: Mapping[str, Weight], dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    return build_model(LlamaForCausalLM, fuse_hf_parts, cfg, hf, dtype, device)

@@ -7,7 +7,7 @@ calls (RMSNorm, the int4/int8/bf16 one-row linears, rotary + KV store, paged
 attention), with the same rounding. `LlamaForCausalLM` uses it for steps that only
 decode (at most `max_rows` sequences) when `build` accepts the model: a CPU KV cache
 (of any element type), every block linear either a bf16 weight or a quantized one with
-the qgemv kernel.
+the qgemv kernel. Other blocks (q/k norms, Gemma 3's) run the layer path.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class NativeDecoder:
         dtype = model.norm.weight.dtype  # the activations' (the table may be quantized)
         if (
             cache.device.type != "cpu"
+            or not model.native_blocks
             or cfg.head_dim > MAX_HEAD_DIM
             or dtype not in (torch.float32, torch.bfloat16)
             or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > MAX_GROUP_DIM

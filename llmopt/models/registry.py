@@ -8,18 +8,23 @@ import torch
 
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
-from llmopt.models.llama import build_model
+from llmopt.models.gemma3 import build_gemma3
+from llmopt.models.llama import build_llama
 
 Builder = Callable[
     [ModelConfig, dict[str, torch.Tensor], torch.dtype, torch.device], torch.nn.Module
 ]
 
-# Hugging Face `architectures` name -> builder. Mistral and Qwen2 are Llama with a
-# sliding window and q/k/v biases respectively, which the config carries.
+# Hugging Face `architectures` name -> builder. Mistral, Qwen2 and Qwen3 are Llama with
+# a sliding window, q/k/v biases and q/k norms respectively, which the config carries.
+# Gemma3ForConditionalGeneration runs its text decoder alone (no images).
 ARCHITECTURES: dict[str, Builder] = {
-    "LlamaForCausalLM": build_model,
-    "MistralForCausalLM": build_model,
-    "Qwen2ForCausalLM": build_model,
+    "LlamaForCausalLM": build_llama,
+    "MistralForCausalLM": build_llama,
+    "Qwen2ForCausalLM": build_llama,
+    "Qwen3ForCausalLM": build_llama,
+    "Gemma3ForCausalLM": build_gemma3,
+    "Gemma3ForConditionalGeneration": build_gemma3,
 }
 
 # GGUF `general.architecture` -> Hugging Face name.
@@ -27,6 +32,8 @@ GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 

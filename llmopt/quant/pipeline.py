@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmopt.atomic import atomic_dir
-from llmopt.config import ModelConfig
+from llmopt.config import GEMMA3, ModelConfig
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.loader.hf import read_config, read_tensors
 from llmopt.models.registry import builder_for
@@ -133,6 +133,9 @@ def quantize_folder(
     t0 = time.perf_counter()
     cfg = read_config(folder)
     builder_for(cfg.architecture)  # refuse unsupported architectures before any work
+    if cfg.architecture in GEMMA3:
+        # The methods fold scales into Llama's two norms and rebuild Llama's blocks.
+        raise ModelFormatError("llmopt quantize does not support Gemma 3 yet")
     if cfg.quantization:
         raise UsageError(f"{folder} is already quantized; quantize the original model")
     raw_cfg = json.loads((folder / "config.json").read_text())

