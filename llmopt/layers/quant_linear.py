@@ -68,8 +68,12 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None,
         device: torch.device,
         dtype: torch.dtype = torch.float32,  # the model's activations
+        consume: bool = False,
     ) -> None:
+        """consume: qw's codes are this layer's to reuse in place (a checkpoint's, just
+        loaded): an int8 matrix (a 262,144-row embedding) is then never held twice."""
         super().__init__()
+        self.consume = consume
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
         self.device, self.dtype = device, dtype
@@ -102,7 +106,7 @@ class QuantLinear(nn.Module):
         kernel = qgemv.load() if supported else None
         if kernel is not None:
             # int8 as signed q - 128 (kernel_metadata's offsets take the 128 back)
-            wq = qgemv.pack_int4(qw.q) if self.bits == 4 else _signed_int8(qw.q)
+            wq = qgemv.pack_int4(qw.q) if self.bits == 4 else _signed_int8(qw.q, self.consume)
             self.register_buffer("wq", wq)
             kscale, koffset = qgemv.kernel_metadata(self.scale, qw.zero.float(), self.bits)
             self.register_buffer("kscale", kscale)  # what decode reads: fp16 or fp32
@@ -116,7 +120,7 @@ class QuantLinear(nn.Module):
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
-            self.register_buffer("w8", _signed_int8(qw.q))
+            self.register_buffer("w8", _signed_int8(qw.q, self.consume))
             self.register_buffer("s8", qw.scale[:, 0].to(torch.bfloat16))
             self.q = None
             return "int8"
@@ -277,10 +281,11 @@ def use_exact_arithmetic(model: nn.Module) -> None:
             m.kernel_rows, m.cpu_gemm_dtype = 0, torch.float32
 
 
-def _signed_int8(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes -> int8 q - 128, what both int8 kernels read (the top bit flipped:
-    no wider copy of a table that may be a 262,144-row embedding)."""
-    return torch.bitwise_xor(q, 0x80).view(torch.int8)
+def _signed_int8(q: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """uint8 codes -> int8 q - 128, what both int8 kernels read: the top bit flipped, in
+    q itself where the caller gave its codes away."""
+    flipped = q.bitwise_xor_(0x80) if in_place else torch.bitwise_xor(q, 0x80)
+    return flipped.view(torch.int8)
 
 
 def _int4pack_codes(w4: torch.Tensor, out: int, n: int) -> torch.Tensor:

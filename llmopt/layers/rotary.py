@@ -85,26 +85,42 @@ def _yarn(
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables; `forward(positions)` gathers rows for a flat batch."""
+    """cos/sin tables, (P, D/2) each (the rotate-half layout repeats them), computed for
+    the positions used so far and grown by doubling: tables for every position a model
+    allows would hold 64 MB for Gemma 3 (32k positions, D = 256, two rotary bases)
+    that short chats never read. Each position's row is computed once, by the same
+    arithmetic whenever it is, so a token's rotation does not depend on when it came.
+    `forward(positions)` gathers rows for a flat batch."""
+
+    FIRST = 4096  # positions in the first tables
 
     def __init__(
         self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
     ) -> None:
         super().__init__()
-        # Tables are computed on the CPU even inside a meta-device context (the model
-        # is built on "meta" to skip weight init) and moved with the module.
-        inv, mscale = inv_frequencies(head_dim, theta, scaling, max_positions)
-        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
-        freqs = torch.outer(t, inv)  # (P, head_dim/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (P, head_dim): rotate-half layout
-        self.register_buffer("cos", emb.cos() * mscale, persistent=False)
-        self.register_buffer("sin", emb.sin() * mscale, persistent=False)
+        # Computed on the CPU even inside a meta-device context (the model is built on
+        # "meta" to skip weight init) and moved with the module.
+        self.inv, self.mscale = inv_frequencies(head_dim, theta, scaling, max_positions)
+        self.max_positions = max_positions
+        empty = torch.empty(0, head_dim // 2, device="cpu")
+        self.register_buffer("cos", empty, persistent=False)
+        self.register_buffer("sin", empty.clone(), persistent=False)
+
+    def _grow(self, needed: int) -> None:
+        n = min(max(self.FIRST, 2 * len(self.cos), needed), max(self.max_positions, needed))
+        t = torch.arange(len(self.cos), n, dtype=torch.float32, device=self.cos.device)
+        freqs = torch.outer(t, self.inv.to(self.cos.device))  # (new, D/2)
+        self.cos = torch.cat([self.cos, freqs.cos() * self.mscale])
+        self.sin = torch.cat([self.sin, freqs.sin() * self.mscale])
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Gathered and cast once per forward pass, shared by every layer.
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # each (T, D)
+        if len(positions) and int(positions.max()) >= len(self.cos):
+            self._grow(int(positions.max()) + 1)
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # each (T, D)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

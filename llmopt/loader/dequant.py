@@ -6,6 +6,7 @@ about 10x slower)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,13 @@ def dequantize(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Tens
     return torch.from_numpy(slow_dequantize(data, qtype)).reshape(shape).float()
 
 
-def quantized_weight(data: np.ndarray, qtype: Q, shape: tuple[int, int]) -> QuantizedWeight:
-    """A matrix (out, in) of a type the int kernels run, as the file stores it."""
-    return gguf_blocks.quantized_weight(_tensor(data), qtype, shape)
+def quantized_weight(
+    data: np.ndarray | Callable[[int, int], np.ndarray], qtype: Q, shape: tuple[int, int]
+) -> QuantizedWeight:
+    """A matrix (out, in) of a type the int kernels run, as the file stores it: from its
+    bytes, or from read(start, size), which gives them a few MB at a time."""
+    if isinstance(data, np.ndarray):
+        whole = data.view(np.uint8).reshape(-1)
+        return gguf_blocks.quantized_weight(lambda a, n: _tensor(whole[a : a + n]), qtype, shape)
+    read = data
+    return gguf_blocks.quantized_weight(lambda a, n: _tensor(read(a, n)), qtype, shape)

@@ -77,7 +77,7 @@ class Record(NamedTuple):
     name: str
     qtype: int
     shape: tuple[int, ...]
-    read: Callable[[], np.ndarray]  # the bytes, uint8
+    read: Callable[[int, int | None], np.ndarray]  # (start, size or all) -> its bytes
 
 
 def records_of(reader: Any) -> list[Record]:
@@ -87,7 +87,7 @@ def records_of(reader: Any) -> list[Record]:
             t.name,
             int(t.tensor_type),
             tuple(int(n) for n in reversed(t.shape)),  # GGUF lists dims fastest-first
-            partial(t.data.view(np.uint8).reshape, -1),
+            partial(_slice, t.data.view(np.uint8).reshape(-1)),
         )
         for t in reader.tensors
     ]
@@ -134,9 +134,21 @@ def read_index(gguf: Path, index: dict[str, Any]) -> tuple[str, list[Record]]:
     for e in index["tensors"]:
         if e["offset"] + e["nbytes"] > size:
             raise ModelFormatError(f"{gguf.name} is shorter than its tensor table; pull it again")
-        read = partial(np.fromfile, gguf, np.uint8, e["nbytes"], offset=e["offset"])
+        read = partial(_read, gguf, e["offset"], e["nbytes"])
         records.append(Record(e["name"], e["type"], tuple(e["shape"]), read))
     return index["architecture"], records
+
+
+def _slice(data: np.ndarray, start: int = 0, size: int | None = None) -> np.ndarray:
+    return data[start : None if size is None else start + size]
+
+
+def _read(
+    path: Path, offset: int, nbytes: int, start: int = 0, size: int | None = None
+) -> np.ndarray:
+    """`size` bytes (default: to the end) from `start` of the tensor at offset..+nbytes."""
+    count = nbytes - start if size is None else size
+    return np.fromfile(path, np.uint8, count, offset=offset + start)
 
 
 def hf_name(name: str, arch: str) -> str | None:
@@ -197,11 +209,10 @@ def _decode(
     undone where the architecture permutes it (heads), a norm stored as 1 + w back to
     w (plus_one)."""
     try:
-        data = r.read()
-        if keep:
-            w: Weight = quantized_weight(data, qtype, (r.shape[0], r.shape[1]))
+        if keep:  # read a few MB at a time
+            w: Weight = quantized_weight(r.read, qtype, (r.shape[0], r.shape[1]))
         else:
-            w = dequantize(data, qtype, r.shape)
+            w = dequantize(r.read(0, None), qtype, r.shape)
     except (ValueError, RuntimeError) as e:
         raise ModelFormatError(
             f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"

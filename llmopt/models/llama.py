@@ -209,11 +209,13 @@ def _swap_quantized(
         qw: QuantizedWeight = sd.pop(key)  # type: ignore[assignment]
         path = key.removesuffix(".weight")
         parent_path, _, attr = path.rpartition(".")
-        layer = built.get(id(qw)) or QuantLinear(qw, sd.pop(path + ".bias", None), device, dtype)
+        layer = built.get(id(qw)) or QuantLinear(
+            qw, sd.pop(path + ".bias", None), device, dtype, consume=True
+        )
         built[id(qw)] = layer
         if path == "embed_tokens":
-            if layer.kernel != "qgemv":
-                sd[key] = qw.dequantize()
+            if layer.kernel != "qgemv":  # from the layer: it may have taken qw's codes
+                sd[key] = layer.dequantize(torch.float32).clone()
                 continue
             layer = QuantEmbedding(layer)  # type: ignore[assignment]
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)

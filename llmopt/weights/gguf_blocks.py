@@ -31,6 +31,8 @@ at scale 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from gguf import GGMLQuantizationType as Q
 
@@ -118,21 +120,30 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
     return codes.reshape(-1, group), scale.view(-1, 1), offset.view(-1, 1)
 
 
-def quantized_weight(data: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> QuantizedWeight:
-    """A matrix (out, in) of one of BLOCKS' types from its bytes, as it is stored."""
+# Raw bytes decoded at a time: a big matrix (Gemma 3's 168 MB embedding) then never
+# has its file bytes and its codes in memory whole at once.
+CHUNK_BYTES = 8 << 20
+
+
+def quantized_weight(
+    read: Callable[[int, int], torch.Tensor], qtype: Q, shape: tuple[int, int]
+) -> QuantizedWeight:
+    """A matrix (out, in) of one of BLOCKS' types, as it is stored; read(start, size)
+    gives `size` bytes of it from byte `start`, which are decoded a few MB at a time."""
     out, n = shape
-    _, per_block, bits, group = BLOCKS[qtype]
+    width, per_block, bits, group = BLOCKS[qtype]
     if n % per_block:
         raise ValueError(f"rows of {n} weights do not fill {qtype.name} blocks of {per_block}")
-    codes, scale, offset = decode(data, qtype)
-    flat = scale == 0  # every weight of the group is its offset: code 0 at scale 1
-    codes = torch.where(flat, torch.zeros_like(codes), codes)
-    scale = torch.where(flat, torch.ones_like(scale), scale)
-    groups = n // group
-    return QuantizedWeight(
-        codes.reshape(out, n).contiguous(),
-        scale.reshape(out, groups),
-        (-offset / scale).reshape(out, groups),
-        bits,
-        group,
-    )
+    row_bytes, groups = n // per_block * width, n // group
+    q = torch.empty(out, n, dtype=torch.uint8)
+    scale, zero = torch.empty(out, groups), torch.empty(out, groups)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for a in range(0, out, step):
+        rows = min(step, out - a)
+        codes, s, offset = decode(read(a * row_bytes, rows * row_bytes), qtype)
+        flat = (s == 0)[:, 0]  # every weight of the group is its offset: code 0 at scale 1
+        codes[flat], s[flat] = 0, 1.0
+        q[a : a + rows] = codes.view(rows, n)
+        scale[a : a + rows] = s.view(rows, groups)
+        zero[a : a + rows] = (-offset / s).view(rows, groups)
+    return QuantizedWeight(q, scale, zero, bits, group)
