@@ -68,8 +68,9 @@ def serve(
         None,
         "--memory-budget",
         help="GB for the loaded models' weights and KV caches together; the least "
-        "recently used idle model is unloaded to make room. Default with several models: "
-        "half the RAM (90% of the GPU's memory on CUDA); with one: no limit.",
+        "recently used idle model is unloaded to make room, and each KV cache is "
+        "--kv-cache-memory or a tenth of the budget. Default with several models: half "
+        "the RAM (90% of the GPU's memory on CUDA); with one: no limit.",
     ),
     keep_alive: float = typer.Option(
         None,
@@ -137,14 +138,18 @@ def serve(
     device = resolve_device(engine.device)  # e.g. --device cuda without CUDA
     sock = _bind(host, port)
     manager = _manager(specs, served_name, engine, device, memory_budget, keep_alive, console)
-    # The engines run in processes of their own, loading the models resolved here.
     if preload is None:
         preload = not several
-    if preload:
+    # A lone model loaded for good is reported as before, in one line; otherwise every
+    # load and unload is.
+    lone = not several and preload and not manager.managed
+    if not lone:
+        manager.log = lambda message: console.print(message, highlight=False, soft_wrap=True)
+    if preload:  # engines in processes of their own, loading the models resolved here
         manager.preload()
     app = create_app(Server(manager, config, embedder))
     url = f"http://{host}:{sock.getsockname()[1]}/v1"
-    console.print(_serving_line(manager, url, api_key is not None), highlight=False)
+    console.print(_serving_line(manager, url, api_key is not None, lone), highlight=False)
     # timeout_graceful_shutdown None: on SIGTERM, wait for every request in flight.
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None)
@@ -178,8 +183,6 @@ def _manager(
         for name, config in _models(specs, served_name, engine, console)
     ]
     manager = ModelManager(models, budget, None if keep_alive == -1 else keep_alive)
-    if manager.managed:  # a lone model loaded for good is reported as before, in one line
-        manager.log = lambda message: console.print(message, highlight=False, soft_wrap=True)
     for m in models:
         if budget is not None and m.bytes > budget:
             console.print(
@@ -207,20 +210,22 @@ def _models(
     return list(out.items())
 
 
-def _serving_line(manager: ModelManager, url: str, keyed: bool) -> str:
+def _serving_line(manager: ModelManager, url: str, keyed: bool, lone: bool) -> str:
+    from llmopt.server.budget import gb
+
     key = ", API key required" if keyed else ""
     models = list(manager.models.values())
-    if len(models) == 1 and models[0].engine is not None and not manager.managed:
+    if lone:
         m, e = models[0], models[0].engine
+        assert e is not None
         return (
             f"serving [bold]{m.name}[/bold] at {url} "
             f"(context {e.max_context} tokens, "
             f"KV cache {e.kv_capacity_tokens} tokens: {e.kv_cache_description}{key})"
         )
     names = ", ".join(f"[bold]{m.name}[/bold]" for m in models)
-    from llmopt.server.budget import gb
-
-    budget = "no memory limit" if manager.budget_bytes is None else gb(manager.budget_bytes)
+    b = manager.budget_bytes
+    budget = "no memory budget" if b is None else f"memory budget {gb(b)}"
     keep = manager.keep_alive_s
     idle = "never unloaded when idle" if keep is None else f"keep-alive {keep:g} s"
-    return f"serving {names} at {url} (memory budget {budget}, {idle}{key})"
+    return f"serving {names} at {url} ({budget}, {idle}{key})"
