@@ -175,9 +175,9 @@ def _sliding_window(cfg: dict[str, Any]) -> int | None:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What `llmopt serve` is asked to do beyond the engine's own settings."""
+    """What `llmopt serve` is asked to do beyond the engine's own settings and the
+    models it serves (server/model_manager.py)."""
 
-    model_name: str  # the id clients send as "model" and /v1/models lists
     api_key: str | None = None  # None: no auth
     max_queue: int = 256  # requests waiting for a batch slot before 429
     request_timeout_s: float | None = 600.0

@@ -13,6 +13,7 @@ from llmopt.engine.async_engine import AsyncEngine
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.factory import build_engine
 from llmopt.server.app import Server, create_app
+from llmopt.server.model_manager import ModelManager, ServedModel
 from tests.live_server import LiveServer
 
 MODEL = "smollm2-135m-instruct"
@@ -40,9 +41,13 @@ QUESTIONS = [
 
 
 def start(loaded, config: ServerConfig | None = None, embedder=None, **engine_kw) -> LiveServer:
-    config_ = EngineConfig(max_context=2048, kv_cache_memory=0.1, **engine_kw)
-    engine = build_engine(loaded, config_)
-    server = Server(AsyncEngine(engine), config or ServerConfig(model_name=MODEL), embedder)
+    """The server over one engine on `loaded`, built here and loaded for good, as
+    `llmopt serve MODEL` has it."""
+    config_ = EngineConfig(str(loaded.folder), max_context=2048, kv_cache_memory=0.1, **engine_kw)
+    engine = AsyncEngine(build_engine(loaded, config_))
+    models = ModelManager([ServedModel(MODEL, config_)], spawn=lambda _: engine)
+    models.preload()
+    server = Server(models, config or ServerConfig(), embedder)
     live = LiveServer(create_app(server))
     live.app_server = server  # type: ignore[attr-defined]
     return live
@@ -54,8 +59,12 @@ def client(live: LiveServer, **kw) -> openai.OpenAI:
     )
 
 
+def engine(live: LiveServer) -> AsyncEngine:
+    return live.app_server.models.models[MODEL].engine  # type: ignore[attr-defined]
+
+
 def load(live: LiveServer):
-    return live.app_server.engine.load()  # type: ignore[attr-defined]
+    return engine(live).load()
 
 
 def wait_idle(live: LiveServer, timeout: float = 10) -> None:

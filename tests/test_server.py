@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_helpers import MODEL, QUESTIONS, ask, client, load, wait_idle
+from tests.server_helpers import MODEL, QUESTIONS, ask, client, engine, load, wait_idle
 
 pytestmark = pytest.mark.real_model
 
@@ -86,7 +86,7 @@ def test_completions_stop_n_seed_echo(live) -> None:
     assert a == texts() and len(set(a)) > 1
     assert set(texts(seed=100)).isdisjoint(a)  # and another seed other samples
     # a batch of prompts, and token ids as a prompt
-    ids = live.app_server.tokenizer.encode("Hello")  # type: ignore[attr-defined]
+    ids = engine(live).tokenizer.encode("Hello")
     two = c.completions.create(
         model=MODEL, prompt=["Hello", "Bonjour"], max_tokens=4, temperature=0
     )
@@ -109,7 +109,7 @@ def test_logprobs_match_the_reference_model(live, smollm_folder) -> None:
     )
     assert first.token == first.top_logprobs[0].token  # greedy takes the top one
 
-    tok = live.app_server.tokenizer  # type: ignore[attr-defined]
+    tok = engine(live).tokenizer
     ids = tok.encode_chat([{"role": "user", "content": QUESTIONS[2]}])
     ref = AutoModelForCausalLM.from_pretrained(smollm_folder, torch_dtype=torch.float32)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_penalties_turn_greedy_away_from_a_repeat(live, prompt, penalty) -> None
     assert i is not None, "one answer is the other cut short"
     seen = set(greedy[:i])
     if "extra" in penalty:
-        tok = live.app_server.tokenizer  # type: ignore[attr-defined]
+        tok = engine(live).tokenizer
         seen |= {tok.decode([t]) for t in tok.encode(prompt)}
     assert greedy[i] in seen, (greedy[i], penalized[i])
 

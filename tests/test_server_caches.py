@@ -7,7 +7,7 @@ import pytest
 
 from llmopt.config import ServerConfig
 from tests.conftest import EXTRACTIVE
-from tests.server_helpers import MODEL, ask, client, load, metrics, start, wait_idle
+from tests.server_helpers import MODEL, ask, client, engine, load, metrics, start, wait_idle
 
 pytestmark = pytest.mark.real_model
 
@@ -76,7 +76,7 @@ def test_exact_cache_hit_skips_the_engine(live) -> None:
 def test_semantic_cache_hits_paraphrase_and_misses_unrelated(smollm_fp32) -> None:
     from llmopt.server.embedder import MiniLMEmbedder
 
-    config = ServerConfig(model_name=MODEL, semantic_threshold=0.9)
+    config = ServerConfig(semantic_threshold=0.9)
     with start(smollm_fp32, config, MiniLMEmbedder()) as s:
         c = client(s)
 
@@ -126,11 +126,11 @@ def test_metrics_count_what_a_request_did(live) -> None:
         "llmopt_prefix_cache_miss_tokens_total"
     )
     assert looked_up == prompt
-    engine = load(live)
-    assert after["llmopt_kv_blocks_total"] == engine.kv_blocks_total > 0
+    state = load(live)
+    assert after["llmopt_kv_blocks_total"] == state.kv_blocks_total > 0
     tokens = after["llmopt_kv_cache_tokens_total"]
-    assert tokens == engine.kv_blocks_total * engine.kv_block_size
-    assert tokens == live.app_server.engine.kv_capacity_tokens
+    assert tokens == state.kv_blocks_total * state.kv_block_size
+    assert tokens == engine(live).kv_capacity_tokens
     assert after["llmopt_kv_cache_tokens_used"] == 0
     assert after["llmopt_kv_blocks_used"] == after["llmopt_requests_running"] == 0
     assert after["llmopt_requests_waiting"] == 0

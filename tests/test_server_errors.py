@@ -93,7 +93,7 @@ def test_bad_completion_inputs(live) -> None:
 
 
 def test_api_key_required_everywhere_but_health(smollm_fp32) -> None:
-    with start(smollm_fp32, ServerConfig(model_name=MODEL, api_key="s3cret")) as s:
+    with start(smollm_fp32, ServerConfig(api_key="s3cret")) as s:
         assert httpx.get(s.url + "/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = httpx.get(s.url + "/v1/models", headers=headers)
@@ -105,7 +105,7 @@ def test_api_key_required_everywhere_but_health(smollm_fp32) -> None:
 
 
 def test_full_queue_answers_429_with_retry_after(smollm_fp32) -> None:
-    config = ServerConfig(model_name=MODEL, max_queue=1)
+    config = ServerConfig(max_queue=1)
     with start(smollm_fp32, config, max_num_seqs=1) as s:
         long = {
             "model": MODEL,
@@ -130,7 +130,7 @@ def test_full_queue_answers_429_with_retry_after(smollm_fp32) -> None:
 
 
 def test_request_timeout_ends_request_and_frees_blocks(smollm_fp32) -> None:
-    config = ServerConfig(model_name=MODEL, request_timeout_s=0.5)
+    config = ServerConfig(request_timeout_s=0.5)
     with start(smollm_fp32, config) as s:
         body = {"model": MODEL, "prompt": "Story:", "max_tokens": 1500, "ignore_eos": True}
         r = httpx.post(s.url + "/v1/completions", json=body)

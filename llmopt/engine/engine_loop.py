@@ -31,6 +31,7 @@ class EngineLoad(NamedTuple):
     kv_block_size: int  # tokens a block holds
     prefix_hit_tokens: int
     prefix_miss_tokens: int
+    prefix_cached_blocks: int = 0  # full blocks the prefix cache holds (in use or not)
 
 
 def load_of(engine: Engine) -> EngineLoad:
@@ -43,6 +44,7 @@ def load_of(engine: Engine) -> EngineLoad:
         kv_block_size=blocks.block_size,
         prefix_hit_tokens=blocks.hit_tokens,
         prefix_miss_tokens=blocks.miss_tokens,
+        prefix_cached_blocks=len(blocks.cached),
     )
 
 

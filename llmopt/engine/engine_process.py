@@ -29,6 +29,7 @@ def _child(conn: Connection, config: EngineConfig) -> None:
     import signal
 
     from llmopt.engine.factory import open_engine
+    from llmopt.engine.footprint import held_bytes
 
     # Ctrl-C and SIGTERM reach the whole process group: the parent decides when to stop
     # (after draining the requests in flight) and says so over the pipe.
@@ -45,7 +46,7 @@ def _child(conn: Connection, config: EngineConfig) -> None:
     conn.send(
         (
             "ready", str(loaded.folder), engine.max_context, engine.kv_capacity_tokens,
-            engine.kv_cache_description,
+            engine.kv_cache_description, held_bytes(engine),
         )
     )  # fmt: skip
 
@@ -90,7 +91,8 @@ class EngineProcess:
         if msg[0] == "failed":
             self.process.join(timeout=5)
             raise msg[1]
-        _, folder, self.max_context, self.kv_capacity_tokens, self.kv_cache_description = msg
+        _, folder, self.max_context, self.kv_capacity_tokens, *rest = msg
+        self.kv_cache_description, self.memory_bytes = rest
         self.tokenizer = Tokenizer(Path(folder))
         self._lock = threading.Lock()  # send() is called from the loop and from abort paths
         self._deliver, self._fail = deliver, fail

@@ -1,18 +1,21 @@
-"""The OpenAI-compatible HTTP API over one engine.
+"""The OpenAI-compatible HTTP API over one or several models, each in an engine of its
+own (model_manager.py).
 
     POST /v1/chat/completions   POST /v1/completions   (streamed as SSE, or not)
     GET  /v1/models             GET  /health           GET  /metrics
-    GET  /v1/status             (per model: loaded, requests running and waiting, KV use;
-                                 what the router's model-aware policy reads)
+    GET  /v1/status             (per model: loaded, requests running and waiting, KV use,
+                                 bytes held; what the router's model-aware policy reads)
 
 Every request passes, in order: auth, validation (400 in the OpenAI error shape),
-the model check (404), the context check (400 with the numbers), backpressure (429
-with Retry-After), the response caches, then the engine. A client that disconnects
+the model check (404), its model's load (503 with Retry-After if it cannot fit), the
+context check (400 with the numbers), backpressure (429 with Retry-After), the
+response caches, then the engine. A client that disconnects
 cancels its request; a request past the timeout ends with an error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +30,7 @@ from llmopt.errors import LlmoptError
 from llmopt.openai_wire import APIError, authorized, unauthorized
 from llmopt.server.generation import Event, RequestTimeout
 from llmopt.server.metrics import CONTENT_TYPE
+from llmopt.server.model_manager import Lease, ServedModel
 from llmopt.server.openai_format import (
     ChatFormatter,
     CompletionFormatter,
@@ -35,7 +39,7 @@ from llmopt.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from llmopt.server.service import CacheQuery, Server
+from llmopt.server.service import CacheQuery, Prepared, Server
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -54,8 +58,14 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 def create_app(server: Server) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        models = server.models
+        reaper = (
+            asyncio.create_task(models.keep_alive()) if models.keep_alive_s is not None else None
+        )
         yield
-        server.engine.shutdown()  # after uvicorn has drained in-flight requests
+        if reaper is not None:
+            reaper.cancel()
+        models.shutdown()  # after uvicorn has drained in-flight requests
 
     app = FastAPI(title="llmopt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -106,99 +116,110 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": server.config.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "llmopt",
-                    "max_model_len": server.engine.max_context,
-                }
-            ],
-        }
+        return {"object": "list", "data": [_card(m) for m in server.models.models.values()]}
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
-        s = server.engine.load()
-        tokens = s.kv_block_size
-        model = {
-            "id": server.config.model_name,
-            "loaded": True,
-            "running": s.running,
-            "waiting": s.waiting,
-            "kv_cache_tokens_used": s.kv_blocks_used * tokens,
-            "kv_cache_tokens_total": s.kv_blocks_total * tokens,
-            "prefix_cache_hit_tokens": s.prefix_hit_tokens,
-            "prefix_cache_miss_tokens": s.prefix_miss_tokens,
+        # Least recently used first: the order in which the router expects evictions.
+        ordered = sorted(server.models.models.values(), key=lambda m: m.last_used)
+        return {
+            "object": "status",
+            "models": [_model_status(m) for m in ordered],
+            "max_loaded_models": server.models.max_loaded(),  # None: all always loaded
+            "memory_budget_bytes": server.models.budget_bytes,
+            "memory_held_bytes": server.models.held_bytes(),
         }
-        # One model, always loaded: no slots to count (None), as the router reads it.
-        return {"object": "status", "models": [model], "max_loaded_models": None}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         messages = req.chat_messages()
-        ids = server.tokenizer.encode_chat(messages)
-        fmt = ChatFormatter(server.config.model_name, server.tokenizer)
         with_lp = req.logprobs
-        context = ["chat", server.config.model_name, req.cache_params(), messages[:-1]]
-        query = CacheQuery(context, f"{messages[-1]['role']}: {messages[-1]['content']}")
 
-        async def chunks(events: AsyncIterator[Event]) -> AsyncIterator[dict[str, Any]]:
-            for i in range(req.n):
-                yield fmt.role_chunk(i)
-            async for i, d in events:
-                yield fmt.chunk(i, d, with_lp)
+        def prepare(model: Lease) -> Prepared:
+            fmt = ChatFormatter(model.name, model.tokenizer)
+            context = ["chat", model.name, req.cache_params(), messages[:-1]]
+            query = CacheQuery(context, f"{messages[-1]['role']}: {messages[-1]['content']}")
 
-        return await server.respond(
-            "chat",
-            req,
-            request,
-            [ids],
-            query,
-            fmt,
-            lambda results, u: fmt.response(results, u, with_lp),
-            chunks,
-        )
+            async def chunks(events: AsyncIterator[Event]) -> AsyncIterator[dict[str, Any]]:
+                for i in range(req.n):
+                    yield fmt.role_chunk(i)
+                async for i, d in events:
+                    yield fmt.chunk(i, d, with_lp)
+
+            return Prepared(
+                [model.tokenizer.encode_chat(messages)],
+                query,
+                fmt,
+                lambda results, u: fmt.response(results, u, with_lp),
+                chunks,
+            )
+
+        return await server.respond("chat", req, request, prepare)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        tok = server.tokenizer
         prompts = req.prompts()
-        prompts_ids = []
-        for p in prompts:
-            if isinstance(p, str):
-                prompts_ids.append(tok.encode(p))
-            elif any(t < 0 or t >= tok.vocab_size for t in p):
-                raise APIError(
-                    400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt"
-                )
-            else:
-                prompts_ids.append(p)
-        texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
-        echoes = [texts[j // req.n] if req.echo else "" for j in range(len(prompts) * req.n)]
-        fmt = CompletionFormatter(server.config.model_name, tok)
         with_lp = req.logprobs is not None
-        context = ["completion", server.config.model_name, req.cache_params(), texts[:-1]]
-        query = CacheQuery(context, texts[-1])
 
-        async def chunks(events: AsyncIterator[Event]) -> AsyncIterator[dict[str, Any]]:
-            started: set[int] = set()
-            async for i, d in events:
-                text = d.text if i in started else echoes[i] + d.text
-                started.add(i)
-                yield fmt.chunk(i, text, d, with_lp)
+        def prepare(model: Lease) -> Prepared:
+            tok = model.tokenizer
+            prompts_ids = []
+            for p in prompts:
+                if isinstance(p, str):
+                    prompts_ids.append(tok.encode(p))
+                elif any(t < 0 or t >= tok.vocab_size for t in p):
+                    raise APIError(
+                        400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt"
+                    )
+                else:
+                    prompts_ids.append(p)
+            texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+            echoes = [texts[j // req.n] if req.echo else "" for j in range(len(prompts) * req.n)]
+            fmt = CompletionFormatter(model.name, tok)
+            context = ["completion", model.name, req.cache_params(), texts[:-1]]
 
-        return await server.respond(
-            "completion",
-            req,
-            request,
-            prompts_ids,
-            query,
-            fmt,
-            lambda results, u: fmt.response(results, u, with_lp, echoes),
-            chunks,
-        )
+            async def chunks(events: AsyncIterator[Event]) -> AsyncIterator[dict[str, Any]]:
+                started: set[int] = set()
+                async for i, d in events:
+                    text = d.text if i in started else echoes[i] + d.text
+                    started.add(i)
+                    yield fmt.chunk(i, text, d, with_lp)
+
+            return Prepared(
+                prompts_ids,
+                CacheQuery(context, texts[-1]),
+                fmt,
+                lambda results, u: fmt.response(results, u, with_lp, echoes),
+                chunks,
+            )
+
+        return await server.respond("completion", req, request, prepare)
 
     return app
+
+
+def _card(m: ServedModel) -> dict[str, Any]:
+    """Its /v1/models entry; "loaded" and max_model_len (once known) are llmopt's own."""
+    card = {"id": m.name, "object": "model", "created": 0, "owned_by": "llmopt"}
+    if m.max_context is not None:
+        card["max_model_len"] = m.max_context
+    return {**card, "loaded": m.engine is not None}
+
+
+def _model_status(m: ServedModel) -> dict[str, Any]:
+    s = m.engine.load() if m.engine is not None else None
+    tokens = s.kv_block_size if s else 0
+    return {
+        "id": m.name,
+        "loaded": s is not None,
+        "running": s.running if s else 0,
+        "waiting": s.waiting if s else 0,
+        "kv_cache_tokens_used": s.kv_blocks_used * tokens if s else 0,
+        "kv_cache_tokens_total": s.kv_blocks_total * tokens if s else 0,
+        "prefix_cache_hit_tokens": s.prefix_hit_tokens if s else 0,
+        "prefix_cache_miss_tokens": s.prefix_miss_tokens if s else 0,
+        "prefix_cache_tokens": s.prefix_cached_blocks * tokens if s else 0,
+        "bytes": m.bytes,  # measured once loaded, estimated before
+        "in_flight": m.in_flight,
+        "loads": m.loads,
+    }

@@ -2,10 +2,11 @@
 so that tests can run several).
 
 Engine state (requests running and waiting, KV blocks, prefix-cache tokens) is read
-at scrape time from the engine; latencies and token counts are recorded as each
-request finishes, speculative decoding's counts too (under vLLM's names, so that its
-dashboards' acceptance rate and mean accepted length apply: accepted / draft tokens,
-and 1 + accepted tokens / drafts).
+at scrape time, summed over the loaded models' engines, and so are the models' own
+series (loaded or not, bytes held, loads, unloads by reason, load seconds); latencies
+and token counts are recorded as each request finishes, speculative decoding's counts
+too (under vLLM's names, so that its dashboards' acceptance rate and mean accepted
+length apply: accepted / draft tokens, and 1 + accepted tokens / drafts).
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from llmopt.engine.engine_loop import EngineLoad
 from llmopt.engine.outputs import RequestStats
+from llmopt.server.model_manager import ModelManager
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds. TTFT spans prompt-cache hits (ms) to long prefills behind a queue (minutes).
@@ -46,6 +53,11 @@ class _EngineCollector(Collector):
             "Tokens of KV cache held by requests",
             s.kv_blocks_used * s.kv_block_size,
         )
+        yield GaugeMetricFamily(
+            "llmopt_prefix_cache_tokens",
+            "Tokens in full blocks the prefix cache holds",
+            s.prefix_cached_blocks * s.kv_block_size,
+        )
         looked_up = s.prefix_hit_tokens + s.prefix_miss_tokens
         yield GaugeMetricFamily(
             "llmopt_prefix_cache_hit_rate",
@@ -62,11 +74,57 @@ class _EngineCollector(Collector):
         )
 
 
+class _ModelsCollector(Collector):
+    def __init__(self, models: ModelManager) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        models = list(self.models.models.values())
+        yield GaugeMetricFamily(
+            "llmopt_models_loaded", "Models loaded now", len(self.models.loaded())
+        )
+        yield GaugeMetricFamily(
+            "llmopt_memory_held_bytes",
+            "Bytes of weights and KV cache the loaded models hold",
+            self.models.held_bytes(),
+        )
+        if self.models.budget_bytes is not None:
+            yield GaugeMetricFamily(
+                "llmopt_memory_budget_bytes",
+                "The memory budget for the loaded models",
+                self.models.budget_bytes,
+            )
+        loaded = GaugeMetricFamily("llmopt_model_loaded", "1 if loaded", labels=["model"])
+        held = GaugeMetricFamily(
+            "llmopt_model_bytes",
+            "Bytes of weights and KV cache (measured once loaded, estimated before)",
+            labels=["model"],
+        )
+        loads = CounterMetricFamily("llmopt_model_loads", "Model loads", labels=["model"])
+        unloads = CounterMetricFamily(
+            "llmopt_model_unloads",
+            "Model unloads by reason: room (for another model), idle (keep-alive)",
+            labels=["model", "reason"],
+        )
+        seconds = SummaryMetricFamily(
+            "llmopt_model_load_seconds", "Time to load a model", labels=["model"]
+        )
+        for m in models:
+            loaded.add_metric([m.name], int(m.engine is not None))
+            held.add_metric([m.name], m.bytes)
+            loads.add_metric([m.name], m.loads)
+            for reason in ("room", "idle"):
+                unloads.add_metric([m.name, reason], m.unloads[reason])
+            seconds.add_metric([m.name], m.loads, m.load_seconds)
+        yield from (loaded, held, loads, unloads, seconds)
+
+
 class ServerMetrics:
-    def __init__(self, load: Callable[[], EngineLoad]) -> None:
+    def __init__(self, models: ModelManager) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        r.register(_EngineCollector(load))
+        r.register(_EngineCollector(models.load))
+        r.register(_ModelsCollector(models))
         self.requests = Counter(
             "llmopt_requests",
             "Finished requests by endpoint and outcome",

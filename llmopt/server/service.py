@@ -1,23 +1,26 @@
-"""What the HTTP API does for one request, over one engine: the model, context and
-capacity checks, the exact and semantic response caches, and generation as events."""
+"""What the HTTP API does for one request: the lease on its model (model_manager.py),
+the context and capacity checks, the exact and semantic response caches, and
+generation as events."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from llmopt.config import ServerConfig
-from llmopt.engine.async_engine import AsyncEngine, GenerationError
+from llmopt.engine.async_engine import GenerationError
 from llmopt.errors import LlmoptError
 from llmopt.openai_wire import APIError, sse
 from llmopt.server.embedder import MiniLMEmbedder
 from llmopt.server.generation import ChoiceResult, Event, Job, RequestTimeout, replay, run_jobs
 from llmopt.server.metrics import ServerMetrics
+from llmopt.server.model_manager import Lease, ModelManager
 from llmopt.server.openai_format import Formatter, usage
 from llmopt.server.protocol import (
     ChatCompletionRequest,
@@ -39,14 +42,24 @@ class CacheQuery:
         self.query_text = query_text
 
 
+class Prepared(NamedTuple):
+    """A request made ready for its model: its prompts' ids, cache identity, and how
+    its answer is rendered (whole, or as stream chunks from its events)."""
+
+    prompts_ids: list[list[int]]
+    query: CacheQuery
+    fmt: Formatter
+    render: Callable[[list[ChoiceResult], dict[str, Any]], dict[str, Any]]
+    chunks: Callable[[AsyncIterator[Event]], AsyncIterator[dict[str, Any]]]
+
+
 class Server:
     def __init__(
-        self, engine: AsyncEngine, config: ServerConfig, embedder: MiniLMEmbedder | None = None
+        self, models: ModelManager, config: ServerConfig, embedder: MiniLMEmbedder | None = None
     ) -> None:
-        self.engine = engine
+        self.models = models
         self.config = config
-        self.tokenizer = engine.tokenizer
-        self.metrics = ServerMetrics(self.engine.load)
+        self.metrics = ServerMetrics(models)
         self.cache: ResponseCache[list[ChoiceResult]] = ResponseCache(
             config.cache_max_entries,
             config.cache_ttl_s,
@@ -56,29 +69,20 @@ class Server:
 
     # -- checks -------------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.config.model_name:
-            raise APIError(
-                404,
-                f"model '{model}' is not served here; this server serves "
-                f"'{self.config.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
-
-    def check_fits(self, prompts_ids: list[list[int]], max_tokens: int | None) -> None:
+    @staticmethod
+    def check_fits(lease: Lease, prompts_ids: list[list[int]], max_tokens: int | None) -> None:
         for ids in prompts_ids:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
             try:
-                self.engine.check_fits(len(ids), max_tokens)
+                lease.engine.check_fits(len(ids), max_tokens)
             except LlmoptError as e:
                 raise APIError(
                     400, e.message, param="max_tokens", code="context_length_exceeded"
                 ) from None
 
-    def check_capacity(self, num_jobs: int) -> None:
-        waiting = self.engine.load().waiting
+    def check_capacity(self, lease: Lease, num_jobs: int) -> None:
+        waiting = lease.engine.load().waiting
         if waiting + num_jobs > self.config.max_queue:
             raise APIError(
                 429,
@@ -113,6 +117,7 @@ class Server:
     async def events(
         self,
         endpoint: str,
+        lease: Lease,
         jobs: list[Job],
         results: list[ChoiceResult],
         cached: list[ChoiceResult] | None,
@@ -124,7 +129,7 @@ class Server:
             source: AsyncIterator[Event] = _aiter(replay(cached))
         else:
             source = run_jobs(
-                self.engine, jobs, self.config.request_timeout_s, self.metrics.observe_generation
+                lease.engine, jobs, self.config.request_timeout_s, self.metrics.observe_generation
             )
         outcome = "cancelled"
         try:
@@ -148,39 +153,57 @@ class Server:
         endpoint: str,
         req: ChatCompletionRequest | CompletionRequest,
         request: Request,
-        prompts_ids: list[list[int]],
-        q: CacheQuery,
-        fmt: Formatter,
-        render: Callable[[list[ChoiceResult], dict[str, Any]], dict[str, Any]],
-        chunks: Callable[[AsyncIterator[Event]], AsyncIterator[dict[str, Any]]],
+        prepare: Callable[[Lease], Prepared],
     ) -> Response:
         req.refuse_unsupported()
-        self.check_model(req.model)
-        limit = req.token_limit
-        self.check_fits(prompts_ids, limit)
-        jobs = [
-            Job(ids, req.sampling(limit, req.num_logprobs, seed_offset=j))
-            for ids in prompts_ids
-            for j in range(req.n)
-        ]
-        header, cached, embedding = await self.lookup(req, q)
-        if cached is None:
-            self.check_capacity(len(jobs))
+        lease = await self.models.acquire(req.model, self.config.request_timeout_s)
+        streaming = False
+        try:
+            p = prepare(lease)
+            limit = req.token_limit
+            self.check_fits(lease, p.prompts_ids, limit)
+            jobs = [
+                Job(ids, req.sampling(limit, req.num_logprobs, seed_offset=j))
+                for ids in p.prompts_ids
+                for j in range(req.n)
+            ]
+            header, cached, embedding = await self.lookup(req, p.query)
+            if cached is None:
+                self.check_capacity(lease, len(jobs))
 
-        def store(results: list[ChoiceResult]) -> None:
-            if header == "miss" and all(r.finish_reason in ("stop", "length") for r in results):
-                self.cache.put(q.key, results, q.context, embedding)
+            def store(results: list[ChoiceResult]) -> None:
+                if header == "miss" and all(r.finish_reason in ("stop", "length") for r in results):
+                    self.cache.put(p.query.key, results, p.query.context, embedding)
 
-        results = [ChoiceResult() for _ in jobs]
-        events = self.events(endpoint, jobs, results, cached, store)
-        prompt_lens = [len(ids) for ids in prompts_ids]
-        headers = {CACHE_HEADER: header}
-        if req.stream:
-            body = _sse_body(chunks(events), fmt, results, prompt_lens, req.include_usage)
-            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-        if not await _collect_unless_disconnected(events, request):
-            return Response(status_code=499)  # nobody is listening; nginx's "client closed"
-        return JSONResponse(render(results, usage(results, prompt_lens)), headers=headers)
+            results = [ChoiceResult() for _ in jobs]
+            events = self.events(endpoint, lease, jobs, results, cached, store)
+            prompt_lens = [len(ids) for ids in p.prompts_ids]
+            headers = {CACHE_HEADER: header}
+            if req.stream:
+                body = _sse_body(p.chunks(events), p.fmt, results, prompt_lens, req.include_usage)
+                streaming = True
+                return _LeasedStream(body, lease, headers)
+            if not await _collect_unless_disconnected(events, request):
+                return Response(status_code=499)  # nobody is listening; nginx's "client closed"
+            return JSONResponse(p.render(results, usage(results, prompt_lens)), headers=headers)
+        finally:
+            if not streaming:
+                lease.release()
+
+
+class _LeasedStream(StreamingResponse):
+    """An event stream that ends its model's lease once sent, or once the client has
+    gone: also when its body never started (the client left before the headers)."""
+
+    def __init__(self, body: AsyncIterator[str], lease: Lease, headers: dict[str, str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.lease.release()
 
 
 async def _aiter(items: list[Event]) -> AsyncIterator[Event]:
