@@ -1,7 +1,8 @@
 """The native decode step (models/native_decode.py + kernels/decode_layers.c) against the
 Python loop over the same blocks: same logits for a decode step of one and of several
 sequences (different lengths, blocks not consecutive), dense bf16 and quantized
-models, with and without qkv bias; models it does not take fall back to the loop."""
+models, with and without qkv bias, q/k norms (Qwen3), and Gemma 3's blocks with their
+sliding-window layers; models it does not take fall back to the loop."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from llmopt.quant.pipeline import quantize_folder
 from llmopt.quant.spec import QuantSpec
 from llmopt.store.store import Store
 from tests.conftest import require_kernel, write_tiny_model
+from tests.test_gemma3 import WINDOW, tiny_gemma
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 9, 13, 200, 31], list(range(40, 61)), list(range(100, 140))]  # 5, 21, 40
@@ -68,6 +70,8 @@ def tiny_models(tmp_path_factory, smollm_folder: Path) -> dict[str, Path]:
     models = {
         "llama": llama,
         "qwen2": write_tiny_model(root / "qwen2", smollm_folder, arch="qwen2"),
+        "qwen3": write_tiny_model(root / "qwen3", smollm_folder, arch="qwen3"),
+        "gemma3": tiny_gemma(root / "gemma3", smollm_folder),
     }
     specs = [
         ("int4", QuantSpec(4, "rtn", 32, sym=False), 0),
@@ -87,6 +91,8 @@ def tiny_models(tmp_path_factory, smollm_folder: Path) -> dict[str, Path]:
     [
         ("llama", torch.bfloat16),
         ("qwen2", torch.bfloat16),  # qkv bias
+        ("qwen3", torch.bfloat16),  # q/k norms
+        ("gemma3", torch.bfloat16),  # four norms, GELU, local (window 8) and global layers
         ("int4", torch.bfloat16),
         ("int4", torch.float32),
         ("int8", torch.bfloat16),
@@ -98,6 +104,8 @@ def test_native_step_matches_the_python_loop(tiny_models, model, dtype, batch) -
     engine = _engine(tiny_models[model], dtype)
     native, python = _decode_logits(engine, PROMPTS[:batch])
     assert native.shape == (batch, 49152)
+    if model == "gemma3":  # rows of 21 and 40 keys read 8 in the local layers
+        assert engine.runner.model.native_decode.windows == [WINDOW, None]
     # The same kernels and roundings but silu's exp (a polynomial here, Sleef in torch):
     # differences of float rounding, where a wrong pointer or order would give O(1). In
     # fp32 an ulp of exp can flip the int8 rounding of one of qgemv's activations (a step

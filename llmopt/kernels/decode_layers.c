@@ -1,5 +1,6 @@
-/* All decoder blocks of a Llama-family model for the decode step of a few sequences,
- * in one call: the loop that models/llama.py runs in Python, over the same kernels.
+/* All decoder blocks of a Llama-family model (Llama, Mistral, Qwen2 and 3, Gemma 3) for
+ * the decode step of a few sequences, in one call: the loop that models/llama.py (and
+ * gemma3.py) runs in Python, over the same kernels.
  *
  * Why: at decode a block is about 30 small operations; from Python each costs
  * microseconds of dispatch, which for a 135M-parameter model is more than the weights
@@ -9,9 +10,14 @@
  *
  * Per block, for M rows (one new token per sequence; hidden E, heads H, KV heads KV,
  * head dim D, MLP width I), with residual += x fused into each norm:
- *   h = norm1(x [+ residual]); qkv = h Wqkv^T; q = rope(q), cache <- rope(k), v;
- *   a = attention(q, cache) (fp32, rounded to the dtype); h = norm2(a o^T + residual);
- *   g, u = h Wgu^T; x = (silu(g) * u) Wdown^T
+ *   h = norm1(x [+ residual]); qkv = h Wqkv^T; [q, k = qnorm(q), knorm(k) per head];
+ *   q = rope(q), cache <- rope(k), v; a = attention(q, cache) (fp32, rounded to the
+ *   dtype); o = a Wo^T [o = attn_out_norm(o)]; h = norm2(o + residual);
+ *   g, u = h Wgu^T; x = (act(g) * u) Wdown^T [x = mlp_out_norm(x)]
+ * with act SiLU or GELU (tanh), and the bracketed steps where a block has them (Qwen3's
+ * and Gemma 3's q/k norms, Gemma 3's norms of the attention's and the MLP's outputs).
+ * Each block reads its own rotary rows and its own view of the keys (a sliding-window
+ * layer's last `window` keys): one of `n_views` given per call.
  * On return x holds the last block's MLP output and residual the stream before it
  * (the caller adds them in its final norm). Block 0 takes residual = x (no add).
  */
@@ -20,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gelu_mul.c"
 #include "gemv_bf16.c"
 #include "kv_types.h"
 #include "paged_decode.c"
@@ -43,7 +50,19 @@ typedef struct {
 typedef struct {
     const void *norm1, *norm2; /* (E,) in the model's dtype */
     DLinear qkv, o, gate_up, down;
+    const void *q_norm, *k_norm;              /* (D,) per-head norms, or NULL */
+    const void *attn_out_norm, *mlp_out_norm; /* (E,) norms of o and of the MLP's x, or NULL */
+    int gelu;                                 /* the gate's activation: GELU (tanh), or SiLU */
+    int view;                                 /* which of the call's views it reads */
 } DLayer;
+
+/* What one kind of block reads (per view: a sliding window's, or every key's): its
+ * rotary rows (M, D) in the model's dtype, and each row's keys: slots (M, L), lens. */
+typedef struct {
+    const void *cos, *sin;
+    const int64_t *slots, *lens;
+    int L;
+} DView;
 
 static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, int y_bf16) {
     if (l->bits == 16) return gemv_bf16(x, x_bf16, M, l->K, l->w, l->N, l->bias, y, y_bf16);
@@ -65,10 +84,8 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
 }
 
 int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
-                  int H, int KV, int D, int I, float eps, int bf16, const void *cos,
-                  const void *sin, const KVLayer *kv, const int64_t *write_slots,
-                  const int64_t *read_slots, const int64_t *lens,
-                  int L, float scale) {
+                  int H, int KV, int D, int I, float eps, int bf16, const DView *views,
+                  const KVLayer *kv, const int64_t *write_slots, float scale) {
     const size_t el = bf16 ? 2 : 4;
     const int qkv_n = (H + 2 * KV) * D;
     char *h = malloc(el * M * E), *qkv = malloc(el * M * qkv_n), *gu = malloc(el * M * 2 * I);
@@ -83,15 +100,28 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
         } else {
             rmsnorm(x, residual, ly->norm1, h, M, E, eps, bf16);
         }
+        const DView *v = views + ly->view;
         rc |= linear(&ly->qkv, h, bf16, M, qkv, bf16);
-        rope_store(qkv, qkv_n, cos, sin, bf16, M, H, KV, D, kv + i, write_slots, q);
-        paged_decode(q, kv + i, read_slots, lens, M, L, H, KV, D, scale, att);
+        /* norms in place: each row's sum of squares comes before any of its writes */
+        if (ly->q_norm)
+            for (int m = 0; m < M; m++) {
+                char *row = qkv + el * m * qkv_n;
+                rmsnorm(row, NULL, ly->q_norm, row, H, D, eps, bf16);
+                rmsnorm(row + el * H * D, NULL, ly->k_norm, row + el * H * D, KV, D, eps, bf16);
+            }
+        rope_store(qkv, qkv_n, v->cos, v->sin, bf16, M, H, KV, D, kv + i, write_slots, q);
+        paged_decode(q, kv + i, v->slots, v->lens, M, v->L, H, KV, D, scale, att);
         for (size_t j = 0; j < (size_t)M * H * D; j++) store_elem(act, j, att[j], bf16);
         rc |= linear(&ly->o, act, bf16, M, x, bf16);
+        if (ly->attn_out_norm) rmsnorm(x, NULL, ly->attn_out_norm, x, M, E, eps, bf16);
         rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);
         rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16);
-        silu_mul(gu, act, M, I, bf16);
+        if (ly->gelu)
+            gelu_mul(gu, act, M, I, bf16);
+        else
+            silu_mul(gu, act, M, I, bf16);
         rc |= linear(&ly->down, act, bf16, M, x, bf16);
+        if (ly->mlp_out_norm) rmsnorm(x, NULL, ly->mlp_out_norm, x, M, E, eps, bf16);
     }
     free(h);
     free(qkv);

@@ -49,6 +49,14 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GeGLU(hidden, cfg.intermediate_size)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps)
 
+    def native_norms(self) -> tuple[RMSNorm | None, ...]:
+        return (
+            self.input_layernorm,
+            self.pre_feedforward_layernorm,
+            self.post_attention_layernorm,
+            self.post_feedforward_layernorm,
+        )
+
     def forward(
         self,
         x: torch.Tensor,  # (N, hidden): the previous block's (normed) MLP output
@@ -79,10 +87,6 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.local_rotary = RotaryEmbedding(
             cfg.head_dim, cfg.local_rope_theta or 10000.0, None, cfg.max_position_embeddings
         )
-
-    @property
-    def native_blocks(self) -> bool:
-        return False  # four norms a block and a GELU gate: not what the native step runs
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

@@ -57,6 +57,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
+    def native_norms(self) -> tuple[RMSNorm | None, ...]:
+        """The norms as the native decode step names them: before attention, before the
+        MLP (the residual add fused into each), and of attention's and the MLP's outputs
+        (None: Llama has neither)."""
+        return self.input_layernorm, self.post_attention_layernorm, None, None
+
     def forward(
         self,
         x: torch.Tensor,  # (N, hidden): the previous block's output
@@ -97,13 +103,6 @@ class LlamaForCausalLM(nn.Module):
         # that it applies (models/native_decode.py).
         self.native_decode: NativeDecoder | None = None
 
-    @property
-    def native_blocks(self) -> bool:
-        """Whether the native decode step computes these blocks: Llama's, without q/k
-        norms, every layer with the same window."""
-        cfg = self.config
-        return not cfg.qk_norm and len({cfg.layer_window(i) for i in range(cfg.num_layers)}) == 1
-
     def bind_cache(self, cache: PagedKVCache) -> None:
         """Run over `cache` from now on, with the kernels chosen for it."""
         self.cache = cache
@@ -121,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rope_tables(positions, x.dtype)
         native = self.native_decode
         if native is not None and not meta.prefills and x.shape[0] <= native.max_rows:
-            x, residual = native(x, *rope[0], meta)
+            x, residual = native(x, rope, meta)
             return self.norm(x, residual)
         residual = None
         for i, layer in enumerate(self.layers):

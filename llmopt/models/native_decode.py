@@ -4,10 +4,13 @@ At decode a Llama block is about thirty small operations; run from Python, their
 dispatch costs more than reading a small model's weights. `NativeDecoder` hands the
 whole stack of blocks to one C function that runs the same kernels the Python path
 calls (RMSNorm, the int4/int8/bf16 one-row linears, rotary + KV store, paged
-attention), with the same rounding. `LlamaForCausalLM` uses it for steps that only
-decode (at most `max_rows` sequences) when `build` accepts the model: a CPU KV cache
-(of any element type), every block linear either a bf16 weight or a quantized one with
-the qgemv kernel. Other blocks (q/k norms, Gemma 3's) run the layer path.
+attention, the gate's activation), with the same rounding. `LlamaForCausalLM` uses it
+for steps that only decode (at most `max_rows` sequences) when `build` accepts the
+model: a CPU KV cache (of any element type), every block linear either a bf16 weight
+or a quantized one with the qgemv kernel. It takes Llama's blocks and their variants:
+q/k norms (Qwen3, Gemma 3), norms of the attention's and the MLP's outputs and a GELU
+gate (Gemma 3), and layers with different windows and rotary tables (Gemma 3's local
+and global ones), each reading its own view of the step.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ class _DLayer(ctypes.Structure):
     _fields_ = [
         ("norm1", _ptr), ("norm2", _ptr),
         ("qkv", _DLinear), ("o", _DLinear), ("gate_up", _DLinear), ("down", _DLinear),
+        ("q_norm", _ptr), ("k_norm", _ptr), ("attn_out_norm", _ptr), ("mlp_out_norm", _ptr),
+        ("gelu", _i32), ("view", _i32),
+    ]  # fmt: skip
+
+
+class _DView(ctypes.Structure):
+    _fields_ = [
+        ("cos", _ptr), ("sin", _ptr), ("slots", _ptr), ("lens", _ptr), ("L", _i32),
     ]  # fmt: skip
 
 
@@ -76,11 +87,11 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
     return _DLinear(*args, *ptrs, n, k)
 
 
-# layers, n_layers, x, residual; M, E, H, KV, D, I; eps, bf16, cos, sin, kv (one
-# KVLayer a layer); write_slots, read_slots, lens, L, scale
+# layers, n_layers, x, residual; M, E, H, KV, D, I; eps, bf16, views, kv (one KVLayer
+# a layer); write_slots, scale
 _ARGTYPES = (
-    [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr, _ptr]
-    + [_ptr, _ptr, _ptr, _i32, ctypes.c_float]
+    [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr]
+    + [_ptr, ctypes.c_float]
 )  # fmt: skip
 
 
@@ -97,6 +108,7 @@ class NativeDecoder:
         self.keep: list[torch.Tensor] = []  # tensors whose pointers the table holds
         self.max_rows = QUANT_MAX_ROWS  # most sequences a step it runs (see build)
         self.layers = (_DLayer * cfg.num_layers)()
+        self.windows: list[int | None] = []  # the layers' distinct windows: one view each
         self.cache = cache  # the cache whose pointers `kv` holds
         self.kv = (KVLayerStruct * cfg.num_layers)(*map(KVLayerStruct.of, cache.layers))
 
@@ -107,7 +119,6 @@ class NativeDecoder:
         dtype = model.norm.weight.dtype  # the activations' (the table may be quantized)
         if (
             cache.device.type != "cpu"
-            or not model.native_blocks
             or cfg.head_dim > MAX_HEAD_DIM
             or dtype not in (torch.float32, torch.bfloat16)
             or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > MAX_GROUP_DIM
@@ -120,17 +131,24 @@ class NativeDecoder:
             return None
         native = cls(fn, model, cache)
         for i, block in enumerate(model.layers):
-            norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
+            attn = block.self_attn
+            norms = [n.weight for n in block.native_norms() if n is not None]
+            if attn.q_norm is not None:
+                norms += [attn.q_norm.weight, attn.k_norm.weight]
             linears = [
                 _linear(m, native.keep)
-                for m in (
-                    block.self_attn.qkv_proj, block.self_attn.o_proj,
-                    block.mlp.gate_up_proj, block.mlp.down_proj,
-                )
-            ]  # fmt: skip
+                for m in (attn.qkv_proj, attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)
+            ]
             if any(n.dtype != dtype for n in norms) or any(lin is None for lin in linears):
                 return None
-            native.layers[i] = _DLayer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
+            if attn.window not in native.windows:
+                native.windows.append(attn.window)
+            native.layers[i] = _DLayer(
+                *(_pointer(n) for n in block.native_norms()[:2]), *linears,
+                _pointer(attn.q_norm), _pointer(attn.k_norm),
+                *(_pointer(n) for n in block.native_norms()[2:]),
+                int(block.mlp.activation_kernel == "gelu_mul"), native.windows.index(attn.window),
+            )  # fmt: skip
             if any(lin.bits == 16 for lin in linears):  # type: ignore[union-attr]
                 native.max_rows = DENSE_MAX_ROWS
             native.keep += norms
@@ -139,23 +157,34 @@ class NativeDecoder:
     def __call__(
         self,
         x: torch.Tensor,  # (M, hidden): the new tokens' embeddings, overwritten
-        cos: torch.Tensor,  # (M, D) in x's dtype
-        sin: torch.Tensor,
+        rope: list[tuple[torch.Tensor, torch.Tensor]],  # each layer's (cos, sin), (M, D)
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every block over the cache it was built for; returns (last block's MLP
-        output, residual stream before it)."""
-        d = meta.decode
-        assert d is not None and x.is_contiguous()
-        m = x.shape[0]
+        output, residual stream before it). The layers of one window share one rotary
+        table (Gemma 3's local and global kinds)."""
+        assert meta.decode is not None and x.is_contiguous()
+        views = (_DView * len(self.windows))()
+        keep = []  # the views' tensors, alive for the call
+        for v, window in enumerate(self.windows):
+            d = meta.for_window(window).decode
+            assert d is not None
+            cos, sin = rope[next(i for i, ly in enumerate(self.layers) if ly.view == v)]
+            views[v] = _DView(cos.data_ptr(), sin.data_ptr(), d.slots.data_ptr(),
+                              d.lens.data_ptr(), d.slots.shape[1])  # fmt: skip
+            keep.append(d)
         residual = torch.empty_like(x)
         rc = self.fn(
-            ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), residual.data_ptr(), m,
-            *self.dims,
-            self.eps, int(x.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(),
-            ctypes.addressof(self.kv), meta.slot_mapping.data_ptr(), d.slots.data_ptr(),
-            d.lens.data_ptr(), d.slots.shape[1], self.scale,
+            ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), residual.data_ptr(),
+            x.shape[0], *self.dims, self.eps, int(x.dtype == torch.bfloat16),
+            ctypes.addressof(views), ctypes.addressof(self.kv), meta.slot_mapping.data_ptr(),
+            self.scale,
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError("the native decode step refused its inputs")
         return x, residual
+
+
+def _pointer(m: torch.nn.Module | None) -> int | None:
+    """A norm's weight pointer, or None (NULL) for a norm the block does not have."""
+    return None if m is None else m.weight.data_ptr()
