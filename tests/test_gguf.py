@@ -26,6 +26,7 @@ from llmopt.loader.gguf import GGUFFile
 from llmopt.loader.gguf_weights import INDEX, unpermute
 from llmopt.loader.load import load_model, open_source
 from llmopt.store.store import Store
+from llmopt.weights import gguf_blocks
 from llmopt.weights.qweight import QuantizedWeight
 from tests.conftest import REAL_HOME, require_kernel, write_tiny_model
 from tests.test_parity import full_logits
@@ -383,3 +384,23 @@ def test_damaged_gguf_is_a_clear_error(tmp_path, smollm_gguf, damage) -> None:
     with pytest.raises(ModelFormatError, match=r"bad\.gguf"):
         load_model(bad, torch.float32, torch.device("cpu"), Store(), Console(stderr=True))
     assert not list((Store().home / "converted").glob("bad-*")), "no half-written conversion"
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K])
+def test_big_matrices_decode_a_few_rows_at_a_time(monkeypatch, qtype) -> None:
+    """Reading and decoding in chunks of rows (a partial one at the end) gives the
+    weight decoding it whole does."""
+    raw = _blocks(qtype, 64, 512, seed=3)
+    whole = quantized_weight(raw, qtype, (64, 512))
+    monkeypatch.setattr(gguf_blocks, "CHUNK_BYTES", raw.shape[1] * 5)  # 5 rows a chunk
+    reads: list[tuple[int, int]] = []
+    flat = raw.reshape(-1)
+
+    def read(start: int, size: int) -> np.ndarray:
+        reads.append((start, size))
+        return flat[start : start + size]
+
+    chunked = quantized_weight(read, qtype, (64, 512))
+    assert len(reads) == 13 and reads[-1][1] == raw.shape[1] * 4
+    for field in ("q", "scale", "zero"):
+        assert torch.equal(getattr(whole, field), getattr(chunked, field))
