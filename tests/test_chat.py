@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -66,6 +67,9 @@ def test_chat_session(engine, monkeypatch, capsys) -> None:
     assert "Paris" in out.out
     assert "time to first token" in out.err
     assert "speculation" not in out.err  # none ran
+    # the start-up line states the memory: the model's and the process's
+    held = re.search(r"weights and KV\s+cache\s+(\d+)\s+MB,\s+resident\s+(\d+)\s+MB", out.err)
+    assert held and 0 < int(held.group(1)) < int(held.group(2))
     assert chat.params.temperature == 0 and chat.params.max_tokens == 24
     assert chat.history == []  # /clear ran after two exchanges
 

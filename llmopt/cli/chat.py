@@ -164,10 +164,13 @@ class Chat:
         return "\n".join(parts)
 
     def repl(self) -> None:
+        from llmopt.engine.footprint import held_bytes, resident_bytes
+
+        held, resident = held_bytes(self.engine) / 1e6, resident_bytes() / 1e6
         self.console.print(
             f"[bold]{self.name}[/bold] ready (context {self.engine.max_context} tokens, "
-            f"KV cache {self.engine.kv_capacity_tokens} tokens). /help for commands, "
-            "Ctrl-D to leave.",
+            f"KV cache {self.engine.kv_capacity_tokens} tokens; weights and KV cache "
+            f"{held:.0f} MB, resident {resident:.0f} MB). /help for commands, Ctrl-D to leave.",
             highlight=False,
         )
         with contextlib.suppress(ImportError):

@@ -221,7 +221,9 @@ def _serving_line(manager: ModelManager, url: str, keyed: bool, lone: bool) -> s
         return (
             f"serving [bold]{m.name}[/bold] at {url} "
             f"(context {e.max_context} tokens, "
-            f"KV cache {e.kv_capacity_tokens} tokens: {e.kv_cache_description}{key})"
+            f"KV cache {e.kv_capacity_tokens} tokens: {e.kv_cache_description}; "
+            f"weights and KV cache {gb(e.memory_bytes)}, engine resident "
+            f"{gb(e.resident_bytes)}{key})"
         )
     names = ", ".join(f"[bold]{m.name}[/bold]" for m in models)
     b = manager.budget_bytes

@@ -28,7 +28,7 @@ import torch
 
 from llmopt.engine.engine import Engine, check_fits
 from llmopt.engine.engine_loop import Command, EngineLoad, Outputs, load_of, run_engine_loop
-from llmopt.engine.footprint import held_bytes
+from llmopt.engine.footprint import held_bytes, resident_bytes
 from llmopt.engine.outputs import Delta
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.tokenizer import Tokenizer
@@ -53,6 +53,7 @@ class AsyncEngine:
         self.kv_capacity_tokens = engine.kv_capacity_tokens
         self.kv_cache_description = engine.kv_cache_description
         self.memory_bytes = held_bytes(engine)  # weights and KV cache
+        self.resident_bytes = resident_bytes()  # the process's, with the model loaded
         self._load = load_of(engine)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # torch's thread count is per OS thread: the engine thread keeps its creator's.
@@ -84,6 +85,7 @@ class AsyncEngine:
         self.kv_capacity_tokens = proc.kv_capacity_tokens
         self.kv_cache_description = proc.kv_cache_description
         self.memory_bytes = proc.memory_bytes
+        self.resident_bytes = proc.resident_bytes
         # Its cache's size until the first step reports the whole load.
         blocks = self.kv_capacity_tokens // config.block_size
         self._load = EngineLoad(0, 0, 0, blocks, config.block_size, 0, 0)

@@ -29,7 +29,7 @@ def _child(conn: Connection, config: EngineConfig) -> None:
     import signal
 
     from llmopt.engine.factory import open_engine
-    from llmopt.engine.footprint import held_bytes
+    from llmopt.engine.footprint import held_bytes, resident_bytes
 
     # Ctrl-C and SIGTERM reach the whole process group: the parent decides when to stop
     # (after draining the requests in flight) and says so over the pipe.
@@ -46,7 +46,7 @@ def _child(conn: Connection, config: EngineConfig) -> None:
     conn.send(
         (
             "ready", str(loaded.folder), engine.max_context, engine.kv_capacity_tokens,
-            engine.kv_cache_description, held_bytes(engine),
+            engine.kv_cache_description, held_bytes(engine), resident_bytes(),
         )
     )  # fmt: skip
 
@@ -92,7 +92,7 @@ class EngineProcess:
             self.process.join(timeout=5)
             raise msg[1]
         _, folder, self.max_context, self.kv_capacity_tokens, *rest = msg
-        self.kv_cache_description, self.memory_bytes = rest
+        self.kv_cache_description, self.memory_bytes, self.resident_bytes = rest
         self.tokenizer = Tokenizer(Path(folder))
         self._lock = threading.Lock()  # send() is called from the loop and from abort paths
         self._deliver, self._fail = deliver, fail

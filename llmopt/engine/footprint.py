@@ -4,6 +4,7 @@ budget."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +42,19 @@ def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux's /proc/self/statm), or its peak so far
+    where that file is not there: what the start-up reports state beside held_bytes
+    (the interpreter, torch, the tokenizer and the allocator's slack too)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def held_bytes(engine: Engine) -> int:
