@@ -29,7 +29,7 @@ class PrefillChunk:
     lo: int  # position of its first visible key (> 0 only with a sliding window)
     slots: torch.Tensor  # (start + q_len - lo,) cache slots of keys lo .. start + q_len - 1
     contiguous: int | None = None  # first slot, when the slots are one consecutive run
-    _mask: torch.Tensor | None = field(default=None, repr=False)
+    _mask: tuple[int | None, torch.Tensor] | None = field(default=None, repr=False)
 
     def sees_all(self, window: int | None) -> bool:
         """Whether every query sees all keys before it: from position 0, none of them
@@ -49,7 +49,7 @@ class PrefillChunk:
         lo + j), -inf elsewhere: in the attention's type, built once per step and shared
         by all layers rather than rebuilt in each (a chunk meets one window: narrower
         ones read their own view, AttentionMetadata.for_window)."""
-        if self._mask is None or self._mask.dtype != dtype:
+        if self._mask is None or self._mask[0] != window or self._mask[1].dtype != dtype:
             device = self.slots.device
             qpos = torch.arange(self.start, self.start + self.q_len, device=device)[:, None]
             kpos = torch.arange(self.lo, self.lo + self.slots.shape[0], device=device)[None]
@@ -57,8 +57,8 @@ class PrefillChunk:
             if window is not None:
                 hidden |= kpos <= qpos - window
             mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
-            self._mask = mask.masked_fill_(hidden, float("-inf"))
-        return self._mask
+            self._mask = (window, mask.masked_fill_(hidden, float("-inf")))
+        return self._mask[1]
 
 
 @dataclass
