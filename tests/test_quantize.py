@@ -398,12 +398,20 @@ def test_cuda_bf16_runs_int4_on_torchs_kernel(tiny_llama, tmp_path) -> None:
     assert (got - want).norm() < 3e-2 * want.norm()  # bf16 activations
 
 
-@pytest.mark.parametrize("width,qtype,levels", [("--int8", "Q8_0", 127), ("--int4", "Q4_1", 15)])
-def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width, qtype, levels):
-    """`--format gguf` rounds to nearest in llama.cpp's blocks: Q8_0 for --int8 and, by
-    default, Q4_1 for --int4 (it was refused: int4's default method is GPTQ), named on
+# The types' worst rounding error, as a fraction of a tensor's largest |w|: Q4_K_M's
+# 6-bit sub-block scales and minimums round too, and its fallbacks (Q5_0, Q6_K) are finer.
+LEVELS = {"Q8_0": 127, "Q4_1": 15, "Q4_K_M": 7}
+
+
+@pytest.mark.parametrize("width", ["--int8", "--int4"])
+def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width):
+    """`--format gguf` picks llama.cpp's blocks by width: Q8_0 for --int8 and, for
+    --int4, Q4_K_M from llama.cpp's quantizer where it is installed, else Q4_1, named on
     stderr; the file is registered and runs, and the report sets it against the whole
     model in bf16."""
+    from llmopt.cli.quantize import default_gguf_type
+
+    qtype = default_gguf_type(8 if width == "--int8" else 4)
     from tests.test_gguf_export import small_tiny_model
 
     src = small_tiny_model(tmp_path / "tiny", smollm_folder)
@@ -428,10 +436,20 @@ def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width, q
     # Our GGUF reader gets the weights back, in the type asked, within its rounding.
     gguf = GGUFFile(out)
     types = {t.name: t.tensor_type.name for t in gguf.reader.tensors}
-    assert types["blk.0.ffn_down.weight"] == qtype
+    assert types["blk.0.ffn_down.weight"] == qtype or qtype == "Q4_K_M"  # a mix of types
     got = gguf.hf_tensors()["model.layers.0.mlp.down_proj.weight"]
     want = source["model.layers.0.mlp.down_proj.weight"].float()
-    assert (got - want).abs().max() <= want.abs().max() / levels + 1e-6
+    assert (got - want).abs().max() <= want.abs().max() / LEVELS[qtype] + 1e-6
+
+
+def test_int4_gguf_defaults_to_q4_k_m_where_llama_cpp_quantizes(monkeypatch) -> None:
+    from llmopt.cli.quantize import GGUF_DEFAULT_WHY, default_gguf_type
+    from llmopt.quant import gguf_export
+
+    for here, qtype in ((True, "Q4_K_M"), (False, "Q4_1")):
+        monkeypatch.setattr(gguf_export, "has_llama_quantizer", lambda here=here: here)
+        assert default_gguf_type(4) == qtype and qtype in GGUF_DEFAULT_WHY[qtype]
+    assert default_gguf_type(8) == "Q8_0"
 
 
 def test_default_name_comes_from_the_source(tiny_llama, tmp_path) -> None:

@@ -47,10 +47,22 @@ def _perplexity(path: Path, tokens: int, console: Console) -> float:
 # Why each width's default GGUF type, printed when --gguf-type is not given.
 GGUF_DEFAULT_WHY = {
     "Q8_0": "GGUF type Q8_0: llama.cpp's 8-bit blocks of 32, one scale each",
-    "Q4_1": "GGUF type Q4_1: llama.cpp's 4-bit blocks of 32 with a scale and a minimum "
-    "(asymmetric, closer than Q4_0), which llmopt and llama.cpp both run packed; "
-    "--gguf-type picks another (Q4_0, or K-quants such as Q4_K_M with llama-cpp-python)",
+    "Q4_K_M": "GGUF type Q4_K_M: llama.cpp's 4-bit K-quant mix (some tensors at 6 bits, and "
+    "Q5_0 where a row is no multiple of 256), from llama.cpp's own quantizer; "
+    "--gguf-type picks another (Q4_0, Q4_1, Q5_K_M, ...)",
+    "Q4_1": "GGUF type Q4_1: llama.cpp's 4-bit blocks of 32 with a scale and a minimum, "
+    "which llmopt and llama.cpp both run packed (Q4_K_M needs llama.cpp's quantizer: "
+    "pip install llama-cpp-python)",
 }
+
+
+def default_gguf_type(bits: int) -> str:
+    """int8: Q8_0; int4: Q4_K_M where llama.cpp's quantizer is here, else Q4_1."""
+    from llmopt.quant.gguf_export import has_llama_quantizer
+
+    if bits == 8:
+        return "Q8_0"
+    return "Q4_K_M" if has_llama_quantizer() else "Q4_1"
 
 
 def default_method(bits: int, fmt: str) -> str:
@@ -103,7 +115,7 @@ def quantize(
     model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
     int4: bool = typer.Option(
-        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_1 blocks)."
+        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_K_M, or Q4_1)."
     ),
     method: str = typer.Option(
         None,
@@ -205,7 +217,7 @@ def quantize(
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     if fmt == "gguf":
         if gguf_type is None:
-            gguf_type = "Q8_0" if bits == 8 else "Q4_1"
+            gguf_type = default_gguf_type(bits)
             console.print(f"[dim]{GGUF_DEFAULT_WHY[gguf_type]}[/dim]")
         gguf_type = gguf_type.upper()
     elif gguf_type:
