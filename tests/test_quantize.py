@@ -50,10 +50,14 @@ def _quantize(src: Path, out: Path, *extra: str) -> dict:
 IDS = [1, 504, 3458, 314, 253, 1345, 282, 7046, 30, 216, 198, 1017]
 
 
-@pytest.mark.parametrize("head_bits", [0, 8, 4])
+@pytest.mark.parametrize(
+    ("head_bits", "embed"), [(0, "int8"), (0, "bf16"), (8, "int8"), (4, "int8")]
+)
 def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(
-    tmp_path, smollm_folder, head_bits
+    tmp_path, smollm_folder, head_bits, embed
 ) -> None:
+    """The embedding in int8 (the default) or bf16; the output projection tied to it, or
+    untied by --lm-head and quantized on its own grid."""
     from tests.conftest import write_tiny_model
 
     # Tied embeddings, as SmolLM2: --lm-head must untie them and keep the embedding.
@@ -61,17 +65,24 @@ def test_rtn_int4_matches_a_dense_model_of_the_dequantized_weights(
     out = tmp_path / "q"
     lm_head = head_bits > 0
     extra = ["--lm-head", "--lm-head-bits", str(head_bits)] if lm_head else []
-    report = _quantize(src, out, "--int4", "--method", "rtn", "--group-size", "32", *extra)
+    report = _quantize(src, out, "--int4", "--method", "rtn", "--group-size", "32",
+                       f"--{embed}-embedding", *extra)  # fmt: skip
     assert report["bits"] == 4 and report["linear_ratio"] < (0.3 if head_bits != 8 else 0.55)
+    assert report["embed_bits"] == {"int8": 8, "bf16": 16}[embed]
     loaded = _load(out)
     layer = loaded.model.layers[0].mlp.gate_up_proj
     assert type(layer).__name__ == "QuantLinear" and layer.bits == 4
-    head = loaded.model.lm_head
-    assert (type(head).__name__ == "QuantLinear") == lm_head
+    head, table = loaded.model.lm_head, loaded.model.embed_tokens
+    assert (type(table).__name__ == "QuantEmbedding") == (embed == "int8")
+    assert (type(head).__name__ == "QuantLinear") == (lm_head or embed == "int8")
     if lm_head:  # int8: one scale per row; int4: the blocks' groups
         group = 32 if head_bits == 4 else head.in_features
         assert head.bits == head_bits and head.group_size == group
-    assert loaded.config.tie_word_embeddings != lm_head
+        assert embed == "bf16" or table.table is not head
+    elif embed == "int8":  # the tied head is the embedding's table, stored once
+        assert table.table is head and head.bits == 8 and head.group_size == head.in_features
+        assert not any(k.startswith("lm_head.") for k in _quantized_weights(out))
+    assert loaded.config.tie_word_embeddings == (not lm_head and embed == "bf16")
     # The same weights, dequantized into an ordinary dense folder: same logits.
     from safetensors.torch import save_file
 
@@ -142,7 +153,7 @@ def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
     """One quantization written in our, GPTQ's and AWQ's layout: the same integers,
     scales and zeros come back, and each checkpoint loads and runs."""
     common = ["--int4", "--method", method, "--group-size", "32", "--calib-tokens", "1024"]
-    common += ["--asym", "--no-act-order"]  # what all three layouts hold
+    common += ["--asym", "--no-act-order", "--bf16-embedding"]  # what all three layouts hold
     _quantize(tiny_llama, tmp_path / "native", *common)
     ref = _quantized_weights(tmp_path / "native")
     for fmt in ("gptq", "awq"):
@@ -387,12 +398,20 @@ def test_cuda_bf16_runs_int4_on_torchs_kernel(tiny_llama, tmp_path) -> None:
     assert (got - want).norm() < 3e-2 * want.norm()  # bf16 activations
 
 
-@pytest.mark.parametrize("width,qtype,levels", [("--int8", "Q8_0", 127), ("--int4", "Q4_1", 15)])
-def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width, qtype, levels):
-    """`--format gguf` rounds to nearest in llama.cpp's blocks: Q8_0 for --int8 and, by
-    default, Q4_1 for --int4 (it was refused: int4's default method is GPTQ), named on
+# The types' worst rounding error, as a fraction of a tensor's largest |w|: Q4_K_M's
+# 6-bit sub-block scales and minimums round too, and its fallbacks (Q5_0, Q6_K) are finer.
+LEVELS = {"Q8_0": 127, "Q4_1": 15, "Q4_K_M": 7}
+
+
+@pytest.mark.parametrize("width", ["--int8", "--int4"])
+def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width):
+    """`--format gguf` picks llama.cpp's blocks by width: Q8_0 for --int8 and, for
+    --int4, Q4_K_M from llama.cpp's quantizer where it is installed, else Q4_1, named on
     stderr; the file is registered and runs, and the report sets it against the whole
     model in bf16."""
+    from llmopt.cli.quantize import default_gguf_type
+
+    qtype = default_gguf_type(8 if width == "--int8" else 4)
     from tests.test_gguf_export import small_tiny_model
 
     src = small_tiny_model(tmp_path / "tiny", smollm_folder)
@@ -417,10 +436,20 @@ def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width, q
     # Our GGUF reader gets the weights back, in the type asked, within its rounding.
     gguf = GGUFFile(out)
     types = {t.name: t.tensor_type.name for t in gguf.reader.tensors}
-    assert types["blk.0.ffn_down.weight"] == qtype
+    assert types["blk.0.ffn_down.weight"] == qtype or qtype == "Q4_K_M"  # a mix of types
     got = gguf.hf_tensors()["model.layers.0.mlp.down_proj.weight"]
     want = source["model.layers.0.mlp.down_proj.weight"].float()
-    assert (got - want).abs().max() <= want.abs().max() / levels + 1e-6
+    assert (got - want).abs().max() <= want.abs().max() / LEVELS[qtype] + 1e-6
+
+
+def test_int4_gguf_defaults_to_q4_k_m_where_llama_cpp_quantizes(monkeypatch) -> None:
+    from llmopt.cli.quantize import GGUF_DEFAULT_WHY, default_gguf_type
+    from llmopt.quant import gguf_export
+
+    for here, qtype in ((True, "Q4_K_M"), (False, "Q4_1")):
+        monkeypatch.setattr(gguf_export, "has_llama_quantizer", lambda here=here: here)
+        assert default_gguf_type(4) == qtype and qtype in GGUF_DEFAULT_WHY[qtype]
+    assert default_gguf_type(8) == "Q8_0"
 
 
 def test_default_name_comes_from_the_source(tiny_llama, tmp_path) -> None:

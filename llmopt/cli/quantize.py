@@ -47,10 +47,22 @@ def _perplexity(path: Path, tokens: int, console: Console) -> float:
 # Why each width's default GGUF type, printed when --gguf-type is not given.
 GGUF_DEFAULT_WHY = {
     "Q8_0": "GGUF type Q8_0: llama.cpp's 8-bit blocks of 32, one scale each",
-    "Q4_1": "GGUF type Q4_1: llama.cpp's 4-bit blocks of 32 with a scale and a minimum "
-    "(asymmetric, closer than Q4_0), which llmopt and llama.cpp both run packed; "
-    "--gguf-type picks another (Q4_0, or K-quants such as Q4_K_M with llama-cpp-python)",
+    "Q4_K_M": "GGUF type Q4_K_M: llama.cpp's 4-bit K-quant mix (some tensors at 6 bits, and "
+    "Q5_0 where a row is no multiple of 256), from llama.cpp's own quantizer; "
+    "--gguf-type picks another (Q4_0, Q4_1, Q5_K_M, ...)",
+    "Q4_1": "GGUF type Q4_1: llama.cpp's 4-bit blocks of 32 with a scale and a minimum, "
+    "which llmopt and llama.cpp both run packed (Q4_K_M needs llama.cpp's quantizer: "
+    "pip install llama-cpp-python)",
 }
+
+
+def default_gguf_type(bits: int) -> str:
+    """int8: Q8_0; int4: Q4_K_M where llama.cpp's quantizer is here, else Q4_1."""
+    from llmopt.quant.gguf_export import has_llama_quantizer
+
+    if bits == 8:
+        return "Q8_0"
+    return "Q4_K_M" if has_llama_quantizer() else "Q4_1"
 
 
 def default_method(bits: int, fmt: str) -> str:
@@ -61,14 +73,17 @@ def default_method(bits: int, fmt: str) -> str:
     return "gptq" if fmt == "gptq" else DEFAULT_INT4_METHOD
 
 
-def describe_defaults(spec: QuantSpec) -> str:
+def describe_defaults(spec: QuantSpec, tied: bool) -> str:
     """One line: the int4 configuration the defaults chose, and why."""
     group = f"group {spec.group_size}" if spec.group_size else "one scale per row"
+    embed = "embedding" + (" and tied output projection" if tied else "")
+    embed += " in int8 (one scale per row)" if spec.embed_bits else " kept dense"
+    head = "" if tied and spec.embed_bits else ", output projection kept dense"
     return (
         f"int4 defaults: {spec.method.upper()}, {group}, "
-        f"{'symmetric' if spec.sym else 'asymmetric'}, drift correction {spec.drift:g}, output "
-        "projection kept dense: the configuration that measured best on held-out texts "
-        'of four kinds (BENCHMARKS.md, "The int4 defaults, judged on unseen text")'
+        f"{'symmetric' if spec.sym else 'asymmetric'}, drift correction {spec.drift:g}, "
+        f"{embed}{head}: the configuration that measured best on held-out texts of four "
+        'kinds (BENCHMARKS.md, "The int4 defaults, judged on unseen text")'
     )
 
 
@@ -86,6 +101,8 @@ def _check_format(fmt: str, spec: QuantSpec) -> None:
             "--format awq holds neither act-order nor a quantized output projection: "
             "drop --act-order and --lm-head"
         )
+    if fmt != "llmopt" and spec.embed_bits:
+        raise UsageError("--int8-embedding goes with --format llmopt: drop it")
     if fmt == "gguf" and spec.method != "rtn":
         raise UsageError(
             "--format gguf quantizes with llama.cpp's own block formats (--gguf-type); "
@@ -98,7 +115,7 @@ def quantize(
     model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
     int4: bool = typer.Option(
-        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_1 blocks)."
+        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_K_M, or Q4_1)."
     ),
     method: str = typer.Option(
         None,
@@ -124,6 +141,12 @@ def quantize(
     ),
     lm_head_bits: int = typer.Option(
         8, "--lm-head-bits", help="With --lm-head: 8 (one scale per row) or 4 (the model's)."
+    ),
+    int8_embedding: bool = typer.Option(
+        None,
+        "--int8-embedding/--bf16-embedding",
+        help="The token embedding, and a tied output projection with it, in int8 with one "
+        "scale per row (default for --format llmopt) or kept in bf16.",
     ),
     sequential: bool = typer.Option(
         None,
@@ -185,14 +208,16 @@ def quantize(
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,
+        embed_bits=8 if (fmt == "llmopt" if int8_embedding is None else int8_embedding) else 0,
     )
     _check_format(fmt, spec)
     if bits == 4 and chosen and fmt != "gguf":
-        console.print(f"[dim]{describe_defaults(spec)}[/dim]", highlight=False)
+        tied = cfg.tie_word_embeddings and not spec.lm_head
+        console.print(f"[dim]{describe_defaults(spec, tied)}[/dim]", highlight=False)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     if fmt == "gguf":
         if gguf_type is None:
-            gguf_type = "Q8_0" if bits == 8 else "Q4_1"
+            gguf_type = default_gguf_type(bits)
             console.print(f"[dim]{GGUF_DEFAULT_WHY[gguf_type]}[/dim]")
         gguf_type = gguf_type.upper()
     elif gguf_type:
@@ -254,6 +279,8 @@ def _quantize_checkpoint(
         "linear_bytes": r.bytes_after,
         "linear_ratio": r.bytes_after / r.bytes_before,
         "bytes_per_param": r.bytes_after / r.params_quantized,
+        "embed_bytes": r.embed_bytes,
+        "embed_bits": spec.embed_bits or 16,
         "other_bytes": r.dense_bytes,
         "file_bytes": r.file_bytes,
         "seconds": r.seconds,
@@ -291,8 +318,9 @@ def _print_report(r: dict[str, Any], console: Console) -> None:
         lines.append(
             f"linear weights: {r['linear_bytes_bf16'] / mb:.1f} MB in bf16 -> "
             f"{r['linear_bytes'] / mb:.1f} MB ({r['linear_ratio']:.3f}x, "
-            f"{r['bytes_per_param']:.3f} bytes/param); embeddings and norms "
-            f"{r['other_bytes'] / mb:.1f} MB, not quantized"
+            f"{r['bytes_per_param']:.3f} bytes/param); embedding "
+            f"{r['embed_bytes'] / mb:.1f} MB ({'int8' if r['embed_bits'] == 8 else 'dense'}); "
+            f"the rest (norms, a dense output projection) {r['other_bytes'] / mb:.1f} MB"
         )
     if "perplexity_after" in r:
         lines.append(

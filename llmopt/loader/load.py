@@ -12,7 +12,7 @@ from rich.console import Console
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, ModelNotFoundError
 from llmopt.loader.hf import read_config, read_tensors
-from llmopt.loader.quantized import unpack_checkpoint
+from llmopt.loader.quantized import tie_quantized_head, unpack_checkpoint
 from llmopt.models.registry import builder_for
 from llmopt.store.store import Store
 from llmopt.tokenizer import Tokenizer
@@ -124,6 +124,7 @@ def load_model(
     else:
         tensors = read_tensors(source.folder)
         weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
+        cfg = tie_quantized_head(weights, cfg)
     model = builder_for(cfg.architecture)(cfg, weights, dtype, device)
     tokenizer = Tokenizer(source.folder)
     eos = set(cfg.eos_token_ids)

@@ -3,10 +3,12 @@ to one QuantizedWeight under the linear's Hugging Face weight name."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.weights.layouts import layout_for
 from llmopt.weights.qweight import QuantizedWeight
@@ -21,8 +23,12 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
     if not prefixes:
         raise ModelFormatError("config.json declares quantization but no tensor is quantized")
     out: Weights = dict(tensors)
-    # Ours may hold the output projection at other bits than the blocks (int8 beside int4).
-    head_cfg = qcfg | {"bits": qcfg.get("lm_head_bits") or qcfg.get("bits")}
+    # Ours may hold the output projection and the embedding at other bits than the
+    # blocks (int8 beside int4).
+    bits = {
+        "lm_head": qcfg.get("lm_head_bits") or qcfg.get("bits"),
+        "model.embed_tokens": qcfg.get("embed_bits") or qcfg.get("bits"),
+    }
     for prefix in prefixes:
         parts = {}
         for suffix in layout.SUFFIXES:
@@ -33,8 +39,20 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
         if missing:
             raise ModelFormatError(f"quantized weight {prefix} lacks {', '.join(missing)}")
         try:
-            cfg = head_cfg if prefix == "lm_head" else qcfg
+            cfg = qcfg | {"bits": bits[prefix]} if prefix in bits else qcfg
             out[f"{prefix}.weight"] = layout.unpack(parts, cfg)
         except (RuntimeError, ValueError) as e:
             raise ModelFormatError(f"quantized weight {prefix} is malformed: {e}") from e
     return out
+
+
+def tie_quantized_head(weights: Weights, cfg: ModelConfig) -> ModelConfig:
+    """A tied output projection over a quantized embedding is the embedding's own
+    QuantizedWeight under `lm_head.weight` too (the model builds one QuantLinear for
+    both: lookups decode its rows, the head runs it on the int kernel); the config then
+    says untied, as the model has a head of its own to load."""
+    embed = weights.get("model.embed_tokens.weight")
+    if not cfg.tie_word_embeddings or not isinstance(embed, QuantizedWeight):
+        return cfg
+    weights["lm_head.weight"] = embed
+    return replace(cfg, tie_word_embeddings=False)

@@ -44,14 +44,16 @@ def _native_config(spec: QuantSpec) -> dict[str, Any]:
         "drift_correction": spec.drift,
         "lm_head": spec.lm_head,
         "lm_head_bits": spec.head_bits,  # may differ from "bits" (see loader/quantized.py)
+        "embed_bits": spec.embed_bits,  # 0: the embedding is dense
         "version": 1,
     }
 
 
 def _gptq_config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.head_bits not in (0, spec.bits):
+    if spec.head_bits not in (0, spec.bits) or spec.embed_bits:
         raise ModelFormatError(
-            "the GPTQ layout quantizes the output projection with the model's bits"
+            "the GPTQ layout quantizes the output projection with the model's bits, "
+            "and not the embedding"
         )
     return {
         "quant_method": "gptq",
@@ -68,10 +70,10 @@ def _gptq_config(spec: QuantSpec) -> dict[str, Any]:
 
 
 def _awq_config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.bits != 4 or spec.sym or spec.act_order or spec.lm_head:
+    if spec.bits != 4 or spec.sym or spec.act_order or spec.lm_head or spec.embed_bits:
         raise ModelFormatError(
             "the AWQ layout holds 4-bit weights with zero points, without act-order, "
-            "and leaves the output projection unquantized"
+            "and leaves the output projection and the embedding unquantized"
         )
     return {
         "quant_method": "awq",
@@ -99,23 +101,24 @@ def quantization_config(fmt: str, spec: QuantSpec) -> dict[str, Any]:
 
 def write_checkpoint(
     folder: Path, tmp: Path, raw_cfg: dict, weights: dict, spec: QuantSpec, fmt: str
-) -> tuple[int, int]:
-    """Write the checkpoint into `tmp`; return the bytes of (quantized, dense) tensors."""
+) -> dict[str, int]:
+    """Write the checkpoint into `tmp`; return the bytes stored for each weight (a
+    quantized one's codes, scales and zero points together), by its name."""
     from safetensors.torch import save_file
 
     layout = layout_for(fmt)
     dense = DENSE_DTYPE[fmt]
     flat: dict[str, torch.Tensor] = {}
-    quantized_bytes = dense_bytes = 0
+    sizes: dict[str, int] = {}
     for name, w in weights.items():
         if isinstance(w, QuantizedWeight):
             prefix = name.removesuffix(".weight")
             packed = layout.pack(w)
-            quantized_bytes += sum(t.numel() * t.itemsize for t in packed.values())
+            sizes[name] = sum(t.numel() * t.itemsize for t in packed.values())
             flat.update({f"{prefix}.{k}": v for k, v in packed.items()})
         else:
             flat[name] = w.to(dense).contiguous()
-            dense_bytes += flat[name].numel() * dense.itemsize
+            sizes[name] = flat[name].numel() * dense.itemsize
     save_file(flat, str(tmp / "model.safetensors"), {"format": "pt"})
     qcfg = quantization_config(fmt, spec)
     cfg = {**raw_cfg, "quantization_config": qcfg, "torch_dtype": str(dense).removeprefix("torch.")}
@@ -125,4 +128,4 @@ def write_checkpoint(
     for f in TOKENIZER_FILES:
         if (folder / f).is_file():
             shutil.copy2(folder / f, tmp / f)
-    return quantized_bytes, dense_bytes
+    return sizes

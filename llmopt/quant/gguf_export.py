@@ -91,6 +91,15 @@ def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None)
     return out
 
 
+def has_llama_quantizer() -> bool:
+    """Whether llama.cpp's quantizer (llama-cpp-python) is here, for the K-quants."""
+    try:
+        _import_llama_cpp()
+    except UsageError:
+        return False
+    return True
+
+
 def _import_llama_cpp() -> Any:
     try:
         import llama_cpp

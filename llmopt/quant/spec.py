@@ -24,6 +24,10 @@ DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5}
 # the same statistics, with no error feedback to make up for noisy ones, so they gain
 # from more tokens; GPTQ does not, and the tokens cost time linearly.
 DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768}
+# The token embedding in int8: symmetric with one scale per row (0), as the int8 kernel
+# takes it for a tied output projection. llama.cpp's Q8_0 has one per 32; on SmolLM2
+# per row costs no measurable quality (BENCHMARKS.md, "The int8 embedding").
+EMBED_GROUP = 0
 
 
 def default_group_size(cfg: ModelConfig, bits: int) -> int:
@@ -56,6 +60,10 @@ class QuantSpec:
     # full-precision model's outputs (quant/drift.py); 0 is off. None: the method's
     # DEFAULT_DRIFT when block by block, else 0.
     drift: float | None = None
+    # The token embedding: 8 stores it as int8 (symmetric, EMBED_GROUP), which a tied
+    # output projection then runs on the int8 kernel; 0 keeps it dense (bf16), as the
+    # GPTQ and AWQ layouts must. `llmopt quantize` asks 8 for its own layout.
+    embed_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -66,6 +74,8 @@ class QuantSpec:
             raise UsageError("--group-size must be positive (0: one scale per row)")
         if self.head_bits not in (0, 4, 8) or 0 < self.head_bits < self.bits:
             raise UsageError("--lm-head-bits must be 8, or 4 with --int4")
+        if self.embed_bits not in (0, 8):
+            raise UsageError("the embedding is stored in int8 or kept dense")
         if self.sequential is None:
             object.__setattr__(self, "sequential", self.method != "rtn")
         block_by_block = self.sequential and self.method != "rtn"
@@ -101,7 +111,8 @@ class QuantSpec:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         sym = "-sym" if self.sym and self.bits == 4 else ""
         head = {0: "", self.bits: "-head"}.get(self.head_bits, f"-head{self.head_bits}")
-        return f"int{self.bits}-{self.method}-{group}{sym}{head}"
+        embed = "" if self.embed_bits else "-embed16"
+        return f"int{self.bits}-{self.method}-{group}{sym}{head}{embed}"
 
 
 @dataclass
