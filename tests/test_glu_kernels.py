@@ -1,5 +1,5 @@
-"""The gated MLPs' activation kernels against torch: a = act(g) * u, with SiLU
-(kernels/silu_mul.c, SwiGLU) and GELU's tanh form (kernels/gelu_mul.c, GeGLU)."""
+"""The gated MLPs' activation kernel (kernels/glu_mul.c) against torch: a = act(g) * u,
+with SiLU (SwiGLU) and GELU's tanh form (GeGLU)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ BLOCKS = [SwiGLU, GeGLU]
 
 
 def _act_mul(block: type[SwiGLU], gu: torch.Tensor, inter: int) -> torch.Tensor:
-    kernel = require_kernel(_kernel(block.activation_kernel))
+    kernel = require_kernel(_kernel())
     a = gu.new_empty(gu.shape[0], inter)
-    kernel(gu.data_ptr(), a.data_ptr(), gu.shape[0], inter, int(gu.dtype == torch.bfloat16))
+    bf16 = int(gu.dtype == torch.bfloat16)
+    kernel(gu.data_ptr(), a.data_ptr(), gu.shape[0], inter, bf16, int(block.gelu))
     return a
 
 

@@ -26,14 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gelu_mul.c"
 #include "gemv_bf16.c"
+#include "glu_mul.c"
 #include "kv_types.h"
 #include "paged_decode.c"
 #include "qgemv.c"
 #include "rmsnorm.c"
 #include "rope_store.c"
-#include "silu_mul.c"
 
 typedef struct {
     int bits;           /* 16: dense bf16; 4 or 8: qgemv's layouts */
@@ -116,10 +115,7 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
         if (ly->attn_out_norm) rmsnorm(x, NULL, ly->attn_out_norm, x, M, E, eps, bf16);
         rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);
         rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16);
-        if (ly->gelu)
-            gelu_mul(gu, act, M, I, bf16);
-        else
-            silu_mul(gu, act, M, I, bf16);
+        glu_mul(gu, act, M, I, bf16, ly->gelu);
         rc |= linear(&ly->down, act, bf16, M, x, bf16);
         if (ly->mlp_out_norm) rmsnorm(x, NULL, ly->mlp_out_norm, x, M, E, eps, bf16);
     }

@@ -15,16 +15,16 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @cache
-def _kernel(name: str):
-    """kernels/silu_mul.c or gelu_mul.c, or None without a C compiler."""
+def _kernel():
+    """kernels/glu_mul.c, or None without a C compiler."""
     from llmopt.kernels.build import function
 
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    return function(name, [ptr, ptr, i32, i32, i32])  # gu, a, rows, I, bf16
+    return function("glu_mul", [ptr, ptr, i32, i32, i32, i32])  # gu, a, rows, I, bf16, gelu
 
 
 class SwiGLU(nn.Module):
-    activation_kernel = "silu_mul"  # the native activation (the native decode step's too)
+    gelu = False  # the gate's activation: SiLU (GELU in GeGLU), in kernels/glu_mul.c
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -36,13 +36,13 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)  # (T, 2I): gate, then up
         native = gu.device.type == "cpu" and gu.dtype in _NATIVE_DTYPES
-        kernel = _kernel(self.activation_kernel) if native else None
+        kernel = _kernel() if native else None
         if kernel is not None and gu.is_contiguous():
-            # The native decode step's own activation (kernels/silu_mul.c, gelu_mul.c):
-            # a row's values do not depend on which path its step takes.
+            # The native decode step's own activation (kernels/glu_mul.c): a row's
+            # values do not depend on which path its step takes.
             a = gu.new_empty(*gu.shape[:-1], self.intermediate)
             kernel(gu.data_ptr(), a.data_ptr(), gu.numel() // gu.shape[-1], self.intermediate,
-                   int(gu.dtype == torch.bfloat16))  # fmt: skip
+                   int(gu.dtype == torch.bfloat16), int(self.gelu))  # fmt: skip
             return self.down_proj(a)
         gate, up = gu.split(self.intermediate, dim=-1)  # each (T, I)
         return self.down_proj(self.activation(gate) * up)
@@ -55,7 +55,7 @@ class SwiGLU(nn.Module):
 class GeGLU(SwiGLU):
     """The gated block with GELU (tanh approximation) on the gate: Gemma's MLP."""
 
-    activation_kernel = "gelu_mul"
+    gelu = True
 
     @staticmethod
     def activation(gate: torch.Tensor) -> torch.Tensor:

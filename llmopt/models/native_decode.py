@@ -147,7 +147,7 @@ class NativeDecoder:
                 *(_pointer(n) for n in block.native_norms()[:2]), *linears,
                 _pointer(attn.q_norm), _pointer(attn.k_norm),
                 *(_pointer(n) for n in block.native_norms()[2:]),
-                int(block.mlp.activation_kernel == "gelu_mul"), native.windows.index(attn.window),
+                int(block.mlp.gelu), native.windows.index(attn.window),
             )  # fmt: skip
             if any(lin.bits == 16 for lin in linears):  # type: ignore[union-attr]
                 native.max_rows = DENSE_MAX_ROWS
