@@ -117,8 +117,9 @@ class RotaryEmbedding(torch.nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Gathered and cast once per forward pass, shared by every layer.
-        if len(positions) and int(positions.max()) >= len(self.cos):
-            self._grow(int(positions.max()) + 1)
+        needed = int(positions.max()) + 1 if len(positions) else 0
+        if needed > len(self.cos):
+            self._grow(needed)
         cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # each (T, D)
 

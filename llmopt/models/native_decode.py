@@ -109,6 +109,7 @@ class NativeDecoder:
         self.max_rows = QUANT_MAX_ROWS  # most sequences a step it runs (see build)
         self.layers = (_DLayer * cfg.num_layers)()
         self.windows: list[int | None] = []  # the layers' distinct windows: one view each
+        self.first_layer: list[int] = []  # per view, a layer of it (whose rotary it reads)
         self.cache = cache  # the cache whose pointers `kv` holds
         self.kv = (KVLayerStruct * cfg.num_layers)(*map(KVLayerStruct.of, cache.layers))
 
@@ -143,6 +144,7 @@ class NativeDecoder:
                 return None
             if attn.window not in native.windows:
                 native.windows.append(attn.window)
+                native.first_layer.append(i)
             native.layers[i] = _DLayer(
                 *(_pointer(n) for n in block.native_norms()[:2]), *linears,
                 _pointer(attn.q_norm), _pointer(attn.k_norm),
@@ -166,10 +168,10 @@ class NativeDecoder:
         assert meta.decode is not None and x.is_contiguous()
         views = (_DView * len(self.windows))()
         keep = []  # the views' tensors, alive for the call
-        for v, window in enumerate(self.windows):
+        for v, (window, first) in enumerate(zip(self.windows, self.first_layer, strict=True)):
             d = meta.for_window(window).decode
             assert d is not None
-            cos, sin = rope[next(i for i, ly in enumerate(self.layers) if ly.view == v)]
+            cos, sin = rope[first]
             views[v] = _DView(cos.data_ptr(), sin.data_ptr(), d.slots.data_ptr(),
                               d.lens.data_ptr(), d.slots.shape[1])  # fmt: skip
             keep.append(d)
