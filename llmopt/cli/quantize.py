@@ -1,4 +1,4 @@
-"""`llmopt quantize MODEL (--int8 | --int4)`: quantize, write, report, register.
+"""`llmopt quantize MODEL (--int8 | --int4 | --fp4)`: quantize, write, report, register.
 
 Progress and the report go to stderr; `--json` prints the report as one JSON object
 on stdout for scripts.
@@ -21,6 +21,7 @@ from llmopt.errors import UsageError
 from llmopt.quant.spec import (
     DEFAULT_CALIB_TOKENS,
     DEFAULT_INT4_METHOD,
+    FP4_GROUPS,
     QuantSpec,
     default_group_size,
 )
@@ -72,6 +73,15 @@ def describe_defaults(spec: QuantSpec) -> str:
     )
 
 
+def _check_fp4_flags(int8: bool, int4: bool, fp4: bool, fp4_format: str | None, fmt: str) -> None:
+    if fp4 and (int8 or int4):
+        raise UsageError("--fp4 is a weight type of its own: drop --int8 and --int4")
+    if fp4_format and not fp4:
+        raise UsageError("--fp4-format goes with --fp4")
+    if fp4 and fmt in ("gptq", "awq"):
+        raise UsageError(f"--format {fmt} holds integer weights: use --format llmopt or gguf")
+
+
 def _check_format(fmt: str, spec: QuantSpec) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -99,6 +109,12 @@ def quantize(
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
     int4: bool = typer.Option(
         False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_1 blocks)."
+    ),
+    fp4: bool = typer.Option(
+        False, "--fp4", help="FP4 (e2m1) weights, MXFP4 by default (GPTQ; GGUF: RTN)."
+    ),
+    fp4_format: str = typer.Option(
+        None, "--fp4-format", help="With --fp4: mxfp4 (a scale per 32) or nvfp4 (per 16)."
     ),
     method: str = typer.Option(
         None,
@@ -161,19 +177,23 @@ def quantize(
     from llmopt.store.store import Store
 
     console = Console(stderr=True)
-    if int8 == int4:
-        raise UsageError("choose one of --int8 or --int4")
+    _check_fp4_flags(int8, int4, fp4, fp4_format, fmt)
+    if int8 == int4 and not fp4:
+        raise UsageError("choose one of --int8 or --int4 (or --fp4)")
     if (calib_tokens is not None and calib_tokens < 1) or ppl_tokens < 2:
         raise UsageError("--calib-tokens must be positive and --ppl-tokens at least 2")
     if engine.threads is not None:
         torch.set_num_threads(engine.threads)
     bits = 8 if int8 else 4
+    fp4_fmt = (fp4_format or "mxfp4").lower() if fp4 else None
     store = Store()
     src_name, src_path = resolve(model, store, console)
     folder = hf_folder_for(src_path, store, console, dense=True)
     cfg = read_config(folder)
-    chosen = method is None and group_size is None  # int4: say what the defaults are
-    method = method or default_method(bits, fmt)
+    chosen = method is None and group_size is None and not fp4  # int4: say the defaults
+    method = method or ("gptq" if fp4 and fmt != "gguf" else default_method(bits, fmt))
+    if fp4_fmt and group_size is None:
+        group_size = FP4_GROUPS.get(fp4_fmt, 0)
     spec = QuantSpec(
         bits=bits,
         method=method,
@@ -185,13 +205,16 @@ def quantize(
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,
+        fp4=fp4_fmt,
     )
     _check_format(fmt, spec)
     if bits == 4 and chosen and fmt != "gguf":
         console.print(f"[dim]{describe_defaults(spec)}[/dim]", highlight=False)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     if fmt == "gguf":
-        if gguf_type is None:
+        if gguf_type is None and fp4_fmt:
+            gguf_type = fp4_fmt.upper()
+        elif gguf_type is None:
             gguf_type = "Q8_0" if bits == 8 else "Q4_1"
             console.print(f"[dim]{GGUF_DEFAULT_WHY[gguf_type]}[/dim]")
         gguf_type = gguf_type.upper()
