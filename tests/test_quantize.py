@@ -368,6 +368,8 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--fp4", "--method", "awq"], 2, "--fp4 quantizes with rtn or gptq"),
         (["--int4", "--fp4-format", "nvfp4"], 2, "--fp4-format goes with --fp4"),
         (["--fp4", "--format", "gptq"], 2, "holds integer weights"),
+        (["--fp4", "--format", "gguf", "--gguf-type", "Q4_0"], 2, "drop --gguf-type"),
+        (["--fp4", "--fp4-format", "nvfp4", "--format", "gguf"], 2, "writes MXFP4"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:
@@ -403,6 +405,23 @@ def test_cuda_quantizes_and_runs_like_the_cpu(tiny_llama, tmp_path) -> None:
     loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
     on_gpu = Scorer(loaded.model, 64).logits(IDS).cpu()
     on_cpu = _logits(tmp_path / "gpu", IDS, dense=True)  # CUDA multiplies dequantized weights
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_cuda_quantizes_and_runs_fp4_like_the_cpu(tiny_llama, tmp_path, fmt) -> None:
+    """FP4 GPTQ on the GPU, and its checkpoint run there (dequantized into a float GEMM):
+    the CPU's dense logits of the same weights."""
+    from llmopt.loader.load import load_model
+    from llmopt.models.scoring import Scorer
+
+    args = ["--fp4", "--fp4-format", fmt, "--calib-tokens", "1024", "--device", "cuda"]
+    _quantize(tiny_llama, tmp_path / "gpu", *args)
+    cuda = torch.device("cuda")
+    loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
+    on_gpu = Scorer(loaded.model, 64).logits(IDS).cpu()
+    on_cpu = _logits(tmp_path / "gpu", IDS, dense=True)
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
 
 

@@ -73,13 +73,21 @@ def describe_defaults(spec: QuantSpec) -> str:
     )
 
 
-def _check_fp4_flags(int8: bool, int4: bool, fp4: bool, fp4_format: str | None, fmt: str) -> None:
+def _check_fp4_flags(
+    int8: bool, int4: bool, fp4: bool, fp4_format: str | None, fmt: str, gguf_type: str | None
+) -> None:
     if fp4 and (int8 or int4):
         raise UsageError("--fp4 is a weight type of its own: drop --int8 and --int4")
     if fp4_format and not fp4:
         raise UsageError("--fp4-format goes with --fp4")
     if fp4 and fmt in ("gptq", "awq"):
         raise UsageError(f"--format {fmt} holds integer weights: use --format llmopt or gguf")
+    if fp4 and gguf_type:
+        raise UsageError("--fp4 picks the GGUF type itself (MXFP4): drop --gguf-type")
+    if fp4 and fmt == "gguf" and (fp4_format or "mxfp4").lower() != "mxfp4":
+        raise UsageError(
+            "--format gguf writes MXFP4 only: drop --fp4-format or use --format llmopt"
+        )
 
 
 def _check_format(fmt: str, spec: QuantSpec) -> None:
@@ -177,7 +185,7 @@ def quantize(
     from llmopt.store.store import Store
 
     console = Console(stderr=True)
-    _check_fp4_flags(int8, int4, fp4, fp4_format, fmt)
+    _check_fp4_flags(int8, int4, fp4, fp4_format, fmt, gguf_type)
     if int8 == int4 and not fp4:
         raise UsageError("choose one of --int8 or --int4 (or --fp4)")
     if (calib_tokens is not None and calib_tokens < 1) or ppl_tokens < 2:

@@ -86,7 +86,8 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int e2m1, int
         if (bits == 4) { /* byte j: input j low, input j + 32 high */
             const __m256i v = _mm256_loadu_si256((const __m256i *)src);
             const __m256i low = _mm256_set1_epi8(0x0f);
-            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            __m256i lo = _mm256_and_si256(v, low);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             if (e2m1) { /* nibbles to codes (qgemv.c's E2M1_CODES) */
                 const __m256i t =
                     _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
@@ -134,8 +135,9 @@ static inline __attribute__((always_inline)) void fold_unit(__m512 acc[AMX_T],
  * (M, K / group), as quantize_row writes them. Operands as qgemv's. Returns 0, or -1
  * when out of memory. */
 static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
-                     const uint8_t *w, int bits, int e2m1, const void *scale, const void *offset,
-                     int group, int meta, int N, const float *bias, void *y, int y_bf16) {
+                     const uint8_t *w, int bits, int e2m1, const void *scale,
+                     const void *offset, int group, int meta, int N, const float *bias, void *y,
+                     int y_bf16) {
     const int nc = K / QB, ng = K / group, halves = group == 32, nt = (M + AMX_T - 1) / AMX_T;
     const int per_row = !halves && ng == 1; /* one scale per row of W, as block8's per_row */
     const int ns = K / 32; /* 32-input halves */
@@ -236,8 +238,9 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
 #else
 static int amx_ready(void) { return 0; }
 static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
-                     const uint8_t *w, int bits, int e2m1, const void *scale, const void *offset,
-                     int group, int meta, int N, const float *bias, void *y, int y_bf16) {
+                     const uint8_t *w, int bits, int e2m1, const void *scale,
+                     const void *offset, int group, int meta, int N, const float *bias, void *y,
+                     int y_bf16) {
     return -1;
 }
 #endif

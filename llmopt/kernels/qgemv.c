@@ -177,7 +177,8 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
         w0 = _mm256_and_si256(v, low);
         w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         if (e2m1) { /* nibbles to codes: a byte shuffle is a 16-entry table lookup */
-            const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
+            const __m256i t =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
             w0 = _mm256_shuffle_epi8(t, w0);
             w1 = _mm256_shuffle_epi8(t, w1);
         }
@@ -468,8 +469,8 @@ static inline void prefetch_share(Ahead a, int c) {
  * (row stride nu). */
 static inline __attribute__((always_inline)) void tile_pass(
     __m512 v[QT_ROWS], int nr, const __m512i *wt, const uint8_t *const *wr, Ahead ahead,
-    int bits, int e2m1, int units, int per_row, const __m512 *sv, const int *gi, const int8_t *xq,
-    const float *xd, const int32_t *xi, int K, int nc) {
+    int bits, int e2m1, int units, int per_row, const __m512 *sv, const int *gi,
+    const int8_t *xq, const float *xd, const int32_t *xi, int K, int nc) {
     const int nu = units * nc, per_unit = 16 / units; /* vectors of 4 inputs a unit */
     for (int r = 0; r < nr; r++) v[r] = _mm512_setzero_ps();
     for (int c = 0; c < nc; c++) {
@@ -814,7 +815,8 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
                 const uint8_t *b = wn + (k0 / QB) * 32 + k0 % 32;
                 const int shift = (k0 % QB) >= 32 ? 4 : 0;
 #pragma omp simd
-                for (int j = 0; j < 16; j++) yk[j] = s * (float)code4((b[j] >> shift) & 15, e2m1) + o;
+                for (int j = 0; j < 16; j++)
+                    yk[j] = s * (float)code4((b[j] >> shift) & 15, e2m1) + o;
             } else {
                 const int8_t *q = (const int8_t *)wn + k0;
 #pragma omp simd

@@ -28,13 +28,14 @@ def encode(v: torch.Tensor) -> torch.Tensor:
     """Doubled values (w / scale) -> the nearest e2m1 nibbles, uint8 of v's shape: ties
     to the smaller magnitude, past 12 the largest, a value that rounds to 0 positive
     (GGUF's reference quantizer picks the same)."""
-    mag = torch.searchsorted(_MIDPOINTS, v.abs().float().contiguous())  # mids below |v|
+    mids = _MIDPOINTS.to(v.device)
+    mag = torch.searchsorted(mids, v.abs().float().contiguous())  # midpoints below |v|
     return (mag | ((v < 0) & (mag > 0)).long() << 3).to(torch.uint8)
 
 
 def e8m0_scale(e: torch.Tensor) -> torch.Tensor:
     """e8m0 bytes -> the scale of the doubled values, 2^(e - 128), fp32 (exact)."""
-    return torch.ldexp(torch.ones(e.shape), e.to(torch.int32) - 128)
+    return torch.ldexp(torch.ones(e.shape, device=e.device), e.to(torch.int32) - 128)
 
 
 def e8m0_of(scale: torch.Tensor) -> torch.Tensor:
@@ -70,15 +71,15 @@ _UE4M3 = ue4m3_value(torch.arange(UE4M3_MAX + 1))  # (127,) the finite values, a
 def ue4m3_nearest(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> the byte of the nearest unsigned e4m3 value (ties to the larger; past 448
     and below 0 clamped), int64."""
-    x = x.float().contiguous()
-    hi = torch.searchsorted(_UE4M3, x).clamp(max=UE4M3_MAX)  # first value >= x
+    x, values = x.float().contiguous(), _UE4M3.to(x.device)
+    hi = torch.searchsorted(values, x).clamp(max=UE4M3_MAX)  # first value >= x
     lo = (hi - 1).clamp(min=0)
-    return torch.where(x - _UE4M3[lo] < _UE4M3[hi] - x, lo, hi)
+    return torch.where(x - values[lo] < values[hi] - x, lo, hi)
 
 
 def ue4m3_exact(x: torch.Tensor) -> torch.Tensor:
     """Unsigned e4m3 values -> their bytes, uint8; values e4m3 does not hold refused."""
     b = ue4m3_nearest(x)
-    if not torch.equal(_UE4M3[b], x.float()):
+    if not torch.equal(_UE4M3.to(x.device)[b], x.float()):
         raise ValueError("NVFP4 block scales must be unsigned e4m3 numbers")
     return b.to(torch.uint8)

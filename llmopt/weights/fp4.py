@@ -127,11 +127,11 @@ def choose_scale(
     cands = _candidates(w.abs().amax(dim=1), fmt, tensor_scale)
     if not search:
         return cands[0]
-    imp = torch.ones(w.shape[1]) if importance is None else importance.float()  # broadcasts
+    imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
     best, best_err = cands[0], None
     for s in cands:
         safe = torch.where(s > 0, s, 1.0)[:, None]
-        deq = _DOUBLED[e2m1.encode(w / safe).long()] * s[:, None]
+        deq = _DOUBLED.to(w.device)[e2m1.encode(w / safe).long()] * s[:, None]
         err = ((w - deq) ** 2 * imp).sum(dim=1)
         if best_err is None:
             best_err = err
@@ -145,7 +145,7 @@ def round_to(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.
     """w (rows, k) on the grid of scale (rows,): the nibbles (uint8) and their values."""
     s = scale.reshape(-1, 1)
     nibbles = e2m1.encode(w / torch.where(s > 0, s, 1.0))
-    return nibbles, _DOUBLED[nibbles.long()] * s
+    return nibbles, _DOUBLED.to(w.device)[nibbles.long()] * s
 
 
 def tensor_scale_for(w: torch.Tensor) -> float:
