@@ -60,7 +60,7 @@ def _blocks(qtype: Q, rows: int, n: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *K_QUANTS]
+BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *K_QUANTS, Q.MXFP4]
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, *BLOCK_TYPES])
@@ -200,6 +200,7 @@ GRIDS = {
     Q.Q5_1: (8, 32, None),
     Q.Q4_K: (4, 32, None),
     Q.Q5_K: (8, 32, None),
+    Q.MXFP4: (4, 32, 12),  # e2m1 nibbles, the integers 0..24 of the e2m1 codebook
 }
 
 
@@ -297,6 +298,28 @@ def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None
     again = load_model(gguf_path, torch.float32, cpu, store, console)
     assert index.is_file()
     assert torch.equal(full_logits(again, ids), kernels)
+
+
+def test_an_mxfp4_gguf_runs_packed(tmp_path, smollm_folder, smollm_gguf) -> None:
+    """A GGUF whose linears are MXFP4 loads them as FP4 QuantLinears on the packed
+    kernel (q/k/v fused as they are), close to the dequantized model's logits, and
+    equal to them on the dense path."""
+    folder = write_tiny_model(tmp_path / "tiny", smollm_folder)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(folder, gguf_path, smollm_gguf, Q.MXFP4, {"token_embd": Q.F32})
+    console, store, cpu = Console(stderr=True), Store(), torch.device("cpu")
+    dense = load_model(gguf_path, torch.float32, cpu, store, console, dequantize=True)
+    blocks = load_model(gguf_path, torch.float32, cpu, store, console)
+    qkv = blocks.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, QuantLinear) and (qkv.codebook, qkv.group_size) == ("e2m1", 32)
+    if c_compiler() is not None:
+        assert qkv.kernel == "qgemv"
+    ids = list(range(500, 530))
+    want = full_logits(dense, ids)
+    kernels = full_logits(blocks, ids)
+    assert ((kernels - want).norm() / want.norm()).item() < 0.04
+    use_exact_arithmetic(blocks.model)
+    assert (full_logits(blocks, ids) - want).abs().max().item() < 1e-4
 
 
 def test_quantized_models_default_to_fp32_activations(tmp_path, smollm_gguf, smollm_folder) -> None:

@@ -116,6 +116,26 @@ def test_q4_k_m_through_llama_cpp_is_smaller_and_runs(export, chat_prompt) -> No
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no scratch left
 
 
+def test_mxfp4_runs_in_llama_cpp_as_in_llmopt(export, chat_prompt) -> None:
+    """An MXFP4 export (FP4 linears, the 8-bit embedding of 4-bit files): llama.cpp's
+    greedy chat turn is llmopt's on the same file, run packed, and starts as the
+    full-precision model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = export("MXFP4")
+    gguf = GGUFFile(path)
+    types = {t.name: t.tensor_type for t in gguf.reader.tensors}
+    assert types["blk.0.attn_q.weight"] == Q.MXFP4 and types["token_embd.weight"] == Q.Q8_0
+    vocab = open_llama(path, vocab_only=True)
+    assert vocab.metadata["general.file_type"] == str(llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE)
+    vocab.close()
+    prompt, expected = chat_prompt
+    packed = LLM(path, device="cpu", dtype="fp32", kv_cache_memory=0.05)
+    assert packed.loaded.model.layers[0].mlp.gate_up_proj.codebook == "e2m1"
+    ours = packed.generate([prompt], GREEDY)[0].token_ids
+    assert llama_cpp_greedy(path, prompt, 8) == ours[:8]
+    assert ours[0] == expected[0]
+
+
 @pytest.mark.parametrize("qtype,tol", [("F32", 0.0), ("F16", 1e-3)])
 def test_llmopt_reader_gets_config_and_weights_back(qtype, tol, tmp_path, smollm_folder) -> None:
     folder = small_tiny_model(tmp_path / "tiny", smollm_folder)

@@ -1,4 +1,4 @@
-"""The int4/int8 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
+"""The int4/int8/FP4 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
 
 Its only approximation is rounding the activations to int8 per 64 inputs, so inputs
 that are already integers with 127 in every 64-block go through exactly, and the
@@ -17,6 +17,8 @@ from llmopt.layers.quant_linear import (
     use_decode_arithmetic,
     use_exact_arithmetic,
 )
+from llmopt.weights import e2m1
+from llmopt.weights.fp4 import quantize_fp4
 from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
 from tests.conftest import require_kernel
 
@@ -31,11 +33,20 @@ def _kernel_built() -> None:
 FORMS = ["f32", "f16", "zero"]  # the kernels' forms of scale and offset
 
 
-def _operands(n: int, k: int, bits: int, group: int, seed: int = 0, form: str = "zero"):
+def _op(w_k: torch.Tensor, bits: int | str, scale, offset, group: int) -> Operands:
+    """Operands of 4 or 8 bits, or of FP4 ("e2m1": 4-bit codes through the codebook)."""
+    if bits == "e2m1":
+        return Operands(w_k, 4, scale, offset, group, "e2m1")
+    return Operands(w_k, bits, scale, offset, group)
+
+
+def _operands(n: int, k: int, bits: int | str, group: int, seed: int = 0, form: str = "zero"):
     """Random codes and affine terms, the kernel's operands (codes, scale, offset) with
     the metadata in `form`, and the dense weight w = scale * code + offset (float64;
-    code q, or q - 128 as int8 is stored)."""
+    code q, or q - 128 as int8 is stored, or e2m1's integer for nibble q)."""
     g = torch.Generator().manual_seed(seed)
+    fp4 = bits == "e2m1"
+    bits = 4 if fp4 else bits
     q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
     scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()
     zero = torch.randint(0, 2**bits, (n, k // group), generator=g).float()
@@ -43,7 +54,7 @@ def _operands(n: int, k: int, bits: int, group: int, seed: int = 0, form: str = 
     offset = (base - zero) * scale  # exact in fp32: 11 bits times 9
     if form == "f16":  # offsets that are fp16 numbers but no integer zero (GGUF Q4_1)
         offset = (offset + 1e-3 * torch.rand(offset.shape, generator=g)).half().float()
-    code = q.double() - base
+    code = (e2m1.CODES[q.long()] if fp4 else q).double() - base
     w = (code.view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
     w_k = qgemv.pack_int4(q) if bits == 4 else code.to(torch.int8)
     if form == "zero":
@@ -53,19 +64,22 @@ def _operands(n: int, k: int, bits: int, group: int, seed: int = 0, form: str = 
     return w_k, qgemv.block_rows(scale), qgemv.block_rows(offset), w
 
 
-CASES = [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192), (8, 16), (4, 16)]
+CASES = [
+    (4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192), (8, 16), (4, 16),
+    ("e2m1", 32), ("e2m1", 16), ("e2m1", 64),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 20])  # 20: AMX tiles where the CPU has them
 @pytest.mark.parametrize("form", FORMS)
-def test_exact_on_integer_activations(bits: int, group: int, rows: int, form: str) -> None:
+def test_exact_on_integer_activations(bits: int | str, group: int, rows: int, form: str) -> None:
     n, k = 43, 384  # not a multiple of the kernel's 8-row blocks
     w_k, scale, offset, w = _operands(n, k, bits, group, form=form)
     bias = torch.randn(n)
     x = torch.randint(-127, 128, (rows, k)).float()
     x[:, ::64] = 127  # every 64-block's scale is exactly 1
-    y = KERNEL(x, Operands(w_k, bits, scale, offset, group), bias)
+    y = KERNEL(x, _op(w_k, bits, scale, offset, group), bias)
     ref = x.double() @ w.T + bias.double()
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
@@ -73,11 +87,11 @@ def test_exact_on_integer_activations(bits: int, group: int, rows: int, form: st
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("rows", [2, 17])
-def test_bf16_activations_within_int8_rounding(bits: int, group: int, rows: int) -> None:
+def test_bf16_activations_within_int8_rounding(bits: int | str, group: int, rows: int) -> None:
     n, k = 96, 768
     w_k, scale, offset, w = _operands(n, k, bits, group, seed=1)
     x = torch.randn(rows, k).bfloat16()
-    y = KERNEL(x, Operands(w_k, bits, scale, offset, group))
+    y = KERNEL(x, _op(w_k, bits, scale, offset, group))
     assert y.dtype == torch.bfloat16
     ref = x.double() @ w.T
     # Rounding each input to max|x|/127 steps: about 0.7% of a Gaussian row's norm.
@@ -104,16 +118,18 @@ def test_shapes_it_does_not_take() -> None:
         KERNEL(x, Operands(w_k, 4, flat, flat, 64))
     with pytest.raises(ValueError, match="uint8 zeros"):  # zero points take fp16 scales
         KERNEL(x, Operands(w_k, 4, scale.float(), zero, 64))
+    with pytest.raises(ValueError, match="no codebook"):  # e2m1 codes are 4-bit
+        KERNEL(x, Operands(w_k, 8, scale, zero, 64, "e2m1"))
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 256), (8, 16), (8, 32), (8, 256)])
-def test_rows_are_independent(bits: int, group: int) -> None:
+def test_rows_are_independent(bits: int | str, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
     the other rows hold, and the same as the row alone (one arithmetic for every row
     count, AMX tiles included)."""
     w_k, scale, offset, _ = _operands(24, 256, bits, group)
     x = torch.randn(19, 256)  # more than two 8-row register blocks, and a partial one
-    weight = Operands(w_k, bits, scale, offset, group)
+    weight = _op(w_k, bits, scale, offset, group)
     whole = KERNEL(x, weight)
     others = torch.cat([x[:5], torch.randn(14, 256)])
     assert torch.equal(KERNEL(others, weight)[:5], whole[:5])
@@ -122,7 +138,7 @@ def test_rows_are_independent(bits: int, group: int) -> None:
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) -> None:
+def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int | str, group: int) -> None:
     """Where the CPU has AVX-512 VNNI its tiles run from 4 rows on; the AVX2 blocks
     (what other CPUs run) are built apart and checked here: the same integers and the
     same float operations in the same order, so the same bits, and a row's result
@@ -131,7 +147,7 @@ def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) 
     avx2 = qgemv.load(avx2=True)
     assert avx2 is not None
     w_k, scale, offset, _ = _operands(40, 384, bits, group, seed=7)
-    weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(40)
+    weight, bias = _op(w_k, bits, scale, offset, group), torch.randn(40)
     x = torch.randn(13, 384)
     whole = avx2(x, weight, bias)
     assert torch.equal(whole, KERNEL(x, weight, bias))
@@ -141,7 +157,9 @@ def test_the_avx2_blocks_agree_and_keep_rows_independent(bits: int, group: int) 
 @pytest.mark.parametrize("tiles", ["cpu", "emulated"])
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("form", FORMS)
-def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, form: str) -> None:
+def test_amx_tiles_agree_with_the_row_kernel(
+    tiles: str, bits: int | str, group: int, form: str
+) -> None:
     """From 9 rows on the kernel runs on AMX tiles: the same integer products and the
     same float operations in the same order as the row kernel, so the same bits; partial
     tiles of rows of x (37 = 2 x 16 + 5) and of W (43 = 2 x 16 + 11). On the CPU's
@@ -153,7 +171,7 @@ def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, 
         pytest.skip("AMX tile state not granted to this process (arch_prctl)")
     assert amx.amx, "with AVX-512 the emulated build runs on tiles"
     w_k, scale, offset, w = _operands(43, 384, bits, group, seed=8, form=form)
-    weight, bias = Operands(w_k, bits, scale, offset, group), torch.randn(43)
+    weight, bias = _op(w_k, bits, scale, offset, group), torch.randn(43)
     x = torch.randn(37, 384)
     on_tiles = amx(x, weight, bias)
     rows = torch.cat([KERNEL(x[i : i + 3], weight, bias) for i in range(0, 37, 3)])
@@ -169,7 +187,7 @@ def test_amx_tiles_agree_with_the_row_kernel(tiles: str, bits: int, group: int, 
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (8, 256, True)])
-def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) -> None:
+def test_quant_linear_uses_it_for_decode_rows(bits: int | str, group: int, sym: bool) -> None:
     torch.manual_seed(2)
     qw: QuantizedWeight = quantize_rtn(torch.randn(64, 256), bits, group, sym)
     layer = QuantLinear(qw, None, torch.device("cpu"))
@@ -182,6 +200,24 @@ def test_quant_linear_uses_it_for_decode_rows(bits: int, group: int, sym: bool) 
     # rows: one arithmetic for every step).
     batch = torch.randn(512, 256)
     assert torch.equal(layer(batch), layer.qgemv(batch))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_quant_linear_runs_fp4_packed(fmt: str) -> None:
+    """FP4 runs on qgemv's 4-bit packing, its nibbles mapped through the e2m1 table: the
+    layer's codes, dense copy and embedding rows are the weight's, and its product
+    agrees with the dequantized weight to the activations' int8 rounding."""
+    torch.manual_seed(4)
+    qw = quantize_fp4(torch.randn(48, 256) * 0.05, fmt)
+    layer = QuantLinear(qw, None, torch.device("cpu"))
+    assert layer.kernel == "qgemv" and layer.q is None
+    assert layer.kscale.dtype == torch.float16  # power-of-two (MXFP4) or e4m3 scales
+    assert torch.equal(layer.codes(), qw.grid_codes())
+    assert torch.equal(layer.dequantize(torch.float32), qw.dequantize())
+    assert torch.equal(layer.rows(torch.tensor([5, 40])), qw.dequantize()[[5, 40]])
+    x = torch.randn(3, 256)
+    ref = x @ qw.dequantize().T
+    assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
 
 
 def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
@@ -199,24 +235,24 @@ def test_decode_arithmetic_sends_every_row_through_the_kernel() -> None:
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("form", FORMS)
-def test_dequantize_writes_the_dense_weight(bits: int, group: int, form: str) -> None:
+def test_dequantize_writes_the_dense_weight(bits: int | str, group: int, form: str) -> None:
     """The dense path's one-pass copy is the weight the operands describe."""
     w_k, scale, offset, w = _operands(24, 384, bits, group, seed=5, form=form)
     out = torch.empty(24, 384)
-    assert KERNEL.dequantize(Operands(w_k, bits, scale, offset, group), out) is out
+    assert KERNEL.dequantize(_op(w_k, bits, scale, offset, group), out) is out
     torch.testing.assert_close(out.double(), w, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="does not take"):
-        KERNEL.dequantize(Operands(w_k, bits, scale, offset, 96), torch.empty(24, 384))
+        KERNEL.dequantize(_op(w_k, bits, scale, offset, 96), torch.empty(24, 384))
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-def test_compact_metadata_gives_the_same_weights(bits: int, group: int) -> None:
+def test_compact_metadata_gives_the_same_weights(bits: int | str, group: int) -> None:
     """An integer grid's fp16 scales and uint8 zero points describe exactly the weights
     its fp32 scales and offsets do: the dense copies are equal, and the kernel's sums
     (its offset terms added in another order) equal to float rounding."""
     w_k, s32, o32, _ = _operands(24, 384, bits, group, seed=6, form="f32")
     _, s16, zero, _ = _operands(24, 384, bits, group, seed=6, form="zero")
-    full, small = Operands(w_k, bits, s32, o32, group), Operands(w_k, bits, s16, zero, group)
+    full, small = _op(w_k, bits, s32, o32, group), _op(w_k, bits, s16, zero, group)
     a, b = torch.empty(24, 384), torch.empty(24, 384)
     assert torch.equal(KERNEL.dequantize(small, a), KERNEL.dequantize(full, b))
     x = torch.randn(5, 384)

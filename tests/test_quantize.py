@@ -148,6 +148,36 @@ def test_int4_defaults_are_the_measured_best_and_said(tiny_llama, tmp_path) -> N
     assert own.exit_code == 0 and "int4 defaults" not in own.stderr
 
 
+@pytest.mark.parametrize("fmt,method", [("mxfp4", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq")])
+def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, fmt, method):
+    """--fp4 writes each linear as GGUF's MXFP4 or NVFP4 blocks (with NVFP4's tensor
+    scale), at 4.25 or 4.5 bits a weight; the checkpoint loads as FP4 QuantLinears whose
+    dense path is exactly the dequantized blocks."""
+    from llmopt.weights import fp4
+
+    out = tmp_path / fmt
+    extra = ["--calib-tokens", "1024"] if method == "gptq" else []
+    report = _quantize(tiny_llama, out, "--fp4", "--fp4-format", fmt, "--method", method, *extra)
+    width, per_block = fp4.BLOCK[fmt]
+    assert report["group_size"] == fp4.GROUP[fmt]
+    if method == "rtn":  # GPTQ adds act-order's input order (int32 per input)
+        assert report["bytes_per_param"] == pytest.approx(width / per_block, rel=0.01)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qcfg["fp4"], qcfg["bits"], qcfg["method"]) == (fmt, 4, method)
+    weights = {k: v for k, v in _quantized_weights(out).items() if not isinstance(v, torch.Tensor)}
+    table = weights.pop("model.embed_tokens.weight")  # int8 per row beside the FP4 blocks
+    assert (table.bits, table.codebook, table.group_size) == (8, None, table.shape[1])
+    assert len(weights) == 7 * 2
+    for w in weights.values():
+        assert (w.codebook, w.group_size) == ("e2m1", fp4.GROUP[fmt])
+        assert (w.perm is not None) == (method == "gptq")  # act-order by default
+    layer = _load(out).model.layers[0].mlp.down_proj
+    assert layer.codebook == "e2m1"
+    dense = _logits(out, IDS, dense=True)
+    packed = _logits(out, IDS)
+    assert ((packed - dense).norm() / dense.norm()).item() < 0.05
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_layouts_carry_the_same_weights(tiny_llama, tmp_path, method) -> None:
     """One quantization written in our, GPTQ's and AWQ's layout: the same integers,
@@ -344,6 +374,15 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--drift-correction", "2"], 2, "between 0 and 1"),
         (["--int4", "--one-pass", "--drift-correction", "0.3"], 2, "block by block"),
         (["--int4", "--method", "rtn", "--drift-correction", "0.3"], 2, "block by block"),
+        (["--fp4", "--int4"], 2, "drop --int8 and --int4"),
+        (["--fp4", "--group-size", "64"], 2, "MXFP4 has groups of 32"),
+        (["--fp4", "--fp4-format", "nvfp4", "--group-size", "32"], 2, "groups of 16"),
+        (["--fp4", "--fp4-format", "int3"], 2, "unknown --fp4 'int3'"),
+        (["--fp4", "--method", "awq"], 2, "--fp4 quantizes with rtn or gptq"),
+        (["--int4", "--fp4-format", "nvfp4"], 2, "--fp4-format goes with --fp4"),
+        (["--fp4", "--format", "gptq"], 2, "holds integer weights"),
+        (["--fp4", "--format", "gguf", "--gguf-type", "Q4_0"], 2, "drop --gguf-type"),
+        (["--fp4", "--fp4-format", "nvfp4", "--format", "gguf"], 2, "writes MXFP4"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:
@@ -379,6 +418,23 @@ def test_cuda_quantizes_and_runs_like_the_cpu(tiny_llama, tmp_path) -> None:
     loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
     on_gpu = Scorer(loaded.model, 64).logits(IDS).cpu()
     on_cpu = _logits(tmp_path / "gpu", IDS, dense=True)  # CUDA multiplies dequantized weights
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_cuda_quantizes_and_runs_fp4_like_the_cpu(tiny_llama, tmp_path, fmt) -> None:
+    """FP4 GPTQ on the GPU, and its checkpoint run there (dequantized into a float GEMM):
+    the CPU's dense logits of the same weights."""
+    from llmopt.loader.load import load_model
+    from llmopt.models.scoring import Scorer
+
+    args = ["--fp4", "--fp4-format", fmt, "--calib-tokens", "1024", "--device", "cuda"]
+    _quantize(tiny_llama, tmp_path / "gpu", *args)
+    cuda = torch.device("cuda")
+    loaded = load_model(tmp_path / "gpu", torch.float32, cuda, Store(), Console(stderr=True))
+    on_gpu = Scorer(loaded.model, 64).logits(IDS).cpu()
+    on_cpu = _logits(tmp_path / "gpu", IDS, dense=True)
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
 
 

@@ -1,4 +1,4 @@
-"""`llmopt quantize MODEL (--int8 | --int4)`: quantize, write, report, register.
+"""`llmopt quantize MODEL (--int8 | --int4 | --fp4)`: quantize, write, report, register.
 
 Progress and the report go to stderr; `--json` prints the report as one JSON object
 on stdout for scripts.
@@ -21,6 +21,7 @@ from llmopt.errors import UsageError
 from llmopt.quant.spec import (
     DEFAULT_CALIB_TOKENS,
     DEFAULT_INT4_METHOD,
+    FP4_GROUPS,
     QuantSpec,
     default_group_size,
 )
@@ -87,6 +88,23 @@ def describe_defaults(spec: QuantSpec, tied: bool) -> str:
     )
 
 
+def _check_fp4_flags(
+    int8: bool, int4: bool, fp4: bool, fp4_format: str | None, fmt: str, gguf_type: str | None
+) -> None:
+    if fp4 and (int8 or int4):
+        raise UsageError("--fp4 is a weight type of its own: drop --int8 and --int4")
+    if fp4_format and not fp4:
+        raise UsageError("--fp4-format goes with --fp4")
+    if fp4 and fmt in ("gptq", "awq"):
+        raise UsageError(f"--format {fmt} holds integer weights: use --format llmopt or gguf")
+    if fp4 and gguf_type:
+        raise UsageError("--fp4 picks the GGUF type itself (MXFP4): drop --gguf-type")
+    if fp4 and fmt == "gguf" and (fp4_format or "mxfp4").lower() != "mxfp4":
+        raise UsageError(
+            "--format gguf writes MXFP4 only: drop --fp4-format or use --format llmopt"
+        )
+
+
 def _check_format(fmt: str, spec: QuantSpec) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -116,6 +134,12 @@ def quantize(
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
     int4: bool = typer.Option(
         False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_K_M, or Q4_1)."
+    ),
+    fp4: bool = typer.Option(
+        False, "--fp4", help="FP4 (e2m1) weights, MXFP4 by default (GPTQ; GGUF: RTN)."
+    ),
+    fp4_format: str = typer.Option(
+        None, "--fp4-format", help="With --fp4: mxfp4 (a scale per 32) or nvfp4 (per 16)."
     ),
     method: str = typer.Option(
         None,
@@ -184,19 +208,23 @@ def quantize(
     from llmopt.store.store import Store
 
     console = Console(stderr=True)
-    if int8 == int4:
-        raise UsageError("choose one of --int8 or --int4")
+    _check_fp4_flags(int8, int4, fp4, fp4_format, fmt, gguf_type)
+    if int8 == int4 and not fp4:
+        raise UsageError("choose one of --int8 or --int4 (or --fp4)")
     if (calib_tokens is not None and calib_tokens < 1) or ppl_tokens < 2:
         raise UsageError("--calib-tokens must be positive and --ppl-tokens at least 2")
     if engine.threads is not None:
         torch.set_num_threads(engine.threads)
     bits = 8 if int8 else 4
+    fp4_fmt = (fp4_format or "mxfp4").lower() if fp4 else None
     store = Store()
     src_name, src_path = resolve(model, store, console)
     folder = hf_folder_for(src_path, store, console, dense=True)
     cfg = read_config(folder)
-    chosen = method is None and group_size is None  # int4: say what the defaults are
-    method = method or default_method(bits, fmt)
+    chosen = method is None and group_size is None and not fp4  # int4: say the defaults
+    method = method or ("gptq" if fp4 and fmt != "gguf" else default_method(bits, fmt))
+    if fp4_fmt and group_size is None:
+        group_size = FP4_GROUPS.get(fp4_fmt, 0)
     spec = QuantSpec(
         bits=bits,
         method=method,
@@ -209,6 +237,7 @@ def quantize(
         sequential=sequential,
         drift=drift,
         embed_bits=8 if (fmt == "llmopt" if int8_embedding is None else int8_embedding) else 0,
+        fp4=fp4_fmt,
     )
     _check_format(fmt, spec)
     if bits == 4 and chosen and fmt != "gguf":
@@ -216,7 +245,9 @@ def quantize(
         console.print(f"[dim]{describe_defaults(spec, tied)}[/dim]", highlight=False)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     if fmt == "gguf":
-        if gguf_type is None:
+        if gguf_type is None and fp4_fmt:
+            gguf_type = fp4_fmt.upper()
+        elif gguf_type is None:
             gguf_type = default_gguf_type(bits)
             console.print(f"[dim]{GGUF_DEFAULT_WHY[gguf_type]}[/dim]")
         gguf_type = gguf_type.upper()

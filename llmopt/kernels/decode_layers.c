@@ -41,6 +41,7 @@ typedef struct {
     const void *offset;
     int group;
     int meta;
+    int codebook; /* qgemv's CODEBOOK_* */
     const float *bias;   /* (N,) fp32 or NULL */
     const int64_t *perm; /* (K,) act-order input order (column j reads input perm[j]) or NULL */
     int N, K;
@@ -77,7 +78,7 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
         x = xp;
     }
     const int rc = qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group,
-                         l->meta, l->N, l->bias, y, y_bf16);
+                         l->meta, l->codebook, l->N, l->bias, y, y_bf16);
     free(xp);
     return rc;
 }

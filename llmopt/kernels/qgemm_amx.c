@@ -61,7 +61,7 @@ static int amx_ready(void) {
     return state;
 }
 
-/* One tile product into C from W tile A and x tile B: int4 codes are unsigned (times
+/* One tile product into C from W tile A and x tile B: 4-bit codes are unsigned (times
  * signed x), int8 holds q - 128 (signed times signed). Tile numbers are immediates,
  * hence a macro. */
 #define TDP(bits, C, A, B)         \
@@ -74,7 +74,7 @@ static int amx_ready(void) {
 
 /* 16 rows of W from n0 (`rows` real, the rest zero), chunk c, as two 16 x 32 byte
  * tiles: a[0] inputs 64c .. 64c+31, a[1] the next 32. */
-static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int rows, int c,
+static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int e2m1, int rows, int c,
                          uint8_t a[2][AMX_T][32]) {
     for (int n = 0; n < AMX_T; n++) {
         if (n >= rows) {
@@ -86,9 +86,16 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int rows, int
         if (bits == 4) { /* byte j: input j low, input j + 32 high */
             const __m256i v = _mm256_loadu_si256((const __m256i *)src);
             const __m256i low = _mm256_set1_epi8(0x0f);
-            _mm256_storeu_si256((__m256i *)a[0][n], _mm256_and_si256(v, low));
-            _mm256_storeu_si256((__m256i *)a[1][n],
-                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            __m256i lo = _mm256_and_si256(v, low);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            if (e2m1) { /* nibbles to codes (qgemv.c's E2M1_CODES) */
+                const __m256i t =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
+                lo = _mm256_shuffle_epi8(t, lo);
+                hi = _mm256_shuffle_epi8(t, hi);
+            }
+            _mm256_storeu_si256((__m256i *)a[0][n], lo);
+            _mm256_storeu_si256((__m256i *)a[1][n], hi);
         } else {
             memcpy(a[0][n], src, 32);
             memcpy(a[1][n], src + 32, 32);
@@ -128,8 +135,9 @@ static inline __attribute__((always_inline)) void fold_unit(__m512 acc[AMX_T],
  * (M, K / group), as quantize_row writes them. Operands as qgemv's. Returns 0, or -1
  * when out of memory. */
 static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
-                     const uint8_t *w, int bits, const void *scale, const void *offset,
-                     int group, int meta, int N, const float *bias, void *y, int y_bf16) {
+                     const uint8_t *w, int bits, int e2m1, const void *scale,
+                     const void *offset, int group, int meta, int N, const float *bias, void *y,
+                     int y_bf16) {
     const int nc = K / QB, ng = K / group, halves = group == 32, nt = (M + AMX_T - 1) / AMX_T;
     const int per_row = !halves && ng == 1; /* one scale per row of W, as block8's per_row */
     const int ns = K / 32; /* 32-input halves */
@@ -173,7 +181,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                 for (int c = 0; c < nc; c++) {
                     uint8_t a[2][AMX_T][32];
                     int32_t c0[AMX_T][AMX_T], c1[AMX_T][AMX_T];
-                    load_w_chunk(wb, w_row, bits, rows, c, a);
+                    load_w_chunk(wb, w_row, bits, e2m1, rows, c, a);
                     const int32_t *xb = xv + ((size_t)t * ns + 2 * c) * 8 * AMX_T;
                     _tile_zero(0);
                     _tile_loadd(2, a[0], 32);
@@ -230,8 +238,9 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
 #else
 static int amx_ready(void) { return 0; }
 static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M, int K,
-                     const uint8_t *w, int bits, const void *scale, const void *offset,
-                     int group, int meta, int N, const float *bias, void *y, int y_bf16) {
+                     const uint8_t *w, int bits, int e2m1, const void *scale,
+                     const void *offset, int group, int meta, int N, const float *bias, void *y,
+                     int y_bf16) {
     return -1;
 }
 #endif

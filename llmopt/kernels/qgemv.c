@@ -37,6 +37,11 @@
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
  *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
+ * codebook: CODEBOOK_NONE, or with bits 4 CODEBOOK_E2M1: each nibble is an FP4 (e2m1)
+ *   value, sign and magnitude, which the unpacking maps through a 16-entry table to
+ *   the unsigned code q = 12 + 2 * value (0 .. 24), so that everything after the
+ *   unpacking is the int4 arithmetic with zero point 12 (the caller's scale is the
+ *   block scale / 2): MXFP4 and NVFP4 blocks run packed, at int4's bytes.
  * scale, offset: per row and group of `group` inputs (16, 32 or a multiple of 64), blocked by
  *   8 rows: (ceil(N / 8), K / group, 8), zero-padded, element [n / 8, g, n % 8] (one
  *   vector load gives a group's values for the 8 rows a block computes). Three forms
@@ -66,6 +71,15 @@
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
 
 enum { META_F32 = 0, META_F16 = 1, META_ZERO = 2 }; /* the forms of scale and offset above */
+enum { CODEBOOK_NONE = 0, CODEBOOK_E2M1 = 1 };       /* what a 4-bit code stands for */
+
+/* CODEBOOK_E2M1's table: nibble (sign bit 3, magnitude index 0-2) -> 12 + 2 * value, the
+ * values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives. */
+static const uint8_t E2M1_CODES[16] = {12, 13, 14, 15, 16, 18, 20, 24,
+                                       12, 11, 10, 9,  8,  6,  4,  0};
+
+/* A 4-bit code's integer: itself, or its e2m1 table entry. */
+static inline int code4(int nibble, int e2m1) { return e2m1 ? E2M1_CODES[nibble] : nibble; }
 
 /* Bytes per element of the scales and of the offsets (or zero points) in form `meta`. */
 static inline size_t scale_bytes(int meta) { return meta == META_F32 ? 4 : 2; }
@@ -152,7 +166,8 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
  * is at most 2 * 128 * 127, inside int16), then int32 (vpmaddwd with ones). */
 static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], int nrows,
                                                              const uint8_t *wc, int bits,
-                                                             int units, const int8_t *xa,
+                                                             int e2m1, int units,
+                                                             const int8_t *xa,
                                                              const int8_t *xb) {
     const __m256i zero = _mm256_setzero_si256();
     __m256i w0, w1, s0 = zero, s1 = zero;
@@ -161,6 +176,12 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
         const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
         w0 = _mm256_and_si256(v, low);
         w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        if (e2m1) { /* nibbles to codes: a byte shuffle is a 16-entry table lookup */
+            const __m256i t =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
+            w0 = _mm256_shuffle_epi8(t, w0);
+            w1 = _mm256_shuffle_epi8(t, w1);
+        }
     } else {
         s0 = _mm256_loadu_si256((const __m256i *)wc);
         s1 = _mm256_loadu_si256((const __m256i *)(wc + 32));
@@ -188,7 +209,8 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
         if (units > 1) {
             d[r][0] = _mm256_madd_epi16(h0, ones);
             d[r][1] = _mm256_madd_epi16(h1, ones);
-        } else { /* int4: the halves add in int16 (|sum| <= 7620); int8's would overflow */
+        } else { /* 4-bit: the halves add in int16 (|sum| <= 4 * 24 * 127); int8's would
+                  * overflow */
             d[r][0] = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                                 : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
                                                    _mm256_madd_epi16(h1, ones));
@@ -220,7 +242,8 @@ static inline __m256i sum8i(const __m256i a[8]) {
  * scales, (ng, 8). */
 static inline __attribute__((always_inline)) void rows8(__m256 v[2], int nrows,
                                                         const uint8_t *const wi[8], int bits,
-                                                        int units, int per_row, const float *sf,
+                                                        int e2m1, int units, int per_row,
+                                                        const float *sf,
                                                         const int *gi, const int8_t *xa,
                                                         const int8_t *xb, const float *da,
                                                         const float *db, int nc,
@@ -230,7 +253,7 @@ static inline __attribute__((always_inline)) void rows8(__m256 v[2], int nrows,
     for (int i = 0; i < 8; i++)
         for (int c = 0; c < nc; c++) {
             __m256i d[2][4];
-            chunk_dots(d, nrows, wi[i] + c * chunk_bytes, bits, units, xa + c * QB,
+            chunk_dots(d, nrows, wi[i] + c * chunk_bytes, bits, e2m1, units, xa + c * QB,
                        xb + c * QB);
             for (int r = 0; r < nrows; r++)
                 for (int h = 0; h < units; h++)
@@ -312,7 +335,7 @@ static inline void store8(__m256 v, const Block8 *blk, const float *of, const fl
  * rows' lane sums into a vector of 8 dot products (a horizontal sum per row would cost
  * as much as the row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
-    const uint8_t *w, size_t w_row, int bits, int units, const void *scale, int ng,
+    const uint8_t *w, size_t w_row, int bits, int e2m1, int units, const void *scale, int ng,
     const void *offset, int meta, const int8_t *xq, const float *xd, const float *xsum, int M,
     int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
@@ -327,9 +350,10 @@ static inline __attribute__((always_inline)) void block8(
         const float *da = xd + (size_t)m * nc;
         __m256 v[2];
         if (m + 1 < M)
-            rows8(v, 2, wi, bits, units, per_row, sf, gi, xa, xa + K, da, da + nc, nc, lanes);
+            rows8(v, 2, wi, bits, e2m1, units, per_row, sf, gi, xa, xa + K, da, da + nc, nc,
+                  lanes);
         else
-            rows8(v, 1, wi, bits, units, per_row, sf, gi, xa, xa, da, da, nc, lanes);
+            rows8(v, 1, wi, bits, e2m1, units, per_row, sf, gi, xa, xa, da, da, nc, lanes);
         for (int r = 0; r < 2 && m + r < M; r++)
             store8(v[r], &blk, of, xsum + (size_t)(m + r) * ng, ng, (size_t)(m + r) * N + n0, y,
                    y_bf16);
@@ -375,7 +399,7 @@ static inline void transpose4_in_lanes(__m512i *v, int n) {
  * and p + 4, or p + 4 and p + 8 from p = 4, so that the lanes come out in row order;
  * dword t packs inputs 4t .. 4t + 3 and 32 + 4t .. 32 + 4t + 3), one shuffle level
  * gathers, and vector t's low nibbles are then out[t], its high ones out[8 + t]. */
-static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int c,
+static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2m1, int c,
                                    __m512i out[16]) {
     if (bits == 8) {
         __m512i v[16], h[16];
@@ -411,6 +435,10 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int c,
             out[t] = _mm512_and_si512(g, low);
             out[8 + t] = _mm512_and_si512(_mm512_srli_epi16(g, 4), low);
         }
+    if (e2m1) { /* nibbles to codes, as chunk_dots does */
+        const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)E2M1_CODES));
+        for (int j = 0; j < 16; j++) out[j] = _mm512_shuffle_epi8(t, out[j]);
+    }
 }
 
 /* Software prefetch of the next tile, its weights a share per chunk and its metadata
@@ -441,8 +469,8 @@ static inline void prefetch_share(Ahead a, int c) {
  * (row stride nu). */
 static inline __attribute__((always_inline)) void tile_pass(
     __m512 v[QT_ROWS], int nr, const __m512i *wt, const uint8_t *const *wr, Ahead ahead,
-    int bits, int units, int per_row, const __m512 *sv, const int *gi, const int8_t *xq,
-    const float *xd, const int32_t *xi, int K, int nc) {
+    int bits, int e2m1, int units, int per_row, const __m512 *sv, const int *gi,
+    const int8_t *xq, const float *xd, const int32_t *xi, int K, int nc) {
     const int nu = units * nc, per_unit = 16 / units; /* vectors of 4 inputs a unit */
     for (int r = 0; r < nr; r++) v[r] = _mm512_setzero_ps();
     for (int c = 0; c < nc; c++) {
@@ -450,7 +478,7 @@ static inline __attribute__((always_inline)) void tile_pass(
         const __m512i *wc = wt + (size_t)c * 16;
         if (wr) { /* fused: this chunk transposed here */
             prefetch_share(ahead, c);
-            transpose_chunk(wr, bits, c, own);
+            transpose_chunk(wr, bits, e2m1, c, own);
             wc = own;
         }
         const int8_t *xc = xq + (size_t)c * QB;
@@ -485,7 +513,8 @@ static inline __attribute__((always_inline)) void tile_pass(
 /* y[m, n0 .. n0 + 15] for a tile of up to 16 rows of W and every row of x (layouts and
  * epilogue as block8's, whose 8-row metadata slices the tile's two halves are). */
 static inline __attribute__((always_inline)) void tile16(
-    const uint8_t *w, size_t w_row, int bits, int units, const void *scale, const void *offset,
+    const uint8_t *w, size_t w_row, int bits, int e2m1, int units, const void *scale,
+    const void *offset,
     int meta, int ng, const int8_t *xq, const float *xd, const float *xsum, const int32_t *xi,
     int M, int K, const int *gi, const float *bias, int n0, int N, void *y, int y_bf16,
     __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
@@ -511,7 +540,7 @@ static inline __attribute__((always_inline)) void tile16(
     if (!fused)
         for (int c = 0; c < nc; c++) {
             prefetch_share(ahead, c);
-            transpose_chunk(wr, bits, c, wt + (size_t)c * 16);
+            transpose_chunk(wr, bits, e2m1, c, wt + (size_t)c * 16);
         }
     Block8 blk[2];
     __m512 sv[ng];         /* the tile's scales per group, fp32 */
@@ -538,8 +567,8 @@ static inline __attribute__((always_inline)) void tile16(
         __m512 v[QT_ROWS];
         switch (nr) { /* constant row counts: each its own unrolled loop */
 #define QT_PASS(R) \
-    tile_pass(v, R, wt, fused ? wr : NULL, ahead, bits, units, per_row, sv, gi, xm, dm, im, \
-              K, nc)
+    tile_pass(v, R, wt, fused ? wr : NULL, ahead, bits, e2m1, units, per_row, sv, gi, xm, dm, \
+              im, K, nc)
         case 8: QT_PASS(8); break;
         case 7: QT_PASS(7); break;
         case 6: QT_PASS(6); break;
@@ -564,7 +593,7 @@ static inline __attribute__((always_inline)) void tile16(
 #endif
 #else
 /* Without AVX2: the same arithmetic one output at a time. */
-static inline void block8(const uint8_t *w, size_t w_row, int bits, int units,
+static inline void block8(const uint8_t *w, size_t w_row, int bits, int e2m1, int units,
                           const void *scale, int ng, const void *offset, int meta,
                           const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                           const int *gi, const float *bias, int rows, int n0, int N, void *y,
@@ -579,8 +608,9 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int units,
                 int32_t dot[4] = {0, 0, 0, 0}; /* the chunk's quarters */
                 for (int j = 0; j < QB; j++) {
                     const int k = c * QB + j;
-                    const int q = bits == 4 ? (wn[c * 32 + j % 32] >> (j < 32 ? 0 : 4)) & 15
-                                            : ((const int8_t *)wn)[k];
+                    const int q =
+                        bits == 4 ? code4((wn[c * 32 + j % 32] >> (j < 32 ? 0 : 4)) & 15, e2m1)
+                                  : ((const int8_t *)wn)[k];
                     dot[j / 16] += q * xq[(size_t)m * K + k];
                 }
                 const float xdc = xd[(size_t)m * nc + c];
@@ -629,7 +659,7 @@ typedef struct {
     const int *gi;
     const uint8_t *w;
     size_t w_row;
-    int bits, meta, N;
+    int bits, e2m1, meta, N;
     const void *scale, *offset;
     const float *bias;
     void *y;
@@ -661,8 +691,8 @@ static int run_tiles(const Call *a) {
             if (!ok) continue;
             /* Constant arguments: each case is its own specialised loop. */
 #define TILE16(B, H)                                                                          \
-    tile16(a->w, a->w_row, B, H, a->scale, a->offset, a->meta, ng, a->xq, a->xd, a->xsum, xi, \
-           a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
+    tile16(a->w, a->w_row, B, a->e2m1, H, a->scale, a->offset, a->meta, ng, a->xq, a->xd, \
+           a->xsum, xi, a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
             if (a->bits == 4)
                 a->units == 4 ? TILE16(4, 4) : a->units == 2 ? TILE16(4, 2) : TILE16(4, 1);
             else
@@ -692,8 +722,8 @@ static int run_blocks(const Call *a) {
         const void *ob = (const char *)a->offset + at * offset_bytes(meta);
         /* Constant arguments: each case is its own specialised loop. */
 #define BLOCK8(B, H, META)                                                                   \
-    block8(wb, a->w_row, B, H, sb, ng, ob, META, a->xq, a->xd, a->xsum, a->M, a->K, a->gi, \
-           a->bias, rows, n0, a->N, a->y, a->y_bf16)
+    block8(wb, a->w_row, B, a->e2m1, H, sb, ng, ob, META, a->xq, a->xd, a->xsum, a->M, a->K, \
+           a->gi, a->bias, rows, n0, a->N, a->y, a->y_bf16)
 #define BY_META(B, H)                  \
     (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
      : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
@@ -709,13 +739,18 @@ static int run_blocks(const Call *a) {
 }
 #endif
 
+/* Whether qgemv and qdequant take these shapes and forms. */
+static int takes(int K, int bits, int group, int meta, int codebook) {
+    return K % QB == 0 && K % group == 0 && (group == 16 || group == 32 || group % QB == 0) &&
+           (bits == 4 || bits == 8) && meta >= META_F32 && meta <= META_ZERO &&
+           (codebook == CODEBOOK_NONE || (codebook == CODEBOOK_E2M1 && bits == 4));
+}
+
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
 int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
-          const void *offset, int group, int meta, int N, const float *bias, void *y,
-          int y_bf16) {
-    if (M < 1 || K % QB || K % group || !(group == 16 || group == 32 || group % QB == 0) ||
-        (bits != 4 && bits != 8) || meta < META_F32 || meta > META_ZERO)
-        return -1;
+          const void *offset, int group, int meta, int codebook, int N, const float *bias,
+          void *y, int y_bf16) {
+    if (M < 1 || !takes(K, bits, group, meta, codebook)) return -1;
     const int nc = K / QB, ng = K / group;
     int8_t *xq = malloc((size_t)M * K);
     float *xd = malloc(sizeof(float) * (size_t)M * (nc + ng));
@@ -737,12 +772,13 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     int rc;
     if (M >= AMX_MIN_ROWS && group >= 32 && amx_ready()) { /* its units are 32 or 64 */
-        rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, scale, offset, group, meta, N, bias, y,
-                       y_bf16);
+        rc = qgemm_amx(xq, xd, xsum, M, K, w, bits, codebook == CODEBOOK_E2M1, scale, offset,
+                       group, meta, N, bias, y, y_bf16);
     } else {
         const int units = group < QB ? QB / group : 1;
-        const Call call = {xq, xd, xsum, M, K, nc, ng, units, gi, (const uint8_t *)w,
-                           (size_t)K * bits / 8, bits, meta, N, scale, offset, bias, y, y_bf16};
+        const Call call = {xq,   xd, xsum, M, K, nc, ng, units, gi, (const uint8_t *)w,
+                           (size_t)K * bits / 8, bits, codebook == CODEBOOK_E2M1, meta, N,
+                           scale, offset, bias, y, y_bf16};
 #ifdef HAVE_TILE16
         rc = run_tiles(&call);
 #else
@@ -760,11 +796,9 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
  * each be a pass over the matrix: about ten times the time). bf16 rounds as torch does
  * (nearest even). Returns 0, or -1 for shapes qgemv does not take. */
 int qdequant(const void *w, int bits, const void *scale, const void *offset, int group,
-             int meta, int N, int K, void *out, int out_bf16) {
-    if (K % QB || K % group || !(group == 16 || group == 32 || group % QB == 0) ||
-        (bits != 4 && bits != 8) ||
-        meta < META_F32 || meta > META_ZERO)
-        return -1;
+             int meta, int codebook, int N, int K, void *out, int out_bf16) {
+    if (!takes(K, bits, group, meta, codebook)) return -1;
+    const int e2m1 = codebook == CODEBOOK_E2M1;
     const int ng = K / group;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -781,7 +815,8 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
                 const uint8_t *b = wn + (k0 / QB) * 32 + k0 % 32;
                 const int shift = (k0 % QB) >= 32 ? 4 : 0;
 #pragma omp simd
-                for (int j = 0; j < 16; j++) yk[j] = s * (float)((b[j] >> shift) & 15) + o;
+                for (int j = 0; j < 16; j++)
+                    yk[j] = s * (float)code4((b[j] >> shift) & 15, e2m1) + o;
             } else {
                 const int8_t *q = (const int8_t *)wn + k0;
 #pragma omp simd

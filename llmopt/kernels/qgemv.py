@@ -1,6 +1,7 @@
-"""Binding for qgemv.c: weight-only int4/int8 times a few rows of activations on the
-CPU, with the activations quantized to int8 per 64 inputs (see the C source for the
-arithmetic and the error it adds). Layout helpers for its int4 packing live here too.
+"""Binding for qgemv.c: weight-only int4/int8 (and FP4, 4-bit codes through the e2m1
+table) times a few rows of activations on the CPU, with the activations quantized to
+int8 per 64 inputs (see the C source for the arithmetic and the error it adds). Layout
+helpers for its int4 packing live here too.
 """
 
 from __future__ import annotations
@@ -56,21 +57,27 @@ _META_FORMS = {
     (torch.float16, torch.float16): 1,  # both in fp16 (a GGUF file's own numbers)
     (torch.float16, torch.uint8): 2,  # fp16 scales, integer zero points
 }
+# What a 4-bit code stands for (qgemv.c's CODEBOOK_*): itself, or an e2m1 value.
+_CODEBOOKS = {None: 0, "e2m1": 1}
 
 
 class Operands(NamedTuple):
     """One quantized weight as the kernels take it: w = scale * q (or q - 128) + offset,
     the offset given as numbers or, for integer grids, by zero points (kernel_metadata).
-    Scales and offsets in block_rows' layout."""
+    Scales and offsets in block_rows' layout. With codebook "e2m1" the 4-bit codes are
+    FP4 values, q = weights.e2m1.CODES[nibble]."""
 
     w: torch.Tensor  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
     bits: int
     scale: torch.Tensor  # (ceil(N / 8), G, 8) fp32, or fp16
     offset: torch.Tensor  # the same in scale's dtype, or uint8 zero points
     group_size: int
+    codebook: str | None = None
 
     def pointers(self) -> tuple:
-        """(w, bits, scale, offset, group, meta) as the C functions take them."""
+        """(w, bits, scale, offset, group, meta, codebook) as the C functions take them."""
+        if self.codebook not in _CODEBOOKS or (self.codebook and self.bits != 4):
+            raise ValueError(f"qgemv has no codebook {self.codebook} for int{self.bits}")
         meta = _META_FORMS.get((self.scale.dtype, self.offset.dtype))
         if meta is None:
             raise ValueError("qgemv takes fp32 or fp16 scales and offsets, or uint8 zeros")
@@ -82,7 +89,7 @@ class Operands(NamedTuple):
             raise ValueError("qgemv takes its scales and offsets in block_rows' layout")
         o = self
         ptrs = (o.w.data_ptr(), o.bits, o.scale.data_ptr(), o.offset.data_ptr(), o.group_size)
-        return (*ptrs, meta)
+        return (*ptrs, meta, _CODEBOOKS[self.codebook])
 
     def refused(self, k: int) -> ValueError:
         n = self.w.shape[0]
@@ -176,11 +183,11 @@ def load(emulate_amx: bool = False, avx2: bool = False) -> QGemv | None:
     defines = ("LLMOPT_AMX_EMULATED",) if emulate_amx else ()
     defines += ("LLMOPT_QGEMV_AVX2",) if avx2 else ()
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    # x, x_bf16, M, K, w, bits, scale, offset, group, meta, N, bias, y, y_bf16
-    argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, ptr, ptr, i32]
+    # x, x_bf16, M, K, w, bits, scale, offset, group, meta, codebook, N, bias, y, y_bf16
+    argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr, ptr, i32]
     fn = function("qgemv", argtypes, i32, defines=defines)
-    # w, bits, scale, offset, group, meta, N, K, out, out_bf16
-    dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr, i32]
+    # w, bits, scale, offset, group, meta, codebook, N, K, out, out_bf16
+    dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
     dequant_fn = function("qgemv", dequant_argtypes, i32, "qdequant", defines)
     amx_fn = function("qgemv", [], i32, "qgemv_amx", defines)
     if fn is None or dequant_fn is None or amx_fn is None:

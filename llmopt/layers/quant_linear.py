@@ -1,4 +1,8 @@
-"""Weight-only int8 / int4 linear layers: y = x dequant(W)^T (+ b).
+"""Weight-only int8 / int4 / FP4 linear layers: y = x dequant(W)^T (+ b).
+
+FP4 (e2m1 codes, weights/fp4.py) is an int4 grid whose nibbles stand for the integers
+of weights.e2m1.CODES: qgemv maps them as it unpacks them; elsewhere the layer holds
+those integers as its codes.
 
 Kernel choice by device and rows (the measurements behind it are in BENCHMARKS.md).
 Decode reads every weight once per step, so with few rows the speed is the speed of
@@ -40,7 +44,7 @@ from torch import nn
 
 from llmopt.kernels import qgemv
 from llmopt.layers.linear import UPCAST_MIN_ROWS, cpu_has_amx
-from llmopt.weights.qweight import QuantizedWeight
+from llmopt.weights.qweight import CODEBOOKS, QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
 _QGEMV_DTYPES = (torch.bfloat16, torch.float32)  # activations qgemv reads and writes
@@ -75,13 +79,13 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.consume = consume
         self.out_features, self.in_features = qw.shape
-        self.bits, self.group_size = qw.bits, qw.group_size
+        self.bits, self.group_size, self.codebook = qw.bits, qw.group_size, qw.codebook
         self.device, self.dtype = device, dtype
         self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
         # Dequantization operands: (out, in) uint8 codes and the per-group affine terms
         # w = q * scale + offset, offset = -zero * scale; a kernel whose operands give
         # them back drops them (a GGUF file's weights must not be held twice).
-        self.register_buffer("q", qw.q.to(device))
+        self.register_buffer("q", qw.grid_codes().to(device))
         self.register_buffer("scale", qw.scale.float().to(device))  # (out, G)
         self.register_buffer("offset", (-qw.zero * qw.scale).float().to(device))  # (out, G)
         self.perm = None if qw.perm is None else qw.perm.to(device)
@@ -114,7 +118,7 @@ class QuantLinear(nn.Module):
             self.q = self.scale = self.offset = None  # qdequant writes the weight from them
             self.kernel_bias = None if self.bias is None else self.bias.float().contiguous()
             self.operands = qgemv.Operands(
-                self.wq, self.bits, self.kscale, self.koffset, self.group_size
+                self.wq, self.bits, self.kscale, self.koffset, self.group_size, self.codebook
             )
             self.qgemv = kernel.bind(self.operands, self.kernel_bias)
             return "qgemv"
@@ -124,7 +128,12 @@ class QuantLinear(nn.Module):
             self.register_buffer("s8", qw.scale[:, 0].to(torch.bfloat16))
             self.q = None
             return "int8"
-        if self.bits == 4 and qw.group_size in INT4_GROUPS and self.in_features % 64 == 0:
+        if (
+            self.bits == 4
+            and self.codebook is None
+            and qw.group_size in INT4_GROUPS
+            and self.in_features % 64 == 0
+        ):
             w4 = torch._convert_weight_to_int4pack_for_cpu(qw.q.to(torch.int32), 2)
             self.register_buffer("w4", w4)
             # The kernel computes w = (q - 8) * scale + zero_term.
@@ -143,6 +152,7 @@ class QuantLinear(nn.Module):
         tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
         if (
             self.bits != 4
+            or self.codebook is not None
             or qw.group_size not in INT4_GROUPS
             or tiles is None
             or n_out % 8
@@ -186,9 +196,15 @@ class QuantLinear(nn.Module):
         if self.kernel == "int4":
             return _int4pack_codes(self.w4, self.out_features, self.in_features)
         if self.bits == 4:  # qgemv's packing
-            return qgemv.unpack_int4(self.wq)
+            return self._grid(qgemv.unpack_int4(self.wq))
         signed = self.wq if self.kernel == "qgemv" else self.w8  # int8 kernels: q - 128
         return signed.to(torch.int16) + 128
+
+    def _grid(self, q: torch.Tensor) -> torch.Tensor:
+        """qgemv's 4-bit codes as the grid's integers (through the codebook, if any)."""
+        if self.codebook is None:
+            return q
+        return CODEBOOKS[self.codebook][q.long()]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (T,) of the dense weight, (T, in) in the activations' dtype, decoded
@@ -196,7 +212,7 @@ class QuantLinear(nn.Module):
         assert self.kernel == "qgemv", "rows are decoded from qgemv's operands"
         g = self.group_size
         w = self.wq[ids]  # (T, in / 2) packed int4, or (T, in) int8 q - 128
-        codes = (qgemv.unpack_int4(w) if self.bits == 4 else w).float()
+        codes = (self._grid(qgemv.unpack_int4(w)) if self.bits == 4 else w).float()
         block, lane = ids // 8, ids % 8  # block_rows' layout: (N / 8, G, 8)
         scale = self.kscale[block, :, lane].float()  # (T, G)
         offset = self.koffset[block, :, lane]
@@ -255,7 +271,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.in_features}, out={self.out_features}, int{self.bits}, "
+            f"in={self.in_features}, out={self.out_features}, "
+            f"{'fp4' if self.codebook else f'int{self.bits}'}, "
             f"group={self.group_size}, kernel={self.kernel or 'dequantize'}"
         )
 

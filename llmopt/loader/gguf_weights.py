@@ -23,7 +23,7 @@ from llmopt.atomic import atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.loader.dequant import dequantize, quantized_weight
-from llmopt.weights.gguf_blocks import BLOCKS
+from llmopt.weights.gguf_blocks import BLOCKS, CODEBOOKS
 from llmopt.weights.lazy import LazyWeights
 from llmopt.weights.qweight import QuantizedWeight
 
@@ -163,7 +163,7 @@ def unpermute(w: Weight, heads: int) -> Weight:
     # quantized weight's codes, scales and zeros are rows alike.
     if isinstance(w, QuantizedWeight):
         q, scale, zero = (unpermute(t, heads) for t in (w.q, w.scale, w.zero))
-        return QuantizedWeight(q, scale, zero, w.bits, w.group_size)  # type: ignore[arg-type]
+        return QuantizedWeight(q, scale, zero, w.bits, w.group_size, codebook=w.codebook)  # type: ignore[arg-type]
     return (
         w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
@@ -179,7 +179,8 @@ def hf_weights(
     from gguf import GGMLQuantizationType
 
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
-    grids: dict[str, tuple[int, int] | None] = {}  # name -> (bits, group) where kept
+    # name -> (bits, group, codebook) where kept
+    grids: dict[str, tuple[int, int, str | None] | None] = {}
     loaders: dict[str, Callable[[], Weight]] = {}
     for r in records:
         name = hf_name(r.name, arch)
@@ -188,7 +189,7 @@ def hf_weights(
         qtype = GGMLQuantizationType(r.qtype)
         matrix = name.endswith(("proj.weight", "lm_head.weight", "embed_tokens.weight"))
         keep = keep_quantized and qtype in BLOCKS and len(r.shape) == 2 and matrix
-        grids[name] = BLOCKS[qtype][2:] if keep else None
+        grids[name] = (*BLOCKS[qtype][2:], CODEBOOKS.get(qtype)) if keep else None
         kind = r.name.split(".")[2] if r.name.startswith("blk.") else ""
         heads_of = heads[kind] if arch in PERMUTED_QK and kind in heads else None
         # llama.cpp stores these architectures' norms as 1 + w; the model adds the 1
@@ -224,12 +225,13 @@ def _decode(
 
 def _common_grids(
     loaders: dict[str, Callable[[], Weight]],
-    grids: dict[str, tuple[int, int] | None],
+    grids: dict[str, tuple[int, int, str | None] | None],
     layers: int,
 ) -> None:
     """The model fuses q/k/v and gate/up into one matrix each. Where a file stores the
     parts of one on different grids, their loaders put them on the finest (most bits,
-    smallest group: the same weights); where only some are kept, all dequantize."""
+    smallest group: the same weights; 8 bits where their codebooks differ, which int8
+    holds all of); where only some are kept, all dequantize."""
     fused = (("self_attn.", ("q", "k", "v")), ("mlp.", ("gate", "up")))
     for i in range(layers):
         for sub, parts in fused:
@@ -237,8 +239,10 @@ def _common_grids(
             kept = [g for n in names if (g := grids[n]) is not None]
             if not kept or (len(kept) == len(names) and len(set(kept)) == 1):
                 continue
-            bits, group = max(b for b, _ in kept), min(g for _, g in kept)
-            regrid = len(kept) == len(names) and all(g % group == 0 for _, g in kept)
+            bits, group = max(b for b, *_ in kept), min(g for _, g, _ in kept)
+            if len({c for *_, c in kept}) > 1:
+                bits = 8
+            regrid = len(kept) == len(names) and all(g % group == 0 for _, g, _ in kept)
             for n in names:
                 if grids[n] is not None:
                     loaders[n] = partial(_on_grid, loaders[n], bits, group, regrid)

@@ -35,11 +35,12 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
             t = out.pop(f"{prefix}.{suffix}", None)
             if t is not None:
                 parts[suffix] = t
-        missing = [s for s in ("qweight", "scales", "qzeros") if s not in parts]
+        cfg = qcfg | {"bits": bits[prefix]} if prefix in bits else qcfg
+        required = getattr(layout, "required", lambda _: ("qweight", "scales", "qzeros"))
+        missing = [s for s in required(cfg) if s not in parts]
         if missing:
             raise ModelFormatError(f"quantized weight {prefix} lacks {', '.join(missing)}")
         try:
-            cfg = qcfg | {"bits": bits[prefix]} if prefix in bits else qcfg
             out[f"{prefix}.weight"] = layout.unpack(parts, cfg)
         except (RuntimeError, ValueError) as e:
             raise ModelFormatError(f"quantized weight {prefix} is malformed: {e}") from e

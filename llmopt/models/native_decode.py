@@ -41,7 +41,8 @@ _ptr, _i32 = ctypes.c_void_p, ctypes.c_int
 class _DLinear(ctypes.Structure):
     _fields_ = [
         ("bits", _i32), ("w", _ptr), ("scale", _ptr), ("offset", _ptr), ("group", _i32),
-        ("meta", _i32), ("bias", _ptr), ("perm", _ptr), ("N", _i32), ("K", _i32),
+        ("meta", _i32), ("codebook", _i32), ("bias", _ptr), ("perm", _ptr),
+        ("N", _i32), ("K", _i32),
     ]  # fmt: skip
 
 
@@ -67,14 +68,14 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
         if m.kernel != "qgemv":
             return None
         bias, perm = m.kernel_bias, m.perm
-        w, bits, scale, offset, group, meta = m.operands.pointers()
-        args = (bits, w, scale, offset, group, meta)
+        w, bits, scale, offset, group, meta, codebook = m.operands.pointers()
+        args = (bits, w, scale, offset, group, meta, codebook)
     elif isinstance(m, Linear):
         w = m.weight
         if m.packed is not None or w.dtype != torch.bfloat16 or w.shape[1] % 8:
             return None  # gemv_bf16.c: bf16 rows of a multiple of 8
         bias = None if m.bias is None else m.bias.float().contiguous()
-        args = (16, m.weight.data_ptr(), None, None, 0, 0)
+        args = (16, m.weight.data_ptr(), None, None, 0, 0, 0)
     else:
         return None
     if perm is not None:

@@ -46,6 +46,7 @@ def _native_config(spec: QuantSpec) -> dict[str, Any]:
         "lm_head_bits": spec.head_bits,  # may differ from "bits" (see loader/quantized.py)
         "embed_bits": spec.embed_bits,  # 0: the embedding is dense
         "version": 1,
+        **({"fp4": spec.fp4} if spec.fp4 else {}),  # FP4: GGUF's blocks (weights/layouts)
     }
 
 

@@ -2,7 +2,8 @@
 
 Two routes, by quantization type:
 - F32, F16, BF16, Q8_0, Q4_0, Q4_1 are written here with the `gguf` package, one
-  tensor in memory at a time.
+  tensor in memory at a time; MXFP4 too, its blocks from llmopt's FP4 rounding (the
+  scale of least error per block, weights/fp4.py) rather than the package's rule.
 - K-quants and the other llama.cpp types: a lossless GGUF (in the weights' own
   dtype) goes to a temporary file, then llama.cpp's quantizer (through
   llama-cpp-python) picks per-tensor types, e.g. Q6_K for some ffn_down in Q4_K_M.
@@ -31,8 +32,12 @@ from llmopt.layers.rotary import inv_frequencies
 from llmopt.loader.gguf_weights import HF_NAMES
 from llmopt.loader.hf import read_config, safetensor_files
 from llmopt.quant.gguf_vocab import add_vocab
+from llmopt.weights.fp4 import quantize_fp4, to_blocks
 
-PYTHON_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+PYTHON_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "MXFP4")
+# File types whose name in LlamaFileType is not MOSTLY_<type> (llama.cpp made MXFP4's
+# for gpt-oss, whose experts alone it holds in MXFP4).
+_FILE_TYPES = {"MXFP4": LlamaFileType.MOSTLY_MXFP4_MOE}
 # llama.cpp file types that need no importance matrix (see LLAMA_FTYPE_MOSTLY_*).
 LLAMA_CPP_QTYPES = (
     "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
@@ -154,7 +159,15 @@ def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str) -> None:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            writer.write_tensor_data(quantize(t.load(), t.qtype).view(np.uint8))
+            writer.write_tensor_data(_blocks(t.load(), t.qtype).view(np.uint8))
+
+
+def _blocks(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """A tensor's bytes in qtype."""
+    if qtype == Q.MXFP4:
+        blocks, _ = to_blocks(quantize_fp4(torch.from_numpy(w), "mxfp4"))
+        return blocks.numpy()
+    return quantize(w, qtype)
 
 
 def _plan(files: list[Any], cfg: ModelConfig, arch: str, qtype: Q) -> list[_Tensor]:
@@ -205,14 +218,16 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: Q, tied: bool) -> Q:
     if len(shape) == 1 or name.endswith("_norm.weight"):
         return Q.F32
     output = name == "output.weight" or (tied and name == "token_embd.weight")
-    want = Q.Q8_0 if output and qtype in (Q.Q4_0, Q.Q4_1) else qtype
+    want = Q.Q8_0 if output and qtype in (Q.Q4_0, Q.Q4_1, Q.MXFP4) else qtype
     return want if shape[-1] % GGML_QUANT_SIZES[want][0] == 0 else Q.F16
 
 
 def _add_metadata(writer: GGUFWriter, cfg: ModelConfig, name: str, qtype: str) -> None:
     writer.add_name(name)
     writer.add_file_type(
-        LlamaFileType.ALL_F32 if qtype == "F32" else LlamaFileType[f"MOSTLY_{qtype}"]
+        LlamaFileType.ALL_F32
+        if qtype == "F32"
+        else _FILE_TYPES.get(qtype) or LlamaFileType[f"MOSTLY_{qtype}"]
     )
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_vocab_size(cfg.vocab_size)

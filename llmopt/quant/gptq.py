@@ -7,6 +7,11 @@ gate/up) are quantized as one fused matrix. Columns go in their natural order, o
 with act-order (the default) by decreasing Hessian diagonal; groups are contiguous
 in that order, and the weight records it as `perm`. Each group's grid is chosen when
 the loop reaches it, from the weights as updated by then.
+
+The grid is an integer one (scale and zero point per group) or FP4's (fp4=): then a
+group's scale is the one of least error weighted by the Hessian's diagonal (the
+inputs' mean square: the output error of each weight's own rounding), and a column is
+rounded to the nearest e2m1 value, its error fed forward as for integers.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from llmopt.quant.spec import QuantSpec, Site
+from llmopt.weights import e2m1, fp4
 from llmopt.weights.qweight import QuantizedWeight, check_group_size, grid, quantize_to
 
 DAMP = 0.01  # of the mean Hessian diagonal, added for a stable Cholesky factor
@@ -49,7 +55,13 @@ def _one_thread() -> Iterator[None]:
 
 
 def gptq(
-    w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, act_order: bool
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    fp4_format: str | None = None,
 ) -> QuantizedWeight:
     """w: (out, in) float; h: (in, in) Hessian of the layer's inputs.
 
@@ -69,6 +81,8 @@ def gptq(
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h)
+    diag = h.diagonal().float()  # (in,) FP4's scale search weighs each input by it
+    tensor_scale = fp4.tensor_scale_for(w) if fp4_format == "nvfp4" else 1.0
     q = torch.empty(out, n, dtype=torch.uint8, device=w.device)
     scales = torch.empty(out, n // group_size, device=w.device)
     zeros = torch.empty(out, n // group_size, device=w.device)
@@ -85,17 +99,28 @@ def gptq(
                 # The grid of a group is set from its weights as updated so far (its
                 # min/max: a range searched on the group's Hessian block, as AWQ's,
                 # does not score better).
-                s, z = grid(wb[:, i : i + group_size], bits, sym)
+                wg = wb[:, i : i + group_size]
+                if fp4_format:
+                    imp = diag[col : col + group_size]
+                    s = fp4.choose_scale(wg, fp4_format, tensor_scale, imp)
+                    z = torch.full_like(s, float(e2m1.ZERO))
+                else:
+                    s, z = grid(wg, bits, sym)
                 scales[:, g], zeros[:, g] = s, z
             g = col // group_size
-            qc = quantize_to(wb[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
-            deq = (qc.float() - zeros[:, g]) * scales[:, g]
+            if fp4_format:
+                qc, deq = fp4.round_to(wb[:, i : i + 1], scales[:, g])
+                qc, deq = qc[:, 0], deq[:, 0]
+            else:
+                qc = quantize_to(wb[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
+                deq = (qc.float() - zeros[:, g]) * scales[:, g]
             q[:, col] = qc
             e = (wb[:, i] - deq) / hb[i, i]
             wb[:, i:] -= e[:, None] * hb[i, i:][None, :]
             err[:, i] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return QuantizedWeight(q, scales, zeros, bits, group_size, perm)
+    codebook = "e2m1" if fp4_format else None
+    return QuantizedWeight(q, scales, zeros, bits, group_size, perm, codebook)
 
 
 def quantize_layer(
@@ -106,6 +131,7 @@ def quantize_layer(
         w = site.fused(tensors)
         group = spec.group_for(w.shape[1])
         with _one_thread():
-            qw = gptq(w, site.stats.hessian(), spec.bits, group, spec.sym, spec.act_order)
+            h = site.stats.hessian()
+            qw = gptq(w, h, spec.bits, group, spec.sym, spec.act_order, spec.fp4)
         out.update(site.unfuse(tensors, qw))
     return out

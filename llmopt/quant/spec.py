@@ -9,6 +9,7 @@ import torch
 from llmopt.config import ModelConfig
 from llmopt.errors import UsageError
 from llmopt.quant.calibration import InputStats
+from llmopt.weights.fp4 import GROUP as FP4_GROUPS
 from llmopt.weights.qweight import QuantizedWeight
 
 METHODS = ("rtn", "gptq", "awq")
@@ -28,6 +29,7 @@ DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768}
 # takes it for a tied output projection. llama.cpp's Q8_0 has one per 32; on SmolLM2
 # per row costs no measurable quality (BENCHMARKS.md, "The int8 embedding").
 EMBED_GROUP = 0
+FP4_METHODS = ("rtn", "gptq")  # AWQ's searches are int-grid only
 
 
 def default_group_size(cfg: ModelConfig, bits: int) -> int:
@@ -64,10 +66,14 @@ class QuantSpec:
     # output projection then runs on the int8 kernel; 0 keeps it dense (bf16), as the
     # GPTQ and AWQ layouts must. `llmopt quantize` asks 8 for its own layout.
     embed_bits: int = 0
+    # FP4 (weights/fp4.py): "mxfp4" or "nvfp4", 4-bit e2m1 codes in the format's groups.
+    fp4: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise UsageError("choose --int8 or --int4")
+        if self.fp4 is not None:
+            self._check_fp4()
         if self.method not in METHODS:
             raise UsageError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.group_size < 0:
@@ -87,6 +93,16 @@ class QuantSpec:
         if self.drift and not block_by_block:
             raise UsageError("--drift-correction needs GPTQ or AWQ block by block (--sequential)")
 
+    def _check_fp4(self) -> None:
+        if self.fp4 not in FP4_GROUPS:
+            raise UsageError(f"unknown --fp4 '{self.fp4}'; choose one of {', '.join(FP4_GROUPS)}")
+        if self.bits != 4 or self.group_size != FP4_GROUPS[self.fp4]:
+            raise UsageError(
+                f"{self.fp4.upper()} has groups of {FP4_GROUPS[self.fp4]}: drop --group-size"
+            )
+        if self.method not in FP4_METHODS:
+            raise UsageError(f"--fp4 quantizes with {' or '.join(FP4_METHODS)}: pick --method")
+
     @property
     def lm_head(self) -> bool:
         return self.head_bits > 0
@@ -95,7 +111,7 @@ class QuantSpec:
         """The output projection's spec: the model's, or int8 per row (sym, as --int8)."""
         if self.head_bits in (0, self.bits):
             return self
-        return replace(self, bits=self.head_bits, group_size=0, sym=True)
+        return replace(self, bits=self.head_bits, group_size=0, sym=True, fp4=None)
 
     def group_for(self, in_features: int) -> int:
         g = self.group_size or in_features
@@ -112,6 +128,8 @@ class QuantSpec:
         sym = "-sym" if self.sym and self.bits == 4 else ""
         head = {0: "", self.bits: "-head"}.get(self.head_bits, f"-head{self.head_bits}")
         embed = "" if self.embed_bits else "-embed16"
+        if self.fp4:
+            return f"{self.fp4}-{self.method}{head}{embed}"
         return f"int{self.bits}-{self.method}-{group}{sym}{head}{embed}"
 
 

@@ -13,6 +13,10 @@ offset; they differ in how the numbers are packed (little-endian; d, dmin, m fp1
   Q4_K 144 B / 256: d, dmin, scales[12], qs[128]       w = d * sc_j * q - dmin * m_j
   Q5_K 176 B / 256: d, dmin, scales[12], qh[32], qs[128]   (the same, q of 5 bits)
   Q6_K 210 B / 256: ql[128], qh[64], sc:int8[16], d    w = d * sc_j * (q - 32)
+  MXFP4 17 B / 32:  e:e8m0, qs[16]                     w = 2^(e - 128) * (CODES[q] - 12)
+
+MXFP4's codes are e2m1 nibbles (weights/fp4.py has its layout), kept as they are with
+the "e2m1" codebook; dequantized, they are the integers CODES[q] of weights/e2m1.py.
 
 qs packs two 4-bit codes a byte. In the 32-weight types, byte j holds weight j (low
 nibble) and j + 16 (high); bit j of qh is weight j's fifth bit. In the K-quants, each
@@ -36,6 +40,7 @@ from collections.abc import Callable
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from llmopt.weights import e2m1, fp4
 from llmopt.weights.qweight import QuantizedWeight
 
 # Bytes and weights of one block, and the bits and group of the grid it decodes to (Q5
@@ -49,7 +54,9 @@ BLOCKS: dict[Q, tuple[int, int, int, int]] = {
     Q.Q4_K: (144, 256, 4, 32),
     Q.Q5_K: (176, 256, 8, 32),
     Q.Q6_K: (210, 256, 8, 16),
+    Q.MXFP4: (17, 32, 4, 32),
 }
+CODEBOOKS: dict[Q, str] = {Q.MXFP4: "e2m1"}  # the block types whose codes are not integers
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -93,6 +100,9 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
     offset (groups, 1) fp32, with w = scale * code + offset exactly."""
     width, per_block, _, group = BLOCKS[qtype]
     b = data.reshape(-1, width)
+    if qtype == Q.MXFP4:
+        qw = fp4.from_blocks(b, (b.shape[0], per_block), "mxfp4")
+        return qw.grid_codes(), qw.scale, -e2m1.ZERO * qw.scale
     if qtype == Q.Q8_0:  # int8 q as the code q + 128
         d = _f16(b[:, :2])
         return torch.bitwise_xor(b[:, 2:], 0x80), d, -128 * d
@@ -140,10 +150,15 @@ def quantized_weight(
     step = max(1, CHUNK_BYTES // row_bytes)
     for a in range(0, out, step):
         rows = min(step, out - a)
+        if qtype == Q.MXFP4:  # the nibbles as they are, on the e2m1 codebook
+            part = fp4.from_blocks(read(a * row_bytes, rows * row_bytes), (rows, n), "mxfp4")
+            q[a : a + rows], scale[a : a + rows] = part.q, part.scale
+            zero[a : a + rows] = part.zero
+            continue
         codes, s, offset = decode(read(a * row_bytes, rows * row_bytes), qtype)
         flat = (s == 0)[:, 0]  # every weight of the group is its offset: code 0 at scale 1
         codes[flat], s[flat] = 0, 1.0
         q[a : a + rows] = codes.view(rows, n)
         scale[a : a + rows] = s.view(rows, groups)
         zero[a : a + rows] = (-offset / s).view(rows, groups)
-    return QuantizedWeight(q, scale, zero, bits, group)
+    return QuantizedWeight(q, scale, zero, bits, group, codebook=CODEBOOKS.get(qtype))

@@ -9,6 +9,10 @@ which the runtime takes but no checkpoint layout stores (`integer_zero` refuses 
 Symmetric quantization is the case zero = 2^(bits-1): int8 per channel then maps to a
 signed int8 with one scale per row, which is what `torch._weight_int8pack_mm` takes.
 
+A codebook makes the codes stand for other integers: with "e2m1" (FP4, weights/fp4.py)
+q holds 4-bit e2m1 nibbles and the grid's integer is weights.e2m1.CODES[q] (0..24, zero
+point 12), so that w = (CODES[q] - zero) * scale.
+
 Every method (RTN, GPTQ, AWQ) produces one of these; every checkpoint layout (ours,
 GPTQ, AWQ) is a packing of one; the runtime linear (layers/quant_linear.py) is built
 from one.
@@ -19,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from llmopt.weights import e2m1
+
+CODEBOOKS = {"e2m1": e2m1.CODES}  # what the codes stand for, by codebook name
 
 
 @dataclass
@@ -31,6 +39,7 @@ class QuantizedWeight:
     # Optional input-channel order (in,): column j of q holds input channel perm[j].
     # Only GPTQ checkpoints written with act-order need it (their g_idx is not sorted).
     perm: torch.Tensor | None = None
+    codebook: str | None = None  # None: q is the integer itself
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -43,12 +52,18 @@ class QuantizedWeight:
             raise ValueError("this weight has fractional zero points (a GGUF Q4_1 grid)")
         return z
 
+    def grid_codes(self) -> torch.Tensor:
+        """(out, in) the integers of the grid: q, or what its codebook maps q to."""
+        if self.codebook is None:
+            return self.q
+        return CODEBOOKS[self.codebook].to(self.q.device)[self.q.long()]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) dense weight in the original input-channel order."""
         out, n = self.shape
         g = self.group_size
         w = (
-            self.q.float().view(out, n // g, g) - self.zero.float()[..., None]
+            self.grid_codes().float().view(out, n // g, g) - self.zero.float()[..., None]
         ) * self.scale.float()[..., None]
         w = w.view(out, n)
         if self.perm is not None:
@@ -64,22 +79,26 @@ class QuantizedWeight:
             self.bits,
             self.group_size,
             perm,
+            self.codebook,
         )
 
     def regrid(self, bits: int, group_size: int) -> QuantizedWeight:
         """The same weights on a grid of more bits (the codes and zeros as they are) and
         smaller groups (each group's scale and zero repeated): what fusing parts stored
-        on different grids needs (a GGUF Q4_K_M file's q/k in Q5_0 beside v in Q6_K)."""
+        on different grids needs (a GGUF Q4_K_M file's q/k in Q5_0 beside v in Q6_K). A
+        codebook's codes become their integers on a grid of more bits."""
         if bits < self.bits or self.group_size % group_size:
             raise ValueError(f"int{self.bits} group {self.group_size} is not on a finer grid")
         r = self.group_size // group_size
+        codebook = self.codebook if bits == self.bits else None
         return QuantizedWeight(
-            self.q,
+            self.q if codebook else self.grid_codes(),
             self.scale.repeat_interleave(r, dim=1),
             self.zero.repeat_interleave(r, dim=1),
             bits,
             group_size,
             self.perm,
+            codebook,
         )
 
     def split(self, sizes: list[int]) -> list[QuantizedWeight]:
@@ -95,6 +114,7 @@ class QuantizedWeight:
                 self.bits,
                 self.group_size,
                 self.perm,
+                self.codebook,
             )
             for q, s, z in parts
         ]
@@ -103,11 +123,9 @@ class QuantizedWeight:
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Stack along the output dimension (fusing q/k/v or gate/up)."""
         first = parts[0]
-        if any(
-            (p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1])
-            for p in parts
-        ):
-            raise ValueError("fused weights must share bits, group size and input width")
+        key = (first.bits, first.group_size, first.shape[1], first.codebook)
+        if any((p.bits, p.group_size, p.shape[1], p.codebook) != key for p in parts):
+            raise ValueError("fused weights must share bits, group size, input width and codebook")
         if any(p.perm is not None and not torch.equal(p.perm, first.perm) for p in parts):
             raise ValueError("fused weights must share their input-channel order")
         return QuantizedWeight(
@@ -117,6 +135,7 @@ class QuantizedWeight:
             first.bits,
             first.group_size,
             first.perm,
+            first.codebook,
         )
 
 

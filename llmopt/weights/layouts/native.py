@@ -6,23 +6,40 @@
   <linear>.qzeros   uint8 (out, G)
   <linear>.perm     int32 (in,), only for an input-channel order other than 0..in-1
 
+FP4 (quantization_config "fp4": "mxfp4" or "nvfp4") keeps GGUF's blocks instead:
+
+  <linear>.qweight       uint8 (out, in / 32 * 17) MXFP4 or (out, in / 64 * 36) NVFP4
+                         blocks, bit for bit as a GGUF file holds them (weights/fp4.py)
+  <linear>.tensor_scale  fp32 (1,), NVFP4's tensor scale
+  <linear>.perm          as above
+
 Unlike the GPTQ and AWQ layouts it holds int8 as well as int4, any zero point and
 per-row groups, so any quantized model can be stored without loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from llmopt.errors import ModelFormatError
+from llmopt.weights import fp4
 from llmopt.weights.qweight import QuantizedWeight
 
-SUFFIXES = ("qweight", "scales", "qzeros", "perm")  # perm: only with act-order
+SUFFIXES = ("qweight", "scales", "qzeros", "tensor_scale", "perm")  # perm: only with act-order
+
+
+def required(qcfg: dict[str, Any]) -> tuple[str, ...]:
+    """The tensors every quantized linear has under this config."""
+    fp4_blocks = qcfg.get("fp4") and int(qcfg.get("bits", 0)) == 4  # not an int8 head
+    return ("qweight",) if fp4_blocks else ("qweight", "scales", "qzeros")
 
 
 def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    if qw.codebook is not None:
+        return _pack_fp4(qw)
     q = qw.q
     if qw.bits == 4:
         q = q[:, 0::2] | (q[:, 1::2] << 4)
@@ -33,7 +50,30 @@ def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
+def _pack_fp4(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    blocks, t = fp4.to_blocks(replace(qw, perm=None))
+    out = {"qweight": blocks}
+    if fp4.format_of(replace(qw, perm=None)) == "nvfp4":
+        out["tensor_scale"] = torch.tensor([t], dtype=torch.float32)
+    if qw.perm is not None:
+        out["perm"] = qw.perm.to(torch.int32)
+    return out
+
+
+def _unpack_fp4(t: dict[str, torch.Tensor], fmt: str) -> QuantizedWeight:
+    if fmt not in fp4.FORMATS:
+        raise ModelFormatError(f"llmopt layout: unknown FP4 format '{fmt}'")
+    blocks = t["qweight"]
+    width, per_block = fp4.BLOCK[fmt]
+    shape = (blocks.shape[0], blocks.shape[1] // width * per_block)
+    scale = float(t["tensor_scale"][0]) if "tensor_scale" in t else 1.0
+    qw = fp4.from_blocks(blocks, shape, fmt, scale)
+    return replace(qw, perm=t["perm"].long()) if "perm" in t else qw
+
+
 def unpack(t: dict[str, torch.Tensor], qcfg: dict[str, Any]) -> QuantizedWeight:
+    if qcfg.get("fp4") and int(qcfg["bits"]) == 4:  # an int8 head beside FP4 layers
+        return _unpack_fp4(t, str(qcfg["fp4"]))
     bits = int(qcfg["bits"])
     packed = t["qweight"]
     if bits == 4:
