@@ -258,3 +258,66 @@ def test_failure_mid_write_leaves_no_file(qtype, tiny_llama, tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         export_gguf(tiny_llama, out, qtype)
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "qtype,method", [("Q4_1", "gptq"), ("Q4_0", "awq"), ("MXFP4", "gptq")]
+)  # fmt: skip
+def test_calibrated_gguf_holds_the_calibrated_codes(qtype, method, tmp_path, smollm_folder) -> None:
+    """--format gguf --method gptq|awq writes the codes that the same quantization puts in
+    an llmopt checkpoint, on the type's grid (q/k rows in llama.cpp's order, scales in
+    fp16), and llama.cpp runs the file."""
+    from typer.testing import CliRunner
+
+    from llmopt.cli.main import app
+    from llmopt.loader.quantized import unpack_checkpoint
+
+    folder = small_tiny_model(tmp_path / "tiny", smollm_folder)  # untied, permuted q/k
+    kind = ["--fp4"] if qtype == "MXFP4" else ["--int4"]
+    common = [*kind, "--method", method, "--calib-tokens", "512", "--no-eval"]
+    gguf = tmp_path / "c.gguf"
+    args = [] if qtype == "MXFP4" else ["--gguf-type", qtype]
+    run = CliRunner().invoke
+    r = run(app, ["quantize", str(folder), "--format", "gguf", *args, "-o", str(gguf), *common])
+    assert r.exit_code == 0, r.stderr
+    grid = {"Q4_0": ["--sym"], "Q4_1": ["--asym"], "MXFP4": []}[qtype]
+    grid += ["--group-size", "32", "--no-act-order", "--bf16-embedding"]
+    ckpt = tmp_path / "ckpt"
+    r = run(app, ["quantize", str(folder), "-o", str(ckpt), *common, *grid])
+    assert r.exit_code == 0, r.stderr
+    qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    want = unpack_checkpoint(read_tensors(ckpt), qcfg)
+    got = GGUFFile(gguf).hf_tensors(keep_quantized=True)
+    types = {t.name: t.tensor_type for t in GGUFFile(gguf).reader.tensors}
+    assert types["blk.0.attn_q.weight"] == Q[qtype] and types["blk.0.ffn_down.weight"] == Q[qtype]
+    linears = [k for k in want if k.endswith("proj.weight")]
+    assert len(linears) == 2 * 7
+    for name in linears:
+        w, g = want[name], got[name]
+        assert torch.equal(g.q, w.q), name
+        step = w.scale.repeat_interleave(32, dim=1)  # fp16 rounding: under 1% of a step
+        assert ((g.dequantize() - w.dequantize()).abs() / step).max() < 0.01, name
+    if importlib.util.find_spec("llama_cpp"):
+        assert len(llama_cpp_greedy(gguf, [100, 200, 300], 4)) == 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gguf-type", "Q4_K_M"], "writes GGUF as Q4_0, Q4_1, MXFP4"),
+        (["--gguf-type", "Q4_0", "--asym"], "Q4_0's grid is symmetric"),
+        (["--group-size", "64"], "groups of 32"),
+        (["--act-order"], "drop --act-order"),
+    ],
+)
+def test_calibrated_gguf_bad_options_are_one_line_errors(args, message, tiny_llama) -> None:
+    from typer.testing import CliRunner
+
+    from llmopt.cli.main import app
+
+    r = CliRunner().invoke(
+        app, ["quantize", str(tiny_llama), "--int4", "--method", "gptq", "--format", "gguf",
+              "--no-eval", *args],
+    )  # fmt: skip
+    assert r.exit_code == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -85,14 +85,17 @@ def test_gptq_of_fused_rows_equals_separate_rows() -> None:
     assert torch.equal(fused["b"].q, alone["b"].q)
 
 
-def test_awq_beats_rtn_when_a_few_channels_dominate() -> None:
+@pytest.mark.parametrize("fp4", [None, "mxfp4", "nvfp4"])
+def test_awq_beats_rtn_when_a_few_channels_dominate(fp4: str | None) -> None:
+    """On the integer grid and on FP4's: the searched scales and ranges beat RTN's."""
     torch.manual_seed(2)
     dim = 256
     w = torch.randn(128, dim) * 0.02
     x = torch.randn(1024, dim)
     x[:, :4] *= 50  # outlier channels, as after LLM norms
     norm = torch.ones(dim)
-    spec = QuantSpec(bits=4, method="awq", group_size=64, sym=False)
+    group = {None: 64, "mxfp4": 32, "nvfp4": 16}[fp4]
+    spec = QuantSpec(bits=4, method="awq", group_size=group, sym=False, fp4=fp4)
     tensors = {"w": w.clone(), "norm": norm.clone()}
     site = _site(x, ["w"], owner="norm")
     q_awq = awq.quantize_layer([site], tensors, spec)["w"]
@@ -103,14 +106,16 @@ def test_awq_beats_rtn_when_a_few_channels_dominate() -> None:
     ref = x @ w.T
     e_awq = float((y_awq - ref).pow(2).mean())
     e_rtn = float((x @ q_rtn.dequantize().T - ref).pow(2).mean())
-    assert e_awq < 0.7 * e_rtn, (e_awq, e_rtn)
+    # MXFP4's power-of-two group scales leave a scaled channel less to gain
+    assert e_awq < (0.8 if fp4 == "mxfp4" else 0.7) * e_rtn, (e_awq, e_rtn)
 
 
 def test_awq_scale_folding_preserves_the_function_before_rounding() -> None:
     torch.manual_seed(3)
     w, up, bias = torch.randn(16, 32), torch.randn(32, 8), torch.randn(32)
     x = torch.randn(64, 32).abs() + 0.1
-    s = awq.search_scale(w, x.T @ x, x.abs().mean(0), awq.weight_magnitude(w, 32), 4, 32, False)
+    spec = QuantSpec(bits=4, method="awq", group_size=32, sym=False)
+    s = awq.search_scale(w, x.T @ x, x.abs().mean(0), awq.weight_magnitude(w, 32), spec, 32)
     assert not torch.allclose(s, torch.ones_like(s))
     tensors = {"down.weight": w.clone(), "up.weight": up.clone(), "up.bias": bias.clone()}
     site = _site(x, ["down.weight"], owner="up.weight")

@@ -148,7 +148,9 @@ def test_int4_defaults_are_the_measured_best_and_said(tiny_llama, tmp_path) -> N
     assert own.exit_code == 0 and "int4 defaults" not in own.stderr
 
 
-@pytest.mark.parametrize("fmt,method", [("mxfp4", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq")])
+@pytest.mark.parametrize(
+    "fmt,method", [("mxfp4", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq"), ("mxfp4", "awq")]
+)
 def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, fmt, method):
     """--fp4 writes each linear as GGUF's MXFP4 or NVFP4 blocks (with NVFP4's tensor
     scale), at 4.25 or 4.5 bits a weight; the checkpoint loads as FP4 QuantLinears whose
@@ -156,11 +158,11 @@ def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, 
     from llmopt.weights import fp4
 
     out = tmp_path / fmt
-    extra = ["--calib-tokens", "1024"] if method == "gptq" else []
+    extra = ["--calib-tokens", "1024"] if method != "rtn" else []
     report = _quantize(tiny_llama, out, "--fp4", "--fp4-format", fmt, "--method", method, *extra)
     width, per_block = fp4.BLOCK[fmt]
     assert report["group_size"] == fp4.GROUP[fmt]
-    if method == "rtn":  # GPTQ adds act-order's input order (int32 per input)
+    if method != "gptq":  # GPTQ adds act-order's input order (int32 per input)
         assert report["bytes_per_param"] == pytest.approx(width / per_block, rel=0.01)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qcfg["fp4"], qcfg["bits"], qcfg["method"]) == (fmt, 4, method)
@@ -366,8 +368,12 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--group-size", "48"], 2, "does not divide"),
         (["--int8", "--format", "awq"], 2, "--format awq"),
         (["--int4", "--method", "hqq"], 2, "unknown method"),
-        (["--int4", "--format", "gguf", "--method", "gptq"], 2, "--method rtn"),
-        (["--int4", "--format", "gguf", "--method", "awq"], 2, "--method rtn"),
+        (["--int4", "--format", "gguf", "--method", "gptq", "--gguf-type", "Q8_0"], 2, "Q4_1"),
+        (
+            ["--int4", "--format", "gguf", "--method", "awq", "--gguf-type", "Q4_K_M"],
+            2,
+            "--method rtn",
+        ),
         (["--int4", "--format", "onnx"], 2, "unknown --format"),
         (["--int4", "--format", "gptq", "--lm-head"], 2, "--lm-head-bits 4"),
         (["--int8", "--lm-head", "--lm-head-bits", "4"], 2, "--lm-head-bits must be"),
@@ -378,7 +384,6 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--fp4", "--group-size", "64"], 2, "MXFP4 has groups of 32"),
         (["--fp4", "--fp4-format", "nvfp4", "--group-size", "32"], 2, "groups of 16"),
         (["--fp4", "--fp4-format", "int3"], 2, "unknown --fp4 'int3'"),
-        (["--fp4", "--method", "awq"], 2, "--fp4 quantizes with rtn or gptq"),
         (["--int4", "--fp4-format", "nvfp4"], 2, "--fp4-format goes with --fp4"),
         (["--fp4", "--format", "gptq"], 2, "holds integer weights"),
         (["--fp4", "--format", "gguf", "--gguf-type", "Q4_0"], 2, "drop --gguf-type"),

@@ -7,6 +7,7 @@ on stdout for scripts.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ def _perplexity(path: Path, tokens: int, console: Console) -> float:
 
 
 # Why each width's default GGUF type, printed when --gguf-type is not given.
+GGUF_GROUP = 32  # weights per scale in the block types GPTQ and AWQ write
+CALIBRATED_GGUF_TYPES = ("Q4_0", "Q4_1", "MXFP4")  # quant/gguf_export.export_checkpoint
 GGUF_DEFAULT_WHY = {
     "Q8_0": "GGUF type Q8_0: llama.cpp's 8-bit blocks of 32, one scale each",
     "Q4_K_M": "GGUF type Q4_K_M: llama.cpp's 4-bit K-quant mix (some tensors at 6 bits, and "
@@ -105,7 +108,28 @@ def _check_fp4_flags(
         )
 
 
-def _check_format(fmt: str, spec: QuantSpec) -> None:
+def _gguf_type(
+    given: str | None, bits: int, fp4_fmt: str | None, method: str, console: Console
+) -> str:
+    """The GGUF type to write: the one asked for, MXFP4 for --fp4, Q4_1 for a calibrated
+    int4 file (GPTQ or AWQ: Q4_K's grid is not theirs), else default_gguf_type, said."""
+    if given:
+        return given.upper()
+    if fp4_fmt:
+        return fp4_fmt.upper()
+    if method != "rtn" and bits == 4:
+        why = (
+            f"GGUF type Q4_1: {method.upper()} on the grid of Q4_1's blocks (32 weights, a "
+            "scale and a minimum), written as they are; --gguf-type Q4_0 for its symmetric one"
+        )
+        console.print(f"[dim]{why}[/dim]")
+        return "Q4_1"
+    chosen = default_gguf_type(bits)
+    console.print(f"[dim]{GGUF_DEFAULT_WHY[chosen]}[/dim]")
+    return chosen
+
+
+def _check_format(fmt: str, spec: QuantSpec, gguf_type: str | None = None) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "awq" and (spec.bits != 4 or spec.sym):
@@ -122,9 +146,24 @@ def _check_format(fmt: str, spec: QuantSpec) -> None:
     if fmt != "llmopt" and spec.embed_bits:
         raise UsageError("--int8-embedding goes with --format llmopt: drop it")
     if fmt == "gguf" and spec.method != "rtn":
+        _check_calibrated_gguf(spec, str(gguf_type))
+
+
+def _check_calibrated_gguf(spec: QuantSpec, gguf_type: str) -> None:
+    """GPTQ and AWQ write GGUF through the blocks whose grid they quantize onto."""
+    if gguf_type not in CALIBRATED_GGUF_TYPES:
         raise UsageError(
-            "--format gguf quantizes with llama.cpp's own block formats (--gguf-type); "
-            "use --method rtn, or --format llmopt|gptq|awq for GPTQ and AWQ"
+            f"--method {spec.method} writes GGUF as {', '.join(CALIBRATED_GGUF_TYPES)} "
+            f"(not {gguf_type}): pick one with --gguf-type, or --method rtn"
+        )
+    if gguf_type != "MXFP4" and spec.group_size != GGUF_GROUP:
+        raise UsageError(f"{gguf_type} has groups of {GGUF_GROUP}: drop --group-size")
+    if gguf_type == "Q4_0" and not spec.sym:
+        raise UsageError("Q4_0's grid is symmetric: drop --asym")
+    if spec.act_order or spec.lm_head:
+        raise UsageError(
+            "GGUF holds neither act-order's input order nor a calibrated output "
+            "projection: drop --act-order and --lm-head"
         )
 
 
@@ -223,8 +262,17 @@ def quantize(
     cfg = read_config(folder)
     chosen = method is None and group_size is None and not fp4  # int4: say the defaults
     method = method or ("gptq" if fp4 and fmt != "gguf" else default_method(bits, fmt))
+    if fmt == "gguf":
+        gguf_type = _gguf_type(gguf_type, bits, fp4_fmt, method, console)
+    elif gguf_type:
+        raise UsageError("--gguf-type goes with --format gguf")
+    calibrated_gguf = fmt == "gguf" and method != "rtn"
     if fp4_fmt and group_size is None:
         group_size = FP4_GROUPS.get(fp4_fmt, 0)
+    if calibrated_gguf:  # the grid of the type's blocks, in the file's input order
+        group_size = GGUF_GROUP if group_size is None else group_size
+        sym = gguf_type == "Q4_0" if sym is None else sym
+        act_order = False if act_order is None else act_order
     spec = QuantSpec(
         bits=bits,
         method=method,
@@ -239,20 +287,11 @@ def quantize(
         embed_bits=8 if (fmt == "llmopt" if int8_embedding is None else int8_embedding) else 0,
         fp4=fp4_fmt,
     )
-    _check_format(fmt, spec)
+    _check_format(fmt, spec, gguf_type)
     if bits == 4 and chosen and fmt != "gguf":
         tied = cfg.tie_word_embeddings and not spec.lm_head
         console.print(f"[dim]{describe_defaults(spec, tied)}[/dim]", highlight=False)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
-    if fmt == "gguf":
-        if gguf_type is None and fp4_fmt:
-            gguf_type = fp4_fmt.upper()
-        elif gguf_type is None:
-            gguf_type = default_gguf_type(bits)
-            console.print(f"[dim]{GGUF_DEFAULT_WHY[gguf_type]}[/dim]")
-        gguf_type = gguf_type.upper()
-    elif gguf_type:
-        raise UsageError("--gguf-type goes with --format gguf")
     label = (
         gguf_type.lower() if fmt == "gguf" else spec.label + ("" if fmt == "llmopt" else f"-{fmt}")
     )
@@ -264,7 +303,12 @@ def quantize(
     calib_text = read_text(calib, calibration_text, "--calib") if spec.method != "rtn" else ""
     report: dict[str, Any] = {"source": src_name, "output": str(out), "name": name, "format": fmt}
     report["model_bytes_bf16"] = 2 * parameter_count(folder)  # the whole model, every tensor
-    if fmt == "gguf":
+    if calibrated_gguf:
+        dev = resolve_device(engine.device)
+        report |= _quantize_gguf_calibrated(
+            folder, out, spec, gguf_type, calib_text, calib_tokens, console, dev
+        )
+    elif fmt == "gguf":
         report |= _quantize_gguf(folder, out, gguf_type, engine.threads)
     else:
         dev = resolve_device(engine.device)
@@ -316,6 +360,36 @@ def _quantize_checkpoint(
         "file_bytes": r.file_bytes,
         "seconds": r.seconds,
         "calib_tokens": r.calib_tokens,
+    }
+
+
+def _quantize_gguf_calibrated(
+    folder: Path,
+    out: Path,
+    spec: QuantSpec,
+    qtype: str,
+    text: str,
+    tokens: int,
+    console: Console,
+    device: torch.device,
+) -> dict[str, Any]:
+    """GPTQ or AWQ on the GGUF type's grid, as an llmopt checkpoint beside `out` (removed
+    after), whose codes then go into the type's blocks as they are."""
+    from llmopt.quant.gguf_export import export_checkpoint
+    from llmopt.quant.pipeline import quantize_folder
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
+        checkpoint = Path(scratch) / "checkpoint"
+        r = quantize_folder(folder, checkpoint, spec, "llmopt", text, tokens, console, device)
+        export_checkpoint(checkpoint, out, qtype, folder.resolve().name)
+    return {
+        "gguf_type": qtype,
+        "method": spec.method,
+        "sym": spec.sym,
+        "calib_tokens": r.calib_tokens,
+        "seconds": r.seconds,
+        "file_bytes": out.stat().st_size,
     }
 
 

@@ -19,6 +19,11 @@ own factor. Both errors are read off the inputs' X^T X (for an error d,
 ||X d||^2 = d^T X^T X d), so every calibration row scores every candidate at a cost
 that does not grow with the rows. q and k rows are not clipped: attention logits
 amplify them.
+
+On FP4's grids (spec.fp4) the scale search rounds with FP4's own round to nearest, and
+each group's range is the one of least output error among the format's candidate
+scales (weights/fp4.py: the OCP rule from the maximum, one step up, one down): MXFP4's
+power-of-two scales leave no finer range to search.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from llmopt.quant.spec import QuantSpec, Site
+from llmopt.weights import fp4
 from llmopt.weights.qweight import QuantizedWeight, grid, quantize_rtn, quantize_to
 
 SCALE_GRID = 20
@@ -33,8 +39,11 @@ CLIP_GRID = 20
 MAX_SHRINK = 0.5  # the smallest range tried is half the group's min/max
 
 
-def _rtn_dequant(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
-    return quantize_rtn(w, bits, group, sym).dequantize()
+def _rtn_dequant(w: torch.Tensor, spec: QuantSpec, group: int) -> torch.Tensor:
+    """w (out, in) rounded to nearest on the spec's grid, dequantized."""
+    if spec.fp4:
+        return fp4.quantize_fp4(w, spec.fp4).dequantize()
+    return quantize_rtn(w, spec.bits, group, spec.sym).dequantize()
 
 
 def weight_magnitude(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -49,9 +58,8 @@ def search_scale(
     gram: torch.Tensor,
     x_mean: torch.Tensor,
     w_mean: torch.Tensor,
-    bits: int,
+    spec: QuantSpec,
     group: int,
-    sym: bool,
 ) -> torch.Tensor:
     """The per-input-channel scale (in,) that minimises ||x W^T - x Q(W s)^T / s|| over
     the calibration rows x, from their gram = x^T x (in, in), x_mean (in,) = mean |x|
@@ -62,7 +70,7 @@ def search_scale(
         a = k / SCALE_GRID
         for s in (x_mean.pow(a), x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)):
             s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
-            d = _rtn_dequant(w * s, bits, group, sym) / s - w  # (out, in)
+            d = _rtn_dequant(w * s, spec, group) / s - w  # (out, in)
             err = ((d @ gram) * d).sum().item()  # sum over rows of ||x d^T||^2
             if err < best_err:
                 best_err, best = err, s
@@ -107,6 +115,26 @@ def search_grid(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def search_fp4(w: torch.Tensor, gram: torch.Tensor, fmt: str) -> QuantizedWeight:
+    """w (out, in) on FP4's grid, each group's scale the candidate (fp4.candidates) of
+    least output error d^T X_g^T X_g d, gram = X^T X (in, in)."""
+    out, n = w.shape
+    g = fp4.GROUP[fmt]
+    t = fp4.tensor_scale_for(w) if fmt == "nvfp4" else 1.0
+    groups = w.float().reshape(-1, g)  # (out * G, g)
+    hb = _group_grams(gram, g)  # (G, g, g)
+    best, best_err = None, None
+    for s in fp4.candidates(groups.abs().amax(dim=1), fmt, t):
+        _, deq = fp4.round_to(groups, s)
+        err = _group_error((deq - groups).view(out, n // g, g), hb).reshape(-1)
+        better = err < best_err if best_err is not None else torch.ones_like(err, dtype=bool)
+        best = s if best is None else torch.where(better, s, best)
+        best_err = err if best_err is None else torch.where(better, err, best_err)
+    assert best is not None
+    nibbles, _ = fp4.round_to(groups, best)
+    return fp4.fp4_weight(nibbles.view(out, n), best.view(out, -1), fmt)
 
 
 def _dequant(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -164,7 +192,7 @@ def fold_scales(
         stats = site.stats
         # Tied scales follow from tied magnitudes.
         x_mean, w_mean = site.tie(stats.abs_mean()), site.tie(weight_magnitude(w, group))
-        return search_scale(w, stats.gram(), x_mean, w_mean, spec.bits, group, spec.sym)
+        return search_scale(w, stats.gram(), x_mean, w_mean, spec, group)
 
     scales = [search(site) for site in sites]
     for site, s in zip(sites, scales, strict=True):
@@ -179,12 +207,24 @@ def round_site(
     """Clip each group's range where that lowers its output error on the site's
     inputs as the scaled weights see them (gram: their X^T X, (in, in)), then round."""
     w = site.fused(tensors)
+    if spec.fp4:
+        return site.unfuse(tensors, _round_fp4(w, site.no_clip, gram, spec.fp4))
     group = spec.group_for(w.shape[1])
     scale, zero = search_grid(w[site.no_clip :], gram, spec.bits, group, spec.sym)
     if site.no_clip:  # q and k rows keep their min/max grid
         rtn = quantize_rtn(w[: site.no_clip], spec.bits, group, spec.sym)
         scale, zero = torch.cat([rtn.scale, scale]), torch.cat([rtn.zero, zero])
     return site.unfuse(tensors, quantize_on(w, scale, zero, spec.bits, group))
+
+
+def _round_fp4(w: torch.Tensor, no_clip: int, gram: torch.Tensor, fmt: str) -> QuantizedWeight:
+    """FP4's round_site: the first no_clip rows (q, k) by the format's own scale choice
+    (least weight error), the rest by output error (search_fp4)."""
+    rest = search_fp4(w[no_clip:], gram, fmt)
+    if not no_clip:
+        return rest
+    head = fp4.quantize_fp4(w[:no_clip], fmt)
+    return fp4.fp4_weight(torch.cat([head.q, rest.q]), torch.cat([head.scale, rest.scale]), fmt)
 
 
 def quantize_layer(

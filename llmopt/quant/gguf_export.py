@@ -7,6 +7,11 @@ Two routes, by quantization type:
 - K-quants and the other llama.cpp types: a lossless GGUF (in the weights' own
   dtype) goes to a temporary file, then llama.cpp's quantizer (through
   llama-cpp-python) picks per-tensor types, e.g. Q6_K for some ffn_down in Q4_K_M.
+
+A calibrated GGUF (GPTQ or AWQ on Q4_0's, Q4_1's or MXFP4's grid) starts from an
+llmopt checkpoint whose linears are already on the type's grid: `export_checkpoint`
+writes their codes as they are (weights/gguf_blocks.encode) and rounds only what the
+checkpoint keeps dense (the embedding, to Q8_0 as above).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,9 +36,12 @@ from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.layers.rotary import inv_frequencies
 from llmopt.loader.gguf_weights import HF_NAMES
-from llmopt.loader.hf import read_config, safetensor_files
+from llmopt.loader.hf import read_config, read_tensors, safetensor_files
+from llmopt.loader.quantized import unpack_checkpoint
 from llmopt.quant.gguf_vocab import add_vocab
 from llmopt.weights.fp4 import quantize_fp4, to_blocks
+from llmopt.weights.gguf_blocks import ENCODABLE, encode, fits
+from llmopt.weights.qweight import QuantizedWeight
 
 PYTHON_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "MXFP4")
 # File types whose name in LlamaFileType is not MOSTLY_<type> (llama.cpp made MXFP4's
@@ -58,11 +67,21 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SKIPPED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some old checkpoints saved
 
 
+Weight = torch.Tensor | QuantizedWeight
+
+
+class _Source(NamedTuple):
+    """One tensor of the model, by its Hugging Face name."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], Weight]
+
+
 class _Tensor(NamedTuple):
     name: str  # GGUF name
     shape: tuple[int, ...]
     qtype: Q
-    load: Callable[[], np.ndarray]  # fp32 values in llama.cpp's layout
+    load: Callable[[], Weight]  # in llama.cpp's layout (q and k rows permuted)
 
 
 def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None) -> Path:
@@ -75,12 +94,7 @@ def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None)
         raise UsageError(
             f"unknown GGUF type '{qtype}'; valid: {', '.join(PYTHON_QTYPES + LLAMA_CPP_QTYPES)}"
         )
-    cfg = read_config(folder)
-    if cfg.architecture not in ARCHITECTURES:
-        raise ModelFormatError(
-            f"GGUF export does not support architecture '{cfg.architecture}'; supported: "
-            f"{', '.join(ARCHITECTURES)}"
-        )
+    cfg = _config(folder)
     if key in PYTHON_QTYPES:
         with atomic_file(out) as tmp:
             _write(folder, cfg, tmp, key)
@@ -94,6 +108,31 @@ def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None)
         _write(folder, cfg, lossless, _source_dtype(folder))
         _llama_quantize(llama_cpp, lossless, tmp, key, threads)
     return out
+
+
+def export_checkpoint(folder: Path, out: Path, qtype: str, name: str) -> Path:
+    """Write an llmopt checkpoint whose linears are on `qtype`'s grid (Q4_0, Q4_1 or
+    MXFP4: gguf_blocks.ENCODABLE) as a GGUF file at `out`, their codes as they are;
+    `name` is the model's name in the file."""
+    key = qtype.upper()
+    if key not in {t.name for t in ENCODABLE}:
+        raise UsageError(
+            f"a calibrated GGUF is written as {', '.join(t.name for t in ENCODABLE)}, not {qtype}"
+        )
+    cfg = _config(folder)
+    with atomic_file(out) as tmp:
+        _write(folder, cfg, tmp, key, name)
+    return out
+
+
+def _config(folder: Path) -> ModelConfig:
+    cfg = read_config(folder)
+    if cfg.architecture not in ARCHITECTURES:
+        raise ModelFormatError(
+            f"GGUF export does not support architecture '{cfg.architecture}'; supported: "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    return cfg
 
 
 def has_llama_quantizer() -> bool:
@@ -136,20 +175,18 @@ def _source_dtype(folder: Path) -> str:
     return dtypes.pop() if dtypes in ({"F16"}, {"BF16"}) else "F32"
 
 
-def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str) -> None:
-    from safetensors import safe_open
-
+def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str, name: str | None = None) -> None:
+    """The folder (dense, or an llmopt checkpoint) as a GGUF file of `qtype` at `path`."""
     arch = ARCHITECTURES[cfg.architecture]
     writer = GGUFWriter(path, arch)
     with ExitStack() as stack:
         stack.callback(writer.close)
-        files = [stack.enter_context(safe_open(str(f), "pt")) for f in safetensor_files(folder)]
-        tensors = _plan(files, cfg, arch, Q[qtype])
-        _add_metadata(writer, cfg, folder.resolve().name, qtype)
+        tensors = _plan(_sources(folder, stack), cfg, arch, Q[qtype])
+        _add_metadata(writer, cfg, name or folder.resolve().name, qtype)
         add_vocab(writer, folder, cfg.vocab_size)
         extra = _rope_factors(writer, cfg)
         if extra is not None:
-            tensors.append(_Tensor("rope_freqs.weight", tuple(extra.shape), Q.F32, extra.numpy))
+            tensors.append(_Tensor("rope_freqs.weight", tuple(extra.shape), Q.F32, lambda: extra))
         for t in tensors:
             byte_shape = quant_shape_to_byte_shape(t.shape, t.qtype)
             writer.add_tensor_info(
@@ -162,30 +199,76 @@ def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str) -> None:
             writer.write_tensor_data(_blocks(t.load(), t.qtype).view(np.uint8))
 
 
-def _blocks(w: np.ndarray, qtype: Q) -> np.ndarray:
-    """A tensor's bytes in qtype."""
+def _blocks(w: Weight, qtype: Q) -> np.ndarray:
+    """A tensor's bytes in qtype: a quantized weight on qtype's grid as it is, anything
+    else rounded to nearest (a quantized weight for another type dequantized first)."""
+    if isinstance(w, QuantizedWeight):
+        if fits(w, qtype):
+            return encode(w, qtype).numpy()
+        if qtype in ENCODABLE:  # rounding a calibrated weight again would undo it
+            raise ModelFormatError(f"a quantized weight is not on {qtype.name}'s grid")
+        w = w.dequantize()
     if qtype == Q.MXFP4:
-        blocks, _ = to_blocks(quantize_fp4(torch.from_numpy(w), "mxfp4"))
+        blocks, _ = to_blocks(quantize_fp4(w.float(), "mxfp4"))
         return blocks.numpy()
-    return quantize(w, qtype)
+    return quantize(w.float().numpy(), qtype)
 
 
-def _plan(files: list[Any], cfg: ModelConfig, arch: str, qtype: Q) -> list[_Tensor]:
+def _sources(folder: Path, stack: ExitStack) -> dict[str, _Source]:
+    """The folder's tensors by Hugging Face name, each read when written: a dense
+    folder's from its safetensors, a quantized checkpoint's unpacked (loader/quantized)."""
+    from safetensors import safe_open
+
+    qcfg = read_config(folder).quantization
+    if qcfg:
+        return _checkpoint_sources(read_tensors(folder), qcfg)
+    out: dict[str, _Source] = {}
+    for path in safetensor_files(folder):
+        f = stack.enter_context(safe_open(str(path), "pt"))
+        for hf in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            out[hf] = _Source(
+                tuple(f.get_slice(hf).get_shape()), lambda f=f, hf=hf: f.get_tensor(hf)
+            )
+    return out
+
+
+def _checkpoint_sources(
+    tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]
+) -> dict[str, _Source]:
+    """A checkpoint's tensors, each quantized linear unpacked from its qweight and
+    siblings when it is read (its shape read off one unpacking at planning)."""
+    quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in quantized}
+    out: dict[str, _Source] = {}
+    for key, t in tensors.items():
+        prefix = key.rpartition(".")[0]
+        if prefix in quantized:
+            parts[prefix][key] = t
+        else:
+            out[key] = _Source(tuple(t.shape), lambda t=t: t)
+    for prefix, own in parts.items():
+
+        def load(own: dict[str, torch.Tensor] = own, key: str = f"{prefix}.weight") -> Weight:
+            return unpack_checkpoint(own, qcfg)[key]
+
+        out[f"{prefix}.weight"] = _Source(load().shape, load)
+    return out
+
+
+def _plan(sources: dict[str, _Source], cfg: ModelConfig, arch: str, qtype: Q) -> list[_Tensor]:
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
     out: list[_Tensor] = []
-    for f in files:
-        for hf in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            if _SKIPPED.search(hf) or (cfg.tie_word_embeddings and hf == "lm_head.weight"):
-                continue
-            name = _gguf_name(hf)
-            if name is None:
-                raise ModelFormatError(f"unexpected tensor '{hf}' for {cfg.architecture}")
-            shape = tuple(f.get_slice(hf).get_shape())
-            kind = name.split(".")[2] if name.startswith("blk.") else ""
-            # llama.cpp's Llama kernels rotate interleaved pairs, HF rotates halves.
-            permute = heads[kind] if arch == "llama" and kind in heads else None
-            qt = _tensor_type(name, shape, qtype, cfg.tie_word_embeddings)
-            out.append(_Tensor(name, shape, qt, _loader(f, hf, permute)))
+    for hf, src in sources.items():
+        if _SKIPPED.search(hf) or (cfg.tie_word_embeddings and hf == "lm_head.weight"):
+            continue
+        name = _gguf_name(hf)
+        if name is None:
+            raise ModelFormatError(f"unexpected tensor '{hf}' for {cfg.architecture}")
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        # llama.cpp's Llama kernels rotate interleaved pairs, HF rotates halves.
+        permute = heads[kind] if arch == "llama" and kind in heads else None
+        qt = _tensor_type(name, src.shape, qtype, cfg.tie_word_embeddings)
+        out.append(_Tensor(name, src.shape, qt, _loader(src, permute)))
     return out
 
 
@@ -195,10 +278,15 @@ def _gguf_name(hf: str) -> str | None:
     return target.format(i=m.group(1)) if target and m else target
 
 
-def _loader(f: Any, hf: str, heads: int | None) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        w = f.get_tensor(hf).float()
-        return (_permute(w, heads) if heads else w).numpy()
+def _loader(src: _Source, heads: int | None) -> Callable[[], Weight]:
+    def load() -> Weight:
+        w = src.load()
+        if not heads:
+            return w
+        if isinstance(w, QuantizedWeight):  # the rows of its codes and grid alike
+            rows = {k: _permute(getattr(w, k), heads) for k in ("q", "scale", "zero")}
+            return replace(w, **rows)
+        return _permute(w, heads)
 
     return load
 

@@ -29,7 +29,6 @@ DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768}
 # takes it for a tied output projection. llama.cpp's Q8_0 has one per 32; on SmolLM2
 # per row costs no measurable quality (BENCHMARKS.md, "The int8 embedding").
 EMBED_GROUP = 0
-FP4_METHODS = ("rtn", "gptq")  # AWQ's searches are int-grid only
 
 
 def default_group_size(cfg: ModelConfig, bits: int) -> int:
@@ -100,8 +99,6 @@ class QuantSpec:
             raise UsageError(
                 f"{self.fp4.upper()} has groups of {FP4_GROUPS[self.fp4]}: drop --group-size"
             )
-        if self.method not in FP4_METHODS:
-            raise UsageError(f"--fp4 quantizes with {' or '.join(FP4_METHODS)}: pick --method")
 
     @property
     def lm_head(self) -> bool:

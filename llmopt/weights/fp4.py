@@ -104,7 +104,7 @@ def to_blocks(qw: QuantizedWeight) -> tuple[torch.Tensor, float]:
     return torch.cat([d, qs], dim=1).reshape(out, -1), t
 
 
-def _candidates(amax: torch.Tensor, fmt: str, tensor_scale: float) -> list[torch.Tensor]:
+def candidates(amax: torch.Tensor, fmt: str, tensor_scale: float) -> list[torch.Tensor]:
     """Scales of the doubled values to try for groups of largest magnitude amax (rows,):
     the format's rule from the maximum first, then one step up and one down."""
     if fmt == "mxfp4":
@@ -124,7 +124,7 @@ def choose_scale(
 ) -> torch.Tensor:
     """Each group's scale (rows,): of the candidate scales, the one whose rounding error
     sum importance * (w - dequantized)^2 is least (without search, the format's rule)."""
-    cands = _candidates(w.abs().amax(dim=1), fmt, tensor_scale)
+    cands = candidates(w.abs().amax(dim=1), fmt, tensor_scale)
     if not search:
         return cands[0]
     imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()

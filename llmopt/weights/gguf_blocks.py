@@ -162,3 +162,36 @@ def quantized_weight(
         scale[a : a + rows] = s.view(rows, groups)
         zero[a : a + rows] = (-offset / s).view(rows, groups)
     return QuantizedWeight(q, scale, zero, bits, group, codebook=CODEBOOKS.get(qtype))
+
+
+# The block types a QuantizedWeight can be written as without rounding its codes again:
+# groups of 32 on a 4-bit grid, a symmetric one (zero point 8) for Q4_0, e2m1 for MXFP4.
+ENCODABLE = (Q.Q4_0, Q.Q4_1, Q.MXFP4)
+
+
+def fits(qw: QuantizedWeight, qtype: Q) -> bool:
+    """Whether `encode` takes qw as qtype's blocks: its grid is the type's."""
+    if qtype not in ENCODABLE or qw.perm is not None or qw.group_size != 32 or qw.bits != 4:
+        return False
+    if qtype == Q.MXFP4:
+        return qw.codebook == "e2m1"
+    return qw.codebook is None and (qtype == Q.Q4_1 or bool((qw.zero == 8).all()))
+
+
+def encode(qw: QuantizedWeight, qtype: Q) -> torch.Tensor:
+    """qw (out, in) as qtype's blocks, (out, in / 32 * width) bytes: its codes as they
+    are, its scales and Q4_1's minimums (-scale * zero) rounded to the fp16 the blocks
+    hold (a relative 2^-11 of the scale; a minimum's rounding is under 1% of a step)."""
+    if not fits(qw, qtype):
+        raise ValueError(f"this weight's grid is not {qtype.name}'s (groups of 32, 4 bits)")
+    if qtype == Q.MXFP4:
+        blocks, _ = fp4.to_blocks(qw)
+        return blocks
+    q = qw.q.reshape(-1, 32)
+    qs = q[:, :16] | (q[:, 16:] << 4)  # byte j: weight j low, j + 16 high
+    d = qw.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)  # (nb, 2)
+    parts = [d, qs]
+    if qtype == Q.Q4_1:
+        m = (-qw.scale * qw.zero).reshape(-1, 1).to(torch.float16).view(torch.uint8)
+        parts = [d, m, qs]
+    return torch.cat(parts, dim=1).reshape(qw.shape[0], -1)
