@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from llmopt import heap
 from llmopt.errors import ModelFormatError, UsageError
 
 # For models without a template (base models): a plain transcript.
@@ -39,6 +40,7 @@ class Tokenizer:
             self._tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ModelFormatError(f"{path} could not be read: {e}") from e
+        heap.trim()  # the JSON parse's garbage: twice the tokenizer, on big vocabularies
         cfg_path = folder / "tokenizer_config.json"
         cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
             "llmopt.corpus",
             "llmopt.tokenizer",
             "llmopt.atomic",
+            "llmopt.heap",
             "llmopt.home",
             "llmopt.openai_wire",
         ),

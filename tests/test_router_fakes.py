@@ -4,11 +4,15 @@ and the router's own errors (400, 401, 404, 503)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import time
 
 import httpx
 import pytest
 from fastapi import FastAPI, Response
+from fastapi.responses import StreamingResponse
 
 from llmopt.router.app import create_app
 from llmopt.router.config import RouterConfig
@@ -37,6 +41,11 @@ def fake_replica(models: list[str], loaded: list[str]) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: dict):
         loaded[:] = [body["model"]]
+        if body.get("stream"):  # slow to answer: a client may leave before the first byte
+            await asyncio.sleep(0.3)
+            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}}]}
+            events = [f"data: {json.dumps(chunk)}\n\n", "data: [DONE]\n\n"]
+            return StreamingResponse(iter(events), media_type="text/event-stream")
         message = {"role": "assistant", "content": "ok"}
         return {"object": "chat.completion", "choices": [{"index": 0, "message": message}]}
 
@@ -109,6 +118,32 @@ def test_unhealthy_replicas_leave_the_rotation_and_come_back(fakes) -> None:
         apps[0].state.healthy = apps[1].state.healthy = True
         wait_until(lambda: healthy_replicas(r.url) == 2)
         assert chat(r.url, "b").status_code == 200
+
+
+def test_a_client_gone_before_the_first_byte_frees_its_replica(fakes) -> None:
+    """A streamed request whose client disconnects while the replica is still preparing
+    its answer: the router's in-flight count for that replica comes back to 0 (the
+    relayed body never starts, so its own cleanup never runs)."""
+    _, urls = fakes
+    with router(urls, policy="least-connections") as r:
+        host, port = r.url.removeprefix("http://").split(":")
+        body = json.dumps(
+            {"model": "a", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as conn:
+                conn.sendall(
+                    f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                    f"{body}".encode()
+                )  # and gone at once
+        time.sleep(1.0)  # the replicas answer after 0.3 s
+
+        def in_flight() -> float:
+            return total(metrics(r.url), "llmopt_router_in_flight")
+
+        wait_until(lambda: in_flight() == 0, timeout=5)
+        assert chat(r.url, "a").status_code == 200
 
 
 def test_router_errors_in_the_openai_shape(fakes) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from llmopt import heap
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, ModelNotFoundError
 from llmopt.loader.hf import read_config, read_tensors
@@ -114,6 +115,9 @@ def load_model(
         )
     )
     cfg = source.config
+    # The tokenizer first: its parse's transient memory is freed (heap.trim) before the
+    # weights arrive, so that the two peaks do not add up.
+    tokenizer = Tokenizer(source.folder)
     if source.gguf_index is not None:
         from llmopt.loader.gguf_weights import hf_weights, read_index
 
@@ -126,7 +130,7 @@ def load_model(
         weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
         cfg = tie_quantized_head(weights, cfg)
     model = builder_for(cfg.architecture)(cfg, weights, dtype, device)
-    tokenizer = Tokenizer(source.folder)
+    heap.trim()  # the decoded parts' buffers, freed layer by layer
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)
