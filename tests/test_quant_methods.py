@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmopt.quant import awq, gptq, rtn
+from llmopt.quant import awq, awq_gptq, gptq, rtn
 from llmopt.quant.calibration import InputStats
 from llmopt.quant.drift import correct_drift
 from llmopt.quant.spec import QuantSpec, Site
@@ -85,9 +85,11 @@ def test_gptq_of_fused_rows_equals_separate_rows() -> None:
     assert torch.equal(fused["b"].q, alone["b"].q)
 
 
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
 @pytest.mark.parametrize("fp4", [None, "mxfp4", "nvfp4"])
-def test_awq_beats_rtn_when_a_few_channels_dominate(fp4: str | None) -> None:
-    """On the integer grid and on FP4's: the searched scales and ranges beat RTN's."""
+def test_awq_beats_rtn_when_a_few_channels_dominate(fp4: str | None, method: str) -> None:
+    """On the integer grid and on FP4's: the searched scales, with AWQ's ranges or GPTQ's
+    rounding after them, beat round to nearest."""
     torch.manual_seed(2)
     dim = 256
     w = torch.randn(128, dim) * 0.02
@@ -95,10 +97,10 @@ def test_awq_beats_rtn_when_a_few_channels_dominate(fp4: str | None) -> None:
     x[:, :4] *= 50  # outlier channels, as after LLM norms
     norm = torch.ones(dim)
     group = {None: 64, "mxfp4": 32, "nvfp4": 16}[fp4]
-    spec = QuantSpec(bits=4, method="awq", group_size=group, sym=False, fp4=fp4)
+    spec = QuantSpec(bits=4, method=method, group_size=group, sym=False, fp4=fp4)
     tensors = {"w": w.clone(), "norm": norm.clone()}
     site = _site(x, ["w"], owner="norm")
-    q_awq = awq.quantize_layer([site], tensors, spec)["w"]
+    q_awq = {"awq": awq, "awq-gptq": awq_gptq}[method].quantize_layer([site], tensors, spec)["w"]
     # The model's function: x (norm output, scaled by the folded norm) through the layer.
     x_scaled = x * tensors["norm"]
     y_awq = x_scaled @ q_awq.dequantize().T

@@ -149,7 +149,8 @@ def test_int4_defaults_are_the_measured_best_and_said(tiny_llama, tmp_path) -> N
 
 
 @pytest.mark.parametrize(
-    "fmt,method", [("mxfp4", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq"), ("mxfp4", "awq")]
+    "fmt,method",
+    [("mxfp4", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq"), ("mxfp4", "awq"), ("mxfp4", None)],
 )
 def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, fmt, method):
     """--fp4 writes each linear as GGUF's MXFP4 or NVFP4 blocks (with NVFP4's tensor
@@ -159,10 +160,13 @@ def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, 
 
     out = tmp_path / fmt
     extra = ["--calib-tokens", "1024"] if method != "rtn" else []
-    report = _quantize(tiny_llama, out, "--fp4", "--fp4-format", fmt, "--method", method, *extra)
+    extra += ["--method", method] if method else []  # None: the default, awq-gptq
+    report = _quantize(tiny_llama, out, "--fp4", "--fp4-format", fmt, *extra)
+    method = method or "awq-gptq"
     width, per_block = fp4.BLOCK[fmt]
     assert report["group_size"] == fp4.GROUP[fmt]
-    if method != "gptq":  # GPTQ adds act-order's input order (int32 per input)
+    act_order = method in ("gptq", "awq-gptq")  # GPTQ's input order: int32 per input
+    if not act_order:
         assert report["bytes_per_param"] == pytest.approx(width / per_block, rel=0.01)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qcfg["fp4"], qcfg["bits"], qcfg["method"]) == (fmt, 4, method)
@@ -172,7 +176,7 @@ def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, 
     assert len(weights) == 7 * 2
     for w in weights.values():
         assert (w.codebook, w.group_size) == ("e2m1", fp4.GROUP[fmt])
-        assert (w.perm is not None) == (method == "gptq")  # act-order by default
+        assert (w.perm is not None) == act_order  # by default
     layer = _load(out).model.layers[0].mlp.down_proj
     assert layer.codebook == "e2m1"
     dense = _logits(out, IDS, dense=True)

@@ -22,7 +22,9 @@ from llmopt.errors import UsageError
 from llmopt.quant.spec import (
     DEFAULT_CALIB_TOKENS,
     DEFAULT_INT4_METHOD,
+    ERROR_FEEDBACK,
     FP4_GROUPS,
+    FP4_METHOD,
     QuantSpec,
     default_group_size,
 )
@@ -175,7 +177,7 @@ def quantize(
         False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_K_M, or Q4_1)."
     ),
     fp4: bool = typer.Option(
-        False, "--fp4", help="FP4 (e2m1) weights, MXFP4 by default (GPTQ; GGUF: RTN)."
+        False, "--fp4", help="FP4 (e2m1) weights, MXFP4 by default (awq-gptq; GGUF: RTN)."
     ),
     fp4_format: str = typer.Option(
         None, "--fp4-format", help="With --fp4: mxfp4 (a scale per 32) or nvfp4 (per 16)."
@@ -183,7 +185,8 @@ def quantize(
     method: str = typer.Option(
         None,
         "--method",
-        help="rtn, gptq or awq (int4: awq, gptq for --format gptq; int8 and gguf: rtn).",
+        help="rtn, gptq, awq or awq-gptq (AWQ's scales, GPTQ's rounding); int4: awq, gptq "
+        "for --format gptq; --fp4: awq-gptq; int8 and gguf: rtn.",
     ),
     group_size: int = typer.Option(
         None,
@@ -261,7 +264,7 @@ def quantize(
     folder = hf_folder_for(src_path, store, console, dense=True)
     cfg = read_config(folder)
     chosen = method is None and group_size is None and not fp4  # int4: say the defaults
-    method = method or ("gptq" if fp4 and fmt != "gguf" else default_method(bits, fmt))
+    method = method or (FP4_METHOD if fp4 and fmt != "gguf" else default_method(bits, fmt))
     if fmt == "gguf":
         gguf_type = _gguf_type(gguf_type, bits, fp4_fmt, method, console)
     elif gguf_type:
@@ -280,7 +283,7 @@ def quantize(
         # GPTQ checkpoints are symmetric by convention: GPTQModel refuses asymmetric ones
         # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
         sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
-        act_order=method == "gptq" and (fmt != "awq" if act_order is None else act_order),
+        act_order=method in ERROR_FEEDBACK and (fmt != "awq" if act_order is None else act_order),
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,

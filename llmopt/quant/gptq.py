@@ -123,15 +123,21 @@ def gptq(
     return QuantizedWeight(q, scales, zeros, bits, group_size, perm, codebook)
 
 
+def round_site(
+    site: Site, tensors: dict[str, torch.Tensor], spec: QuantSpec, h: torch.Tensor
+) -> dict[str, QuantizedWeight]:
+    """The site's fused weight through GPTQ on the Hessian h (in, in), unfused."""
+    w = site.fused(tensors)
+    group = spec.group_for(w.shape[1])
+    with _one_thread():
+        qw = gptq(w, h, spec.bits, group, spec.sym, spec.act_order, spec.fp4)
+    return site.unfuse(tensors, qw)
+
+
 def quantize_layer(
     sites: list[Site], tensors: dict[str, torch.Tensor], spec: QuantSpec
 ) -> dict[str, QuantizedWeight]:
     out: dict[str, QuantizedWeight] = {}
     for site in sites:
-        w = site.fused(tensors)
-        group = spec.group_for(w.shape[1])
-        with _one_thread():
-            h = site.stats.hessian()
-            qw = gptq(w, h, spec.bits, group, spec.sym, spec.act_order, spec.fp4)
-        out.update(site.unfuse(tensors, qw))
+        out.update(round_site(site, tensors, spec, site.stats.hessian()))
     return out

@@ -24,14 +24,14 @@ from llmopt.errors import ModelFormatError, UsageError
 from llmopt.loader.hf import read_config, read_tensors
 from llmopt.models.registry import builder_for
 from llmopt.models.scoring import Scorer
-from llmopt.quant import awq, gptq, rtn
+from llmopt.quant import awq, awq_gptq, gptq, rtn
 from llmopt.quant.calibration import InputStats, calibration_windows, collect
 from llmopt.quant.checkpoint import write_checkpoint
 from llmopt.quant.sequential import quantize_sequential
 from llmopt.quant.spec import EMBED_GROUP, QuantSpec, Site, calibrated_modules, llama_sites
 from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
 
-METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
+METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq, "awq-gptq": awq_gptq}
 CALIB_WINDOW = 512  # tokens per calibration sequence
 EMBEDDING = "model.embed_tokens.weight"
 

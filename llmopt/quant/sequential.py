@@ -38,10 +38,10 @@ from llmopt.config import ModelConfig
 from llmopt.layers.linear import Linear
 from llmopt.models.llama import fuse_hf_layer
 from llmopt.models.scoring import Scorer
-from llmopt.quant import awq
+from llmopt.quant import awq, gptq
 from llmopt.quant.calibration import InputStats, capturing, recording
 from llmopt.quant.drift import correct_drift
-from llmopt.quant.spec import CALIBRATED, QuantSpec, head_site, layer_sites
+from llmopt.quant.spec import CALIBRATED, FOLDING, QuantSpec, head_site, layer_sites
 from llmopt.weights.qweight import QuantizedWeight
 
 State = tuple[torch.Tensor, torch.Tensor | None]  # a block's input: (x, residual)
@@ -120,13 +120,14 @@ def _quantize_block_with_drift(
     output, and so on), each linear's target corrected for its inputs' drift
     (quant/drift.py); the full-precision states after the block returned.
 
-    AWQ first searches and folds the block's scales on the block's inputs together
-    (a site's scale may fold into another site's weight: down_proj's into up_proj's
-    rows), as awq.quantize_layer does; each site is then clipped and rounded on its
-    own recorded inputs, which the folded scales have divided."""
+    AWQ (and awq-gptq) first searches and folds the block's scales on the block's
+    inputs together (a site's scale may fold into another site's weight: down_proj's
+    into up_proj's rows), as awq.quantize_layer does; each site is then rounded (AWQ:
+    clipped and rounded; awq-gptq: GPTQ) on its own recorded inputs, which the folded
+    scales have divided."""
     wants, full = _full_precision_inputs(names, run, full)
     scales: list[torch.Tensor | None] = [None] * len(names)
-    if spec.method == "awq":
+    if spec.method in FOLDING:
         # The scale search reads the inputs' X^T X and magnitudes only, not the drift.
         with recording(names) as stats:
             for state in states:
@@ -138,8 +139,11 @@ def _quantize_block_with_drift(
         want = [{name: w[name] if s is None else w[name] / s} for w in wants]
         site = layer_sites(cfg, _drifted_stats({name: names[name]}, run, states, want), i)[k]
         correct_drift(site, tensors, spec.drift)
+        # The recorded inputs are already x / s: the rounding reads them as they are.
         if spec.method == "awq":
             out.update(awq.round_site(site, tensors, spec, site.stats.gram()))
+        elif spec.method == "awq-gptq":
+            out.update(gptq.round_site(site, tensors, spec, site.stats.hessian()))
         else:
             out.update(method.quantize_layer([site], tensors, spec))
         _load_block(model, cfg, i, tensors, out)

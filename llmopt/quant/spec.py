@@ -12,19 +12,24 @@ from llmopt.quant.calibration import InputStats
 from llmopt.weights.fp4 import GROUP as FP4_GROUPS
 from llmopt.weights.qweight import QuantizedWeight
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")
+FOLDING = ("awq", "awq-gptq")  # the methods that fold AWQ's scales into the model
+ERROR_FEEDBACK = ("gptq", "awq-gptq")  # the methods that round with GPTQ (act-order)
 # int4's defaults, the configuration that measured best on four held-out texts, three of
 # which no calibration or tuning saw (BENCHMARKS.md, "The int4 defaults, judged on unseen
 # text"): AWQ over GPTQ, group 32 over 64, on every text, at the same decode speed.
 DEFAULT_INT4_METHOD = "awq"
+# FP4's: AWQ's scales then GPTQ's rounding measured best on SmolLM2 (BENCHMARKS.md, "FP4
+# weights"): GPTQ alone +8.3% perplexity, AWQ alone +17.8%, both +6.7%.
+FP4_METHOD = "awq-gptq"
 DEFAULT_GROUP = 32  # for int4 where it divides every input width (else one scale per row)
 # quant/drift.py: the step's fraction by method. AWQ, calibrated on four times GPTQ's
 # tokens, bears a longer step (BENCHMARKS.md, "Quantization" has the sweeps).
-DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5}
+DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5, "awq-gptq": 0.5}
 # Calibration tokens by method. AWQ's scale and range searches and its drift fit read
 # the same statistics, with no error feedback to make up for noisy ones, so they gain
 # from more tokens; GPTQ does not, and the tokens cost time linearly.
-DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768}
+DEFAULT_CALIB_TOKENS = {"rtn": 0, "gptq": 8192, "awq": 32768, "awq-gptq": 32768}
 # The token embedding in int8: symmetric with one scale per row (0), as the int8 kernel
 # takes it for a tied output projection. llama.cpp's Q8_0 has one per 32; on SmolLM2
 # per row costs no measurable quality (BENCHMARKS.md, "The int8 embedding").
@@ -44,7 +49,7 @@ def default_group_size(cfg: ModelConfig, bits: int) -> int:
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int  # 8 or 4
-    method: str  # rtn | gptq | awq
+    method: str  # rtn | gptq | awq | awq-gptq
     group_size: int  # input channels per scale; 0 = one scale per output row
     sym: bool  # symmetric grid (zero fixed at 2^(bits-1))
     act_order: bool = False  # GPTQ: columns by decreasing activation (see gptq.py)
