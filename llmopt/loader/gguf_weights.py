@@ -162,8 +162,7 @@ def unpermute(w: Weight, heads: int) -> Weight:
     # (heads * D, ...) with rows ordered [head, half, pair] -> [head, pair, half]; a
     # quantized weight's codes, scales and zeros are rows alike.
     if isinstance(w, QuantizedWeight):
-        q, scale, zero = (unpermute(t, heads) for t in (w.q, w.scale, w.zero))
-        return QuantizedWeight(q, scale, zero, w.bits, w.group_size, codebook=w.codebook)  # type: ignore[arg-type]
+        return w.map_rows(lambda t: unpermute(t, heads))  # type: ignore[arg-type, return-value]
     return (
         w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )

@@ -21,7 +21,6 @@ import re
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -283,9 +282,8 @@ def _loader(src: _Source, heads: int | None) -> Callable[[], Weight]:
         w = src.load()
         if not heads:
             return w
-        if isinstance(w, QuantizedWeight):  # the rows of its codes and grid alike
-            rows = {k: _permute(getattr(w, k), heads) for k in ("q", "scale", "zero")}
-            return replace(w, **rows)
+        if isinstance(w, QuantizedWeight):
+            return w.map_rows(lambda t: _permute(t, heads))
         return _permute(w, heads)
 
     return load

@@ -20,7 +20,8 @@ from one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -100,6 +101,11 @@ class QuantizedWeight:
             self.perm,
             codebook,
         )
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
+        """The same weight with its output rows rearranged by fn, applied alike to the
+        codes (out, in), scales and zeros (out, G)."""
+        return replace(self, q=fn(self.q), scale=fn(self.scale), zero=fn(self.zero))
 
     def split(self, sizes: list[int]) -> list[QuantizedWeight]:
         """Slices along the output dimension (the inverse of `cat`)."""
