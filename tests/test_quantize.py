@@ -474,7 +474,7 @@ def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width):
     --int4, Q4_K_M from llama.cpp's quantizer where it is installed, else Q4_1, named on
     stderr; the file is registered and runs, and the report sets it against the whole
     model in bf16."""
-    from llmopt.cli.quantize import default_gguf_type
+    from llmopt.cli.quantize_options import default_gguf_type
 
     qtype = default_gguf_type(8 if width == "--int8" else 4)
     from tests.test_gguf_export import small_tiny_model
@@ -508,7 +508,7 @@ def test_gguf_format_writes_registers_and_runs(tmp_path, smollm_folder, width):
 
 
 def test_int4_gguf_defaults_to_q4_k_m_where_llama_cpp_quantizes(monkeypatch) -> None:
-    from llmopt.cli.quantize import GGUF_DEFAULT_WHY, default_gguf_type
+    from llmopt.cli.quantize_options import GGUF_DEFAULT_WHY, default_gguf_type
     from llmopt.quant import gguf_export
 
     for here, qtype in ((True, "Q4_K_M"), (False, "Q4_1")):

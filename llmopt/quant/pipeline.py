@@ -8,6 +8,7 @@ loader swaps QuantLinear modules in at load time (models/llama.py).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from llmopt.models.scoring import Scorer
 from llmopt.quant import awq, awq_gptq, gptq, rtn
 from llmopt.quant.calibration import InputStats, calibration_windows, collect
 from llmopt.quant.checkpoint import write_checkpoint
+from llmopt.quant.gguf_export import export_checkpoint
 from llmopt.quant.sequential import quantize_sequential
 from llmopt.quant.spec import EMBED_GROUP, QuantSpec, Site, calibrated_modules, llama_sites
 from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
@@ -190,6 +192,29 @@ def quantize_folder(
         time.perf_counter() - t0,
         calibrated,
     )
+
+
+def quantize_to_gguf(
+    folder: Path,
+    out: Path,
+    spec: QuantSpec,
+    qtype: str,
+    calib_text: str,
+    calib_tokens: int,
+    console: Console,
+    device: torch.device = torch.device("cpu"),
+) -> QuantizeResult:
+    """GPTQ or AWQ on a GGUF type's grid (spec's, which the caller matched to qtype) into
+    a scratch llmopt checkpoint beside `out`, whose codes then go into qtype's blocks as
+    they are (gguf_export.export_checkpoint); the result describes the checkpoint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
+        checkpoint = Path(scratch) / "checkpoint"
+        r = quantize_folder(
+            folder, checkpoint, spec, "llmopt", calib_text, calib_tokens, console, device
+        )
+        export_checkpoint(checkpoint, out, qtype, folder.resolve().name)
+    return r
 
 
 def _quantize_embedding(w: torch.Tensor) -> QuantizedWeight:

@@ -165,13 +165,16 @@ def quantized_weight(
 
 
 # The block types a QuantizedWeight can be written as without rounding its codes again:
-# groups of 32 on a 4-bit grid, a symmetric one (zero point 8) for Q4_0, e2m1 for MXFP4.
+# groups of ENCODE_GROUP on a 4-bit grid, a symmetric one (zero point 8) for Q4_0, e2m1
+# for MXFP4.
 ENCODABLE = (Q.Q4_0, Q.Q4_1, Q.MXFP4)
+ENCODE_GROUP = 32
 
 
 def fits(qw: QuantizedWeight, qtype: Q) -> bool:
     """Whether `encode` takes qw as qtype's blocks: its grid is the type's."""
-    if qtype not in ENCODABLE or qw.perm is not None or qw.group_size != 32 or qw.bits != 4:
+    wrong_grid = qw.perm is not None or qw.group_size != ENCODE_GROUP or qw.bits != 4
+    if qtype not in ENCODABLE or wrong_grid:
         return False
     if qtype == Q.MXFP4:
         return qw.codebook == "e2m1"
@@ -183,11 +186,13 @@ def encode(qw: QuantizedWeight, qtype: Q) -> torch.Tensor:
     are, its scales and Q4_1's minimums (-scale * zero) rounded to the fp16 the blocks
     hold (a relative 2^-11 of the scale; a minimum's rounding is under 1% of a step)."""
     if not fits(qw, qtype):
-        raise ValueError(f"this weight's grid is not {qtype.name}'s (groups of 32, 4 bits)")
+        raise ValueError(
+            f"this weight's grid is not {qtype.name}'s (groups of {ENCODE_GROUP}, 4 bits)"
+        )
     if qtype == Q.MXFP4:
         blocks, _ = fp4.to_blocks(qw)
         return blocks
-    q = qw.q.reshape(-1, 32)
+    q = qw.q.reshape(-1, ENCODE_GROUP)
     qs = q[:, :16] | (q[:, 16:] << 4)  # byte j: weight j low, j + 16 high
     d = qw.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)  # (nb, 2)
     parts = [d, qs]
