@@ -22,7 +22,7 @@ amplify them.
 
 On FP4's grids (spec.fp4) the scale search rounds with FP4's own round to nearest, and
 each group's range is the one of least output error among the format's candidate
-scales (weights/fp4.py: the OCP rule from the maximum, one step up, one down): MXFP4's
+scales (fp4.choose_scale: the OCP rule from the maximum, one step up, one down): MXFP4's
 power-of-two scales leave no finer range to search.
 """
 
@@ -118,23 +118,20 @@ def search_grid(
 
 
 def search_fp4(w: torch.Tensor, gram: torch.Tensor, fmt: str) -> QuantizedWeight:
-    """w (out, in) on FP4's grid, each group's scale the candidate (fp4.candidates) of
-    least output error d^T X_g^T X_g d, gram = X^T X (in, in)."""
+    """w (out, in) on FP4's grid, each group's scale the format's candidate
+    (fp4.choose_scale) of least output error d^T X_g^T X_g d, gram = X^T X (in, in)."""
     out, n = w.shape
     g = fp4.GROUP[fmt]
     t = fp4.tensor_scale_for(w) if fmt == "nvfp4" else 1.0
     groups = w.float().reshape(-1, g)  # (out * G, g)
     hb = _group_grams(gram, g)  # (G, g, g)
-    best, best_err = None, None
-    for s in fp4.candidates(groups.abs().amax(dim=1), fmt, t):
-        _, deq = fp4.round_to(groups, s)
-        err = _group_error((deq - groups).view(out, n // g, g), hb).reshape(-1)
-        better = err < best_err if best_err is not None else torch.ones_like(err, dtype=bool)
-        best = s if best is None else torch.where(better, s, best)
-        best_err = err if best_err is None else torch.where(better, err, best_err)
-    assert best is not None
-    nibbles, _ = fp4.round_to(groups, best)
-    return fp4.fp4_weight(nibbles.view(out, n), best.view(out, -1), fmt)
+
+    def output_error(d: torch.Tensor) -> torch.Tensor:  # (out * G, g) -> (out * G,)
+        return _group_error(d.view(out, n // g, g), hb).reshape(-1)
+
+    scale = fp4.choose_scale(groups, fmt, t, error=output_error)
+    nibbles, _ = fp4.round_to(groups, scale)
+    return fp4.fp4_weight(nibbles.view(out, n), scale.view(out, -1), fmt)
 
 
 def _dequant(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -18,6 +18,9 @@ product, and the bytes come back from the QuantizedWeight alone (to_blocks).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from llmopt.weights import e2m1
@@ -104,7 +107,7 @@ def to_blocks(qw: QuantizedWeight) -> tuple[torch.Tensor, float]:
     return torch.cat([d, qs], dim=1).reshape(out, -1), t
 
 
-def candidates(amax: torch.Tensor, fmt: str, tensor_scale: float) -> list[torch.Tensor]:
+def _candidates(amax: torch.Tensor, fmt: str, tensor_scale: float) -> list[torch.Tensor]:
     """Scales of the doubled values to try for groups of largest magnitude amax (rows,):
     the format's rule from the maximum first, then one step up and one down."""
     if fmt == "mxfp4":
@@ -115,27 +118,29 @@ def candidates(amax: torch.Tensor, fmt: str, tensor_scale: float) -> list[torch.
     return [e2m1.ue4m3_value(c) * (tensor_scale / 2) for c in codes]
 
 
+def _weighted_square(d: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    return (d**2 * importance).sum(dim=1)
+
+
 def choose_scale(
     w: torch.Tensor,  # (rows, g) one group per row
     fmt: str,
     tensor_scale: float = 1.0,
     importance: torch.Tensor | None = None,  # (g,) or (rows, g): each input's weight
     search: bool = True,
+    error: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each group's scale (rows,): of the candidate scales, the one whose rounding error
-    sum importance * (w - dequantized)^2 is least (without search, the format's rule)."""
-    cands = candidates(w.abs().amax(dim=1), fmt, tensor_scale)
+    d = dequantized - w (rows, g) scores least by error(d) (rows,), by default
+    sum importance * d^2 (without search, the format's rule)."""
+    cands = _candidates(w.abs().amax(dim=1), fmt, tensor_scale)
     if not search:
         return cands[0]
     imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
-    best, best_err = cands[0], None
-    for s in cands:
-        safe = torch.where(s > 0, s, 1.0)[:, None]
-        deq = _DOUBLED.to(w.device)[e2m1.encode(w / safe).long()] * s[:, None]
-        err = ((w - deq) ** 2 * imp).sum(dim=1)
-        if best_err is None:
-            best_err = err
-            continue
+    score = error or partial(_weighted_square, importance=imp)
+    best, best_err = cands[0], score(round_to(w, cands[0])[1] - w)
+    for s in cands[1:]:
+        err = score(round_to(w, s)[1] - w)
         better = err < best_err
         best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
     return best
