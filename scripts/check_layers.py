@@ -42,13 +42,16 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("llmopt.weights",),),  # 3
     (("llmopt.layers",),),  # 4
     (("llmopt.models",),),  # 5
-    (("llmopt.loader",),),  # 6
-    # 7: peers. Quantization runs forward passes through models/scoring.py, never an
+    # 6: the split of a model over ranks: its weights' shards (which the loader cuts),
+    # the communicating layers and a worker's loop; the engine's runner drives it.
+    (("llmopt.distributed",),),
+    (("llmopt.loader",),),  # 7
+    # 8: peers. Quantization runs forward passes through models/scoring.py, never an
     # engine; the engine never needs quant/.
     (("llmopt.engine",), ("llmopt.quant",)),
-    # 8: peers. The router speaks HTTP to replicas: it never imports the engine.
+    # 9: peers. The router speaks HTTP to replicas: it never imports the engine.
     (("llmopt.bench",), ("llmopt.server",), ("llmopt.router",)),
-    (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 9 the surfaces
+    (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 10 the surfaces
 )
 
 

@@ -55,9 +55,19 @@ def require_kernel(loaded: T | None, isa: str | None = None) -> T:
     return loaded
 
 
+@pytest.fixture(scope="session")
+def shared_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One build of the C kernels for the session's processes: a test's own home links
+    to it, so that a process a test starts (a worker rank, a server) loads the built
+    libraries instead of compiling them again."""
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_kernels: Path) -> Path:
     home = tmp_path / "llmopt-home"
+    home.mkdir()
+    (home / "kernels").symlink_to(shared_kernels, target_is_directory=True)
     monkeypatch.setenv("LLMOPT_HOME", str(home))
     return home
 

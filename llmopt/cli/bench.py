@@ -18,13 +18,15 @@ from llmopt.cli.bench_offline import OfflineOptions, run_offline
 from llmopt.cli.bench_perplexity import PerplexityOptions, run_perplexity
 from llmopt.cli.bench_serving import WORKLOADS, ServingOptions, run_serving
 from llmopt.cli.engine_options import engine_options
-from llmopt.engine.config import KV_CACHE_TYPES, SPECULATION, EngineConfig
+from llmopt.engine.config import KV_CACHE_TYPES, PARALLELISM, SPECULATION, EngineConfig
 
 # The engine settings a local server gets from bench's own flags.
-SERVER_SETTINGS = ("device", *KV_CACHE_TYPES, *SPECULATION)
+SERVER_SETTINGS = ("device", *KV_CACHE_TYPES, *SPECULATION, *PARALLELISM)
 
 
-@engine_options("device", "dtype", "threads", "dequantize", *KV_CACHE_TYPES, *SPECULATION)
+@engine_options(
+    "device", "dtype", "threads", "dequantize", *KV_CACHE_TYPES, *SPECULATION, *PARALLELISM
+)
 def bench(
     model: str = typer.Argument(None, help="Local model to serve and measure (no --url)."),
     url: str = typer.Option(None, "--url", help="Measure this OpenAI-compatible server."),

@@ -31,6 +31,11 @@ def run_perplexity(engine: EngineConfig, o: PerplexityOptions, console: Console)
     from llmopt.engine.factory import load
     from llmopt.layers.quant_linear import use_decode_arithmetic
 
+    if engine.ranks > 1:
+        raise UsageError(
+            "--perplexity scores the model in one process: drop --tensor-parallel-size "
+            "and --pipeline-parallel-size"
+        )
     name, loaded = load(engine, console)
     if o.decode_arithmetic and use_decode_arithmetic(loaded.model) == 0:
         raise UsageError(

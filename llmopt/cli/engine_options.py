@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 import typer
 
-from llmopt.engine.config import KV_CACHE_TYPES, EngineConfig
+from llmopt.engine.config import KV_CACHE_TYPES, PARALLELISM, EngineConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 # What loading a model and sizing its cache take: `run` and `serve` both.
 LOADING = (
     "device", "dtype", "max_context", "kv_cache_memory", *KV_CACHE_TYPES, "threads",
-    "dequantize",
+    "dequantize", *PARALLELISM,
 )  # fmt: skip
 _FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 _TYPES = typing.get_type_hints(EngineConfig)

@@ -15,6 +15,7 @@ connections, lets the requests in flight finish, then exits.
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,13 +26,15 @@ from llmopt.cli.engine_options import LOADING, engine_options
 from llmopt.config import ServerConfig
 from llmopt.device import resolve_device
 from llmopt.engine.config import SPECULATION, EngineConfig
-from llmopt.errors import UsageError
+from llmopt.errors import LlmoptError, UsageError
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
 
 if TYPE_CHECKING:
     import torch
+    import uvicorn
 
+    from llmopt.engine.async_engine import AsyncEngine
     from llmopt.server.model_manager import ModelManager
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
@@ -116,6 +119,15 @@ def serve(
     from llmopt.server.service import Server
 
     console = Console(stderr=True)
+    if engine.ranks > 1:
+        from llmopt.engine import parallel
+        from llmopt.engine.factory import open_engine
+
+        if parallel.is_worker():
+            # torchrun runs this command on every rank: the others serve the driver's
+            # steps (and exit when it stops), the driver serves HTTP.
+            open_engine(engine.replace(model=model))
+            return
     config = ServerConfig(
         api_key=api_key,
         max_queue=max_queue,
@@ -154,7 +166,30 @@ def serve(
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None)
     )
+    lost: list[int] = []
+    if lone and engine.ranks > 1:
+        _stop_if_lost(manager.loaded()[0].engine, server, lost)
     server.run(sockets=[sock])
+    if lost:
+        raise LlmoptError("the server stopped: its model lost a rank (the error is above)")
+
+
+def _stop_if_lost(engine: AsyncEngine | None, server: uvicorn.Server, lost: list[int]) -> None:
+    """A model split over ranks cannot answer without one of them: when its engine
+    process ends for that reason (engine_process.MODEL_LOST), the server stops too."""
+    from llmopt.engine.engine_process import MODEL_LOST
+
+    process = engine.process if engine is not None else None
+    if process is None:
+        return
+
+    def watch() -> None:
+        process.process.join()
+        if process.process.exitcode == MODEL_LOST:
+            lost.append(MODEL_LOST)
+            server.should_exit = True
+
+    threading.Thread(target=watch, name="llmopt-rank-watch", daemon=True).start()
 
 
 def _manager(

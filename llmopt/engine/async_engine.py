@@ -35,6 +35,7 @@ from llmopt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from llmopt.engine.config import EngineConfig
+    from llmopt.engine.engine_process import EngineProcess
 
 
 class GenerationError(RuntimeError):
@@ -145,6 +146,13 @@ class AsyncEngine:
         """As of the last step; `waiting` also counts requests not yet handed over."""
         load = self._load
         return load._replace(waiting=max(load.waiting, len(self._queues) - load.running))
+
+    @property
+    def process(self) -> EngineProcess | None:
+        """The engine's own process (None: a thread of this one)."""
+        from llmopt.engine.engine_process import EngineProcess
+
+        return self._thread if isinstance(self._thread, EngineProcess) else None
 
     def shutdown(self) -> None:
         self._send(("stop",))

@@ -21,6 +21,8 @@ SPECULATIVE_METHODS = ("off", "ngram", "draft")
 KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cache's types
 # speculative decoding's settings
 SPECULATION = ("speculative", "draft", "num_speculative_tokens", "speculative_adaptive")
+# the split of a model over processes
+PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "pipeline_microbatches")
 
 
 def setting(default: Any, flag: str | None = None, help: str = "") -> Any:
@@ -82,6 +84,24 @@ class EngineConfig:
         "Propose as many tokens as measured acceptance and step cost say pay (off: always "
         "--num-speculative-tokens).",
     )
+    tensor_parallel_size: int = setting(
+        1,
+        "--tensor-parallel-size",
+        "Split the model over this many ranks (processes), each with its share of the "
+        "heads, MLP and vocabulary; started by llmopt on this machine, or joined under "
+        "torchrun.",
+    )
+    pipeline_parallel_size: int = setting(
+        1,
+        "--pipeline-parallel-size",
+        "Split the model's layers into this many stages (processes), each with its "
+        "layers' KV cache; started by llmopt on this machine, or joined under torchrun.",
+    )
+    pipeline_microbatches: int | None = setting(
+        None,
+        "--pipeline-microbatches",
+        "Micro-batches a step is cut into through the pipeline's stages (default: one per stage).",
+    )
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -105,6 +125,13 @@ class EngineConfig:
                 f"must be one of {', '.join(SPECULATIVE_METHODS)}",
             ),
             ("num_speculative_tokens", 1 <= self.num_speculative_tokens <= 64, "must be 1 to 64"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be at least 1"),
+            ("pipeline_parallel_size", self.pipeline_parallel_size >= 1, "must be at least 1"),
+            (
+                "pipeline_microbatches",
+                self.pipeline_microbatches is None or self.pipeline_microbatches >= 1,
+                "must be at least 1",
+            ),
         ]
         for name in KV_CACHE_TYPES:
             if getattr(self, name) is not None:
@@ -114,6 +141,11 @@ class EngineConfig:
                 raise UsageError(f"{self.describe(name)} {message}, not {getattr(self, name)!r}")
         if self.speculation == "draft" and self.draft is None:
             raise UsageError("--speculative draft needs a draft model: --draft MODEL")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise UsageError(
+                "--tensor-parallel-size and --pipeline-parallel-size do not combine yet: "
+                "give one of them"
+            )
         if self.speculation != "draft" and self.draft is not None:
             raise UsageError(f"--draft is used by --speculative draft, not {self.speculation}")
 
@@ -158,6 +190,11 @@ class EngineConfig:
             else:
                 out.append(f"{self.describe(n)}={value}")
         return out
+
+    @property
+    def ranks(self) -> int:
+        """The processes the model runs on (tensor or pipeline parallelism)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

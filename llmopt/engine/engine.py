@@ -98,6 +98,11 @@ class Engine:
             else None
         )
 
+    def close(self) -> None:
+        """Stop what the engine runs outside this process (a tensor-parallel model's
+        worker ranks). Idempotent; also done at exit."""
+        self.runner.close()
+
     @property
     def kv_capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size

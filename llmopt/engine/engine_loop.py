@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from llmopt.distributed.steps import WorkerLost
 from llmopt.engine.engine import Engine
 from llmopt.engine.outputs import Delta
 
@@ -53,7 +54,8 @@ def run_engine_loop(
     receive: Callable[[bool], list[Command]],  # block=True: wait for at least one
     emit: Callable[[Outputs, EngineLoad], None],
 ) -> None:
-    """Serve commands until ("stop",) arrives."""
+    """Serve commands until ("stop",) arrives, or a rank of the model is lost
+    (WorkerLost, raised after failing every request with it)."""
     while True:
         outputs: Outputs = {}
         for command in receive(not engine.has_unfinished()):
@@ -80,4 +82,7 @@ def run_engine_loop(
                     engine.abort(rid)
                     engine.take(rid)
                     outputs[rid] = [e]
+                if isinstance(e, WorkerLost):  # the model is gone with its rank
+                    emit(outputs, load_of(engine))
+                    raise
         emit(outputs, load_of(engine))

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from llmopt.distributed.steps import WorkerLost
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine_loop import Command, EngineLoad, Outputs, run_engine_loop
 from llmopt.errors import LlmoptError
 from llmopt.tokenizer import Tokenizer
+
+MODEL_LOST = 3  # the child's exit code when a rank of its model is lost (WorkerLost)
 
 
 def _child(conn: Connection, config: EngineConfig) -> None:
@@ -61,8 +65,12 @@ def _child(conn: Connection, config: EngineConfig) -> None:
     def emit(outputs: Outputs, load: EngineLoad) -> None:
         conn.send(("out", outputs, load))
 
-    with contextlib.suppress(EOFError, BrokenPipeError):  # the parent is gone
-        run_engine_loop(engine, receive, emit)
+    try:
+        with contextlib.suppress(EOFError, BrokenPipeError):  # the parent is gone
+            run_engine_loop(engine, receive, emit)
+    except WorkerLost as e:
+        print(f"llmopt: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(MODEL_LOST)
 
 
 class EngineProcess:

@@ -40,6 +40,16 @@ class LLM:
         self.config = config
         self.name, self.engine, self.loaded = open_engine(config)
 
+    def close(self) -> None:
+        """Stop a tensor-parallel model's worker ranks now rather than at exit."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def encode(self, prompt: str | list[int], chat: bool) -> list[int]:
         if isinstance(prompt, list):
             return prompt

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from llmopt.distributed.steps import CacheSpec, Peers
 from llmopt.engine.scheduler import Step
 from llmopt.engine.sequence import Sequence
 from llmopt.layers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
@@ -22,11 +23,16 @@ class Runner:
         block_size: int,
         kv_types: tuple[str, str] = ("auto", "auto"),  # the cache's K and V types
         decode_chunk: int = 1,
+        peers: Peers | None = None,
     ) -> None:
         """decode_chunk: a sequence's run of up to this many new tokens, after some in
         the cache, goes as decode rows (the native step) rather than as a prefill chunk:
-        a draft model catching up on the tokens its target accepted."""
+        a draft model catching up on the tokens its target accepted.
+
+        peers: the other ranks of a model split over several (`model` is this rank's
+        part): each step's inputs go to them, and the logits come back."""
         self.model = model
+        self.peers = peers
         self.decode_chunk = decode_chunk
         cfg = model.config
         p = next(model.parameters())
@@ -39,6 +45,12 @@ class Runner:
             cfg, num_blocks, block_size, p.dtype, p.device, kv_types
         )
         model.bind_cache(self.cache)
+        if peers is not None:
+            peers.bind(CacheSpec(num_blocks, block_size, kv_types))
+
+    def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
 
     def _slots(self, seq: Sequence, lo: int, hi: int) -> tuple[torch.Tensor, int | None]:
         """Cache slots of positions lo..hi-1, and the first one if they are consecutive."""
@@ -123,6 +135,8 @@ class Runner:
         one row each, or 1 + len(draft_ids) consecutive rows for a verified sequence."""
         if not step.seqs:
             return [], None
+        if self.peers is not None:
+            return self._execute_on_ranks(step)
         seqs, rows, inputs = self.prepare(step)
         if self.model.cache is not self.cache:  # a scorer (models/scoring.py) used it since
             self.model.bind_cache(self.cache)
@@ -130,3 +144,14 @@ class Runner:
         if not seqs:
             return [], None
         return seqs, self.model.logits(hidden[rows])
+
+    def _execute_on_ranks(self, step: Step) -> tuple[list[Sequence], torch.Tensor | None]:
+        """execute's plan with the model on several ranks: the step cut into the
+        peers' micro-batches, their logits in the order of their sequences."""
+        assert self.peers is not None
+        parts = [self.prepare(sub) for sub in step.split(self.peers.microbatches)]
+        logits = self.peers.forward(self.model, [(inputs, rows) for _, rows, inputs in parts])
+        seqs = [seq for part in parts for seq in part[0]]
+        if not seqs:
+            return [], None
+        return seqs, torch.cat([x for x in logits if x is not None])

@@ -44,6 +44,21 @@ class Step:
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
+    def split(self, parts: int) -> list[Step]:
+        """At most `parts` steps of consecutive sequences, about equal in tokens: a
+        pipeline's micro-batches (each sequence whole in one)."""
+        parts = min(parts, len(self.seqs))
+        if parts <= 1:
+            return [self]
+        share = self.total_tokens / parts
+        out, done = [Step()], 0
+        for seq, n in zip(self.seqs, self.num_tokens, strict=True):
+            if out[-1].seqs and done >= share * len(out) and len(out) < parts:
+                out.append(Step())
+            out[-1].add(seq, n)
+            done += n
+        return out
+
     def decode_rows(self) -> list[bool]:
         """Per sequence: does it run one query row a token of its own kind: a decode
         (one token), or a verification (its last token and its drafts)."""

@@ -19,7 +19,9 @@
  * Each block reads its own rotary rows and its own view of the keys (a sliding-window
  * layer's last `window` keys): one of `n_views` given per call.
  * On return x holds the last block's MLP output and residual the stream before it
- * (the caller adds them in its final norm). Block 0 takes residual = x (no add).
+ * (the caller adds them in its final norm). Block 0 takes residual = x (no add), or,
+ * with `continues`, adds x into the residual stream given (a pipeline stage going on
+ * from the previous stage's last block, with that block's own fused add).
  */
 #include <math.h>
 #include <stdint.h>
@@ -92,7 +94,7 @@ static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, i
 
 int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
                   int H, int KV, int D, int I, float eps, int bf16, const DView *views,
-                  const KVLayer *kv, const int64_t *write_slots, float scale) {
+                  const KVLayer *kv, const int64_t *write_slots, float scale, int continues) {
     const size_t el = bf16 ? 2 : 4;
     const int qkv_n = (H + 2 * KV) * D;
     char *h = malloc(el * M * E), *qkv = malloc(el * M * qkv_n), *gu = malloc(el * M * 2 * I);
@@ -102,7 +104,7 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     int rc = (h && qkv && gu && act && gathered && q && att) ? 0 : -1;
     for (int i = 0; i < n_layers && rc == 0; i++) {
         const DLayer *ly = layers + i;
-        if (i == 0) {
+        if (i == 0 && !continues) {
             memcpy(residual, x, el * M * E);
             rmsnorm(x, NULL, ly->norm1, h, M, E, eps, bf16);
         } else {

@@ -11,6 +11,8 @@ from rich.console import Console
 
 from llmopt import heap
 from llmopt.config import ModelConfig
+from llmopt.distributed.shard import Shard
+from llmopt.distributed.stage import Stage
 from llmopt.errors import ModelFormatError, ModelNotFoundError
 from llmopt.loader.hf import read_config, read_tensors
 from llmopt.loader.quantized import tie_quantized_head, unpack_checkpoint
@@ -104,9 +106,12 @@ def load_model(
     store: Store | None = None,
     console: Console | None = None,
     dequantize: bool = False,
+    part: Shard | Stage | None = None,
 ) -> LoadedModel:
     """The model at `path` (or an opened source) built on `device`; dtype: the
-    activations' and dense weights' type."""
+    activations' and dense weights' type. With `part`, only a tensor-parallel rank's
+    shard of it or a pipeline stage's layers (distributed/; the model's config is the
+    part's, the LoadedModel's the whole model's)."""
     source = (
         path
         if isinstance(path, ModelSource)
@@ -129,7 +134,11 @@ def load_model(
         tensors = read_tensors(source.folder)
         weights = unpack_checkpoint(tensors, cfg.quantization) if cfg.quantization else tensors
         cfg = tie_quantized_head(weights, cfg)
-    model = builder_for(cfg.architecture)(cfg, weights, dtype, device)
+    built = cfg
+    if part is not None:
+        part.check(cfg)
+        weights, built = part.weights(weights, cfg), part.config(cfg)
+    model = builder_for(cfg.architecture)(built, weights, dtype, device)
     heap.trim()  # the decoded parts' buffers, freed layer by layer
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_id is not None:

@@ -114,18 +114,29 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # (N,) their positions within their own sequences
         meta: AttentionMetadata,  # where keys go and which each query reads
     ) -> torch.Tensor:
+        x = self.embed(input_ids)  # (N, hidden), a new tensor the blocks add into
+        return self.norm(*self.blocks(x, positions, meta))
+
+    def blocks(
+        self,
+        x: torch.Tensor,  # (N, hidden): the embeddings, or a previous block's output
+        positions: torch.Tensor,  # (N,)
+        meta: AttentionMetadata,
+        residual: torch.Tensor | None = None,  # (N, hidden): the stream before that block
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder blocks over x, which they overwrite (and residual); returns
+        (the last block's MLP output, the residual stream before it): what a next
+        pipeline stage goes on from, as the next block would."""
         cache = self.cache
         assert cache is not None, "bind_cache first"
-        x = self.embed(input_ids)  # (N, hidden), a new tensor the blocks add into
         rope = self.rope_tables(positions, x.dtype)
         native = self.native_decode
         if native is not None and not meta.prefills and x.shape[0] <= native.max_rows:
-            x, residual = native(x, rope, meta)
-            return self.norm(x, residual)
-        residual = None
+            return native(x, rope, meta, residual)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, *rope[i], cache.layers[i], meta)
-        return self.norm(x, residual)
+        assert residual is not None
+        return x, residual
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(N,) token ids -> (N, hidden) inputs of the first block."""

@@ -92,7 +92,7 @@ def _linear(m: torch.nn.Module, keep: list[torch.Tensor]) -> _DLinear | None:
 # a layer); write_slots, scale
 _ARGTYPES = (
     [_ptr, _i32, _ptr, _ptr] + [_i32] * 6 + [ctypes.c_float, _i32, _ptr, _ptr]
-    + [_ptr, ctypes.c_float]
+    + [_ptr, ctypes.c_float, _i32]
 )  # fmt: skip
 
 
@@ -162,10 +162,13 @@ class NativeDecoder:
         x: torch.Tensor,  # (M, hidden): the new tokens' embeddings, overwritten
         rope: list[tuple[torch.Tensor, torch.Tensor]],  # each layer's (cos, sin), (M, D)
         meta: AttentionMetadata,
+        residual: torch.Tensor | None = None,  # (M, hidden): the stream x adds into
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every block over the cache it was built for; returns (last block's MLP
         output, residual stream before it). The layers of one window share one rotary
-        table (Gemma 3's local and global kinds)."""
+        table (Gemma 3's local and global kinds). With `residual` (overwritten), x is
+        the output of a previous block (a pipeline stage's), added into it by the
+        first block's norm."""
         assert meta.decode is not None and x.is_contiguous()
         views = (_DView * len(self.windows))()
         keep = []  # the views' tensors, alive for the call
@@ -176,12 +179,15 @@ class NativeDecoder:
             views[v] = _DView(cos.data_ptr(), sin.data_ptr(), d.slots.data_ptr(),
                               d.lens.data_ptr(), d.slots.shape[1])  # fmt: skip
             keep.append(d)
-        residual = torch.empty_like(x)
+        continues = residual is not None
+        if residual is None:
+            residual = torch.empty_like(x)
+        assert residual.is_contiguous()
         rc = self.fn(
             ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), residual.data_ptr(),
             x.shape[0], *self.dims, self.eps, int(x.dtype == torch.bfloat16),
             ctypes.addressof(views), ctypes.addressof(self.kv), meta.slot_mapping.data_ptr(),
-            self.scale,
+            self.scale, int(continues),
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError("the native decode step refused its inputs")

@@ -107,6 +107,27 @@ class QuantizedWeight:
         codes (out, in), scales and zeros (out, G)."""
         return replace(self, q=fn(self.q), scale=fn(self.scale), zero=fn(self.zero))
 
+    def columns(self, lo: int, hi: int) -> QuantizedWeight:
+        """Input columns lo..hi-1 alone (a rank's share of a row-split linear), cut on
+        group boundaries so that no group is re-quantized: (out, hi - lo) codes and
+        their groups' scales and zeros, copied (the whole weight can then be freed)."""
+        g = self.group_size
+        if self.perm is not None:
+            raise ValueError(
+                "its input channels are permuted (GPTQ act-order), so no range of columns "
+                "holds a range of inputs"
+            )
+        if g == self.shape[1]:  # one group per row: every slice keeps the row's scale
+            return replace(self, q=self.q[:, lo:hi].clone(), group_size=hi - lo)
+        if lo % g or hi % g:
+            raise ValueError(f"columns {lo}..{hi} do not fall on its groups of {g}")
+        return replace(
+            self,
+            q=self.q[:, lo:hi].clone(),
+            scale=self.scale[:, lo // g : hi // g].clone(),
+            zero=self.zero[:, lo // g : hi // g].clone(),
+        )
+
     def split(self, sizes: list[int]) -> list[QuantizedWeight]:
         """Slices along the output dimension (the inverse of `cat`)."""
         parts = zip(
