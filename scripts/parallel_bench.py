@@ -4,6 +4,7 @@ driver's collectives, against the formulas), decode and prefill tokens/s (the of
 bench), and the pipeline's bubble measured as the driver stage's idle share of a step.
 
   python scripts/parallel_bench.py [--model M] [--threads 2] [--batch 8] [--tg 64]
+  python scripts/parallel_bench.py --allreduce-latency 2   # gloo's, between N processes
 
 One configuration at a time, in this process (the driver) and the ranks it starts.
 """
@@ -112,6 +113,31 @@ def measure(model: str, settings: dict[str, Any], args: argparse.Namespace) -> d
     return out
 
 
+def _allreduce_rank(rank: int, world: int, port: int, hidden: int, n: int) -> None:
+    torch.set_num_threads(1)
+    init = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    x = torch.randn(1, hidden)
+    for _ in range(50):
+        dist.all_reduce(x)
+    t = time.perf_counter()
+    for _ in range(n):
+        dist.all_reduce(x)
+    if rank == 0:
+        us = (time.perf_counter() - t) / n * 1e6
+        print(f"gloo all_reduce of (1, {hidden}) fp32 over {world} processes: {us:.0f} us")
+    dist.destroy_process_group()
+
+
+def allreduce_latency(world: int, hidden: int = 576, n: int = 2000) -> None:
+    """A decode step's all-reduce (one token's hidden state) between local processes."""
+    import torch.multiprocessing as mp
+
+    from llmopt.distributed.group import free_port
+
+    mp.spawn(_allreduce_rank, args=(world, free_port(), hidden, n), nprocs=world)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -121,7 +147,11 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", help="Names of CONFIGS to run, comma-separated.")
+    parser.add_argument("--allreduce-latency", type=int, metavar="N", help="Only that.")
     args = parser.parse_args()
+    if args.allreduce_latency:
+        allreduce_latency(args.allreduce_latency)
+        return
     chosen = [c for c in CONFIGS if not args.only or c[0] in args.only.split(",")]
     results = {}
     for name, settings in chosen:

@@ -5,8 +5,9 @@ i - 1.
 Between stages go two (N, hidden) tensors per micro-batch: the stage's last block's
 output and the residual stream before it, which the next stage's first block adds with
 its own fused norm, exactly as the block after it on one rank would: the output is
-the one rank's, bit for bit. The last stage normalizes, projects the sampled rows and
-sends their logits to the driver (stage 0), which embeds, runs its blocks and collects.
+the one rank's, bit for bit. The last stage normalizes and sends the sampled rows'
+hidden values to the driver (stage 0), which embeds, runs its blocks and projects
+them onto the vocabulary (hidden values, not vocabulary-wide logits, cross the link).
 
 With S stages and m micro-batches each stage idles for S - 1 of the m + S - 1 slots
 of a step (the pipeline fills and drains every step, since the next step's tokens
@@ -35,12 +36,11 @@ class PipelinePeers(Peers):
     def __init__(
         self,
         ranks: Ranks,
-        vocab_size: int,
         microbatches: int,
         processes: list[subprocess.Popen] | None = None,
     ) -> None:
         super().__init__(ranks, processes)
-        self.vocab_size, self.microbatches = vocab_size, microbatches
+        self.microbatches = microbatches
 
     def forward(self, model: nn.Module, plans: list[Plan]) -> list[torch.Tensor | None]:
         self.send(("step", plans))
@@ -53,9 +53,11 @@ class PipelinePeers(Peers):
                 if not rows:
                     out.append(None)
                     continue
-                logits = torch.empty(len(rows), self.vocab_size)
-                dist.recv(logits, src=last, group=self.ranks.compute)
-                out.append(logits)
+                hidden = torch.empty(
+                    len(rows), model.config.hidden_size, dtype=model.norm.weight.dtype
+                )
+                dist.recv(hidden, src=last, group=self.ranks.compute)
+                out.append(model.logits(hidden))
             _wait(sent)
         except RuntimeError as e:
             raise self.lost(e) from None
@@ -77,9 +79,9 @@ def serve_stage(model: nn.Module, ranks: Ranks) -> None:
                 sent.append(_send_on(model, inputs, ranks, pair))
                 continue
             x, residual = model.blocks(pair[0], inputs["positions"], inputs["meta"], pair[1])
-            if rows:
-                logits = model.logits(model.norm(x, residual)[rows]).contiguous()
-                dist.send(logits, dst=DRIVER, group=ranks.compute)
+            if rows:  # the driver projects them: hidden values, not vocabulary-wide logits
+                hidden = model.norm(x, residual)[rows].contiguous()
+                dist.send(hidden, dst=DRIVER, group=ranks.compute)
         _wait(sent)
 
     serve(model, ranks, run)

@@ -1,9 +1,9 @@
 """Pipeline parallelism's split of a model: consecutive decoder layers per stage, each
 stage with the KV cache of its own layers only.
 
-Every stage builds the embedding, the final norm and the output projection as well
-(the first stage embeds, the last projects; with tied weights both need the one
-table): they are replicated, not split.
+The first stage (the driver's) embeds the tokens and projects the last stage's hidden
+values onto the vocabulary; the stages after it drop the embedding and the output
+projection once built (`strip`), and hold their layers and the final norm.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from llmopt import heap
 from llmopt.config import ModelConfig
 from llmopt.errors import UsageError
 from llmopt.weights.lazy import LazyWeights, forget
@@ -43,6 +45,13 @@ class Stage:
         return range(
             self.index * num_layers // self.count, (self.index + 1) * num_layers // self.count
         )
+
+    def strip(self, model: nn.Module) -> None:
+        """Drop what this stage never runs: a later stage's embedding and head."""
+        if not self.first:
+            model.embed_tokens = None
+            model.lm_head = None
+            heap.trim()
 
     def check(self, cfg: ModelConfig) -> None:
         if not 1 <= self.count <= cfg.num_layers:

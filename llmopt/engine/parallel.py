@@ -91,6 +91,8 @@ def open_part(
         model, vocab = loaded.model, loaded.config.vocab_size
         if tensor:
             parallelize(model, part, ranks.compute)  # type: ignore[arg-type]
+        else:
+            part.strip(model)  # type: ignore[union-attr]
         if not ranks.is_driver:
             (serve_shard if tensor else serve_stage)(model, ranks)
             leave()
@@ -98,7 +100,7 @@ def open_part(
         peers: Peers = (
             TensorPeers(ranks, vocab, processes)
             if tensor
-            else PipelinePeers(ranks, vocab, config.pipeline_microbatches or ranks.world, processes)
+            else PipelinePeers(ranks, config.pipeline_microbatches or ranks.world, processes)
         )
     except BaseException:
         abandon(processes)
