@@ -20,9 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from llmopt.config import ModelConfig
 from llmopt.distributed import group
+from llmopt.distributed.allreduce import ShmAllReduce
 from llmopt.distributed.pipeline import bubble
 from llmopt.distributed.shard import Shard, check_split, cut, local_config
 from llmopt.distributed.stage import Stage
@@ -144,6 +147,49 @@ def test_micro_batches_are_consecutive_and_even_in_tokens() -> None:
     assert [p.seqs for p in parts] == [[0], [1, 2, 3, 4], [5]]
     assert step.split(1) == [step] and len(step.split(10)) <= 6
     assert bubble(2, 2) == pytest.approx(1 / 3) and bubble(1, 4) == 0
+
+
+def _shm_rank(rank: int, world: int, port: int, out: Path) -> None:
+    ranks = group.join(group.Rendezvous(rank, world, "127.0.0.1", port))
+    reduce = ShmAllReduce.open(ranks, slot=4096)  # small: 3,000 values take 3 or 2 calls
+    assert reduce is not None
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3000, generator=torch.Generator().manual_seed(rank)).to(dtype)
+        each = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(each, x)
+        reduce(x)
+        expected = each[0].float()
+        for t in each[1:]:
+            expected = expected + t.float()  # rank order, in fp32, rounded once
+        results.append((x, expected.to(dtype)))
+    torch.save(results, out / f"{rank}.pt")
+    group.leave()
+
+
+def test_shared_memory_all_reduce_sums_in_rank_order(tmp_path) -> None:
+    mp.spawn(_shm_rank, args=(3, group.free_port(), tmp_path), nprocs=3)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(3)]
+    for i in range(2):  # fp32, bf16
+        for got, expected in (res[i] for res in results):
+            assert torch.equal(got, expected)
+            assert torch.equal(got, results[0][i][0])  # every rank the same bits
+
+
+def _shm_orphan(rank: int, port: int, out: Path) -> None:
+    ranks = group.join(group.Rendezvous(rank, 2, "127.0.0.1", port))
+    reduce = ShmAllReduce.open(ranks)
+    if rank == 1:
+        os._exit(0)  # gone without a word: no socket closes on rank 0's wait
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="process is gone"):
+        reduce(torch.ones(8))
+    (out / "waited").write_text(str(time.monotonic() - start))
+
+
+def test_shared_memory_all_reduce_sees_a_peer_go(tmp_path) -> None:
+    mp.spawn(_shm_orphan, args=(group.free_port(), tmp_path), nprocs=2)
+    assert float((tmp_path / "waited").read_text()) < 5
 
 
 # -- against one rank ------------------------------------------------------------------

@@ -9,9 +9,10 @@ communication the benchmarks measure against 2 x layers x hidden x bytes.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from llmopt.distributed.allreduce import AllReduce
+from llmopt.distributed.group import Ranks
 from llmopt.distributed.shard import Shard
 from llmopt.layers.embedding import QuantEmbedding
 
@@ -20,13 +21,13 @@ class RowParallel(nn.Module):
     """A linear split by input columns: each rank's product is a partial sum over its
     columns; the all-reduce gives every rank the full (N, out) output."""
 
-    def __init__(self, inner: nn.Module, group: dist.ProcessGroup) -> None:
+    def __init__(self, inner: nn.Module, reduce: AllReduce) -> None:
         super().__init__()
-        self.inner, self.group = inner, group
+        self.inner, self.reduce = inner, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)  # (N, out): this rank's partial sum
-        dist.all_reduce(y, group=self.group)
+        self.reduce(y)
         return y
 
 
@@ -35,9 +36,9 @@ class VocabParallelEmbedding(nn.Module):
     in its share and zeros elsewhere; the all-reduce adds exact zeros, so every rank
     gets each token's row bit for bit."""
 
-    def __init__(self, inner: nn.Module, first: int, group: dist.ProcessGroup) -> None:
+    def __init__(self, inner: nn.Module, first: int, reduce: AllReduce) -> None:
         super().__init__()
-        self.inner, self.first, self.group = inner, first, group
+        self.inner, self.first, self.reduce = inner, first, reduce
         self.rows = _rows(inner)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.rows)
         x = self.inner(local.clamp(0, self.rows - 1))  # (N, hidden)
         x[outside] = 0
-        dist.all_reduce(x, group=self.group)
+        self.reduce(x)
         return x
 
 
@@ -55,10 +56,12 @@ def _rows(table: nn.Module) -> int:
     return table.weight.shape[0]
 
 
-def parallelize(model: nn.Module, shard: Shard, group: dist.ProcessGroup) -> None:
-    """Swap in the communicating layers of a model built from `shard`'s weights."""
+def parallelize(model: nn.Module, shard: Shard, ranks: Ranks) -> None:
+    """Swap in the communicating layers of a model built from `shard`'s weights (a
+    collective: every rank calls it)."""
+    reduce = AllReduce(ranks)
     for layer in model.layers:
-        layer.self_attn.o_proj = RowParallel(layer.self_attn.o_proj, group)
-        layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, group)
+        layer.self_attn.o_proj = RowParallel(layer.self_attn.o_proj, reduce)
+        layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, reduce)
     first = shard.rank * model.config.vocab_size  # the local config's share
-    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, first, group)
+    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, first, reduce)

@@ -17,6 +17,7 @@ import contextlib
 import pickle
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -128,8 +129,12 @@ def serve(model: nn.Module, ranks: Ranks, run: Callable[[list[Plan]], None]) -> 
             )
             model.bind_cache(cache)
             continue
-        with torch.inference_mode():
-            run(message[1])
+        try:
+            with torch.inference_mode():
+                run(message[1])
+        except RuntimeError as e:  # a peer is gone mid-step (the driver reports which)
+            print(f"llmopt: rank {ranks.rank} stops: {e}".splitlines()[0], file=sys.stderr)
+            return
 
 
 def _receive(steps: dist.ProcessGroup) -> tuple:

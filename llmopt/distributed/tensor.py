@@ -25,17 +25,17 @@ class TensorPeers(Peers):
         self.send(("step", plans))
         out: list[torch.Tensor | None] = []
         for inputs, rows in plans:
-            logits = _run(model, inputs, rows)
-            out.append(None if logits is None else self._gather(logits))
+            try:  # the all-reduces inside the model, then the gather
+                logits = _run(model, inputs, rows)
+                out.append(None if logits is None else self._gather(logits))
+            except RuntimeError as e:
+                raise self.lost(e) from None
         return out
 
     def _gather(self, logits: torch.Tensor) -> torch.Tensor:
         """(M, V / ranks) the driver's share of the logits -> (M, vocab) all of them."""
         parts = [torch.empty_like(logits) for _ in range(self.ranks.world)]
-        try:
-            dist.gather(logits, parts, dst=DRIVER, group=self.ranks.compute)
-        except RuntimeError as e:
-            raise self.lost(e) from None
+        dist.gather(logits, parts, dst=DRIVER, group=self.ranks.compute)
         return torch.cat(parts, dim=1)[:, : self.vocab_size]
 
 

@@ -90,7 +90,7 @@ def open_part(
         name, loaded = load(config, console, part)
         model, vocab = loaded.model, loaded.config.vocab_size
         if tensor:
-            parallelize(model, part, ranks.compute)  # type: ignore[arg-type]
+            parallelize(model, part, ranks)  # type: ignore[arg-type]
         else:
             part.strip(model)  # type: ignore[union-attr]
         if not ranks.is_driver:
