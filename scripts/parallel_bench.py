@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from llmopt.bench.offline import offline_bench
+from llmopt.distributed import group
+from llmopt.distributed.allreduce import AllReduce, ShmAllReduce
 from llmopt.distributed.pipeline import bubble
 from llmopt.engine.llm import LLM
 from llmopt.engine.sampling_params import SamplingParams
@@ -44,23 +46,33 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 @contextmanager
 def counted(totals: dict[str, int]):
     """Count the payload bytes of the driver's collectives and sends by kind."""
-    names = ("all_reduce", "gather", "isend", "recv", "send")
+    names = ("gather", "isend", "recv", "send")
     saved = {n: getattr(dist, n) for n in names}
+    reduce = AllReduce.__call__  # shared memory or gloo
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        totals[name] = totals.get(name, 0) + tensor.numel() * tensor.element_size()
 
     def wrap(name):
         def call(tensor, *args, **kwargs):
-            totals[name] = totals.get(name, 0) + tensor.numel() * tensor.element_size()
+            add(name, tensor)
             return saved[name](tensor, *args, **kwargs)
 
         return call
 
+    def all_reduce(self, tensor):
+        add("all_reduce", tensor)
+        return reduce(self, tensor)
+
     for n in names:
         setattr(dist, n, wrap(n))
+    AllReduce.__call__ = all_reduce
     try:
         yield
     finally:
         for n, f in saved.items():
             setattr(dist, n, f)
+        AllReduce.__call__ = reduce
 
 
 @contextmanager
@@ -115,27 +127,26 @@ def measure(model: str, settings: dict[str, Any], args: argparse.Namespace) -> d
 
 def _allreduce_rank(rank: int, world: int, port: int, hidden: int, n: int) -> None:
     torch.set_num_threads(1)
-    init = f"tcp://127.0.0.1:{port}"
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    ranks = group.join(group.Rendezvous(rank, world, "127.0.0.1", port))
+    shm = ShmAllReduce.open(ranks)
     x = torch.randn(1, hidden)
-    for _ in range(50):
-        dist.all_reduce(x)
-    t = time.perf_counter()
-    for _ in range(n):
-        dist.all_reduce(x)
-    if rank == 0:
-        us = (time.perf_counter() - t) / n * 1e6
-        print(f"gloo all_reduce of (1, {hidden}) fp32 over {world} processes: {us:.0f} us")
-    dist.destroy_process_group()
+    for name, reduce in (("gloo", dist.all_reduce), ("shared memory", shm)):
+        for _ in range(50):
+            reduce(x)
+        t = time.perf_counter()
+        for _ in range(n):
+            reduce(x)
+        if rank == 0:
+            us = (time.perf_counter() - t) / n * 1e6
+            print(f"{name} all-reduce of (1, {hidden}) fp32 over {world} processes: {us:.0f} us")
+    group.leave()
 
 
 def allreduce_latency(world: int, hidden: int = 576, n: int = 2000) -> None:
     """A decode step's all-reduce (one token's hidden state) between local processes."""
     import torch.multiprocessing as mp
 
-    from llmopt.distributed.group import free_port
-
-    mp.spawn(_allreduce_rank, args=(world, free_port(), hidden, n), nprocs=world)
+    mp.spawn(_allreduce_rank, args=(world, group.free_port(), hidden, n), nprocs=world)
 
 
 def main() -> None:
