@@ -248,12 +248,17 @@ def test_pipeline_gives_one_ranks_tokens_on_the_packed_model(smollm_gguf, prompt
 
 
 def test_tensor_parallel_gives_one_ranks_tokens_on_the_dense_model(smollm_gguf, prompts) -> None:
-    dense = dict(dequantize=True, dtype="float32", max_num_seqs=6, kv_cache_memory=0.1)
-    with LLM(smollm_gguf, **dense) as one:
-        ref, _, _ = generate(one, prompts, 24)
-    with LLM(smollm_gguf, tensor_parallel_size=3, **dense) as tp:
-        got, _, stats = generate(tp, prompts, 24)
+    # Preemption as in the pipeline's test: a rank holds a third of the KV heads, so a
+    # third of the memory holds the one rank's blocks.
+    dense = dict(dequantize=True, dtype="float32", max_num_seqs=6)
+    with LLM(smollm_gguf, kv_cache_memory=0.008, **dense) as one:
+        ref, _, _ = generate(one, prompts, 40)
+    with LLM(smollm_gguf, kv_cache_memory=0.008 / 3, tensor_parallel_size=3, **dense) as tp:
+        assert tp.engine.kv_capacity_tokens == one.engine.kv_capacity_tokens
+        preempted = spy_preemptions(tp.engine)
+        got, _, stats = generate(tp, prompts, 40)
     assert got == ref
+    assert preempted
     assert sum(s.cached_prompt_tokens for s in stats) > 0
 
 
