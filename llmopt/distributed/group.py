@@ -4,8 +4,9 @@ Two groups over the same ranks:
 - `steps` (gloo, a year's timeout): the driver's step descriptions, broadcast to the
   workers. A worker waits on it between requests, for as long as the server is idle;
   a driver that dies closes its sockets, which ends the wait at once.
-- `compute` (gloo; COLLECTIVE_TIMEOUT_S): the all-reduces and the logits' gather
-  inside a step. A rank that dies or stalls mid-step makes the others'
+- `compute` (gloo; COLLECTIVE_TIMEOUT_S): the collectives inside a step (the
+  all-reduces of ranks on one host go through shared memory instead, allreduce.py,
+  under the same timeout). A rank that dies or stalls mid-step makes the others'
   collective fail within the timeout instead of hanging.
 
 Ranks find each other by TCP (MASTER_ADDR:MASTER_PORT), as torchrun sets them.

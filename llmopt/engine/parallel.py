@@ -84,22 +84,21 @@ def open_part(
     (rank 0), its part and its peers. A worker rank serves the driver's steps here
     until it is told to stop, and then exits."""
     ranks, config, processes = open_ranks(config)
-    tensor = config.tensor_parallel_size > 1
     try:
         part = part_of(config, ranks.rank)
         name, loaded = load(config, console, part)
-        model, vocab = loaded.model, loaded.config.vocab_size
-        if tensor:
-            parallelize(model, part, ranks)  # type: ignore[arg-type]
+        model = loaded.model
+        if isinstance(part, Shard):
+            parallelize(model, part, ranks)
         else:
-            part.strip(model)  # type: ignore[union-attr]
+            part.strip(model)
         if not ranks.is_driver:
-            (serve_shard if tensor else serve_stage)(model, ranks)
+            (serve_shard if isinstance(part, Shard) else serve_stage)(model, ranks)
             leave()
             raise SystemExit(0)
         peers: Peers = (
-            TensorPeers(ranks, vocab, processes)
-            if tensor
+            TensorPeers(ranks, loaded.config.vocab_size, processes)
+            if isinstance(part, Shard)
             else PipelinePeers(ranks, config.pipeline_microbatches or ranks.world, processes)
         )
     except BaseException:
