@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from llmopt.bench.offline import offline_bench
 from llmopt.distributed import group
-from llmopt.distributed.allreduce import AllReduce, ShmAllReduce
+from llmopt.distributed.collectives import Collectives, ShmCollectives
 from llmopt.distributed.pipeline import bubble
 from llmopt.engine.llm import LLM
 from llmopt.engine.sampling_params import SamplingParams
@@ -48,7 +48,7 @@ def counted(totals: dict[str, int]):
     """Count the payload bytes of the driver's collectives and sends by kind."""
     names = ("gather", "isend", "recv", "send")
     saved = {n: getattr(dist, n) for n in names}
-    reduce = AllReduce.__call__  # shared memory or gloo
+    reduce = Collectives.__call__  # shared memory or gloo
 
     def add(name: str, tensor: torch.Tensor) -> None:
         totals[name] = totals.get(name, 0) + tensor.numel() * tensor.element_size()
@@ -66,13 +66,13 @@ def counted(totals: dict[str, int]):
 
     for n in names:
         setattr(dist, n, wrap(n))
-    AllReduce.__call__ = all_reduce
+    Collectives.__call__ = all_reduce
     try:
         yield
     finally:
         for n, f in saved.items():
             setattr(dist, n, f)
-        AllReduce.__call__ = reduce
+        Collectives.__call__ = reduce
 
 
 @contextmanager
@@ -128,7 +128,7 @@ def measure(model: str, settings: dict[str, Any], args: argparse.Namespace) -> d
 def _allreduce_rank(rank: int, world: int, port: int, hidden: int, n: int) -> None:
     torch.set_num_threads(1)
     ranks = group.join(group.Rendezvous(rank, world, "127.0.0.1", port))
-    shm = ShmAllReduce.open(ranks)
+    shm = ShmCollectives.open(ranks)
     x = torch.randn(1, hidden)
     for name, reduce in (("gloo", dist.all_reduce), ("shared memory", shm)):
         for _ in range(50):

@@ -3,7 +3,9 @@ from its shard (shard.py): everything else in the model runs on its part unchang
 
 Per token and layer, two all-reduces of (hidden,) activations (attention's output
 projection and the MLP's down projection), and one at the embedding: the
-communication the benchmarks measure against 2 x layers x hidden x bytes.
+communication the benchmarks measure against 2 x layers x hidden x bytes. The exact
+split gathers instead: attention's output and the MLP's activation (their widths),
+and each projection's output (hidden), four all-gathers a layer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmopt.distributed.allreduce import AllReduce
+from llmopt.distributed.collectives import Collectives
 from llmopt.distributed.group import Ranks
 from llmopt.distributed.shard import Shard
 from llmopt.layers.embedding import QuantEmbedding
@@ -21,7 +23,7 @@ class RowParallel(nn.Module):
     """A linear split by input columns: each rank's product is a partial sum over its
     columns; the all-reduce gives every rank the full (N, out) output."""
 
-    def __init__(self, inner: nn.Module, reduce: AllReduce) -> None:
+    def __init__(self, inner: nn.Module, reduce: Collectives) -> None:
         super().__init__()
         self.inner, self.reduce = inner, reduce
 
@@ -31,12 +33,26 @@ class RowParallel(nn.Module):
         return y
 
 
+class ColumnGathered(nn.Module):
+    """A linear split by output rows whose input is split by columns: each rank gathers
+    the whole (N, in) input, computes its (N, out / ranks) outputs whole, and gathers
+    everyone's: every output is one rank's full-width product, bit for bit."""
+
+    def __init__(self, inner: nn.Module, collectives: Collectives) -> None:
+        super().__init__()
+        self.inner, self.collectives = inner, collectives
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = self.collectives.gather(x)  # (N, in): every rank's columns, in order
+        return self.collectives.gather(self.inner(full))  # (N, out)
+
+
 class VocabParallelEmbedding(nn.Module):
     """A lookup table split by vocabulary rows: each rank writes the rows of the tokens
     in its share and zeros elsewhere; the all-reduce adds exact zeros, so every rank
     gets each token's row bit for bit."""
 
-    def __init__(self, inner: nn.Module, first: int, reduce: AllReduce) -> None:
+    def __init__(self, inner: nn.Module, first: int, reduce: Collectives) -> None:
         super().__init__()
         self.inner, self.first, self.reduce = inner, first, reduce
         self.rows = _rows(inner)
@@ -59,9 +75,10 @@ def _rows(table: nn.Module) -> int:
 def parallelize(model: nn.Module, shard: Shard, ranks: Ranks) -> None:
     """Swap in the communicating layers of a model built from `shard`'s weights (a
     collective: every rank calls it)."""
-    reduce = AllReduce(ranks)
+    collectives = Collectives(ranks)
+    split = ColumnGathered if shard.exact else RowParallel
     for layer in model.layers:
-        layer.self_attn.o_proj = RowParallel(layer.self_attn.o_proj, reduce)
-        layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, reduce)
+        layer.self_attn.o_proj = split(layer.self_attn.o_proj, collectives)
+        layer.mlp.down_proj = split(layer.mlp.down_proj, collectives)
     first = shard.rank * model.config.vocab_size  # the local config's share
-    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, first, reduce)
+    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, first, collectives)

@@ -4,6 +4,9 @@ of the KV cache, a rank holds.
 - q/k/v and gate/up are split by output rows: by heads, and by the MLP's width.
 - o_proj and down_proj are split by input columns, on the same boundaries: each rank's
   product is a partial sum of the full output (the all-reduce is layers.RowParallel).
+  Or, `exact`, by output rows: each rank gathers the whole input and computes its
+  share of the outputs whole, with one rank's arithmetic (layers.ColumnGathered), so
+  that the output is one rank's bit for bit, for about 1.6x the traffic.
 - The embedding and the output projection are split by vocabulary rows, padded with
   zero rows to equal shares (the logits' gather needs equal sizes).
 - KV heads go with their query heads. With more ranks than KV heads, each KV head is
@@ -34,6 +37,7 @@ Weight = torch.Tensor | QuantizedWeight
 class Shard:
     rank: int
     size: int
+    exact: bool = False  # o_proj and down_proj by output rows (see the top)
 
     def part(self, n: int) -> range:
         """This rank's equal share of n (n % size == 0)."""
@@ -55,7 +59,7 @@ class Shard:
 
     # What the loader asks of a part of a model (this, or a pipeline Stage).
     def check(self, cfg: ModelConfig) -> None:
-        check_split(cfg, self.size)
+        check_split(cfg, self.size, self.exact)
 
     def config(self, cfg: ModelConfig) -> ModelConfig:
         return local_config(cfg, self)
@@ -64,24 +68,26 @@ class Shard:
         return ShardedWeights(full, cfg, self)
 
 
-def check_split(cfg: ModelConfig, size: int) -> None:
+def check_split(cfg: ModelConfig, size: int, exact: bool = False) -> None:
     """Refuse, with what would work, a tensor-parallel size the model cannot take."""
     if size < 1:
         raise UsageError(f"--tensor-parallel-size must be at least 1, not {size}")
     heads, kv = cfg.num_heads, cfg.num_kv_heads
-    fits = [n for n in range(1, heads + 1) if _splits(cfg, n)]
-    if not _splits(cfg, size):
+    fits = [n for n in range(1, heads + 1) if _splits(cfg, n, exact)]
+    if not _splits(cfg, size, exact):
         raise UsageError(
-            f"{cfg.architecture} with {heads} query heads, {kv} KV heads and an MLP "
-            f"{cfg.intermediate_size} wide does not split evenly over {size} ranks; "
-            f"--tensor-parallel-size can be {', '.join(map(str, fits))}"
+            f"{cfg.architecture} with {heads} query heads, {kv} KV heads, an MLP "
+            f"{cfg.intermediate_size} wide and {cfg.hidden_size} hidden does not split "
+            f"evenly over {size} ranks; --tensor-parallel-size can be "
+            f"{', '.join(map(str, fits))}"
         )
 
 
-def _splits(cfg: ModelConfig, n: int) -> bool:
+def _splits(cfg: ModelConfig, n: int, exact: bool) -> bool:
     kv = cfg.num_kv_heads
     kv_ok = kv % n == 0 if n <= kv else n % kv == 0
-    return cfg.num_heads % n == 0 and kv_ok and cfg.intermediate_size % n == 0
+    width_ok = cfg.intermediate_size % n == 0 and (not exact or cfg.hidden_size % n == 0)
+    return cfg.num_heads % n == 0 and kv_ok and width_ok
 
 
 def local_config(cfg: ModelConfig, shard: Shard) -> ModelConfig:
@@ -105,6 +111,17 @@ class ShardedWeights(LazyWeights):
         super().__init__({name: self._loader(name) for name in full})
         self._full, self._cfg, self._shard = full, cfg, shard
         self._cut: dict[int, tuple[Weight, Weight]] = {}  # id(full weight) -> (it, cut)
+        # Linears of another shape than the part's config gives them (models.llama's
+        # build_model reads it): with `exact`, o_proj and down_proj, (out, in).
+        self.linear_shapes: dict[str, tuple[int, int]] = {}
+        if shard.exact:
+            out = cfg.hidden_size // shard.size
+            for i in range(cfg.num_layers):
+                self.linear_shapes[f"layers.{i}.self_attn.o_proj"] = (
+                    out,
+                    cfg.num_heads * cfg.head_dim,
+                )
+                self.linear_shapes[f"layers.{i}.mlp.down_proj"] = (out, cfg.intermediate_size)
 
     def _loader(self, name: str) -> Callable[[], Weight]:
         return lambda: self._read(name)
@@ -135,6 +152,8 @@ def cut(name: str, w: Weight, cfg: ModelConfig, shard: Shard) -> Weight:
         return _rows(w, _scaled(shard.kv_heads(cfg.num_kv_heads), d))
     if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
         return _rows(w, shard.part(cfg.intermediate_size))
+    if shard.exact and (".self_attn.o_proj." in name or ".mlp.down_proj." in name):
+        return _rows(w, shard.part(cfg.hidden_size))
     if ".self_attn.o_proj." in name:
         return _columns(w, _scaled(shard.part(cfg.num_heads), d))
     if ".mlp.down_proj." in name:

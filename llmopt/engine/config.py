@@ -22,7 +22,10 @@ KV_CACHE_TYPES = ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype")  # the cac
 # speculative decoding's settings
 SPECULATION = ("speculative", "draft", "num_speculative_tokens", "speculative_adaptive")
 # the split of a model over processes
-PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "pipeline_microbatches")
+PARALLELISM = (
+    "tensor_parallel_size", "exact_tensor_parallel", "pipeline_parallel_size",
+    "pipeline_microbatches",
+)  # fmt: skip
 
 
 def setting(default: Any, flag: str | None = None, help: str = "") -> Any:
@@ -90,6 +93,13 @@ class EngineConfig:
         "Split the model over this many ranks (processes), each with its share of the "
         "heads, MLP and vocabulary; started by llmopt on this machine, or joined under "
         "torchrun.",
+    )
+    exact_tensor_parallel: bool = setting(
+        True,
+        "--exact-tensor-parallel/--no-exact-tensor-parallel",
+        "Tensor parallelism whose output is one process's bit for bit: o_proj and "
+        "down_proj split by outputs, four all-gathers a layer (off: Megatron's split by "
+        "inputs, two all-reduces a layer, equal up to rounding).",
     )
     pipeline_parallel_size: int = setting(
         1,

@@ -37,7 +37,7 @@ WORKER = "llmopt.engine.worker"  # the module a started worker runs
 def part_of(config: EngineConfig, rank: int) -> Shard | Stage:
     """Rank `rank`'s part of the model: its tensor-parallel shard or pipeline stage."""
     if config.tensor_parallel_size > 1:
-        return Shard(rank, config.tensor_parallel_size)
+        return Shard(rank, config.tensor_parallel_size, config.exact_tensor_parallel)
     return Stage(rank, config.pipeline_parallel_size)
 
 

@@ -1,5 +1,6 @@
-/* Sum of one vector from each of `world` processes on one host, through a shared memory
- * segment: the all-reduce of tensor parallelism (distributed/shm.py) without a socket.
+/* Sum (shm_allreduce) or concatenation (shm_allgather) of one vector from each of
+ * `world` processes on one host, through a shared memory segment: tensor parallelism's
+ * collectives (distributed/collectives.py) without a socket.
  *
  * Why: a decode step of a split model does two all-reduces a layer of one token's hidden
  * state (a few KB). Over gloo each is several thread hand-offs and socket round trips
@@ -35,12 +36,13 @@ static double now(void) {
 
 static int64_t *flag(void *base, int r) { return (int64_t *)((char *)base + (size_t)r * FLAG_BYTES); }
 
-int shm_allreduce(void *base, int rank, int world, int64_t seq, void *x, int n, int bf16,
-                  int64_t slot, const int *pids, double timeout_s) {
-    const size_t el = bf16 ? 2 : 4;
+/* Publish x (bytes) as this rank's part of call `seq` and wait for every rank's;
+ * *parts: the call's buffer set, rank r's part at r * slot. */
+static int publish(void *base, int rank, int world, int64_t seq, const void *x, size_t bytes,
+                   int64_t slot, const int *pids, double timeout_s, char **parts) {
     char *bufs = (char *)base + (size_t)world * FLAG_BYTES + (size_t)(seq & 1) * world * slot;
-    if ((int64_t)(n * el) > slot) return -3;
-    memcpy(bufs + (size_t)rank * slot, x, n * el);
+    if ((int64_t)bytes > slot) return -3;
+    memcpy(bufs + (size_t)rank * slot, x, bytes);
     __atomic_store_n(flag(base, rank), seq, __ATOMIC_RELEASE);
     const double deadline = now() + timeout_s;
     for (int r = 0; r < world; r++) {
@@ -53,6 +55,16 @@ int shm_allreduce(void *base, int rank, int world, int64_t seq, void *x, int n, 
             }
         }
     }
+    *parts = bufs;
+    return 0;
+}
+
+int shm_allreduce(void *base, int rank, int world, int64_t seq, void *x, int n, int bf16,
+                  int64_t slot, const int *pids, double timeout_s) {
+    const size_t el = bf16 ? 2 : 4;
+    char *bufs;
+    const int rc = publish(base, rank, world, seq, x, n * el, slot, pids, timeout_s, &bufs);
+    if (rc != 0) return rc;
     if (!bf16) { /* in rank order, vectorizable: ((b0 + b1) + b2) ... */
         float *y = x;
         memcpy(y, bufs, n * el);
@@ -67,5 +79,17 @@ int shm_allreduce(void *base, int rank, int world, int64_t seq, void *x, int n, 
         for (int r = 1; r < world; r++) acc += load_elem(bufs + (size_t)r * slot, i, 1);
         ((uint16_t *)x)[i] = f32_to_bf16(acc);
     }
+    return 0;
+}
+
+/* Every rank's `bytes` of x, rank r's at out + r * out_stride. */
+int shm_allgather(void *base, int rank, int world, int64_t seq, const void *x, int64_t bytes,
+                  void *out, int64_t out_stride, int64_t slot, const int *pids,
+                  double timeout_s) {
+    char *bufs;
+    const int rc = publish(base, rank, world, seq, x, bytes, slot, pids, timeout_s, &bufs);
+    if (rc != 0) return rc;
+    for (int r = 0; r < world; r++)
+        memcpy((char *)out + (size_t)r * out_stride, bufs + (size_t)r * slot, bytes);
     return 0;
 }

@@ -246,6 +246,11 @@ def build_model(
     model's."""
     with torch.device("meta"):
         model = model_class(cfg)
+        # A part of a model split over ranks may cut a linear another way than its
+        # config says (distributed/shard.py's exact tensor parallelism).
+        for path, (out, inp) in getattr(hf, "linear_shapes", {}).items():
+            parent, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent), attr, Linear(inp, out))
     sd: dict[str, torch.Tensor] = {}
     try:
         for part in parts(cfg, hf):

@@ -1,7 +1,7 @@
-"""Tensor parallelism's all-reduce: through shared memory for ranks on one host
-(kernels/shm_allreduce.c), where gloo would go through sockets and thread hand-offs
-(two all-reduces a layer of one token's hidden state cost gloo hundreds of
-microseconds each on a small machine, BENCHMARKS.md), else over gloo.
+"""Tensor parallelism's collectives (all-reduce, all-gather): through shared memory for
+ranks on one host (kernels/shm_allreduce.c), where gloo would go through sockets and
+thread hand-offs (two all-reduces a layer of one token's hidden state cost gloo
+hundreds of microseconds each on a small machine, BENCHMARKS.md), else over gloo.
 
 The segment is a file in /dev/shm that the driver creates and unlinks once every rank
 has mapped it, so that nothing is left behind whatever happens to the ranks after.
@@ -39,14 +39,26 @@ def _kernel():
     return function("shm_allreduce", [p, i32, i32, i64, p, i32, i32, i64, p, ctypes.c_double], i32)
 
 
+@cache
+def _gather_kernel():
+    """kernels/shm_allreduce.c's shm_allgather."""
+    from llmopt.kernels.build import function
+
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    # base, rank, world, seq, x, bytes, out, out_stride, slot, pids, timeout_s
+    argtypes = [p, i32, i32, i64, p, i64, p, i64, i64, p, ctypes.c_double]
+    return function("shm_allreduce", argtypes, i32, symbol="shm_allgather")
+
+
 def _host() -> str:
     """This host (and boot): ranks with the same one share /dev/shm."""
     boot = Path("/proc/sys/kernel/random/boot_id")
     return socket.gethostname() + (boot.read_text().strip() if boot.exists() else "")
 
 
-class ShmAllReduce:
-    """Sum of a contiguous fp32 or bf16 tensor over the ranks, in place."""
+class ShmCollectives:
+    """The ranks' collectives through one shared segment (every rank calls the same
+    ones in the same order)."""
 
     def __init__(self, segment: mmap.mmap, ranks: Ranks, pids: list[int], slot: int) -> None:
         self.segment, self.rank, self.world, self.slot = segment, ranks.rank, ranks.world, slot
@@ -55,7 +67,7 @@ class ShmAllReduce:
         self.seq = 0
 
     @classmethod
-    def open(cls, ranks: Ranks, slot: int = SLOT_BYTES) -> ShmAllReduce | None:
+    def open(cls, ranks: Ranks, slot: int = SLOT_BYTES) -> ShmCollectives | None:
         """Every rank calls it (a collective): the shared all-reduce, or None where the
         ranks are not all on this host or the kernel does not build."""
         mine = (_host() if SHM.is_dir() and _kernel() is not None else None, os.getpid())
@@ -77,34 +89,62 @@ class ShmAllReduce:
         return cls(segment, ranks, [pid for _, pid in everyone], slot)
 
     def __call__(self, x: torch.Tensor) -> None:
+        """x summed over the ranks, in place (contiguous fp32 or bf16)."""
         assert x.is_contiguous() and x.dtype in _SHM_DTYPES
-        flat, fn = x.view(-1), _kernel()
+        flat, fn, bf16 = x.view(-1), _kernel(), int(x.dtype == torch.bfloat16)
         per_call = self.slot // x.element_size()
         for lo in range(0, flat.numel(), per_call):
-            self.seq += 1
             n = min(per_call, flat.numel() - lo)
-            rc = fn(
-                self.base, self.rank, self.world, self.seq, flat[lo:].data_ptr(), n,
-                int(x.dtype == torch.bfloat16), self.slot, self.pids,
-                group.COLLECTIVE_TIMEOUT_S,
-            )  # fmt: skip
-            if rc == -1:
-                raise RuntimeError("shared-memory all-reduce timed out")
-            if rc == -2:
-                raise RuntimeError("Connection closed by peer: a rank's process is gone")
-            assert rc == 0, rc
+            rc = fn(self.base, self.rank, self.world, self._next(), flat[lo:].data_ptr(), n,
+                    bf16, self.slot, self.pids, group.COLLECTIVE_TIMEOUT_S)  # fmt: skip
+            _check(rc)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(world, *x.shape): every rank's x, in rank order (x contiguous)."""
+        flat, fn = x.reshape(-1).view(torch.uint8), _gather_kernel()
+        out = x.new_empty((self.world, *x.shape))
+        rows = out.view(self.world, -1).view(torch.uint8)  # (world, bytes)
+        for lo in range(0, flat.numel(), self.slot):
+            n = min(self.slot, flat.numel() - lo)
+            rc = fn(self.base, self.rank, self.world, self._next(), flat[lo:].data_ptr(), n,
+                    rows[0, lo:].data_ptr(), rows.stride(0), self.slot, self.pids,
+                    group.COLLECTIVE_TIMEOUT_S)  # fmt: skip
+            _check(rc)
+        return out
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
 
 
-class AllReduce:
-    """Sum over the ranks, in place: through shared memory where they share a host,
-    else over the compute group (gloo). Every rank takes the same path for a tensor."""
+def _check(rc: int) -> None:
+    if rc == -1:
+        raise RuntimeError("shared-memory collective timed out")
+    if rc == -2:
+        raise RuntimeError("Connection closed by peer: a rank's process is gone")
+    assert rc == 0, rc
+
+
+class Collectives:
+    """Sum and concatenation over the ranks: through shared memory where they share a
+    host, else over the compute group (gloo). Every rank takes the same path."""
 
     def __init__(self, ranks: Ranks) -> None:
-        self.group = ranks.compute
-        self.shm = ShmAllReduce.open(ranks)
+        self.group, self.world = ranks.compute, ranks.world
+        self.shm = ShmCollectives.open(ranks)
 
     def __call__(self, x: torch.Tensor) -> None:
         if self.shm is not None and x.is_contiguous() and x.dtype in _SHM_DTYPES:
             self.shm(x)
         else:
             dist.all_reduce(x, group=self.group)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, k) this rank's columns -> (N, world * k) every rank's, in rank order."""
+        x = x.contiguous()
+        if self.shm is not None:
+            parts = list(self.shm.gather(x).unbind(0))
+        else:
+            parts = [torch.empty_like(x) for _ in range(self.world)]
+            dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
