@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism against one rank, on the same cores: each rank's
-bytes of weights and KV cache, the communication per decoded token (counted at the
-driver's collectives, against the formulas), decode and prefill tokens/s (the offline
-bench), and the pipeline's bubble measured as the driver stage's idle share of a step.
+bytes of weights and KV cache, the communication per decoded token (the bytes the
+driver puts into its collectives, against the formulas), decode and prefill tokens/s
+(the offline bench), and the pipeline's bubble measured as the driver stage's idle
+share of a step.
 
   python scripts/parallel_bench.py [--model M] [--threads 2] [--batch 8] [--tg 64]
   python scripts/parallel_bench.py --allreduce-latency 2   # gloo's, between N processes
@@ -30,6 +31,7 @@ from llmopt.engine.sampling_params import SamplingParams
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("1 rank", {}),
     ("TP=3", {"tensor_parallel_size": 3}),
+    ("TP=3 Megatron", {"tensor_parallel_size": 3, "exact_tensor_parallel": False}),
     ("PP=2 m=1", {"pipeline_parallel_size": 2, "pipeline_microbatches": 1}),
     ("PP=2 m=2", {"pipeline_parallel_size": 2, "pipeline_microbatches": 2}),
     ("PP=2 m=4", {"pipeline_parallel_size": 2, "pipeline_microbatches": 4}),
@@ -48,7 +50,7 @@ def counted(totals: dict[str, int]):
     """Count the payload bytes of the driver's collectives and sends by kind."""
     names = ("gather", "isend", "recv", "send")
     saved = {n: getattr(dist, n) for n in names}
-    reduce = Collectives.__call__  # shared memory or gloo
+    reduce, gather = Collectives.__call__, Collectives.gather  # shared memory or gloo
 
     def add(name: str, tensor: torch.Tensor) -> None:
         totals[name] = totals.get(name, 0) + tensor.numel() * tensor.element_size()
@@ -64,15 +66,19 @@ def counted(totals: dict[str, int]):
         add("all_reduce", tensor)
         return reduce(self, tensor)
 
+    def all_gather(self, tensor):  # this rank's part
+        add("all_gather", tensor)
+        return gather(self, tensor)
+
     for n in names:
         setattr(dist, n, wrap(n))
-    Collectives.__call__ = all_reduce
+    Collectives.__call__, Collectives.gather = all_reduce, all_gather
     try:
         yield
     finally:
         for n, f in saved.items():
             setattr(dist, n, f)
-        Collectives.__call__ = reduce
+        Collectives.__call__, Collectives.gather = reduce, gather
 
 
 @contextmanager
