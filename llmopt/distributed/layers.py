@@ -1,11 +1,12 @@
 """The layers that communicate under tensor parallelism, swapped into a model built
 from its shard (shard.py): everything else in the model runs on its part unchanged.
 
-Per token and layer, two all-reduces of (hidden,) activations (attention's output
-projection and the MLP's down projection), and one at the embedding: the
-communication the benchmarks measure against 2 x layers x hidden x bytes. The exact
-split gathers instead: attention's output and the MLP's activation (their widths),
-and each projection's output (hidden), four all-gathers a layer.
+Megatron's split (RowParallel) all-reduces twice a token and layer, (hidden,) values
+after attention's output projection and the MLP's down projection: the communication
+the benchmarks measure against 2 x layers x hidden x bytes. The exact split (the
+default, ColumnGathered) all-gathers four times instead: attention's output and the
+MLP's activation (their widths), and each projection's output (hidden). Both
+all-reduce once at the embedding.
 """
 
 from __future__ import annotations
