@@ -57,6 +57,7 @@ class Peers:
         self.ranks = ranks
         self.processes = processes or []
         self.closed = False
+        self.broken = False  # a collective failed: the group cannot be used again
 
     def bind(self, spec: CacheSpec) -> None:
         """Have every worker build its cache: the same blocks as the driver's."""
@@ -68,17 +69,21 @@ class Peers:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stop the workers (they leave their loops and exit) and leave the group."""
+        """Stop the workers (they leave their loops and exit) and leave the group; after
+        a lost rank, stop the workers this process started without a word (a broken
+        group's broadcast could wait out its timeout)."""
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(WorkerLost):
-            self.send(("stop",))
+        if not self.broken:
+            with contextlib.suppress(WorkerLost):
+                self.send(("stop",))
         for p in self.processes:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=0 if self.broken else 30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         leave()
 
     def send(self, message: tuple) -> None:
@@ -93,6 +98,7 @@ class Peers:
 
     def lost(self, e: Exception) -> WorkerLost:
         """The error that a failed collective means: which worker is gone, and how."""
+        self.broken = True
         dead = [
             f"rank {i} (exit code {p.poll()})"
             for i, p in enumerate(self.processes, start=1)
