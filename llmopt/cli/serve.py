@@ -171,22 +171,23 @@ def serve(
         _stop_if_lost(manager.loaded()[0].engine, server, lost)
     server.run(sockets=[sock])
     if lost:
-        raise LlmoptError("the server stopped: its model lost a rank (the error is above)")
+        raise LlmoptError("the server stopped: its model's engine ended (the error is above)")
 
 
 def _stop_if_lost(engine: AsyncEngine | None, server: uvicorn.Server, lost: list[int]) -> None:
-    """A model split over ranks cannot answer without one of them: when its engine
-    process ends for that reason (engine_process.MODEL_LOST), the server stops too."""
-    from llmopt.engine.engine_process import MODEL_LOST
+    """A model split over ranks cannot answer without all of them: when its engine
+    process ends while the server is not stopping (a rank lost: engine_process's
+    MODEL_LOST, or anything else that ended it), the server stops too."""
+    from multiprocessing.connection import wait as mp_wait
 
     process = engine.process if engine is not None else None
     if process is None:
         return
 
     def watch() -> None:
-        process.process.join()
-        if process.process.exitcode == MODEL_LOST:
-            lost.append(MODEL_LOST)
+        mp_wait([process.process.sentinel])  # it has exited
+        if not server.should_exit:  # not the shutdown's own stop
+            lost.append(1)
             server.should_exit = True
 
     threading.Thread(target=watch, name="llmopt-rank-watch", daemon=True).start()
