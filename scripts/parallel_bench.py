@@ -25,6 +25,7 @@ from llmopt.bench.offline import offline_bench
 from llmopt.distributed import group
 from llmopt.distributed.collectives import Collectives, ShmCollectives
 from llmopt.distributed.pipeline import bubble
+from llmopt.engine.footprint import weight_bytes
 from llmopt.engine.llm import LLM
 from llmopt.engine.sampling_params import SamplingParams
 
@@ -36,13 +37,6 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("PP=2 m=2", {"pipeline_parallel_size": 2, "pipeline_microbatches": 2}),
     ("PP=2 m=4", {"pipeline_parallel_size": 2, "pipeline_microbatches": 4}),
 ]
-
-
-def tensor_bytes(model: torch.nn.Module) -> int:
-    seen = {
-        t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-    }
-    return sum(seen.values())
 
 
 @contextmanager
@@ -108,7 +102,7 @@ def measure(model: str, settings: dict[str, Any], args: argparse.Namespace) -> d
         cache = runner.cache
         layers, slots = cache.k.shape[:2]
         out: dict[str, Any] = {
-            "weights_MB_per_rank": tensor_bytes(runner.model) / 1e6,
+            "weights_MB_per_rank": weight_bytes(runner.model) / 1e6,
             "kv_bytes_per_token_per_rank": (cache.k.nbytes + cache.v.nbytes) // slots,
             "layers_per_rank": layers,
         }

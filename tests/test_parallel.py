@@ -31,6 +31,7 @@ from llmopt.distributed.pipeline import bubble
 from llmopt.distributed.shard import Shard, check_split, cut, local_config
 from llmopt.distributed.stage import Stage
 from llmopt.distributed.steps import WorkerLost
+from llmopt.engine.footprint import weight_bytes
 from llmopt.engine.llm import LLM
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Step
@@ -325,13 +326,6 @@ def test_tiny_model_split(tiny, settings) -> None:
         assert [[x.logprob for x in a] for a in got] == [[x.logprob for x in a] for a in ref]
 
 
-def tensor_bytes(model: torch.nn.Module) -> int:
-    seen = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())
-
-
 def kv_per_token(llm: LLM) -> tuple[int, int, int]:
     """The cache's layers, KV heads and bytes per token slot."""
     c = llm.engine.runner.cache
@@ -341,17 +335,17 @@ def kv_per_token(llm: LLM) -> tuple[int, int, int]:
 
 def test_each_rank_holds_its_share_of_weights_and_kv(smollm_gguf) -> None:
     with LLM(smollm_gguf, kv_cache_memory=0.05) as one:
-        weights, (_, _, per_token) = tensor_bytes(one.engine.runner.model), kv_per_token(one)
+        weights, (_, _, per_token) = weight_bytes(one.engine.runner.model), kv_per_token(one)
     with LLM(smollm_gguf, kv_cache_memory=0.05, tensor_parallel_size=3) as tp:
         shard, (layers, heads, shard_per_token) = (
-            tensor_bytes(tp.engine.runner.model),
+            weight_bytes(tp.engine.runner.model),
             kv_per_token(tp),
         )
     assert 0.30 < shard / weights < 0.37  # a third, and the norms on every rank
     assert (layers, heads, shard_per_token * 3) == (30, 1, per_token)
     with LLM(smollm_gguf, kv_cache_memory=0.05, pipeline_parallel_size=2) as pp:
         stage, (layers, heads, stage_per_token) = (
-            tensor_bytes(pp.engine.runner.model),
+            weight_bytes(pp.engine.runner.model),
             kv_per_token(pp),
         )
     assert (layers, heads, stage_per_token * 2) == (15, 3, per_token)

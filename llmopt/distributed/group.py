@@ -5,7 +5,8 @@ Two groups over the same ranks:
   workers. A worker waits on it between requests, for as long as the server is idle;
   a driver that dies closes its sockets, which ends the wait at once.
 - `compute` (gloo; COLLECTIVE_TIMEOUT_S): the collectives inside a step (the
-  all-reduces of ranks on one host go through shared memory instead, allreduce.py,
+  all-reduces and all-gathers of ranks on one host go through shared memory instead,
+  collectives.py,
   under the same timeout). A rank that dies or stalls mid-step makes the others'
   collective fail within the timeout instead of hanging.
 

@@ -17,7 +17,6 @@ from torch import nn
 from llmopt.distributed.collectives import Collectives
 from llmopt.distributed.group import Ranks
 from llmopt.distributed.shard import Shard
-from llmopt.layers.embedding import QuantEmbedding
 
 
 class RowParallel(nn.Module):
@@ -53,10 +52,9 @@ class VocabParallelEmbedding(nn.Module):
     in its share and zeros elsewhere; the all-reduce adds exact zeros, so every rank
     gets each token's row bit for bit."""
 
-    def __init__(self, inner: nn.Module, first: int, reduce: Collectives) -> None:
+    def __init__(self, inner: nn.Module, first: int, rows: int, reduce: Collectives) -> None:
         super().__init__()
-        self.inner, self.first, self.reduce = inner, first, reduce
-        self.rows = _rows(inner)
+        self.inner, self.first, self.rows, self.reduce = inner, first, rows, reduce
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.first  # (N,)
@@ -67,12 +65,6 @@ class VocabParallelEmbedding(nn.Module):
         return x
 
 
-def _rows(table: nn.Module) -> int:
-    if isinstance(table, QuantEmbedding):
-        return table.table.out_features
-    return table.weight.shape[0]
-
-
 def parallelize(model: nn.Module, shard: Shard, ranks: Ranks) -> None:
     """Swap in the communicating layers of a model built from `shard`'s weights (a
     collective: every rank calls it)."""
@@ -81,5 +73,7 @@ def parallelize(model: nn.Module, shard: Shard, ranks: Ranks) -> None:
     for layer in model.layers:
         layer.self_attn.o_proj = split(layer.self_attn.o_proj, collectives)
         layer.mlp.down_proj = split(layer.mlp.down_proj, collectives)
-    first = shard.rank * model.config.vocab_size  # the local config's share
-    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, first, collectives)
+    rows = model.config.vocab_size  # the local config's share
+    model.embed_tokens = VocabParallelEmbedding(
+        model.embed_tokens, shard.rank * rows, rows, collectives
+    )

@@ -1,12 +1,13 @@
-"""Tensor parallelism's split of a model (Megatron's): which part of each weight, and
-of the KV cache, a rank holds.
+"""Tensor parallelism's split of a model: which part of each weight, and of the KV
+cache, a rank holds.
 
 - q/k/v and gate/up are split by output rows: by heads, and by the MLP's width.
-- o_proj and down_proj are split by input columns, on the same boundaries: each rank's
-  product is a partial sum of the full output (the all-reduce is layers.RowParallel).
-  Or, `exact`, by output rows: each rank gathers the whole input and computes its
-  share of the outputs whole, with one rank's arithmetic (layers.ColumnGathered), so
-  that the output is one rank's bit for bit, for about 1.6x the traffic.
+- o_proj and down_proj, `exact` (the default), by output rows: each rank gathers the
+  whole input and computes its share of the outputs whole, with one rank's arithmetic
+  (layers.ColumnGathered), so that the output is one rank's bit for bit, for 1.42x the
+  bytes on a ring (BENCHMARKS.md). Megatron's way, by input columns on the same
+  boundaries as q/k/v and gate/up: each rank's product is a partial sum of the full
+  output (the all-reduce is layers.RowParallel).
 - The embedding and the output projection are split by vocabulary rows, padded with
   zero rows to equal shares (the logits' gather needs equal sizes).
 - KV heads go with their query heads. With more ranks than KV heads, each KV head is
@@ -27,7 +28,7 @@ import torch
 
 from llmopt.config import ModelConfig
 from llmopt.errors import UsageError
-from llmopt.weights.lazy import LazyWeights, forget
+from llmopt.weights.lazy import LazyWeights
 from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -108,7 +109,7 @@ class ShardedWeights(LazyWeights):
     embedding and head) stays one object."""
 
     def __init__(self, full: Mapping[str, Weight], cfg: ModelConfig, shard: Shard) -> None:
-        super().__init__({name: self._loader(name) for name in full})
+        super().__init__({name: self._loader(name) for name in full}, full)
         self._full, self._cfg, self._shard = full, cfg, shard
         self._cut: dict[int, tuple[Weight, Weight]] = {}  # id(full weight) -> (it, cut)
         # Linears of another shape than the part's config gives them (models.llama's
@@ -140,7 +141,6 @@ class ShardedWeights(LazyWeights):
     def forget(self) -> None:
         super().forget()
         self._cut.clear()
-        forget(self._full)
 
 
 def cut(name: str, w: Weight, cfg: ModelConfig, shard: Shard) -> Weight:

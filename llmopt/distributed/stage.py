@@ -19,7 +19,7 @@ from torch import nn
 from llmopt import heap
 from llmopt.config import ModelConfig
 from llmopt.errors import UsageError
-from llmopt.weights.lazy import LazyWeights, forget
+from llmopt.weights.lazy import LazyWeights
 from llmopt.weights.qweight import QuantizedWeight
 
 Weight = torch.Tensor | QuantizedWeight
@@ -78,17 +78,7 @@ class Stage:
             elif int(m[2]) in r:
                 local = f"{m[1]}layers.{int(m[2]) - r.start}."
                 names[name[: m.start()] + local + name[m.end() :]] = name
-        return _Renamed(full, names)
-
-
-class _Renamed(LazyWeights):
-    def __init__(self, full: Mapping[str, Weight], names: dict[str, str]) -> None:
-        super().__init__({new: _reader(full, old) for new, old in names.items()})
-        self._full = full
-
-    def forget(self) -> None:
-        super().forget()
-        forget(self._full)
+        return LazyWeights({new: _reader(full, old) for new, old in names.items()}, full)
 
 
 def _reader(full: Mapping[str, Weight], name: str) -> Callable[[], Weight]:

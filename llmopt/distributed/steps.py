@@ -99,11 +99,8 @@ class Peers:
     def lost(self, e: Exception) -> WorkerLost:
         """The error that a failed collective means: which worker is gone, and how."""
         self.broken = True
-        dead = [
-            f"rank {i} (exit code {p.poll()})"
-            for i, p in enumerate(self.processes, start=1)
-            if p.poll() is not None
-        ]
+        codes = [(i, p.poll()) for i, p in enumerate(self.processes, start=1)]
+        dead = [f"rank {i} (exit code {code})" for i, code in codes if code is not None]
         which = ", ".join(dead) if dead else "a worker rank"
         # gloo's message: "[file:line] What happened. Advice ..."
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0] if str(e) else "")

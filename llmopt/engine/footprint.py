@@ -57,9 +57,14 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of a model's weights as its kernels hold them."""
+    return _tensor_bytes(_weights(model))
+
+
 def held_bytes(engine: Engine) -> int:
     """Weights plus KV cache, of the target model and of a draft model if any."""
     runners: list[Runner] = [engine.runner]
     if isinstance(engine.drafter, DraftModelDrafter):
         runners.append(engine.drafter.runner)
-    return sum(_tensor_bytes(_weights(r.model)) + r.cache.nbytes for r in runners)
+    return sum(weight_bytes(r.model) + r.cache.nbytes for r in runners)

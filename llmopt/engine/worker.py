@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     try:
         open_engine(config)
     except LlmoptError as e:
-        print(f"llmopt: tensor-parallel rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
+        print(f"llmopt: rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
         return 1
     return 0
 

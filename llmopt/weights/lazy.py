@@ -21,9 +21,14 @@ class LazyWeights(Mapping[str, Weight]):
     """name -> weight, each made by its loader on first read and kept until `forget`
     (so that a name read twice in one part, a tied embedding and head, is one object)."""
 
-    def __init__(self, loaders: dict[str, Callable[[], Weight]]) -> None:
+    def __init__(
+        self,
+        loaders: dict[str, Callable[[], Weight]],
+        upstream: Mapping[str, Weight] | None = None,  # what the loaders read, if lazy too
+    ) -> None:
         self._loaders = loaders
         self._made: dict[str, Weight] = {}
+        self._upstream = upstream
 
     def __getitem__(self, name: str) -> Weight:
         if name not in self._made:
@@ -37,8 +42,11 @@ class LazyWeights(Mapping[str, Weight]):
         return len(self._loaders)
 
     def forget(self) -> None:
-        """Drop the weights made so far (the builder has its own copies of them)."""
+        """Drop the weights made so far (the builder has its own copies of them), and
+        those of the mapping they were made from."""
         self._made.clear()
+        if self._upstream is not None:
+            forget(self._upstream)
 
 
 def forget(weights: Mapping[str, Weight]) -> None:
