@@ -50,11 +50,13 @@ def run(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def alone(loaded: LoadedModel, batch: list[list[int]], kv: str = "auto") -> list[list[int]]:
+def alone(
+    loaded: LoadedModel, batch: list[list[int]], kv: str = "auto", params=GREEDY
+) -> list[list[int]]:
     config = EngineConfig(
         max_context=2048, kv_cache_memory=0.05, prefix_cache=False, kv_cache_dtype=kv
     )
-    return [run(build_engine(loaded, config), [p])[0] for p in batch]
+    return [run_to_completion(build_engine(loaded, config), [p], params)[0] for p in batch]
 
 
 def test_the_packed_path_runs_natively(packed) -> None:
@@ -86,6 +88,30 @@ def test_small_chunks_preemption_and_prefix_hits_equal_each_alone(packed) -> Non
     preempted = spy_preemptions(engine)
     assert run(engine, batch[:8]) == alone(packed, batch[:8])
     assert preempted and engine.blocks.hit_tokens > 0
+
+
+def test_tokens_recomputed_after_preemption_equal_each_alone(packed) -> None:
+    """Preempted after generating, a sequence runs its prompt and its generated tokens
+    again: the generated ones must come back with the decode arithmetic they were made
+    with (run as prefill rows, 3 of these 6 prompts changed their text within 48
+    tokens)."""
+    batch = prompts(packed)[:6]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    config = EngineConfig(
+        max_context=2048, kv_cache_memory=6 * BYTES_PER_KV_BLOCK / 1e9, prefix_cache=False
+    )
+    engine = build_engine(packed, config)
+    generated: list[int] = []  # each preempted sequence's output tokens at the time
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        step = schedule()
+        generated.extend(seq.num_output_tokens for seq in step.preempted)
+        return step
+
+    engine.scheduler.schedule = spy
+    assert run_to_completion(engine, batch, params) == alone(packed, batch, params=params)
+    assert max(generated) > 8  # generated tokens were recomputed
 
 
 def test_sequences_behind_a_long_shared_prompt_equal_each_alone(packed) -> None:

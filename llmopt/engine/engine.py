@@ -22,6 +22,7 @@ from llmopt.engine.detokenizer import Detokenizer
 from llmopt.engine.outputs import Delta, RequestStats, TokenLogprob
 from llmopt.engine.runner import Runner
 from llmopt.engine.sampler import (
+    greedy_tokens,
     make_generator,
     probabilities,
     sample,
@@ -168,7 +169,7 @@ class Engine:
         # Plain greedy rows take their argmax in one call and one device read for the
         # whole batch, not one per sequence (each a GPU sync).
         plain = [s.params.greedy and not s.params.penalized for s in seqs]
-        argmax = logits.argmax(-1).tolist() if logits is not None and any(plain) else []
+        argmax = greedy_tokens(logits) if logits is not None and any(plain) else []
         touched = []
         row = 0
         for i, seq in enumerate(seqs):

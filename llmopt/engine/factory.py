@@ -116,13 +116,7 @@ def make_drafter(
             f"the draft model {config.draft} has another vocabulary than the target: "
             "a draft must share the target's tokenizer"
         )
-    runner = Runner(
-        draft.model,
-        num_blocks,
-        config.block_size,
-        config.kv_types,
-        config.num_speculative_tokens + 1,
-    )
+    runner = Runner(draft.model, num_blocks, config.block_size, config.kv_types)
     context = min(draft.config.max_position_embeddings, config.max_context or 1 << 30)
     return DraftModelDrafter(runner, context, config.prefix_cache)
 

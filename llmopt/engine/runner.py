@@ -22,18 +22,12 @@ class Runner:
         num_blocks: int,
         block_size: int,
         kv_types: tuple[str, str] = ("auto", "auto"),  # the cache's K and V types
-        decode_chunk: int = 1,
         peers: Peers | None = None,
     ) -> None:
-        """decode_chunk: a sequence's run of up to this many new tokens, after some in
-        the cache, goes as decode rows (the native step) rather than as a prefill chunk:
-        a draft model catching up on the tokens its target accepted.
-
-        peers: the other ranks of a model split over several (`model` is this rank's
+        """peers: the other ranks of a model split over several (`model` is this rank's
         part): each step's inputs go to them, and the logits come back."""
         self.model = model
         self.peers = peers
-        self.decode_chunk = decode_chunk
         cfg = model.config
         p = next(model.parameters())
         self.device = p.device
@@ -71,41 +65,58 @@ class Runner:
     def prepare(self, step: Step) -> tuple[list[Sequence], list[int], dict]:
         """Order the step (decode rows first) and build the model inputs.
 
+        A position's arithmetic is fixed by what it is, never by how the step that runs
+        it was batched: prompt positions go through the prefill kernel (in chunks of any
+        size: its result per row does not depend on them), generated positions through
+        the decode kernel, one query row each, also when they run again after a
+        preemption (recompute) or as a draft model catching up on accepted tokens. The
+        two kernels sum in different orders, so a recomputed token run as a prefill row
+        would give other keys and values than it had, and the greedy text would change
+        after a preemption.
+
         A sequence that carries k drafted tokens (`draft_ids`) is verified as k + 1
         decode rows: its last token and the drafts, row j reading the keys up to its
         own position. The rows' keys are all stored before any row attends, so one pass
         scores every position with exactly the arithmetic of k + 1 separate decodes."""
-        decodes = [  # one row per position
-            d or (n <= self.decode_chunk and s.num_computed_tokens > 0)
-            for d, s, n in zip(step.decode_rows(), step.seqs, step.num_tokens, strict=True)
-        ]
-        order = sorted(range(len(step.seqs)), key=lambda i: not decodes[i])
+        spans = []  # per sequence: start, the first generated position in the step, end
+        for seq, n in zip(step.seqs, step.num_tokens, strict=True):
+            start = seq.num_computed_tokens
+            end = start + n
+            spans.append((start, min(max(seq.num_prompt_tokens, start), end), end))
         ids, positions, writes = [], [], []
         decode_slots: list[torch.Tensor] = []
         decode_first: int | None = None
         prefills: list[PrefillChunk] = []
-        sample_seqs, sample_rows = [], []
+        last_row: dict[int, int] = {}  # sequence index -> its last row in the flat batch
         row = 0
-        for i in order:
-            seq, n = step.seqs[i], step.num_tokens[i]
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += (
-                seq.token_ids[start:] + seq.draft_ids if seq.draft_ids else seq.token_ids[start:end]
-            )
-            positions += range(start, end)
+        for i, (seq, (_, cut, end)) in enumerate(zip(step.seqs, spans, strict=True)):
+            if cut == end:
+                continue
+            ids += seq.token_ids[cut:end] + (seq.draft_ids if end > seq.num_tokens else [])
+            positions += range(cut, end)
+            lo = self._lo(cut + 1)
+            slots, decode_first = self._slots(seq, lo, end)
+            writes.append(slots[cut - lo :])
+            for pos in range(cut, end):
+                decode_slots.append(slots[self._lo(pos + 1) - lo : pos + 1 - lo])
+            row += end - cut
+            last_row[i] = row - 1
+        for i, (seq, (start, cut, _)) in enumerate(zip(step.seqs, spans, strict=True)):
+            if start == cut:
+                continue
+            ids += seq.token_ids[start:cut]
+            positions += range(start, cut)
             lo = self._lo(start + 1)
-            slots, first = self._slots(seq, lo, end)
+            slots, first = self._slots(seq, lo, cut)
             writes.append(slots[start - lo :])
-            if decodes[i]:
-                for pos in range(start, end):
-                    decode_slots.append(slots[self._lo(pos + 1) - lo : pos + 1 - lo])
-                decode_first = first
-            else:
-                prefills.append(PrefillChunk(row, n, start, lo, slots, first))
-            row += n
+            prefills.append(PrefillChunk(row, cut - start, start, lo, slots, first))
+            row += cut - start
+            last_row.setdefault(i, row - 1)
+        sample_seqs, sample_rows = [], []
+        for i, (seq, (_, _, end)) in enumerate(zip(step.seqs, spans, strict=True)):
             if end >= seq.num_tokens:  # caught up: sample its last row (every row verified)
                 sample_seqs.append(seq)
-                sample_rows += range(row - len(seq.draft_ids) - 1, row)
+                sample_rows += range(last_row[i] - len(seq.draft_ids), last_row[i] + 1)
         decode = None
         if decode_slots:
             decode = self._decode_batch(decode_slots, decode_first)

@@ -22,7 +22,7 @@ import torch
 
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.runner import Runner
-from llmopt.engine.sampler import draw, make_generator, probabilities
+from llmopt.engine.sampler import draw, greedy_tokens, make_generator, probabilities
 from llmopt.engine.scheduler import Step
 from llmopt.engine.sequence import Sequence, SequenceStatus
 from llmopt.engine.spec.drafter import Draft, Drafter
@@ -64,7 +64,7 @@ class DraftModelDrafter(Drafter):
             for mirror, n in zip(step.seqs, step.num_tokens, strict=True):
                 mirror.num_computed_tokens += n
             assert logits is not None
-            argmax = logits.argmax(-1).tolist()  # one call for the greedy rows
+            argmax = greedy_tokens(logits)  # one call for the greedy rows
             for row, mirror in enumerate(out):
                 i = index[id(mirror)]
                 token, q = self._sample(mirror, logits[row], argmax[row])
