@@ -261,9 +261,17 @@ def test_failure_mid_write_leaves_no_file(qtype, tiny_llama, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
-    "qtype,method", [("Q4_1", "gptq"), ("Q4_0", "awq"), ("MXFP4", "gptq")]
-)  # fmt: skip
-def test_calibrated_gguf_holds_the_calibrated_codes(qtype, method, tmp_path, smollm_folder) -> None:
+    "qtype,method,order",
+    [
+        ("Q4_1", "gptq", []),
+        ("Q4_0", "awq", []),
+        ("MXFP4", "gptq", []),
+        ("Q4_0", "gptq", ["--act-order", "--static-groups"]),  # codes in input order
+    ],
+)
+def test_calibrated_gguf_holds_the_calibrated_codes(
+    qtype, method, order, tmp_path, smollm_folder
+) -> None:
     """--format gguf --method gptq|awq writes the codes that the same quantization puts in
     an llmopt checkpoint, on the type's grid (q/k rows in llama.cpp's order, scales in
     fp16), and llama.cpp runs the file."""
@@ -274,14 +282,14 @@ def test_calibrated_gguf_holds_the_calibrated_codes(qtype, method, tmp_path, smo
 
     folder = small_tiny_model(tmp_path / "tiny", smollm_folder)  # untied, permuted q/k
     kind = ["--fp4"] if qtype == "MXFP4" else ["--int4"]
-    common = [*kind, "--method", method, "--calib-tokens", "512", "--no-eval"]
+    common = [*kind, "--method", method, "--calib-tokens", "512", "--no-eval", *order]
     gguf = tmp_path / "c.gguf"
     args = [] if qtype == "MXFP4" else ["--gguf-type", qtype]
     run = CliRunner().invoke
     r = run(app, ["quantize", str(folder), "--format", "gguf", *args, "-o", str(gguf), *common])
     assert r.exit_code == 0, r.stderr
     grid = {"Q4_0": ["--sym"], "Q4_1": ["--asym"], "MXFP4": []}[qtype]
-    grid += ["--group-size", "32", "--no-act-order", "--bf16-embedding"]
+    grid += ["--group-size", "32", "--bf16-embedding", *([] if order else ["--no-act-order"])]
     ckpt = tmp_path / "ckpt"
     r = run(app, ["quantize", str(folder), "-o", str(ckpt), *common, *grid])
     assert r.exit_code == 0, r.stderr
@@ -307,7 +315,7 @@ def test_calibrated_gguf_holds_the_calibrated_codes(qtype, method, tmp_path, smo
         (["--gguf-type", "Q4_K_M"], "writes GGUF as Q4_0, Q4_1, MXFP4"),
         (["--gguf-type", "Q4_0", "--asym"], "Q4_0's grid is symmetric"),
         (["--group-size", "64"], "groups of 32"),
-        (["--act-order"], "drop --act-order"),
+        (["--act-order"], "add --static-groups"),
     ],
 )
 def test_calibrated_gguf_bad_options_are_one_line_errors(args, message, tiny_llama) -> None:

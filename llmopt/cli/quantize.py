@@ -85,6 +85,12 @@ def quantize(
         "--act-order/--no-act-order",
         help="GPTQ: most active input channels first (default, but for --format awq).",
     ),
+    static_groups: bool = typer.Option(
+        False,
+        "--static-groups/--dynamic-groups",
+        help="With --act-order: keep the groups in input order, their grids fixed before "
+        "GPTQ runs (no input reordering at run time, GGUF can hold it).",
+    ),
     lm_head: bool = typer.Option(
         False, "--lm-head", help="Quantize the output projection too (faster decode)."
     ),
@@ -165,6 +171,7 @@ def quantize(
         # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
         sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
         act_order=method in ERROR_FEEDBACK and (fmt != "awq" if act_order is None else act_order),
+        static_groups=static_groups,
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,

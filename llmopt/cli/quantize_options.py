@@ -142,8 +142,8 @@ def _check_calibrated_gguf(spec: QuantSpec, gguf_type: str) -> None:
         raise UsageError(f"{gguf_type} has groups of {ENCODE_GROUP}: drop --group-size")
     if gguf_type == "Q4_0" and not spec.sym:
         raise UsageError("Q4_0's grid is symmetric: drop --asym")
-    if spec.act_order or spec.lm_head:
+    if (spec.act_order and not spec.static_groups) or spec.lm_head:
         raise UsageError(
             "GGUF holds neither act-order's input order nor a calibrated output "
-            "projection: drop --act-order and --lm-head"
+            "projection: drop --lm-head, and --act-order or add --static-groups"
         )

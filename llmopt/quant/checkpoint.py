@@ -40,6 +40,7 @@ def _native_config(spec: QuantSpec) -> dict[str, Any]:
         "sym": spec.sym,
         "method": spec.method,
         "act_order": spec.act_order,
+        "static_groups": spec.static_groups,
         "sequential": spec.sequential,
         "drift_correction": spec.drift,
         "lm_head": spec.lm_head,

@@ -53,6 +53,9 @@ class QuantSpec:
     group_size: int  # input channels per scale; 0 = one scale per output row
     sym: bool  # symmetric grid (zero fixed at 2^(bits-1))
     act_order: bool = False  # GPTQ: columns by decreasing activation (see gptq.py)
+    # With act_order: groups in input order, grids fixed before GPTQ's loop, no `perm`
+    # (no input gather at run time; GGUF can hold it). See gptq.py.
+    static_groups: bool = False
     # The output projection (untied from the embedding): 0 keeps it dense; 8 is int8
     # with one scale per row (llama.cpp's Q4 files keep it at 8 bits too), 4 the
     # model's own int4 groups. At 135M parameters it is a fifth of the weights.
