@@ -391,7 +391,6 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--fp4-format", "nvfp4"], 2, "--fp4-format goes with --fp4"),
         (["--fp4", "--format", "gptq"], 2, "holds integer weights"),
         (["--fp4", "--format", "gguf", "--gguf-type", "Q4_0"], 2, "drop --gguf-type"),
-        (["--fp4", "--fp4-format", "nvfp4", "--format", "gguf"], 2, "writes MXFP4"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:

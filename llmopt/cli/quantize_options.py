@@ -65,17 +65,16 @@ def check_fp4_flags(
     if fp4 and fmt in ("gptq", "awq"):
         raise UsageError(f"--format {fmt} holds integer weights: use --format llmopt or gguf")
     if fp4 and gguf_type:
-        raise UsageError("--fp4 picks the GGUF type itself (MXFP4): drop --gguf-type")
-    if fp4 and fmt == "gguf" and (fp4_format or "mxfp4").lower() != "mxfp4":
         raise UsageError(
-            "--format gguf writes MXFP4 only: drop --fp4-format or use --format llmopt"
+            "--fp4 picks the GGUF type itself (MXFP4, or NVFP4 with --fp4-format nvfp4): "
+            "drop --gguf-type"
         )
 
 
 def choose_gguf_type(
     given: str | None, bits: int, fp4_fmt: str | None, method: str, console: Console
 ) -> str:
-    """The GGUF type to write: the one asked for, MXFP4 for --fp4, Q4_1 for a calibrated
+    """The GGUF type to write: the one asked for, the FP4 format's for --fp4, Q4_1 for a calibrated
     int4 file (GPTQ or AWQ: Q4_K's grid is not theirs), else default_gguf_type, said."""
     if given:
         return given.upper()
@@ -138,7 +137,7 @@ def _check_calibrated_gguf(spec: QuantSpec, gguf_type: str) -> None:
             f"--method {spec.method} writes GGUF as {', '.join(types)} "
             f"(not {gguf_type}): pick one with --gguf-type, or --method rtn"
         )
-    if gguf_type != "MXFP4" and spec.group_size != ENCODE_GROUP:
+    if not spec.fp4 and spec.group_size != ENCODE_GROUP:
         raise UsageError(f"{gguf_type} has groups of {ENCODE_GROUP}: drop --group-size")
     if gguf_type == "Q4_0" and not spec.sym:
         raise UsageError("Q4_0's grid is symmetric: drop --asym")

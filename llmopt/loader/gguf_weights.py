@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -181,7 +182,14 @@ def hf_weights(
     # name -> (bits, group, codebook) where kept
     grids: dict[str, tuple[int, int, str | None] | None] = {}
     loaders: dict[str, Callable[[], Weight]] = {}
+    scales = {  # a weight's GGUF name -> its tensor scale's record (NVFP4's, as llama.cpp)
+        r.name.removesuffix(".scale") + ".weight": r
+        for r in records
+        if r.name.endswith(".scale") and r.shape == (1,) and r.qtype == GGMLQuantizationType.F32
+    }
     for r in records:
+        if r.name.removesuffix(".scale") + ".weight" in scales:
+            continue  # applied to its weight
         name = hf_name(r.name, arch)
         if name is None:
             raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
@@ -193,7 +201,8 @@ def hf_weights(
         heads_of = heads[kind] if arch in PERMUTED_QK and kind in heads else None
         # llama.cpp stores these architectures' norms as 1 + w; the model adds the 1
         plus_one = arch in NORMS_PLUS_ONE and name.endswith("norm.weight")
-        loaders[name] = partial(_decode, r, qtype, keep, heads_of, plus_one, source)
+        scale = scales.get(r.name)
+        loaders[name] = partial(_decode, r, qtype, keep, heads_of, plus_one, source, scale)
     if grids.get("model.embed_tokens.weight") and cfg.tie_word_embeddings:
         loaders["lm_head.weight"] = lambda: weights["model.embed_tokens.weight"]
     if keep_quantized:
@@ -203,20 +212,30 @@ def hf_weights(
 
 
 def _decode(
-    r: Record, qtype: Any, keep: bool, heads: int | None, plus_one: bool, source: str
+    r: Record,
+    qtype: Any,
+    keep: bool,
+    heads: int | None,
+    plus_one: bool,
+    source: str,
+    scale: Record | None = None,
 ) -> Weight:
-    """One tensor from the file: kept in its blocks or dequantized, the q/k row order
-    undone where the architecture permutes it (heads), a norm stored as 1 + w back to
-    w (plus_one)."""
+    """One tensor from the file: kept in its blocks or dequantized, times its tensor
+    scale (the `.scale` beside it, which llama.cpp multiplies the product by), the q/k
+    row order undone where the architecture permutes it (heads), a norm stored as
+    1 + w back to w (plus_one)."""
     try:
         if keep:  # read a few MB at a time
             w: Weight = quantized_weight(r.read, qtype, (r.shape[0], r.shape[1]))
         else:
             w = dequantize(r.read(0, None), qtype, r.shape)
+        t = 1.0 if scale is None else float(scale.read(0, None).view(np.float32)[0])
     except (ValueError, RuntimeError) as e:
         raise ModelFormatError(
             f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
         ) from e
+    if t != 1.0:
+        w = replace(w, scale=w.scale * t) if isinstance(w, QuantizedWeight) else w * t
     if heads is not None:
         w = unpermute(w, heads)
     return w - 1 if plus_one and isinstance(w, torch.Tensor) else w

@@ -2,13 +2,15 @@
 
 Two routes, by quantization type:
 - F32, F16, BF16, Q8_0, Q4_0, Q4_1 are written here with the `gguf` package, one
-  tensor in memory at a time; MXFP4 too, its blocks from llmopt's FP4 rounding (the
-  scale of least error per block, weights/fp4.py) rather than the package's rule.
+  tensor in memory at a time; MXFP4 and NVFP4 too, their blocks from llmopt's FP4
+  rounding (the scale of least error per block, weights/fp4.py) rather than the
+  package's rule, and each NVFP4 weight's tensor scale beside it as llama.cpp reads it
+  (`blk.0.attn_q.scale`, F32, one element).
 - K-quants and the other llama.cpp types: a lossless GGUF (in the weights' own
   dtype) goes to a temporary file, then llama.cpp's quantizer (through
   llama-cpp-python) picks per-tensor types, e.g. Q6_K for some ffn_down in Q4_K_M.
 
-A calibrated GGUF (GPTQ or AWQ on Q4_0's, Q4_1's or MXFP4's grid) starts from an
+A calibrated GGUF (GPTQ or AWQ on Q4_0's, Q4_1's, MXFP4's or NVFP4's grid) starts from an
 llmopt checkpoint whose linears are already on the type's grid: `export_checkpoint`
 writes their codes as they are (weights/gguf_blocks.encode) and rounds only what the
 checkpoint keeps dense (the embedding, to Q8_0 as above).
@@ -39,10 +41,10 @@ from llmopt.loader.hf import read_config, read_tensors, safetensor_files
 from llmopt.loader.quantized import unpack_checkpoint
 from llmopt.quant.gguf_vocab import add_vocab
 from llmopt.weights.fp4 import quantize_fp4, to_blocks
-from llmopt.weights.gguf_blocks import ENCODABLE, encode, fits
+from llmopt.weights.gguf_blocks import ENCODABLE, FP4_TYPES, encode, fits
 from llmopt.weights.qweight import QuantizedWeight
 
-PYTHON_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "MXFP4")
+PYTHON_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "MXFP4", "NVFP4")
 # File types whose name in LlamaFileType is not MOSTLY_<type> (llama.cpp made MXFP4's
 # for gpt-oss, whose experts alone it holds in MXFP4).
 _FILE_TYPES = {"MXFP4": LlamaFileType.MOSTLY_MXFP4_MOE}
@@ -110,8 +112,8 @@ def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None)
 
 
 def export_checkpoint(folder: Path, out: Path, qtype: str, name: str) -> Path:
-    """Write an llmopt checkpoint whose linears are on `qtype`'s grid (Q4_0, Q4_1 or
-    MXFP4: gguf_blocks.ENCODABLE) as a GGUF file at `out`, their codes as they are;
+    """Write an llmopt checkpoint whose linears are on `qtype`'s grid (Q4_0, Q4_1, MXFP4
+    or NVFP4: gguf_blocks.ENCODABLE) as a GGUF file at `out`, their codes as they are;
     `name` is the model's name in the file."""
     key = qtype.upper()
     if key not in {t.name for t in ENCODABLE}:
@@ -191,26 +193,38 @@ def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str, name: str | N
             writer.add_tensor_info(
                 t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), t.qtype
             )
+            if t.qtype == Q.NVFP4:  # its tensor scale, F32 (1,), follows it
+                writer.add_tensor_info(_scale_name(t.name), (4,), np.dtype(np.uint8), 4, Q.F32)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            writer.write_tensor_data(_blocks(t.load(), t.qtype).view(np.uint8))
+            data, scale = _blocks(t.load(), t.qtype)
+            writer.write_tensor_data(data.view(np.uint8))
+            if t.qtype == Q.NVFP4:
+                writer.write_tensor_data(np.array([scale], np.float32).view(np.uint8))
 
 
-def _blocks(w: Weight, qtype: Q) -> np.ndarray:
-    """A tensor's bytes in qtype: a quantized weight on qtype's grid as it is, anything
-    else rounded to nearest (a quantized weight for another type dequantized first)."""
+def _scale_name(weight: str) -> str:
+    """Where llama.cpp reads a weight's tensor scale: blk.0.attn_q.weight -> .scale."""
+    return weight.removesuffix(".weight") + ".scale"
+
+
+def _blocks(w: Weight, qtype: Q) -> tuple[np.ndarray, float]:
+    """A tensor's bytes in qtype, and its tensor scale (NVFP4's; else 1): a quantized
+    weight on qtype's grid as it is, anything else rounded to nearest (a quantized
+    weight for another type dequantized first)."""
     if isinstance(w, QuantizedWeight):
         if fits(w, qtype):
-            return encode(w, qtype).numpy()
+            blocks, scale = encode(w, qtype)
+            return blocks.numpy(), scale
         if qtype in ENCODABLE:  # rounding a calibrated weight again would undo it
             raise ModelFormatError(f"a quantized weight is not on {qtype.name}'s grid")
         w = w.dequantize()
-    if qtype == Q.MXFP4:
-        blocks, _ = to_blocks(quantize_fp4(w.float(), "mxfp4"))
-        return blocks.numpy()
-    return quantize(w.float().numpy(), qtype)
+    if qtype in FP4_TYPES:
+        blocks, scale = to_blocks(quantize_fp4(w.float(), FP4_TYPES[qtype]))
+        return blocks.numpy(), scale
+    return quantize(w.float().numpy(), qtype), 1.0
 
 
 def _sources(folder: Path, stack: ExitStack) -> dict[str, _Source]:
@@ -304,7 +318,10 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: Q, tied: bool) -> Q:
     if len(shape) == 1 or name.endswith("_norm.weight"):
         return Q.F32
     output = name == "output.weight" or (tied and name == "token_embd.weight")
-    want = Q.Q8_0 if output and qtype in (Q.Q4_0, Q.Q4_1, Q.MXFP4) else qtype
+    # NVFP4's tensor scale multiplies a matrix product: llama.cpp reads none for the
+    # embedding's lookups (and refuses the file with one), so the embedding keeps 8 bits.
+    output = output or (qtype == Q.NVFP4 and name == "token_embd.weight")
+    want = Q.Q8_0 if output and qtype in (Q.Q4_0, Q.Q4_1, *FP4_TYPES) else qtype
     return want if shape[-1] % GGML_QUANT_SIZES[want][0] == 0 else Q.F16
 
 

@@ -14,9 +14,13 @@ offset; they differ in how the numbers are packed (little-endian; d, dmin, m fp1
   Q5_K 176 B / 256: d, dmin, scales[12], qh[32], qs[128]   (the same, q of 5 bits)
   Q6_K 210 B / 256: ql[128], qh[64], sc:int8[16], d    w = d * sc_j * (q - 32)
   MXFP4 17 B / 32:  e:e8m0, qs[16]                     w = 2^(e - 128) * (CODES[q] - 12)
+  NVFP4 36 B / 64:  d:ue4m3[4], qs[32]                 w = t * ue4m3(d_s) / 2 * (CODES[q] - 12)
 
-MXFP4's codes are e2m1 nibbles (weights/fp4.py has its layout), kept as they are with
-the "e2m1" codebook; dequantized, they are the integers CODES[q] of weights/e2m1.py.
+The FP4 types' codes are e2m1 nibbles (weights/fp4.py has their layouts), kept as they
+are with the "e2m1" codebook; dequantized, they are the integers CODES[q] of
+weights/e2m1.py. NVFP4's tensor scale t is not in its blocks: llama.cpp keeps it, where
+it is not 1, as a one-element F32 tensor beside the weight (`blk.0.attn_q.scale` beside
+`blk.0.attn_q.weight`) and multiplies the matrix product by it.
 
 qs packs two 4-bit codes a byte. In the 32-weight types, byte j holds weight j (low
 nibble) and j + 16 (high); bit j of qh is weight j's fifth bit. In the K-quants, each
@@ -55,8 +59,10 @@ BLOCKS: dict[Q, tuple[int, int, int, int]] = {
     Q.Q5_K: (176, 256, 8, 32),
     Q.Q6_K: (210, 256, 8, 16),
     Q.MXFP4: (17, 32, 4, 32),
+    Q.NVFP4: (36, 64, 4, 16),
 }
-CODEBOOKS: dict[Q, str] = {Q.MXFP4: "e2m1"}  # the block types whose codes are not integers
+FP4_TYPES: dict[Q, str] = {Q.MXFP4: "mxfp4", Q.NVFP4: "nvfp4"}  # weights/fp4.py's names
+CODEBOOKS: dict[Q, str] = dict.fromkeys(FP4_TYPES, "e2m1")  # codes that are not integers
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -97,12 +103,14 @@ def _q6_codes(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
 
 def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A tensor's raw bytes -> codes (groups, group) uint8, and the groups' scale and
-    offset (groups, 1) fp32, with w = scale * code + offset exactly."""
+    offset (groups, 1) fp32, with w = scale * code + offset exactly (NVFP4's tensor
+    scale, outside the blocks, not applied)."""
     width, per_block, _, group = BLOCKS[qtype]
     b = data.reshape(-1, width)
-    if qtype == Q.MXFP4:
-        qw = fp4.from_blocks(b, (b.shape[0], per_block), "mxfp4")
-        return qw.grid_codes(), qw.scale, -e2m1.ZERO * qw.scale
+    if qtype in FP4_TYPES:
+        qw = fp4.from_blocks(b, (b.shape[0], per_block), FP4_TYPES[qtype])
+        codes, scale = qw.grid_codes().reshape(-1, group), qw.scale.reshape(-1, 1)
+        return codes, scale, -e2m1.ZERO * scale
     if qtype == Q.Q8_0:  # int8 q as the code q + 128
         d = _f16(b[:, :2])
         return torch.bitwise_xor(b[:, 2:], 0x80), d, -128 * d
@@ -138,8 +146,9 @@ CHUNK_BYTES = 8 << 20
 def quantized_weight(
     read: Callable[[int, int], torch.Tensor], qtype: Q, shape: tuple[int, int]
 ) -> QuantizedWeight:
-    """A matrix (out, in) of one of BLOCKS' types, as it is stored; read(start, size)
-    gives `size` bytes of it from byte `start`, which are decoded a few MB at a time."""
+    """A matrix (out, in) of one of BLOCKS' types, as it is stored (NVFP4's tensor scale
+    not applied); read(start, size) gives `size` bytes of it from byte `start`, which are
+    decoded a few MB at a time."""
     out, n = shape
     width, per_block, bits, group = BLOCKS[qtype]
     if n % per_block:
@@ -150,8 +159,9 @@ def quantized_weight(
     step = max(1, CHUNK_BYTES // row_bytes)
     for a in range(0, out, step):
         rows = min(step, out - a)
-        if qtype == Q.MXFP4:  # the nibbles as they are, on the e2m1 codebook
-            part = fp4.from_blocks(read(a * row_bytes, rows * row_bytes), (rows, n), "mxfp4")
+        if qtype in FP4_TYPES:  # the nibbles as they are, on the e2m1 codebook
+            data = read(a * row_bytes, rows * row_bytes)
+            part = fp4.from_blocks(data, (rows, n), FP4_TYPES[qtype])
             q[a : a + rows], scale[a : a + rows] = part.q, part.scale
             zero[a : a + rows] = part.zero
             continue
@@ -166,32 +176,30 @@ def quantized_weight(
 
 # The block types a QuantizedWeight can be written as without rounding its codes again:
 # groups of ENCODE_GROUP on a 4-bit grid, a symmetric one (zero point 8) for Q4_0, e2m1
-# for MXFP4.
-ENCODABLE = (Q.Q4_0, Q.Q4_1, Q.MXFP4)
+# in the FP4 format's own groups for MXFP4 and NVFP4.
+ENCODABLE = (Q.Q4_0, Q.Q4_1, Q.MXFP4, Q.NVFP4)
 ENCODE_GROUP = 32
 
 
 def fits(qw: QuantizedWeight, qtype: Q) -> bool:
     """Whether `encode` takes qw as qtype's blocks: its grid is the type's."""
-    wrong_grid = qw.perm is not None or qw.group_size != ENCODE_GROUP or qw.bits != 4
-    if qtype not in ENCODABLE or wrong_grid:
+    if qtype not in ENCODABLE or qw.perm is not None or qw.bits != 4:
         return False
-    if qtype == Q.MXFP4:
-        return qw.codebook == "e2m1"
-    return qw.codebook is None and (qtype == Q.Q4_1 or bool((qw.zero == 8).all()))
+    if qtype in FP4_TYPES:
+        return qw.codebook == "e2m1" and qw.group_size == fp4.GROUP[FP4_TYPES[qtype]]
+    zero_ok = qtype == Q.Q4_1 or bool((qw.zero == 8).all())
+    return qw.codebook is None and qw.group_size == ENCODE_GROUP and zero_ok
 
 
-def encode(qw: QuantizedWeight, qtype: Q) -> torch.Tensor:
-    """qw (out, in) as qtype's blocks, (out, in / 32 * width) bytes: its codes as they
-    are, its scales and Q4_1's minimums (-scale * zero) rounded to the fp16 the blocks
-    hold (a relative 2^-11 of the scale; a minimum's rounding is under 1% of a step)."""
+def encode(qw: QuantizedWeight, qtype: Q) -> tuple[torch.Tensor, float]:
+    """qw (out, in) as qtype's blocks, (out, in / 32 * width) bytes, and the tensor scale
+    that goes beside them (NVFP4's; else 1): its codes as they are, its scales and Q4_1's
+    minimums (-scale * zero) rounded to the fp16 the blocks hold (a relative 2^-11 of the
+    scale; a minimum's rounding is under 1% of a step)."""
     if not fits(qw, qtype):
-        raise ValueError(
-            f"this weight's grid is not {qtype.name}'s (groups of {ENCODE_GROUP}, 4 bits)"
-        )
-    if qtype == Q.MXFP4:
-        blocks, _ = fp4.to_blocks(qw)
-        return blocks
+        raise ValueError(f"this weight's grid is not {qtype.name}'s")
+    if qtype in FP4_TYPES:
+        return fp4.to_blocks(qw)
     q = qw.q.reshape(-1, ENCODE_GROUP)
     qs = q[:, :16] | (q[:, 16:] << 4)  # byte j: weight j low, j + 16 high
     d = qw.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)  # (nb, 2)
@@ -199,4 +207,4 @@ def encode(qw: QuantizedWeight, qtype: Q) -> torch.Tensor:
     if qtype == Q.Q4_1:
         m = (-qw.scale * qw.zero).reshape(-1, 1).to(torch.float16).view(torch.uint8)
         parts = [d, m, qs]
-    return torch.cat(parts, dim=1).reshape(qw.shape[0], -1)
+    return torch.cat(parts, dim=1).reshape(qw.shape[0], -1), 1.0
