@@ -1,12 +1,16 @@
 """The Ray Serve request router's core (llmopt/cluster/routing.py), without Ray: it
 ranks first what the policy class itself chooses for the same states, counts requests
 started and finished as the router does, applies each replica's stats report once,
-and forgets a replica that left."""
+and forgets a replica that left. And `llmopt cluster`'s refusals, before any Ray."""
 
 from __future__ import annotations
 
-import pytest
+import sys
 
+import pytest
+from typer.testing import CliRunner
+
+from llmopt.cli.main import app
 from llmopt.cluster.routing import PolicyRouting
 from llmopt.cluster.spec import ClusterConfig, ReplicaSpec, served_name
 from llmopt.engine.config import EngineConfig
@@ -92,3 +96,26 @@ def test_unknown_policy_and_bad_sizes_are_refused() -> None:
         ReplicaSpec(("a", "a"), EngineConfig())
     assert ClusterConfig(spec, replica_cpus=0.5).threads == 1
     assert served_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicas", "0"], "error: --replicas must be at least 1, not 0\n"),
+        (["--policy", "fastest"], "error: unknown policy 'fastest'; choose one of: "),
+        (["--replica-cpus", "-1"], "error: --replica-cpus must be positive, not -1\n"),
+    ],
+)
+def test_cluster_cli_refuses_bad_flags_in_one_line(args: list[str], message: str) -> None:
+    r = CliRunner().invoke(app, ["cluster", "smollm2-135m-instruct", *args])
+    assert r.exit_code == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1
+
+
+def test_cluster_cli_without_ray_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    r = CliRunner().invoke(app, ["cluster", "smollm2-135m-instruct"])
+    assert r.exit_code == 2
+    assert (
+        r.stderr
+        == "error: Ray Serve is not installed; install it with: pip install 'llmopt[cluster]'\n"
+    )

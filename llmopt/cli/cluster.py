@@ -119,6 +119,7 @@ def cluster(
             f"serving {', '.join(specs)} at http://{host}:{port}/v1 from {replicas} replicas "
             f"({replica_cpus:g} CPUs each, {policy})",
             highlight=False,
+            soft_wrap=True,
         )
         _wait_for_stop()
     finally:

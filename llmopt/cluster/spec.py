@@ -45,7 +45,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.replicas >= 1, f"--replicas must be at least 1, not {self.replicas}"),
-            (self.replica_cpus > 0, f"--replica-cpus must be positive, not {self.replica_cpus}"),
+            (self.replica_cpus > 0, f"--replica-cpus must be positive, not {self.replica_cpus:g}"),
             (self.max_ongoing_requests >= 1, "--max-ongoing-requests must be at least 1"),
             (self.stats_period_s > 0, "the stats period must be positive"),
             (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port (0-65535)"),
