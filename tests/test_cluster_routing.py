@@ -104,6 +104,7 @@ def test_unknown_policy_and_bad_sizes_are_refused() -> None:
         (["--replicas", "0"], "error: --replicas must be at least 1, not 0\n"),
         (["--policy", "fastest"], "error: unknown policy 'fastest'; choose one of: "),
         (["--replica-cpus", "-1"], "error: --replica-cpus must be positive, not -1\n"),
+        (["--model", "no-such-model"], "error: unknown model 'no-such-model': not in the "),
     ],
 )
 def test_cluster_cli_refuses_bad_flags_in_one_line(args: list[str], message: str) -> None:

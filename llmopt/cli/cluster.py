@@ -23,6 +23,8 @@ from llmopt.config import ServerConfig
 from llmopt.engine.config import EngineConfig
 from llmopt.errors import LlmoptError, UsageError
 from llmopt.router.policies import POLICIES
+from llmopt.store.resolve import is_model_ref
+from llmopt.store.store import Store
 
 
 @engine_options(*LOADING, "max_num_seqs", "max_num_batched_tokens", "prefix_cache")
@@ -71,11 +73,14 @@ def cluster(
     console = Console(stderr=True)
     if engine.ranks > 1:
         raise UsageError("a cluster replica runs one engine per model; drop the parallel flags")
-    specs = [m for m in [model, *(more_models or [])] if m]
-    if not specs:
-        from llmopt.store.store import Store
-
-        specs = [Store().registry.default_name()]
+    store = Store()
+    specs = [m for m in [model, *(more_models or [])] if m] or [store.registry.default_name()]
+    for spec in specs:  # each replica resolves (and pulls) it on its own machine
+        if not is_model_ref(spec, store):
+            raise UsageError(
+                f"unknown model '{spec}': not in the registry (llmopt models) nor a file "
+                "or folder here"
+            )
     # Everything that can be refused is refused before Ray starts.
     config = ClusterConfig(
         replica=ReplicaSpec(
@@ -100,6 +105,7 @@ def cluster(
     require_ray()
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from llmopt.cluster.deploy import deploy
 
@@ -114,7 +120,14 @@ def cluster(
                 "ask for fewer)"
             )
         console.print(f"starting {replicas} replicas of {', '.join(specs)} on Ray ...")
-        deploy(config)
+        try:
+            deploy(config)
+        except (RuntimeError, RayServeException) as e:  # Ray's own "deploy failed"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LlmoptError(
+                f"the deployment failed: {first} (the replicas' logs: "
+                "/tmp/ray/session_latest/logs/serve/)"
+            ) from None
         console.print(
             f"serving {', '.join(specs)} at http://{host}:{port}/v1 from {replicas} replicas "
             f"({replica_cpus:g} CPUs each, {policy})",

@@ -34,31 +34,27 @@ def build_app(config: ClusterConfig) -> Application:
     spec = config.replica
     if spec.engine.threads is None:  # each engine on its share of the CPUs, no more
         spec = dataclasses.replace(spec, engine=spec.engine.replace(threads=config.threads))
-    env = dict(config.env)
-    env.setdefault("OMP_NUM_THREADS", str(config.threads))
     engines = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
         num_replicas=config.replicas,
         max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.replica_cpus, "runtime_env": {"env_vars": env}},
+        ray_actor_options={"num_cpus": config.replica_cpus},
         request_router_config=RequestRouterConfig(
             request_router_class=LlmoptRequestRouter,
             request_router_kwargs={"policy": config.policy},
             request_routing_stats_period_s=config.stats_period_s,
         ),
-        # A model loads in the constructor: give it time on a slow disk.
-        health_check_timeout_s=60,
     )
     # The ingress only reads and relays: no CPU of its own to reserve, so that every
     # CPU given to Ray goes to the engines.
     ingress = serve.deployment(Ingress, name="llmopt-ingress").options(
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(config.env)}},
+        ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.replicas * config.max_ongoing_requests,
     )
     names = [served_name(m) for m in spec.models]
-    return ingress.bind(engines.bind(spec), names)
+    return ingress.bind(engines.bind(spec), names, spec.server.api_key)
 
 
-def deploy(config: ClusterConfig, blocking: bool = False) -> DeploymentHandle:
+def deploy(config: ClusterConfig) -> DeploymentHandle:
     """Start Serve's HTTP proxy on host:port and run the application on the Ray cluster
     this process is connected to (ray.init first). Returns the ingress's handle once
     every replica is up (their models loaded)."""
@@ -66,4 +62,4 @@ def deploy(config: ClusterConfig, blocking: bool = False) -> DeploymentHandle:
     from ray import serve
 
     serve.start(http_options={"host": config.host, "port": config.port})
-    return serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return serve.run(build_app(config), name=APP_NAME, route_prefix="/")

@@ -4,6 +4,7 @@ each request and hands it to an engine replica through a deployment handle.
     POST /v1/chat/completions   POST /v1/completions   (streamed as SSE, or not)
     GET  /v1/models (one replica's)   GET /health   GET /metrics (the request router's)
 
+With an API key, every route but /health needs it (401 first, as the router's).
 The ingress reads what routing needs (router/request_view.py: the model, the prompt
 text, estimated tokens) and passes it as the handle call's first argument, where the
 request router finds it (request_router.py). It checks the JSON (400) and the model
@@ -31,7 +32,7 @@ from llmopt.cluster.asgi import Head
 from llmopt.cluster.replica import REPLICA_HEADER
 from llmopt.cluster.request_router import routers_metrics
 from llmopt.cluster.routing import ANY_REQUEST
-from llmopt.openai_wire import APIError, sse
+from llmopt.openai_wire import APIError, authorized, sse, unauthorized
 from llmopt.router.request_view import RequestView, read_request
 
 PASSED_HEADERS = {"content-type", "retry-after", "x-llmopt-cache", REPLICA_HEADER.lower()}
@@ -85,9 +86,14 @@ async def _relay(answer: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engines: DeploymentHandle, models: list[str]) -> None:
+    def __init__(self, engines: DeploymentHandle, models: list[str], api_key: str | None) -> None:
         self.engines = engines.options(stream=True)
         self.models = models  # the names the replicas serve (checked before routing)
+        self.api_key = api_key  # the replicas check it too; here, before anything else
+
+    def _check_key(self, request: Request) -> None:
+        if not authorized(request.headers.get("authorization", ""), self.api_key):
+            raise unauthorized()
 
     async def _forward(self, request: Request, view: RequestView, body: bytes) -> Response:
         headers = {k: v for k, v in request.headers.items() if k in ("authorization",)}
@@ -109,6 +115,7 @@ class Ingress:
         return Response(content, status_code=status, headers=passed)
 
     async def _complete(self, request: Request) -> Response:
+        self._check_key(request)
         body = await request.body()
         view = read_request(request.url.path, body)
         if view.model is not None and view.model not in self.models:
@@ -130,6 +137,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
+        self._check_key(request)
         return await self._forward(request, ANY_REQUEST, b"")
 
     @app.get("/health")
@@ -137,6 +145,7 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        self._check_key(request)
         text = b"".join(m.render() for m in routers_metrics())
         return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -99,4 +99,6 @@ class EngineReplica:
         }
 
     async def __del__(self) -> None:
-        await self._lifespan.__aexit__(None, None, None)
+        lifespan = getattr(self, "_lifespan", None)  # None: the constructor failed first
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)

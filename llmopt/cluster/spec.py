@@ -40,7 +40,6 @@ class ClusterConfig:
     stats_period_s: float = 2.0  # how often each replica reports its loaded models
     host: str = "127.0.0.1"
     port: int = 8000
-    env: tuple[tuple[str, str], ...] = ()  # environment variables for the replicas
 
     def __post_init__(self) -> None:
         checks = [
