@@ -45,6 +45,7 @@ def cluster(smollm_gguf):
     # The replicas import this checkout and read the model from the real store.
     env = {"PYTHONPATH": str(REPO), "LLMOPT_HOME": str(REAL_HOME)}
     ray.init(
+        address="local",  # a Ray of its own, even where this machine runs a cluster
         num_cpus=2,
         include_dashboard=False,
         logging_level="warning",

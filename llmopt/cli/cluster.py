@@ -66,7 +66,7 @@ def cluster(
     *,
     engine: EngineConfig,
 ) -> None:
-    """Serve models from engine replicas on a Ray cluster (pip install 'llmopt[cluster]')."""
+    """Serve models from engine replicas on a Ray cluster (the extra 'cluster': Ray Serve)."""
     from llmopt.cluster import require_ray
     from llmopt.cluster.spec import ClusterConfig, ReplicaSpec
 
