@@ -5,6 +5,8 @@ and forgets a replica that left. And `llmopt cluster`'s refusals, before any Ray
 
 from __future__ import annotations
 
+import importlib.util
+import socket
 import sys
 
 import pytest
@@ -119,4 +121,18 @@ def test_cluster_cli_without_ray_names_the_extra(monkeypatch) -> None:
     assert (
         r.stderr
         == "error: Ray Serve is not installed; install it with: pip install 'llmopt[cluster]'\n"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray installed")
+def test_cluster_cli_fails_fast_where_no_ray_cluster_answers() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    r = CliRunner().invoke(app, ["cluster", "smollm2-135m-instruct", "--address", address])
+    assert r.exit_code == 1
+    assert r.stderr == (
+        f"error: no Ray cluster answers at 127.0.0.1:{port} (start one there with "
+        "`ray start --head`)\n"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 
 import typer
@@ -109,7 +110,12 @@ def cluster(
 
     from llmopt.cluster.deploy import deploy
 
-    ray.init(address=address, logging_level="warning", log_to_driver=False)
+    _check_reachable(address)
+    try:
+        ray.init(address=address, logging_level="warning", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"at {address}" if address else "on this machine"
+        raise LlmoptError(f"cannot join or start a Ray cluster {where}: {_first_line(e)}") from None
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         need = replicas * replica_cpus
@@ -123,9 +129,8 @@ def cluster(
         try:
             deploy(config)
         except (RuntimeError, RayServeException) as e:  # Ray's own "deploy failed"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LlmoptError(
-                f"the deployment failed: {first} (the replicas' logs: "
+                f"the deployment failed: {_first_line(e)} (the replicas' logs: "
                 "/tmp/ray/session_latest/logs/serve/)"
             ) from None
         console.print(
@@ -138,6 +143,25 @@ def cluster(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _check_reachable(address: str | None) -> None:
+    """A HOST:PORT that nothing answers at fails in seconds: Ray would retry for minutes."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise LlmoptError(
+            f"no Ray cluster answers at {address} (start one there with `ray start --head`)"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    """Ray's errors run over many lines: the first says what happened."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _wait_for_stop() -> None:
