@@ -8,8 +8,8 @@ check, on a small fleet of this machine: `llmopt router --spawn N` local replica
    split between them) and `llmopt router --replica ...` over them, then calibrates
    the simulator in this run, on this machine, through one replica as it serves:
    prefill tokens/s (one prompt at a time) and the decode step time at batch 1, 2, 4,
-   8 and 16 (that many streamed answers at once), the HTTP and process overheads of
-   serving included (an in-process engine measured up to 1.7x faster on 2 cores).
+   8 and 16 (that many streamed answers at once), the overheads of serving (HTTP, the
+   engine's own process) included, which an in-process engine would leave out.
 2. Draws Poisson arrivals at --load of the calibrated capacity, with the simulator's
    own workload generator (one model, shared prefixes, lognormal lengths), and sends
    them to the router at their arrival times as streamed /v1/completions of token ids
