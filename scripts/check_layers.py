@@ -51,7 +51,11 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("llmopt.engine",), ("llmopt.quant",)),
     # 9: peers. The router speaks HTTP to replicas: it never imports the engine.
     (("llmopt.bench",), ("llmopt.server",), ("llmopt.router",)),
-    (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 10 the surfaces
+    # 10: the Ray Serve deployment. Its replicas run the server (server/) and its request
+    # router runs the router's policies (router/): it needs both peers of layer 9, so
+    # it sits above them rather than in either (the router must never import the engine).
+    (("llmopt.cluster",),),
+    (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 11 the surfaces
 )
 
 

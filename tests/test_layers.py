@@ -61,7 +61,7 @@ def test_checker_flags_upward_peer_and_unplaced_imports(
         "llmopt/new/__init__.py:1: llmopt.new is in no layer (add it to LAYERS)",
         "llmopt/quant/a.py:1: llmopt.quant.a -> llmopt.server.b (layer 8 imports layer 9)",
         "llmopt/quant/a.py:2: llmopt.quant.a -> llmopt.engine.y (layer 8 imports layer 8)",
-        "llmopt/weights/w.py:1: llmopt.weights.w -> llmopt (layer 3 imports layer 10)",
+        "llmopt/weights/w.py:1: llmopt.weights.w -> llmopt (layer 3 imports layer 11)",
         "llmopt/weights/w.py:2: llmopt.weights.w -> llmopt.new (llmopt.new is in no layer)",
     ]
     assert check_layers.main(["check_layers.py", str(root)]) == 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from llmopt.cli import bench, models, pull, quantize, router, run, serve
+from llmopt.cli import bench, cluster, models, pull, quantize, router, run, serve
 from llmopt.errors import LlmoptError
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command("quantize")(_user_errors(quantize.quantize))
 app.command("run")(_user_errors(run.run))
 app.command("serve")(_user_errors(serve.serve))
 app.command("router")(_user_errors(router.router))
+app.command("cluster")(_user_errors(cluster.cluster))
 app.command("bench")(_user_errors(bench.bench))
 app.command("pull")(_user_errors(pull.pull_cmd))
 app.command("models")(_user_errors(models.list_models))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import signal
 from pathlib import Path
+from types import FrameType
 
 import typer
 from rich.console import Console
@@ -107,7 +109,16 @@ def router(
                 timeout_graceful_shutdown=int(drain_timeout),
             )
         )
+        # uvicorn re-raises the signal that stopped it once it has drained, and
+        # SIGTERM's default action would end this process before the `finally` below
+        # stops the spawned replicas (they were left running). As an exception it
+        # unwinds through it.
+        signal.signal(signal.SIGTERM, _stopped)
         server.run(sockets=[sock])
     finally:
         if local is not None:
             local.stop()
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # drained already: a clean stop

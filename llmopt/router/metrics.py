@@ -55,5 +55,14 @@ class RouterMetrics:
     def count(self, counter: Counter, replica: str) -> None:
         counter.labels(replica, self.policy).inc()
 
+    def started(self, replica: str, cold: bool, prefix_hit: bool) -> None:
+        """A request sent to `replica`: a cold start if its model had to load there, a
+        prefix hit if the replica had served part of its prompt before."""
+        self.count(self.requests, replica)
+        if cold:
+            self.count(self.cold_starts, replica)
+        if prefix_hit:
+            self.count(self.prefix_hits, replica)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,7 +19,7 @@ from llmopt.router.config import RouterConfig
 from llmopt.router.metrics import RouterMetrics
 from llmopt.router.policies import Policy
 from llmopt.router.replicas import Fleet, Replica
-from llmopt.router.request_view import RequestView
+from llmopt.router.request_view import RequestView, route_for
 from llmopt.router.state import RouteRequest
 
 RETRYABLE = {429, 500, 502, 503, 504}  # another replica may well succeed
@@ -62,9 +62,7 @@ class Router:
         self, path: str, raw: bytes, view: RequestView, authorization: str | None
     ) -> Response:
         self.check_model(view.model)
-        index = self.fleet.index
-        keys = index.keys(f"{view.model}\n{view.prompt}")
-        route = RouteRequest(view.model, view.tokens, index.match(keys))
+        route, keys = route_for(view, self.fleet.index)
         headers = {"Content-Type": "application/json", **self.fleet.headers}
         if authorization and not self.fleet.headers:
             headers["Authorization"] = authorization
@@ -95,11 +93,8 @@ class Router:
         """The replica's answer, or None (counted as an error) if it failed before any
         of it reached the client."""
         state, m = replica.state, self.metrics
-        m.count(m.requests, state.name)
-        if state.start(route):
-            m.count(m.cold_starts, state.name)
-        if route.prefix.depth(state.name):
-            m.count(m.prefix_hits, state.name)
+        hit = route.prefix.depth(state.name) > 0
+        m.started(state.name, cold=state.start(route), prefix_hit=hit)
         self.fleet.index.insert(keys, state.name)
         client = self.fleet.client
         request = client.build_request("POST", replica.url + path, content=raw, headers=headers)

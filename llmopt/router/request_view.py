@@ -7,6 +7,8 @@ import json
 from typing import Any, NamedTuple
 
 from llmopt.openai_wire import APIError
+from llmopt.router.prefix_index import PrefixIndex
+from llmopt.router.state import RouteRequest
 
 CHARS_PER_TOKEN = 4  # rough English average; the router has no tokenizer
 DEFAULT_MAX_TOKENS = 256  # for outstanding-token counts when the client sets no limit
@@ -46,3 +48,12 @@ def read_request(path: str, raw: bytes) -> RequestView:
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     answer = limit if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_TOKENS
     return RequestView(model, prompt, len(prompt) // CHARS_PER_TOKEN + answer)
+
+
+def route_for(view: RequestView, index: PrefixIndex) -> tuple[RouteRequest, list[int]]:
+    """The request as a policy sees it, and its prompt's keys in the prefix index (to
+    record where it went). The model leads the text: equal prompts to two models share
+    no cached prefix. Every driver of the policies (the router, the Ray Serve request
+    router) builds its requests here."""
+    keys = index.keys(f"{view.model}\n{view.prompt}")
+    return RouteRequest(view.model, view.tokens, index.match(keys)), keys

@@ -58,26 +58,42 @@ def simulate(
     seed: int,
 ) -> list[Job]:
     """Every request of `duration` seconds of arrivals at `load`, run to completion."""
+    rate = load * spec.replicas * capacity_rps(cal, w, seed)
+    requests = Generator(w, seed).arrivals(rate, duration)
+    return replay(policy, cal, spec, requests, _initial_models(spec, w))
+
+
+def replay(
+    policy: Policy,
+    cal: Calibration,
+    spec: FleetSpec,
+    requests: list[Request],
+    models: list[list[str]],
+) -> list[Job]:
+    """These requests (by arrival time), routed by `policy` over `spec.replicas`
+    simulated replicas, replica i holding `models[i]` at the start, run to completion.
+    scripts/check_fleet_sim.py replays the requests of a real run here."""
     index = PrefixIndex()
     sims = [
         SimReplica(
-            ReplicaState(str(i), loaded=m, max_loaded=spec.model_slots), cal, spec.cache_tokens
+            ReplicaState(str(i), loaded=list(m), max_loaded=spec.model_slots),
+            cal,
+            spec.cache_tokens,
         )
-        for i, m in enumerate(_initial_models(spec, w))
+        for i, m in enumerate(models)
     ]
     states = [s.state for s in sims]
-    rate = load * spec.replicas * capacity_rps(cal, w, seed)
-    gen = Generator(w, seed)
     serial = itertools.count()
     # (time, serial, replica index or -1 for an arrival, version or 0, request)
-    events: list[tuple[float, int, int, int, Request | None]] = []
+    events: list[tuple[float, int, int, int, Request | None]] = [
+        (r.arrival, next(serial), -1, 0, r) for r in requests
+    ]
+    heapq.heapify(events)
 
     def plan(i: int, at: float | None) -> None:
         if at is not None:
             heapq.heappush(events, (at, next(serial), i, sims[i].version, None))
 
-    first = gen.rng.expovariate(rate)
-    heapq.heappush(events, (first, next(serial), -1, 0, gen.request(first)))
     finished: list[Job] = []
     while events:
         now, _, i, version, request = heapq.heappop(events)
@@ -86,9 +102,6 @@ def simulate(
                 plan(i, sims[i].wake(now, finished))
             continue
         assert request is not None
-        following = now + gen.rng.expovariate(rate)
-        if following < duration:
-            heapq.heappush(events, (following, next(serial), -1, 0, gen.request(following)))
         keys = index.keys(request.text)
         tokens = request.prompt_tokens + request.output_tokens
         route = RouteRequest(request.model, tokens, index.match(keys))
