@@ -311,7 +311,7 @@ def test_failure_mid_write_leaves_no_file(qtype, tiny_llama, tmp_path, monkeypat
         ("Q4_0", "awq", []),
         ("MXFP4", "gptq", []),
         ("NVFP4", "gptq", []),  # with its tensor scales beside the blocks
-        ("Q4_0", "gptq", ["--act-order", "--static-groups"]),  # codes in input order
+        ("Q4_0", "gptq", ["--no-act-order"]),
     ],
 )
 def test_calibrated_gguf_holds_the_calibrated_codes(
@@ -319,7 +319,8 @@ def test_calibrated_gguf_holds_the_calibrated_codes(
 ) -> None:
     """--format gguf --method gptq|awq writes the codes that the same quantization puts in
     an llmopt checkpoint, on the type's grid (q/k rows in llama.cpp's order, scales in
-    fp16), and llama.cpp runs the file."""
+    fp16), and llama.cpp runs the file. GPTQ's default there: act-order in static
+    groups (the codes in input order)."""
     from typer.testing import CliRunner
 
     from llmopt.cli.main import app
@@ -336,7 +337,8 @@ def test_calibrated_gguf_holds_the_calibrated_codes(
     assert r.exit_code == 0, r.stderr
     grid = {"Q4_0": ["--sym"], "Q4_1": ["--asym"]}.get(qtype, [])
     grid += [] if fp4 else ["--group-size", "32"]
-    grid += ["--bf16-embedding", *([] if order else ["--no-act-order"])]
+    default_order = ["--act-order", "--static-groups"] if method == "gptq" else []
+    grid += ["--bf16-embedding", *(order or default_order)]
     ckpt = tmp_path / "ckpt"
     r = run(app, ["quantize", str(folder), "-o", str(ckpt), *common, *grid])
     assert r.exit_code == 0, r.stderr
@@ -362,7 +364,7 @@ def test_calibrated_gguf_holds_the_calibrated_codes(
         (["--gguf-type", "Q4_K_M"], "writes GGUF as Q4_0, Q4_1, MXFP4"),
         (["--gguf-type", "Q4_0", "--asym"], "Q4_0's grid is symmetric"),
         (["--group-size", "64"], "groups of 32"),
-        (["--act-order"], "add --static-groups"),
+        (["--act-order", "--dynamic-groups"], "add --static-groups"),
     ],
 )
 def test_calibrated_gguf_bad_options_are_one_line_errors(args, message, tiny_llama) -> None:

@@ -86,10 +86,10 @@ def quantize(
         help="GPTQ: most active input channels first (default, but for --format awq).",
     ),
     static_groups: bool = typer.Option(
-        False,
+        None,
         "--static-groups/--dynamic-groups",
         help="With --act-order: keep the groups in input order, their grids fixed before "
-        "GPTQ runs (no input reordering at run time, GGUF can hold it).",
+        "GPTQ runs (no input reordering at run time; the default for GGUF, which needs it).",
     ),
     lm_head: bool = typer.Option(
         False, "--lm-head", help="Quantize the output projection too (faster decode)."
@@ -162,7 +162,9 @@ def quantize(
     if fp4_fmt and group_size is None:
         group_size = FP4_GROUPS.get(fp4_fmt, 0)
     if calibrated_gguf:
-        group_size, sym, act_order = calibrated_gguf_grid(gguf_type, group_size, sym, act_order)
+        group_size, sym, act_order, static_groups = calibrated_gguf_grid(
+            gguf_type, group_size, sym, act_order, static_groups
+        )
     spec = QuantSpec(
         bits=bits,
         method=method,
@@ -171,7 +173,7 @@ def quantize(
         # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
         sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
         act_order=method in ERROR_FEEDBACK and (fmt != "awq" if act_order is None else act_order),
-        static_groups=static_groups,
+        static_groups=bool(static_groups),
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,
