@@ -6,7 +6,8 @@ check, on a small fleet of this machine: `llmopt router --spawn N` local replica
 
 1. Starts N `llmopt serve` replicas (as `llmopt router --spawn N` does: --threads
    split between them) and `llmopt router --replica ...` over them, then calibrates
-   the simulator in this run, on this machine, through one replica as it serves:
+   the simulator in this run, on this machine, through the replicas as they serve, all
+   at once (they share the machine in the real run), the median of their figures:
    prefill tokens/s (one prompt at a time) and the decode step time at batch 1, 2, 4,
    8 and 16 (that many streamed answers at once), the overheads of serving (HTTP, the
    engine's own process) included, which an in-process engine would leave out.
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import httpx
@@ -90,8 +92,13 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[floa
     return (end if first is None else first), end
 
 
-async def calibrate(url: str, model: str, vocab: int, repeats: int, tg: int = 32) -> Calibration:
-    """Prefill tokens/s and decode tokens/s by batch, of the replica at `url`."""
+async def calibrate(
+    urls: list[str], model: str, vocab: int, repeats: int, tg: int = 32
+) -> Calibration:
+    """Prefill tokens/s and decode tokens/s by batch of one replica, measured on all the
+    replicas at `urls` at once (the median over them): in the real run they share the
+    machine's cores and memory, and one replica measured alone while the others idle
+    ran faster than any of them does there."""
     rng = random.Random(0)
 
     def body(prompt_tokens: int, max_tokens: int) -> dict:
@@ -99,18 +106,24 @@ async def calibrate(url: str, model: str, vocab: int, repeats: int, tg: int = 32
         return {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
 
+    async def on_all(make: Callable[[str], Awaitable[float]]) -> float:
+        return statistics.median(await asyncio.gather(*(make(url) for url in urls)))
+
     async with httpx.AsyncClient(timeout=600) as client:
-        await _stream(client, url, body(16, 4))  # warm-up
-        pp = 256
-        ttfts = [(await _stream(client, url, body(pp, 1)))[0] for _ in range(repeats)]
-        prefill = pp / statistics.median(ttfts)
+
+        async def prefill_of(url: str, pp: int = 256) -> float:
+            return pp / (await _stream(client, url, body(pp, 1)))[0]
+
+        async def decode_of(url: str, b: int) -> float:
+            runs = await asyncio.gather(*(_stream(client, url, body(64, tg)) for _ in range(b)))
+            # every answer's decode, from its first token to its end, at batch b
+            return b * (tg - 1) / statistics.median(end - first for first, end in runs)
+
+        await asyncio.gather(*(_stream(client, url, body(16, 4)) for url in urls))  # warm-up
+        prefill = statistics.median([await on_all(prefill_of) for _ in range(repeats)])
         decode = {}
         for b in BATCHES:
-            rates = []
-            for _ in range(repeats):
-                runs = await asyncio.gather(*(_stream(client, url, body(64, tg)) for _ in range(b)))
-                # every answer's decode, from its first token to its end, at batch b
-                rates.append(b * (tg - 1) / statistics.median(end - first for first, end in runs))
+            rates = [await on_all(lambda url, b=b: decode_of(url, b)) for _ in range(repeats)]
             decode[b] = statistics.median(rates)
     rates = ", ".join(f"{b}: {r:.0f}" for b, r in decode.items())
     source = f"measured in this run: prefill {prefill:.0f} tok/s, decode tok/s by batch {{{rates}}}"
@@ -252,7 +265,7 @@ def main() -> int:
         served = httpx.get(first + "/v1/models").json()["data"][0]["id"]
         status = httpx.get(first + "/v1/status").json()["models"][0]
         vocab = Tokenizer(hf_folder_for(path, Store(), console)).vocab_size
-        cal = asyncio.run(calibrate(first, served, vocab, a.repeats))
+        cal = asyncio.run(calibrate(replicas.urls, served, vocab, a.repeats))
         print(f"calibration: {cal.source}", file=sys.stderr)
         rate = a.load * a.replicas * capacity_rps(cal, WORKLOAD, a.seed, batch=cal.max_batch)
         requests = Generator(WORKLOAD, a.seed).arrivals(rate, a.duration)
