@@ -157,24 +157,11 @@ async def real_run(url: str, model: str, requests: list[Request], prompts: list[
 
         async def one(r: Request, ids: list[int]) -> tuple[float, float]:
             await asyncio.sleep(max(0.0, start + r.arrival - loop.time()))
-            body = {
-                "model": model,
-                "prompt": ids,
-                "max_tokens": r.output_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-            }
-            first = None
-            async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    raise RuntimeError(f"{resp.status_code}: {(await resp.aread())[:300]!r}")
-                async for line in resp.aiter_lines():
-                    chunk = line.startswith("data: {") and json.loads(line[6:])
-                    if first is None and chunk and chunk.get("choices"):
-                        first = loop.time() - start
-            end = loop.time() - start
-            return (end if first is None else first), end
+            sent = loop.time() - start
+            body = {"model": model, "prompt": ids, "max_tokens": r.output_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+            first, end = await _stream(client, url, body)
+            return sent + first, sent + end
 
         return await asyncio.gather(*(one(r, p) for r, p in zip(requests, prompts, strict=True)))
 

@@ -20,19 +20,19 @@ with an error event and `data: [DONE]`, as the router does.
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmopt.cluster.asgi import Head
 from llmopt.cluster.replica import REPLICA_HEADER
 from llmopt.cluster.request_router import routers_metrics
 from llmopt.cluster.routing import ANY_REQUEST
 from llmopt.openai_wire import APIError, authorized, sse, unauthorized
+from llmopt.router.app import add_error_handlers
 from llmopt.router.request_view import RequestView, read_request
 
 PASSED_HEADERS = {"content-type", "retry-after", "x-llmopt-cache", REPLICA_HEADER.lower()}
@@ -41,19 +41,7 @@ FAILED = (RayError, RayServeException)  # a replica died, or Ray could not reach
 app = FastAPI(title="llmopt cluster", docs_url=None, redoc_url=None)
 
 
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return _error_response(e)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return _error_response(APIError(e.status_code, str(e.detail), type=kind))
+add_error_handlers(app)
 
 
 def _unavailable(what: str) -> APIError:

@@ -34,6 +34,20 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-style error bodies for the app's APIErrors and Starlette's own HTTP errors
+    (an unknown route: 404 not_found_error); the router's app and the cluster's ingress."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, str(e.detail), type=kind))
+
+
 def create_app(config: RouterConfig) -> FastAPI:
     policy = make_policy(config.policy)
     timeout = httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s)
@@ -57,14 +71,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     app = FastAPI(title="llmopt router", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.router = router
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error_response(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(e.status_code, str(e.detail), type=kind))
+    add_error_handlers(app)
 
     @app.middleware("http")
     async def _auth(
