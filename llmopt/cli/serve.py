@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from llmopt.engine.async_engine import AsyncEngine
     from llmopt.server.model_manager import ModelManager
 
-DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
-
 
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before loading the model, so that a taken port fails in a second, clearly."""
@@ -204,22 +202,13 @@ def _manager(
 ) -> ModelManager:
     """The models, resolved, with the defaults for one model (no budget, loaded for good)
     or several (a share of the memory, keep-alive 300 s)."""
-    from llmopt.server.budget import default_budget_bytes, gb, with_kv_size
-    from llmopt.server.model_manager import ModelManager, ServedModel
+    from llmopt.server.budget import gb
+    from llmopt.server.model_manager import ModelManager
 
-    several = len(specs) > 1
-    if memory_budget is not None:
-        budget: int | None = int(memory_budget * 1e9)
-    else:
-        budget = default_budget_bytes(device) if several else None
-    if keep_alive is None:
-        keep_alive = DEFAULT_KEEP_ALIVE_S if several else -1
-    models = [
-        ServedModel(name, with_kv_size(config, budget) if budget else config)
-        for name, config in _models(specs, served_name, engine, console)
-    ]
-    manager = ModelManager(models, budget, None if keep_alive == -1 else keep_alive)
-    for m in models:
+    models = _models(specs, served_name, engine, console)
+    manager = ModelManager.with_defaults(models, device, memory_budget, keep_alive)
+    budget = manager.budget_bytes
+    for m in manager.models.values():
         if budget is not None and m.bytes > budget:
             console.print(
                 f"[yellow]warning:[/yellow] {m.name} needs about {gb(m.bytes)}, more than "

@@ -23,36 +23,24 @@ from llmopt.cluster.spec import ReplicaSpec
 from llmopt.device import resolve_device
 from llmopt.router.request_view import RequestView
 from llmopt.server.app import create_app
-from llmopt.server.budget import default_budget_bytes, with_kv_size
-from llmopt.server.model_manager import ModelManager, ServedModel
+from llmopt.server.model_manager import ModelManager
 from llmopt.server.service import Server
 from llmopt.store.resolve import resolve
 from llmopt.store.store import Store
 
 REPLICA_HEADER = "X-Llmopt-Replica"  # which replica answered: Ray's id for it
-DEFAULT_KEEP_ALIVE_S = 300.0  # serve's, for several models
 
 
 def build_manager(spec: ReplicaSpec) -> ModelManager:
     """The models resolved on this machine (pulled into its store if need be), with
-    `llmopt serve`'s defaults: one model has no budget and stays loaded; several share
-    half the memory and unload when idle for five minutes."""
+    `llmopt serve`'s defaults (ModelManager.with_defaults)."""
     store, console = Store(), Console(stderr=True)
-    several = len(spec.models) > 1
-    budget: int | None = None
-    if spec.memory_budget_gb is not None:
-        budget = int(spec.memory_budget_gb * 1e9)
-    elif several:
-        budget = default_budget_bytes(resolve_device(spec.engine.device))
-    keep = spec.keep_alive_s
-    if keep is None:
-        keep = DEFAULT_KEEP_ALIVE_S if several else -1
     models = []
     for typed in spec.models:
         name, path = resolve(typed, store, console)
-        config = spec.engine.replace(model=str(path))
-        models.append(ServedModel(name, with_kv_size(config, budget) if budget else config))
-    return ModelManager(models, budget, None if keep == -1 else keep)
+        models.append((name, spec.engine.replace(model=str(path))))
+    device = resolve_device(spec.engine.device)
+    return ModelManager.with_defaults(models, device, spec.memory_budget_gb, spec.keep_alive_s)
 
 
 class EngineReplica:

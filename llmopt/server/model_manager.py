@@ -22,16 +22,25 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from llmopt.engine.async_engine import AsyncEngine
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine_loop import EngineLoad
 from llmopt.errors import LlmoptError, UsageError
 from llmopt.openai_wire import APIError
-from llmopt.server.budget import estimate_bytes, fits_at_once, gb
+from llmopt.server.budget import (
+    default_budget_bytes,
+    estimate_bytes,
+    fits_at_once,
+    gb,
+    with_kv_size,
+)
 from llmopt.server.generation import RequestTimeout
 from llmopt.tokenizer import Tokenizer
 
 RETRY_AFTER_S = "5"  # a busy model may have finished by then; another replica may have room
+DEFAULT_KEEP_ALIVE_S = 300.0  # several models: Ollama's default, five minutes
 
 
 @dataclass(eq=False)
@@ -100,6 +109,32 @@ class ModelManager:
         # Prefix-cache counts of engines since unloaded, so that the server's totals
         # never go backwards.
         self.retired_prefix = (0, 0)
+
+    @classmethod
+    def with_defaults(
+        cls,
+        models: list[tuple[str, EngineConfig]],  # served name, config (model resolved)
+        device: torch.device,
+        memory_budget_gb: float | None,
+        keep_alive_s: float | None,  # -1: never unload
+    ) -> ModelManager:
+        """`llmopt serve`'s defaults where the settings are None: one model has no budget
+        and stays loaded; several share a part of the device's memory
+        (budget.default_budget_bytes), each KV cache sized within it, and unload after
+        DEFAULT_KEEP_ALIVE_S idle."""
+        several = len(models) > 1
+        budget: int | None = None
+        if memory_budget_gb is not None:
+            budget = int(memory_budget_gb * 1e9)
+        elif several:
+            budget = default_budget_bytes(device)
+        if keep_alive_s is None:
+            keep_alive_s = DEFAULT_KEEP_ALIVE_S if several else -1
+        served = [
+            ServedModel(name, with_kv_size(config, budget) if budget else config)
+            for name, config in models
+        ]
+        return cls(served, budget, None if keep_alive_s == -1 else keep_alive_s)
 
     # -- what the API reports -------------------------------------------------------------
 
