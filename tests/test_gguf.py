@@ -189,17 +189,17 @@ def test_gguf_and_hf_folder_loads_agree(tmp_path, smollm_folder, smollm_gguf, ar
     assert not (converted / "model.safetensors").exists()
 
 
-# The grid each block type runs on: bits of its codes (5-bit ones on the int8 kernels),
-# inputs per group, and the integer zero point of the symmetric ones.
+# The grid each block type runs on: bits of its codes, inputs per group, and the integer
+# zero point of the symmetric ones.
 GRIDS = {
     Q.Q8_0: (8, 32, 128),
     Q.Q4_0: (4, 32, 8),
-    Q.Q5_0: (8, 32, 16),
+    Q.Q5_0: (5, 32, 16),
     Q.Q6_K: (8, 16, 32),
     Q.Q4_1: (4, 32, None),
-    Q.Q5_1: (8, 32, None),
+    Q.Q5_1: (5, 32, None),
     Q.Q4_K: (4, 32, None),
-    Q.Q5_K: (8, 32, None),
+    Q.Q5_K: (5, 32, None),
     Q.MXFP4: (4, 32, 12),  # e2m1 nibbles, the integers 0..24 of the e2m1 codebook
 }
 
@@ -211,7 +211,7 @@ def test_quantized_blocks_hold_the_dequantized_weights(qtype) -> None:
     dense = dequantize(raw, qtype, (64, 512))
     bits, group, zero = GRIDS[qtype]
     assert (qw.bits, qw.group_size) == (bits, group)
-    assert int(qw.q.max()) < (32 if qtype in (Q.Q5_0, Q.Q5_1, Q.Q5_K) else 2**qw.bits)
+    assert int(qw.q.max()) < 2**qw.bits
     if zero is None:  # a float minimum: fractional zero points, to fp32 rounding
         torch.testing.assert_close(qw.dequantize(), dense, rtol=1e-6, atol=1e-6)
         with pytest.raises(ValueError, match="fractional"):
@@ -228,13 +228,15 @@ def test_quantized_blocks_hold_the_dequantized_weights(qtype) -> None:
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)
 def test_block_types_run_on_the_int_kernels(qtype) -> None:
-    """Each type's QuantLinear takes qgemv (int8 activations: close to the dense
-    product, not equal), and its embedding lookups are the dense rows."""
+    """Each type's QuantLinear takes qgemv at the type's own bits (int8 activations:
+    close to the dense product, not equal), and its embedding lookups are the dense
+    rows."""
     require_kernel(qgemv.load())
     raw = _blocks(qtype, 48, 512, seed=1)
     dense = dequantize(raw, qtype, (48, 512))
     layer = QuantLinear(quantized_weight(raw, qtype, (48, 512)), None, torch.device("cpu"))
     assert layer.kernel == "qgemv"
+    assert layer.wq.numel() == 48 * 512 * GRIDS[qtype][0] // 8
     x = torch.randn(5, 512)
     want = x @ dense.T
     assert ((layer(x) - want).norm() / want.norm()).item() < 0.02
@@ -245,7 +247,8 @@ def test_block_types_run_on_the_int_kernels(qtype) -> None:
 
 
 def test_fused_parts_on_different_grids_share_the_finest() -> None:
-    """q/k in Q5_0 and v in Q6_K fuse on int8 group 16, the same weights."""
+    """q/k in Q5_0 and v in Q6_K fuse on int8 group 16, the same weights; Q5_0 beside
+    Q4_K on int5 group 32."""
     cpu = torch.device("cpu")
     parts = [
         quantized_weight(_blocks(t, 32, 512, i), t, (32, 512))
@@ -257,6 +260,9 @@ def test_fused_parts_on_different_grids_share_the_finest() -> None:
     assert QuantLinear(fused, None, cpu).kernel in ("qgemv", None)
     with pytest.raises(ValueError, match="finer grid"):
         parts[2].regrid(8, 32)
+    five = QuantizedWeight.cat([p.regrid(5, 32) for p in parts[:2]])
+    assert torch.equal(five.dequantize(), torch.cat([p.dequantize() for p in parts[:2]]))
+    assert QuantLinear(five, None, cpu).kernel in ("qgemv", None)
 
 
 def test_gguf_blocks_run_as_stored(tmp_path, smollm_folder, smollm_gguf) -> None:

@@ -1,4 +1,4 @@
-"""The int4/int8/FP4 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
+"""The int4/int5/int8/FP4 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
 
 Its only approximation is rounding the activations to int8 per 64 inputs, so inputs
 that are already integers with 127 in every 64-block go through exactly, and the
@@ -34,7 +34,7 @@ FORMS = ["f32", "f16", "zero"]  # the kernels' forms of scale and offset
 
 
 def _op(w_k: torch.Tensor, bits: int | str, scale, offset, group: int) -> Operands:
-    """Operands of 4 or 8 bits, or of FP4 ("e2m1": 4-bit codes through the codebook)."""
+    """Operands of 4, 5 or 8 bits, or of FP4 ("e2m1": 4-bit codes through the codebook)."""
     if bits == "e2m1":
         return Operands(w_k, 4, scale, offset, group, "e2m1")
     return Operands(w_k, bits, scale, offset, group)
@@ -56,7 +56,7 @@ def _operands(n: int, k: int, bits: int | str, group: int, seed: int = 0, form: 
         offset = (offset + 1e-3 * torch.rand(offset.shape, generator=g)).half().float()
     code = (e2m1.CODES[q.long()] if fp4 else q).double() - base
     w = (code.view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
-    w_k = qgemv.pack_int4(q) if bits == 4 else code.to(torch.int8)
+    w_k = qgemv.pack_codes(q, bits) if bits < 8 else code.to(torch.int8)
     if form == "zero":
         return w_k, qgemv.block_rows(scale.half()), qgemv.block_rows(zero.to(torch.uint8)), w
     if form == "f16":
@@ -66,7 +66,7 @@ def _operands(n: int, k: int, bits: int | str, group: int, seed: int = 0, form: 
 
 CASES = [
     (4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192), (8, 16), (4, 16),
-    ("e2m1", 32), ("e2m1", 16), ("e2m1", 64),
+    ("e2m1", 32), ("e2m1", 16), ("e2m1", 64), (5, 32), (5, 16), (5, 64),
 ]  # fmt: skip
 
 
@@ -98,11 +98,22 @@ def test_bf16_activations_within_int8_rounding(bits: int | str, group: int, rows
     assert ((y.double() - ref).norm() / ref.norm()).item() < 0.02
 
 
-def test_int4_packing_round_trips() -> None:
-    q = torch.randint(0, 16, (8, 192), dtype=torch.uint8)
-    packed = qgemv.pack_int4(q)
-    assert packed.shape == (8, 96)
-    assert torch.equal(qgemv.unpack_int4(packed), q)
+@pytest.mark.parametrize("bits", [4, 5])
+def test_packing_round_trips(bits: int) -> None:
+    q = torch.randint(0, 2**bits, (8, 192), dtype=torch.uint8)
+    packed = qgemv.pack_codes(q, bits)
+    assert packed.shape == (8, 192 * bits // 8)
+    assert torch.equal(qgemv.unpack_codes(packed, bits), q)
+
+
+def test_int5_layout() -> None:
+    """A chunk's 40 bytes: the low nibbles as int4 packs them, then bit j of a
+    little-endian uint64 for input j's fifth bit."""
+    q = torch.zeros(1, 64, dtype=torch.uint8)
+    q[0, 3], q[0, 40], q[0, 63] = 17, 31, 16
+    packed = qgemv.pack_int5(q)[0]
+    assert packed[3] == 1 and packed[8] == 15 << 4  # input 40: the high nibble of byte 8
+    assert int.from_bytes(bytes(packed[32:].tolist()), "little") == (1 << 3) | (1 << 40) | (1 << 63)
 
 
 def test_shapes_it_does_not_take() -> None:
@@ -122,7 +133,9 @@ def test_shapes_it_does_not_take() -> None:
         KERNEL(x, Operands(w_k, 8, scale, zero, 64, "e2m1"))
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 256), (8, 16), (8, 32), (8, 256)])
+@pytest.mark.parametrize(
+    "bits,group", [(4, 32), (4, 64), (4, 256), (5, 32), (8, 16), (8, 32), (8, 256)]
+)
 def test_rows_are_independent(bits: int | str, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
     the other rows hold, and the same as the row alone (one arithmetic for every row

@@ -61,12 +61,12 @@ static int amx_ready(void) {
     return state;
 }
 
-/* One tile product into C from W tile A and x tile B: 4-bit codes are unsigned (times
+/* One tile product into C from W tile A and x tile B: 4- and 5-bit codes are unsigned (times
  * signed x), int8 holds q - 128 (signed times signed). Tile numbers are immediates,
  * hence a macro. */
 #define TDP(bits, C, A, B)         \
     do {                           \
-        if ((bits) == 4)           \
+        if ((bits) != 8)           \
             _tile_dpbusd(C, A, B); \
         else                       \
             _tile_dpbssd(C, A, B); \
@@ -83,7 +83,7 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int e2m1, int
             continue;
         }
         const uint8_t *src = w + (size_t)n * w_row + (size_t)c * QB * bits / 8;
-        if (bits == 4) { /* byte j: input j low, input j + 32 high */
+        if (bits != 8) { /* byte j: input j low, input j + 32 high */
             const __m256i v = _mm256_loadu_si256((const __m256i *)src);
             const __m256i low = _mm256_set1_epi8(0x0f);
             __m256i lo = _mm256_and_si256(v, low);
@@ -93,6 +93,12 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int e2m1, int
                     _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
                 lo = _mm256_shuffle_epi8(t, lo);
                 hi = _mm256_shuffle_epi8(t, hi);
+            }
+            if (bits == 5) { /* the fifth bits (qgemv.c's layout) */
+                uint64_t hb;
+                memcpy(&hb, src + 32, 8);
+                lo = _mm256_or_si256(lo, fifth_bits32((uint32_t)hb));
+                hi = _mm256_or_si256(hi, fifth_bits32((uint32_t)(hb >> 32)));
             }
             _mm256_storeu_si256((__m256i *)a[0][n], lo);
             _mm256_storeu_si256((__m256i *)a[1][n], hi);

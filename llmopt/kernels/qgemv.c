@@ -36,6 +36,11 @@
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
+ *   bits 5: (N, 5 K / 8) bytes; per 64 inputs, 40 bytes: the 32 bytes of bits 4 (the
+ *           low 4 bits of each code), then a little-endian uint64 whose bit j is input
+ *           j's fifth bit, q in 0..31: GGUF's Q5_0, Q5_1 and Q5_K run at their own
+ *           bytes, unpacked to the int4 arithmetic (a pair of products is at most
+ *           2 * 31 * 127, inside int16, as int4's). K % 64 == 0.
  *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
  * codebook: CODEBOOK_NONE, or with bits 4 CODEBOOK_E2M1: each nibble is an FP4 (e2m1)
  *   value, sign and magnitude, which the unpacking maps through a 16-entry table to
@@ -80,6 +85,16 @@ static const uint8_t E2M1_CODES[16] = {12, 13, 14, 15, 16, 18, 20, 24,
 
 /* A 4-bit code's integer: itself, or its e2m1 table entry. */
 static inline int code4(int nibble, int e2m1) { return e2m1 ? E2M1_CODES[nibble] : nibble; }
+
+/* Bytes of a row of W per 64-input chunk: 32, 40 or 64. */
+static inline size_t chunk_bytes(int bits) { return (size_t)QB * bits / 8; }
+
+/* The code of input j (0..63) of chunk c of a row of W (wn) in the 4- or 5-bit layout. */
+static inline int packed_code(const uint8_t *wn, int c, int j, int bits, int e2m1) {
+    const uint8_t *ch = wn + (size_t)c * chunk_bytes(bits);
+    const int q = code4((ch[j % 32] >> (j < 32 ? 0 : 4)) & 15, e2m1);
+    return bits == 5 ? q | ((ch[32 + j / 8] >> (j % 8)) & 1) << 4 : q;
+}
 
 /* Bytes per element of the scales and of the offsets (or zero points) in form `meta`. */
 static inline size_t scale_bytes(int meta) { return meta == META_F32 ? 4 : 2; }
@@ -156,6 +171,20 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
  *   - the epilogue (store8): y = v * row scale + bias + sum_g offset[n, g] * xsum[m, g].
  * Only the order of integer additions differs between the blocks, and that is exact. */
 
+/* 32 fifth bits (bit j: byte j) as 32 bytes, 16 where the bit is set, else 0: what the
+ * 5-bit layout adds to the unpacked low nibbles. */
+static inline __m256i fifth_bits32(uint32_t m) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(LLMOPT_QGEMV_AVX2)
+    return _mm256_maskz_mov_epi8((__mmask32)m, _mm256_set1_epi8(16));
+#else /* byte j takes byte j / 8 of m, then tests its bit j % 8 */
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2,
+                                            2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
+#endif
+}
+
 /* The integer partial sums of one chunk of a row of W (its bytes at wc) against `nrows`
  * (1 or 2, a constant once inlined) rows of x: d[r][u], 8 int32 lanes for each of the
  * chunk's `units` units (lane i holds inputs 4i .. 4i + 3 of a 32-input half: a
@@ -171,7 +200,7 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
                                                              const int8_t *xb) {
     const __m256i zero = _mm256_setzero_si256();
     __m256i w0, w1, s0 = zero, s1 = zero;
-    if (bits == 4) { /* byte j: input j in the low nibble, j + 32 in the high one */
+    if (bits != 8) { /* byte j: input j in the low nibble, j + 32 in the high one */
         const __m256i low = _mm256_set1_epi8(0x0f);
         const __m256i v = _mm256_loadu_si256((const __m256i *)wc);
         w0 = _mm256_and_si256(v, low);
@@ -181,6 +210,12 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
                 _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_CODES));
             w0 = _mm256_shuffle_epi8(t, w0);
             w1 = _mm256_shuffle_epi8(t, w1);
+        }
+        if (bits == 5) {
+            uint64_t hb;
+            memcpy(&hb, wc + 32, 8);
+            w0 = _mm256_or_si256(w0, fifth_bits32((uint32_t)hb));
+            w1 = _mm256_or_si256(w1, fifth_bits32((uint32_t)(hb >> 32)));
         }
     } else {
         s0 = _mm256_loadu_si256((const __m256i *)wc);
@@ -209,9 +244,9 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
         if (units > 1) {
             d[r][0] = _mm256_madd_epi16(h0, ones);
             d[r][1] = _mm256_madd_epi16(h1, ones);
-        } else { /* 4-bit: the halves add in int16 (|sum| <= 4 * 24 * 127); int8's would
-                  * overflow */
-            d[r][0] = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
+        } else { /* 4- and 5-bit: the halves add in int16 (|sum| <= 4 * 31 * 127); int8's
+                  * would overflow */
+            d[r][0] = bits != 8 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                                 : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
                                                    _mm256_madd_epi16(h1, ones));
         }
@@ -248,12 +283,11 @@ static inline __attribute__((always_inline)) void rows8(__m256 v[2], int nrows,
                                                         const int8_t *xb, const float *da,
                                                         const float *db, int nc,
                                                         __m256i *lanes) {
-    const size_t chunk_bytes = (size_t)QB * bits / 8;
     const int nu = units * nc;
     for (int i = 0; i < 8; i++)
         for (int c = 0; c < nc; c++) {
             __m256i d[2][4];
-            chunk_dots(d, nrows, wi[i] + c * chunk_bytes, bits, e2m1, units, xa + c * QB,
+            chunk_dots(d, nrows, wi[i] + c * chunk_bytes(bits), bits, e2m1, units, xa + c * QB,
                        xb + c * QB);
             for (int r = 0; r < nrows; r++)
                 for (int h = 0; h < units; h++)
@@ -422,8 +456,9 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2
     __m512i z[8];
     for (int p = 0; p < 8; p++) {
         const int a = p < 4 ? p : p + 4; /* rows a and a + 4 */
-        const __m256i lo = _mm256_loadu_si256((const __m256i *)(wr[a] + (size_t)c * 32));
-        const __m256i hi = _mm256_loadu_si256((const __m256i *)(wr[a + 4] + (size_t)c * 32));
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(wr[a] + c * chunk_bytes(bits)));
+        const __m256i hi =
+            _mm256_loadu_si256((const __m256i *)(wr[a + 4] + c * chunk_bytes(bits)));
         z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     }
     transpose4_in_lanes(z, 8);
@@ -438,6 +473,30 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2
     if (e2m1) { /* nibbles to codes, as chunk_dots does */
         const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)E2M1_CODES));
         for (int j = 0; j < 16; j++) out[j] = _mm512_shuffle_epi8(t, out[j]);
+    }
+    if (bits == 5) { /* out[t]'s lane i takes bits 4t .. 4t + 3 of row i's fifth bits */
+        uint64_t hb[16];
+        for (int i = 0; i < 16; i++) memcpy(&hb[i], wr[i] + c * chunk_bytes(5) + 32, 8);
+        const __m512i h0 = _mm512_loadu_si512(hb), h1 = _mm512_loadu_si512(hb + 8);
+        /* lane i: the low (inputs 0-31) or high (32-63) half of row i's bits */
+        const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(h0)),
+                                              _mm512_cvtepi64_epi32(h1), 1);
+        const __m512i hi = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srli_epi64(h0, 32))),
+            _mm512_cvtepi64_epi32(_mm512_srli_epi64(h1, 32)), 1);
+        /* 4 bits -> 4 bytes of 16 or 0: a 16-entry dword table (vpermd reads an index's
+         * low 4 bits) */
+        int32_t table[16];
+        for (int n = 0; n < 16; n++)
+            table[n] = (n & 1 ? 16 : 0) | (n & 2 ? 16 << 8 : 0) | (n & 4 ? 16 << 16 : 0) |
+                       (n & 8 ? 16 << 24 : 0);
+        const __m512i spread = _mm512_loadu_si512(table);
+        for (int t = 0; t < 8; t++) {
+            out[t] = _mm512_or_si512(
+                out[t], _mm512_permutexvar_epi32(_mm512_srli_epi32(lo, 4 * t), spread));
+            out[8 + t] = _mm512_or_si512(
+                out[8 + t], _mm512_permutexvar_epi32(_mm512_srli_epi32(hi, 4 * t), spread));
+        }
     }
 }
 
@@ -608,9 +667,8 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int e2m1, in
                 int32_t dot[4] = {0, 0, 0, 0}; /* the chunk's quarters */
                 for (int j = 0; j < QB; j++) {
                     const int k = c * QB + j;
-                    const int q =
-                        bits == 4 ? code4((wn[c * 32 + j % 32] >> (j < 32 ? 0 : 4)) & 15, e2m1)
-                                  : ((const int8_t *)wn)[k];
+                    const int q = bits != 8 ? packed_code(wn, c, j, bits, e2m1)
+                                            : ((const int8_t *)wn)[k];
                     dot[j / 16] += q * xq[(size_t)m * K + k];
                 }
                 const float xdc = xd[(size_t)m * nc + c];
@@ -695,6 +753,8 @@ static int run_tiles(const Call *a) {
            a->xsum, xi, a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
             if (a->bits == 4)
                 a->units == 4 ? TILE16(4, 4) : a->units == 2 ? TILE16(4, 2) : TILE16(4, 1);
+            else if (a->bits == 5)
+                a->units == 4 ? TILE16(5, 4) : a->units == 2 ? TILE16(5, 2) : TILE16(5, 1);
             else
                 a->units == 4 ? TILE16(8, 4) : a->units == 2 ? TILE16(8, 2) : TILE16(8, 1);
 #undef TILE16
@@ -730,6 +790,8 @@ static int run_blocks(const Call *a) {
                         : BLOCK8(B, H, META_F32))
         if (a->bits == 4)
             a->units == 4 ? BY_META(4, 4) : a->units == 2 ? BY_META(4, 2) : BY_META(4, 1);
+        else if (a->bits == 5)
+            a->units == 4 ? BY_META(5, 4) : a->units == 2 ? BY_META(5, 2) : BY_META(5, 1);
         else
             a->units == 4 ? BY_META(8, 4) : a->units == 2 ? BY_META(8, 2) : BY_META(8, 1);
 #undef BY_META
@@ -742,7 +804,7 @@ static int run_blocks(const Call *a) {
 /* Whether qgemv and qdequant take these shapes and forms. */
 static int takes(int K, int bits, int group, int meta, int codebook) {
     return K % QB == 0 && K % group == 0 && (group == 16 || group == 32 || group % QB == 0) &&
-           (bits == 4 || bits == 8) && meta >= META_F32 && meta <= META_ZERO &&
+           (bits == 4 || bits == 5 || bits == 8) && meta >= META_F32 && meta <= META_ZERO &&
            (codebook == CODEBOOK_NONE || (codebook == CODEBOOK_E2M1 && bits == 4));
 }
 
@@ -811,12 +873,10 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
             const float o = meta == META_ZERO ? zero_offset(scale, offset, on + FS * g, bits)
                                               : load_meta(offset, on + FS * g, meta == META_F16);
             float *yk = out_bf16 ? buf : (float *)out + (size_t)n * K + k0;
-            if (bits == 4) { /* the low nibbles of a chunk's bytes, or the high ones */
-                const uint8_t *b = wn + (k0 / QB) * 32 + k0 % 32;
-                const int shift = (k0 % QB) >= 32 ? 4 : 0;
+            if (bits != 8) {
 #pragma omp simd
                 for (int j = 0; j < 16; j++)
-                    yk[j] = s * (float)code4((b[j] >> shift) & 15, e2m1) + o;
+                    yk[j] = s * (float)packed_code(wn, k0 / QB, k0 % QB + j, bits, e2m1) + o;
             } else {
                 const int8_t *q = (const int8_t *)wn + k0;
 #pragma omp simd

@@ -1,5 +1,5 @@
-"""Binding for qgemv.c: weight-only int4/int8 (and FP4, 4-bit codes through the e2m1
-table) times a few rows of activations on the CPU, with the activations quantized to
+"""Binding for qgemv.c: weight-only int4/int5/int8 (and FP4, 4-bit codes through the
+e2m1 table) times a few rows of activations on the CPU, with the activations quantized to
 int8 per 64 inputs (see the C source for the arithmetic and the error it adds). Layout
 helpers for its int4 packing live here too.
 """
@@ -19,7 +19,7 @@ CHUNK = 64  # inputs per activation scale and per int4 chunk (QB)
 def supports(bits: int, in_features: int, group_size: int) -> bool:
     """Whether the kernel takes this weight shape."""
     return (
-        bits in (4, 8)
+        bits in (4, 5, 8)
         and in_features % CHUNK == 0
         and in_features % group_size == 0
         and (group_size in (16, 32) or group_size % CHUNK == 0)
@@ -51,6 +51,38 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([v & 0x0F, v >> 4], dim=2).reshape(n, 2 * half)
 
 
+_BIT = 1 << torch.arange(8, dtype=torch.uint8)  # bit j of a byte
+
+
+def pack_int5(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..31 -> (N, 5 K / 8) bytes: per 64 inputs, pack_int4's 32 bytes
+    of the low 4 bits, then 8 bytes holding input j's fifth bit as bit j (little-endian)."""
+    n, k = q.shape
+    q = q.to(torch.uint8)
+    low = pack_int4(q & 0x0F).view(n, k // CHUNK, 32)
+    high = ((q >> 4).view(n, k // CHUNK, 8, 8) * _BIT).sum(-1, dtype=torch.uint8)
+    return torch.cat([low, high], dim=2).reshape(n, k * 5 // 8)
+
+
+def unpack_int5(w: torch.Tensor) -> torch.Tensor:
+    """pack_int5 turned around: (N, 5 K / 8) bytes -> (N, K) uint8 codes."""
+    n = w.shape[0]
+    v = w.view(n, -1, 40)
+    low = unpack_int4(v[..., :32].reshape(n, -1))
+    high = ((v[..., 32:, None] & _BIT) != 0).to(torch.uint8).reshape(n, -1)
+    return low | (high << 4)
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) codes of 4 or 5 bits in qgemv's layout for `bits`."""
+    return pack_int4(q) if bits == 4 else pack_int5(q)
+
+
+def unpack_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_codes turned around."""
+    return unpack_int4(w) if bits == 4 else unpack_int5(w)
+
+
 # The kernels' forms of scale and offset (qgemv.c's META_*), by the dtypes of the two.
 _META_FORMS = {
     (torch.float32, torch.float32): 0,  # fp32 scales, blocked fp32 offsets
@@ -67,7 +99,7 @@ class Operands(NamedTuple):
     Scales and offsets in block_rows' layout. With codebook "e2m1" the 4-bit codes are
     FP4 values, q = weights.e2m1.CODES[nibble]."""
 
-    w: torch.Tensor  # (N, K / 2) pack_int4 bytes, or (N, K) int8 holding q - 128
+    w: torch.Tensor  # (N, K bits / 8) pack_codes bytes, or (N, K) int8 holding q - 128
     bits: int
     scale: torch.Tensor  # (ceil(N / 8), G, 8) fp32, or fp16
     offset: torch.Tensor  # the same in scale's dtype, or uint8 zero points
@@ -81,7 +113,7 @@ class Operands(NamedTuple):
         meta = _META_FORMS.get((self.scale.dtype, self.offset.dtype))
         if meta is None:
             raise ValueError("qgemv takes fp32 or fp16 scales and offsets, or uint8 zeros")
-        n, k = self.w.shape[0], self.w.shape[1] * (8 // self.bits)
+        n, k = self.w.shape[0], self.w.shape[1] * 8 // self.bits
         if not supports(self.bits, k, self.group_size):
             raise self.refused(k)
         blocked = (-(-n // 8), k // self.group_size, 8)

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 / FP4 linear layers: y = x dequant(W)^T (+ b).
+"""Weight-only int8 / int5 / int4 / FP4 linear layers: y = x dequant(W)^T (+ b).
 
 FP4 (e2m1 codes, weights/fp4.py) is an int4 grid whose nibbles stand for the integers
 of weights.e2m1.CODES: qgemv maps them as it unpacks them; elsewhere the layer holds
@@ -109,8 +109,12 @@ class QuantLinear(nn.Module):
         supported = qgemv.supports(self.bits, self.in_features, self.group_size)
         kernel = qgemv.load() if supported else None
         if kernel is not None:
-            # int8 as signed q - 128 (kernel_metadata's offsets take the 128 back)
-            wq = qgemv.pack_int4(qw.q) if self.bits == 4 else _signed_int8(qw.q, self.consume)
+            # 4 and 5 bits packed; int8 as signed q - 128 (kernel_metadata's offsets take
+            # the 128 back)
+            if self.bits < 8:
+                wq = qgemv.pack_codes(qw.q, self.bits)
+            else:
+                wq = _signed_int8(qw.q, self.consume)
             self.register_buffer("wq", wq)
             kscale, koffset = qgemv.kernel_metadata(self.scale, qw.zero.float(), self.bits)
             self.register_buffer("kscale", kscale)  # what decode reads: fp16 or fp32
@@ -195,8 +199,8 @@ class QuantLinear(nn.Module):
             return self.q
         if self.kernel == "int4":
             return _int4pack_codes(self.w4, self.out_features, self.in_features)
-        if self.bits == 4:  # qgemv's packing
-            return self._grid(qgemv.unpack_int4(self.wq))
+        if self.bits < 8:  # qgemv's packing
+            return self._grid(qgemv.unpack_codes(self.wq, self.bits))
         signed = self.wq if self.kernel == "qgemv" else self.w8  # int8 kernels: q - 128
         return signed.to(torch.int16) + 128
 
@@ -211,8 +215,8 @@ class QuantLinear(nn.Module):
         from qgemv's operands alone: a quantized embedding table's lookups."""
         assert self.kernel == "qgemv", "rows are decoded from qgemv's operands"
         g = self.group_size
-        w = self.wq[ids]  # (T, in / 2) packed int4, or (T, in) int8 q - 128
-        codes = (self._grid(qgemv.unpack_int4(w)) if self.bits == 4 else w).float()
+        w = self.wq[ids]  # (T, in bits / 8) packed codes, or (T, in) int8 q - 128
+        codes = (self._grid(qgemv.unpack_codes(w, self.bits)) if self.bits < 8 else w).float()
         block, lane = ids // 8, ids % 8  # block_rows' layout: (N / 8, G, 8)
         scale = self.kscale[block, :, lane].float()  # (T, G)
         offset = self.koffset[block, :, lane]

@@ -47,16 +47,15 @@ from gguf import GGMLQuantizationType as Q
 from llmopt.weights import e2m1, fp4
 from llmopt.weights.qweight import QuantizedWeight
 
-# Bytes and weights of one block, and the bits and group of the grid it decodes to (Q5
-# codes take the int8 kernels: they have no 5-bit ones).
+# Bytes and weights of one block, and the bits and group of the grid it decodes to.
 BLOCKS: dict[Q, tuple[int, int, int, int]] = {
     Q.Q8_0: (34, 32, 8, 32),
     Q.Q4_0: (18, 32, 4, 32),
     Q.Q4_1: (20, 32, 4, 32),
-    Q.Q5_0: (22, 32, 8, 32),
-    Q.Q5_1: (24, 32, 8, 32),
+    Q.Q5_0: (22, 32, 5, 32),
+    Q.Q5_1: (24, 32, 5, 32),
     Q.Q4_K: (144, 256, 4, 32),
-    Q.Q5_K: (176, 256, 8, 32),
+    Q.Q5_K: (176, 256, 5, 32),
     Q.Q6_K: (210, 256, 8, 16),
     Q.MXFP4: (17, 32, 4, 32),
     Q.NVFP4: (36, 64, 4, 16),
