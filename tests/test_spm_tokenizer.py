@@ -221,3 +221,40 @@ def test_gemma3_ids_match_llama_cpp(gemma3_gguf: Path, both) -> None:
         if " " * 32 in text or "\u2581" in text:
             continue
         assert native.encode(text) == ref.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def test_an_older_converted_folder_gets_the_files_it_lacks(smollm_gguf: Path) -> None:
+    """A folder converted before the format file existed is read again for its tokenizer
+    (only: its weights stay), then marked; SmolLM2's byte-level vocabulary gets no
+    tokenizer.spm."""
+    from llmopt.loader.converted_format import FORMAT, FORMAT_FILE, format_of
+    from llmopt.loader.load import hf_folder_for
+
+    store = Store()  # the test's own home (conftest's isolated_home)
+    folder = hf_folder_for(smollm_gguf, store, Console(stderr=True))
+    assert format_of(folder) == FORMAT and not (folder / FILENAME).exists()
+    (folder / FORMAT_FILE).unlink()
+    config_written = (folder / "config.json").stat().st_mtime_ns
+    assert format_of(folder) == 1
+    hf_folder_for(smollm_gguf, store, Console(stderr=True))
+    assert format_of(folder) == FORMAT
+    assert (folder / "config.json").stat().st_mtime_ns == config_written
+
+
+def test_only_gemma_style_vocabularies_get_the_native_file() -> None:
+    from llmopt.loader.gguf_tokenizer import spm_vocabulary
+
+    meta = {
+        "general.architecture": "gemma3",
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": ["<unk>", "<bos>", "  ", "\n", "a"],
+        "tokenizer.ggml.token_type": [2, 3, 4, 4, 1],
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
+    vocab = spm_vocabulary(meta)
+    assert vocab is not None
+    assert vocab.tokens == ["<unk>", "<bos>", "▁▁", "\n", "a"]
+    assert vocab.flags == [0, ADDED | SPECIAL, 0, ADDED, 0]
+    assert vocab.scores == [0.0, -1.0, -2.0, -3.0, -4.0]
+    assert spm_vocabulary({**meta, "general.architecture": "llama"}) is None
+    assert spm_vocabulary({**meta, "tokenizer.ggml.model": "gpt2"}) is None
