@@ -1,8 +1,11 @@
 """Tokenizer and chat template of a model folder, without importing transformers.
 
-Reads tokenizer.json (the `tokenizers` library) and the chat template from
-tokenizer_config.json or chat_template.jinja, and renders templates with a sandboxed
-jinja2 environment set up the way Hugging Face templates expect.
+Reads the vocabulary through a backend (llmopt/vocab): the native SentencePiece BPE
+where the folder has a tokenizer.spm (a converted GGUF's, a few MB where `tokenizers`
+holds about 100 MB) and a C compiler is at hand, else tokenizer.json through the
+`tokenizers` library. The chat template comes from tokenizer_config.json or
+chat_template.jinja, rendered with a sandboxed jinja2 environment set up the way
+Hugging Face templates expect.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer as HFTokenizer
-
-from llmopt import heap
 from llmopt.errors import ModelFormatError, UsageError
+from llmopt.vocab.backend import HFBackend, TokenizerBackend
+from llmopt.vocab.spm import SpmBackend
+from llmopt.vocab.spm_file import FILENAME as SPM_FILENAME
 
 # For models without a template (base models): a plain transcript.
 _PLAIN_TEMPLATE = (
@@ -31,16 +34,23 @@ def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def load_backend(folder: Path) -> TokenizerBackend:
+    """The native tokenizer where the folder has its file and C code can be built, else
+    tokenizer.json's."""
+    spm = folder / SPM_FILENAME
+    if spm.is_file():
+        native = SpmBackend.load(spm)
+        if native is not None:
+            return native
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ModelFormatError(f"{folder} has no tokenizer.json")
+    return HFBackend(path)
+
+
 class Tokenizer:
     def __init__(self, folder: Path) -> None:
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise ModelFormatError(f"{folder} has no tokenizer.json")
-        try:
-            self._tk = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ModelFormatError(f"{path} could not be read: {e}") from e
-        heap.trim()  # the JSON parse's garbage: twice the tokenizer, on big vocabularies
+        self._tk = load_backend(folder)
         cfg_path = folder / "tokenizer_config.json"
         cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
@@ -61,13 +71,14 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tk.get_vocab_size(with_added_tokens=True)
+        return self._tk.vocab_size
 
     def same_vocabulary(self, other: Tokenizer) -> bool:
         """Whether both map every token text to the same id (a draft model's check)."""
-        return self._tk.get_vocab(with_added_tokens=True) == other._tk.get_vocab(
-            with_added_tokens=True
-        )
+        a, b = self._tk, other._tk
+        # Two native vocabularies from one file need no dicts of 262k entries.
+        quick = isinstance(a, SpmBackend) and isinstance(b, SpmBackend) and a.same_file(b)
+        return quick or a.vocabulary() == b.vocabulary()
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self._tk.token_to_id(token)
@@ -82,7 +93,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text are recognised."""
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = self._tk.encode(text)
         bos = self.bos_id
         want_bos = self.add_bos if add_bos is None else add_bos
         if want_bos and bos is not None and (not ids or ids[0] != bos):
@@ -90,7 +101,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tk.decode(ids, skip_special_tokens=True)
+        return self._tk.decode(ids)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the chat template applied to `messages`, ready for a reply. A

@@ -30,7 +30,6 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
             "llmopt.config",
             "llmopt.device",
             "llmopt.corpus",
-            "llmopt.tokenizer",
             "llmopt.atomic",
             "llmopt.heap",
             "llmopt.home",
@@ -39,23 +38,28 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     ),
     (("llmopt.store",),),  # 1
     (("llmopt.kernels",),),  # 2
-    (("llmopt.weights",),),  # 3
-    (("llmopt.layers",),),  # 4
-    (("llmopt.models",),),  # 5
-    # 6: the split of a model over ranks: its weights' shards (which the loader cuts),
+    # 3: the tokenizer and its backends (vocab/). It was foundation until its native
+    # SentencePiece backend came to run C code through the kernels' build; no module
+    # below it needs a tokenizer, and the loader (which writes the vocabulary file) and
+    # everything that tokenizes sit above.
+    (("llmopt.tokenizer", "llmopt.vocab"),),
+    (("llmopt.weights",),),  # 4
+    (("llmopt.layers",),),  # 5
+    (("llmopt.models",),),  # 6
+    # 7: the split of a model over ranks: its weights' shards (which the loader cuts),
     # the communicating layers and a worker's loop; the engine's runner drives it.
     (("llmopt.distributed",),),
-    (("llmopt.loader",),),  # 7
-    # 8: peers. Quantization runs forward passes through models/scoring.py, never an
+    (("llmopt.loader",),),  # 8
+    # 9: peers. Quantization runs forward passes through models/scoring.py, never an
     # engine; the engine never needs quant/.
     (("llmopt.engine",), ("llmopt.quant",)),
-    # 9: peers. The router speaks HTTP to replicas: it never imports the engine.
+    # 10: peers. The router speaks HTTP to replicas: it never imports the engine.
     (("llmopt.bench",), ("llmopt.server",), ("llmopt.router",)),
-    # 10: the Ray Serve deployment. Its replicas run the server (server/) and its request
-    # router runs the router's policies (router/): it needs both peers of layer 9, so
+    # 11: the Ray Serve deployment. Its replicas run the server (server/) and its request
+    # router runs the router's policies (router/): it needs both peers of layer 10, so
     # it sits above them rather than in either (the router must never import the engine).
     (("llmopt.cluster",),),
-    (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 11 the surfaces
+    (("llmopt.cli", "llmopt.__main__", "llmopt"),),  # 12 the surfaces
 )
 
 

@@ -43,6 +43,11 @@ def test_checker_flags_upward_peer_and_unplaced_imports(
             "llmopt/__init__.py": "",
             "llmopt/errors.py": "",
             "llmopt/config.py": "from llmopt.errors import UsageError\n",  # foundation: fine
+            # The tokenizer sits above the kernels (its native backend runs C code), so
+            # it may use them, and the foundation may no longer use it.
+            "llmopt/tokenizer.py": "from llmopt.kernels import build\n",
+            "llmopt/kernels/__init__.py": "",
+            "llmopt/corpus.py": "from llmopt.tokenizer import Tokenizer\n",
             "llmopt/engine/__init__.py": "",
             "llmopt/engine/y.py": "from llmopt.layers import x\n",  # downward: fine
             "llmopt/layers/__init__.py": "",
@@ -56,12 +61,13 @@ def test_checker_flags_upward_peer_and_unplaced_imports(
         },
     )
     assert check_layers.violations(root) == [
-        "llmopt/bench/__init__.py:1: llmopt.bench -> llmopt.server.b (layer 9 imports layer 9)",
-        "llmopt/layers/x.py:2: llmopt.layers.x -> llmopt.engine.y (layer 4 imports layer 8)",
+        "llmopt/bench/__init__.py:1: llmopt.bench -> llmopt.server.b (layer 10 imports layer 10)",
+        "llmopt/corpus.py:1: llmopt.corpus -> llmopt.tokenizer (layer 0 imports layer 3)",
+        "llmopt/layers/x.py:2: llmopt.layers.x -> llmopt.engine.y (layer 5 imports layer 9)",
         "llmopt/new/__init__.py:1: llmopt.new is in no layer (add it to LAYERS)",
-        "llmopt/quant/a.py:1: llmopt.quant.a -> llmopt.server.b (layer 8 imports layer 9)",
-        "llmopt/quant/a.py:2: llmopt.quant.a -> llmopt.engine.y (layer 8 imports layer 8)",
-        "llmopt/weights/w.py:1: llmopt.weights.w -> llmopt (layer 3 imports layer 11)",
+        "llmopt/quant/a.py:1: llmopt.quant.a -> llmopt.server.b (layer 9 imports layer 10)",
+        "llmopt/quant/a.py:2: llmopt.quant.a -> llmopt.engine.y (layer 9 imports layer 9)",
+        "llmopt/weights/w.py:1: llmopt.weights.w -> llmopt (layer 4 imports layer 12)",
         "llmopt/weights/w.py:2: llmopt.weights.w -> llmopt.new (llmopt.new is in no layer)",
     ]
     assert check_layers.main(["check_layers.py", str(root)]) == 1

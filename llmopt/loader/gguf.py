@@ -12,9 +12,12 @@ from typing import Any
 from llmopt.atomic import atomic_dir, atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
-from llmopt.loader.gguf_tokenizer import build_tokenizer
+from llmopt.loader.converted_format import FORMAT, FORMAT_FILE
+from llmopt.loader.gguf_tokenizer import build_tokenizer, spm_vocabulary
 from llmopt.loader.gguf_weights import INDEX, Weight, hf_weights, records_of, write_index
 from llmopt.models.registry import hf_architecture_for_gguf
+from llmopt.vocab.spm_file import FILENAME as SPM_FILENAME
+from llmopt.vocab.spm_file import write_spm
 
 
 class GGUFFile:
@@ -149,6 +152,15 @@ class GGUFFile:
                 json.dumps(self.tokenizer_config(), indent=2)
             )
             write_index(self.reader, self.arch, tmp / INDEX)
+            self.upgrade(tmp)
+
+    def upgrade(self, folder: Path) -> None:
+        """Add what a converted folder of an older format lacks, then mark it current."""
+        vocab = spm_vocabulary(self.meta)
+        if vocab is not None:
+            write_spm(vocab, folder / SPM_FILENAME)
+        with atomic_file(folder / FORMAT_FILE) as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT}))
 
     def write_dense(self, folder: Path) -> None:
         """Add fp32 safetensors of every weight to a converted folder (what quantizing

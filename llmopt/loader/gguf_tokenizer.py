@@ -3,7 +3,9 @@
 Byte-level BPE vocabularies (GGUF model "gpt2": GPT-2, SmolLM, Llama 3, Qwen2) are
 built here directly from tokens and merges, with the pre-tokenizer split that
 llama.cpp uses for the file's `tokenizer.ggml.pre`. Other kinds (SentencePiece
-"llama") go through transformers' GGUF converter, which is slower but general.
+"llama") go through transformers' GGUF converter, which is slower but general; for
+Gemma's, `spm_vocabulary` also gives the compact file of the native tokenizer, which
+reproduces that converter's tokenizer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from llmopt.errors import ModelFormatError
+from llmopt.vocab.spm_file import ADDED, SPECIAL, SpmVocab
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (
@@ -49,6 +52,11 @@ class _Unsupported(Exception):
 
 # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _CONTROL, _USER_DEFINED = 3, 4
+# The architectures whose SentencePiece vocabulary transformers converts with
+# `gemma_tokenizer` (integrations/gguf/gguf_tokenizer_mapping.py): ' ' becomes U+2581, no
+# prefix space, merges ranked by the tokens' order in the file. The native tokenizer
+# reproduces that one; other SentencePiece files stay on tokenizer.json.
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 def build_tokenizer(meta: dict[str, Any], gguf_path: Path, out_dir: Path) -> Tokenizer:
@@ -62,6 +70,37 @@ def build_tokenizer(meta: dict[str, Any], gguf_path: Path, out_dir: Path) -> Tok
     if kind is None:
         raise ModelFormatError(f"{gguf_path.name} carries no tokenizer")
     return _via_transformers(gguf_path, out_dir)
+
+
+def spm_vocabulary(meta: dict[str, Any]) -> SpmVocab | None:
+    """The native tokenizer's vocabulary for a Gemma-style SentencePiece file, built the
+    way transformers builds its tokenizer from it; None for any other vocabulary."""
+    if meta.get("tokenizer.ggml.model") != "llama":
+        return None
+    if meta.get("general.architecture") not in _GEMMA_ARCHS:
+        return None
+    if meta.get("tokenizer.ggml.add_space_prefix", False):
+        return None  # transformers' Gemma tokenizer never adds one: not what it means
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] | None = meta.get("tokenizer.ggml.token_type")
+    if types is None or len(types) != len(tokens):
+        return None
+    # Gemma files store the runs of spaces as spaces; the tokenizer spells them U+2581,
+    # the character a space becomes before BPE.
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    flags = [0] * len(tokens)
+    for i, (t, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind == _CONTROL:
+            flags[i] = ADDED | SPECIAL
+        elif kind == _USER_DEFINED and spelled[i] == t:
+            # transformers adds a user-defined token only under its own spelling: the
+            # respelled space runs are reached by merges like any other token.
+            flags[i] = ADDED
+    # Merges rank by position in the file (the earlier token first), not by the
+    # scores, which for Gemma do not follow the merge order.
+    scores = [-float(i) for i in range(len(tokens))]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    return SpmVocab(spelled, scores, flags, None if unk is None else int(unk))
 
 
 def _byte_level_bpe(meta: dict[str, Any]) -> Tokenizer:

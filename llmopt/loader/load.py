@@ -45,6 +45,7 @@ def hf_folder_for(path: Path, store: Store, console: Console, dense: bool = Fals
         return path
     if path.suffix != ".gguf":
         raise ModelFormatError(f"{path}: expected a .gguf file or a Hugging Face folder")
+    from llmopt.loader.converted_format import FORMAT, format_of
     from llmopt.loader.gguf_weights import INDEX
 
     folder = store.converted_dir(path)
@@ -54,6 +55,12 @@ def hf_folder_for(path: Path, store: Store, console: Console, dense: bool = Fals
 
         with console.status(f"Reading {path.name} (once; cached in {folder.parent})"):
             GGUFFile(path).convert(folder)
+    elif format_of(folder) < FORMAT:
+        # Converted by an older llmopt: add the files it lacks, keeping its dense weights.
+        from llmopt.loader.gguf import GGUFFile
+
+        with console.status(f"Reading {path.name} again (once, for its tokenizer)"):
+            GGUFFile(path).upgrade(folder)
     if dense and not (folder / "model.safetensors").is_file():
         from llmopt.loader.gguf import GGUFFile
 
