@@ -433,3 +433,29 @@ def test_big_matrices_decode_a_few_rows_at_a_time(monkeypatch, qtype) -> None:
     assert len(reads) == 13 and reads[-1][1] == raw.shape[1] * 4
     for field in ("q", "scale", "zero"):
         assert torch.equal(getattr(whole, field), getattr(chunked, field))
+
+
+def test_our_type_numbers_are_the_gguf_packages() -> None:
+    from llmopt.weights.ggml_types import GGMLType
+
+    assert {t.name: int(t) for t in GGMLType} == {t.name: int(t) for t in Q}
+
+
+def test_running_a_gguf_file_does_not_import_the_gguf_package(smollm_gguf: Path) -> None:
+    """Once converted, a file loads through the store's index and our own block
+    decoders: the gguf package's import (about 4 MB resident) stays out of a run."""
+    import subprocess
+    import sys
+
+    load_model(smollm_gguf, torch.float32, torch.device("cpu"), Store(REAL_HOME))  # converted
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from llmopt.loader.load import load_model\n"
+        "from llmopt.store.store import Store\n"
+        f"load_model(Path({str(smollm_gguf)!r}), torch.float32, torch.device('cpu'),"
+        f" Store(Path({str(REAL_HOME)!r})))\n"
+        "print(sorted(m for m in ('gguf', 'sentencepiece', 'yaml') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

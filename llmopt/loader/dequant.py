@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
 
 from llmopt.weights import gguf_blocks
+from llmopt.weights.ggml_types import GGMLType as Q
 from llmopt.weights.qweight import QuantizedWeight
 
 

@@ -24,6 +24,7 @@ from llmopt.atomic import atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.loader.dequant import dequantize, quantized_weight
+from llmopt.weights.ggml_types import GGMLType
 from llmopt.weights.gguf_blocks import BLOCKS, CODEBOOKS
 from llmopt.weights.lazy import LazyWeights
 from llmopt.weights.qweight import QuantizedWeight
@@ -176,8 +177,6 @@ def hf_weights(
     fp32, or with keep_quantized, for the linears and the embedding stored in a type the
     int kernels run (gguf_blocks.BLOCKS), QuantizedWeights as stored; a tied output
     projection is then the embedding's own blocks, under `lm_head.weight` too."""
-    from gguf import GGMLQuantizationType
-
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
     # name -> (bits, group, codebook) where kept
     grids: dict[str, tuple[int, int, str | None] | None] = {}
@@ -185,7 +184,7 @@ def hf_weights(
     scales = {  # a weight's GGUF name -> its tensor scale's record (NVFP4's, as llama.cpp)
         r.name.removesuffix(".scale") + ".weight": r
         for r in records
-        if r.name.endswith(".scale") and r.shape == (1,) and r.qtype == GGMLQuantizationType.F32
+        if r.name.endswith(".scale") and r.shape == (1,) and r.qtype == GGMLType.F32
     }
     for r in records:
         if r.name.removesuffix(".scale") + ".weight" in scales:
@@ -193,7 +192,7 @@ def hf_weights(
         name = hf_name(r.name, arch)
         if name is None:
             raise ModelFormatError(f"{source}: unexpected tensor '{r.name}'")
-        qtype = GGMLQuantizationType(r.qtype)
+        qtype = GGMLType(r.qtype)
         matrix = name.endswith(("proj.weight", "lm_head.weight", "embed_tokens.weight"))
         keep = keep_quantized and qtype in BLOCKS and len(r.shape) == 2 and matrix
         grids[name] = (*BLOCKS[qtype][2:], CODEBOOKS.get(qtype)) if keep else None

@@ -42,9 +42,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from gguf import GGMLQuantizationType as Q
 
 from llmopt.weights import e2m1, fp4
+from llmopt.weights.ggml_types import GGMLType as Q
 from llmopt.weights.qweight import QuantizedWeight
 
 # Bytes and weights of one block, and the bits and group of the grid it decodes to.
