@@ -433,6 +433,9 @@ def test_big_matrices_decode_a_few_rows_at_a_time(monkeypatch, qtype) -> None:
     assert len(reads) == 13 and reads[-1][1] == raw.shape[1] * 4
     for field in ("q", "scale", "zero"):
         assert torch.equal(getattr(whole, field), getattr(chunked, field))
+    if qtype in gguf_blocks.K_TYPES:  # the K-quants' own factors too
+        assert whole.kquant is not None and chunked.kquant is not None
+        assert all(map(torch.equal, whole.kquant, chunked.kquant))
 
 
 def test_our_type_numbers_are_the_gguf_packages() -> None:

@@ -292,3 +292,52 @@ def test_kernel_metadata_takes_the_fewest_bytes_that_keep_the_weights() -> None:
     assert torch.equal(o, qgemv.block_rows((128 - zero) * fine))
     layer = QuantLinear(quantize_rtn(torch.randn(64, 256), 4, 64, False), None, torch.device("cpu"))
     assert layer.koffset.dtype == torch.uint8
+
+
+def _kquant_operands(n: int, k: int, bits: int, group: int, seed: int = 0):
+    """Random codes on a K-quant's grid (scale = d * sc, offset = dmin * m per group, d
+    and dmin per 256 inputs): the packed codes, META_K's operands, and the dense weight
+    (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // 256, generator=g) * 0.01 + 1e-3).half()
+    dmin = -(torch.rand(n, k // 256, generator=g) * 0.01).half()
+    sc = torch.randint(-128, 128, (n, k // group), generator=g, dtype=torch.int8)
+    m = torch.randint(0, 64, (n, k // group), generator=g, dtype=torch.int8)
+    per = 256 // group
+    scale = d.double().repeat_interleave(per, 1) * sc.double()
+    offset = dmin.double().repeat_interleave(per, 1) * m.double()
+    w = (q.double().view(n, -1, group) * scale[..., None] + offset[..., None]).view(n, k)
+    w_k = qgemv.pack_codes(q, bits) if bits < 8 else (q.int() - 128).to(torch.int8)
+    kscale, koffset = qgemv.kquant_metadata(d, sc, dmin, m)
+    return w_k, kscale, koffset, w
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (8, 16), (8, 32), (4, 64)])
+@pytest.mark.parametrize("build", ["native", "avx2", "emulated"])
+def test_kquant_metadata_on_every_path(bits: int, group: int, build: str) -> None:
+    """META_K (a K-quant's int8 sub-scales and fp16 super-block factors) gives the
+    weights exactly: integer activations are exact but for float rounding, on the row
+    kernel, the AVX2 blocks and AMX tiles (1, 5 and 20 rows), with the same bits on
+    each; qdequant writes the dense weight."""
+    kernel = {
+        "native": KERNEL,
+        "avx2": qgemv.load(avx2=True),
+        "emulated": qgemv.load(emulate_amx=True),
+    }[build]
+    kernel = require_kernel(kernel, isa="AVX-512" if build == "emulated" else None)
+    n, k = 43, 512
+    w_k, kscale, koffset, w = _kquant_operands(n, k, bits, group)
+    weight, bias = Operands(w_k, bits, kscale, koffset, group), torch.randn(n)
+    for rows in (1, 5, 20):
+        x = torch.randint(-127, 128, (rows, k)).float()
+        x[:, ::64] = 127
+        ref = x.double() @ w.T + bias.double()
+        got = kernel(x, weight, bias)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+        assert torch.equal(got, KERNEL(x, weight, bias))
+    dense = KERNEL.dequantize(weight, torch.empty(n, k))
+    torch.testing.assert_close(dense.double(), w, rtol=0, atol=1e-6 * w.abs().max().item())
+    short = Operands(w_k[:, : 384 * bits // 8], bits, kscale, koffset, group)
+    with pytest.raises(ValueError, match="does not take"):  # rows of 384: no super-blocks
+        KERNEL(torch.randn(1, 384), short)

@@ -114,15 +114,18 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int e2m1, int
  * rows (a block of 8 past N is not stored). Vector conversions: scalar fp16 ones here
  * cost more than the tiles' arithmetic. */
 static void blocked16(float *dst, const void *scale, const void *offset, int meta, int bits,
-                      int offsets, int n0, int ng, int rows) {
-    for (int h = 0; h < 2; h++)
+                      int gps, int offsets, int n0, int ng, int rows) {
+    for (int h = 0; h < 2; h++) {
+        const size_t n8 = (size_t)n0 / FS + h;
+        const void *sb = scale_block(scale, meta, ng, n8);
+        const void *ob = offset_block(offset, meta, ng, gps, n8);
         for (int g = 0; g < ng; g++) {
-            const size_t at = ((size_t)(n0 / FS + h) * ng + g) * FS;
             const __m256 v = FS * h >= rows ? _mm256_setzero_ps()
-                             : offsets      ? offset8(scale, offset, at, meta, bits)
-                                            : load_meta8(scale, at, meta != META_F32);
+                             : offsets      ? offset8(sb, ob, meta, bits, gps, g)
+                                            : scale8(sb, ob, meta, gps, g);
             _mm256_storeu_ps(dst + g * AMX_T + FS * h, v);
         }
+    }
 }
 
 /* acc[n] = fma(float(C[n]), xd * scale[n, g], acc[n]) for one unit's tile products C:
@@ -146,6 +149,7 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
                      int y_bf16) {
     const int nc = K / QB, ng = K / group, halves = group == 32, nt = (M + AMX_T - 1) / AMX_T;
     const int per_row = !halves && ng == 1; /* one scale per row of W, as block8's per_row */
+    const int gps = groups_per_super(meta, group);
     const int ns = K / 32; /* 32-input halves */
     /* x in the B operand's order, per tile of 16 rows and half: xv[t][s] is 8 rows of
      * 16 dwords, dword (kk, m) = inputs 32 s + 4 kk .. + 3 of row 16 t + m (zero rows
@@ -186,8 +190,8 @@ static int qgemm_amx(const int8_t *xq, const float *xd, const float *xsum, int M
 #pragma omp for schedule(static)
         for (int b = 0; b < nb; b++) {
             const int n0 = b * AMX_T, rows = N - n0 < AMX_T ? N - n0 : AMX_T;
-            blocked16(sc, scale, offset, meta, bits, 0, n0, ng, rows);
-            blocked16(of, scale, offset, meta, bits, 1, n0, ng, rows);
+            blocked16(sc, scale, offset, meta, bits, gps, 0, n0, ng, rows);
+            blocked16(of, scale, offset, meta, bits, gps, 1, n0, ng, rows);
             const uint8_t *wb = w + (size_t)n0 * w_row;
             for (int c = 0; unpacked && c < nc; c++)
                 load_w_chunk(wb, w_row, bits, e2m1, rows, c, unpacked[c]);

@@ -60,6 +60,12 @@
  *             11-bit scale times a 9-bit integer). Every GPTQ, AWQ and RTN grid has
  *             this form, and its offsets need fp32 as numbers: int4 group 32 then reads
  *             19 bytes per 32 weights instead of 24 (Q4_1: 20).
+ *   META_K    a GGUF K-quant's own numbers: per group an int8 sub-scale sc and
+ *             sub-minimum m, per 256-weight super-block fp16 factors d and dmin,
+ *             scale = d * sc and offset = dmin * m (each exact in fp32: 11 bits times
+ *             8; int8 codes add base * scale, exact too). A block of 8 rows holds scale (K / group, 2, 8) int8 (sc, then m) and
+ *             offset (K / 256, 2, 8) fp16 (d, then dmin). Q4_K then reads 2.5 bytes of
+ *             metadata per 32 weights instead of fp32's 8, Q6_K 2.25 per 16 instead of 8.
  * x: (M, K) fp32 or bf16;
  * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
  */
@@ -75,7 +81,8 @@
 
 #define QB 64 /* inputs per activation scale, and per chunk of the loops */
 
-enum { META_F32 = 0, META_F16 = 1, META_ZERO = 2 }; /* the forms of scale and offset above */
+enum { META_F32 = 0, META_F16 = 1, META_ZERO = 2, META_K = 3 }; /* scale and offset forms */
+#define K_SUPER 256 /* weights of a K-quant super-block: META_K's d and dmin */
 enum { CODEBOOK_NONE = 0, CODEBOOK_E2M1 = 1 };       /* what a 4-bit code stands for */
 
 /* CODEBOOK_E2M1's table: nibble (sign bit 3, magnitude index 0-2) -> 12 + 2 * value, the
@@ -159,6 +166,39 @@ static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq
 /* Rows of W a block computes together, and the stride of its per-row metadata (the
  * metadata layouts hold a group's values for 8 rows side by side). */
 #define FS 8
+
+/* META_K's groups a super-block (1 for the other forms, which have none). */
+static inline int groups_per_super(int meta, int group) {
+    return meta == META_K ? K_SUPER / group : 1;
+}
+
+/* Where the scales and the offsets of the block of rows 8 n8 .. 8 n8 + 7 start, in any
+ * form (ng groups a row; gps groups a K-quant super-block, for META_K). */
+static inline const void *scale_block(const void *scale, int meta, int ng, size_t n8) {
+    return (const char *)scale + n8 * ng * FS * (meta == META_K ? 2 : scale_bytes(meta));
+}
+static inline const void *offset_block(const void *offset, int meta, int ng, int gps, size_t n8) {
+    if (meta == META_K) return (const char *)offset + n8 * (ng / gps) * FS * 4;
+    return (const char *)offset + n8 * ng * FS * offset_bytes(meta);
+}
+
+/* Row i's scale and offset of group g in a block's metadata (sb, ob: the block's
+ * starts), in fp32. */
+static inline float block_scale(const void *sb, const void *ob, int meta, int gps, int g, int i) {
+    if (meta == META_K)
+        return f16_to_f32(((const uint16_t *)ob)[FS * 2 * (g / gps) + i]) *
+               (float)((const int8_t *)sb)[FS * 2 * g + i];
+    return load_meta(sb, FS * g + i, meta != META_F32);
+}
+static inline float block_offset(const void *sb, const void *ob, int meta, int bits, int gps,
+                                 int g, int i) {
+    if (meta == META_K) /* int8 codes are stored as q - 128: base * scale puts it back */
+        return f16_to_f32(((const uint16_t *)ob)[FS * (2 * (g / gps) + 1) + i]) *
+                   (float)((const int8_t *)sb)[FS * (2 * g + 1) + i] +
+               code_base(bits) * block_scale(sb, ob, meta, gps, g, i);
+    if (meta == META_ZERO) return zero_offset(sb, ob, FS * g + i, bits);
+    return load_meta(ob, FS * g + i, meta == META_F16);
+}
 
 #ifdef __AVX2__
 /* The arithmetic every block below shares, so that a row of x gets the same bits from
@@ -312,13 +352,30 @@ static inline __m256 load_meta8(const void *p, size_t i, int f16) {
     return _mm256_loadu_ps((const float *)p + i);
 }
 
-/* 8 consecutive offsets from element i in fp32, in any form: widened, or made from the
- * zero points as zero_offset does (exact in fp32, so the same values). */
-static inline __m256 offset8(const void *scale, const void *offset, size_t i, int meta, int bits) {
-    if (meta != META_ZERO) return load_meta8(offset, i, meta == META_F16);
-    const __m128i z = _mm_loadl_epi64((const __m128i *)((const uint8_t *)offset + i));
+/* 8 int8 values from p, in fp32. */
+static inline __m256 load_i8x8(const void *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* block_scale and block_offset for the block's 8 rows at once (the same fp32 numbers:
+ * widened, or products and differences exact in fp32). */
+static inline __m256 scale8(const void *sb, const void *ob, int meta, int gps, int g) {
+    if (meta == META_K)
+        return _mm256_mul_ps(load_meta8(ob, FS * 2 * (g / gps), 1),
+                             load_i8x8((const int8_t *)sb + FS * 2 * g));
+    return load_meta8(sb, FS * g, meta != META_F32);
+}
+static inline __m256 offset8(const void *sb, const void *ob, int meta, int bits, int gps, int g) {
+    if (meta == META_K)
+        return _mm256_add_ps(_mm256_mul_ps(load_meta8(ob, FS * (2 * (g / gps) + 1), 1),
+                                           load_i8x8((const int8_t *)sb + FS * (2 * g + 1))),
+                             _mm256_mul_ps(_mm256_set1_ps(code_base(bits)),
+                                           scale8(sb, ob, meta, gps, g)));
+    if (meta != META_ZERO) return load_meta8(ob, FS * g, meta == META_F16);
+    const __m128i z = _mm_loadl_epi64((const __m128i *)((const uint8_t *)ob + FS * g));
     const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
-    return _mm256_mul_ps(load_meta8(scale, i, 1), _mm256_sub_ps(_mm256_set1_ps(code_base(bits)), zf));
+    return _mm256_mul_ps(load_meta8(sb, FS * g, 1),
+                         _mm256_sub_ps(_mm256_set1_ps(code_base(bits)), zf));
 }
 
 /* What the epilogue needs of a block of 8 rows of W (`rows` of them real): the row
@@ -329,17 +386,16 @@ typedef struct {
     int rows;
 } Block8;
 
-static inline Block8 block8_meta(const void *scale, const void *offset, int meta, int bits,
+static inline Block8 block8_meta(const void *sb, const void *ob, int meta, int bits, int gps,
                                  int ng, int per_row, const float *bias, int n0, int rows,
                                  float *sf, float *of) {
-    const int m16 = meta != META_F32;
     float tail[8];
     for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
     for (int g = 0; g < ng; g++) {
-        _mm256_storeu_ps(sf + FS * g, load_meta8(scale, FS * g, m16));
-        _mm256_storeu_ps(of + FS * g, offset8(scale, offset, FS * g, meta, bits));
+        _mm256_storeu_ps(sf + FS * g, scale8(sb, ob, meta, gps, g));
+        _mm256_storeu_ps(of + FS * g, offset8(sb, ob, meta, bits, gps, g));
     }
-    const Block8 b = {per_row ? load_meta8(scale, 0, m16) : _mm256_set1_ps(1.0f),
+    const Block8 b = {per_row ? scale8(sb, ob, meta, gps, 0) : _mm256_set1_ps(1.0f),
                       _mm256_loadu_ps(tail), rows};
     return b;
 }
@@ -370,12 +426,13 @@ static inline void store8(__m256 v, const Block8 *blk, const float *of, const fl
  * as much as the row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int e2m1, int units, const void *scale, int ng,
-    const void *offset, int meta, const int8_t *xq, const float *xd, const float *xsum, int M,
+    const void *offset, int meta, int gps, const int8_t *xq, const float *xd, const float *xsum, int M,
     int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
     const int per_row = units == 1 && gi[nc - 1] == 0; /* one scale for the whole row */
     float sf[FS * ng], of[FS * ng];
-    const Block8 blk = block8_meta(scale, offset, meta, bits, ng, per_row, bias, n0, rows, sf, of);
+    const Block8 blk =
+        block8_meta(scale, offset, meta, bits, gps, ng, per_row, bias, n0, rows, sf, of);
     const uint8_t *wi[8]; /* a partial block repeats its first row; those lanes go unstored */
     for (int i = 0; i < 8; i++) wi[i] = w + (size_t)(i < rows ? i : 0) * w_row;
     __m256i lanes[2 * 8 * units * nc]; /* rows8's, for two rows of x */
@@ -573,10 +630,9 @@ static inline __attribute__((always_inline)) void tile_pass(
  * epilogue as block8's, whose 8-row metadata slices the tile's two halves are). */
 static inline __attribute__((always_inline)) void tile16(
     const uint8_t *w, size_t w_row, int bits, int e2m1, int units, const void *scale,
-    const void *offset,
-    int meta, int ng, const int8_t *xq, const float *xd, const float *xsum, const int32_t *xi,
-    int M, int K, const int *gi, const float *bias, int n0, int N, void *y, int y_bf16,
-    __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
+    const void *offset, int meta, int gps, int ng, const int8_t *xq, const float *xd,
+    const float *xsum, const int32_t *xi, int M, int K, const int *gi, const float *bias, int n0,
+    int N, void *y, int y_bf16, __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
     const int nc = K / QB, rows = N - n0 < 16 ? N - n0 : 16;
     const int per_row = units == 1 && gi[nc - 1] == 0;
     const uint8_t *wr[16]; /* a partial tile repeats its first row; those lanes go unstored */
@@ -590,11 +646,11 @@ static inline __attribute__((always_inline)) void tile16(
     const Ahead ahead = {ahead_at < end ? (const char *)w + ahead_at : NULL,
                          (tile_bytes / nc + 63) / 64 * 64,
                          end - ahead_at < tile_bytes ? end - ahead_at : tile_bytes};
-    if (ahead.at) { /* the next tile's scales and offsets: ng values per row */
-        const int next = N - n0 - 16 < 16 ? N - n0 - 16 : 16;
-        const size_t at = (size_t)(n0 + 16) * ng, n = (size_t)next * ng;
-        prefetch((const char *)scale + at * scale_bytes(meta), n * scale_bytes(meta));
-        prefetch((const char *)offset + at * offset_bytes(meta), n * offset_bytes(meta));
+    if (ahead.at) { /* the next tile's scales and offsets: its one or two blocks' */
+        const size_t b0 = (size_t)(n0 + 16) / FS, b1 = b0 + (N - n0 - 16 > 8 ? 2 : 1);
+        const char *s0 = scale_block(scale, meta, ng, b0), *o0 = offset_block(offset, meta, ng, gps, b0);
+        prefetch(s0, (size_t)((const char *)scale_block(scale, meta, ng, b1) - s0));
+        prefetch(o0, (size_t)((const char *)offset_block(offset, meta, ng, gps, b1) - o0));
     }
     if (!fused)
         for (int c = 0; c < nc; c++) {
@@ -607,11 +663,11 @@ static inline __attribute__((always_inline)) void tile16(
     float sf[2][FS * ng];
     const int nb = rows > 8 ? 2 : 1;
     for (int b = 0; b < nb; b++) {
-        const size_t at = (size_t)(n0 + 8 * b) * ng; /* the block's metadata slices */
-        blk[b] = block8_meta((const char *)scale + at * scale_bytes(meta),
-                             (const char *)offset + at * offset_bytes(meta),
-                             meta, bits, ng, per_row, bias, n0 + 8 * b,
-                             rows - 8 * b < 8 ? rows - 8 * b : 8, sf[b], of + b * FS * ng);
+        const size_t n8 = (size_t)n0 / FS + b;
+        blk[b] = block8_meta(scale_block(scale, meta, ng, n8),
+                             offset_block(offset, meta, ng, gps, n8), meta, bits, gps, ng, per_row,
+                             bias, n0 + 8 * b, rows - 8 * b < 8 ? rows - 8 * b : 8, sf[b],
+                             of + b * FS * ng);
     }
     for (int g = 0; g < ng; g++) {
         const __m256 s0 = _mm256_loadu_ps(sf[0] + FS * g);
@@ -653,11 +709,11 @@ static inline __attribute__((always_inline)) void tile16(
 #else
 /* Without AVX2: the same arithmetic one output at a time. */
 static inline void block8(const uint8_t *w, size_t w_row, int bits, int e2m1, int units,
-                          const void *scale, int ng, const void *offset, int meta,
+                          const void *scale, int ng, const void *offset, int meta, int gps,
                           const int8_t *xq, const float *xd, const float *xsum, int M, int K,
                           const int *gi, const float *bias, int rows, int n0, int N, void *y,
                           int y_bf16) {
-    const int nc = K / QB, m16 = meta != META_F32;
+    const int nc = K / QB;
     const int per_row = units == 1 && gi[nc - 1] == 0;
     for (int m = 0; m < M; m++) {
         for (int i = 0; i < rows; i++) {
@@ -677,14 +733,15 @@ static inline void block8(const uint8_t *w, size_t w_row, int bits, int e2m1, in
                                          : units == 2 ? dot[2 * h] + dot[2 * h + 1]
                                                       : dot[0] + dot[1] + dot[2] + dot[3];
                     const int g = units > 1 ? units * c + h : gi[c];
-                    const float f = per_row ? xdc : xdc * load_meta(scale, FS * g + i, m16);
+                    const float f =
+                        per_row ? xdc : xdc * block_scale(scale, offset, meta, gps, g, i);
                     v = fmaf((float)unit, f, v);
                 }
             }
-            v = fmaf(v, per_row ? load_meta(scale, i, m16) : 1.0f, bias ? bias[n0 + i] : 0.0f);
+            const float row_scale = per_row ? block_scale(scale, offset, meta, gps, 0, i) : 1.0f;
+            v = fmaf(v, row_scale, bias ? bias[n0 + i] : 0.0f);
             for (int g = 0; g < ng; g++)
-                v = fmaf(meta == META_ZERO ? zero_offset(scale, offset, FS * g + i, bits)
-                                           : load_meta(offset, FS * g + i, m16),
+                v = fmaf(block_offset(scale, offset, meta, bits, gps, g, i),
                          xsum[(size_t)m * ng + g], v);
             const size_t at = (size_t)m * N + n0 + i;
             if (y_bf16)
@@ -717,7 +774,7 @@ typedef struct {
     const int *gi;
     const uint8_t *w;
     size_t w_row;
-    int bits, e2m1, meta, N;
+    int bits, e2m1, meta, gps, N; /* gps: META_K's groups a super-block */
     const void *scale, *offset;
     const float *bias;
     void *y;
@@ -749,8 +806,8 @@ static int run_tiles(const Call *a) {
             if (!ok) continue;
             /* Constant arguments: each case is its own specialised loop. */
 #define TILE16(B, H)                                                                          \
-    tile16(a->w, a->w_row, B, a->e2m1, H, a->scale, a->offset, a->meta, ng, a->xq, a->xd, \
-           a->xsum, xi, a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
+    tile16(a->w, a->w_row, B, a->e2m1, H, a->scale, a->offset, a->meta, a->gps, ng, a->xq,  \
+           a->xd, a->xsum, xi, a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
             if (a->bits == 4)
                 a->units == 4 ? TILE16(4, 4) : a->units == 2 ? TILE16(4, 2) : TILE16(4, 1);
             else if (a->bits == 5)
@@ -776,17 +833,17 @@ static int run_blocks(const Call *a) {
         const int rows = a->N - n0 < 8 ? a->N - n0 : 8;
         const uint8_t *wb = a->w + n0 * a->w_row;
         /* the block's slices of the metadata, blocked by 8 rows */
-        const size_t at = (size_t)n0 * ng;
         const int meta = a->meta;
-        const void *sb = (const char *)a->scale + at * scale_bytes(meta);
-        const void *ob = (const char *)a->offset + at * offset_bytes(meta);
+        const void *sb = scale_block(a->scale, meta, ng, (size_t)n0 / FS);
+        const void *ob = offset_block(a->offset, meta, ng, a->gps, (size_t)n0 / FS);
         /* Constant arguments: each case is its own specialised loop. */
-#define BLOCK8(B, H, META)                                                                   \
-    block8(wb, a->w_row, B, a->e2m1, H, sb, ng, ob, META, a->xq, a->xd, a->xsum, a->M, a->K, \
-           a->gi, a->bias, rows, n0, a->N, a->y, a->y_bf16)
-#define BY_META(B, H)                  \
+#define BLOCK8(B, H, META)                                                                 \
+    block8(wb, a->w_row, B, a->e2m1, H, sb, ng, ob, META, a->gps, a->xq, a->xd, a->xsum,  \
+           a->M, a->K, a->gi, a->bias, rows, n0, a->N, a->y, a->y_bf16)
+#define BY_META(B, H)                             \
     (meta == META_ZERO  ? BLOCK8(B, H, META_ZERO) \
      : meta == META_F16 ? BLOCK8(B, H, META_F16)  \
+     : meta == META_K   ? BLOCK8(B, H, META_K)    \
                         : BLOCK8(B, H, META_F32))
         if (a->bits == 4)
             a->units == 4 ? BY_META(4, 4) : a->units == 2 ? BY_META(4, 2) : BY_META(4, 1);
@@ -804,7 +861,8 @@ static int run_blocks(const Call *a) {
 /* Whether qgemv and qdequant take these shapes and forms. */
 static int takes(int K, int bits, int group, int meta, int codebook) {
     return K % QB == 0 && K % group == 0 && (group == 16 || group == 32 || group % QB == 0) &&
-           (bits == 4 || bits == 5 || bits == 8) && meta >= META_F32 && meta <= META_ZERO &&
+           (bits == 4 || bits == 5 || bits == 8) && meta >= META_F32 && meta <= META_K &&
+           (meta != META_K || (K % K_SUPER == 0 && K_SUPER % group == 0)) &&
            (codebook == CODEBOOK_NONE || (codebook == CODEBOOK_E2M1 && bits == 4));
 }
 
@@ -838,9 +896,12 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
                        group, meta, N, bias, y, y_bf16);
     } else {
         const int units = group < QB ? QB / group : 1;
-        const Call call = {xq,   xd, xsum, M, K, nc, ng, units, gi, (const uint8_t *)w,
-                           (size_t)K * bits / 8, bits, codebook == CODEBOOK_E2M1, meta, N,
-                           scale, offset, bias, y, y_bf16};
+        const Call call = {.xq = xq, .xd = xd, .xsum = xsum, .M = M, .K = K, .nc = nc, .ng = ng,
+                           .units = units, .gi = gi, .w = (const uint8_t *)w,
+                           .w_row = (size_t)K * bits / 8, .bits = bits,
+                           .e2m1 = codebook == CODEBOOK_E2M1, .meta = meta,
+                           .gps = groups_per_super(meta, group), .N = N, .scale = scale,
+                           .offset = offset, .bias = bias, .y = y, .y_bf16 = y_bf16};
 #ifdef HAVE_TILE16
         rc = run_tiles(&call);
 #else
@@ -861,17 +922,17 @@ int qdequant(const void *w, int bits, const void *scale, const void *offset, int
              int meta, int codebook, int N, int K, void *out, int out_bf16) {
     if (!takes(K, bits, group, meta, codebook)) return -1;
     const int e2m1 = codebook == CODEBOOK_E2M1;
-    const int ng = K / group;
+    const int ng = K / group, gps = groups_per_super(meta, group);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *wn = (const uint8_t *)w + (size_t)n * K * bits / 8;
-        const size_t on = (size_t)(n / FS) * ng * FS + n % FS; /* group g at on + 8 g */
+        const void *sb = scale_block(scale, meta, ng, (size_t)n / FS);
+        const void *ob = offset_block(offset, meta, ng, gps, (size_t)n / FS);
         float buf[16];
         for (int k0 = 0; k0 < K; k0 += 16) { /* 16 inputs share a group */
             const int g = k0 / group;
-            const float s = load_meta(scale, on + FS * g, meta != META_F32);
-            const float o = meta == META_ZERO ? zero_offset(scale, offset, on + FS * g, bits)
-                                              : load_meta(offset, on + FS * g, meta == META_F16);
+            const float s = block_scale(sb, ob, meta, gps, g, n % FS);
+            const float o = block_offset(sb, ob, meta, bits, gps, g, n % FS);
             float *yk = out_bf16 ? buf : (float *)out + (size_t)n * K + k0;
             if (bits != 8) {
 #pragma omp simd

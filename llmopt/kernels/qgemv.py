@@ -88,7 +88,10 @@ _META_FORMS = {
     (torch.float32, torch.float32): 0,  # fp32 scales, blocked fp32 offsets
     (torch.float16, torch.float16): 1,  # both in fp16 (a GGUF file's own numbers)
     (torch.float16, torch.uint8): 2,  # fp16 scales, integer zero points
+    (torch.int8, torch.float16): 3,  # a K-quant's sub-scales and super-block factors
 }
+META_K = 3
+K_SUPER = 256  # weights of a K-quant super-block
 # What a 4-bit code stands for (qgemv.c's CODEBOOK_*): itself, or an e2m1 value.
 _CODEBOOKS = {None: 0, "e2m1": 1}
 
@@ -114,10 +117,15 @@ class Operands(NamedTuple):
         if meta is None:
             raise ValueError("qgemv takes fp32 or fp16 scales and offsets, or uint8 zeros")
         n, k = self.w.shape[0], self.w.shape[1] * 8 // self.bits
-        if not supports(self.bits, k, self.group_size):
+        if not supports(self.bits, k, self.group_size) or (
+            meta == META_K and (k % K_SUPER or K_SUPER % self.group_size)
+        ):
             raise self.refused(k)
-        blocked = (-(-n // 8), k // self.group_size, 8)
-        if (self.scale.shape, self.offset.shape) != (blocked, blocked):
+        blocks, groups = -(-n // 8), k // self.group_size
+        blocked = (blocks, groups, 8), (blocks, groups, 8)
+        if meta == META_K:
+            blocked = (blocks, groups, 2, 8), (blocks, k // K_SUPER, 2, 8)
+        if (self.scale.shape, self.offset.shape) != blocked:
             raise ValueError("qgemv takes its scales and offsets in block_rows' layout")
         o = self
         ptrs = (o.w.data_ptr(), o.bits, o.scale.data_ptr(), o.offset.data_ptr(), o.group_size)
@@ -149,6 +157,44 @@ def kernel_metadata(
     if exact_scale and torch.allclose(o16.float(), offset, rtol=2**-20, atol=0.0):
         return block_rows(s16), block_rows(o16)
     return block_rows(scale.float()), block_rows(offset)
+
+
+def kquant_metadata(
+    d: torch.Tensor,  # (N, K / 256) fp16
+    sc: torch.Tensor,  # (N, G) int8
+    dmin: torch.Tensor,  # (N, K / 256) fp16
+    m: torch.Tensor,  # (N, G) int8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-quant's own factors (scale = d * sc, offset = dmin * m per group) as the
+    kernels' META_K operands: (ceil(N / 8), G, 2, 8) int8 sub-scales and sub-minimums,
+    and (ceil(N / 8), K / 256, 2, 8) fp16 super-block factors."""
+    n = sc.shape[0]
+
+    def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (N, X) twice
+        x = a.shape[1]
+        return block_rows(torch.stack([a, b], dim=2).reshape(n, 2 * x)).view(-1, x, 2, 8)
+
+    return pairs(sc, m), pairs(d, dmin)
+
+
+def metadata_rows(
+    scale: torch.Tensor, offset: torch.Tensor, ids: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `ids` (T,) of a weight's scales and offsets in fp32, (T, G) each, from the
+    kernels' operands in any form (a quantized embedding's lookups): the offsets for
+    the kernels' codes, as qgemv makes them (int8 stored as q - 128)."""
+    block, lane = ids // 8, ids % 8  # block_rows' layout: (N / 8, G, [2,] 8)
+    base = 128.0 if bits == 8 else 0.0
+    if scale.dtype == torch.int8:  # META_K: per group sc, m; per super-block d, dmin
+        sub = scale[block, :, :, lane].float()  # (T, G, 2)
+        sup = offset[block, :, :, lane].float()  # (T, K / 256, 2)
+        sup = sup.repeat_interleave(sub.shape[1] // sup.shape[1], dim=1)
+        s = sup[..., 0] * sub[..., 0]
+        return s, sup[..., 1] * sub[..., 1] + base * s
+    s, o = scale[block, :, lane].float(), offset[block, :, lane]
+    if o.dtype == torch.uint8:  # zero points: the offset as qgemv makes it
+        return s, s * (base - o.float())
+    return s, o.float()
 
 
 class QGemv:

@@ -116,7 +116,10 @@ class QuantLinear(nn.Module):
             else:
                 wq = _signed_int8(qw.q, self.consume)
             self.register_buffer("wq", wq)
-            kscale, koffset = qgemv.kernel_metadata(self.scale, qw.zero.float(), self.bits)
+            if _kquant_fits(qw):  # a K-quant's own factors: a third of fp32's bytes
+                kscale, koffset = qgemv.kquant_metadata(*qw.kquant)  # type: ignore[misc]
+            else:
+                kscale, koffset = qgemv.kernel_metadata(self.scale, qw.zero.float(), self.bits)
             self.register_buffer("kscale", kscale)  # what decode reads: fp16 or fp32
             self.register_buffer("koffset", koffset)  # offsets, or uint8 zero points
             self.q = self.scale = self.offset = None  # qdequant writes the weight from them
@@ -217,12 +220,8 @@ class QuantLinear(nn.Module):
         g = self.group_size
         w = self.wq[ids]  # (T, in bits / 8) packed codes, or (T, in) int8 q - 128
         codes = (self._grid(qgemv.unpack_codes(w, self.bits)) if self.bits < 8 else w).float()
-        block, lane = ids // 8, ids % 8  # block_rows' layout: (N / 8, G, 8)
-        scale = self.kscale[block, :, lane].float()  # (T, G)
-        offset = self.koffset[block, :, lane]
-        if offset.dtype == torch.uint8:  # zero points: the offset as qgemv makes it
-            offset = scale * ((128.0 if self.bits == 8 else 0.0) - offset.float())
-        w = codes.view(len(ids), -1, g) * scale[..., None] + offset.float()[..., None]
+        scale, offset = qgemv.metadata_rows(self.kscale, self.koffset, ids, self.bits)  # (T, G)
+        w = codes.view(len(ids), -1, g) * scale[..., None] + offset[..., None]
         return w.view(len(ids), -1).to(self.dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -279,6 +278,16 @@ class QuantLinear(nn.Module):
             f"{'fp4' if self.codebook else f'int{self.bits}'}, "
             f"group={self.group_size}, kernel={self.kernel or 'dequantize'}"
         )
+
+
+def _kquant_fits(qw: QuantizedWeight) -> bool:
+    """Whether qw's K-quant factors (if any) give its scales: they came with its blocks,
+    and nothing has scaled it since (a group whose scale is 0 is stored at scale 1)."""
+    k = qw.kquant
+    if k is None or k.sc.shape != qw.scale.shape or 256 % qw.group_size:
+        return False
+    scale = k.d.float().repeat_interleave(256 // qw.group_size, dim=1) * k.sc.float()
+    return torch.equal(torch.where(scale == 0, 1.0, scale), qw.scale.float())
 
 
 def use_decode_arithmetic(model: nn.Module) -> int:

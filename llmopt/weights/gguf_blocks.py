@@ -45,7 +45,7 @@ import torch
 
 from llmopt.weights import e2m1, fp4
 from llmopt.weights.ggml_types import GGMLType as Q
-from llmopt.weights.qweight import QuantizedWeight
+from llmopt.weights.qweight import KQuant, QuantizedWeight
 
 # Bytes and weights of one block, and the bits and group of the grid it decodes to.
 BLOCKS: dict[Q, tuple[int, int, int, int]] = {
@@ -100,6 +100,25 @@ def _q6_codes(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).reshape(-1, 256)
 
 
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def k_factors(data: torch.Tensor, qtype: Q) -> KQuant:
+    """A K-quant tensor's raw bytes -> its blocks' factors, one row a block: d and dmin
+    (nb, 1) fp16, sc and m (nb, groups a block) int8, with scale = d * sc and offset =
+    dmin * m per group. Q4_K/Q5_K's offset is -dmin * m (dmin stored negated); Q6_K's is
+    -32 * scale (dmin = -32 d, exact in fp16, and m = sc)."""
+    width = BLOCKS[qtype][0]
+    b = data.reshape(-1, width)
+    if qtype == Q.Q6_K:
+        d = b[:, 208:210].contiguous().view(torch.float16)
+        sc = b[:, 192:208].contiguous().view(torch.int8)
+        return KQuant(d, sc, -32 * d, sc)
+    d, dmin = (b[:, a : a + 2].contiguous().view(torch.float16) for a in (0, 2))
+    sc, m = _k_scales(b[:, 4:16])
+    return KQuant(d, sc.to(torch.int8), -dmin, m.to(torch.int8))
+
+
 def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A tensor's raw bytes -> codes (groups, group) uint8, and the groups' scale and
     offset (groups, 1) fp32, with w = scale * code + offset exactly (NVFP4's tensor
@@ -122,18 +141,16 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
             return codes, d, _f16(b[:, 2:4])
         return codes, d, -(16 if qtype == Q.Q5_0 else 8) * d
     subs = per_block // group
+    k = k_factors(b, qtype)
+    scale, offset = k.d.float() * k.sc.float(), k.dmin.float() * k.m.float()  # (nb, subs)
     if qtype == Q.Q6_K:
-        codes = _q6_codes(b[:, :128], b[:, 128:192]).view(-1, group)
-        scale = _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()  # (nb, 16)
-        return codes, scale.view(-1, 1), (-32 * scale).view(-1, 1)
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, m = _k_scales(b[:, 4:16])
-    qs = b[:, width - 128 :].reshape(-1, 4, 1, 32)
-    codes = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, subs, group)
-    if qtype == Q.Q5_K:
-        bits = (b[:, 16:48, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (nb, l, j)
-        codes = codes | (bits.transpose(1, 2) << 4)
-    scale, offset = d * sc.float(), -(dmin * m.float())
+        codes = _q6_codes(b[:, :128], b[:, 128:192])
+    else:
+        qs = b[:, width - 128 :].reshape(-1, 4, 1, 32)
+        codes = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, subs, group)
+        if qtype == Q.Q5_K:
+            bits = (b[:, 16:48, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (nb, l, j)
+            codes = codes | (bits.transpose(1, 2) << 4)
     return codes.reshape(-1, group), scale.view(-1, 1), offset.view(-1, 1)
 
 
@@ -155,22 +172,38 @@ def quantized_weight(
     row_bytes, groups = n // per_block * width, n // group
     q = torch.empty(out, n, dtype=torch.uint8)
     scale, zero = torch.empty(out, groups), torch.empty(out, groups)
+    kquant = None
+    if qtype in K_TYPES:  # the factors as stored: (out, in / 256) and (out, G)
+        supers = n // per_block
+        kquant = KQuant(
+            torch.empty(out, supers, dtype=torch.float16),
+            torch.empty(out, groups, dtype=torch.int8),
+            torch.empty(out, supers, dtype=torch.float16),
+            torch.empty(out, groups, dtype=torch.int8),
+        )
     step = max(1, CHUNK_BYTES // row_bytes)
     for a in range(0, out, step):
         rows = min(step, out - a)
+        data = read(a * row_bytes, rows * row_bytes)
+        if kquant is not None:
+            for whole, t in zip(kquant, k_factors(data, qtype), strict=True):
+                whole[a : a + rows] = t.reshape(rows, -1)
         if qtype in FP4_TYPES:  # the nibbles as they are, on the e2m1 codebook
-            data = read(a * row_bytes, rows * row_bytes)
             part = fp4.from_blocks(data, (rows, n), FP4_TYPES[qtype])
             q[a : a + rows], scale[a : a + rows] = part.q, part.scale
             zero[a : a + rows] = part.zero
             continue
-        codes, s, offset = decode(read(a * row_bytes, rows * row_bytes), qtype)
+        codes, s, offset = decode(data, qtype)
         flat = (s == 0)[:, 0]  # every weight of the group is its offset: code 0 at scale 1
         codes[flat], s[flat] = 0, 1.0
         q[a : a + rows] = codes.view(rows, n)
         scale[a : a + rows] = s.view(rows, groups)
         zero[a : a + rows] = (-offset / s).view(rows, groups)
-    return QuantizedWeight(q, scale, zero, bits, group, codebook=CODEBOOKS.get(qtype))
+    if kquant is not None and not torch.isfinite(kquant.dmin).all():
+        kquant = None  # Q6_K's -32 d past fp16's range: the fp32 grid alone
+    return QuantizedWeight(
+        q, scale, zero, bits, group, codebook=CODEBOOKS.get(qtype), kquant=kquant
+    )
 
 
 # The block types a QuantizedWeight can be written as without rounding its codes again:

@@ -22,12 +22,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 from llmopt.weights import e2m1
 
 CODEBOOKS = {"e2m1": e2m1.CODES}  # what the codes stand for, by codebook name
+
+
+class KQuant(NamedTuple):
+    """A GGUF K-quant's own factors of its grid (Q4_K, Q5_K, Q6_K): per group
+    scale = d * sc and offset = dmin * m, with d and dmin per 256 weights. They say what
+    scale and zero say, in the file's bytes: the kernels then read 2.25-2.5 bytes of
+    metadata per group instead of fp32's 8."""
+
+    d: torch.Tensor  # (out, in / 256) fp16
+    sc: torch.Tensor  # (out, G) int8
+    dmin: torch.Tensor  # (out, in / 256) fp16
+    m: torch.Tensor  # (out, G) int8
+
+    def rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> KQuant:
+        return KQuant(*(fn(t) for t in self))
 
 
 @dataclass
@@ -41,6 +57,9 @@ class QuantizedWeight:
     # Only GPTQ checkpoints written with act-order need it (their g_idx is not sorted).
     perm: torch.Tensor | None = None
     codebook: str | None = None  # None: q is the integer itself
+    # A K-quant's factors of scale and zero, as its file stores them; operations that
+    # make another grid (regrid, columns) drop them.
+    kquant: KQuant | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,6 +92,7 @@ class QuantizedWeight:
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         perm = None if self.perm is None else self.perm.to(device)
+        kquant = None if self.kquant is None else self.kquant.rows(lambda t: t.to(device))
         return QuantizedWeight(
             self.q.to(device),
             self.scale.to(device),
@@ -81,6 +101,7 @@ class QuantizedWeight:
             self.group_size,
             perm,
             self.codebook,
+            kquant,
         )
 
     def regrid(self, bits: int, group_size: int) -> QuantizedWeight:
@@ -100,12 +121,14 @@ class QuantizedWeight:
             group_size,
             self.perm,
             codebook,
+            self.kquant if r == 1 else None,  # the same groups: the same factors
         )
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
         """The same weight with its output rows rearranged by fn, applied alike to the
         codes (out, in), scales and zeros (out, G)."""
-        return replace(self, q=fn(self.q), scale=fn(self.scale), zero=fn(self.zero))
+        kquant = None if self.kquant is None else self.kquant.rows(fn)
+        return replace(self, q=fn(self.q), scale=fn(self.scale), zero=fn(self.zero), kquant=kquant)
 
     def columns(self, lo: int, hi: int) -> QuantizedWeight:
         """Input columns lo..hi-1 alone (a rank's share of a row-split linear), cut on
@@ -118,7 +141,7 @@ class QuantizedWeight:
                 "holds a range of inputs"
             )
         if g == self.shape[1]:  # one group per row: every slice keeps the row's scale
-            return replace(self, q=self.q[:, lo:hi].clone(), group_size=hi - lo)
+            return replace(self, q=self.q[:, lo:hi].clone(), group_size=hi - lo, kquant=None)
         if lo % g or hi % g:
             raise ValueError(f"columns {lo}..{hi} do not fall on its groups of {g}")
         return replace(
@@ -126,6 +149,7 @@ class QuantizedWeight:
             q=self.q[:, lo:hi].clone(),
             scale=self.scale[:, lo // g : hi // g].clone(),
             zero=self.zero[:, lo // g : hi // g].clone(),
+            kquant=None,
         )
 
     def split(self, sizes: list[int]) -> list[QuantizedWeight]:
@@ -133,6 +157,10 @@ class QuantizedWeight:
         parts = zip(
             self.q.split(sizes), self.scale.split(sizes), self.zero.split(sizes), strict=True
         )
+        kq = self.kquant
+        kparts: list = [None] * len(sizes)
+        if kq is not None:
+            kparts = list(zip(*(t.split(sizes) for t in kq), strict=True))
         return [
             QuantizedWeight(
                 q.contiguous(),
@@ -142,8 +170,9 @@ class QuantizedWeight:
                 self.group_size,
                 self.perm,
                 self.codebook,
+                None if k is None else KQuant(*(t.contiguous() for t in k)),
             )
-            for q, s, z in parts
+            for (q, s, z), k in zip(parts, kparts, strict=True)
         ]
 
     @staticmethod
@@ -155,6 +184,10 @@ class QuantizedWeight:
             raise ValueError("fused weights must share bits, group size, input width and codebook")
         if any(p.perm is not None and not torch.equal(p.perm, first.perm) for p in parts):
             raise ValueError("fused weights must share their input-channel order")
+        kquants = [p.kquant for p in parts]
+        kquant = None
+        if all(k is not None for k in kquants):  # every part a K-quant: theirs stacked
+            kquant = KQuant(*(torch.cat(ts) for ts in zip(*kquants, strict=True)))
         return QuantizedWeight(
             torch.cat([p.q for p in parts]),
             torch.cat([p.scale for p in parts]),
@@ -163,6 +196,7 @@ class QuantizedWeight:
             first.group_size,
             first.perm,
             first.codebook,
+            kquant,
         )
 
 
