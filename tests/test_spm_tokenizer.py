@@ -225,19 +225,20 @@ def test_gemma3_ids_match_llama_cpp(gemma3_gguf: Path, both) -> None:
 
 def test_an_older_converted_folder_gets_the_files_it_lacks(smollm_gguf: Path) -> None:
     """A folder converted before the format file existed is read again for its tokenizer
-    (only: its weights stay), then marked; SmolLM2's byte-level vocabulary gets no
-    tokenizer.spm."""
+    (only: its weights stay), then marked; SmolLM2's byte-level vocabulary gets its
+    tokenizer.spm there (format 3)."""
     from llmopt.loader.converted_format import FORMAT, FORMAT_FILE, format_of
     from llmopt.loader.load import hf_folder_for
 
     store = Store()  # the test's own home (conftest's isolated_home)
     folder = hf_folder_for(smollm_gguf, store, Console(stderr=True))
-    assert format_of(folder) == FORMAT and not (folder / FILENAME).exists()
+    assert format_of(folder) == FORMAT and (folder / FILENAME).is_file()
     (folder / FORMAT_FILE).unlink()
+    (folder / FILENAME).unlink()
     config_written = (folder / "config.json").stat().st_mtime_ns
     assert format_of(folder) == 1
     hf_folder_for(smollm_gguf, store, Console(stderr=True))
-    assert format_of(folder) == FORMAT
+    assert format_of(folder) == FORMAT and (folder / FILENAME).is_file()
     assert (folder / "config.json").stat().st_mtime_ns == config_written
 
 

@@ -13,7 +13,7 @@ from llmopt.atomic import atomic_dir, atomic_file
 from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError
 from llmopt.loader.converted_format import FORMAT, FORMAT_FILE
-from llmopt.loader.gguf_tokenizer import build_tokenizer, spm_vocabulary
+from llmopt.loader.gguf_tokenizer import bpe_vocabulary, build_tokenizer, spm_vocabulary
 from llmopt.loader.gguf_weights import INDEX, Weight, hf_weights, records_of, write_index
 from llmopt.models.registry import hf_architecture_for_gguf
 from llmopt.vocab.spm_file import FILENAME as SPM_FILENAME
@@ -156,7 +156,7 @@ class GGUFFile:
 
     def upgrade(self, folder: Path) -> None:
         """Add what a converted folder of an older format lacks, then mark it current."""
-        vocab = spm_vocabulary(self.meta)
+        vocab = spm_vocabulary(self.meta) or bpe_vocabulary(self.meta)
         if vocab is not None:
             write_spm(vocab, folder / SPM_FILENAME)
         with atomic_file(folder / FORMAT_FILE) as tmp:
