@@ -33,6 +33,7 @@
 
 #define SPM_ADDED 1u   // matched whole in the raw text before BPE
 #define SPM_SPECIAL 2u // left out of decoded text
+#define SPM_SHADOWED 8u // a later token has its text: decodes to nothing (see spm_file.py)
 #define KIND_SPM 0u
 #define KIND_BYTE_LEVEL 1u
 #define SPM_NONE 0xFFFFFFFFu
@@ -534,6 +535,7 @@ int64_t spm_decode(const SpmModel *m, const int32_t *ids, int64_t n, int32_t ski
         if (ids[i] < 0 || (uint32_t)ids[i] >= m->n) continue;
         uint32_t id = (uint32_t)ids[i];
         if (skip_special && (m->flags[id] & SPM_SPECIAL)) continue;
+        if (m->flags[id] & SPM_SHADOWED) continue;
         const uint8_t *t = m->blob + m->offsets[id];
         uint32_t len = token_len(m, id);
         if (m->kind == KIND_BYTE_LEVEL) {

@@ -23,6 +23,7 @@ from llmopt.vocab.spm_file import (
     ADDED,
     MAX_MERGES,
     NO_TOKEN,
+    SHADOWED,
     SPECIAL,
     VERBATIM,
     BpeVocab,
@@ -129,6 +130,8 @@ def bpe_vocabulary(meta: dict[str, Any]) -> BpeVocab | None:
             raw = tok.encode("utf-8", "surrogatepass")
             flags[i] = {_CONTROL: ADDED | SPECIAL, _USER_DEFINED: ADDED}.get(kind, VERBATIM)
         texts.append(raw)
+        if vocab[tok] != i:
+            flags[i] |= SHADOWED
     merges: list[tuple[int, int, int]] = []
     for merge in meta["tokenizer.ggml.merges"]:
         parts = merge.split(" ", 1)

@@ -13,7 +13,7 @@ loaded with one read. Layout, little-endian, the 4-byte arrays first:
     scores   f32[n]       SentencePiece: merge priority of a pair that merges into token i
     byte_ids u32[256]     byte-level: the token of each single byte (or NO_TOKEN)
     merges   u32[3 m]     byte-level: (left id, right id, merged id) of each rank
-    flags    u8[n]        ADDED | SPECIAL | VERBATIM
+    flags    u8[n]        ADDED | SPECIAL | VERBATIM | SHADOWED
     blob     the token texts, back to back: UTF-8, but a byte-level vocabulary's ordinary
              tokens are their raw bytes (GPT-2's byte-to-character spelling undone)
 
@@ -48,6 +48,9 @@ SPECIAL = 2  # left out of decoded text (an added token marked special)
 # Byte-level: an ordinary token whose text is not all in GPT-2's byte alphabet, kept as
 # its UTF-8 text (the ByteLevel decoder writes such a token as it is).
 VERBATIM = 4
+# Byte-level: a later token has the same text. `tokenizers` maps the text to the later id
+# and has no text for this one, so it decodes to nothing.
+SHADOWED = 8
 # The merge loop orders ranks as float32 scores: exact below this many.
 MAX_MERGES = 1 << 24
 
