@@ -1,8 +1,8 @@
 """Tokenizer and chat template of a model folder, without importing transformers.
 
 Reads the vocabulary through a backend (llmopt/vocab): the native SentencePiece or
-byte-level BPE where the folder has a tokenizer.spm (a converted GGUF's, a few MB where
-`tokenizers` holds 16 to 100 MB) and a C compiler is at hand, else tokenizer.json
+byte-level BPE where the folder has a tokenizer.spm or tokenizer.bpe (a converted GGUF's,
+a few MB where `tokenizers` holds 16 to 100 MB) and a C compiler is at hand, else tokenizer.json
 through the `tokenizers` library. The chat template comes from tokenizer_config.json or
 chat_template.jinja, rendered with a sandboxed jinja2 environment set up the way
 Hugging Face templates expect.
@@ -21,8 +21,8 @@ from llmopt.vocab.backend import HFBackend, TokenizerBackend
 from llmopt.vocab.bpe import BpeBackend
 from llmopt.vocab.native import NativeBackend, native_available
 from llmopt.vocab.spm import SpmBackend
+from llmopt.vocab.spm_file import BPE_FILENAME
 from llmopt.vocab.spm_file import FILENAME as SPM_FILENAME
-from llmopt.vocab.spm_file import KIND_BYTE_LEVEL, read_spm
 
 # For models without a template (base models): a plain transcript.
 _PLAIN_TEMPLATE = (
@@ -40,12 +40,12 @@ def _token_text(value: Any) -> str | None:
 def load_backend(folder: Path) -> TokenizerBackend:
     """The native tokenizer where the folder has its file and C code can be built, else
     tokenizer.json's."""
-    spm = folder / SPM_FILENAME
-    if spm.is_file() and native_available():
-        layout = read_spm(spm)
-        native = (BpeBackend if layout.kind == KIND_BYTE_LEVEL else SpmBackend).load(spm, layout)
-        if native is not None:
-            return native
+    for name, kind in ((SPM_FILENAME, SpmBackend), (BPE_FILENAME, BpeBackend)):
+        native_file = folder / name
+        if native_file.is_file() and native_available():
+            native: NativeBackend | None = kind.load(native_file)
+            if native is not None:
+                return native
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise ModelFormatError(f"{folder} has no tokenizer.json")

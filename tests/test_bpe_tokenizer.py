@@ -25,7 +25,8 @@ from llmopt.vocab.backend import HFBackend
 from llmopt.vocab.bpe import BpeBackend
 from llmopt.vocab.byte_alphabet import BYTE_TO_CHAR
 from llmopt.vocab.native import native_available
-from llmopt.vocab.spm_file import FILENAME, write_spm
+from llmopt.vocab.spm_file import BPE_FILENAME as FILENAME
+from llmopt.vocab.spm_file import write_spm
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler")
 
@@ -208,9 +209,7 @@ def test_smollm2_decode_matches_tokenizers_on_random_ids(both) -> None:
     assert len(single_bytes) == 235
     for _ in range(3000):
         ids = [
-            rnd.choice(
-                [rnd.randrange(49_152), rnd.choice(single_bytes), rnd.randrange(20), 49_152]
-            )
+            rnd.choice([rnd.randrange(49_152), rnd.choice(single_bytes), rnd.randrange(20), 49_152])
             for _ in range(rnd.randint(0, 10))
         ]
         assert tk.decode(ids) == ref.decode(ids), ids
@@ -273,6 +272,7 @@ def test_without_a_c_compiler_the_folder_falls_back_to_tokenizer_json(
         lambda b: b[:-1] + bytes([b[-1] ^ 1]),  # a flipped bit
         lambda b: b[:12] + b"\x07" + b[13:],  # an unknown kind
         lambda b: b[:8] + b"\x09" + b[9:],  # a version from the future
+        lambda b: b[:8] + b"\x01" + b[9:],  # read as the older SentencePiece layout
     ],
 )
 def test_a_damaged_file_is_a_one_line_error(tmp_path, damage) -> None:

@@ -20,7 +20,7 @@ from llmopt.store.store import Store
 from llmopt.tokenizer import Tokenizer
 from llmopt.vocab.backend import HFBackend
 from llmopt.vocab.spm import SpmBackend, native_available
-from llmopt.vocab.spm_file import ADDED, FILENAME, SPECIAL, SpmVocab, write_spm
+from llmopt.vocab.spm_file import ADDED, BPE_FILENAME, FILENAME, SPECIAL, SpmVocab, write_spm
 from tests.conftest import REAL_HOME
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler")
@@ -226,19 +226,20 @@ def test_gemma3_ids_match_llama_cpp(gemma3_gguf: Path, both) -> None:
 def test_an_older_converted_folder_gets_the_files_it_lacks(smollm_gguf: Path) -> None:
     """A folder converted before the format file existed is read again for its tokenizer
     (only: its weights stay), then marked; SmolLM2's byte-level vocabulary gets its
-    tokenizer.spm there (format 3)."""
+    tokenizer.bpe there (format 3), and no tokenizer.spm."""
     from llmopt.loader.converted_format import FORMAT, FORMAT_FILE, format_of
     from llmopt.loader.load import hf_folder_for
 
     store = Store()  # the test's own home (conftest's isolated_home)
     folder = hf_folder_for(smollm_gguf, store, Console(stderr=True))
-    assert format_of(folder) == FORMAT and (folder / FILENAME).is_file()
+    assert format_of(folder) == FORMAT and (folder / BPE_FILENAME).is_file()
+    assert not (folder / FILENAME).exists()
     (folder / FORMAT_FILE).unlink()
-    (folder / FILENAME).unlink()
+    (folder / BPE_FILENAME).unlink()
     config_written = (folder / "config.json").stat().st_mtime_ns
     assert format_of(folder) == 1
     hf_folder_for(smollm_gguf, store, Console(stderr=True))
-    assert format_of(folder) == FORMAT and (folder / FILENAME).is_file()
+    assert format_of(folder) == FORMAT and (folder / BPE_FILENAME).is_file()
     assert (folder / "config.json").stat().st_mtime_ns == config_written
 
 
@@ -259,3 +260,10 @@ def test_only_gemma_style_vocabularies_get_the_native_file() -> None:
     assert vocab.scores == [0.0, -1.0, -2.0, -3.0, -4.0]
     assert spm_vocabulary({**meta, "general.architecture": "llama"}) is None
     assert spm_vocabulary({**meta, "tokenizer.ggml.model": "gpt2"}) is None
+
+
+def test_sentencepiece_files_stay_version_1(tmp_path) -> None:
+    """What llmopt read before the byte-level kind came: a store shared with an older
+    llmopt keeps working."""
+    tiny(tmp_path, {"a": 0})
+    assert (tmp_path / FILENAME).read_bytes()[8:12] == (1).to_bytes(4, "little")

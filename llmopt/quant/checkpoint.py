@@ -29,6 +29,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     # A converted GGUF's native vocabulary, SentencePiece or byte-level (vocab/spm_file.py).
     "tokenizer.spm",
+    "tokenizer.bpe",
 )
 # Dense tensors of a GPTQ/AWQ checkpoint are fp16, what those tools' kernels expect.
 DENSE_DTYPE = {"llmopt": torch.bfloat16, "gptq": torch.float16, "awq": torch.float16}

@@ -115,9 +115,9 @@ class NativeBackend:
             raise ModelFormatError(f"{path}: its added tokens have too many distinct lengths")
 
     @classmethod
-    def load(cls, path: Path, layout: SpmLayout | None = None) -> Self | None:
+    def load(cls, path: Path) -> Self | None:
         fns = functions()
-        return None if fns is None else cls(path, layout or read_spm(path), fns)
+        return None if fns is None else cls(path, read_spm(path), fns)
 
     @property
     def vocab_size(self) -> int:

@@ -1,12 +1,13 @@
-"""The compact vocabulary file of the native tokenizers (tokenizer.spm) in a converted
-folder, of one of two kinds: SentencePiece (Gemma) or byte-level BPE (GPT-2 style).
+"""The compact vocabulary files of the native tokenizers in a converted folder, of one
+of two kinds: SentencePiece (Gemma: tokenizer.spm) or byte-level BPE (GPT-2 style:
+tokenizer.bpe).
 
 A 262k-token vocabulary as tokenizer.json (with the merges transformers derives from
 it) is 33 MB on disk and about 100 MB in the `tokenizers` library; here it is the token
 texts in one blob, offsets, a flag byte per token and what the kind merges by: a few MB,
 loaded with one read. Layout, little-endian, the 4-byte arrays first:
 
-    header   magic, version, kind, tokens n, blob bytes, unknown id, merges m, split
+    header   magic, version (2), kind, tokens n, blob bytes, unknown id, merges m, split
              (byte-level: the pre-tokenizer, an index in vocab/pretokenize.py's SPLITS),
              CRC-32 of the rest
     offsets  u32[n + 1]   token i is blob[offsets[i]:offsets[i + 1]]
@@ -17,8 +18,10 @@ loaded with one read. Layout, little-endian, the 4-byte arrays first:
     blob     the token texts, back to back: UTF-8, but a byte-level vocabulary's ordinary
              tokens are their raw bytes (GPT-2's byte-to-character spelling undone)
 
-Version 1 files (before the byte-level kind) are SentencePiece ones with a 32-byte header
-without kind and merges; quantized checkpoints may carry them.
+SentencePiece files are written as version 1 (as before the byte-level kind): a 32-byte
+header without kind, merges and split. An older llmopt reads them still, and ignores
+tokenizer.bpe, where it would fail on a version it does not know in a store that two
+versions share.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from llmopt.atomic import atomic_file
 from llmopt.errors import ModelFormatError
 
 FILENAME = "tokenizer.spm"
+BPE_FILENAME = "tokenizer.bpe"
 MAGIC = b"LLMSPM\x00\x00"
 VERSION = 2
 _HEADER = struct.Struct("<8sIIIIIIII")  # 40 bytes: the arrays after it stay 4-aligned
@@ -96,7 +100,7 @@ class SpmLayout:
 
 
 def write_spm(vocab: SpmVocab | BpeVocab, path: Path) -> None:
-    """Write `vocab` to `path` atomically."""
+    """Write `vocab` to `path` atomically (see `filename_of`)."""
     if isinstance(vocab, SpmVocab):
         kind, unk, merges, split = KIND_SPM, vocab.unk_id, [], 0
         texts = [t.encode("utf-8", "surrogatepass") for t in vocab.tokens]
@@ -111,19 +115,18 @@ def write_spm(vocab: SpmVocab | BpeVocab, path: Path) -> None:
     flags = np.asarray(vocab.flags, dtype=np.uint8)
     body = b"".join([offsets.tobytes(), *(a.tobytes() for a in arrays), flags.tobytes()])
     body += b"".join(texts)
-    header = _HEADER.pack(
-        MAGIC,
-        VERSION,
-        kind,
-        len(texts),
-        int(offsets[-1]),
-        NO_TOKEN if unk is None else unk,
-        len(merges),
-        split,
-        zlib.crc32(body),
-    )
+    unk_field, crc = NO_TOKEN if unk is None else unk, zlib.crc32(body)
+    if kind == KIND_SPM:
+        header = _HEADER_V1.pack(MAGIC, 1, len(texts), int(offsets[-1]), unk_field, crc)
+    else:
+        fields = (kind, len(texts), int(offsets[-1]), unk_field, len(merges), split, crc)
+        header = _HEADER.pack(MAGIC, VERSION, *fields)
     with atomic_file(path) as tmp:
         tmp.write_bytes(header + body)
+
+
+def filename_of(vocab: SpmVocab | BpeVocab) -> str:
+    return FILENAME if isinstance(vocab, SpmVocab) else BPE_FILENAME
 
 
 def read_spm(path: Path) -> SpmLayout:
@@ -139,7 +142,7 @@ def read_spm(path: Path) -> SpmLayout:
         raise bad("shorter than its header")
     magic, version = struct.unpack_from("<8sI", data)
     if magic != MAGIC:
-        raise bad("not a tokenizer.spm file")
+        raise bad("not a native tokenizer's vocabulary")
     if version == 1:
         _, _, n, blob_len, unk, crc = _HEADER_V1.unpack_from(data)
         kind, n_merges, split, offsets_at = KIND_SPM, 0, 0, _HEADER_V1.size
