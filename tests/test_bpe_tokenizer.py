@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import inspect
 import json
-import pydoc_data.topics
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from llmopt.vocab.byte_alphabet import BYTE_TO_CHAR
 from llmopt.vocab.native import native_available
 from llmopt.vocab.spm_file import BPE_FILENAME as FILENAME
 from llmopt.vocab.spm_file import write_spm
+from tests.tokenizer_texts import assert_100kb_encodes_fast, assert_same_ids_and_text, texts
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler")
 
@@ -168,16 +167,8 @@ def both(smollm_meta, tmp_path_factory) -> tuple[BpeBackend, Reference]:
     return native(smollm_meta, tmp_path_factory.mktemp("smollm")), Reference(smollm_meta)
 
 
-def _texts() -> list[str]:
-    topics = list(pydoc_data.topics.topics.values())
-    return [
-        "",
-        " ",
-        "Hello world",
-        "  leading and trailing  ",
-        " " * 77,
-        "\n\n\tx\t\t y  \n\r\n",
-        "\t" * 40 + "\n" * 40,
+def test_smollm2_ids_and_text_match_tokenizers(both) -> None:
+    own = [
         "I'm sure it's fine; you're, they've, we'll, he'd, can't. DON'T SHOUT'S 'tis",
         "0 12 345 6789 3.14159265358979 1,000,000 2024-01-31 0x1F 1e-9 ٣٤٥",
         "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
@@ -186,17 +177,8 @@ def _texts() -> list[str]:
         "中文测试，你好世界。日本語のテキストです。مرحبا بالعالم",  # noqa: RUF001
         "emoji 😀🫠🧑‍🚀 👨‍👩‍👧‍👦 🏳️‍🌈, rare 𓀀 \U0010fffd",
         "controls \x00 NUL \x01\x02\x1b[31m \x7f \x85 \x1c\x1d\x1e\x1f \u200b\u2028\ufeff",
-        inspect.getsource(json.decoder),
-        *(t[:3000] for t in topics[::9]),
     ]
-
-
-def test_smollm2_ids_and_text_match_tokenizers(both) -> None:
-    tk, ref = both
-    for text in _texts():
-        ids = tk.encode(text)
-        assert ids == ref.encode(text), text[:60]
-        assert tk.decode(ids) == ref.decode(ids)
+    assert_same_ids_and_text(*both, texts(*own))
 
 
 def test_smollm2_decode_matches_tokenizers_on_random_ids(both) -> None:
@@ -224,14 +206,7 @@ def test_smollm2_vocabulary_matches_tokenizers(both) -> None:
 
 
 def test_smollm2_100kb_encodes_fast(both) -> None:
-    tk, ref = both
-    text = " ".join(pydoc_data.topics.topics.values())[:100_000]
-    start = time.perf_counter()
-    ids = tk.encode(text)
-    elapsed = time.perf_counter() - start
-    assert ids == ref.encode(text)
-    assert tk.decode(ids) == text
-    assert elapsed < 1.0  # about 16 ms (`tokenizers`: about 30 ms)
+    assert_100kb_encodes_fast(*both)  # about 16 ms (`tokenizers`: about 30 ms)
 
 
 def test_tokenizer_uses_the_native_file_without_importing_tokenizers(both, tmp_path) -> None:

@@ -5,11 +5,7 @@ same GGUF (the reference), with llama.cpp's ids beside them where the two agree.
 
 from __future__ import annotations
 
-import inspect
-import json
-import pydoc_data.topics
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from llmopt.vocab.backend import HFBackend
 from llmopt.vocab.spm import SpmBackend, native_available
 from llmopt.vocab.spm_file import ADDED, BPE_FILENAME, FILENAME, SPECIAL, SpmVocab, write_spm
 from tests.conftest import REAL_HOME
+from tests.tokenizer_texts import assert_100kb_encodes_fast, assert_same_ids_and_text, texts
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler")
 
@@ -148,33 +145,17 @@ def both(gemma_folder: Path) -> tuple[SpmBackend, HFBackend]:
 
 
 def _texts() -> list[str]:
-    topics = list(pydoc_data.topics.topics.values())
-    return [
-        "",
-        " ",
-        "Hello world",
-        "  leading and trailing  ",
-        " " * 77,  # runs of spaces are tokens of their own
-        "\n\n\tx\t\t y  \n\r\n",
-        "\t" * 40 + "\n" * 40,
+    return texts(
         "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
         "<bos><bos>x<eos><pad><unused12>[multimodal]<table><tr>",
         "中文测试，你好世界。日本語のテキストです。مرحبا بالعالم",  # noqa: RUF001
         "emoji 😀🫠🧑‍🚀, rare 𓀀 \U0010fffd \x00\x01, the marker itself: ▁ ▁▁ x▁y",
         "<0x41> is not a byte when written",
-        inspect.getsource(json.decoder),
-        *(t[:3000] for t in topics[::9]),
-    ]
+    )
 
 
 def test_gemma3_ids_match_transformers(both) -> None:
-    native, hf = both
-    for text in _texts():
-        ids = native.encode(text)
-        assert ids == hf.encode(text), text[:60]
-        assert native.decode(ids) == hf.decode(ids)
-        if hf.decode(ids) == text:
-            assert native.decode(ids) == text
+    assert_same_ids_and_text(*both, _texts())
 
 
 def test_gemma3_decode_matches_transformers_on_random_ids(both) -> None:
@@ -190,14 +171,7 @@ def test_gemma3_decode_matches_transformers_on_random_ids(both) -> None:
 
 
 def test_gemma3_100kb_encodes_fast(both) -> None:
-    native, hf = both
-    text = " ".join(pydoc_data.topics.topics.values())[:100_000]
-    start = time.perf_counter()
-    ids = native.encode(text)
-    elapsed = time.perf_counter() - start
-    assert ids == hf.encode(text)
-    assert native.decode(ids) == text
-    assert elapsed < 1.0  # about 20 ms; a quadratic merge loop takes minutes
+    assert_100kb_encodes_fast(*both)  # about 20 ms
 
 
 def test_gemma3_tokenizer_uses_the_native_file(gemma_folder: Path, both) -> None:
