@@ -1,9 +1,9 @@
 """Tokenizer and chat template of a model folder, without importing transformers.
 
-Reads the vocabulary through a backend (llmopt/vocab): the native SentencePiece BPE
-where the folder has a tokenizer.spm (a converted GGUF's, a few MB where `tokenizers`
-holds about 100 MB) and a C compiler is at hand, else tokenizer.json through the
-`tokenizers` library. The chat template comes from tokenizer_config.json or
+Reads the vocabulary through a backend (llmopt/vocab): the native SentencePiece or
+byte-level BPE where the folder has a tokenizer.spm or tokenizer.bpe (a converted GGUF's,
+a few MB where `tokenizers` holds 16 to 100 MB) and a C compiler is at hand, else tokenizer.json
+through the `tokenizers` library. The chat template comes from tokenizer_config.json or
 chat_template.jinja, rendered with a sandboxed jinja2 environment set up the way
 Hugging Face templates expect.
 """
@@ -18,7 +18,10 @@ from typing import Any
 
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.vocab.backend import HFBackend, TokenizerBackend
+from llmopt.vocab.bpe import BpeBackend
+from llmopt.vocab.native import NativeBackend, native_available
 from llmopt.vocab.spm import SpmBackend
+from llmopt.vocab.spm_file import BPE_FILENAME
 from llmopt.vocab.spm_file import FILENAME as SPM_FILENAME
 
 # For models without a template (base models): a plain transcript.
@@ -37,11 +40,12 @@ def _token_text(value: Any) -> str | None:
 def load_backend(folder: Path) -> TokenizerBackend:
     """The native tokenizer where the folder has its file and C code can be built, else
     tokenizer.json's."""
-    spm = folder / SPM_FILENAME
-    if spm.is_file():
-        native = SpmBackend.load(spm)
-        if native is not None:
-            return native
+    for name, kind in ((SPM_FILENAME, SpmBackend), (BPE_FILENAME, BpeBackend)):
+        native_file = folder / name
+        if native_file.is_file() and native_available():
+            native: NativeBackend | None = kind.load(native_file)
+            if native is not None:
+                return native
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise ModelFormatError(f"{folder} has no tokenizer.json")
@@ -77,7 +81,7 @@ class Tokenizer:
         """Whether both map every token text to the same id (a draft model's check)."""
         a, b = self._tk, other._tk
         # Two native vocabularies from one file need no dicts of 262k entries.
-        quick = isinstance(a, SpmBackend) and isinstance(b, SpmBackend) and a.same_file(b)
+        quick = isinstance(a, NativeBackend) and isinstance(b, NativeBackend) and a.same_file(b)
         return quick or a.vocabulary() == b.vocabulary()
 
     def token_id(self, token: str | None) -> int | None:

@@ -446,7 +446,8 @@ def test_our_type_numbers_are_the_gguf_packages() -> None:
 
 def test_running_a_gguf_file_does_not_import_the_gguf_package(smollm_gguf: Path) -> None:
     """Once converted, a file loads through the store's index and our own block
-    decoders: the gguf package's import (about 4 MB resident) stays out of a run."""
+    decoders: the gguf package's import (about 4 MB resident) stays out of a run, and
+    the native byte-level tokenizer keeps `tokenizers` (about 19 MB) out too."""
     import subprocess
     import sys
 
@@ -458,7 +459,8 @@ def test_running_a_gguf_file_does_not_import_the_gguf_package(smollm_gguf: Path)
         "from llmopt.store.store import Store\n"
         f"load_model(Path({str(smollm_gguf)!r}), torch.float32, torch.device('cpu'),"
         f" Store(Path({str(REAL_HOME)!r})))\n"
-        "print(sorted(m for m in ('gguf', 'sentencepiece', 'yaml') if m in sys.modules))\n"
+        "print(sorted(m for m in ('gguf', 'sentencepiece', 'yaml', 'tokenizers')"
+        " if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -5,11 +5,7 @@ same GGUF (the reference), with llama.cpp's ids beside them where the two agree.
 
 from __future__ import annotations
 
-import inspect
-import json
-import pydoc_data.topics
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +16,9 @@ from llmopt.store.store import Store
 from llmopt.tokenizer import Tokenizer
 from llmopt.vocab.backend import HFBackend
 from llmopt.vocab.spm import SpmBackend, native_available
-from llmopt.vocab.spm_file import ADDED, FILENAME, SPECIAL, SpmVocab, write_spm
+from llmopt.vocab.spm_file import ADDED, BPE_FILENAME, FILENAME, SPECIAL, SpmVocab, write_spm
 from tests.conftest import REAL_HOME
+from tests.tokenizer_texts import assert_100kb_encodes_fast, assert_same_ids_and_text, texts
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler")
 
@@ -148,33 +145,17 @@ def both(gemma_folder: Path) -> tuple[SpmBackend, HFBackend]:
 
 
 def _texts() -> list[str]:
-    topics = list(pydoc_data.topics.topics.values())
-    return [
-        "",
-        " ",
-        "Hello world",
-        "  leading and trailing  ",
-        " " * 77,  # runs of spaces are tokens of their own
-        "\n\n\tx\t\t y  \n\r\n",
-        "\t" * 40 + "\n" * 40,
+    return texts(
         "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
         "<bos><bos>x<eos><pad><unused12>[multimodal]<table><tr>",
         "中文测试，你好世界。日本語のテキストです。مرحبا بالعالم",  # noqa: RUF001
         "emoji 😀🫠🧑‍🚀, rare 𓀀 \U0010fffd \x00\x01, the marker itself: ▁ ▁▁ x▁y",
         "<0x41> is not a byte when written",
-        inspect.getsource(json.decoder),
-        *(t[:3000] for t in topics[::9]),
-    ]
+    )
 
 
 def test_gemma3_ids_match_transformers(both) -> None:
-    native, hf = both
-    for text in _texts():
-        ids = native.encode(text)
-        assert ids == hf.encode(text), text[:60]
-        assert native.decode(ids) == hf.decode(ids)
-        if hf.decode(ids) == text:
-            assert native.decode(ids) == text
+    assert_same_ids_and_text(*both, _texts())
 
 
 def test_gemma3_decode_matches_transformers_on_random_ids(both) -> None:
@@ -190,14 +171,7 @@ def test_gemma3_decode_matches_transformers_on_random_ids(both) -> None:
 
 
 def test_gemma3_100kb_encodes_fast(both) -> None:
-    native, hf = both
-    text = " ".join(pydoc_data.topics.topics.values())[:100_000]
-    start = time.perf_counter()
-    ids = native.encode(text)
-    elapsed = time.perf_counter() - start
-    assert ids == hf.encode(text)
-    assert native.decode(ids) == text
-    assert elapsed < 1.0  # about 20 ms; a quadratic merge loop takes minutes
+    assert_100kb_encodes_fast(*both)  # about 20 ms
 
 
 def test_gemma3_tokenizer_uses_the_native_file(gemma_folder: Path, both) -> None:
@@ -225,19 +199,21 @@ def test_gemma3_ids_match_llama_cpp(gemma3_gguf: Path, both) -> None:
 
 def test_an_older_converted_folder_gets_the_files_it_lacks(smollm_gguf: Path) -> None:
     """A folder converted before the format file existed is read again for its tokenizer
-    (only: its weights stay), then marked; SmolLM2's byte-level vocabulary gets no
-    tokenizer.spm."""
+    (only: its weights stay), then marked; SmolLM2's byte-level vocabulary gets its
+    tokenizer.bpe there (format 3), and no tokenizer.spm."""
     from llmopt.loader.converted_format import FORMAT, FORMAT_FILE, format_of
     from llmopt.loader.load import hf_folder_for
 
     store = Store()  # the test's own home (conftest's isolated_home)
     folder = hf_folder_for(smollm_gguf, store, Console(stderr=True))
-    assert format_of(folder) == FORMAT and not (folder / FILENAME).exists()
+    assert format_of(folder) == FORMAT and (folder / BPE_FILENAME).is_file()
+    assert not (folder / FILENAME).exists()
     (folder / FORMAT_FILE).unlink()
+    (folder / BPE_FILENAME).unlink()
     config_written = (folder / "config.json").stat().st_mtime_ns
     assert format_of(folder) == 1
     hf_folder_for(smollm_gguf, store, Console(stderr=True))
-    assert format_of(folder) == FORMAT
+    assert format_of(folder) == FORMAT and (folder / BPE_FILENAME).is_file()
     assert (folder / "config.json").stat().st_mtime_ns == config_written
 
 
@@ -258,3 +234,10 @@ def test_only_gemma_style_vocabularies_get_the_native_file() -> None:
     assert vocab.scores == [0.0, -1.0, -2.0, -3.0, -4.0]
     assert spm_vocabulary({**meta, "general.architecture": "llama"}) is None
     assert spm_vocabulary({**meta, "tokenizer.ggml.model": "gpt2"}) is None
+
+
+def test_sentencepiece_files_stay_version_1(tmp_path) -> None:
+    """What llmopt read before the byte-level kind came: a store shared with an older
+    llmopt keeps working."""
+    tiny(tmp_path, {"a": 0})
+    assert (tmp_path / FILENAME).read_bytes()[8:12] == (1).to_bytes(4, "little")

@@ -4,6 +4,7 @@ folder's key is the GGUF file's path, size and time, which a new llmopt leaves a
 
 1: config.json, tokenizer.json, tokenizer_config.json, the tensor index (no format file).
 2: and tokenizer.spm, the native tokenizer's vocabulary, for Gemma-style vocabularies.
+3: and tokenizer.bpe, the native byte-level tokenizer's, for GGUF "gpt2" vocabularies.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FORMAT = 2
+FORMAT = 3
 FORMAT_FILE = "llmopt_format.json"
 
 

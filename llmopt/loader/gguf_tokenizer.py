@@ -5,7 +5,8 @@ built here directly from tokens and merges, with the pre-tokenizer split that
 llama.cpp uses for the file's `tokenizer.ggml.pre`. Other kinds (SentencePiece
 "llama") go through transformers' GGUF converter, which is slower but general; for
 Gemma's, `spm_vocabulary` also gives the compact file of the native tokenizer, which
-reproduces that converter's tokenizer.
+reproduces that converter's tokenizer; for byte-level ones, `bpe_vocabulary` gives the
+native byte-level tokenizer's file, which reproduces the one built here.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from llmopt.errors import ModelFormatError
-from llmopt.vocab.spm_file import ADDED, SPECIAL, SpmVocab
-
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+from llmopt.vocab.byte_alphabet import BYTE_TO_CHAR, unspell
+from llmopt.vocab.pretokenize import LLAMA3, QWEN2, SPLITS, split_of
+from llmopt.vocab.spm_file import (
+    ADDED,
+    MAX_MERGES,
+    NO_TOKEN,
+    SHADOWED,
+    SPECIAL,
+    VERBATIM,
+    BpeVocab,
+    SpmVocab,
 )
-_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -38,7 +43,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
         )
-    regex = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}.get(pre)
+    regex = {"llama-bpe": LLAMA3, "llama3": LLAMA3, "qwen2": QWEN2}.get(pre)
     if regex is None:
         raise _Unsupported(pre)
     return pre_tokenizers.Sequence(
@@ -101,6 +106,43 @@ def spm_vocabulary(meta: dict[str, Any]) -> SpmVocab | None:
     scores = [-float(i) for i in range(len(tokens))]
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     return SpmVocab(spelled, scores, flags, None if unk is None else int(unk))
+
+
+def bpe_vocabulary(meta: dict[str, Any]) -> BpeVocab | None:
+    """The native byte-level tokenizer's vocabulary for a GGUF "gpt2" file whose
+    pre-tokenizer it knows, with the tokens, added tokens and merges `_byte_level_bpe`
+    gives `tokenizers`; None for any other vocabulary."""
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        return None
+    split = split_of(meta.get("tokenizer.ggml.pre", "default"))
+    if split is None:
+        return None
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    texts: list[bytes] = []
+    flags = [0] * len(tokens)
+    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
+        raw = None if kind in (_CONTROL, _USER_DEFINED) else unspell(tok)
+        if raw is None:
+            # Added tokens are matched in the raw text as written; an ordinary token
+            # outside the alphabet is decoded as written.
+            raw = tok.encode("utf-8", "surrogatepass")
+            flags[i] = {_CONTROL: ADDED | SPECIAL, _USER_DEFINED: ADDED}.get(kind, VERBATIM)
+        texts.append(raw)
+        if vocab[tok] != i:
+            flags[i] |= SHADOWED
+    merges: list[tuple[int, int, int]] = []
+    for merge in meta["tokenizer.ggml.merges"]:
+        parts = merge.split(" ", 1)
+        ids = [vocab.get(t) for t in (*parts, "".join(parts))]
+        if len(parts) != 2 or None in ids:
+            return None  # `tokenizers` refuses it too: tokenizer.json says why
+        merges.append((ids[0], ids[1], ids[2]))  # type: ignore[arg-type]
+    if len(merges) >= MAX_MERGES:
+        return None
+    byte_ids = [vocab.get(BYTE_TO_CHAR[b], NO_TOKEN) for b in range(256)]
+    return BpeVocab(texts, flags, byte_ids, merges, SPLITS.index(split))
 
 
 def _byte_level_bpe(meta: dict[str, Any]) -> Tokenizer:

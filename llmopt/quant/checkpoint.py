@@ -27,7 +27,9 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
     "tokenizer.model",
-    "tokenizer.spm",  # a converted Gemma GGUF's native vocabulary (llmopt/vocab/spm_file.py)
+    # A converted GGUF's native vocabulary, SentencePiece or byte-level (vocab/spm_file.py).
+    "tokenizer.spm",
+    "tokenizer.bpe",
 )
 # Dense tensors of a GPTQ/AWQ checkpoint are fp16, what those tools' kernels expect.
 DENSE_DTYPE = {"llmopt": torch.bfloat16, "gptq": torch.float16, "awq": torch.float16}
