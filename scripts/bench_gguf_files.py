@@ -54,7 +54,10 @@ def memory_child(path: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     llm = LLM(str(path), kv_cache_memory=0.02)  # 20 MB: room for the run, no more
-    llm.generate(["Write a short story about a lighthouse."], SamplingParams(max_tokens=64))
+    # ignore_eos: all 64 tokens generated whatever the model's first choice (a base
+    # model may end at once on a bare prompt)
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    llm.generate(["Write a short story about a lighthouse."], params)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kv = llm.engine.runner.cache.nbytes
     print(json.dumps({"before": before, "peak": peak, "kv": kv}))
