@@ -14,6 +14,8 @@ from llmopt.engine.engine import Engine
 from llmopt.engine.factory import build_engine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.errors import ModelFormatError
+from llmopt.layers.kv_cache import PagedKVCache
+from llmopt.layers.kv_types import resolve_kv_types
 from llmopt.loader.load import LoadedModel, load_model
 from llmopt.models.registry import hf_architecture_for_gguf
 from llmopt.models.scoring import Scorer
@@ -142,6 +144,36 @@ def test_architectures_match_transformers(tmp_path, smollm_folder, arch, overrid
             torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False
         )
     assert greedy_ids(mine, ids, 12) == out[0, len(ids) :].tolist()
+
+
+def test_sliding_window_sequences_share_a_small_kv_cache(tmp_path, smollm_folder) -> None:
+    """Every layer of this Mistral reads its last 8 keys, so the engine gives back the
+    blocks behind the window as it goes: four requests of 40 + 100 tokens (9 blocks of
+    16 each) run side by side in a cache of 12 blocks, none preempted, each with the
+    tokens it gets alone in a cache that holds it all."""
+    folder = write_tiny_model(tmp_path / "mistral", smollm_folder, arch="mistral", sliding_window=8)
+    mine = ours(folder)
+    prompts = [list(range(300 + 7 * i, 340 + 7 * i)) for i in range(4)]
+    alone = [greedy_ids(mine, p, 100) for p in prompts]
+    cfg = mine.model.config
+    kv_types = resolve_kv_types(("auto", "auto"), torch.float32, TEST_DEVICE)
+    per_token = PagedKVCache.bytes_per_token(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, *kv_types
+    )
+    gb = 12.5 * 16 * per_token / 1e9  # 12 blocks of 16 tokens
+    small = build_engine(mine, EngineConfig(max_context=4096, kv_cache_memory=gb))
+    assert small.blocks.num_blocks == 12
+    preempted = []
+    preempt = small.scheduler._preempt
+    small.scheduler._preempt = lambda seq: (preempted.append(seq), preempt(seq))  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    seqs = [small.requests[small.add_request(p, params)].seq for p in prompts]
+    side_by_side = 0
+    while small.scheduler.has_work():
+        small.step()
+        side_by_side = max(side_by_side, len(small.scheduler.running))
+    assert [s.token_ids[40:] for s in seqs] == alone
+    assert side_by_side == 4 and not preempted
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, smollm_folder) -> None:

@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmopt.engine.block_manager import BlockManager
+from llmopt.engine.block_manager import HOLE, BlockManager
 from llmopt.engine.config import POLICIES, EngineConfig
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
@@ -33,8 +33,14 @@ def seq(rid: str, prompt: list[int], max_tokens: int = 4) -> Sequence:
 def check_invariants(bm: BlockManager, sched: Scheduler, live: list[Sequence]) -> None:
     refs = [0] * bm.num_blocks
     for s in live:
-        for b in s.block_table:
+        # given back behind the window: the leading entries, and only those
+        assert s.block_table[: s.released_blocks] == [HOLE] * s.released_blocks
+        for b in s.block_table[s.released_blocks :]:
+            assert b != HOLE
             refs[b] += 1
+        if bm.window is not None and s.block_table:  # what the next position reads is held
+            first = max(0, s.num_computed_tokens + 1 - bm.window) // bm.block_size
+            assert s.released_blocks <= first
     assert refs == [b.ref_count for b in bm.blocks], "reference counts drifted"
     free, evictable = set(bm.free_ids), set(bm.evictable)
     assert not free & evictable
@@ -78,12 +84,23 @@ def run_step(sched: Scheduler, rng: random.Random, done: list[Sequence]) -> int:
     seed=st.integers(0, 1000),
     policy=st.sampled_from(POLICIES),
     prefix_cache=st.booleans(),
+    window=st.sampled_from([None, 1, 5, 16]),
 )
 def test_random_workloads_keep_invariants_and_leak_nothing(
-    lengths, outputs, num_blocks, block_size, budget, max_seqs, aborts, seed, policy, prefix_cache
+    lengths,
+    outputs,
+    num_blocks,
+    block_size,
+    budget,
+    max_seqs,
+    aborts,
+    seed,
+    policy,
+    prefix_cache,
+    window,
 ) -> None:
     rng = random.Random(seed)
-    bm = BlockManager(num_blocks, block_size, prefix_cache)
+    bm = BlockManager(num_blocks, block_size, prefix_cache, window)
     sched = Scheduler(config(max_seqs, budget, policy, max_wait_s=0), bm)
     shared = [rng.randrange(50) for _ in range(30)]  # common prefix, to exercise the cache
     seqs, done = [], []
@@ -107,6 +124,28 @@ def test_random_workloads_keep_invariants_and_leak_nothing(
     assert not sched.has_work()
     assert bm.num_free_blocks == num_blocks, "blocks leaked"
     assert all(s.num_output_tokens == s.params.max_tokens for s in done)
+
+
+def test_blocks_behind_a_sliding_window_are_given_back() -> None:
+    """With every layer reading its last 8 keys, a long generation holds the blocks of
+    its window (and the one being filled), not one per 4 tokens; the blocks it gave back
+    stay in the prefix cache, and a request with the same prompt still hits them."""
+    bm = BlockManager(64, 4, window=8)
+    sched = Scheduler(config(4, 64), bm)
+    prompt = list(range(20))
+    s = seq("a", prompt, max_tokens=40)
+    sched.add(s)
+    rng, done = random.Random(0), []
+    held = []
+    while sched.has_work():
+        run_step(sched, rng, done)
+        held.append(len(s.block_table) - s.released_blocks)
+        check_invariants(bm, sched, [s] if s.status is not SequenceStatus.FINISHED else [])
+    assert done == [s] and s.num_output_tokens == 40
+    assert max(held[1:]) <= 8 // 4 + 2  # after the prompt's step: window + the open block
+    assert bm.num_free_blocks == 64
+    again = seq("b", prompt, max_tokens=1)
+    assert bm.allocate(again) and again.num_cached_tokens == 16  # 4 full blocks of 20
 
 
 def test_shared_system_prompt_hits_the_prefix_cache() -> None:

@@ -7,6 +7,12 @@ prompt starts with a cached prefix shares those blocks. Blocks no sequence refer
 stay cached until their space is needed, then are evicted least recently used first.
 A shared block is never written: a prefix match always leaves the block of the
 prompt's last token to the sequence itself (see _match_prefix), so no block is copied.
+
+Sliding windows: where every layer sees only its last `window` keys (Mistral), a
+sequence's blocks that fall wholly behind the window are given back as it goes, so
+that a long generation holds about window / block_size blocks rather than one per 16
+tokens of its length. Where some layer sees every key (Gemma 3's global layers), no
+block is ever behind every window, and none is released early.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from llmopt.engine.sequence import Sequence
+
+
+HOLE = -1  # a block_table entry given back (behind every layer's window)
 
 
 def block_hash(parent: int | None, tokens: list[int]) -> int:
@@ -30,11 +39,18 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        prefix_cache: bool = True,
+        window: int | None = None,  # the most keys any layer reads (None: all of them)
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
         self.prefix_cache = prefix_cache
+        self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))  # unreferenced, not cached
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached; LRU first
@@ -136,14 +152,29 @@ class BlockManager:
                 block.hash = h
                 self.cached[h] = block.id
 
+    def release_behind_window(self, seq: Sequence) -> None:
+        """Give back seq's blocks that no layer will read again: its next position,
+        num_computed_tokens, reads keys from num_computed_tokens + 1 - window on (and
+        a computed position is never recomputed but after a preemption, which starts
+        over). Call after register_full_blocks: a registered block stays in the prefix
+        cache, evictable, for the requests that share it."""
+        if self.window is None:
+            return
+        behind = max(0, seq.num_computed_tokens + 1 - self.window) // self.block_size
+        for i in range(seq.released_blocks, min(behind, len(seq.block_table))):
+            self._release(seq.block_table[i])
+            seq.block_table[i] = HOLE
+            seq.released_blocks = i + 1
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks at once (finished, aborted or preempted)."""
         # Reverse order: a prefix's tail is evicted before its head, which more
         # requests are likely to share.
-        for bid in reversed(seq.block_table):
+        for bid in reversed(seq.block_table[seq.released_blocks :]):
             self._release(bid)
         seq.block_table = []
         seq.block_hashes = []
+        seq.released_blocks = 0
         seq.num_computed_tokens = 0
 
     def trim(self, seq: Sequence) -> None:

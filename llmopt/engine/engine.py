@@ -88,7 +88,9 @@ class Engine:
         self.eos_ids = eos_ids
         self.max_context = max_context
         self.config = config
-        self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size, config.prefix_cache)
+        self.blocks = BlockManager(
+            runner.cache.num_blocks, runner.block_size, config.prefix_cache, runner.window
+        )
         self.scheduler = Scheduler(config, self.blocks)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()

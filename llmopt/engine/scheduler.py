@@ -169,6 +169,7 @@ class Scheduler:
         for seq, n in zip(step.seqs, step.num_tokens, strict=True):
             seq.num_computed_tokens += n - len(seq.draft_ids)
             self.blocks.register_full_blocks(seq)
+            self.blocks.release_behind_window(seq)
 
     def accept_draft(self, seq: Sequence) -> None:
         """seq's last appended token was an accepted draft: its keys are in the cache."""

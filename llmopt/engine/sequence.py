@@ -28,6 +28,9 @@ class Sequence:
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache
     block_table: list[int] = field(default_factory=list)  # cache block ids, in order
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    # Leading blocks given back because no layer's window reaches them any more (their
+    # entries in block_table are HOLE): BlockManager.release_behind_window.
+    released_blocks: int = 0
     # Speculative tokens proposed after token_ids, to be verified in the next step; not
     # part of the sequence until accepted.
     draft_ids: list[int] = field(default_factory=list)

@@ -36,6 +36,8 @@ class DraftModelDrafter(Drafter):
     def __init__(self, runner: Runner, max_context: int, prefix_cache: bool = True) -> None:
         self.runner = runner
         self.max_context = max_context  # the draft model's own context limit
+        # No window: a mirror goes back to where it last matched the target (its
+        # num_computed_tokens can fall), so a block behind its window may be read again.
         self.blocks = BlockManager(runner.cache.num_blocks, runner.block_size, prefix_cache)
         self._mirrors: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
