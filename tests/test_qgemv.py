@@ -1,4 +1,4 @@
-"""The int4/int5/int8/FP4 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
+"""The int4/int5/int6/int8/FP4 decode kernel (llmopt/kernels/qgemv.c) against a float64 reference.
 
 Its only approximation is rounding the activations to int8 per 64 inputs, so inputs
 that are already integers with 127 in every 64-block go through exactly, and the
@@ -34,7 +34,7 @@ FORMS = ["f32", "f16", "zero"]  # the kernels' forms of scale and offset
 
 
 def _op(w_k: torch.Tensor, bits: int | str, scale, offset, group: int) -> Operands:
-    """Operands of 4, 5 or 8 bits, or of FP4 ("e2m1": 4-bit codes through the codebook)."""
+    """Operands of 4, 5, 6 or 8 bits, or of FP4 ("e2m1": 4-bit codes through the codebook)."""
     if bits == "e2m1":
         return Operands(w_k, 4, scale, offset, group, "e2m1")
     return Operands(w_k, bits, scale, offset, group)
@@ -66,7 +66,7 @@ def _operands(n: int, k: int, bits: int | str, group: int, seed: int = 0, form: 
 
 CASES = [
     (4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (8, 192), (8, 16), (4, 16),
-    ("e2m1", 32), ("e2m1", 16), ("e2m1", 64), (5, 32), (5, 16), (5, 64),
+    ("e2m1", 32), ("e2m1", 16), ("e2m1", 64), (5, 32), (5, 16), (5, 64), (6, 16), (6, 32),
 ]  # fmt: skip
 
 
@@ -98,7 +98,7 @@ def test_bf16_activations_within_int8_rounding(bits: int | str, group: int, rows
     assert ((y.double() - ref).norm() / ref.norm()).item() < 0.02
 
 
-@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize("bits", [4, 5, 6])
 def test_packing_round_trips(bits: int) -> None:
     q = torch.randint(0, 2**bits, (8, 192), dtype=torch.uint8)
     packed = qgemv.pack_codes(q, bits)
@@ -111,7 +111,7 @@ def test_int5_layout() -> None:
     little-endian uint64 for input j's fifth bit."""
     q = torch.zeros(1, 64, dtype=torch.uint8)
     q[0, 3], q[0, 40], q[0, 63] = 17, 31, 16
-    packed = qgemv.pack_int5(q)[0]
+    packed = qgemv.pack_codes(q, 5)[0]
     assert packed[3] == 1 and packed[8] == 15 << 4  # input 40: the high nibble of byte 8
     assert int.from_bytes(bytes(packed[32:].tolist()), "little") == (1 << 3) | (1 << 40) | (1 << 63)
 
@@ -134,7 +134,7 @@ def test_shapes_it_does_not_take() -> None:
 
 
 @pytest.mark.parametrize(
-    "bits,group", [(4, 32), (4, 64), (4, 256), (5, 32), (8, 16), (8, 32), (8, 256)]
+    "bits,group", [(4, 32), (4, 64), (4, 256), (5, 32), (6, 16), (8, 16), (8, 32), (8, 256)]
 )
 def test_rows_are_independent(bits: int | str, group: int) -> None:
     """A row's result does not depend on the rows beside it: the same numbers whatever
@@ -313,7 +313,7 @@ def _kquant_operands(n: int, k: int, bits: int, group: int, seed: int = 0):
     return w_k, kscale, koffset, w
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (8, 16), (8, 32), (4, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (6, 16), (6, 32), (8, 16), (4, 64)])
 @pytest.mark.parametrize("build", ["native", "avx2", "emulated"])
 def test_kquant_metadata_on_every_path(bits: int, group: int, build: str) -> None:
     """META_K (a K-quant's int8 sub-scales and fp16 super-block factors) gives the

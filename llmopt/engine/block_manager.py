@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from llmopt.engine.sequence import Sequence
 
-
 HOLE = -1  # a block_table entry given back (behind every layer's window)
 
 

@@ -61,7 +61,7 @@ static int amx_ready(void) {
     return state;
 }
 
-/* One tile product into C from W tile A and x tile B: 4- and 5-bit codes are unsigned (times
+/* One tile product into C from W tile A and x tile B: 4- to 6-bit codes are unsigned (times
  * signed x), int8 holds q - 128 (signed times signed). Tile numbers are immediates,
  * hence a macro. */
 #define TDP(bits, C, A, B)         \
@@ -94,12 +94,7 @@ static void load_w_chunk(const uint8_t *w, size_t w_row, int bits, int e2m1, int
                 lo = _mm256_shuffle_epi8(t, lo);
                 hi = _mm256_shuffle_epi8(t, hi);
             }
-            if (bits == 5) { /* the fifth bits (qgemv.c's layout) */
-                uint64_t hb;
-                memcpy(&hb, src + 32, 8);
-                lo = _mm256_or_si256(lo, fifth_bits32((uint32_t)hb));
-                hi = _mm256_or_si256(hi, fifth_bits32((uint32_t)(hb >> 32)));
-            }
+            add_planes(&lo, &hi, src, bits); /* 5 and 6 bits: the higher bits' planes */
             _mm256_storeu_si256((__m256i *)a[0][n], lo);
             _mm256_storeu_si256((__m256i *)a[1][n], hi);
         } else {

@@ -36,11 +36,12 @@
  * Layouts (row-major, one row of W after the other):
  *   bits 4: (N, K / 2) bytes; per 64 inputs, 32 bytes: byte j holds input j (low
  *           nibble) and input j + 32 (high), q in 0..15. K % 64 == 0.
- *   bits 5: (N, 5 K / 8) bytes; per 64 inputs, 40 bytes: the 32 bytes of bits 4 (the
- *           low 4 bits of each code), then a little-endian uint64 whose bit j is input
- *           j's fifth bit, q in 0..31: GGUF's Q5_0, Q5_1 and Q5_K run at their own
- *           bytes, unpacked to the int4 arithmetic (a pair of products is at most
- *           2 * 31 * 127, inside int16, as int4's). K % 64 == 0.
+ *   bits 5, 6: (N, bits K / 8) bytes; per 64 inputs, 32 + 8 (bits - 4) bytes: the 32
+ *           bytes of bits 4 (the low 4 bits of each code), then a plane per higher bit,
+ *           a little-endian uint64 whose bit j is that bit of input j's code, q in
+ *           0 .. 2^bits - 1: GGUF's Q5_0, Q5_1, Q5_K and Q6_K run at their own bytes,
+ *           unpacked to the int4 arithmetic (a pair of products is at most
+ *           2 * 63 * 127, inside int16, as int4's). K % 64 == 0.
  *   bits 8: (N, K) int8 holding q - 128 (offset adjusted by the caller). K % 32 == 0.
  * codebook: CODEBOOK_NONE, or with bits 4 CODEBOOK_E2M1: each nibble is an FP4 (e2m1)
  *   value, sign and magnitude, which the unpacking maps through a 16-entry table to
@@ -96,11 +97,13 @@ static inline int code4(int nibble, int e2m1) { return e2m1 ? E2M1_CODES[nibble]
 /* Bytes of a row of W per 64-input chunk: 32, 40 or 64. */
 static inline size_t chunk_bytes(int bits) { return (size_t)QB * bits / 8; }
 
-/* The code of input j (0..63) of chunk c of a row of W (wn) in the 4- or 5-bit layout. */
+/* The code of input j (0..63) of chunk c of a row of W (wn) in the 4-, 5- or 6-bit
+ * layout. */
 static inline int packed_code(const uint8_t *wn, int c, int j, int bits, int e2m1) {
     const uint8_t *ch = wn + (size_t)c * chunk_bytes(bits);
-    const int q = code4((ch[j % 32] >> (j < 32 ? 0 : 4)) & 15, e2m1);
-    return bits == 5 ? q | ((ch[32 + j / 8] >> (j % 8)) & 1) << 4 : q;
+    int q = code4((ch[j % 32] >> (j < 32 ? 0 : 4)) & 15, e2m1);
+    for (int p = 0; p < bits - 4; p++) q |= ((ch[32 + 8 * p + j / 8] >> (j % 8)) & 1) << (4 + p);
+    return q;
 }
 
 /* Bytes per element of the scales and of the offsets (or zero points) in form `meta`. */
@@ -211,18 +214,29 @@ static inline float block_offset(const void *sb, const void *ob, int meta, int b
  *   - the epilogue (store8): y = v * row scale + bias + sum_g offset[n, g] * xsum[m, g].
  * Only the order of integer additions differs between the blocks, and that is exact. */
 
-/* 32 fifth bits (bit j: byte j) as 32 bytes, 16 where the bit is set, else 0: what the
- * 5-bit layout adds to the unpacked low nibbles. */
-static inline __m256i fifth_bits32(uint32_t m) {
+/* 32 bits of a plane (bit j: byte j) as 32 bytes, `value` where the bit is set, else 0:
+ * what a 5- or 6-bit layout's plane adds to the unpacked low nibbles. */
+static inline __m256i plane_bytes32(uint32_t m, char value) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(LLMOPT_QGEMV_AVX2)
-    return _mm256_maskz_mov_epi8((__mmask32)m, _mm256_set1_epi8(16));
+    return _mm256_maskz_mov_epi8((__mmask32)m, _mm256_set1_epi8(value));
 #else /* byte j takes byte j / 8 of m, then tests its bit j % 8 */
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2,
                                             2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
     const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread), bit);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(value));
 #endif
+}
+
+/* Adds a 5- or 6-bit chunk's planes (at src + 32) to its unpacked low nibbles: lo holds
+ * inputs 0-31, hi inputs 32-63. */
+static inline void add_planes(__m256i *lo, __m256i *hi, const uint8_t *src, int bits) {
+    for (int p = 0; p < bits - 4; p++) {
+        uint64_t plane;
+        memcpy(&plane, src + 32 + 8 * p, 8);
+        *lo = _mm256_or_si256(*lo, plane_bytes32((uint32_t)plane, (char)(16 << p)));
+        *hi = _mm256_or_si256(*hi, plane_bytes32((uint32_t)(plane >> 32), (char)(16 << p)));
+    }
 }
 
 /* The integer partial sums of one chunk of a row of W (its bytes at wc) against `nrows`
@@ -251,12 +265,7 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
             w0 = _mm256_shuffle_epi8(t, w0);
             w1 = _mm256_shuffle_epi8(t, w1);
         }
-        if (bits == 5) {
-            uint64_t hb;
-            memcpy(&hb, wc + 32, 8);
-            w0 = _mm256_or_si256(w0, fifth_bits32((uint32_t)hb));
-            w1 = _mm256_or_si256(w1, fifth_bits32((uint32_t)(hb >> 32)));
-        }
+        add_planes(&w0, &w1, wc, bits);
     } else {
         s0 = _mm256_loadu_si256((const __m256i *)wc);
         s1 = _mm256_loadu_si256((const __m256i *)(wc + 32));
@@ -284,7 +293,7 @@ static inline __attribute__((always_inline)) void chunk_dots(__m256i d[2][4], in
         if (units > 1) {
             d[r][0] = _mm256_madd_epi16(h0, ones);
             d[r][1] = _mm256_madd_epi16(h1, ones);
-        } else { /* 4- and 5-bit: the halves add in int16 (|sum| <= 4 * 31 * 127); int8's
+        } else { /* 4- to 6-bit: the halves add in int16 (|sum| <= 4 * 63 * 127); int8's
                   * would overflow */
             d[r][0] = bits != 8 ? _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                                 : _mm256_add_epi32(_mm256_madd_epi16(h0, ones),
@@ -531,9 +540,9 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2
         const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)E2M1_CODES));
         for (int j = 0; j < 16; j++) out[j] = _mm512_shuffle_epi8(t, out[j]);
     }
-    if (bits == 5) { /* out[t]'s lane i takes bits 4t .. 4t + 3 of row i's fifth bits */
+    for (int p = 0; p < bits - 4; p++) { /* out[t]'s lane i: bits 4t .. 4t + 3 of row i's plane */
         uint64_t hb[16];
-        for (int i = 0; i < 16; i++) memcpy(&hb[i], wr[i] + c * chunk_bytes(5) + 32, 8);
+        for (int i = 0; i < 16; i++) memcpy(&hb[i], wr[i] + c * chunk_bytes(bits) + 32 + 8 * p, 8);
         const __m512i h0 = _mm512_loadu_si512(hb), h1 = _mm512_loadu_si512(hb + 8);
         /* lane i: the low (inputs 0-31) or high (32-63) half of row i's bits */
         const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(h0)),
@@ -541,12 +550,13 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2
         const __m512i hi = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srli_epi64(h0, 32))),
             _mm512_cvtepi64_epi32(_mm512_srli_epi64(h1, 32)), 1);
-        /* 4 bits -> 4 bytes of 16 or 0: a 16-entry dword table (vpermd reads an index's
-         * low 4 bits) */
+        /* 4 bits -> 4 bytes of the plane's value or 0: a 16-entry dword table (vpermd
+         * reads an index's low 4 bits) */
+        const int v = 16 << p;
         int32_t table[16];
         for (int n = 0; n < 16; n++)
-            table[n] = (n & 1 ? 16 : 0) | (n & 2 ? 16 << 8 : 0) | (n & 4 ? 16 << 16 : 0) |
-                       (n & 8 ? 16 << 24 : 0);
+            table[n] = (n & 1 ? v : 0) | (n & 2 ? v << 8 : 0) | (n & 4 ? v << 16 : 0) |
+                       (n & 8 ? v << 24 : 0);
         const __m512i spread = _mm512_loadu_si512(table);
         for (int t = 0; t < 8; t++) {
             out[t] = _mm512_or_si512(
@@ -812,6 +822,8 @@ static int run_tiles(const Call *a) {
                 a->units == 4 ? TILE16(4, 4) : a->units == 2 ? TILE16(4, 2) : TILE16(4, 1);
             else if (a->bits == 5)
                 a->units == 4 ? TILE16(5, 4) : a->units == 2 ? TILE16(5, 2) : TILE16(5, 1);
+            else if (a->bits == 6)
+                a->units == 4 ? TILE16(6, 4) : a->units == 2 ? TILE16(6, 2) : TILE16(6, 1);
             else
                 a->units == 4 ? TILE16(8, 4) : a->units == 2 ? TILE16(8, 2) : TILE16(8, 1);
 #undef TILE16
@@ -849,6 +861,8 @@ static int run_blocks(const Call *a) {
             a->units == 4 ? BY_META(4, 4) : a->units == 2 ? BY_META(4, 2) : BY_META(4, 1);
         else if (a->bits == 5)
             a->units == 4 ? BY_META(5, 4) : a->units == 2 ? BY_META(5, 2) : BY_META(5, 1);
+        else if (a->bits == 6)
+            a->units == 4 ? BY_META(6, 4) : a->units == 2 ? BY_META(6, 2) : BY_META(6, 1);
         else
             a->units == 4 ? BY_META(8, 4) : a->units == 2 ? BY_META(8, 2) : BY_META(8, 1);
 #undef BY_META
@@ -861,7 +875,7 @@ static int run_blocks(const Call *a) {
 /* Whether qgemv and qdequant take these shapes and forms. */
 static int takes(int K, int bits, int group, int meta, int codebook) {
     return K % QB == 0 && K % group == 0 && (group == 16 || group == 32 || group % QB == 0) &&
-           (bits == 4 || bits == 5 || bits == 8) && meta >= META_F32 && meta <= META_K &&
+           ((bits >= 4 && bits <= 6) || bits == 8) && meta >= META_F32 && meta <= META_K &&
            (meta != META_K || (K % K_SUPER == 0 && K_SUPER % group == 0)) &&
            (codebook == CODEBOOK_NONE || (codebook == CODEBOOK_E2M1 && bits == 4));
 }

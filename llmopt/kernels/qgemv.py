@@ -1,4 +1,4 @@
-"""Binding for qgemv.c: weight-only int4/int5/int8 (and FP4, 4-bit codes through the
+"""Binding for qgemv.c: weight-only int4/int5/int6/int8 (and FP4, 4-bit codes through the
 e2m1 table) times a few rows of activations on the CPU, with the activations quantized to
 int8 per 64 inputs (see the C source for the arithmetic and the error it adds). Layout
 helpers for its int4 packing live here too.
@@ -19,7 +19,7 @@ CHUNK = 64  # inputs per activation scale and per int4 chunk (QB)
 def supports(bits: int, in_features: int, group_size: int) -> bool:
     """Whether the kernel takes this weight shape."""
     return (
-        bits in (4, 5, 8)
+        bits in (4, 5, 6, 8)
         and in_features % CHUNK == 0
         and in_features % group_size == 0
         and (group_size in (16, 32) or group_size % CHUNK == 0)
@@ -54,33 +54,30 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
 _BIT = 1 << torch.arange(8, dtype=torch.uint8)  # bit j of a byte
 
 
-def pack_int5(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes in 0..31 -> (N, 5 K / 8) bytes: per 64 inputs, pack_int4's 32 bytes
-    of the low 4 bits, then 8 bytes holding input j's fifth bit as bit j (little-endian)."""
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) codes in 0 .. 2^bits - 1, bits 4 to 6 -> (N, bits K / 8) bytes: per 64
+    inputs, pack_int4's 32 bytes of the low 4 bits, then for each higher bit 8 bytes
+    holding input j's bit as bit j (little-endian)."""
     n, k = q.shape
     q = q.to(torch.uint8)
-    low = pack_int4(q & 0x0F).view(n, k // CHUNK, 32)
-    high = ((q >> 4).view(n, k // CHUNK, 8, 8) * _BIT).sum(-1, dtype=torch.uint8)
-    return torch.cat([low, high], dim=2).reshape(n, k * 5 // 8)
-
-
-def unpack_int5(w: torch.Tensor) -> torch.Tensor:
-    """pack_int5 turned around: (N, 5 K / 8) bytes -> (N, K) uint8 codes."""
-    n = w.shape[0]
-    v = w.view(n, -1, 40)
-    low = unpack_int4(v[..., :32].reshape(n, -1))
-    high = ((v[..., 32:, None] & _BIT) != 0).to(torch.uint8).reshape(n, -1)
-    return low | (high << 4)
-
-
-def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(N, K) codes of 4 or 5 bits in qgemv's layout for `bits`."""
-    return pack_int4(q) if bits == 4 else pack_int5(q)
+    if q.numel() and int(q.max()) >= 1 << bits:
+        raise ValueError(f"{bits}-bit codes must be below {1 << bits}")
+    chunks = [pack_int4(q & 0x0F).view(n, k // CHUNK, 32)]
+    for b in range(4, bits):  # a plane per higher bit
+        plane = ((q >> b) & 1).view(n, k // CHUNK, 8, 8)
+        chunks.append((plane * _BIT).sum(-1, dtype=torch.uint8))
+    return torch.cat(chunks, dim=2).reshape(n, k * bits // 8)
 
 
 def unpack_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """pack_codes turned around."""
-    return unpack_int4(w) if bits == 4 else unpack_int5(w)
+    """pack_codes turned around: (N, bits K / 8) bytes -> (N, K) uint8 codes."""
+    n = w.shape[0]
+    v = w.view(n, -1, 8 * bits)  # the 64-input chunks
+    q = unpack_int4(v[..., :32].reshape(n, -1))
+    for b in range(4, bits):
+        plane = v[..., 32 + 8 * (b - 4) : 40 + 8 * (b - 4), None]  # (N, chunks, 8, 1)
+        q |= ((plane & _BIT) != 0).to(torch.uint8).reshape(n, -1) << b
+    return q
 
 
 # The kernels' forms of scale and offset (qgemv.c's META_*), by the dtypes of the two.

@@ -234,7 +234,8 @@ def _decode(
             f"{source}: tensor '{r.name}' is damaged ({e}); pull the file again"
         ) from e
     if t != 1.0:
-        w = replace(w, scale=w.scale * t) if isinstance(w, QuantizedWeight) else w * t
+        # (a K-quant's own factors no longer give the scales: dropped)
+        w = replace(w, scale=w.scale * t, kquant=None) if isinstance(w, QuantizedWeight) else w * t
     if heads is not None:
         w = unpermute(w, heads)
     return w - 1 if plus_one and isinstance(w, torch.Tensor) else w

@@ -14,10 +14,10 @@ from typing import Any
 from gguf import GGUFWriter, SpecialVocab, TokenType
 
 from llmopt.errors import ModelFormatError
-from llmopt.loader.gguf_tokenizer import _LLAMA3, _QWEN2
+from llmopt.vocab.pretokenize import LLAMA3, QWEN2
 
 # The pre-tokenizer regexes llama.cpp knows by name, as tokenizer.json spells them.
-_SPLIT_NAMES = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2"}
+_SPLIT_NAMES = {LLAMA3: "llama-bpe", QWEN2: "qwen2"}
 
 
 def add_vocab(writer: GGUFWriter, folder: Path, vocab_size: int) -> None:

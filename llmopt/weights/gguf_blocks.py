@@ -56,7 +56,7 @@ BLOCKS: dict[Q, tuple[int, int, int, int]] = {
     Q.Q5_1: (24, 32, 5, 32),
     Q.Q4_K: (144, 256, 4, 32),
     Q.Q5_K: (176, 256, 5, 32),
-    Q.Q6_K: (210, 256, 8, 16),
+    Q.Q6_K: (210, 256, 6, 16),
     Q.MXFP4: (17, 32, 4, 32),
     Q.NVFP4: (36, 64, 4, 16),
 }
@@ -142,7 +142,9 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
         return codes, d, -(16 if qtype == Q.Q5_0 else 8) * d
     subs = per_block // group
     k = k_factors(b, qtype)
-    scale, offset = k.d.float() * k.sc.float(), k.dmin.float() * k.m.float()  # (nb, subs)
+    scale = k.d.float() * k.sc.float()  # (nb, subs)
+    # Q6_K's in fp32 from the scale: its dmin (-32 d in fp16) overflows for |d| >= 2048
+    offset = -32 * scale if qtype == Q.Q6_K else k.dmin.float() * k.m.float()
     if qtype == Q.Q6_K:
         codes = _q6_codes(b[:, :128], b[:, 128:192])
     else:
