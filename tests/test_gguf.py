@@ -31,9 +31,9 @@ from llmopt.weights.qweight import QuantizedWeight
 from tests.conftest import REAL_HOME, require_kernel, write_tiny_model
 from tests.test_parity import full_logits
 
-K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
-# Where each K-quant block keeps its fp16 super-block scales (d, and dmin but in Q6_K).
-_K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# Where each K-quant block keeps its fp16 super-block scales (d, and dmin where it has one).
+_K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
 def _blocks(qtype: Q, rows: int, n: int, seed: int = 0) -> np.ndarray:
@@ -52,9 +52,16 @@ def _blocks(qtype: Q, rows: int, n: int, seed: int = 0) -> np.ndarray:
         raw[:, at : at + 2] = d.view(np.uint8).reshape(-1, 2)
     if qtype == Q.Q6_K:
         raw[:, 192:208] |= 1  # int8 scales: none 0 by chance
+    if qtype == Q.Q3_K:
+        raw[:, 96:104] |= 0x11  # odd 6-bit scales: none 32 (scale 0) by chance
     first = raw[:: n // per]
     if qtype == Q.Q6_K:
         first[:, 192] = 0  # sub-block 0's int8 scale
+    elif qtype == Q.Q2_K:
+        first[:, 0] &= 0xF0  # sub-block 0's 4-bit scale
+    elif qtype == Q.Q3_K:  # sub-block 0's 6-bit scale 32: low nibble 0, high bits 2
+        first[:, 96] &= 0xF0
+        first[:, 104] = (first[:, 104] & 0xFC) | 2
     else:
         first[:, 4] &= 0xC0  # sub-block 0's 6-bit scale (its high bits serve sub-block 4)
     return raw.reshape(rows, -1)
@@ -199,6 +206,8 @@ GRIDS = {
     Q.Q4_1: (4, 32, None),
     Q.Q5_1: (5, 32, None),
     Q.Q4_K: (4, 32, None),
+    Q.Q2_K: (4, 16, None),
+    Q.Q3_K: (4, 16, 4),
     Q.Q5_K: (5, 32, None),
     Q.MXFP4: (4, 32, 12),  # e2m1 nibbles, the integers 0..24 of the e2m1 codebook
 }

@@ -10,6 +10,8 @@ offset; they differ in how the numbers are packed (little-endian; d, dmin, m fp1
   Q4_1  20 B / 32:  d, m, qs[16]                       w = d * q + m
   Q5_0  22 B / 32:  d, qh:u32, qs[16]                  w = d * (q - 16)
   Q5_1  24 B / 32:  d, m, qh:u32, qs[16]               w = d * q + m
+  Q2_K  84 B / 256: scales[16], qs[64], d, dmin        w = d * sc_j * q - dmin * m_j
+  Q3_K 110 B / 256: hmask[32], qs[64], scales[12], d   w = d * (sc_j - 32) * (q - 4)
   Q4_K 144 B / 256: d, dmin, scales[12], qs[128]       w = d * sc_j * q - dmin * m_j
   Q5_K 176 B / 256: d, dmin, scales[12], qh[32], qs[128]   (the same, q of 5 bits)
   Q6_K 210 B / 256: ql[128], qh[64], sc:int8[16], d    w = d * sc_j * (q - 32)
@@ -29,7 +31,14 @@ ones the next 32; Q5_K's fifth bit of sub-block j is bit j of qh[l]. The K-quant
 sub-blocks are 32 weights with a 6-bit scale and minimum (12 bytes for 8 pairs), or,
 in Q6_K, 16 weights with an int8 scale. Q6_K's codes: 4 low bits in ql, 2 high in qh,
 weight l + 32k of each 128 taking ql's low nibble (k = 0, 1) or high (k = 2, 3) of byte
-l + 32 (k % 2) and bits 2k .. 2k + 1 of qh[l].
+l + 32 (k % 2) and bits 2k .. 2k + 1 of qh[l]. Q2_K and Q3_K have 16-weight sub-blocks:
+weight l + 32j of each 128 (n-th) is bits 2j .. 2j + 1 of qs[32n + l]; Q2_K's scale
+and minimum are a byte's nibbles; Q3_K's 6-bit scales are the nibbles of scales[0:8]
+(sub-block i < 8 the low one of byte i, i >= 8 the high one of byte i - 8) with 2 high
+bits from scales[8:12] (sub-block 4s + k: bits 2s .. 2s + 1 of byte 8 + k), and weight
+y's third code bit is bit y / 32 of hmask[y % 32]. Their codes (0..3, 0..7) run on the
+4-bit kernels: 0.64 bytes a weight against the file's 0.33 and 0.43, where fp32 would
+take 4.
 
 A grid's scale d * sc is exact in fp32 (11 bits times 6 or 8); its offset becomes a
 zero point, zero = -offset / scale, which the kernels turn back into the offset to fp32
@@ -54,6 +63,8 @@ BLOCKS: dict[Q, tuple[int, int, int, int]] = {
     Q.Q4_1: (20, 32, 4, 32),
     Q.Q5_0: (22, 32, 5, 32),
     Q.Q5_1: (24, 32, 5, 32),
+    Q.Q2_K: (84, 256, 4, 16),
+    Q.Q3_K: (110, 256, 4, 16),
     Q.Q4_K: (144, 256, 4, 32),
     Q.Q5_K: (176, 256, 5, 32),
     Q.Q6_K: (210, 256, 6, 16),
@@ -100,7 +111,25 @@ def _q6_codes(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).reshape(-1, 256)
 
 
-K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+K_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# The symmetric K-quants' zero points: offset = -zero * scale.
+K_ZERO = {Q.Q3_K: 4, Q.Q6_K: 32}
+
+
+def _q3_scales(s: torch.Tensor) -> torch.Tensor:
+    """(nb, 12) packed bytes -> the 16 sub-blocks' 6-bit scales less 32, int8 (layout
+    above)."""
+    low = torch.cat([s[:, :8] & 15, s[:, :8] >> 4], dim=1)  # (nb, 16)
+    shifts = 2 * torch.arange(4, dtype=torch.uint8).view(1, 4, 1)
+    high = ((s[:, None, 8:12] >> shifts) & 3).reshape(-1, 16)  # sub-block 4s + k
+    return ((low | (high << 4)).to(torch.int16) - 32).to(torch.int8)
+
+
+def _two_bit_codes(qs: torch.Tensor) -> torch.Tensor:
+    """(nb, 64) bytes -> (nb, 256) 2-bit codes: weight 128n + 32j + l is bits 2j, 2j + 1
+    of byte 32n + l."""
+    shifts = 2 * torch.arange(4, dtype=torch.uint8).view(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
 
 
 def k_factors(data: torch.Tensor, qtype: Q) -> KQuant:
@@ -110,10 +139,16 @@ def k_factors(data: torch.Tensor, qtype: Q) -> KQuant:
     -32 * scale (dmin = -32 d, exact in fp16, and m = sc)."""
     width = BLOCKS[qtype][0]
     b = data.reshape(-1, width)
-    if qtype == Q.Q6_K:
-        d = b[:, 208:210].contiguous().view(torch.float16)
-        sc = b[:, 192:208].contiguous().view(torch.int8)
-        return KQuant(d, sc, -32 * d, sc)
+    if qtype in K_ZERO:  # symmetric: dmin = -zero * d, m = sc
+        at, sc = (208, b[:, 192:208].contiguous().view(torch.int8))
+        if qtype == Q.Q3_K:
+            at, sc = 108, _q3_scales(b[:, 96:108])
+        d = b[:, at : at + 2].contiguous().view(torch.float16)
+        return KQuant(d, sc, -K_ZERO[qtype] * d, sc)
+    if qtype == Q.Q2_K:
+        d, dmin = (b[:, a : a + 2].contiguous().view(torch.float16) for a in (80, 82))
+        sc = b[:, :16]
+        return KQuant(d, (sc & 15).to(torch.int8), -dmin, (sc >> 4).to(torch.int8))
     d, dmin = (b[:, a : a + 2].contiguous().view(torch.float16) for a in (0, 2))
     sc, m = _k_scales(b[:, 4:16])
     return KQuant(d, sc.to(torch.int8), -dmin, m.to(torch.int8))
@@ -143,10 +178,18 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
     subs = per_block // group
     k = k_factors(b, qtype)
     scale = k.d.float() * k.sc.float()  # (nb, subs)
-    # Q6_K's in fp32 from the scale: its dmin (-32 d in fp16) overflows for |d| >= 2048
-    offset = -32 * scale if qtype == Q.Q6_K else k.dmin.float() * k.m.float()
+    # The symmetric ones' in fp32 from the scale: their fp16 dmin (-zero * d) overflows
+    # for large d
+    zero = K_ZERO.get(qtype)
+    offset = -zero * scale if zero else k.dmin.float() * k.m.float()
     if qtype == Q.Q6_K:
         codes = _q6_codes(b[:, :128], b[:, 128:192])
+    elif qtype == Q.Q2_K:
+        codes = _two_bit_codes(b[:, 16:80])
+    elif qtype == Q.Q3_K:
+        shifts = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+        high = ((b[:, None, :32] >> shifts) & 1).reshape(-1, 256)  # weight 32 b + l
+        codes = _two_bit_codes(b[:, 32:96]) | (high << 2)
     else:
         qs = b[:, width - 128 :].reshape(-1, 4, 1, 32)
         codes = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, subs, group)
@@ -202,7 +245,7 @@ def quantized_weight(
         scale[a : a + rows] = s.view(rows, groups)
         zero[a : a + rows] = (-offset / s).view(rows, groups)
     if kquant is not None and not torch.isfinite(kquant.dmin).all():
-        kquant = None  # Q6_K's -32 d past fp16's range: the fp32 grid alone
+        kquant = None  # a symmetric type's -zero * d past fp16's range: the fp32 grid alone
     return QuantizedWeight(
         q, scale, zero, bits, group, codebook=CODEBOOKS.get(qtype), kquant=kquant
     )
