@@ -114,11 +114,11 @@ static void blocked16(float *dst, const void *scale, const void *offset, int met
         const size_t n8 = (size_t)n0 / FS + h;
         const void *sb = scale_block(scale, meta, ng, n8);
         const void *ob = offset_block(offset, meta, ng, gps, n8);
-        for (int g = 0; g < ng; g++) {
-            const __m256 v = FS * h >= rows ? _mm256_setzero_ps()
-                             : offsets      ? offset8(sb, ob, meta, bits, gps, g)
-                                            : scale8(sb, ob, meta, gps, g);
-            _mm256_storeu_ps(dst + g * AMX_T + FS * h, v);
+        if (FS * h < rows) {
+            expand_meta(dst + FS * h, AMX_T, sb, ob, meta, bits, gps, ng, offsets);
+        } else {
+            for (int g = 0; g < ng; g++)
+                _mm256_storeu_ps(dst + g * AMX_T + FS * h, _mm256_setzero_ps());
         }
     }
 }

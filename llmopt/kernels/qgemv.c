@@ -64,8 +64,9 @@
  *   META_K    a GGUF K-quant's own numbers: per group an int8 sub-scale sc and
  *             sub-minimum m, per 256-weight super-block fp16 factors d and dmin,
  *             scale = d * sc and offset = dmin * m (each exact in fp32: 11 bits times
- *             8; int8 codes add base * scale, exact too). A block of 8 rows holds scale (K / group, 2, 8) int8 (sc, then m) and
- *             offset (K / 256, 2, 8) fp16 (d, then dmin). Q4_K then reads 2.5 bytes of
+ *             8; int8 codes add base * scale, exact too). A block of 8 rows holds
+ *             scale (K / group, 2, 8) int8 (sc, then m) and offset (K / 256, 2, 8)
+ *             fp16 (d, then dmin). Q4_K then reads 2.5 bytes of
  *             metadata per 32 weights instead of fp32's 8, Q6_K 2.25 per 16 instead of 8.
  * x: (M, K) fp32 or bf16;
  * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
@@ -387,6 +388,26 @@ static inline __m256 offset8(const void *sb, const void *ob, int meta, int bits,
                          _mm256_sub_ps(_mm256_set1_ps(code_base(bits)), zf));
 }
 
+/* A block's scales (offsets = 0) or offsets (1) for every group in fp32: dst[g * stride
+ * .. + 7], g < ng. The form is tested once, outside the loop: per group, the test costs
+ * as much as the loads (a tile of 16 rows x 576 inputs reads 18 groups' metadata for
+ * about 4.6 KB of weights). */
+static inline void expand_meta(float *dst, size_t stride, const void *sb, const void *ob,
+                               int meta, int bits, int gps, int ng, int offsets) {
+    if (meta == META_K) {
+        for (int g = 0; g < ng; g++)
+            _mm256_storeu_ps(dst + stride * g, offsets ? offset8(sb, ob, META_K, bits, gps, g)
+                                                       : scale8(sb, ob, META_K, gps, g));
+    } else if (!offsets || meta != META_ZERO) {
+        const void *p = offsets ? ob : sb;
+        const int f16 = offsets ? meta == META_F16 : meta != META_F32;
+        for (int g = 0; g < ng; g++) _mm256_storeu_ps(dst + stride * g, load_meta8(p, FS * g, f16));
+    } else {
+        for (int g = 0; g < ng; g++)
+            _mm256_storeu_ps(dst + stride * g, offset8(sb, ob, META_ZERO, bits, gps, g));
+    }
+}
+
 /* What the epilogue needs of a block of 8 rows of W (`rows` of them real): the row
  * scales (1 unless one scale covers a row), the bias, and the offsets in fp32, (ng, 8);
  * with the scales in fp32 too, (ng, 8), for the units' factors. */
@@ -400,10 +421,8 @@ static inline Block8 block8_meta(const void *sb, const void *ob, int meta, int b
                                  float *sf, float *of) {
     float tail[8];
     for (int i = 0; i < 8; i++) tail[i] = i < rows && bias ? bias[n0 + i] : 0.0f;
-    for (int g = 0; g < ng; g++) {
-        _mm256_storeu_ps(sf + FS * g, scale8(sb, ob, meta, gps, g));
-        _mm256_storeu_ps(of + FS * g, offset8(sb, ob, meta, bits, gps, g));
-    }
+    expand_meta(sf, FS, sb, ob, meta, bits, gps, ng, 0);
+    expand_meta(of, FS, sb, ob, meta, bits, gps, ng, 1);
     const Block8 b = {per_row ? scale8(sb, ob, meta, gps, 0) : _mm256_set1_ps(1.0f),
                       _mm256_loadu_ps(tail), rows};
     return b;
@@ -435,7 +454,8 @@ static inline void store8(__m256 v, const Block8 *blk, const float *of, const fl
  * as much as the row's dot products at K = 576). */
 static inline __attribute__((always_inline)) void block8(
     const uint8_t *w, size_t w_row, int bits, int e2m1, int units, const void *scale, int ng,
-    const void *offset, int meta, int gps, const int8_t *xq, const float *xd, const float *xsum, int M,
+    const void *offset, int meta, int gps, const int8_t *xq, const float *xd, const float *xsum,
+    int M,
     int K, const int *gi, const float *bias, int rows, int n0, int N, void *y, int y_bf16) {
     const int nc = K / QB;
     const int per_row = units == 1 && gi[nc - 1] == 0; /* one scale for the whole row */
@@ -499,7 +519,8 @@ static inline void transpose4_in_lanes(__m512i *v, int n) {
  * and p + 4, or p + 4 and p + 8 from p = 4, so that the lanes come out in row order;
  * dword t packs inputs 4t .. 4t + 3 and 32 + 4t .. 32 + 4t + 3), one shuffle level
  * gathers, and vector t's low nibbles are then out[t], its high ones out[8 + t]. */
-static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2m1, int c,
+static inline __attribute__((always_inline)) void transpose_chunk(const uint8_t *const wr[16],
+                                                                   int bits, int e2m1, int c,
                                    __m512i out[16]) {
     if (bits == 8) {
         __m512i v[16], h[16];
@@ -522,9 +543,9 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2
     __m512i z[8];
     for (int p = 0; p < 8; p++) {
         const int a = p < 4 ? p : p + 4; /* rows a and a + 4 */
-        const __m256i lo = _mm256_loadu_si256((const __m256i *)(wr[a] + c * chunk_bytes(bits)));
-        const __m256i hi =
-            _mm256_loadu_si256((const __m256i *)(wr[a + 4] + c * chunk_bytes(bits)));
+        const size_t at = (size_t)c * chunk_bytes(bits);
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(wr[a] + at));
+        const __m256i hi = _mm256_loadu_si256((const __m256i *)(wr[a + 4] + at));
         z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     }
     transpose4_in_lanes(z, 8);
@@ -540,6 +561,14 @@ static inline void transpose_chunk(const uint8_t *const wr[16], int bits, int e2
         const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)E2M1_CODES));
         for (int j = 0; j < 16; j++) out[j] = _mm512_shuffle_epi8(t, out[j]);
     }
+}
+
+/* transpose_chunk for 5- and 6-bit codes: the nibbles as int4's, then each plane's bits
+ * added. */
+static inline __attribute__((always_inline)) void transpose_wide_chunk(const uint8_t *const wr[16],
+                                                                       int bits, int c,
+                                                                       __m512i out[16]) {
+    transpose_chunk(wr, bits, 0, c, out);
     for (int p = 0; p < bits - 4; p++) { /* out[t]'s lane i: bits 4t .. 4t + 3 of row i's plane */
         uint64_t hb[16];
         for (int i = 0; i < 16; i++) memcpy(&hb[i], wr[i] + c * chunk_bytes(bits) + 32 + 8 * p, 8);
@@ -642,7 +671,8 @@ static inline __attribute__((always_inline)) void tile16(
     const uint8_t *w, size_t w_row, int bits, int e2m1, int units, const void *scale,
     const void *offset, int meta, int gps, int ng, const int8_t *xq, const float *xd,
     const float *xsum, const int32_t *xi, int M, int K, const int *gi, const float *bias, int n0,
-    int N, void *y, int y_bf16, __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
+    int N, void *y, int y_bf16,
+    __m512i *wt) { /* per-thread room for the transposed tile, (nc, 16) vectors */
     const int nc = K / QB, rows = N - n0 < 16 ? N - n0 : 16;
     const int per_row = units == 1 && gi[nc - 1] == 0;
     const uint8_t *wr[16]; /* a partial tile repeats its first row; those lanes go unstored */
@@ -650,22 +680,27 @@ static inline __attribute__((always_inline)) void tile16(
     /* One pass of x's rows (M <= QT_ROWS, decode) transposes each chunk as it goes,
      * so that loading the weights overlaps the arithmetic; more passes transpose the
      * whole tile first, once for all of them. */
-    const int fused = M <= QT_ROWS;
+    /* 5- and 6-bit codes transpose the whole tile first even then: their planes' code
+     * inside the fused pass made GCC compile the 4-bit pass 10-20% slower. */
+    const int fused = M <= QT_ROWS && (bits == 4 || bits == 8);
     const size_t tile_bytes = 16 * w_row, end = (size_t)N * w_row;
     const size_t ahead_at = (size_t)(n0 + 16) * w_row;
     const Ahead ahead = {ahead_at < end ? (const char *)w + ahead_at : NULL,
                          (tile_bytes / nc + 63) / 64 * 64,
                          end - ahead_at < tile_bytes ? end - ahead_at : tile_bytes};
-    if (ahead.at) { /* the next tile's scales and offsets: its one or two blocks' */
-        const size_t b0 = (size_t)(n0 + 16) / FS, b1 = b0 + (N - n0 - 16 > 8 ? 2 : 1);
-        const char *s0 = scale_block(scale, meta, ng, b0), *o0 = offset_block(offset, meta, ng, gps, b0);
-        prefetch(s0, (size_t)((const char *)scale_block(scale, meta, ng, b1) - s0));
-        prefetch(o0, (size_t)((const char *)offset_block(offset, meta, ng, gps, b1) - o0));
+    if (ahead.at) { /* the next tile's scales and offsets: bytes a row of each */
+        const int next = N - n0 - 16 < 16 ? N - n0 - 16 : 16;
+        const size_t s_row = (size_t)ng * scale_bytes(meta);
+        const size_t o_row =
+            meta == META_K ? (size_t)4 * (ng / gps) : (size_t)ng * offset_bytes(meta);
+        prefetch((const char *)scale + (size_t)(n0 + 16) * s_row, (size_t)next * s_row);
+        prefetch((const char *)offset + (size_t)(n0 + 16) * o_row, (size_t)next * o_row);
     }
     if (!fused)
         for (int c = 0; c < nc; c++) {
             prefetch_share(ahead, c);
-            transpose_chunk(wr, bits, e2m1, c, wt + (size_t)c * 16);
+            (bits == 5 || bits == 6) ? transpose_wide_chunk(wr, bits, c, wt + (size_t)c * 16)
+                                     : transpose_chunk(wr, bits, e2m1, c, wt + (size_t)c * 16);
         }
     Block8 blk[2];
     __m512 sv[ng];         /* the tile's scales per group, fp32 */
@@ -792,6 +827,41 @@ typedef struct {
 } Call;
 
 #ifdef HAVE_TILE16
+/* tile16 for one (bits, units): its own function, so that GCC allocates each
+ * specialisation's registers on its own (the twelve inlined into one loop ran the int4
+ * decode tile about 10% slower, measured build against build in one process). */
+typedef void (*Tile16Fn)(const Call *a, const int32_t *xi, int n0, __m512i *wt);
+#define TILE16_FN(B, H)                                                                       \
+    static __attribute__((noinline)) void tile16_##B##_##H(const Call *a, const int32_t *xi,  \
+                                                          int n0, __m512i *wt) {              \
+        tile16(a->w, a->w_row, B, a->e2m1, H, a->scale, a->offset, a->meta, a->gps, a->ng,    \
+               a->xq, a->xd, a->xsum, xi, a->M, a->K, a->gi, a->bias, n0, a->N, a->y,         \
+               a->y_bf16, wt);                                                                \
+    }
+TILE16_FN(4, 1)
+TILE16_FN(4, 2)
+TILE16_FN(4, 4)
+TILE16_FN(5, 1)
+TILE16_FN(5, 2)
+TILE16_FN(5, 4)
+TILE16_FN(6, 1)
+TILE16_FN(6, 2)
+TILE16_FN(6, 4)
+TILE16_FN(8, 1)
+TILE16_FN(8, 2)
+TILE16_FN(8, 4)
+#undef TILE16_FN
+
+static Tile16Fn tile16_for(int bits, int units) {
+    static const Tile16Fn fns[4][3] = {
+        {tile16_4_1, tile16_4_2, tile16_4_4},
+        {tile16_5_1, tile16_5_2, tile16_5_4},
+        {tile16_6_1, tile16_6_2, tile16_6_4},
+        {tile16_8_1, tile16_8_2, tile16_8_4},
+    };
+    return fns[bits == 8 ? 3 : bits - 4][units == 4 ? 2 : units - 1];
+}
+
 /* Tiles of 16 rows of W, each thread with room for one: W is read from memory once, x
  * from cache once per tile. */
 static int run_tiles(const Call *a) {
@@ -808,26 +878,14 @@ static int run_tiles(const Call *a) {
 #pragma omp parallel reduction(| : rc)
     {
         /* one pass of x's rows transposes as it goes (tile16), more keep the tile */
-        __m512i *wt = a->M > QT_ROWS ? aligned_alloc(64, (size_t)nc * 16 * 64) : NULL;
-        const int ok = a->M <= QT_ROWS || wt;
+        const int whole = a->M > QT_ROWS || a->bits == 5 || a->bits == 6; /* tile16's `fused` */
+        __m512i *wt = whole ? aligned_alloc(64, (size_t)nc * 16 * 64) : NULL;
+        const int ok = !whole || wt;
         if (!ok) rc = -1;
+        const Tile16Fn tile = tile16_for(a->bits, a->units);
 #pragma omp for schedule(static)
-        for (int n0 = 0; n0 < a->N; n0 += 16) {
-            if (!ok) continue;
-            /* Constant arguments: each case is its own specialised loop. */
-#define TILE16(B, H)                                                                          \
-    tile16(a->w, a->w_row, B, a->e2m1, H, a->scale, a->offset, a->meta, a->gps, ng, a->xq,  \
-           a->xd, a->xsum, xi, a->M, a->K, a->gi, a->bias, n0, a->N, a->y, a->y_bf16, wt)
-            if (a->bits == 4)
-                a->units == 4 ? TILE16(4, 4) : a->units == 2 ? TILE16(4, 2) : TILE16(4, 1);
-            else if (a->bits == 5)
-                a->units == 4 ? TILE16(5, 4) : a->units == 2 ? TILE16(5, 2) : TILE16(5, 1);
-            else if (a->bits == 6)
-                a->units == 4 ? TILE16(6, 4) : a->units == 2 ? TILE16(6, 2) : TILE16(6, 1);
-            else
-                a->units == 4 ? TILE16(8, 4) : a->units == 2 ? TILE16(8, 2) : TILE16(8, 1);
-#undef TILE16
-        }
+        for (int n0 = 0; n0 < a->N; n0 += 16)
+            if (ok) tile(a, xi, n0, wt);
         free(wt);
     }
     free(xi);
