@@ -392,8 +392,10 @@ static inline __m256 offset8(const void *sb, const void *ob, int meta, int bits,
  * .. + 7], g < ng. The form is tested once, outside the loop: per group, the test costs
  * as much as the loads (a tile of 16 rows x 576 inputs reads 18 groups' metadata for
  * about 4.6 KB of weights). */
-static inline void expand_meta(float *dst, size_t stride, const void *sb, const void *ob,
-                               int meta, int bits, int gps, int ng, int offsets) {
+static inline __attribute__((always_inline)) void expand_meta(float *dst, size_t stride,
+                                                               const void *sb, const void *ob,
+                                                               int meta, int bits, int gps,
+                                                               int ng, int offsets) {
     if (meta == META_K) {
         for (int g = 0; g < ng; g++)
             _mm256_storeu_ps(dst + stride * g, offsets ? offset8(sb, ob, META_K, bits, gps, g)
