@@ -176,14 +176,19 @@ static inline int groups_per_super(int meta, int group) {
     return meta == META_K ? K_SUPER / group : 1;
 }
 
-/* Where the scales and the offsets of the block of rows 8 n8 .. 8 n8 + 7 start, in any
- * form (ng groups a row; gps groups a K-quant super-block, for META_K). */
+/* Bytes of scales and of offsets a row of W has, in any form (ng groups a row; gps
+ * groups a K-quant super-block, for META_K: two int8 a group, two fp16 a super-block). */
+static inline size_t scale_row_bytes(int meta, int ng) { return (size_t)ng * scale_bytes(meta); }
+static inline size_t offset_row_bytes(int meta, int ng, int gps) {
+    return meta == META_K ? (size_t)4 * (ng / gps) : (size_t)ng * offset_bytes(meta);
+}
+
+/* Where the scales and the offsets of the block of rows 8 n8 .. 8 n8 + 7 start. */
 static inline const void *scale_block(const void *scale, int meta, int ng, size_t n8) {
-    return (const char *)scale + n8 * ng * FS * (meta == META_K ? 2 : scale_bytes(meta));
+    return (const char *)scale + n8 * FS * scale_row_bytes(meta, ng);
 }
 static inline const void *offset_block(const void *offset, int meta, int ng, int gps, size_t n8) {
-    if (meta == META_K) return (const char *)offset + n8 * (ng / gps) * FS * 4;
-    return (const char *)offset + n8 * ng * FS * offset_bytes(meta);
+    return (const char *)offset + n8 * FS * offset_row_bytes(meta, ng, gps);
 }
 
 /* Row i's scale and offset of group g in a block's metadata (sb, ob: the block's
@@ -692,9 +697,7 @@ static inline __attribute__((always_inline)) void tile16(
                          end - ahead_at < tile_bytes ? end - ahead_at : tile_bytes};
     if (ahead.at) { /* the next tile's scales and offsets: bytes a row of each */
         const int next = N - n0 - 16 < 16 ? N - n0 - 16 : 16;
-        const size_t s_row = (size_t)ng * scale_bytes(meta);
-        const size_t o_row =
-            meta == META_K ? (size_t)4 * (ng / gps) : (size_t)ng * offset_bytes(meta);
+        const size_t s_row = scale_row_bytes(meta, ng), o_row = offset_row_bytes(meta, ng, gps);
         prefetch((const char *)scale + (size_t)(n0 + 16) * s_row, (size_t)next * s_row);
         prefetch((const char *)offset + (size_t)(n0 + 16) * o_row, (size_t)next * o_row);
     }

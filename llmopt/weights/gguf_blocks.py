@@ -154,10 +154,13 @@ def k_factors(data: torch.Tensor, qtype: Q) -> KQuant:
     return KQuant(d, sc.to(torch.int8), -dmin, m.to(torch.int8))
 
 
-def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode(
+    data: torch.Tensor, qtype: Q, k: KQuant | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A tensor's raw bytes -> codes (groups, group) uint8, and the groups' scale and
     offset (groups, 1) fp32, with w = scale * code + offset exactly (NVFP4's tensor
-    scale, outside the blocks, not applied)."""
+    scale, outside the blocks, not applied). k: a K-quant's factors of these blocks, where
+    the caller has them already."""
     width, per_block, _, group = BLOCKS[qtype]
     b = data.reshape(-1, width)
     if qtype in FP4_TYPES:
@@ -176,7 +179,7 @@ def decode(data: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, to
             return codes, d, _f16(b[:, 2:4])
         return codes, d, -(16 if qtype == Q.Q5_0 else 8) * d
     subs = per_block // group
-    k = k_factors(b, qtype)
+    k = k_factors(b, qtype) if k is None else k  # the caller's, where it has them
     scale = k.d.float() * k.sc.float()  # (nb, subs)
     # The symmetric ones' in fp32 from the scale: their fp16 dmin (-zero * d) overflows
     # for large d
@@ -230,15 +233,17 @@ def quantized_weight(
     for a in range(0, out, step):
         rows = min(step, out - a)
         data = read(a * row_bytes, rows * row_bytes)
+        k = None
         if kquant is not None:
-            for whole, t in zip(kquant, k_factors(data, qtype), strict=True):
+            k = k_factors(data, qtype)
+            for whole, t in zip(kquant, k, strict=True):
                 whole[a : a + rows] = t.reshape(rows, -1)
         if qtype in FP4_TYPES:  # the nibbles as they are, on the e2m1 codebook
             part = fp4.from_blocks(data, (rows, n), FP4_TYPES[qtype])
             q[a : a + rows], scale[a : a + rows] = part.q, part.scale
             zero[a : a + rows] = part.zero
             continue
-        codes, s, offset = decode(data, qtype)
+        codes, s, offset = decode(data, qtype, k)
         flat = (s == 0)[:, 0]  # every weight of the group is its offset: code 0 at scale 1
         codes[flat], s[flat] = 0, 1.0
         q[a : a + rows] = codes.view(rows, n)
