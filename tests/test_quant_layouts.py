@@ -155,3 +155,35 @@ def test_quant_linear_with_act_order_permutes_its_input() -> None:
     use_exact_arithmetic(layer)  # the dense path
     x = torch.randn(300, 128)
     torch.testing.assert_close(layer(x), x @ qw.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_native_layout_stores_a_float_zero_grid_as_fp16_minimums() -> None:
+    torch.manual_seed(2)
+    qw = quantize_rtn(torch.randn(64, 256), 4, 32, float_zero=True)
+    assert not torch.equal(qw.zero, qw.zero.round())  # fractional zero points
+    packed = native.pack(qw)
+    assert "qzeros" not in packed and packed["qmins"].dtype == torch.float16
+    spec = QuantSpec(4, "rtn", 32, sym=False, float_zero=True)
+    back = native.unpack(packed, quantization_config("llmopt", spec))
+    assert torch.equal(back.q, qw.q) and torch.equal(back.scale, qw.scale)
+    torch.testing.assert_close(back.dequantize(), qw.dequantize(), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="neither qzeros nor qmins"):
+        native.unpack({"qweight": packed["qweight"], "scales": packed["scales"]}, {"bits": 4})
+    with pytest.raises(ValueError, match="fractional zero points"):
+        gptq.pack(qw)  # the GPTQ and AWQ layouts hold integers only
+
+
+def test_quant_linear_runs_a_float_zero_grid_on_its_fp16_minimums() -> None:
+    """The kernels read the minimums as fp16 offsets (2 bytes a group, as a Q4_1
+    block's), not fp32, and give the dequantized weight's product."""
+    torch.manual_seed(3)
+    qw = quantize_rtn(torch.randn(64, 256), 4, 32, float_zero=True)
+    layer = QuantLinear(qw, None, torch.device("cpu"))
+    ref = qw.dequantize()
+    torch.testing.assert_close(layer.dequantize(torch.float32), ref, rtol=0, atol=1e-6)
+    x = torch.randn(3, 256)
+    if layer.kernel == "qgemv":
+        assert layer.kscale.dtype == layer.koffset.dtype == torch.float16
+        torch.testing.assert_close(layer(x), x @ ref.T, rtol=0.05, atol=0.5)
+    use_exact_arithmetic(layer)
+    torch.testing.assert_close(layer(x), x @ ref.T, rtol=1e-4, atol=1e-4)

@@ -45,6 +45,41 @@ def test_rtn_is_within_half_a_step(bits: int, sym: bool) -> None:
     assert (err <= step + 1e-6).all()
 
 
+def _q4_1_weights(out: int, n: int, seed: int) -> torch.Tensor:
+    """(out, n) weights on a GGUF Q4_1 grid: codes 0..15 (both ends in every block of
+    32, as llama.cpp's min/max rounding leaves them) times an fp16 scale, plus an fp16
+    minimum per block."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, n), generator=g)
+    q[:, 0::32], q[:, 1::32] = 0, 15
+    d = (torch.rand(out, n // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(out, n // 32, 1, generator=g) * 0.15).half().float()
+    return (q.view(out, -1, 32) * d + m).view(out, n)
+
+
+def test_float_zero_grid_finds_a_q4_1_grid_again() -> None:
+    """A model that came as a Q4_1 file: its minimums and scales are each group's own
+    min/max, so the float-zero grid is the file's and every weight comes back; an
+    integer zero point shifts the grid off it."""
+    w = _q4_1_weights(48, 256, seed=6)
+    fz = quantize_rtn(w, 4, 32, float_zero=True)
+    torch.testing.assert_close(fz.dequantize(), w, rtol=0, atol=1e-6)
+    assert (quantize_rtn(w, 4, 32).dequantize() - w).abs().max() > 1e-3
+    x = _correlated_inputs(512, 256)
+    for static in (False, True):  # input order, or act-order in the input order's groups
+        g = gptq.gptq(w, x.T @ x, 4, 32, False, static, static_groups=static, float_zero=True)
+        torch.testing.assert_close(g.dequantize(), w, rtol=0, atol=1e-6)  # no error to feed
+
+
+def test_float_zero_grid_rounds_every_weight_to_within_half_a_step() -> None:
+    """Its range is the group's min/max, so no weight is clipped (fp16 rounding of the
+    scale and minimum aside), where an integer zero point clips up to half a step."""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(7)) + 0.3
+    qw = quantize_rtn(w, 4, 32, float_zero=True)
+    step = qw.scale.repeat_interleave(32, dim=1)
+    assert ((qw.dequantize() - w).abs() <= 0.5 * step * 1.01 + 1e-6).all()
+
+
 def test_grid_keeps_zero_exact_and_handles_zero_rows() -> None:
     w = torch.randn(4, 64)
     w[1] = 0
@@ -170,7 +205,8 @@ def test_awq_group_error_from_the_gram_matches_the_rows() -> None:
     torch.testing.assert_close(from_gram, from_rows, rtol=1e-4, atol=1e-3)
 
 
-def test_awq_grid_search_never_loses_to_min_max_rounding() -> None:
+@pytest.mark.parametrize("fz", [False, True])
+def test_awq_grid_search_never_loses_to_min_max_rounding(fz: bool) -> None:
     """min/max is one of the ranges tried, so no group's output error can be worse than
     RTN's on the same weights; with a few dominant input channels it is far lower."""
     torch.manual_seed(5)
@@ -178,8 +214,8 @@ def test_awq_grid_search_never_loses_to_min_max_rounding() -> None:
     x = _correlated_inputs(1024, 128)
     x[:, :3] *= 20
     gram = x.T @ x
-    searched = awq.quantize_on(w, *awq.search_grid(w, gram, 4, 32, False), 4, 32)
-    plain = quantize_rtn(w, 4, 32)
+    searched = awq.quantize_on(w, *awq.search_grid(w, gram, 4, 32, False, fz), 4, 32)
+    plain = quantize_rtn(w, 4, 32, float_zero=fz)
     grams = awq._group_grams(gram, 32)
 
     def group_errors(qw: QuantizedWeight) -> torch.Tensor:  # (rows, groups)
@@ -274,6 +310,8 @@ def test_spec_errors() -> None:
         QuantSpec(bits=4, method="hqq", group_size=128, sym=False)
     with pytest.raises(UsageError, match="between 0 and 1"):
         QuantSpec(bits=4, method="gptq", group_size=64, sym=False, drift=1.5)
+    with pytest.raises(UsageError, match="no zero point to make float"):
+        QuantSpec(bits=4, method="gptq", group_size=32, sym=True, float_zero=True)
     with pytest.raises(UsageError, match="needs GPTQ or AWQ block by block"):
         QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=False, drift=0.25)
 

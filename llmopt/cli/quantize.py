@@ -22,13 +22,13 @@ from llmopt.cli.quantize_options import (
     choose_gguf_type,
     default_method,
     describe_defaults,
+    grid_defaults,
 )
 from llmopt.corpus import calibration_text, read_text
 from llmopt.engine.config import EngineConfig
 from llmopt.errors import UsageError
 from llmopt.quant.spec import (
     DEFAULT_CALIB_TOKENS,
-    ERROR_FEEDBACK,
     FP4_GROUPS,
     FP4_METHOD,
     QuantSpec,
@@ -79,6 +79,12 @@ def quantize(
     ),
     sym: bool = typer.Option(
         None, "--sym/--asym", help="Symmetric grid (default: int8 and --format gptq; else not)."
+    ),
+    float_zero: bool = typer.Option(
+        None,
+        "--float-zero/--int-zero",
+        help="Asymmetric grids: each group's low end at its minimum in fp16, as GGUF's "
+        "Q4_1 (--format llmopt and gguf), or an integer zero point (GPTQ and AWQ layouts).",
     ),
     act_order: bool = typer.Option(
         None,
@@ -153,7 +159,9 @@ def quantize(
     folder = hf_folder_for(src_path, store, console, dense=True)
     cfg = read_config(folder)
     chosen = method is None and group_size is None and not fp4  # int4: say the defaults
-    method = method or (FP4_METHOD if fp4 and fmt != "gguf" else default_method(bits, fmt))
+    if fp4:
+        method = method or (FP4_METHOD if fmt != "gguf" else "rtn")
+    method = method or default_method(bits, fmt, gguf_type)
     if fmt == "gguf":
         gguf_type = choose_gguf_type(gguf_type, bits, fp4_fmt, method, console)
     elif gguf_type:
@@ -165,25 +173,28 @@ def quantize(
         group_size, sym, act_order, static_groups = calibrated_gguf_grid(
             gguf_type, group_size, sym, act_order, static_groups
         )
+    sym, act_order, static_groups, float_zero = grid_defaults(
+        bits, fmt, method, fp4, sym, act_order, static_groups, float_zero
+    )
     spec = QuantSpec(
         bits=bits,
         method=method,
         group_size=default_group_size(cfg, bits) if group_size is None else group_size,
-        # GPTQ checkpoints are symmetric by convention: GPTQModel refuses asymmetric ones
-        # in the "gptq" format unless it wrote them, and vLLM's Marlin kernels need sym.
-        sym=(bits == 8 or fmt == "gptq") if sym is None else sym,
-        act_order=method in ERROR_FEEDBACK and (fmt != "awq" if act_order is None else act_order),
-        static_groups=bool(static_groups),
+        sym=sym,
+        act_order=act_order,
+        static_groups=static_groups,
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,
         embed_bits=8 if (fmt == "llmopt" if int8_embedding is None else int8_embedding) else 0,
         fp4=fp4_fmt,
+        float_zero=float_zero,
     )
     check_format(fmt, spec, gguf_type)
-    if bits == 4 and chosen and fmt != "gguf":
+    if bits == 4 and chosen and (fmt != "gguf" or calibrated_gguf):
         tied = cfg.tie_word_embeddings and not spec.lm_head
-        console.print(f"[dim]{describe_defaults(spec, tied)}[/dim]", highlight=False)
+        line = describe_defaults(spec, tied, gguf=fmt == "gguf")
+        console.print(f"[dim]{line}[/dim]", highlight=False)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
     label = (
         gguf_type.lower() if fmt == "gguf" else spec.label + ("" if fmt == "llmopt" else f"-{fmt}")

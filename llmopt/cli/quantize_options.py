@@ -7,7 +7,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from llmopt.errors import UsageError
-from llmopt.quant.spec import DEFAULT_INT4_METHOD, QuantSpec
+from llmopt.quant.spec import DEFAULT_INT4_METHOD, ERROR_FEEDBACK, QuantSpec
 
 FORMATS = ("llmopt", "gptq", "awq", "gguf")
 
@@ -33,25 +33,61 @@ def default_gguf_type(bits: int) -> str:
     return "Q4_K_M" if has_llama_quantizer() else "Q4_1"
 
 
-def default_method(bits: int, fmt: str) -> str:
-    """int4: AWQ (spec.DEFAULT_INT4_METHOD), or GPTQ for --format gptq; int8, and GGUF
-    (llama.cpp's own blocks, rounded to nearest), RTN."""
-    if bits == 8 or fmt == "gguf":
+def default_method(bits: int, fmt: str, gguf_type: str | None = None) -> str:
+    """int4: spec.DEFAULT_INT4_METHOD, in GGUF too (on the grid of Q4_1's blocks) but for
+    a --gguf-type only llama.cpp's quantizer writes; int8: RTN."""
+    from llmopt.weights.gguf_blocks import ENCODABLE
+
+    if bits == 8:
+        return "rtn"
+    if fmt == "gguf" and gguf_type and gguf_type.upper() not in [t.name for t in ENCODABLE]:
         return "rtn"
     return "gptq" if fmt == "gptq" else DEFAULT_INT4_METHOD
 
 
-def describe_defaults(spec: QuantSpec, tied: bool) -> str:
+def grid_defaults(
+    bits: int,
+    fmt: str,
+    method: str,
+    fp4: bool,
+    sym: bool | None,
+    act_order: bool | None,
+    static_groups: bool | None,
+    float_zero: bool | None,
+) -> tuple[bool, bool, bool, bool]:
+    """(sym, act_order, static_groups, float_zero) where the flags leave them open.
+    Symmetric for int8 and --format gptq (GPTQModel refuses asymmetric GPTQ checkpoints
+    it did not write, and vLLM's Marlin kernels need sym). int4 in our layout and GGUF:
+    a float zero (Q4_1's grid), and with act-order, static groups, which keep each group
+    on its input-order weights: a model that came on such a grid (a Q4_1 file) then
+    keeps it, and the codes need no input gather at run time (BENCHMARKS.md, "Float
+    zero points"). The AWQ layout holds no act-order."""
+    sym = (bits == 8 or fmt == "gptq") if sym is None else sym
+    if float_zero is None:
+        float_zero = bits == 4 and not fp4 and not sym and fmt in ("llmopt", "gguf")
+    if act_order is None:
+        act_order = fmt != "awq"
+    act_order = act_order and method in ERROR_FEEDBACK
+    static = float_zero and act_order if static_groups is None else static_groups
+    return sym, act_order, static, float_zero
+
+
+def describe_defaults(spec: QuantSpec, tied: bool, gguf: bool = False) -> str:
     """One line: the int4 configuration the defaults chose, and why."""
     group = f"group {spec.group_size}" if spec.group_size else "one scale per row"
+    grid = "symmetric" if spec.sym else "asymmetric"
+    grid += " with float zero points (each group's fp16 minimum)" if spec.float_zero else ""
+    order = ""
+    if spec.act_order:
+        order = ", act-order in static groups" if spec.static_groups else ", act-order"
     embed = "embedding" + (" and tied output projection" if tied else "")
     embed += " in int8 (one scale per row)" if spec.embed_bits else " kept dense"
     head = "" if tied and spec.embed_bits else ", output projection kept dense"
+    where = ", in Q4_1's blocks" if gguf else f", {embed}{head}"
     return (
-        f"int4 defaults: {spec.method.upper()}, {group}, "
-        f"{'symmetric' if spec.sym else 'asymmetric'}, drift correction {spec.drift:g}, "
-        f"{embed}{head}: the configuration that measured best on held-out texts of four "
-        'kinds (BENCHMARKS.md, "The int4 defaults, judged on unseen text")'
+        f"int4 defaults: {spec.method.upper()}, {group}, {grid}{order}, drift correction "
+        f"{spec.drift:g}{where}: the configuration that measured best on held-out texts of "
+        'four kinds (BENCHMARKS.md, "Float zero points")'
     )
 
 
@@ -82,8 +118,9 @@ def choose_gguf_type(
         return fp4_fmt.upper()
     if method != "rtn" and bits == 4:
         why = (
-            f"GGUF type Q4_1: {method.upper()} on the grid of Q4_1's blocks (32 weights, a "
-            "scale and a minimum), written as they are; --gguf-type Q4_0 for its symmetric one"
+            f"GGUF type Q4_1: {method.upper()} on the grid of Q4_1's blocks (32 weights, an "
+            "fp16 scale and minimum), written as they are; --gguf-type Q4_0 for its symmetric "
+            "one, or --method rtn for llama.cpp's own quantizer (Q4_K_M)"
         )
         console.print(f"[dim]{why}[/dim]")
         return "Q4_1"
@@ -97,6 +134,8 @@ def check_format(fmt: str, spec: QuantSpec, gguf_type: str | None = None) -> Non
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "awq" and (spec.bits != 4 or spec.sym):
         raise UsageError("--format awq holds 4-bit weights with zero points: use --int4")
+    if fmt in ("gptq", "awq") and spec.float_zero:
+        raise UsageError(f"--format {fmt} holds integer zero points: drop --float-zero")
     if fmt == "gptq" and spec.head_bits not in (0, spec.bits):
         raise UsageError(
             f"--format gptq holds one bit width: add --lm-head-bits {spec.bits} or drop --lm-head"
@@ -130,7 +169,7 @@ def calibrated_gguf_grid(
         gguf_type == "Q4_0" if sym is None else sym,
         True if act_order is None else act_order,
         True if static_groups is None else static_groups,
-    )
+    )  # float zero: grid_defaults' (Q4_1's own grid)
 
 
 def _check_calibrated_gguf(spec: QuantSpec, gguf_type: str) -> None:

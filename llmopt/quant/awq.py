@@ -43,7 +43,7 @@ def _rtn_dequant(w: torch.Tensor, spec: QuantSpec, group: int) -> torch.Tensor:
     """w (out, in) rounded to nearest on the spec's grid, dequantized."""
     if spec.fp4:
         return fp4.quantize_fp4(w, spec.fp4).dequantize()
-    return quantize_rtn(w, spec.bits, group, spec.sym).dequantize()
+    return quantize_rtn(w, spec.bits, group, spec.sym, spec.float_zero).dequantize()
 
 
 def weight_magnitude(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -94,20 +94,22 @@ def _candidates(sym: bool) -> list[tuple[float, float]]:
 
 
 def search_grid(
-    w: torch.Tensor, gram: torch.Tensor, bits: int, group: int, sym: bool
+    w: torch.Tensor, gram: torch.Tensor, bits: int, group: int, sym: bool, float_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group) scale and zero, each (out, G), for the weights w (out, in) whose
     inputs X have gram = X^T X (in, in): among the candidate ranges (_candidates), the
     one minimising the group's output error d^T X_g^T X_g d (d: its rounding error)."""
     out, n = w.shape
     wg = w.reshape(out, n // group, group)  # (out, G, g)
-    lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # (out, G)
+    lo0, hi0 = wg.amin(-1), wg.amax(-1)  # (out, G)
+    if not float_zero or sym:  # as grid's: an integer zero needs 0 on the grid
+        lo0, hi0 = lo0.clamp(max=0), hi0.clamp(min=0)
     hb = _group_grams(gram, group)  # (G, g, g)
     best_err = torch.full_like(lo0, float("inf"))
     best_scale, best_zero = torch.ones_like(lo0), torch.zeros_like(lo0)
     for f_lo, f_hi in _candidates(sym):
-        scale, zero = grid(wg.reshape(-1, group), bits, sym,
-                           (lo0 * f_lo).reshape(-1), (hi0 * f_hi).reshape(-1))  # fmt: skip
+        lo, hi = (lo0 * f_lo).reshape(-1), (hi0 * f_hi).reshape(-1)
+        scale, zero = grid(wg.reshape(-1, group), bits, sym, lo, hi, float_zero)
         scale, zero = scale.view_as(lo0), zero.view_as(lo0)
         err = _group_error(_dequant(wg, scale, zero, bits) - wg, hb)
         better = err < best_err
@@ -207,9 +209,10 @@ def round_site(
     if spec.fp4:
         return site.unfuse(tensors, _round_fp4(w, site.no_clip, gram, spec.fp4))
     group = spec.group_for(w.shape[1])
-    scale, zero = search_grid(w[site.no_clip :], gram, spec.bits, group, spec.sym)
+    args = spec.bits, group, spec.sym
+    scale, zero = search_grid(w[site.no_clip :], gram, *args, spec.float_zero)
     if site.no_clip:  # q and k rows keep their min/max grid
-        rtn = quantize_rtn(w[: site.no_clip], spec.bits, group, spec.sym)
+        rtn = quantize_rtn(w[: site.no_clip], *args, spec.float_zero)
         scale, zero = torch.cat([rtn.scale, scale]), torch.cat([rtn.zero, zero])
     return site.unfuse(tensors, quantize_on(w, scale, zero, spec.bits, group))
 

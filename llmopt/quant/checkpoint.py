@@ -41,6 +41,7 @@ def _native_config(spec: QuantSpec) -> dict[str, Any]:
         "bits": spec.bits,
         "group_size": spec.group_size,  # 0: one group per row
         "sym": spec.sym,
+        "float_zero": spec.float_zero,  # 4-bit linears store qmins, not qzeros
         "method": spec.method,
         "act_order": spec.act_order,
         "static_groups": spec.static_groups,

@@ -68,6 +68,7 @@ def gptq(
     act_order: bool,
     fp4_format: str | None = None,
     static_groups: bool = False,
+    float_zero: bool = False,
 ) -> QuantizedWeight:
     """w: (out, in) float; h: (in, in) Hessian of the layer's inputs.
 
@@ -93,7 +94,7 @@ def gptq(
             s = fp4.choose_scale(wg, fp4_format, tensor_scale, imp)
             z = torch.full_like(s, float(e2m1.ZERO))
         else:
-            s, z = grid(wg, bits, sym)
+            s, z = grid(wg, bits, sym, float_zero=float_zero)
         scales[:, g], zeros[:, g] = s, z
 
     static = act_order and static_groups
@@ -150,7 +151,10 @@ def round_site(
     w = site.fused(tensors)
     group = spec.group_for(w.shape[1])
     with _one_thread():
-        qw = gptq(w, h, spec.bits, group, spec.sym, spec.act_order, spec.fp4, spec.static_groups)
+        qw = gptq(
+            w, h, spec.bits, group, spec.sym, spec.act_order,
+            spec.fp4, spec.static_groups, spec.float_zero,
+        )  # fmt: skip
     return site.unfuse(tensors, qw)
 
 

@@ -19,5 +19,7 @@ def quantize_layer(
         if spec.fp4:
             out[name] = quantize_fp4(w, spec.fp4)
         else:
-            out[name] = quantize_rtn(w, spec.bits, spec.group_for(w.shape[1]), spec.sym)
+            out[name] = quantize_rtn(
+                w, spec.bits, spec.group_for(w.shape[1]), spec.sym, spec.float_zero
+            )
     return out

@@ -15,10 +15,11 @@ from llmopt.weights.qweight import QuantizedWeight
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 FOLDING = ("awq", "awq-gptq")  # the methods that fold AWQ's scales into the model
 ERROR_FEEDBACK = ("gptq", "awq-gptq")  # the methods that round with GPTQ (act-order)
-# int4's defaults, the configuration that measured best on four held-out texts, three of
-# which no calibration or tuning saw (BENCHMARKS.md, "The int4 defaults, judged on unseen
-# text"): AWQ over GPTQ, group 32 over 64, on every text, at the same decode speed.
-DEFAULT_INT4_METHOD = "awq"
+# int4's defaults: GPTQ, on float zero points with act-order in static groups
+# (cli/quantize_options.grid_defaults), the configuration that measured best on four
+# held-out texts, three of which no calibration or tuning saw (BENCHMARKS.md, "Float
+# zero points"); on integer zero points AWQ had led (".. judged on unseen text").
+DEFAULT_INT4_METHOD = "gptq"
 # FP4's: AWQ's scales then GPTQ's rounding measured best on SmolLM2 (BENCHMARKS.md, "FP4
 # weights"): GPTQ alone +8.3% perplexity, AWQ alone +17.8%, both +6.7%.
 FP4_METHOD = "awq-gptq"
@@ -75,6 +76,9 @@ class QuantSpec:
     embed_bits: int = 0
     # FP4 (weights/fp4.py): "mxfp4" or "nvfp4", 4-bit e2m1 codes in the format's groups.
     fp4: str | None = None
+    # Asymmetric grids: each group's low end at its minimum (fp16), the zero point a
+    # fraction, as GGUF's Q4_1 holds it (weights/qweight.grid), rather than an integer.
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -87,6 +91,8 @@ class QuantSpec:
             raise UsageError("--group-size must be positive (0: one scale per row)")
         if self.head_bits not in (0, 4, 8) or 0 < self.head_bits < self.bits:
             raise UsageError("--lm-head-bits must be 8, or 4 with --int4")
+        if self.float_zero and (self.sym or self.fp4):
+            raise UsageError("a symmetric grid has no zero point to make float: drop --float-zero")
         if self.embed_bits not in (0, 8):
             raise UsageError("the embedding is stored in int8 or kept dense")
         if self.sequential is None:
@@ -116,7 +122,9 @@ class QuantSpec:
         """The output projection's spec: the model's, or int8 per row (sym, as --int8)."""
         if self.head_bits in (0, self.bits):
             return self
-        return replace(self, bits=self.head_bits, group_size=0, sym=True, fp4=None)
+        return replace(
+            self, bits=self.head_bits, group_size=0, sym=True, fp4=None, float_zero=False
+        )
 
     def group_for(self, in_features: int) -> int:
         g = self.group_size or in_features
@@ -130,7 +138,7 @@ class QuantSpec:
     @property
     def label(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
-        sym = "-sym" if self.sym and self.bits == 4 else ""
+        sym = "-sym" if self.sym and self.bits == 4 else "-fz" if self.float_zero else ""
         head = {0: "", self.bits: "-head"}.get(self.head_bits, f"-head{self.head_bits}")
         embed = "" if self.embed_bits else "-embed16"
         if self.fp4:

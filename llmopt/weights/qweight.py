@@ -3,9 +3,9 @@
     w[o, i] ~= (q[o, i] - zero[o, g]) * scale[o, g],   g = i // group_size
 
 q is unsigned (0 .. 2^bits - 1) and zero is an integer in the same range, the
-convention GPTQ, AWQ and torch's int4 kernels share. The one exception is a GGUF Q4_1
-block run as it is (loader/dequant.py): its float minimum makes a fractional zero,
-which the runtime takes but no checkpoint layout stores (`integer_zero` refuses it).
+convention GPTQ, AWQ and torch's int4 kernels share; or, on a float-zero grid (GGUF's
+Q4_1, and `grid(float_zero=True)`), a fraction: -minimum / scale. Our own layout stores
+such a grid's minimums; the GPTQ and AWQ layouts cannot (`integer_zero` refuses it).
 Symmetric quantization is the case zero = 2^(bits-1): int8 per channel then maps to a
 signed int8 with one scale per row, which is what `torch._weight_int8pack_mm` takes.
 
@@ -211,15 +211,22 @@ def grid(
     sym: bool,
     wmin: torch.Tensor | None = None,
     wmax: torch.Tensor | None = None,
+    float_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of one group per row. w: (rows, g) -> scale, zero: (rows,).
 
     wmin/wmax override the group's range (AWQ's clipping search shrinks it).
+    float_zero (asymmetric only): the grid's low end at the group's minimum in fp16, as
+    GGUF's Q4_1 and Q4_K hold it, rather than at an integer zero point, which shifts the
+    grid by up to half a step and clips that much of one end; the zero is then
+    fractional, -minimum / scale, and a checkpoint stores the minimum (fp16). Its range
+    need not hold 0 (Q4_1's does not).
     """
     maxq = 2**bits - 1
     lo = w.amin(dim=1) if wmin is None else wmin
     hi = w.amax(dim=1) if wmax is None else wmax
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the grid always holds 0 exactly
+    if not (float_zero and not sym):  # an integer zero point: the grid holds 0 exactly
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if sym:
         half = 2 ** (bits - 1)
         scale = torch.maximum(-lo, hi) / (half - 1)
@@ -231,23 +238,31 @@ def grid(
     # Checkpoints store scales in fp16: round now, so that every method optimises
     # against the grid that will actually be stored.
     scale = scale.half().float()
+    if float_zero and not sym:
+        return scale, -lo.half().float() / scale  # the minimum as fp16 will hold it
     return scale, zero.clamp(0, maxq)
 
 
 def quantize_to(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """Round w (rows, g) onto the grid of scale/zero (rows,) or (rows, 1): uint8 (rows, g)."""
+    """Round w (rows, g) onto the grid of scale/zero (rows,) or (rows, 1): uint8 (rows, g).
+    A fractional zero's fraction is rounded with w; an integer one is added after (the
+    same codes as round(w / scale + zero) but at exact ties)."""
     scale = scale.reshape(-1, 1)
     zero = zero.reshape(-1, 1)
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1).to(torch.uint8)
+    whole = zero.round()
+    codes = torch.round(w / scale + (zero - whole)) + whole
+    return torch.clamp(codes, 0, 2**bits - 1).to(torch.uint8)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
-    """Round to nearest on a min/max grid per group. w: (out, in) float."""
+def quantize_rtn(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool = False, float_zero: bool = False
+) -> QuantizedWeight:
+    """Round to nearest on a min/max grid per group (grid's float_zero). w: (out, in)."""
     out, n = w.shape
     check_group_size(n, group_size)
     groups = w.float().reshape(out * (n // group_size), group_size)
-    scale, zero = grid(groups, bits, sym)
+    scale, zero = grid(groups, bits, sym, float_zero=float_zero)
     q = quantize_to(groups, scale, zero, bits).view(out, n)
     return QuantizedWeight(q, scale.view(out, -1), zero.view(out, -1), bits, group_size)

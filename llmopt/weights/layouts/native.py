@@ -3,7 +3,8 @@
   <linear>.qweight  uint8 (out, in * bits / 8); for 4 bits, column 2j in the low
                     nibble of byte j and column 2j + 1 in the high nibble
   <linear>.scales   fp16 (out, G)
-  <linear>.qzeros   uint8 (out, G)
+  <linear>.qzeros   uint8 (out, G) integer zero points; or, on a float-zero grid
+  <linear>.qmins    fp16 (out, G) each group's minimum: w = q * scale + min (Q4_1's)
   <linear>.perm     int32 (in,), only for an input-channel order other than 0..in-1
 
 FP4 (quantization_config "fp4": "mxfp4" or "nvfp4") keeps GGUF's blocks instead:
@@ -28,13 +29,15 @@ from llmopt.errors import ModelFormatError
 from llmopt.weights import fp4
 from llmopt.weights.qweight import QuantizedWeight
 
-SUFFIXES = ("qweight", "scales", "qzeros", "tensor_scale", "perm")  # perm: only with act-order
+# perm: only with act-order
+SUFFIXES = ("qweight", "scales", "qzeros", "qmins", "tensor_scale", "perm")
 
 
 def required(qcfg: dict[str, Any]) -> tuple[str, ...]:
-    """The tensors every quantized linear has under this config."""
+    """The tensors every quantized linear has under this config; beside them, qzeros or
+    qmins (unpack checks)."""
     fp4_blocks = qcfg.get("fp4") and int(qcfg.get("bits", 0)) == 4  # not an int8 head
-    return ("qweight",) if fp4_blocks else ("qweight", "scales", "qzeros")
+    return ("qweight",) if fp4_blocks else ("qweight", "scales")
 
 
 def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -43,8 +46,12 @@ def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     q = qw.q
     if qw.bits == 4:
         q = q[:, 0::2] | (q[:, 1::2] << 4)
-    zero = qw.integer_zero().to(torch.uint8)
-    out = {"qweight": q.contiguous(), "scales": qw.scale.half(), "qzeros": zero}
+    out = {"qweight": q.contiguous(), "scales": qw.scale.half()}
+    z = qw.zero
+    if torch.equal(z, z.round()) and z.min() >= 0 and z.max() < 2**qw.bits:
+        out["qzeros"] = z.to(torch.uint8)
+    else:  # a float-zero grid: its minimums, which the grid made fp16 numbers
+        out["qmins"] = (-z * qw.scale).half()
     if qw.perm is not None:
         out["perm"] = qw.perm.to(torch.int32)
     return out
@@ -82,8 +89,9 @@ def unpack(t: dict[str, torch.Tensor], qcfg: dict[str, Any]) -> QuantizedWeight:
         q = packed
     else:
         raise ModelFormatError(f"llmopt layout: {bits}-bit weights are not supported")
-    groups = t["scales"].shape[1]
+    scale = t["scales"].float()
+    if "qmins" not in t and "qzeros" not in t:
+        raise ValueError("it has neither qzeros nor qmins")
+    zero = -t["qmins"].float() / scale if "qmins" in t else t["qzeros"].float()
     perm = t["perm"].long() if "perm" in t else None
-    return QuantizedWeight(
-        q.contiguous(), t["scales"].float(), t["qzeros"].float(), bits, q.shape[1] // groups, perm
-    )
+    return QuantizedWeight(q.contiguous(), scale, zero, bits, q.shape[1] // scale.shape[1], perm)
