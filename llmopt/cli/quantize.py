@@ -57,7 +57,7 @@ def quantize(
     model: str = typer.Argument(..., help="Registry name, .gguf file or Hugging Face folder."),
     int8: bool = typer.Option(False, "--int8", help="8-bit weights, one scale per row."),
     int4: bool = typer.Option(
-        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: Q4_K_M, or Q4_1)."
+        False, "--int4", help="4-bit weights in groups (default AWQ g32; GGUF: in Q4_1 blocks)."
     ),
     fp4: bool = typer.Option(
         False, "--fp4", help="FP4 (e2m1) weights, MXFP4 by default (awq-gptq; GGUF: RTN)."
@@ -68,8 +68,8 @@ def quantize(
     method: str = typer.Option(
         None,
         "--method",
-        help="rtn, gptq, awq or awq-gptq (AWQ's scales, GPTQ's rounding); int4: awq, gptq "
-        "for --format gptq; --fp4: awq-gptq; int8 and gguf: rtn.",
+        help="rtn, gptq, awq or awq-gptq (AWQ's scales, GPTQ's rounding); int4: awq (gptq "
+        "for --format gptq; rtn: llama.cpp's quantizer for gguf); --fp4: awq-gptq; int8: rtn.",
     ),
     group_size: int = typer.Option(
         None,

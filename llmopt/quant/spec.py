@@ -15,11 +15,11 @@ from llmopt.weights.qweight import QuantizedWeight
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 FOLDING = ("awq", "awq-gptq")  # the methods that fold AWQ's scales into the model
 ERROR_FEEDBACK = ("gptq", "awq-gptq")  # the methods that round with GPTQ (act-order)
-# int4's defaults: GPTQ, on float zero points with act-order in static groups
-# (cli/quantize_options.grid_defaults), the configuration that measured best on four
-# held-out texts, three of which no calibration or tuning saw (BENCHMARKS.md, "Float
-# zero points"); on integer zero points AWQ had led (".. judged on unseen text").
-DEFAULT_INT4_METHOD = "gptq"
+# int4's defaults: AWQ on float zero points (cli/quantize_options.grid_defaults). On
+# SmolLM2, a Q4_1 file, every method finds the file's own grid at group 32; at group 64,
+# where none can, AWQ led GPTQ on four held-out texts, three of which no calibration or
+# tuning saw (BENCHMARKS.md, "Float zero points"), as it had on integer zero points.
+DEFAULT_INT4_METHOD = "awq"
 # FP4's: AWQ's scales then GPTQ's rounding measured best on SmolLM2 (BENCHMARKS.md, "FP4
 # weights"): GPTQ alone +8.3% perplexity, AWQ alone +17.8%, both +6.7%.
 FP4_METHOD = "awq-gptq"
