@@ -196,9 +196,10 @@ def quantize(
         line = describe_defaults(spec, tied, gguf=fmt == "gguf")
         console.print(f"[dim]{line}[/dim]", highlight=False)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS[spec.method]
-    label = (
-        gguf_type.lower() if fmt == "gguf" else spec.label + ("" if fmt == "llmopt" else f"-{fmt}")
-    )
+    if fmt == "gguf":  # a calibrated file is named apart from llama.cpp's rounding
+        label = gguf_type.lower() + (f"-{spec.method}" if calibrated_gguf else "")
+    else:
+        label = spec.label + ("" if fmt == "llmopt" else f"-{fmt}")
     base = src_name.removesuffix(".gguf").removesuffix("-hf")  # "qwen2.5-0.5b-..." keeps dots
     name = name or f"{base}-{label}"
     out = (output or store.model_dir(name) / (f"{name}.gguf" if fmt == "gguf" else "")).expanduser()
