@@ -101,9 +101,7 @@ def search_grid(
     one minimising the group's output error d^T X_g^T X_g d (d: its rounding error)."""
     out, n = w.shape
     wg = w.reshape(out, n // group, group)  # (out, G, g)
-    lo0, hi0 = wg.amin(-1), wg.amax(-1)  # (out, G)
-    if not float_zero or sym:  # as grid's: an integer zero needs 0 on the grid
-        lo0, hi0 = lo0.clamp(max=0), hi0.clamp(min=0)
+    lo0, hi0 = wg.amin(-1), wg.amax(-1)  # (out, G); grid puts 0 in range where it must
     hb = _group_grams(gram, group)  # (G, g, g)
     best_err = torch.full_like(lo0, float("inf"))
     best_scale, best_zero = torch.ones_like(lo0), torch.zeros_like(lo0)

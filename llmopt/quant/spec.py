@@ -17,8 +17,8 @@ FOLDING = ("awq", "awq-gptq")  # the methods that fold AWQ's scales into the mod
 ERROR_FEEDBACK = ("gptq", "awq-gptq")  # the methods that round with GPTQ (act-order)
 # int4's defaults: AWQ on float zero points (cli/quantize_options.grid_defaults). On
 # SmolLM2, a Q4_1 file, every method finds the file's own grid at group 32; at group 64,
-# where none can, AWQ led GPTQ on four held-out texts, three of which no calibration or
-# tuning saw (BENCHMARKS.md, "Float zero points"), as it had on integer zero points.
+# where none can, AWQ led GPTQ on four held-out texts, three of which no calibration saw
+# (BENCHMARKS.md, "Float zero points"), as it had on integer zero points.
 DEFAULT_INT4_METHOD = "awq"
 # FP4's: AWQ's scales then GPTQ's rounding measured best on SmolLM2 (BENCHMARKS.md, "FP4
 # weights"): GPTQ alone +8.3% perplexity, AWQ alone +17.8%, both +6.7%.
@@ -92,7 +92,8 @@ class QuantSpec:
         if self.head_bits not in (0, 4, 8) or 0 < self.head_bits < self.bits:
             raise UsageError("--lm-head-bits must be 8, or 4 with --int4")
         if self.float_zero and (self.sym or self.fp4):
-            raise UsageError("a symmetric grid has no zero point to make float: drop --float-zero")
+            grid = "FP4's codes have" if self.fp4 else "a symmetric grid has"
+            raise UsageError(f"{grid} no zero point to make float: drop --float-zero")
         if self.embed_bits not in (0, 8):
             raise UsageError("the embedding is stored in int8 or kept dense")
         if self.sequential is None:

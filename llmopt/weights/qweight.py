@@ -223,9 +223,10 @@ def grid(
     need not hold 0 (Q4_1's does not).
     """
     maxq = 2**bits - 1
+    float_zero = float_zero and not sym
     lo = w.amin(dim=1) if wmin is None else wmin
     hi = w.amax(dim=1) if wmax is None else wmax
-    if not (float_zero and not sym):  # an integer zero point: the grid holds 0 exactly
+    if not float_zero:  # an integer zero point: the grid holds 0 exactly
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if sym:
         half = 2 ** (bits - 1)
@@ -238,7 +239,7 @@ def grid(
     # Checkpoints store scales in fp16: round now, so that every method optimises
     # against the grid that will actually be stored.
     scale = scale.half().float()
-    if float_zero and not sym:
+    if float_zero:
         return scale, -lo.half().float() / scale  # the minimum as fp16 will hold it
     return scale, zero.clamp(0, maxq)
 
