@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "dtype.h"
 
 #include "exp_approx.h"
@@ -343,10 +345,11 @@ static int64_t common_prefix(const int64_t *a, const int64_t *b, int64_t n) {
 }
 
 /* A unit of work: keys j0 .. j1-1 of KV head kvh, for every member of b's group (group),
- * or of every KV head for sequence b alone (not group: the heads of a slot lie side by
- * side, so one item reads its keys' rows as one stream; an item per head read each
- * head's lines apart and, at 16 sequences of 2,000 keys, ran int8 at a third of the
- * machine's bandwidth); the result goes to record r of each sequence. */
+ * or of sequence b alone (not group), every KV head (kvh -1: the heads of a slot lie
+ * side by side, so one item reads its keys' rows as one stream; an item per head read
+ * each head's lines apart and, at 16 sequences of 2,000 keys, ran int8 at a third of
+ * the machine's bandwidth) or, where there are fewer items than threads, head kvh; the
+ * result goes to record r of each sequence. */
 typedef struct {
     int b, kvh, r, group;
     int64_t j0, j1;
@@ -394,7 +397,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
         const int n = (int)((lens[b] + RANGE_KEYS - 1) / RANGE_KEYS);
         R = n > R ? n : R;
     }
-    Item *items = malloc(sizeof(Item) * (size_t)(KV + 1) * B * R);
+    Item *items = malloc(sizeof(Item) * (size_t)(2 * KV + 1) * B * R);
     int n_items = 0;
     for (int kvh = 0; kvh < KV; kvh++)
         for (int b = 0; b < B; b++)
@@ -402,10 +405,16 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
                 for (int64_t j0 = 0; j0 < shared[b]; j0 += RANGE_KEYS)
                     items[n_items++] =
                         (Item){b, kvh, (int)(j0 / RANGE_KEYS), 1, j0, j0 + RANGE_KEYS};
+    int alone = 0; /* the items of every head of a sequence's own ranges */
+    for (int b = 0; b < B; b++) alone += (int)((lens[b] - shared[b] + RANGE_KEYS - 1) / RANGE_KEYS);
+    /* Fewer of those than threads (one short sequence: decode at batch 1): an item per
+     * KV head instead, so that every thread has a share (the same arithmetic per head). */
+    const int per_head = n_items + alone < omp_get_max_threads();
     for (int b = 0; b < B; b++)
         for (int64_t j0 = shared[b]; j0 < lens[b]; j0 += RANGE_KEYS) {
             const int64_t end = j0 + RANGE_KEYS < lens[b] ? j0 + RANGE_KEYS : lens[b];
-            items[n_items++] = (Item){b, -1, (int)(j0 / RANGE_KEYS), 0, j0, end};
+            for (int kvh = per_head ? 0 : -1; kvh < (per_head ? KV : 0); kvh++)
+                items[n_items++] = (Item){b, kvh, (int)(j0 / RANGE_KEYS), 0, j0, end};
         }
     /* Per (b, kvh, record, g): the range's max score, sum of exps, weighted values (D).
      * Records no item writes stay empty: their sums are zeroed here (the merge reads
@@ -421,7 +430,7 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_items; i++) {
             const Item it = items[i];
-            const int h0 = it.group ? it.kvh : 0, h1 = it.group ? it.kvh + 1 : KV;
+            const int h0 = it.kvh >= 0 ? it.kvh : 0, h1 = it.kvh >= 0 ? it.kvh + 1 : KV;
             for (int b = it.b; b < (it.group ? B : it.b + 1); b++) {
                 if (it.group && leader[b] != it.b) continue;
                 for (int kvh = h0; kvh < h1; kvh++) {

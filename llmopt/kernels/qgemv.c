@@ -603,17 +603,20 @@ static inline __attribute__((always_inline)) void transpose_wide_chunk(const uin
     }
 }
 
-/* Software prefetch of the next tile, its weights a share per chunk and its metadata
- * at the start: the transpose reads 16 rows side by side, and the metadata all at once,
- * patterns the hardware prefetcher does not follow, and with one row of x the
- * arithmetic is too short to hide a miss. (An asm statement: GCC drops the
- * __builtin_prefetch of these loops.) */
+/* Software prefetch of the tile PREFETCH_TILES ahead, its weights a share per chunk
+ * and its metadata at the start: the transpose reads 16 rows side by side, and the
+ * metadata all at once, patterns the hardware prefetcher does not follow, and with one
+ * row of x the arithmetic is too short to hide a miss. Into L2 (prefetcht1), two tiles
+ * ahead: L2 keeps more misses in flight than L1, and a tile of one row of x is
+ * computed in about a memory latency (BENCHMARKS.md, "Prefetch distance"). (An asm
+ * statement: GCC drops the __builtin_prefetch of these loops.) */
+#define PREFETCH_TILES 2
 static inline void prefetch(const char *p, size_t bytes) {
-    for (size_t o = 0; o < bytes; o += 64) __asm__ volatile("prefetcht0 %0" : : "m"(*(p + o)));
+    for (size_t o = 0; o < bytes; o += 64) __asm__ volatile("prefetcht1 %0" : : "m"(*(p + o)));
 }
 
 typedef struct {
-    const char *at; /* the next tile's weights, or NULL past the end */
+    const char *at; /* the weights of the tile ahead, or NULL past the end */
     size_t per_chunk, bytes;
 } Ahead;
 
@@ -691,15 +694,16 @@ static inline __attribute__((always_inline)) void tile16(
      * inside the fused pass made GCC compile the 4-bit pass 10-20% slower. */
     const int fused = M <= QT_ROWS && (bits == 4 || bits == 8);
     const size_t tile_bytes = 16 * w_row, end = (size_t)N * w_row;
-    const size_t ahead_at = (size_t)(n0 + 16) * w_row;
+    const int ahead_row = n0 + 16 * PREFETCH_TILES;
+    const size_t ahead_at = (size_t)ahead_row * w_row;
     const Ahead ahead = {ahead_at < end ? (const char *)w + ahead_at : NULL,
                          (tile_bytes / nc + 63) / 64 * 64,
                          end - ahead_at < tile_bytes ? end - ahead_at : tile_bytes};
-    if (ahead.at) { /* the next tile's scales and offsets: bytes a row of each */
-        const int next = N - n0 - 16 < 16 ? N - n0 - 16 : 16;
+    if (ahead.at) { /* the scales and offsets of the tile ahead: bytes a row of each */
+        const int next = N - ahead_row < 16 ? N - ahead_row : 16;
         const size_t s_row = scale_row_bytes(meta, ng), o_row = offset_row_bytes(meta, ng, gps);
-        prefetch((const char *)scale + (size_t)(n0 + 16) * s_row, (size_t)next * s_row);
-        prefetch((const char *)offset + (size_t)(n0 + 16) * o_row, (size_t)next * o_row);
+        prefetch((const char *)scale + (size_t)ahead_row * s_row, (size_t)next * s_row);
+        prefetch((const char *)offset + (size_t)ahead_row * o_row, (size_t)next * o_row);
     }
     if (!fused)
         for (int c = 0; c < nc; c++) {
