@@ -341,3 +341,26 @@ def test_kquant_metadata_on_every_path(bits: int, group: int, build: str) -> Non
     short = Operands(w_k[:, : 384 * bits // 8], bits, kscale, koffset, group)
     with pytest.raises(ValueError, match="does not take"):  # rows of 384: no super-blocks
         KERNEL(torch.randn(1, 384), short)
+
+
+@pytest.mark.parametrize("build", ["native", "avx2", "emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_input_order_is_applied_as_x_is_read(build: str, dtype: torch.dtype) -> None:
+    """With perm (GPTQ's act-order), the kernel reads input perm[k] for W's column k
+    as it quantizes x: the same bits as the input gathered beforehand, on every path
+    (1, 5 and 20 rows: the row kernel, AVX2 blocks and AMX tiles)."""
+    kernel = {
+        "native": KERNEL,
+        "avx2": qgemv.load(avx2=True),
+        "emulated": qgemv.load(emulate_amx=True),
+    }[build]
+    kernel = require_kernel(kernel, isa="AVX-512" if build == "emulated" else None)
+    n, k, group = 40, 256, 32
+    w_k, scale, offset, _ = _operands(n, k, 4, group)
+    weight = _op(w_k, 4, scale, offset, group)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(3))
+    for rows in (1, 5, 20):
+        x = torch.randn(rows, k).to(dtype)
+        got = kernel(x, weight, None, perm.to(torch.int32))  # the file's dtype: converted
+        assert torch.equal(got, kernel(x[:, perm].contiguous(), weight))
+        assert not torch.equal(got, kernel(x, weight))  # the order matters

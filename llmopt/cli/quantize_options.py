@@ -60,8 +60,8 @@ def grid_defaults(
     it did not write, and vLLM's Marlin kernels need sym). int4 in our layout and GGUF:
     a float zero (Q4_1's grid), and with act-order, static groups, which keep each group
     on its input-order weights: a model that came on such a grid (a Q4_1 file) then
-    keeps it, and the codes need no input gather at run time (BENCHMARKS.md, "Float
-    zero points"). The AWQ layout holds no act-order."""
+    keeps it, and the codes need no `perm`, which GGUF cannot hold (BENCHMARKS.md,
+    "Float zero points"). The AWQ layout holds no act-order."""
     sym = (bits == 8 or fmt == "gptq") if sym is None else sym
     if float_zero is None:
         float_zero = bits == 4 and not fp4 and not sym and fmt in ("llmopt", "gguf")

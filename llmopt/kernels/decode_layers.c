@@ -66,30 +66,11 @@ typedef struct {
     int L;
 } DView;
 
-/* scratch: room for M rows of the widest input, where act-order's gather puts them. */
-static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, int y_bf16,
-                  void *scratch) {
+static int linear(const DLinear *l, const void *x, int x_bf16, int M, void *y, int y_bf16) {
     if (l->bits == 16) return gemv_bf16(x, x_bf16, M, l->K, l->w, l->N, l->bias, y, y_bf16);
     if (x_bf16 != y_bf16) return -1; /* qgemv writes in x's dtype */
-    if (l->perm) { /* GPTQ act-order: the inputs in the order of W's columns */
-        const size_t K = l->K;
-        /* A typed gather, not a memcpy per element: it runs on one thread between two
-         * parallel GEMVs (on SmolLM2 the four a layer take ~8% of a batch-1 token). */
-        for (int m = 0; m < M; m++) {
-            if (x_bf16) {
-                const uint16_t *src = (const uint16_t *)x + m * K;
-                uint16_t *dst = (uint16_t *)scratch + m * K;
-                for (size_t j = 0; j < K; j++) dst[j] = src[l->perm[j]];
-            } else {
-                const float *src = (const float *)x + m * K;
-                float *dst = (float *)scratch + m * K;
-                for (size_t j = 0; j < K; j++) dst[j] = src[l->perm[j]];
-            }
-        }
-        x = scratch;
-    }
-    return qgemv(x, x_bf16, M, l->K, l->w, l->bits, l->scale, l->offset, l->group, l->meta,
-                 l->codebook, l->N, l->bias, y, y_bf16);
+    return qgemv(x, x_bf16, M, l->K, l->perm, l->w, l->bits, l->scale, l->offset, l->group,
+                 l->meta, l->codebook, l->N, l->bias, y, y_bf16);
 }
 
 int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, int M, int E,
@@ -99,9 +80,9 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
     const int qkv_n = (H + 2 * KV) * D;
     char *h = malloc(el * M * E), *qkv = malloc(el * M * qkv_n), *gu = malloc(el * M * 2 * I);
     const int widest = I > H * D ? I : H * D; /* the linears' inputs: E, H * D, I */
-    char *act = malloc(el * M * widest), *gathered = malloc(el * M * (widest > E ? widest : E));
+    char *act = malloc(el * M * widest);
     float *q = malloc(sizeof(float) * M * H * D), *att = malloc(sizeof(float) * M * H * D);
-    int rc = (h && qkv && gu && act && gathered && q && att) ? 0 : -1;
+    int rc = (h && qkv && gu && act && q && att) ? 0 : -1;
     for (int i = 0; i < n_layers && rc == 0; i++) {
         const DLayer *ly = layers + i;
         if (i == 0 && !continues) {
@@ -111,7 +92,7 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
             rmsnorm(x, residual, ly->norm1, h, M, E, eps, bf16);
         }
         const DView *v = views + ly->view;
-        rc |= linear(&ly->qkv, h, bf16, M, qkv, bf16, gathered);
+        rc |= linear(&ly->qkv, h, bf16, M, qkv, bf16);
         /* norms in place: each row's sum of squares comes before any of its writes */
         if (ly->q_norm)
             for (int m = 0; m < M; m++) {
@@ -122,19 +103,18 @@ int decode_layers(const DLayer *layers, int n_layers, void *x, void *residual, i
         rope_store(qkv, qkv_n, v->cos, v->sin, bf16, M, H, KV, D, kv + i, write_slots, q);
         paged_decode(q, kv + i, v->slots, v->lens, M, v->L, H, KV, D, scale, att);
         for (size_t j = 0; j < (size_t)M * H * D; j++) store_elem(act, j, att[j], bf16);
-        rc |= linear(&ly->o, act, bf16, M, x, bf16, gathered);
+        rc |= linear(&ly->o, act, bf16, M, x, bf16);
         if (ly->attn_out_norm) rmsnorm(x, NULL, ly->attn_out_norm, x, M, E, eps, bf16);
         rmsnorm(x, residual, ly->norm2, h, M, E, eps, bf16);
-        rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16, gathered);
+        rc |= linear(&ly->gate_up, h, bf16, M, gu, bf16);
         glu_mul(gu, act, M, I, bf16, ly->gelu);
-        rc |= linear(&ly->down, act, bf16, M, x, bf16, gathered);
+        rc |= linear(&ly->down, act, bf16, M, x, bf16);
         if (ly->mlp_out_norm) rmsnorm(x, NULL, ly->mlp_out_norm, x, M, E, eps, bf16);
     }
     free(h);
     free(qkv);
     free(gu);
     free(act);
-    free(gathered);
     free(q);
     free(att);
     return rc;

@@ -68,7 +68,8 @@
  *             scale (K / group, 2, 8) int8 (sc, then m) and offset (K / 256, 2, 8)
  *             fp16 (d, then dmin). Q4_K then reads 2.5 bytes of
  *             metadata per 32 weights instead of fp32's 8, Q6_K 2.25 per 16 instead of 8.
- * x: (M, K) fp32 or bf16;
+ * x: (M, K) fp32 or bf16; perm: (K,) int64 or NULL: W's column k multiplies input
+ *   perm[k] (GPTQ's act-order), gathered as x is quantized, at no extra pass;
  * y: (M, N) fp32 or bf16; bias: (N,) fp32 or NULL.
  */
 #include <math.h>
@@ -129,15 +130,16 @@ static inline float zero_offset(const void *scale, const void *zero, size_t i, i
 #endif
 
 /* One row of x to int8: xq (K,), a scale per 64 inputs xd (K / 64,), and the sums of
- * the rounded inputs per weight group xsum (K / group,). */
-static void quantize_row(const void *x, int x_bf16, int K, int group, int8_t *xq, float *xd,
-                         float *xsum) {
+ * the rounded inputs per weight group xsum (K / group,). With perm (K,), input k is
+ * x[perm[k]]: W's columns in GPTQ's act-order, the gather done as the row is read. */
+static void quantize_row(const void *x, int x_bf16, const int64_t *perm, int K, int group,
+                         int8_t *xq, float *xd, float *xsum) {
     float buf[QB];
     for (int g = 0; g < K / group; g++) xsum[g] = 0.0f;
     for (int c = 0; c < K / QB; c++) {
         float amax = 0.0f;
         for (int j = 0; j < QB; j++) {
-            const int k = c * QB + j;
+            const int64_t k = perm ? perm[c * QB + j] : c * QB + j;
             buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
         }
 #pragma omp simd reduction(max : amax)
@@ -948,7 +950,7 @@ static int takes(int K, int bits, int group, int meta, int codebook) {
 }
 
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
-int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, const void *scale,
+int qgemv(const void *x, int x_bf16, int M, int K, const int64_t *perm, const void *w, int bits, const void *scale,
           const void *offset, int group, int meta, int codebook, int N, const float *bias,
           void *y, int y_bf16) {
     if (M < 1 || !takes(K, bits, group, meta, codebook)) return -1;
@@ -969,7 +971,7 @@ int qgemv(const void *x, int x_bf16, int M, int K, const void *w, int bits, cons
     /* rows apart: done serially, it took 10-15% of a call of 64 rows or more */
 #pragma omp parallel for schedule(static) if (M >= 16)
     for (int m = 0; m < M; m++)
-        quantize_row((const char *)x + m * x_row, x_bf16, K, group, xq + (size_t)m * K,
+        quantize_row((const char *)x + m * x_row, x_bf16, perm, K, group, xq + (size_t)m * K,
                      xd + (size_t)m * nc, xsum + (size_t)m * ng);
     int rc;
     if (M >= AMX_MIN_ROWS && group >= 32 && amx_ready()) { /* its units are 32 or 64 */

@@ -207,19 +207,26 @@ class QGemv:
         x: torch.Tensor,  # (M, K) bf16 or fp32
         weight: Operands,
         bias: torch.Tensor | None = None,  # (N,) fp32
+        perm: torch.Tensor | None = None,  # (K,): W's column k multiplies x[:, perm[k]]
     ) -> torch.Tensor:  # (M, N) in x's dtype
-        return self.bind(weight, bias)(x)
+        return self.bind(weight, bias, perm)(x)
 
     def bind(
-        self, weight: Operands, bias: torch.Tensor | None = None
+        self,
+        weight: Operands,
+        bias: torch.Tensor | None = None,
+        perm: torch.Tensor | None = None,
     ) -> Callable[..., torch.Tensor]:
-        """`x -> self(x, weight, bias)` with the weight's pointers resolved once: decode
-        calls each linear every step, and the per-call Python is a good part of a small
-        matrix's time. The closure keeps the tensors alive (and must not outlive a move
-        of them to another device: QuantLinear never moves its buffers)."""
+        """`x -> self(x, weight, bias, perm)` with the weight's pointers resolved once:
+        decode calls each linear every step, and the per-call Python is a good part of a
+        small matrix's time. The closure keeps the tensors alive (and must not outlive a
+        move of them to another device: QuantLinear never moves its buffers)."""
         n, fn = weight.w.shape[0], self.fn
+        if perm is not None:
+            perm = perm.to(torch.int64).contiguous()  # gathered as the kernel reads x
+        head = None if perm is None else perm.data_ptr()
         tail = (*weight.pointers(), n, None if bias is None else bias.data_ptr())
-        keep = (weight, bias)  # the tensors behind tail's pointers
+        keep = (weight, bias, perm)  # the tensors behind head's and tail's pointers
 
         def call(
             x: torch.Tensor, out_dtype: torch.dtype | None = None, _keep: tuple = keep
@@ -228,7 +235,7 @@ class QGemv:
             m, k = x.shape
             y = torch.empty(m, n, dtype=out_dtype or x.dtype)
             x_bf16, y_bf16 = int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16)
-            if fn(x.data_ptr(), x_bf16, m, k, *tail, y.data_ptr(), y_bf16) != 0:
+            if fn(x.data_ptr(), x_bf16, m, k, head, *tail, y.data_ptr(), y_bf16) != 0:
                 raise weight.refused(k)
             return y
 
@@ -258,8 +265,8 @@ def load(emulate_amx: bool = False, avx2: bool = False) -> QGemv | None:
     defines = ("LLMOPT_AMX_EMULATED",) if emulate_amx else ()
     defines += ("LLMOPT_QGEMV_AVX2",) if avx2 else ()
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    # x, x_bf16, M, K, w, bits, scale, offset, group, meta, codebook, N, bias, y, y_bf16
-    argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr, ptr, i32]
+    # x, x_bf16, M, K, perm, w, bits, scale, offset, group, meta, codebook, N, bias, y, y_bf16
+    argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32, ptr, ptr, i32]
     fn = function("qgemv", argtypes, i32, defines=defines)
     # w, bits, scale, offset, group, meta, codebook, N, K, out, out_bf16
     dequant_argtypes = [ptr, i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]

@@ -127,7 +127,7 @@ class QuantLinear(nn.Module):
             self.operands = qgemv.Operands(
                 self.wq, self.bits, self.kscale, self.koffset, self.group_size, self.codebook
             )
-            self.qgemv = kernel.bind(self.operands, self.kernel_bias)
+            self.qgemv = kernel.bind(self.operands, self.kernel_bias, self.perm)
             return "qgemv"
         if self.bits == 8 and qw.group_size == self.in_features and torch.all(qw.zero == 128):
             # Symmetric per-row: w = (q - 128) * s, exactly an int8 matrix and a row scale.
@@ -245,11 +245,12 @@ class QuantLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, out_dtype: torch.dtype | None = None
     ) -> torch.Tensor:  # (M, in) -> (M, out) in out_dtype (default: x's)
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
         out_dtype = out_dtype or x.dtype
         if self.kernel == "qgemv" and x.shape[0] <= self.kernel_rows and x.dtype in _QGEMV_DTYPES:
+            # act-order's input order is the kernel's to apply, as it quantizes x
             return self.qgemv(x, out_dtype if out_dtype in _QGEMV_DTYPES else None).to(out_dtype)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         if self.kernel == "int4-cuda":  # every row count; the codes live only in w4
             xb = x.to(torch.bfloat16).contiguous()
             y = torch._weight_int4pack_mm(xb, self.w4, self.group_size, self.sz4)

@@ -55,7 +55,7 @@ class QuantSpec:
     sym: bool  # symmetric grid (zero fixed at 2^(bits-1))
     act_order: bool = False  # GPTQ: columns by decreasing activation (see gptq.py)
     # With act_order: groups in input order, grids fixed before GPTQ's loop, no `perm`
-    # (no input gather at run time; GGUF can hold it). See gptq.py.
+    # (GGUF's blocks can hold it). See gptq.py.
     static_groups: bool = False
     # The output projection (untied from the embedding): 0 keeps it dense; 8 is int8
     # with one scale per row (llama.cpp's Q4 files keep it at 8 bits too), 4 the
