@@ -15,6 +15,7 @@ from llmopt.quant import awq
 from llmopt.quant.calibration import InputStats
 from llmopt.quant.spec import QuantSpec, llama_sites
 from tests.conftest import write_tiny_model
+from tests.test_gemma3 import tiny_gemma
 
 
 def _scale_by_input(w: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, *_) -> torch.Tensor:
@@ -24,16 +25,22 @@ def _scale_by_input(w: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, *
     return x_mean
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+# qwen2: q/k/v biases; gemma3: norms of 1 + w, the MLP's input normed by
+# pre_feedforward_layernorm, norms after attention and the MLP
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_awq_folds_keep_the_function_of_every_layer(
     tmp_path: Path, smollm_folder: Path, monkeypatch: pytest.MonkeyPatch, arch: str
 ) -> None:
-    """Every site of both decoder layers and the output projection (the final norm its
-    owner), under grouped-query attention (4 query heads on 2 kv heads), scaled by
-    random factors in [0.5, 2]: every layer's output and the logits are unchanged."""
+    """Every site of every decoder layer and the output projection (the final norm its
+    owner), under grouped-query attention, scaled by random factors in [0.5, 2]: every
+    layer's output and the logits are unchanged."""
     from transformers import AutoModelForCausalLM
 
-    folder = write_tiny_model(tmp_path / arch, smollm_folder, arch=arch, vocab_size=512)
+    if arch == "gemma3":
+        folder = tiny_gemma(tmp_path / arch, smollm_folder, vocab_size=512,
+                            tie_word_embeddings=False)  # fmt: skip
+    else:
+        folder = write_tiny_model(tmp_path / arch, smollm_folder, arch=arch, vocab_size=512)
     cfg = read_config(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tensors = {k: v.clone() for k, v in model.state_dict().items()}

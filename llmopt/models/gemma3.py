@@ -23,7 +23,13 @@ from llmopt.layers.kv_cache import LayerKV
 from llmopt.layers.mlp import GeGLU
 from llmopt.layers.norm import RMSNorm
 from llmopt.layers.rotary import RotaryEmbedding
-from llmopt.models.llama import LlamaForCausalLM, Weight, attention_for, build_model
+from llmopt.models.llama import (
+    LlamaForCausalLM,
+    Weight,
+    attention_for,
+    build_model,
+    fuse_hf_layer,
+)
 from llmopt.models.llama import fuse_hf_parts as llama_parts
 
 # The norms of a block beyond Llama's two (input_layernorm and post_attention_layernorm,
@@ -80,6 +86,12 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(LlamaForCausalLM):
     layer_class = Gemma3DecoderLayer
 
+    @staticmethod
+    def hf_layer(cfg: ModelConfig, hf: Mapping[str, Weight], i: int) -> dict[str, Weight]:
+        part = fuse_hf_layer(cfg, hf, i)
+        _add_extra_norms(part, hf, i)
+        return _norms_from_offsets(part)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         # The global layers rotate with `rope_theta` (and its scaling), the local ones
@@ -115,13 +127,22 @@ def gemma3_parts(cfg: ModelConfig, hf: Mapping[str, Weight]) -> Iterator[dict[st
         text = {_text_name(n): w for n, w in hf.items()}
     for n, part in enumerate(llama_parts(cfg, text)):
         if n > 0:  # decoder layer n - 1
-            for norm in _EXTRA_NORMS:
-                part[f"layers.{n - 1}.{norm}.weight"] = text[f"model.layers.{n - 1}.{norm}.weight"]
-        for name, w in part.items():
-            if name.endswith("norm.weight"):
-                assert isinstance(w, torch.Tensor)  # norms are never quantized
-                part[name] = w.float() + 1
-        yield part
+            _add_extra_norms(part, text, n - 1)
+        yield _norms_from_offsets(part)
+
+
+def _add_extra_norms(part: dict[str, Weight], hf: Mapping[str, Weight], i: int) -> None:
+    for norm in _EXTRA_NORMS:
+        part[f"layers.{i}.{norm}.weight"] = hf[f"model.layers.{i}.{norm}.weight"]
+
+
+def _norms_from_offsets(part: dict[str, Weight]) -> dict[str, Weight]:
+    """Each norm weight w of a part made 1 + w (in place; the part returned)."""
+    for name, w in part.items():
+        if name.endswith("norm.weight"):
+            assert isinstance(w, torch.Tensor)  # norms are never quantized
+            part[name] = w.float() + 1
+    return part
 
 
 def _text_name(name: str) -> str:

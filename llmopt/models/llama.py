@@ -87,6 +87,12 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     layer_class: type[nn.Module] = DecoderLayer
 
+    @staticmethod
+    def hf_layer(cfg: ModelConfig, hf: Mapping[str, Weight], i: int) -> dict[str, Weight]:
+        """Decoder layer i's tensors under this module's names, from Hugging Face's (the
+        quantizer reloads a block from them)."""
+        return fuse_hf_layer(cfg, hf, i)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg

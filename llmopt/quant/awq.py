@@ -4,11 +4,11 @@ A few input channels carry much larger activations than the rest, and the roundi
 error of the weights they multiply dominates the output error. AWQ multiplies those
 weight columns by s > 1 before rounding (so their relative error shrinks) and
 divides the input by s, folding 1/s into whatever produced the input: the RMSNorm
-weight before q/k/v and gate/up, the rows of up_proj before down_proj, the rows of
-v_proj before o_proj (with grouped-query attention each v channel feeds several
-heads, and their scales are tied; AutoAWQ skips o_proj there), and a linear owner's
-bias with its rows (Qwen2's v_proj). The model's function is unchanged before
-rounding.
+weight before q/k/v and gate/up (Gemma's 1 + w as a whole), the rows of up_proj before
+down_proj, the rows of v_proj before o_proj (with grouped-query attention each v
+channel feeds several heads, and their scales are tied; AutoAWQ skips o_proj there),
+and a linear owner's bias with its rows (Qwen2's v_proj). The model's function is
+unchanged before rounding.
 
 Per site: s = mean|x|^alpha, or mean|x|^alpha / mean|w|^(1 - alpha) (the weight's
 magnitude per input channel, relative to its group's largest: a channel whose weights
@@ -166,8 +166,9 @@ def _apply_scale(site: Site, tensors: dict[str, torch.Tensor], s: torch.Tensor) 
     # would hand the site x / s + b instead of (x + b) / s.
     owned = [site.owner] + ([bias] if bias in tensors else [])
     for name in owned:
-        t = tensors[name]
-        tensors[name] = (t.float() / s.view(-1, *(1,) * (t.dim() - 1))).to(t.dtype)
+        # A norm stored as an offset from one (Gemma: 1 + w) scales as the whole.
+        t, off = tensors[name], site.owner_offset if name == site.owner else 0.0
+        tensors[name] = ((off + t.float()) / s.view(-1, *(1,) * (t.dim() - 1)) - off).to(t.dtype)
 
 
 def fold_scales(

@@ -95,7 +95,7 @@ def export_gguf(folder: Path, out: Path, qtype: str, threads: int | None = None)
         raise UsageError(
             f"unknown GGUF type '{qtype}'; valid: {', '.join(PYTHON_QTYPES + LLAMA_CPP_QTYPES)}"
         )
-    cfg = _config(folder)
+    cfg = exportable_config(folder)
     if key in PYTHON_QTYPES:
         with atomic_file(out) as tmp:
             _write(folder, cfg, tmp, key)
@@ -120,13 +120,14 @@ def export_checkpoint(folder: Path, out: Path, qtype: str, name: str) -> Path:
         raise UsageError(
             f"a calibrated GGUF is written as {', '.join(t.name for t in ENCODABLE)}, not {qtype}"
         )
-    cfg = _config(folder)
+    cfg = exportable_config(folder)
     with atomic_file(out) as tmp:
         _write(folder, cfg, tmp, key, name)
     return out
 
 
-def _config(folder: Path) -> ModelConfig:
+def exportable_config(folder: Path) -> ModelConfig:
+    """The folder's config, or a one-line error where GGUF export lacks its architecture."""
     cfg = read_config(folder)
     if cfg.architecture not in ARCHITECTURES:
         raise ModelFormatError(

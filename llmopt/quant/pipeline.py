@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmopt.atomic import atomic_dir
-from llmopt.config import GEMMA3, ModelConfig
+from llmopt.config import ModelConfig
 from llmopt.errors import ModelFormatError, UsageError
 from llmopt.loader.hf import read_config, read_tensors
 from llmopt.models.registry import builder_for
@@ -28,7 +28,7 @@ from llmopt.models.scoring import Scorer
 from llmopt.quant import awq, awq_gptq, gptq, rtn
 from llmopt.quant.calibration import InputStats, calibration_windows, collect
 from llmopt.quant.checkpoint import write_checkpoint
-from llmopt.quant.gguf_export import export_checkpoint
+from llmopt.quant.gguf_export import export_checkpoint, exportable_config
 from llmopt.quant.sequential import quantize_sequential
 from llmopt.quant.spec import EMBED_GROUP, QuantSpec, Site, calibrated_modules, llama_sites
 from llmopt.weights.qweight import QuantizedWeight, quantize_rtn
@@ -137,9 +137,6 @@ def quantize_folder(
     t0 = time.perf_counter()
     cfg = read_config(folder)
     builder_for(cfg.architecture)  # refuse unsupported architectures before any work
-    if cfg.architecture in GEMMA3:
-        # The methods fold scales into Llama's two norms and rebuild Llama's blocks.
-        raise ModelFormatError("llmopt quantize does not support Gemma 3 yet")
     if cfg.quantization:
         raise UsageError(f"{folder} is already quantized; quantize the original model")
     raw_cfg = json.loads((folder / "config.json").read_text())
@@ -207,6 +204,7 @@ def quantize_to_gguf(
     """GPTQ or AWQ on a GGUF type's grid (spec's, which the caller matched to qtype) into
     a scratch llmopt checkpoint beside `out`, whose codes then go into qtype's blocks as
     they are (gguf_export.export_checkpoint); the result describes the checkpoint."""
+    exportable_config(folder)  # before the calibration, not after it
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
         checkpoint = Path(scratch) / "checkpoint"

@@ -36,7 +36,6 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.layers.linear import Linear
-from llmopt.models.llama import fuse_hf_layer
 from llmopt.models.scoring import Scorer
 from llmopt.quant import awq, gptq
 from llmopt.quant.calibration import InputStats, capturing, recording
@@ -65,10 +64,10 @@ def quantize_sequential(
     inputs = scorer.inputs(windows[0])
     with torch.inference_mode():
         meta = inputs.meta
-        cos, sin = model.rotary(inputs.positions, torch.float32)
+        rope = model.rope_tables(inputs.positions, torch.float32)  # each layer's (cos, sin)
         device = inputs.input_ids.device
         states: list[State] = [
-            (model.embed_tokens(torch.tensor(ids, device=device)), None) for ids in windows
+            (model.embed(torch.tensor(ids, device=device)), None) for ids in windows
         ]
         # The full-precision model's states, where drift correction needs them.
         full: list[State] | None = list(states) if spec.drift > 0 else None
@@ -78,7 +77,7 @@ def quantize_sequential(
             def run(state: State, i: int = i, block: nn.Module = block) -> State:
                 # Blocks add into the residual stream in place: each call gets copies.
                 x, r = state
-                return block(x.clone(), None if r is None else r.clone(), cos, sin,
+                return block(x.clone(), None if r is None else r.clone(), *rope[i],
                              cache.layers[i], meta)  # fmt: skip
 
             if full is None:
@@ -98,7 +97,7 @@ def quantize_sequential(
             head = InputStats()
             for x, r in states:
                 head.add(model.norm(x, r))
-            out.update(method.quantize_layer([head_site(head)], tensors, spec.head_spec()))
+            out.update(method.quantize_layer([head_site(cfg, head)], tensors, spec.head_spec()))
             on_layer()
     return out
 
@@ -190,14 +189,15 @@ def _load_block(
     quantized: dict[str, torch.Tensor | QuantizedWeight],
 ) -> None:
     """Block i of the fp32 model takes its quantized weights, dequantized, and the
-    current values of its other tensors (norms that AWQ rescaled)."""
+    current values of its other tensors (norms that AWQ rescaled), mapped as the model
+    maps them (Gemma's norms: 1 + w)."""
     prefix = f"model.layers.{i}."
     dense = {
         name: w.dequantize() if isinstance(w, QuantizedWeight) else w
         for name, w in {**tensors, **quantized}.items()
         if name.startswith(prefix)
     }
-    for name, w in fuse_hf_layer(cfg, dense, i).items():
+    for name, w in model.hf_layer(cfg, dense, i).items():
         path, _, attr = name.rpartition(".")
         module = model.get_submodule(path)
         if isinstance(module, Linear) and attr == "weight":

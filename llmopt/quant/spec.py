@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmopt.config import ModelConfig
+from llmopt.config import GEMMA3, ModelConfig
 from llmopt.errors import UsageError
 from llmopt.quant.calibration import InputStats
 from llmopt.weights.fp4 import GROUP as FP4_GROUPS
@@ -165,6 +165,9 @@ class Site:
     # be the same on all of them (input channel (kv, h, d) reads v channel (kv, d)).
     share: int = 1
     head_dim: int = 0
+    # A norm owner stored as an offset from this (Gemma's multiply by 1 + w): a fold
+    # divides offset + w.
+    owner_offset: float = 0.0
 
     def tie(self, v: torch.Tensor) -> torch.Tensor:
         """A per-input-channel vector (in,) averaged over the channels that read one
@@ -206,20 +209,32 @@ def calibrated_modules(cfg: ModelConfig, lm_head: bool) -> list[str]:
     return names + (["lm_head"] if lm_head else [])
 
 
+def _norm_offset(cfg: ModelConfig) -> float:
+    """What the model's norm weights are stored as an offset from (Site.owner_offset)."""
+    return 1.0 if cfg.architecture in GEMMA3 else 0.0
+
+
 def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[Site]:
-    """Decoder layer i's four sites; `stats` is keyed by our fused module names."""
+    """Decoder layer i's four sites; `stats` is keyed by our fused module names. Gemma 3
+    norms the MLP's input with pre_feedforward_layernorm (its post_attention_layernorm
+    norms attention's output, before the residual add: no linear reads it)."""
     hf, ours = f"model.layers.{i}.", f"layers.{i}."
     attn, mlp = hf + "self_attn.", hf + "mlp."
     q_k_rows = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
     # o_proj's input channels are v_proj's output channels, each repeated for the
     # query heads that share a kv head (Site.share).
     share = cfg.num_heads // cfg.num_kv_heads
+    offset = _norm_offset(cfg)
+    mlp_norm = (
+        "pre_feedforward_layernorm" if cfg.architecture in GEMMA3 else "post_attention_layernorm"
+    )
     return [
         Site(
             [attn + f"{p}_proj.weight" for p in "qkv"],
             stats[ours + "self_attn.qkv_proj"],
             hf + "input_layernorm.weight",
             no_clip=q_k_rows,
+            owner_offset=offset,
         ),
         Site(
             [attn + "o_proj.weight"],
@@ -231,19 +246,20 @@ def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[
         Site(
             [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
             stats[ours + "mlp.gate_up_proj"],
-            hf + "post_attention_layernorm.weight",
+            hf + f"{mlp_norm}.weight",
+            owner_offset=offset,
         ),
         Site([mlp + "down_proj.weight"], stats[ours + "mlp.down_proj"], mlp + "up_proj.weight"),
     ]
 
 
-def head_site(stats: InputStats) -> Site:
+def head_site(cfg: ModelConfig, stats: InputStats) -> Site:
     """The output projection, whose input is the final norm's output."""
-    return Site(["lm_head.weight"], stats, "model.norm.weight")
+    return Site(["lm_head.weight"], stats, "model.norm.weight", owner_offset=_norm_offset(cfg))
 
 
 def llama_sites(cfg: ModelConfig, stats: dict[str, InputStats], lm_head: bool) -> list[list[Site]]:
     """Per decoder layer, its four sites, and the output projection's own site last
     when it is quantized too; `stats` is keyed by our fused module names."""
     layers = [layer_sites(cfg, stats, i) for i in range(cfg.num_layers)]
-    return layers + ([[head_site(stats["lm_head"])]] if lm_head else [])
+    return layers + ([[head_site(cfg, stats["lm_head"])]] if lm_head else [])
