@@ -313,6 +313,17 @@ def _kquant_operands(n: int, k: int, bits: int, group: int, seed: int = 0):
     return w_k, kscale, koffset, w
 
 
+def _build(build: str) -> qgemv.QGemv:
+    """The kernel as this CPU runs it, its AVX2 blocks, or its AMX path on emulated tiles
+    (skipped without AVX-512)."""
+    kernel = {
+        "native": KERNEL,
+        "avx2": qgemv.load(avx2=True),
+        "emulated": qgemv.load(emulate_amx=True),
+    }[build]
+    return require_kernel(kernel, isa="AVX-512" if build == "emulated" else None)
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (6, 16), (6, 32), (8, 16), (4, 64)])
 @pytest.mark.parametrize("build", ["native", "avx2", "emulated"])
 def test_kquant_metadata_on_every_path(bits: int, group: int, build: str) -> None:
@@ -320,12 +331,7 @@ def test_kquant_metadata_on_every_path(bits: int, group: int, build: str) -> Non
     weights exactly: integer activations are exact but for float rounding, on the row
     kernel, the AVX2 blocks and AMX tiles (1, 5 and 20 rows), with the same bits on
     each; qdequant writes the dense weight."""
-    kernel = {
-        "native": KERNEL,
-        "avx2": qgemv.load(avx2=True),
-        "emulated": qgemv.load(emulate_amx=True),
-    }[build]
-    kernel = require_kernel(kernel, isa="AVX-512" if build == "emulated" else None)
+    kernel = _build(build)
     n, k = 43, 512
     w_k, kscale, koffset, w = _kquant_operands(n, k, bits, group)
     weight, bias = Operands(w_k, bits, kscale, koffset, group), torch.randn(n)
@@ -349,12 +355,7 @@ def test_an_input_order_is_applied_as_x_is_read(build: str, dtype: torch.dtype) 
     """With perm (GPTQ's act-order), the kernel reads input perm[k] for W's column k
     as it quantizes x: the same bits as the input gathered beforehand, on every path
     (1, 5 and 20 rows: the row kernel, AVX2 blocks and AMX tiles)."""
-    kernel = {
-        "native": KERNEL,
-        "avx2": qgemv.load(avx2=True),
-        "emulated": qgemv.load(emulate_amx=True),
-    }[build]
-    kernel = require_kernel(kernel, isa="AVX-512" if build == "emulated" else None)
+    kernel = _build(build)
     n, k, group = 40, 256, 32
     w_k, scale, offset, _ = _operands(n, k, 4, group)
     weight = _op(w_k, 4, scale, offset, group)
