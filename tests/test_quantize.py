@@ -443,8 +443,8 @@ def test_gemma3_quantizes_but_gguf_export_refuses_it_before_calibrating(
     from tests.test_gemma3 import tiny_gemma
 
     src = tiny_gemma(tmp_path / "gemma", smollm_folder)
-    report = _quantize(src, tmp_path / "q", "--int4", "--calib-tokens", "256")
-    assert report["method"] == "awq" and torch.isfinite(_logits(tmp_path / "q", IDS)).all()
+    report = _quantize(src, tmp_path / "q", "--int4", "--method", "rtn")  # AWQ, GPTQ: above
+    assert report["group_size"] == 32 and torch.isfinite(_logits(tmp_path / "q", IDS)).all()
     out = tmp_path / "g.gguf"
     r = llmopt("quantize", str(src), "--int4", "--format", "gguf", "--no-eval", "-o", str(out))
     assert r.exit_code == 4 and "does not support architecture 'Gemma3ForCausalLM'" in r.stderr
