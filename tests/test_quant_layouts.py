@@ -79,6 +79,20 @@ def test_gptq_act_order_round_trip_and_v2_zeros() -> None:
     torch.testing.assert_close(back2.dequantize(), qw.dequantize(), rtol=0, atol=0)
 
 
+def test_native_layout_keeps_an_input_order_and_refuses_one_that_is_not() -> None:
+    """The kernels gather x[perm[k]] unchecked: a perm read from a file must be an order
+    of the inputs (each once, none out of range)."""
+    qw = _random_qweight(32, 128, 4, 32)
+    qw.perm = torch.randperm(128, generator=torch.Generator().manual_seed(5))
+    spec = QuantSpec(4, "gptq", 32, False, act_order=True)
+    packed = native.pack(qw)
+    back = native.unpack(packed, quantization_config("llmopt", spec))
+    assert torch.equal(back.perm, qw.perm)
+    for bad in (packed["perm"].clone().fill_(0), packed["perm"] + 1, packed["perm"][:-1]):
+        with pytest.raises(ValueError, match="not an order of its 128 inputs"):
+            native.unpack({**packed, "perm": bad}, quantization_config("llmopt", spec))
+
+
 def test_gptq_zero_point_of_zero_borrows_like_other_tools() -> None:
     """v1 zeros are stored minus one per field, subtracted from the whole word: a zero
     of 0 borrows from the next field, and reading adds the word back exactly."""

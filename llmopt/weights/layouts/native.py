@@ -75,7 +75,7 @@ def _unpack_fp4(t: dict[str, torch.Tensor], fmt: str) -> QuantizedWeight:
     shape = (blocks.shape[0], blocks.shape[1] // width * per_block)
     scale = float(t["tensor_scale"][0]) if "tensor_scale" in t else 1.0
     qw = fp4.from_blocks(blocks, shape, fmt, scale)
-    return replace(qw, perm=t["perm"].long()) if "perm" in t else qw
+    return replace(qw, perm=_perm(t, shape[1]))
 
 
 def unpack(t: dict[str, torch.Tensor], qcfg: dict[str, Any]) -> QuantizedWeight:
@@ -93,5 +93,15 @@ def unpack(t: dict[str, torch.Tensor], qcfg: dict[str, Any]) -> QuantizedWeight:
     if "qmins" not in t and "qzeros" not in t:
         raise ValueError("it has neither qzeros nor qmins")
     zero = -t["qmins"].float() / scale if "qmins" in t else t["qzeros"].float()
-    perm = t["perm"].long() if "perm" in t else None
+    perm = _perm(t, q.shape[1])
     return QuantizedWeight(q.contiguous(), scale, zero, bits, q.shape[1] // scale.shape[1], perm)
+
+
+def _perm(t: dict[str, torch.Tensor], n: int) -> torch.Tensor | None:
+    """A linear's input order, checked: the kernels read x[perm[k]] without bounds."""
+    if "perm" not in t:
+        return None
+    perm = t["perm"].long()
+    if not torch.equal(perm.sort().values, torch.arange(n, device=perm.device)):
+        raise ValueError(f"its perm is not an order of its {n} inputs")
+    return perm
