@@ -410,10 +410,11 @@ void paged_decode(const float *restrict q, const KVLayer *kv, const int64_t *res
     /* Fewer of those than threads (one short sequence: decode at batch 1): an item per
      * KV head instead, so that every thread has a share (the same arithmetic per head). */
     const int per_head = n_items + alone < omp_get_max_threads();
+    const int kv0 = per_head ? 0 : -1, kv1 = per_head ? KV : 0; /* kvh -1: every head */
     for (int b = 0; b < B; b++)
         for (int64_t j0 = shared[b]; j0 < lens[b]; j0 += RANGE_KEYS) {
             const int64_t end = j0 + RANGE_KEYS < lens[b] ? j0 + RANGE_KEYS : lens[b];
-            for (int kvh = per_head ? 0 : -1; kvh < (per_head ? KV : 0); kvh++)
+            for (int kvh = kv0; kvh < kv1; kvh++)
                 items[n_items++] = (Item){b, kvh, (int)(j0 / RANGE_KEYS), 0, j0, end};
         }
     /* Per (b, kvh, record, g): the range's max score, sum of exps, weighted values (D).

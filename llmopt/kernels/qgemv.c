@@ -950,9 +950,9 @@ static int takes(int K, int bits, int group, int meta, int codebook) {
 }
 
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
-int qgemv(const void *x, int x_bf16, int M, int K, const int64_t *perm, const void *w, int bits, const void *scale,
-          const void *offset, int group, int meta, int codebook, int N, const float *bias,
-          void *y, int y_bf16) {
+int qgemv(const void *x, int x_bf16, int M, int K, const int64_t *perm, const void *w, int bits,
+          const void *scale, const void *offset, int group, int meta, int codebook, int N,
+          const float *bias, void *y, int y_bf16) {
     if (M < 1 || !takes(K, bits, group, meta, codebook)) return -1;
     const int nc = K / QB, ng = K / group;
     int8_t *xq = malloc((size_t)M * K);

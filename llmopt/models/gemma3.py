@@ -35,6 +35,9 @@ from llmopt.models.llama import fuse_hf_parts as llama_parts
 # The norms of a block beyond Llama's two (input_layernorm and post_attention_layernorm,
 # which Gemma applies to attention's output rather than the MLP's input).
 _EXTRA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+# Gemma's checkpoints store each norm weight as an offset from this (the norm multiplies
+# by NORM_OFFSET + w): the mapping adds it, and AWQ's folds divide the whole.
+NORM_OFFSET = 1.0
 # Gemma3ForConditionalGeneration's text decoder under its checkpoint names (transformers
 # 5, and earlier) -> Gemma3ForCausalLM's.
 _MULTIMODAL_PREFIXES = (
@@ -141,7 +144,7 @@ def _norms_from_offsets(part: dict[str, Weight]) -> dict[str, Weight]:
     for name, w in part.items():
         if name.endswith("norm.weight"):
             assert isinstance(w, torch.Tensor)  # norms are never quantized
-            part[name] = w.float() + 1
+            part[name] = w.float() + NORM_OFFSET
     return part
 
 

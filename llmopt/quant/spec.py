@@ -8,6 +8,7 @@ import torch
 
 from llmopt.config import GEMMA3, ModelConfig
 from llmopt.errors import UsageError
+from llmopt.models.gemma3 import NORM_OFFSET as GEMMA_NORM_OFFSET
 from llmopt.quant.calibration import InputStats
 from llmopt.weights.fp4 import GROUP as FP4_GROUPS
 from llmopt.weights.qweight import QuantizedWeight
@@ -211,7 +212,7 @@ def calibrated_modules(cfg: ModelConfig, lm_head: bool) -> list[str]:
 
 def _norm_offset(cfg: ModelConfig) -> float:
     """What the model's norm weights are stored as an offset from (Site.owner_offset)."""
-    return 1.0 if cfg.architecture in GEMMA3 else 0.0
+    return GEMMA_NORM_OFFSET if cfg.architecture in GEMMA3 else 0.0
 
 
 def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[Site]:
@@ -225,9 +226,8 @@ def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[
     # query heads that share a kv head (Site.share).
     share = cfg.num_heads // cfg.num_kv_heads
     offset = _norm_offset(cfg)
-    mlp_norm = (
-        "pre_feedforward_layernorm" if cfg.architecture in GEMMA3 else "post_attention_layernorm"
-    )
+    gemma = cfg.architecture in GEMMA3
+    mlp_norm = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
     return [
         Site(
             [attn + f"{p}_proj.weight" for p in "qkv"],
