@@ -7,6 +7,9 @@
                 (/usr/share/man/es, from man-db, dpkg, apt, debianutils, fakeroot),
                 in path order, troff requests dropped but for the text of the font
                 and heading macros, escapes decoded
+  english.txt   English technical prose: the English originals of those pages
+                (/usr/share/man, the same names), read the same way; added in the
+                twelfth session, after the three above had judged calibration variants
 
 No calibration reads these, and no default was tuned on them. (The Spanish Rust by
 Example of a rustup toolchain, used before, is mostly untranslated pages: about 10 KB
@@ -24,7 +27,8 @@ import shutil
 from pathlib import Path
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
-MAN_ES = Path("/usr/share/man/es")
+MAN = Path("/usr/share/man")
+MAN_ES = MAN / "es"
 TEXT_MACROS = {"B", "I", "BR", "IR", "RI", "BI", "IB", "RB", "SH", "SS"}  # keep their text
 # troff's named characters (\(xy) that Spanish pages use
 GLYPHS = {
@@ -59,6 +63,12 @@ def spanish_text() -> str:
     return "\n\n".join(_man_text(p) for p in sorted(MAN_ES.rglob("*.gz")))
 
 
+def english_text() -> str:
+    """The English pages of the Spanish text's names, in the same order."""
+    pages = [MAN / p.relative_to(MAN_ES) for p in sorted(MAN_ES.rglob("*.gz"))]
+    return "\n\n".join(_man_text(p) for p in pages if p.is_file())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -67,6 +77,7 @@ def main() -> None:
     shutil.copyfile(GPL3, out / "gpl3.txt")
     shutil.copyfile(Path(argparse.__file__), out / "argparse.txt")
     (out / "spanish.txt").write_text(spanish_text())
+    (out / "english.txt").write_text(english_text())
     for f in sorted(out.glob("*.txt")):
         print(f"{f}: {f.stat().st_size} bytes")
 
