@@ -59,13 +59,17 @@ def _man_text(page: Path) -> str:
     return re.sub(r"[ \t]+", " ", "\n".join(lines)).strip()
 
 
+def _spanish_pages() -> list[Path]:
+    return sorted(MAN_ES.rglob("*.gz"))
+
+
 def spanish_text() -> str:
-    return "\n\n".join(_man_text(p) for p in sorted(MAN_ES.rglob("*.gz")))
+    return "\n\n".join(_man_text(p) for p in _spanish_pages())
 
 
 def english_text() -> str:
     """The English pages of the Spanish text's names, in the same order."""
-    pages = [MAN / p.relative_to(MAN_ES) for p in sorted(MAN_ES.rglob("*.gz"))]
+    pages = [MAN / p.relative_to(MAN_ES) for p in _spanish_pages()]
     return "\n\n".join(_man_text(p) for p in pages if p.is_file())
 
 
