@@ -10,6 +10,10 @@
   english.txt   English technical prose: the English originals of those pages
                 (/usr/share/man, the same names), read the same way; added in the
                 twelfth session, after the three above had judged calibration variants
+  docstrings.txt  English prose about Python, the nearest to pydoc's topics that none of
+                the above is: the docstrings over 200 characters of the running
+                CPython's Lib/*.py (argparse.py left out), in path order; added in the
+                thirteenth session, judged only after the variants it scores were made
 
 No calibration reads these, and no default was tuned on them. (The Spanish Rust by
 Example of a rustup toolchain, used before, is mostly untranslated pages: about 10 KB
@@ -21,6 +25,7 @@ of it is Spanish.)
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import re
 import shutil
@@ -73,6 +78,24 @@ def english_text() -> str:
     return "\n\n".join(_man_text(p) for p in pages if p.is_file())
 
 
+def docstrings_text() -> str:
+    lib = Path(argparse.__file__).parent
+    docs = []
+    for path in sorted(lib.glob("*.py")):
+        if path.name == "argparse.py":
+            continue
+        try:
+            tree = ast.parse(path.read_text())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
+            if doc and len(doc) > 200:
+                docs.append(doc)
+    return "\n\n".join(docs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -82,6 +105,7 @@ def main() -> None:
     shutil.copyfile(Path(argparse.__file__), out / "argparse.txt")
     (out / "spanish.txt").write_text(spanish_text())
     (out / "english.txt").write_text(english_text())
+    (out / "docstrings.txt").write_text(docstrings_text())
     for f in sorted(out.glob("*.txt")):
         print(f"{f}: {f.stat().st_size} bytes")
 

@@ -140,6 +140,26 @@ def test_gptq_static_groups_keep_input_order_and_the_act_order_gain(fp4: str | N
     assert errors["static"] < 1.2 * errors["dynamic"], errors
 
 
+@pytest.mark.parametrize("fp4", [None, "mxfp4"])
+def test_gptq_damping_moves_it_from_the_calibration_fit_towards_round_to_nearest(
+    fp4: str | None,
+) -> None:
+    """The damping is a prior of uncorrelated inputs: overwhelming it, GPTQ feeds no
+    error forward and rounds each weight to nearest, as on the Hessian's diagonal alone;
+    the less of it, the closer the fit to the calibration inputs."""
+    torch.manual_seed(3)
+    w, x = torch.randn(32, 128), _correlated_inputs(1024, 128)
+    h = x.T @ x
+    swamped = gptq.gptq(w, h, 4, 32, False, False, fp4, damp=1e9)
+    rounded = gptq.gptq(w, torch.diag(h.diagonal()), 4, 32, False, False, fp4)
+    assert torch.equal(swamped.q, rounded.q) and torch.equal(swamped.scale, rounded.scale)
+    errors = [
+        _output_error(w, gptq.gptq(w, h, 4, 32, False, False, fp4, damp=d), x)
+        for d in (0.01, 0.1, 10.0)
+    ]
+    assert errors[0] < errors[1] < errors[2], errors
+
+
 def test_gptq_of_fused_rows_equals_separate_rows() -> None:
     """Rows are independent given H: fusing q/k/v must not change any row's result."""
     torch.manual_seed(1)

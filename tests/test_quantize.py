@@ -246,6 +246,7 @@ def test_sequential_calibrates_later_blocks_on_quantized_outputs(
     qcfg = json.loads((tmp_path / "seq" / "config.json").read_text())["quantization_config"]
     assert qcfg["sequential"] is True
     assert qcfg["drift_correction"] == {"gptq": 0.25, "awq": 0.5}[method]
+    assert qcfg["damp"] == {"gptq": 0.01, "awq": 0.1}[method]
     assert torch.isfinite(_logits(tmp_path / "seq", IDS)).all()
 
 
@@ -413,6 +414,8 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--drift-correction", "2"], 2, "between 0 and 1"),
         (["--int4", "--one-pass", "--drift-correction", "0.3"], 2, "block by block"),
         (["--int4", "--method", "rtn", "--drift-correction", "0.3"], 2, "block by block"),
+        (["--int4", "--damp", "0"], 2, "--damp must be above 0"),
+        (["--int4", "--method", "rtn", "--damp", "0.1"], 2, "--damp needs a calibrated method"),
         (["--fp4", "--int4"], 2, "drop --int8 and --int4"),
         (["--fp4", "--group-size", "64"], 2, "MXFP4 has groups of 32"),
         (["--fp4", "--fp4-format", "nvfp4", "--group-size", "32"], 2, "groups of 16"),

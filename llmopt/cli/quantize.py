@@ -120,6 +120,12 @@ def quantize(
         help="Block by block: refit each layer's target to the full-precision outputs by "
         "this fraction (default: GPTQ 0.25, AWQ 0.5; 0 off).",
     ),
+    damp: float = typer.Option(
+        None,
+        "--damp",
+        help="GPTQ's and drift correction's damping, a fraction of the Hessian's mean "
+        "diagonal (default: GPTQ 0.01, AWQ and awq-gptq 0.1).",
+    ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(
         None, "--calib-tokens", help="Calibration tokens (default: GPTQ 8192, AWQ 32768)."
@@ -186,6 +192,7 @@ def quantize(
         head_bits=lm_head_bits if lm_head else 0,
         sequential=sequential,
         drift=drift,
+        damp=damp,
         embed_bits=8 if (fmt == "llmopt" if int8_embedding is None else int8_embedding) else 0,
         fp4=fp4_fmt,
         float_zero=float_zero,

@@ -47,6 +47,7 @@ def _native_config(spec: QuantSpec) -> dict[str, Any]:
         "static_groups": spec.static_groups,
         "sequential": spec.sequential,
         "drift_correction": spec.drift,
+        "damp": spec.damp,  # GPTQ's and drift correction's (spec.DEFAULT_DAMP)
         "lm_head": spec.lm_head,
         "lm_head_bits": spec.head_bits,  # may differ from "bits" (see loader/quantized.py)
         "embed_bits": spec.embed_bits,  # 0: the embedding is dense

@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.gptq import damped_cholesky
+from llmopt.quant.gptq import DAMP, damped_cholesky
 from llmopt.quant.spec import Site
 
 
-def correct_drift(site: Site, tensors: dict[str, torch.Tensor], alpha: float) -> None:
-    """Replace the site's weights in `tensors` by W + alpha W D H^-1 (see above); the
-    site's stats must hold the drift D and the inputs' X~^T X~."""
+def correct_drift(
+    site: Site, tensors: dict[str, torch.Tensor], alpha: float, damp: float = DAMP
+) -> None:
+    """Replace the site's weights in `tensors` by W + alpha W D H^-1 (see above), H
+    damped by `damp` of its mean diagonal (a ridge); the site's stats must hold the
+    drift D and the inputs' X~^T X~."""
     stats = site.stats
     if stats.drift is None or stats.xtx is None or alpha == 0:
         return
     w = site.fused(tensors).double()  # (out, in)
-    lower = damped_cholesky(stats.xtx)
+    lower = damped_cholesky(stats.xtx, damp)
     step = torch.cholesky_solve((w @ stats.drift).T, lower).T  # W D H^-1, (out, in)
     target = (w + alpha * step).float()
     sizes = [tensors[n].shape[0] for n in site.names]

@@ -30,20 +30,20 @@ from llmopt.quant.spec import QuantSpec, Site
 from llmopt.weights import e2m1, fp4
 from llmopt.weights.qweight import QuantizedWeight, check_group_size, grid, quantize_to
 
-DAMP = 0.01  # of the mean Hessian diagonal, added for a stable Cholesky factor
+DAMP = 0.01  # GPTQ's usual damping (spec.DEFAULT_DAMP has llmopt's by method)
 BLOCK = 128  # columns updated together before the lazy update of the rest
 
 
-def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor (in, in), float64, of H plus DAMP of its mean diagonal."""
+def damped_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Lower Cholesky factor (in, in), float64, of H plus `damp` of its mean diagonal."""
     h = h.double().clone()
-    h += DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return torch.linalg.cholesky(h)
 
 
-def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (in, in), after damping."""
-    lower = damped_cholesky(h)
+    lower = damped_cholesky(h, damp)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
 
 
@@ -69,8 +69,10 @@ def gptq(
     fp4_format: str | None = None,
     static_groups: bool = False,
     float_zero: bool = False,
+    damp: float = DAMP,
 ) -> QuantizedWeight:
-    """w: (out, in) float; h: (in, in) Hessian of the layer's inputs.
+    """w: (out, in) float; h: (in, in) Hessian of the layer's inputs; damp: of its mean
+    diagonal, added before the inverse (damped_cholesky).
 
     act_order: quantize the channels with the largest Hessian diagonal (the most
     active inputs) first, while the most columns remain to absorb their error. The
@@ -108,7 +110,7 @@ def gptq(
         w, h = w[:, perm], h[perm][:, perm]
     # (in,) each column's group, in the loop's column order
     group_of = (perm if static else torch.arange(n, device=w.device)) // group_size
-    hinv = _inverse_hessian_factor(h)
+    hinv = _inverse_hessian_factor(h, damp)
     diag = h.diagonal().float()  # (in,) FP4's scale search weighs each input by it
     q = torch.empty(out, n, dtype=torch.uint8, device=w.device)
     block = max(BLOCK // group_size, 1) * group_size  # whole groups per block
@@ -153,7 +155,7 @@ def round_site(
     with _one_thread():
         qw = gptq(
             w, h, spec.bits, group, spec.sym, spec.act_order,
-            spec.fp4, spec.static_groups, spec.float_zero,
+            spec.fp4, spec.static_groups, spec.float_zero, spec.damp,
         )  # fmt: skip
     return site.unfuse(tensors, qw)
 

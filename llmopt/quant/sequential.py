@@ -137,7 +137,7 @@ def _quantize_block_with_drift(
         # The full-precision inputs as the scaled weights see them (x / s).
         want = [{name: w[name] if s is None else w[name] / s} for w in wants]
         site = layer_sites(cfg, _drifted_stats({name: names[name]}, run, states, want), i)[k]
-        correct_drift(site, tensors, spec.drift)
+        correct_drift(site, tensors, spec.drift, spec.damp)
         # The recorded inputs are already x / s: the rounding reads them as they are.
         if spec.method == "awq":
             out.update(awq.round_site(site, tensors, spec, site.stats.gram()))

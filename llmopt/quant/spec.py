@@ -28,6 +28,15 @@ DEFAULT_GROUP = 32  # for int4 where it divides every input width (else one scal
 # quant/drift.py: the step's fraction by method. AWQ, calibrated on four times GPTQ's
 # tokens, bears a longer step (BENCHMARKS.md, "Quantization" has the sweeps).
 DEFAULT_DRIFT = {"gptq": 0.25, "awq": 0.5, "awq-gptq": 0.5}
+# The damping of the inputs' Hessian by method, as a fraction of its mean diagonal added
+# before GPTQ's inverse and drift correction's solve: a prior that the inputs vary in
+# directions the calibration text left quiet. GPTQ's usual 0.01 fits the calibration
+# text closely. After AWQ's scales have evened the channels' magnitudes, 0.1 cut the KL
+# on all six texts of BENCHMARKS.md ("GPTQ's damping"), most where they differ from the
+# calibration text; on raw activations, whose few outlier channels dominate the mean
+# diagonal, 0.1 swamps the other channels' statistics (the tiny model with outliers of
+# tests/test_quantize.py: GPTQ int4 1.18x the source's perplexity at 0.01, 1.23x at 0.1).
+DEFAULT_DAMP = {"rtn": 0.0, "gptq": 0.01, "awq": 0.1, "awq-gptq": 0.1}
 # Calibration tokens by method. AWQ's scale and range searches and its drift fit read
 # the same statistics, with no error feedback to make up for noisy ones, so they gain
 # from more tokens; GPTQ does not, and the tokens cost time linearly.
@@ -75,6 +84,9 @@ class QuantSpec:
     # output projection then runs on the int8 kernel; 0 keeps it dense (bf16), as the
     # GPTQ and AWQ layouts must. `llmopt quantize` asks 8 for its own layout.
     embed_bits: int = 0
+    # GPTQ's and drift correction's damping of the inputs' Hessian, a fraction of its
+    # mean diagonal; None: the method's DEFAULT_DAMP.
+    damp: float | None = None
     # FP4 (weights/fp4.py): "mxfp4" or "nvfp4", 4-bit e2m1 codes in the format's groups.
     fp4: str | None = None
     # Asymmetric grids: each group's low end at its minimum (fp16), the zero point a
@@ -107,6 +119,13 @@ class QuantSpec:
             raise UsageError("--drift-correction must be between 0 and 1")
         if self.drift and not block_by_block:
             raise UsageError("--drift-correction needs GPTQ or AWQ block by block (--sequential)")
+        if self.damp is None:
+            object.__setattr__(self, "damp", DEFAULT_DAMP[self.method])
+        elif self.method == "rtn":
+            if self.damp:  # (a replace() of an RTN spec carries its 0)
+                raise UsageError("--damp needs a calibrated method (GPTQ, AWQ or awq-gptq)")
+        elif not 0 < self.damp <= 10:
+            raise UsageError("--damp must be above 0 and at most 10")
 
     def _check_fp4(self) -> None:
         if self.fp4 not in FP4_GROUPS:
