@@ -34,6 +34,7 @@ from pathlib import Path
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 MAN = Path("/usr/share/man")
 MAN_ES = MAN / "es"
+DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)  # docstrings
 TEXT_MACROS = {"B", "I", "BR", "IR", "RI", "BI", "IB", "RB", "SH", "SS"}  # keep their text
 # troff's named characters (\(xy) that Spanish pages use
 GLYPHS = {
@@ -88,9 +89,8 @@ def docstrings_text() -> str:
             tree = ast.parse(path.read_text())
         except (SyntaxError, UnicodeDecodeError):
             continue
-        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
         for node in ast.walk(tree):
-            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
+            doc = ast.get_docstring(node) if isinstance(node, DOCUMENTED) else None
             if doc and len(doc) > 200:
                 docs.append(doc)
     return "\n\n".join(docs)

@@ -315,11 +315,11 @@ def test_calibrated_methods_keep_perplexity_near_the_sources(
     """The whole pipeline's quality: on 256 tokens the source wrote, int8 (one scale per
     row) within 2% of the source's perplexity and int4 (groups of 32) within 20%.
     Measured on the Llama (this text and one of another seed): int8 within 0.3% (AWQ,
-    GPTQ and RTN alike); int4 AWQ +5 to +10%, GPTQ +5 to +8%, RTN +27%. (On this text
-    in the thirteenth session: int4 AWQ +5.0%, GPTQ +17.7%, the bound's closest.) AWQ with one
-    site's scales left out of its owner (its weights still scaled) rises by int8 +4%
-    (gate/up) to +55% (q/k/v), and with none folded by int8 +64 to +240%, int4 +96 to
-    +410%. The Gemma 3 (folds into 1 + w, its own blocks rebuilt block by block) is
+    GPTQ and RTN alike); int4 AWQ +5 to +10%, GPTQ +5 to +8%, RTN +27% (on this text
+    in the thirteenth session: int4 AWQ +5.0%, GPTQ +17.7%, the bound's closest). AWQ
+    with one site's scales left out of its owner (its weights still scaled) rises by
+    int8 +4% (gate/up) to +55% (q/k/v), and with none folded by int8 +64 to +240%, int4
+    +96 to +410%. The Gemma 3 (folds into 1 + w, its own blocks rebuilt block by block) is
     touchier, bf16 rounding alone +0.7%: int8 RTN +3.1%, AWQ +1.3%, GPTQ +3.5%; int4
     RTN +15%, AWQ +5.6%, GPTQ +10%; with the norms' folds made as Llama's (no 1 + w),
     the fold test (test_awq_folds) fails."""

@@ -26,11 +26,11 @@ from contextlib import contextmanager
 
 import torch
 
-from llmopt.quant.spec import QuantSpec, Site
+from llmopt.quant.spec import DEFAULT_DAMP, QuantSpec, Site
 from llmopt.weights import e2m1, fp4
 from llmopt.weights.qweight import QuantizedWeight, check_group_size, grid, quantize_to
 
-DAMP = 0.01  # GPTQ's usual damping (spec.DEFAULT_DAMP has llmopt's by method)
+DAMP = DEFAULT_DAMP["gptq"]  # GPTQ's usual damping (the others' by method are there too)
 BLOCK = 128  # columns updated together before the lazy update of the rest
 
 

@@ -121,10 +121,9 @@ class QuantSpec:
             raise UsageError("--drift-correction needs GPTQ or AWQ block by block (--sequential)")
         if self.damp is None:
             object.__setattr__(self, "damp", DEFAULT_DAMP[self.method])
-        elif self.method == "rtn":
-            if self.damp:  # (a replace() of an RTN spec carries its 0)
-                raise UsageError("--damp needs a calibrated method (GPTQ, AWQ or awq-gptq)")
-        elif not 0 < self.damp <= 10:
+        elif self.method == "rtn" and self.damp:  # (a replace() of RTN's carries its 0)
+            raise UsageError("--damp needs a calibrated method (GPTQ, AWQ or awq-gptq)")
+        elif self.method != "rtn" and not 0 < self.damp <= 10:
             raise UsageError("--damp must be above 0 and at most 10")
 
     def _check_fp4(self) -> None:
