@@ -117,12 +117,21 @@ def _quantized_weights(folder: Path) -> dict:
 
 
 def test_calibration_tokens_default_by_method_and_are_reported(tiny_llama, tmp_path) -> None:
-    """AWQ calibrates on 32,768 tokens unless told (GPTQ on 8,192: spec.DEFAULT_CALIB_TOKENS)
-    and the report says how many it took: whole windows of 512 tokens (the tiny model
-    holds 512 positions), or all of a shorter text, which is said on stderr."""
+    """AWQ calibrates on 32,768 tokens unless told (GPTQ on 8,192, awq-gptq on up to
+    65,536: spec.DEFAULT_CALIB_TOKENS) and the report says how many it took: whole windows
+    of 512 tokens (the tiny model holds 512 positions), or all of a shorter text, which
+    is said on stderr (--fp4's awq-gptq takes all of the default text)."""
+    from llmopt.corpus import calibration_text
+    from llmopt.tokenizer import Tokenizer
+
     args = ["--int4", "--group-size", "32"]
     awq_report = _quantize(tiny_llama, tmp_path / "awq", *args, "--method", "awq")
     assert awq_report["calib_tokens"] == 32768 // 512 * 512
+    whole = len(Tokenizer(tiny_llama).encode(calibration_text())) // 512 * 512
+    r = llmopt("quantize", str(tiny_llama), "-o", str(tmp_path / "fp4"), "--no-eval", "--json",
+               "--fp4")  # fmt: skip
+    assert r.exit_code == 0 and "fewer than the 65536 asked for" in r.stderr
+    assert 32768 < json.loads(r.stdout)["calib_tokens"] == whole
     short = tmp_path / "short.txt"
     short.write_text("A short calibration text, a few dozen tokens long. " * 20)
     r = llmopt("quantize", str(tiny_llama), "-o", str(tmp_path / "gptq"), "--no-eval", "--json",

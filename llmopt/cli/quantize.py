@@ -128,7 +128,9 @@ def quantize(
     ),
     calib: Path = typer.Option(None, "--calib", help="Calibration text (default: pydoc topics)."),
     calib_tokens: int = typer.Option(
-        None, "--calib-tokens", help="Calibration tokens (default: GPTQ 8192, AWQ 32768)."
+        None,
+        "--calib-tokens",
+        help="Calibration tokens at most (default: GPTQ 8192, AWQ 32768, awq-gptq 65536).",
     ),
     fmt: str = typer.Option("llmopt", "--format", help="llmopt, gptq, awq or gguf."),
     gguf_type: str = typer.Option(None, "--gguf-type", help="gguf: Q8_0, Q4_0, Q4_K_M, ..."),
