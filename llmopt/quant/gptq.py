@@ -34,7 +34,7 @@ DAMP = DEFAULT_DAMP["gptq"]  # GPTQ's usual damping (the others' by method are t
 BLOCK = 128  # columns updated together before the lazy update of the rest
 
 
-def damped_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+def damped_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Lower Cholesky factor (in, in), float64, of H plus `damp` of its mean diagonal."""
     h = h.double().clone()
     h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
