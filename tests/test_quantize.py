@@ -170,36 +170,57 @@ def test_int4_defaults_are_the_measured_best_and_said(tiny_llama, tmp_path) -> N
 
 
 @pytest.mark.parametrize(
-    "fmt,method",
-    [("mxfp4", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq"), ("mxfp4", "awq"), ("mxfp4", None)],
+    "fmt,method,down",
+    [
+        ("mxfp4", "rtn", None),
+        ("nvfp4", "gptq", None),
+        ("mxfp4", "gptq", None),
+        ("mxfp4", "awq", None),
+        ("mxfp4", None, None),
+        ("mxfp4", None, "--fp4-down"),
+        ("nvfp4", "rtn", "--int8-down"),
+    ],
 )
-def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, fmt, method):
+def test_fp4_checkpoints_hold_ggufs_blocks_and_run_packed(tiny_llama, tmp_path, fmt, method, down):
     """--fp4 writes each linear as GGUF's MXFP4 or NVFP4 blocks (with NVFP4's tensor
-    scale), at 4.25 or 4.5 bits a weight; the checkpoint loads as FP4 QuantLinears whose
-    dense path is exactly the dequantized blocks."""
+    scale), at 4.25 or 4.5 bits a weight, but for the down_proj of llama.cpp's wider
+    layers in int8 (MXFP4's default; of two layers, the last); the checkpoint loads as
+    FP4 and int8 QuantLinears whose packed path matches the dequantized weights."""
     from llmopt.weights import fp4
 
     out = tmp_path / fmt
     extra = ["--calib-tokens", "1024"] if method != "rtn" else []
     extra += ["--method", method] if method else []  # None: the default, awq-gptq
+    extra += [down] if down else []
     report = _quantize(tiny_llama, out, "--fp4", "--fp4-format", fmt, *extra)
     method = method or "awq-gptq"
     width, per_block = fp4.BLOCK[fmt]
     assert report["group_size"] == fp4.GROUP[fmt]
-    act_order = method in ("gptq", "awq-gptq")  # GPTQ's input order: int32 per input
-    if not act_order:
-        assert report["bytes_per_param"] == pytest.approx(width / per_block, rel=0.01)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qcfg["fp4"], qcfg["bits"], qcfg["method"]) == (fmt, 4, method)
+    mixed = down == "--int8-down" or (fmt == "mxfp4" and down is None)
+    wide = {f"{p}.weight" for p in qcfg.get("int8_linears", [])}
+    assert wide == ({"model.layers.1.mlp.down_proj.weight"} if mixed else set())
     weights = {k: v for k, v in _quantized_weights(out).items() if not isinstance(v, torch.Tensor)}
     table = weights.pop("model.embed_tokens.weight")  # int8 per row beside the FP4 blocks
     assert (table.bits, table.codebook, table.group_size) == (8, None, table.shape[1])
     assert len(weights) == 7 * 2
-    for w in weights.values():
-        assert (w.codebook, w.group_size) == ("e2m1", fp4.GROUP[fmt])
-        assert (w.perm is not None) == act_order  # by default
-    layer = _load(out).model.layers[0].mlp.down_proj
-    assert layer.codebook == "e2m1"
+    act_order = method in ("gptq", "awq-gptq")  # GPTQ's input order: int32 per input
+    for name, w in weights.items():
+        if name in wide:  # int8 with one fp16 scale per row, in input order
+            assert (w.bits, w.codebook, w.group_size, w.perm) == (8, None, w.shape[1], None)
+        else:
+            assert (w.codebook, w.group_size) == ("e2m1", fp4.GROUP[fmt])
+            assert (w.perm is not None) == act_order  # by default
+    if not act_order:
+        size = {n: w.shape[0] * w.shape[1] for n, w in weights.items()}
+        stored = sum(size[n] * (1 + 2 / weights[n].shape[1]) for n in wide)
+        stored += sum(k * width / per_block for n, k in size.items() if n not in wide)
+        params = sum(size.values())
+        assert report["bytes_per_param"] == pytest.approx(stored / params, rel=0.01)
+    layers = _load(out).model.layers
+    assert layers[0].mlp.down_proj.codebook == "e2m1"
+    assert layers[1].mlp.down_proj.bits == (8 if mixed else 4)
     dense = _logits(out, IDS, dense=True)
     packed = _logits(out, IDS)
     assert ((packed - dense).norm() / dense.norm()).item() < 0.05
@@ -433,6 +454,8 @@ def test_interrupted_quantize_leaves_nothing_that_looks_complete(
         (["--int4", "--fp4-format", "nvfp4"], 2, "--fp4-format goes with --fp4"),
         (["--fp4", "--format", "gptq"], 2, "holds integer weights"),
         (["--fp4", "--format", "gguf", "--gguf-type", "Q4_0"], 2, "drop --gguf-type"),
+        (["--int4", "--int8-down"], 2, "--int8-down goes with --fp4"),
+        (["--fp4", "--format", "gguf", "--int8-down"], 2, "needs a calibrated GGUF"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_llama, args, code, message) -> None:

@@ -91,6 +91,19 @@ def describe_defaults(spec: QuantSpec, tied: bool, gguf: bool = False) -> str:
     )
 
 
+def fp4_int8_down(given: bool | None, fp4_fmt: str | None, plain_gguf: bool) -> bool:
+    """Whether some down_proj go to int8 (spec.int8_down_proj): by default with MXFP4,
+    whose power-of-two scales lose the most there; never in a GGUF file of llama.cpp's
+    own rounding (--method rtn), which rounds every linear to the file's type."""
+    if given and not fp4_fmt:
+        raise UsageError("--int8-down goes with --fp4")
+    if given and plain_gguf:
+        raise UsageError("--int8-down needs a calibrated GGUF (--method gptq or awq-gptq)")
+    if given is None:
+        return fp4_fmt == "mxfp4" and not plain_gguf
+    return given
+
+
 def check_fp4_flags(
     int8: bool, int4: bool, fp4: bool, fp4_format: str | None, fmt: str, gguf_type: str | None
 ) -> None:

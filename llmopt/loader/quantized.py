@@ -23,11 +23,12 @@ def unpack_checkpoint(tensors: dict[str, torch.Tensor], qcfg: dict[str, Any]) ->
     if not prefixes:
         raise ModelFormatError("config.json declares quantization but no tensor is quantized")
     out: Weights = dict(tensors)
-    # Ours may hold the output projection and the embedding at other bits than the
-    # blocks (int8 beside int4).
+    # Ours may hold the output projection, the embedding and some linears at other bits
+    # than the blocks (int8 beside int4 or FP4).
     bits = {
         "lm_head": qcfg.get("lm_head_bits") or qcfg.get("bits"),
         "model.embed_tokens": qcfg.get("embed_bits") or qcfg.get("bits"),
+        **dict.fromkeys(qcfg.get("int8_linears") or (), 8),
     }
     for prefix in prefixes:
         parts = {}

@@ -186,11 +186,12 @@ def fold_scales(
         if site.owner is None:
             return None
         w = site.fused(tensors)
-        group = spec.group_for(w.shape[1])
+        grid = spec.site_spec(site)  # the grid its weights will be rounded to
+        group = grid.group_for(w.shape[1])
         stats = site.stats
         # Tied scales follow from tied magnitudes.
         x_mean, w_mean = site.tie(stats.abs_mean()), site.tie(weight_magnitude(w, group))
-        return search_scale(w, stats.gram(), x_mean, w_mean, spec, group)
+        return search_scale(w, stats.gram(), x_mean, w_mean, grid, group)
 
     scales = [search(site) for site in sites]
     for site, s in zip(sites, scales, strict=True):
@@ -204,7 +205,7 @@ def round_site(
 ) -> dict[str, QuantizedWeight]:
     """Clip each group's range where that lowers its output error on the site's
     inputs as the scaled weights see them (gram: their X^T X, (in, in)), then round."""
-    w = site.fused(tensors)
+    w, spec = site.fused(tensors), spec.site_spec(site)
     if spec.fp4:
         return site.unfuse(tensors, _round_fp4(w, site.no_clip, gram, spec.fp4))
     group = spec.group_for(w.shape[1])

@@ -53,11 +53,17 @@ def _native_config(spec: QuantSpec) -> dict[str, Any]:
         "embed_bits": spec.embed_bits,  # 0: the embedding is dense
         "version": 1,
         **({"fp4": spec.fp4} if spec.fp4 else {}),  # FP4: GGUF's blocks (weights/layouts)
+        # Linears in int8 (one scale per row) beside the 4-bit ones, by weight prefix.
+        **({"int8_linears": [_prefix(n) for n in spec.int8_linears]} if spec.int8_linears else {}),
     }
 
 
+def _prefix(weight: str) -> str:
+    return weight.removesuffix(".weight")
+
+
 def _gptq_config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.head_bits not in (0, spec.bits) or spec.embed_bits:
+    if spec.head_bits not in (0, spec.bits) or spec.embed_bits or spec.int8_linears:
         raise ModelFormatError(
             "the GPTQ layout quantizes the output projection with the model's bits, "
             "and not the embedding"
@@ -77,7 +83,14 @@ def _gptq_config(spec: QuantSpec) -> dict[str, Any]:
 
 
 def _awq_config(spec: QuantSpec) -> dict[str, Any]:
-    if spec.bits != 4 or spec.sym or spec.act_order or spec.lm_head or spec.embed_bits:
+    if (
+        spec.bits != 4
+        or spec.sym
+        or spec.act_order
+        or spec.lm_head
+        or spec.embed_bits
+        or spec.int8_linears
+    ):
         raise ModelFormatError(
             "the AWQ layout holds 4-bit weights with zero points, without act-order, "
             "and leaves the output projection and the embedding unquantized"

@@ -183,7 +183,10 @@ def _write(folder: Path, cfg: ModelConfig, path: Path, qtype: str, name: str | N
     writer = GGUFWriter(path, arch)
     with ExitStack() as stack:
         stack.callback(writer.close)
-        tensors = _plan(_sources(folder, stack), cfg, arch, Q[qtype])
+        # A mixed checkpoint's int8 linears go to Q8_0 (rounded again: from one scale per
+        # row to one per 32, the type's, far below the 4-bit error beside them).
+        wide = {f"{p}.weight" for p in (cfg.quantization or {}).get("int8_linears", ())}
+        tensors = _plan(_sources(folder, stack), cfg, arch, Q[qtype], wide)
         _add_metadata(writer, cfg, name or folder.resolve().name, qtype)
         add_vocab(writer, folder, cfg.vocab_size)
         extra = _rope_factors(writer, cfg)
@@ -269,7 +272,9 @@ def _checkpoint_sources(
     return out
 
 
-def _plan(sources: dict[str, _Source], cfg: ModelConfig, arch: str, qtype: Q) -> list[_Tensor]:
+def _plan(
+    sources: dict[str, _Source], cfg: ModelConfig, arch: str, qtype: Q, wide: set[str]
+) -> list[_Tensor]:
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
     out: list[_Tensor] = []
     for hf, src in sources.items():
@@ -281,7 +286,7 @@ def _plan(sources: dict[str, _Source], cfg: ModelConfig, arch: str, qtype: Q) ->
         kind = name.split(".")[2] if name.startswith("blk.") else ""
         # llama.cpp's Llama kernels rotate interleaved pairs, HF rotates halves.
         permute = heads[kind] if arch == "llama" and kind in heads else None
-        qt = _tensor_type(name, src.shape, qtype, cfg.tie_word_embeddings)
+        qt = _tensor_type(name, src.shape, Q.Q8_0 if hf in wide else qtype, cfg.tie_word_embeddings)
         out.append(_Tensor(name, src.shape, qt, _loader(src, permute)))
     return out
 

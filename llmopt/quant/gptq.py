@@ -150,7 +150,7 @@ def round_site(
     site: Site, tensors: dict[str, torch.Tensor], spec: QuantSpec, h: torch.Tensor
 ) -> dict[str, QuantizedWeight]:
     """The site's fused weight through GPTQ on the Hessian h (in, in), unfused."""
-    w = site.fused(tensors)
+    w, spec = site.fused(tensors), spec.site_spec(site)
     group = spec.group_for(w.shape[1])
     with _one_thread():
         qw = gptq(

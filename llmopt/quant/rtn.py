@@ -14,12 +14,14 @@ def quantize_layer(
     sites: list[Site], tensors: dict[str, torch.Tensor], spec: QuantSpec
 ) -> dict[str, QuantizedWeight]:
     out = {}
-    for name in (n for site in sites for n in site.names):
-        w = tensors[name].float()
-        if spec.fp4:
-            out[name] = quantize_fp4(w, spec.fp4)
-        else:
-            out[name] = quantize_rtn(
-                w, spec.bits, spec.group_for(w.shape[1]), spec.sym, spec.float_zero
-            )
+    for site in sites:
+        grid = spec.site_spec(site)
+        for name in site.names:
+            w = tensors[name].float()
+            if grid.fp4:
+                out[name] = quantize_fp4(w, grid.fp4)
+            else:
+                out[name] = quantize_rtn(
+                    w, grid.bits, grid.group_for(w.shape[1]), grid.sym, grid.float_zero
+                )
     return out
