@@ -336,6 +336,30 @@ def test_spec_errors() -> None:
         QuantSpec(bits=4, method="awq", group_size=64, sym=False, sequential=False, drift=0.25)
 
 
+@pytest.mark.parametrize("method", [rtn, awq_gptq])
+def test_int8_linears_are_int8_beside_fp4(method) -> None:
+    """A spec's int8_linears round to int8 (symmetric, one scale per row, in input order)
+    and its other linears to its own grid; a site cannot mix the two."""
+    from llmopt.errors import UsageError
+
+    x = _correlated_inputs(512, 64)
+    g = torch.Generator().manual_seed(1)
+    tensors = {n: torch.randn(32, 64, generator=g) * 0.02 for n in ("a", "b", "c")}
+    spec = QuantSpec(bits=4, method="awq-gptq" if method is awq_gptq else "rtn",
+                     group_size=32, sym=False, act_order=True, fp4="mxfp4",
+                     int8_linears=("b",))  # fmt: skip
+    out = method.quantize_layer([_site(x, ["a"]), _site(x, ["b"])], dict(tensors), spec)
+    assert (out["a"].codebook, out["a"].group_size) == ("e2m1", 32)
+    assert (out["b"].bits, out["b"].codebook, out["b"].group_size) == (8, None, 64)
+    assert out["b"].perm is None and bool((out["b"].zero == 128).all())
+    step = out["b"].scale  # (32, 1): the int8 rounding stays within a step or so
+    assert ((out["b"].dequantize() - tensors["b"]).abs() / step).max() < 2
+    with pytest.raises(UsageError, match="int8 and 4-bit linears in one site"):
+        method.quantize_layer([_site(x, ["b", "c"])], dict(tensors), spec)
+    with pytest.raises(UsageError, match="go with a 4-bit model"):
+        QuantSpec(bits=8, method="rtn", group_size=0, sym=True, int8_linears=("b",))
+
+
 def test_calibration_goes_block_by_block_with_drift_correction_by_default() -> None:
     assert QuantSpec(bits=4, method="gptq", group_size=64, sym=False).sequential is True
     assert QuantSpec(bits=4, method="awq", group_size=64, sym=False).sequential is True
