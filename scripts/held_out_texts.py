@@ -19,6 +19,13 @@
                 torch/nn/modules/*.py, in path order (398,128 characters from torch
                 2.13.0); added in the fourteenth session, its rule fixed before any
                 checkpoint was scored on it
+  email.txt     Python source again, other than argparse's: the running CPython's
+                Lib/email/*.py, in path order; added in the sixteenth session, after
+                every choice of `--fp4` and `--int4` had been made
+  readmes.txt   English prose in Markdown: the long descriptions (text/markdown) over
+                2,000 characters of the installed distributions but llmopt, in name
+                order, without the lines of HTML and of badge images; added with
+                email.txt
 
 No calibration reads these. Choices made after a text was written were judged on it
 (BENCHMARKS.md says which), so for those it is no longer unseen. (The Spanish Rust by
@@ -111,6 +118,32 @@ def torchnn_text() -> str:
     return _docstrings(sorted((Path(torch.__file__).parent / "nn" / "modules").glob("*.py")))
 
 
+def email_text() -> str:
+    lib = Path(argparse.__file__).parent / "email"
+    return "\n\n".join(p.read_text() for p in sorted(lib.glob("*.py")))
+
+
+def _markup(line: str) -> bool:
+    """An HTML line or a badge image: layout, not prose."""
+    return line.lstrip().startswith(("<", "[![", "!["))
+
+
+def readmes_text() -> str:
+    """The Markdown long descriptions of the installed distributions, by name."""
+    from importlib.metadata import distributions
+
+    docs = {}
+    for dist in distributions():
+        meta = dist.metadata
+        name = (meta["Name"] or "").lower()
+        body = meta.get_payload() or meta["Description"] or ""  # type: ignore[attr-defined]
+        markdown = (meta["Description-Content-Type"] or "").startswith("text/markdown")
+        if markdown and name != "llmopt" and len(body) > 2000:
+            lines = [line for line in body.splitlines() if not _markup(line)]
+            docs[name] = "\n".join(lines).strip()
+    return "\n\n".join(docs[n] for n in sorted(docs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -122,6 +155,8 @@ def main() -> None:
     (out / "english.txt").write_text(english_text())
     (out / "docstrings.txt").write_text(docstrings_text())
     (out / "torchnn.txt").write_text(torchnn_text())
+    (out / "email.txt").write_text(email_text())
+    (out / "readmes.txt").write_text(readmes_text())
     for f in sorted(out.glob("*.txt")):
         print(f"{f}: {f.stat().st_size} bytes")
 
