@@ -20,7 +20,7 @@ import statistics
 
 from rich.console import Console
 
-from llmopt.bench.offline import run_batch
+from llmopt.bench.offline import random_ids, run_batch
 from llmopt.bench.setup import machine_info
 from llmopt.engine.config import EngineConfig
 from llmopt.engine.engine import Engine
@@ -37,9 +37,8 @@ def rotated(items: list[str], k: int) -> list[str]:
 
 def decode_rate(engine: Engine, rng: random.Random, tokens: int) -> float:
     """Tokens/s of one request's decode (after its first token), random prompt."""
-    prompt = [rng.randrange(100, engine.tokenizer.vocab_size) for _ in range(PROMPT_TOKENS)]
-    t = run_batch(engine, [prompt], tokens)
-    return (tokens - 1) / (t.total - t.ttft)
+    t = run_batch(engine, [random_ids(engine, PROMPT_TOKENS, rng)], tokens)
+    return (tokens - 1) / (t.total - t.ttft)  # as offline_bench's tg rate
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def test_offline_speculation_counts_every_token_and_request(smollm_fp32, monkeyp
     assert [s.completion_tokens for s in t.stats] == [8, 8]
     assert sum(s.spec_accepted_tokens for s in t.stats) > 0  # some steps gave several
     assert t.decoded == 2 * 7  # all but each sequence's first token (in the same step)
-    monkeypatch.setattr(offline, "_random_ids", lambda engine, n, rng: (pattern * n)[:n])
+    monkeypatch.setattr(offline, "random_ids", lambda engine, n, rng: (pattern * n)[:n])
     result = offline.offline_bench(engine, pp=4, tg=8, batch=2, repeats=1, seed=0)
     assert result.spec.spec_accepted_tokens > 0
     assert result.spec.spec_dict()["spec_acceptance_rate"] > 0

@@ -27,7 +27,7 @@ from llmopt.engine.outputs import RequestStats
 from llmopt.engine.sampling_params import SamplingParams
 
 
-def _random_ids(engine: Engine, n: int, rng: random.Random) -> list[int]:
+def random_ids(engine: Engine, n: int, rng: random.Random) -> list[int]:
     vocab = engine.tokenizer.vocab_size
     return [rng.randrange(100, vocab) for _ in range(n)]  # skip the special tokens
 
@@ -85,17 +85,17 @@ def offline_bench(
     engine.check_fits(pp, 1)
     engine.check_fits(context, tg)
     rng = random.Random(seed)
-    run_batch(engine, [_random_ids(engine, 16, rng)], 4)  # warm-up: kernels, allocator
+    run_batch(engine, [random_ids(engine, 16, rng)], 4)  # warm-up: kernels, allocator
     pp_rates, tg_rates, batch_rates = [], [], []
     finished: list[RequestStats] = []  # the measured tg and batch requests
     for _ in range(repeats):
-        t = run_batch(engine, [_random_ids(engine, pp, rng)], 1)
+        t = run_batch(engine, [random_ids(engine, pp, rng)], 1)
         pp_rates.append(pp / t.ttft)
-        t = run_batch(engine, [_random_ids(engine, context, rng)], tg)
+        t = run_batch(engine, [random_ids(engine, context, rng)], tg)
         tg_rates.append((tg - 1) / (t.total - t.ttft))
         finished += t.stats
         if batch > 1:
-            t = run_batch(engine, [_random_ids(engine, context, rng) for _ in range(batch)], tg)
+            t = run_batch(engine, [random_ids(engine, context, rng) for _ in range(batch)], tg)
             # at depth, the decode alone; else the whole batch, as llama-bench's
             batch_rates.append(t.decoded / (t.total - t.ttft) if depth else batch * tg / t.total)
             finished += t.stats

@@ -301,9 +301,9 @@ def layer_sites(cfg: ModelConfig, stats: dict[str, InputStats], i: int) -> list[
 def int8_down_proj(cfg: ModelConfig) -> tuple[str, ...]:
     """down_proj of the layers llama.cpp's Q4_K_M gives more bits (its use_more_bits):
     the first and last eighth, and every third layer between; 14 of SmolLM2's 30. In
-    int8 beside MXFP4 (a tenth more bytes, still under int4's) they cut the KL by 15-25%
-    on seven texts; for their bytes more than every down_proj or every o_proj
-    (BENCHMARKS.md, "int8 down_proj beside MXFP4")."""
+    int8 beside MXFP4 (a tenth more bytes, still under int4's) they cut the KL most for
+    their bytes, more than every down_proj or every o_proj (BENCHMARKS.md, "int8
+    down_proj beside MXFP4")."""
     n = cfg.num_layers
     wide = [i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2]
     return tuple(f"model.layers.{i}.mlp.down_proj.weight" for i in wide)
